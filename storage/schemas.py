@@ -1,0 +1,105 @@
+"""Every stage's Parquet schema, declared in one place.
+
+A stage never lets Arrow infer its output schema: it builds tables against these, so a
+type drift is an error at write time, not a surprise for the next stage.
+Every row carries `key`, the sample key that is stable across stages.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+KEY = pa.field("key", pa.string(), nullable=False)
+
+# Rows a stage could not use. `field` names the input field (or file member) at fault.
+REJECTS = pa.schema([
+    KEY,
+    pa.field("reason", pa.string(), nullable=False),   # short machine-readable code, e.g. "decode-error"
+    pa.field("detail", pa.string()),                  # human-readable explanation
+    pa.field("source", pa.string()),                  # input file / shard / row the sample came from
+    pa.field("field", pa.string()),                   # input field at fault (image, caption, ...)
+])
+
+# images: one row per sample; pixels live in the WebDataset shard named by `shard`.
+IMAGES = pa.schema([
+    KEY,
+    pa.field("captions", pa.list_(pa.string())),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("format", pa.string()),         # format of the stored bytes: jpeg / png / webp
+    pa.field("sha256", pa.string()),         # of the stored image bytes
+    pa.field("shard", pa.string()),          # store-relative path of the tar holding `<key>.<ext>`
+    pa.field("source", pa.string()),         # where the sample came from (file / tar member)
+])
+
+# parsed: one row per (key, caption).
+PARSED = pa.schema([
+    KEY,
+    pa.field("caption_index", pa.int32()),
+    pa.field("caption", pa.string()),
+    pa.field("objects", pa.list_(pa.string())),
+    pa.field("attributes", pa.list_(pa.string())),
+    pa.field("actions", pa.list_(pa.string())),
+    pa.field("relations", pa.list_(pa.struct([
+        ("subject", pa.string()), ("relation", pa.string()), ("object", pa.string())]))),
+    pa.field("quantities", pa.list_(pa.string())),
+    pa.field("tags", pa.list_(pa.string())),
+    pa.field("tag_ids", pa.list_(pa.int32())),
+    pa.field("unknown_tags", pa.list_(pa.string())),
+])
+
+# generated: one row per key: caption tags, model tags, generated captions and their union.
+GENERATED = pa.schema([
+    KEY,
+    pa.field("parsed_tag_ids", pa.list_(pa.int32())),      # union over the key's caption parses
+    pa.field("predicted_tag_ids", pa.list_(pa.int32())),   # baseline tagger above its thresholds
+    pa.field("predicted_scores", pa.list_(pa.float32())),
+    pa.field("generated_captions", pa.list_(pa.string())),
+    pa.field("generated_tag_ids", pa.list_(pa.int32())),   # parsed from the generated captions
+    pa.field("tag_ids", pa.list_(pa.int32())),             # the union: the labels the next stage verifies
+])
+
+# regions: one row per detected box of (key, tag_id); crops live in WebDataset shards.
+REGIONS = pa.schema([
+    KEY,
+    pa.field("tag_id", pa.int32()),
+    pa.field("tag", pa.string()),
+    pa.field("box", pa.list_(pa.float32(), 4)),     # x0, y0, x1, y1 in source pixels
+    pa.field("score", pa.float32()),                # detector score
+    pa.field("crop_key", pa.string()),              # WebDataset key of the crop
+    pa.field("shard", pa.string()),                 # store-relative path of the crop tar
+])
+
+# clean: one row per key: the labels that survived and the ones removed, with reasons.
+CLEAN = pa.schema([
+    KEY,
+    pa.field("tag_ids", pa.list_(pa.int32())),
+    pa.field("removed_tag_ids", pa.list_(pa.int32())),
+    pa.field("removed_reasons", pa.list_(pa.string())),    # outlier / baseline-disagrees / no-box
+])
+
+# clean's per-crop inspection table.
+CLEAN_CROPS = pa.schema([
+    KEY,
+    pa.field("tag_id", pa.int32()),
+    pa.field("crop_key", pa.string()),
+    pa.field("cluster", pa.int32()),
+    pa.field("distance", pa.float32()),
+    pa.field("outlier", pa.bool_()),
+    pa.field("baseline_score", pa.float32()),
+])
+
+# evaluate: one row per (stage, metric).
+EVALUATION = pa.schema([
+    pa.field("stage", pa.string(), nullable=False),
+    pa.field("metric", pa.string(), nullable=False),
+    pa.field("value", pa.float64()),
+])
+
+STAGE_SCHEMAS: dict[str, pa.Schema] = {
+    "images": IMAGES,
+    "parsed": PARSED,
+    "generated": GENERATED,
+    "regions": REGIONS,
+    "clean": CLEAN,
+    "evaluate": EVALUATION,
+}
