@@ -1,1 +1,8 @@
+"""The versioned dataset store over fsspec: manifests, lineage, Parquet and WebDataset shard I/O.
 
+Knows nothing of models or Prefect.
+"""
+from .store import PartRecord, Store, StoreError, Version, VersionNotFound, VersionWriter, digest, version_id
+
+__all__ = ["PartRecord", "Store", "StoreError", "Version", "VersionNotFound", "VersionWriter", "digest",
+           "version_id"]

@@ -1,0 +1,191 @@
+"""`ram-engine`: run stages, list, show and verify versions, move refs."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from storage import Store, StoreError
+from tasks.config import ConfigError, EngineConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="The RAM data engine: versioned stages from captions to a retrained tagger.")
+console = Console(stderr=True)
+out = Console()
+
+
+class State:
+    config_path: Optional[str] = None
+    overrides: list[str] = []
+    store_url: Optional[str] = None
+    engine: str = "prefect"
+
+
+state = State()
+
+
+@app.callback()
+def main_options(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (default: the demo config)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a field: section.field=value (repeatable)."),
+    store: Optional[str] = typer.Option(None, "--store", help="Store URL (overrides store.url)."),
+    engine: str = typer.Option("prefect", "--engine", help="prefect: run as Prefect flows; local: run inline."),
+) -> None:
+    state.config_path, state.overrides, state.store_url, state.engine = config, list(set_), store, engine
+    if engine not in ("prefect", "local"):
+        raise typer.BadParameter("--engine must be 'prefect' or 'local'")
+
+
+def get_config() -> EngineConfig:
+    overrides = list(state.overrides)
+    if state.store_url:
+        overrides.append(f"store.url={state.store_url}")
+    return load_config(state.config_path, overrides)
+
+
+def get_store(cfg: EngineConfig | None = None) -> Store:
+    cfg = cfg or get_config()
+    return Store(cfg.store.url, **cfg.store.storage_options)
+
+
+@contextmanager
+def progress_bar():
+    """A rich progress bar fed by stage progress callbacks (stage, done, total)."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as bar:
+        ids: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in ids:
+                ids[stage] = bar.add_task(f"{stage} parts", total=total)
+            bar.update(ids[stage], completed=done, total=total)
+
+        yield update
+
+
+def print_result(result) -> None:
+    s = result.summary()
+    out.print(f"[bold]{s['stage']}[/] @ {s['version']}  ({s['status']}: {s['parts_written']} parts written, "
+              f"{s['parts_resumed']} resumed, {s['parts_reused']} reused)  rows in {s['rows_in']} = "
+              f"out {s['rows_out']} + rejected {s['rows_rejected']}")
+
+
+def parse_ref(text: str) -> tuple[str, str]:
+    stage, _, ref = text.partition("@")
+    return stage, ref or "latest"
+
+
+@app.command()
+def ingest(src: Optional[str] = typer.Argument(None, help="Source: tar, folder of tars, or image folder.")) -> None:
+    """Ingest a source into a new `images` version."""
+    cfg = get_config()
+    with progress_bar() as update:
+        if state.engine == "prefect":
+            from flows.ingest import ingest_flow
+
+            result = ingest_flow(cfg, source=src, progress=update)
+        else:
+            from tasks.ingest import ingest as run
+
+            result = run(get_store(cfg), cfg.ingest, source=src, progress=update)
+    print_result(result)
+
+
+@app.command("ls")
+def list_versions(stage: Optional[str] = typer.Argument(None, help="Stage to list; all stages when omitted.")) -> None:
+    """List committed versions."""
+    store = get_store()
+    stages = [stage] if stage else store.stages()
+    table = Table("stage", "version", "created", "rows in", "out", "rejected", "parents", "refs")
+    table.columns[1].no_wrap = True
+    for name in stages:
+        refs = store.refs(name)
+        for v in store.versions(name):
+            m = v.manifest
+            tags = ", ".join(r for r, vid in refs.items() if vid == v.id)
+            table.add_row(name, v.id, m["created"][:19], str(m["rows_in"]), str(m["rows_out"]),
+                          str(m["rows_rejected"]), ", ".join(m["parents"]), tags)
+    out.print(table)
+
+
+@app.command()
+def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
+         rows: int = typer.Option(5, help="Sample rows to print."),
+         as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON.")) -> None:
+    """Manifest summary, counts, schema and sample rows of a version."""
+    stage, ref = parse_ref(target)
+    v = get_store().open(stage, ref)
+    m = v.manifest
+    if as_json:
+        out.print_json(json.dumps({k: val for k, val in m.items() if k != "schema_ipc"}))
+        return
+    out.print(f"[bold]{stage}@{v.id}[/]  created {m['created']}  code {m['code_version']}")
+    out.print(f"parents: {', '.join(m['parents']) or '(none)'}")
+    out.print(f"rows in {m['rows_in']} = out {m['rows_out']} + rejected {m['rows_rejected']}; "
+              f"{len(m['parts'])} parts ({m['parts_written']} written, {m['parts_reused']} shared with earlier "
+              f"versions), {len(m['files'])} files, {sum(f['bytes'] for f in m['files'])} bytes")
+    out.print("[bold]schema[/]\n" + m["schema"])
+    if m.get("metrics"):
+        out.print("[bold]metrics[/]")
+        for key, value in m["metrics"].items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}: {n}" for k, n in list(value.items())[:10])
+            out.print(f"  {key}: {value}")
+    if rows:
+        table = v.read_table().slice(0, rows)
+        out.print("[bold]sample rows[/]")
+        for row in table.to_pylist():
+            out.print("  " + json.dumps(row, ensure_ascii=False, default=str)[:400])
+        rejects = v.rejects().slice(0, rows)
+        if rejects.num_rows:
+            out.print("[bold]sample rejects[/]")
+            for row in rejects.to_pylist():
+                out.print(f"  {row['key']}: {row['reason']} ({row['field']}) {row['detail'] or ''}"[:300])
+
+
+@app.command()
+def verify(target: str = typer.Argument(..., help="STAGE@VERSION")) -> None:
+    """Check every file of a version against the sha256 in its manifest."""
+    stage, ref = parse_ref(target)
+    v = get_store().open(stage, ref)
+    problems = v.verify()
+    if problems:
+        for p in problems:
+            console.print(f"[red]CORRUPT[/] {p}")
+        console.print(f"{stage}@{v.id}: {len(problems)} of {len(v.files())} files fail verification")
+        raise typer.Exit(1)
+    out.print(f"{stage}@{v.id}: all {len(v.files())} files match their checksums")
+
+
+@app.command()
+def ref(target: str = typer.Argument(..., help="STAGE@VERSION to point at"),
+        name: str = typer.Argument(..., help="Ref name, e.g. prod")) -> None:
+    """Point a named ref (e.g. `prod`) at a committed version."""
+    stage, version_ref = parse_ref(target)
+    store = get_store()
+    v = store.open(stage, version_ref)
+    store.set_ref(stage, name, v.id)
+    out.print(f"{stage}@{name} -> {v.id}")
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("RAM_ENGINE_LOG", "WARNING"))
+    # Prefect's temporary local server can take a while to start on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    try:
+        app()
+    except (ConfigError, StoreError, ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

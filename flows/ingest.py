@@ -1,0 +1,19 @@
+"""The ingest flow: a source into an `images` version."""
+from __future__ import annotations
+
+from prefect import flow
+
+from storage import Store
+from tasks.config import EngineConfig
+from tasks.ingest import STAGE, ingest
+from tasks.stage import StageResult
+
+from .runtime import prefect_executor, publish
+
+
+@flow(name="ingest", log_prints=True)
+def ingest_flow(cfg: EngineConfig, source: str | None = None, progress=None) -> StageResult:
+    store = Store(cfg.store.url, **cfg.store.storage_options)
+    result = ingest(store, cfg.ingest, source=source, executor=prefect_executor(STAGE), progress=progress)
+    publish(result)
+    return result

@@ -1,0 +1,94 @@
+"""The one config loader: a YAML file validated by pydantic, plus `section.field=value` overrides.
+
+A wrong field stops the run before any work, with a message naming the field and the file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field and what to do."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StoreConfig(Section):
+    url: str = "./ram-data"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class IngestConfig(Section):
+    source: str | None = None             # tar file / folder of tars / image folder
+    format: Literal["auto", "webdataset", "folder"] = "auto"
+    captions_file: str | None = None      # for folders: JSONL or CSV; default: captions.jsonl / captions.csv inside
+    part_size: int = Field(1000, ge=1)    # expected samples per part (content-defined boundaries)
+    min_side: int = Field(16, ge=1)
+    max_side: int = Field(16384, ge=1)
+    max_aspect_ratio: float = Field(20.0, gt=1)
+    max_pixels: int = Field(89_478_485, ge=1)   # decompression-bomb limit (PIL's default)
+    max_caption_chars: int = Field(1000, ge=1)
+    max_captions: int = Field(16, ge=1)
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    new_samples_event_threshold: int = Field(1, ge=0)  # emit `ram.images.committed` at >= this many new samples
+
+
+class EngineConfig(Section):
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.field=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> EngineConfig:
+    """Load and validate the config (the demo config when no path is given)."""
+    source = Path(path) if path else DEFAULT_CONFIG
+    data: dict = {}
+    if path is not None or source.exists():
+        try:
+            data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {source} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {source} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {source} must hold a mapping of sections, not {type(data).__name__}")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    try:
+        return EngineConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            problems.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join(problems)) from None
+
+
+def section_dict(section: BaseModel) -> dict:
+    """A section as plain JSON data: what enters a version id."""
+    return section.model_dump(mode="json")

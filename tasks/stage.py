@@ -1,0 +1,119 @@
+"""Running one stage over parts: skip what is committed, resume what is half done, reuse what an
+earlier version already made from the same input with the same config, and commit last.
+
+Prefect-free: `flows/` passes an executor that maps part work onto Prefect tasks.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from storage import PartRecord, Version, VersionWriter
+
+log = logging.getLogger("ram_engine")
+
+
+@dataclass
+class PartTask:
+    """One unit of stage work: a part name, the digest of its input, and what the worker needs."""
+
+    name: str
+    source_digest: str
+    payload: Any = None
+
+
+@dataclass
+class StageResult:
+    """A committed version and what this run did to get it (counters, not timings)."""
+
+    version: Version
+    status: str                     # "reused" (already committed) or "written"
+    parts_written: int = 0
+    parts_resumed: int = 0          # finished by an earlier, interrupted run
+    parts_reused: int = 0           # referenced from an earlier version (incremental)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def did_work(self) -> bool:
+        return self.parts_written > 0
+
+    def summary(self) -> dict:
+        m = self.version.manifest
+        return {"stage": self.version.stage, "version": self.version.id, "status": self.status,
+                "parts_written": self.parts_written, "parts_resumed": self.parts_resumed,
+                "parts_reused": self.parts_reused, "rows_in": m["rows_in"], "rows_out": m["rows_out"],
+                "rows_rejected": m["rows_rejected"]}
+
+
+Executor = Callable[[Callable[[PartTask], PartRecord], Sequence[PartTask]], list[PartRecord]]
+
+
+def sequential(fn: Callable[[PartTask], PartRecord], tasks: Sequence[PartTask]) -> list[PartRecord]:
+    return [fn(t) for t in tasks]
+
+
+def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callable[[VersionWriter, PartTask], PartRecord],
+              *, executor: Executor | None = None, summarize: Callable[[list[PartRecord]], dict] | None = None,
+              progress: Callable[[str, int, int], None] | None = None) -> StageResult:
+    """Run `process(writer, task)` for each part not already available, then commit.
+
+    `process` must call `writer.write_part(task.name, ..., source_digest=task.source_digest)` and return
+    its record.
+    """
+    committed = writer.committed
+    if committed is not None:
+        log.info("%s: version %s is committed already; nothing to do", writer.stage, writer.id)
+        return StageResult(committed, "reused")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        dupes = [n for n, c in Counter(names).items() if c > 1]
+        raise ValueError(f"{writer.stage}: duplicate part names {dupes[:5]}: part inputs must be distinct")
+    reusable = writer.reusable_parts()
+    todo, resumed, reused = [], 0, 0
+    for task in tasks:
+        if writer.part_done(task.name):
+            resumed += 1
+        elif task.source_digest in reusable and reusable[task.source_digest].name == task.name:
+            writer.reuse_part(reusable[task.source_digest])
+            reused += 1
+        else:
+            todo.append(task)
+    total = len(todo)
+    done = [0]
+
+    def work(task: PartTask) -> PartRecord:
+        record = process(writer, task)
+        done[0] += 1
+        if progress:
+            progress(writer.stage, done[0], total)
+        return record
+
+    records = (executor or sequential)(work, todo)
+    for record in records:  # workers in other processes wrote through a copy of the writer
+        if not writer.has_record(record.name):
+            writer.adopt_part(record)
+    all_records = [writer.record(n) for n in names]
+    metrics = summarize(all_records) if summarize else merge_metrics(all_records)
+    version = writer.commit(metrics=metrics, part_order=names)
+    return StageResult(version, "written", parts_written=len(todo), parts_resumed=resumed, parts_reused=reused)
+
+
+def merge_metrics(records: list[PartRecord]) -> dict:
+    """Sum numeric part metrics and add up counters (dicts of counts) across parts."""
+    merged: dict[str, Any] = {}
+    for record in records:
+        for key, value in (record.metrics or {}).items():
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)):
+                merged[key] = merged.get(key, 0) + value
+            elif isinstance(value, dict):
+                counter = merged.setdefault(key, Counter())
+                counter.update({k: v for k, v in value.items() if isinstance(v, (int, float))})
+    return {k: (dict(v.most_common()) if isinstance(v, Counter) else v) for k, v in merged.items()}
+
+
+def top(counter: dict[str, int], n: int = 20) -> dict[str, int]:
+    return dict(Counter(counter).most_common(n))

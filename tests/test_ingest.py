@@ -1,0 +1,198 @@
+"""Ingest: sources, validation, conversions, rejects, reconciliation, growth, CLI."""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from storage import Store
+from tasks.config import IngestConfig
+from tasks.ingest import SourceError, ingest, normalise_caption, validate_image
+
+from tests.fixtures import image_bytes, write_folder_source
+
+
+def png_bomb(width=20000, height=20000) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    raw = zlib.compress(b"\x00" * (width // 8 + 1) * 64, 9)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+
+
+def cmyk_jpeg() -> bytes:
+    return image_bytes(mode="CMYK", color=(0, 255, 255, 0), fmt="JPEG")
+
+
+def png16() -> bytes:
+    arr = (np.arange(40 * 48, dtype=np.uint16).reshape(40, 48) * 30)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "I;16").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def bad_corpus() -> dict:
+    good = image_bytes()
+    return {
+        "good1.jpg": (good, "a red square on a table"),
+        "good2.png": (image_bytes(fmt="PNG", color=(0, 0, 255)), ["a blue box", "a blue box", "  blue\tthing  "]),
+        "zero.jpg": (b"", "empty file"),
+        "truncated.jpg": (good[: len(good) // 2], "truncated"),
+        "text.jpg": (b"this is not an image at all", "text named jpg"),
+        "bomb.png": (png_bomb(), "a bomb"),
+        "nocaption.jpg": (image_bytes(color=(1, 2, 3)), None),
+        "badutf8.jpg": (image_bytes(color=(3, 2, 1)), b"caf\xe9 \xff"),
+        "cmyk.jpg": (cmyk_jpeg(), "a cmyk picture"),
+        "deep.png": (png16(), "a sixteen bit picture"),
+        "pal.png": (None, None),
+    }
+
+
+@pytest.fixture
+def folder_source(tmp_path):
+    items = bad_corpus()
+    pal = Image.new("P", (32, 32))
+    pal.putpalette([0, 0, 0, 255, 0, 0] * 128)
+    pal.info["transparency"] = 0
+    buf = io.BytesIO()
+    pal.save(buf, "PNG", transparency=0)
+    items["pal.png"] = (buf.getvalue(), "a palette picture")
+    return write_folder_source(tmp_path / "src", items)
+
+
+def rejects_by_key(version):
+    return {r["key"]: r for r in version.rejects().to_pylist()}
+
+
+def test_folder_ingest_rejects_bad_samples_and_converts(tmp_path, folder_source):
+    store = Store(str(tmp_path / "store"))
+    result = ingest(store, IngestConfig(part_size=4), source=str(folder_source))
+    v = result.version
+    m = v.manifest
+    assert m["rows_in"] == 11 and m["rows_in"] == m["rows_out"] + m["rows_rejected"]
+    rejects = rejects_by_key(v)
+    assert rejects["zero"]["reason"] == "empty-file"
+    assert rejects["truncated"]["reason"] == "decode-error"
+    assert rejects["text"]["reason"] == "not-an-image"
+    assert rejects["bomb"]["reason"] == "decompression-bomb"
+    assert rejects["nocaption"]["reason"] == "missing-caption"
+    assert rejects["badutf8"]["reason"] == "caption-not-utf8"
+    assert all(r["detail"] and r["source"] and r["field"] for r in rejects.values())
+    rows = {r["key"]: r for r in v.read_table().to_pylist()}
+    assert set(rows) == {"good1", "good2", "cmyk", "deep", "pal"}
+    assert rows["good2"]["captions"] == ["a blue box", "blue thing"]
+    samples = {s["__key__"]: s for s in v.iter_samples()}
+    for key in ("cmyk", "deep", "pal"):
+        ext = "jpg" if rows[key]["format"] == "jpeg" else rows[key]["format"]
+        img = Image.open(io.BytesIO(samples[key][ext]))
+        assert img.mode == "RGB", key
+    # The stored bytes are what the index says they are.
+    import hashlib
+    assert hashlib.sha256(samples["good1"]["jpg"]).hexdigest() == rows["good1"]["sha256"]
+    assert samples["good1"]["jpg"] == (folder_source / "good1.jpg").read_bytes()  # untouched when valid RGB
+
+
+def test_exif_rotation_is_applied():
+    img = Image.new("RGB", (60, 30), (10, 200, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif)
+    out, problem = validate_image(buf.getvalue(), IngestConfig())
+    assert problem is None and (out["width"], out["height"]) == (30, 60)
+    assert "exif-orientation" in out["converted"]
+
+
+@pytest.mark.parametrize("size,reason", [((1, 1), "too-small"), ((5000, 20), "bad-aspect-ratio")])
+def test_dimension_bounds(size, reason):
+    out, problem = validate_image(image_bytes(size=size, fmt="PNG"), IngestConfig())
+    assert out is None and problem[0] == reason
+
+
+def test_caption_normalisation():
+    assert normalise_caption("  a\x00 dog\u200b \n runs\ufeff ".encode(), 100)[0] == "a dog runs"
+    assert normalise_caption(b"\xff\xfe", 100)[1].startswith("caption-not-utf8")
+    assert normalise_caption("   ", 100)[1] == "caption-empty"
+    long = " ".join(["word"] * 1000)
+    text, _ = normalise_caption(long, 50)
+    assert len(text) <= 50 and text.endswith("word")
+
+
+def write_tar_source(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_webdataset_source_as_img2dataset_writes_it(tmp_path):
+    src = tmp_path / "shards"
+    src.mkdir()
+    write_tar_source(src / "00000.tar", [
+        ("000000000", {"jpg": image_bytes(), "txt": b"a red square", "json": b'{"url": "x"}'}),
+        ("000000001", {"png": image_bytes(fmt="PNG"), "json": b'{"caption": "from json"}'}),
+        ("000000002", {"txt": b"no image here"}),
+    ])
+    write_tar_source(src / "00001.tar", [("000000003", {"webp": image_bytes(fmt="WEBP"), "txt": b"a webp"})])
+    store = Store(str(tmp_path / "store"))
+    v = ingest(store, IngestConfig(), source=str(src)).version
+    rows = {r["key"]: r for r in v.read_table().to_pylist()}
+    assert rows["000000000"]["captions"] == ["a red square"] and rows["000000001"]["captions"] == ["from json"]
+    assert rows["000000003"]["format"] == "webp"
+    assert rejects_by_key(v)["000000002"]["reason"] == "missing-image"
+    assert v.manifest["rows_in"] == 4 and len(v.parts) == 2
+
+
+def test_truncated_tar_keeps_what_came_before(tmp_path):
+    path = write_tar_source(tmp_path / "a.tar", [(f"{i:04d}", {"jpg": image_bytes(), "txt": b"a thing"})
+                                                 for i in range(5)])
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.45)])  # cut inside the 4th sample
+    v = ingest(Store(str(tmp_path / "store")), IngestConfig(), source=str(path)).version
+    assert v.manifest["rows_out"] >= 2
+    assert "source-truncated" in {r["reason"] for r in v.rejects().to_pylist()}
+    assert v.manifest["rows_in"] == v.manifest["rows_out"] + v.manifest["rows_rejected"]
+
+
+def test_growing_source_adds_only_new_samples(tmp_path):
+    items = {f"img{i:03d}.jpg": (image_bytes(color=(i, 0, 0)), f"thing {i}") for i in range(60)}
+    src = write_folder_source(tmp_path / "src", items)
+    store = Store(str(tmp_path / "store"))
+    cfg = IngestConfig(part_size=10)
+    first = ingest(store, cfg, source=str(src))
+    assert ingest(store, cfg, source=str(src)).status == "reused"
+    (src / "img999.jpg").write_bytes(image_bytes(color=(9, 9, 9)))  # new data lands; old files untouched
+    with open(src / "captions.jsonl", "a") as f:
+        f.write(json.dumps({"file": "img999.jpg", "caption": "new thing"}) + "\n")
+    grown = ingest(store, cfg, source=str(src))
+    assert grown.version.id != first.version.id
+    assert grown.parts_written == 1 and grown.parts_reused == len(first.version.parts) - 1
+    assert grown.version.manifest["rows_out"] == 61
+    assert grown.version.parents == []
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        ingest(Store(str(tmp_path)), IngestConfig(), source=str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="captions"):
+        ingest(Store(str(tmp_path)), IngestConfig(), source=str(tmp_path / "empty"))
+
+
+def test_ingest_into_s3(s3_store_url, folder_source):
+    url, options = s3_store_url
+    store = Store(url, **options)
+    v = ingest(store, IngestConfig(part_size=4), source=str(folder_source)).version
+    assert v.manifest["rows_out"] == 5 and v.verify() == []
+    assert len(list(v.iter_samples())) == 5
