@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from . import schemas
 from .fs import FileInfo, Placement, open_fs, sha256_of
-from .shards import iter_tar, read_member, write_tar
+from .shards import iter_tar, read_member, webdataset_pipeline, write_tar
 
 MANIFEST = "_manifest.json"
 FORMAT_VERSION = 1
@@ -281,6 +281,10 @@ class Version:
         """Stream WebDataset samples of every shard, in order."""
         shards = self.files("shard")
         return iter_tar(self.store.fs, [self.store.abs(f["path"]) for f in shards], self.shard_urls())
+
+    def webdataset(self, **kwargs):
+        """webdataset.WebDataset over this version's shards (local stores; remote ones use iter_samples)."""
+        return webdataset_pipeline(self.shard_urls(), **kwargs)
 
     def read_member(self, shard_rel: str, member: str) -> bytes:
         return read_member(self.store.fs, self.store.abs(shard_rel), member)
