@@ -372,11 +372,12 @@ def _caption(rng: np.random.Generator, scene: str, objects: list[_Object], cats:
     items = [(cat, col, n) for (cat, col), n in mentions.items()]
     order = rng.permutation(len(items))
     items = [items[i] for i in order]
-    absent = rng.random() < p["absent"]
+    present = {o.category for o in objects}
+    choices = [c for c in cats if c not in present]
+    # An image that shows every category has nothing absent to mention.
+    absent = rng.random() < p["absent"] and bool(choices)
     if absent:
         counts.absent_mentions += 1
-        present = {o.category for o in objects}
-        choices = [c for c in cats if c not in present]
         cat = choices[int(rng.integers(len(choices)))]
         col = None if rng.random() < p["omit_colour"] else cols[int(rng.integers(len(cols)))]
         items.insert(int(rng.integers(len(items) + 1)), (cat, col, 1))

@@ -162,3 +162,10 @@ def test_bar_chart_draws_bars():
     # A bar is drawn on each row, longer for the larger count.
     row = lambda y: sum(1 for x in range(img.width) if img.getpixel((x, y)) not in ((255, 255, 255),))
     assert row(34 + 9) > row(34 + 18 + 9) > 0
+
+
+def test_empty_report_still_renders(tmp_path):
+    index = render_report(ReportData(title="nothing yet"), tmp_path / "empty")
+    page = index.read_text()
+    assert "<title>nothing yet</title>" in page and page.count("(none)") == 4
+    assert not list((tmp_path / "empty" / "figures").iterdir())
