@@ -1,0 +1,279 @@
+"""Label and model quality against ground truth, and the data-engine ablation table.
+
+Ground truth comes in two formats:
+- the demo world's `ground_truth.jsonl`: one JSON object per line with at least `key` and `tags`
+  (also read: a `.json` dict {key: [tags]}, or a Parquet table with `key` and `tags` columns);
+- the OpenImages format of the reference repository's `*_annots.txt`: `path,tag,tag,...` per
+  line (tags may contain spaces; a line with a path alone is an image without tags).
+
+Labels are compared as sets of tag strings per sample key. Precision, recall and F1 are micro
+averages over all (key, tag) pairs; a ratio with a zero denominator is reported as 0.0.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+Labels = Mapping[str, Iterable[str]]
+
+
+def load_ground_truth(path: str | Path, fmt: str = "auto", key_fn: Callable[[str], str] | None = None,
+                      vocabulary: Iterable[str] | None = None) -> dict[str, set[str]]:
+    """Read ground truth as {key: set of tags}.
+
+    fmt: "auto" (by extension: .jsonl/.json -> demo, .parquet -> parquet, else OpenImages),
+    "demo", "parquet" or "openimages". key_fn maps the file's key (the OpenImages path, e.g.
+    "test/0a1b2c") to the pipeline's key, e.g. `lambda p: Path(p).stem`. vocabulary, if given,
+    drops tags outside it (e.g. the 214 OpenImages-common classes).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ground truth file {path} does not exist")
+    if fmt == "auto":
+        suffix = path.suffix.lower()
+        fmt = {".jsonl": "demo", ".json": "demo", ".parquet": "parquet"}.get(suffix, "openimages")
+    if fmt == "demo":
+        raw = _read_demo(path)
+    elif fmt == "parquet":
+        raw = _read_parquet(path)
+    elif fmt == "openimages":
+        raw = _read_openimages(path)
+    else:
+        raise ValueError(f"load_ground_truth: fmt must be auto, demo, parquet or openimages, got {fmt!r}")
+    vocab = set(vocabulary) if vocabulary is not None else None
+    out: dict[str, set[str]] = {}
+    for key, tags in raw:
+        k = key_fn(key) if key_fn else key
+        if k in out:
+            raise ValueError(f"{path}: key {k!r} appears twice (after key_fn); ground truth needs unique keys")
+        out[k] = {t for t in tags if vocab is None or t in vocab}
+    return out
+
+
+def _read_demo(path: Path) -> list[tuple[str, list[str]]]:
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            return [(str(k), list(v)) for k, v in data.items()]
+        rows = data
+    else:
+        rows = []
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not a JSON line ({e}); expected {{\"key\": ..., \"tags\": [...]}}")
+    out = []
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or "key" not in row or "tags" not in row:
+            raise ValueError(f"{path}: record {n} has no 'key' and 'tags' fields; got {str(row)[:120]}")
+        out.append((str(row["key"]), list(row["tags"])))
+    return out
+
+
+def _read_parquet(path: Path) -> list[tuple[str, list[str]]]:
+    import pyarrow.parquet as pq
+    table = pq.read_table(path)
+    missing = {"key", "tags"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path}: Parquet ground truth needs columns key and tags; missing {sorted(missing)}")
+    return [(str(k), list(t or [])) for k, t in zip(table["key"].to_pylist(), table["tags"].to_pylist())]
+
+
+def _read_openimages(path: Path) -> list[tuple[str, list[str]]]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = [p.strip() for p in line.split(",")]
+            out.append((parts[0], [p for p in parts[1:] if p]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _prf(tp: int, fp: int, fn: int) -> dict:
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return {"precision": p, "recall": r, "f1": f, "tp": tp, "fp": fp, "fn": fn}
+
+
+def label_quality(pred: Labels, truth: Labels, keys: Iterable[str] | None = None,
+                  groups: Mapping[str, Iterable[str]] | None = None) -> dict:
+    """Micro precision / recall / F1 of predicted tag sets against the truth.
+
+    Evaluated over `keys` (default: every key of the truth); a key without a prediction counts as
+    an empty prediction. Prediction keys outside the truth are not scored; their number is
+    reported as `keys_without_truth`. Returns precision, recall, f1, tp, fp, fn, n_keys,
+    keys_without_truth, labels_per_key (mean predicted tags), per_tag {tag: {..., support}},
+    macro_f1 (over tags with support or predictions), and per_group {group: micro scores}
+    when `groups` ({name: tags}) is given.
+    """
+    keys = list(truth.keys()) if keys is None else list(keys)
+    missing = [k for k in keys if k not in truth]
+    if missing:
+        raise KeyError(f"label_quality: {len(missing)} keys have no ground truth, e.g. {missing[:3]}")
+    per: dict[str, list[int]] = {}
+    n_pred = 0
+    for k in keys:
+        t = set(truth[k])
+        p = set(pred.get(k, ()))
+        n_pred += len(p)
+        for tag in p | t:
+            c = per.setdefault(tag, [0, 0, 0])
+            if tag in p and tag in t:
+                c[0] += 1
+            elif tag in p:
+                c[1] += 1
+            else:
+                c[2] += 1
+    tp = sum(c[0] for c in per.values())
+    fp = sum(c[1] for c in per.values())
+    fn = sum(c[2] for c in per.values())
+    out = _prf(tp, fp, fn)
+    out["n_keys"] = len(keys)
+    out["keys_without_truth"] = sum(1 for k in pred if k not in truth)
+    out["labels_per_key"] = n_pred / len(keys) if keys else 0.0
+    out["per_tag"] = {tag: {**_prf(*c), "support": c[0] + c[2]} for tag, c in sorted(per.items())}
+    out["macro_f1"] = float(np.mean([v["f1"] for v in out["per_tag"].values()])) if per else 0.0
+    if groups is not None:
+        out["per_group"] = {}
+        for name, tags in groups.items():
+            cs = [per.get(t, [0, 0, 0]) for t in tags]
+            out["per_group"][name] = _prf(sum(c[0] for c in cs), sum(c[1] for c in cs), sum(c[2] for c in cs))
+    return out
+
+
+def multi_hot(labels: Labels, keys: Sequence[str], tags: Sequence[str]) -> np.ndarray:
+    """[len(keys), len(tags)] 0/1 matrix; tags outside `tags` are ignored, missing keys are all 0."""
+    index = {t: j for j, t in enumerate(tags)}
+    out = np.zeros((len(keys), len(tags)), dtype=np.uint8)
+    for i, k in enumerate(keys):
+        for t in labels.get(k, ()):
+            j = index.get(t)
+            if j is not None:
+                out[i, j] = 1
+    return out
+
+
+def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
+    """AP of one class: sum over distinct score thresholds of (recall step x precision).
+
+    Tied scores are one threshold, so the result does not depend on the order of ties (the
+    definition scikit-learn's average_precision_score uses). Without ties it is the mean of the
+    precision at each positive's rank, as the reference batch_inference computes mAP.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.asarray(positives).astype(bool)
+    n_pos = int(positives.sum())
+    if n_pos == 0:
+        raise ValueError("average_precision: the class has no positives; AP is undefined")
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], positives[order]
+    tp = np.cumsum(y)
+    # The last index of each group of equal scores: the cut points of the thresholds.
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tp_at = tp[last]
+    precision = tp_at / (last + 1)
+    recall_step = np.diff(np.r_[0, tp_at]) / n_pos
+    return float(np.sum(recall_step * precision))
+
+
+def model_quality(scores: np.ndarray, truth_multi_hot: np.ndarray, thresholds: float | Sequence[float] | np.ndarray,
+                  tags: Sequence[str] | None = None) -> dict:
+    """mAP over classes that have positives, and micro precision / recall / F1 at `thresholds`.
+
+    scores: [N, T] sigmoid scores; truth_multi_hot: [N, T] 0/1; thresholds: one float or one per
+    class. A tag is predicted when its score is above its threshold (strictly, as RAM's model does).
+    Returns mAP, precision, recall, f1, tp, fp, fn, n_classes_with_positives, ap (list, NaN for a
+    class without positives) and ap_by_tag when `tags` is given.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    truth = np.asarray(truth_multi_hot)
+    if scores.ndim != 2 or truth.shape != scores.shape:
+        raise ValueError(f"model_quality: scores and truth must both be [N, T]; got {scores.shape} and {truth.shape}")
+    if not np.isin(truth, (0, 1)).all():
+        raise ValueError("model_quality: truth_multi_hot must hold only 0 and 1")
+    truth = truth.astype(bool)
+    thr = np.asarray(thresholds, dtype=np.float64)
+    if thr.ndim == 0:
+        thr = np.full(scores.shape[1], float(thr))
+    if thr.shape != (scores.shape[1],):
+        raise ValueError(f"model_quality: thresholds must be one float or {scores.shape[1]} values, got {thr.shape}")
+    if tags is not None and len(tags) != scores.shape[1]:
+        raise ValueError(f"model_quality: {len(tags)} tag names for {scores.shape[1]} score columns")
+    ap = [average_precision(scores[:, j], truth[:, j]) if truth[:, j].any() else float("nan")
+          for j in range(scores.shape[1])]
+    valid = [a for a in ap if not np.isnan(a)]
+    pred = scores > thr[None, :]
+    tp = int((pred & truth).sum())
+    fp = int((pred & ~truth).sum())
+    fn = int((~pred & truth).sum())
+    out = _prf(tp, fp, fn)
+    out["mAP"] = float(np.mean(valid)) if valid else 0.0
+    out["n_classes_with_positives"] = len(valid)
+    out["ap"] = ap
+    if tags is not None:
+        out["ap_by_tag"] = dict(zip(tags, ap))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+ABLATION_COLUMNS = ("stage", "n_keys", "labels_per_key", "precision", "recall", "f1", "tp", "fp", "fn")
+
+
+def ablation_table(stage_labels: Mapping[str, Labels], truth: Labels, keys: Iterable[str] | None = None,
+                   groups: Mapping[str, Iterable[str]] | None = None) -> list[dict]:
+    """One row per stage (in the mapping's order) of label quality against the truth.
+
+    The paper's data-engine ablation: e.g. {"parsed": ..., "parsed+generated": ..., "cleaned": ...,
+    "model": ...}. Each row has the ABLATION_COLUMNS, plus `<group>_f1` per group when given.
+    All stages are scored over the same keys (default: every key of the truth).
+    """
+    keys = list(truth.keys()) if keys is None else list(keys)
+    rows = []
+    for stage, labels in stage_labels.items():
+        q = label_quality(labels, truth, keys=keys, groups=groups)
+        row = {"stage": stage, **{c: q[c] for c in ABLATION_COLUMNS[1:]}}
+        for g, v in q.get("per_group", {}).items():
+            row[f"{g}_f1"] = v["f1"]
+        rows.append(row)
+    return rows
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def rows_to_markdown(rows: Sequence[Mapping]) -> str:
+    """A GitHub markdown table of rows (the union of their keys, first-seen order, as columns)."""
+    if not rows:
+        return ""
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluation_table(rows: Sequence[Mapping], metrics: Sequence[str] = ("precision", "recall", "f1",
+                                                                          "labels_per_key")):
+    """Ablation rows as an Arrow table in the `evaluate` stage schema (stage, metric, value)."""
+    import pyarrow as pa
+    from storage.schemas import EVALUATION
+    recs = [{"stage": r["stage"], "metric": m, "value": float(r[m])} for r in rows for m in metrics if m in r]
+    return pa.Table.from_pylist(recs, schema=EVALUATION)

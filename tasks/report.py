@@ -1,0 +1,346 @@
+"""A static HTML report of one data-engine run: what each stage did, to which samples, how well.
+
+`render_report(ReportData, out_dir)` writes `out_dir/index.html` and the PNGs it shows
+(figures/, samples/, crops/). Everything is drawn with PIL, so the report needs no plotting
+library and no network: the page has no scripts and no external resources. All text taken from
+the data is HTML-escaped.
+
+ReportData holds plain data only; the caller (the flow) fills it from the store.
+"""
+from __future__ import annotations
+
+import html
+import io
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+@dataclass
+class StageSummary:
+    name: str
+    version: str = ""
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_rejected: int = 0
+    seconds: float = 0.0
+    note: str = ""
+
+    @property
+    def reconciles(self) -> bool:
+        return self.rows_in == self.rows_out + self.rows_rejected
+
+
+@dataclass
+class BoxView:
+    tag: str
+    box: tuple[float, float, float, float]   # x0, y0, x1, y1 in source pixels
+    score: float | None = None
+
+
+@dataclass
+class SampleView:
+    key: str
+    image: bytes                                   # encoded image (JPEG / PNG / WebP)
+    tags_by_stage: dict[str, list[str]]            # stage name -> tags, in stage order
+    boxes: list[BoxView] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    truth: list[str] | None = None                 # known in the demo: marks tags that are wrong
+
+    def __post_init__(self) -> None:
+        self.boxes = [b if isinstance(b, BoxView) else BoxView(**b) for b in self.boxes]
+
+
+@dataclass
+class CropView:
+    key: str
+    image: bytes
+    cluster: int | None = None
+    outlier: bool = False
+    distance: float | None = None
+    wrong: bool | None = None                      # known in the demo: the tag is not on this image
+
+
+@dataclass
+class ReportData:
+    title: str = "RAM data engine run"
+    stages: list[StageSummary] = field(default_factory=list)
+    tag_histograms: dict[str, dict[str, int]] = field(default_factory=dict)   # stage -> tag -> count
+    samples: list[SampleView] = field(default_factory=list)
+    crops_by_tag: dict[str, list[CropView]] = field(default_factory=dict)
+    evaluation: list[dict[str, Any]] = field(default_factory=list)            # e.g. evaluate.ablation_table rows
+    notes: list[str] = field(default_factory=list)
+    created: str = ""
+
+    def __post_init__(self) -> None:
+        # Accept plain dicts (as read from JSON or the store) as well as the view classes.
+        self.stages = [s if isinstance(s, StageSummary) else StageSummary(**s) for s in self.stages]
+        self.samples = [s if isinstance(s, SampleView) else SampleView(**s) for s in self.samples]
+        self.crops_by_tag = {t: [c if isinstance(c, CropView) else CropView(**c) for c in cs]
+                             for t, cs in self.crops_by_tag.items()}
+        if not self.created:
+            self.created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing with PIL.
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # PIL without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def tag_colour(tag: str) -> tuple[int, int, int]:
+    """A stable, saturated colour per tag (the same in every figure and run)."""
+    h = zlib.crc32(tag.encode()) % 360
+    import colorsys
+    r, g, b = colorsys.hsv_to_rgb(h / 360, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def bar_chart(items: Sequence[tuple[str, float]], title: str, value_fmt: str = "{:g}", width: int = 640,
+              row: int = 18, colour: tuple[int, int, int] | None = None) -> Image.Image:
+    """A horizontal bar chart, one row per (label, value), in the given order."""
+    font, title_font = _font(12), _font(14)
+    label_w = min(width // 3, 16 + max([int(font.getlength(str(lbl))) for lbl, _ in items] + [40]))
+    height = 34 + row * max(1, len(items)) + 8
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((8, 8), title, fill=(20, 20, 20), font=title_font)
+    if not items:
+        d.text((8, 34), "(no data)", fill=(120, 120, 120), font=font)
+        return img
+    vmax = max(float(v) for _, v in items) or 1.0
+    bar_w = width - label_w - 70
+    for i, (label, value) in enumerate(items):
+        y = 34 + i * row
+        text = str(label)
+        while font.getlength(text) > label_w - 12 and len(text) > 2:
+            text = text[:-2] + "…"
+        d.text((label_w - 8 - font.getlength(text), y + 2), text, fill=(30, 30, 30), font=font)
+        w = int(bar_w * float(value) / vmax)
+        d.rectangle((label_w, y + 2, label_w + max(w, 1), y + row - 3), fill=colour or tag_colour(str(label)))
+        d.text((label_w + w + 6, y + 2), value_fmt.format(value), fill=(60, 60, 60), font=font)
+    return img
+
+
+def _decode(data: bytes) -> tuple[Image.Image, bool]:
+    """(the image, True), or (a grey placeholder saying why it cannot be shown, False): a report
+    never fails on bad pixels."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB"), True
+    except Exception as e:  # noqa: BLE001 - any decoder error becomes a visible placeholder
+        img = Image.new("RGB", (160, 60), (200, 200, 200))
+        ImageDraw.Draw(img).text((6, 6), f"cannot decode:\n{type(e).__name__}", fill=(120, 0, 0), font=_font(11))
+        return img, False
+
+
+def draw_boxes(image: Image.Image, boxes: Sequence[BoxView], min_side: int = 256) -> Image.Image:
+    """The image scaled up to at least `min_side` with each box and its tag (and score) drawn."""
+    scale = max(1.0, min_side / max(1, min(image.size)))
+    out = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC) \
+        if scale != 1.0 else image.copy()
+    d = ImageDraw.Draw(out)
+    font = _font(12)
+    for b in boxes:
+        x0, y0, x1, y1 = (float(v) * scale for v in b.box)
+        c = tag_colour(b.tag)
+        d.rectangle((x0, y0, x1, y1), outline=c, width=2)
+        label = b.tag if b.score is None else f"{b.tag} {b.score:.2f}"
+        tw = font.getlength(label)
+        ty = y0 - 15 if y0 >= 15 else y0
+        d.rectangle((x0, ty, x0 + tw + 6, ty + 15), fill=c)
+        d.text((x0 + 3, ty + 1), label, fill="black" if sum(c) > 380 else "white", font=font)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML.
+
+def _e(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:1.5em}h2{margin-top:2em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;
+vertical-align:top}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.mismatch{background:#fff1cc}.tag{display:inline-block;margin:1px 3px;padding:0 4px;border-radius:3px;
+background:#eef}ins.added{background:#d9f5d9;color:#075e07;text-decoration:none;font-weight:600}
+del.removed{background:#fbdede;color:#a00000}.wrong{box-shadow:inset 0 -2px 0 #e08000}
+.sample{display:flex;gap:16px;margin:16px 0;padding-bottom:12px;border-bottom:1px solid #eee}
+.sample img{image-rendering:auto;border:1px solid #ccc}.captions{color:#555;font-size:.9em}
+.crops{display:flex;flex-wrap:wrap;gap:6px;align-items:flex-start}.cluster{border:1px solid #ddd;
+padding:4px;margin:4px}.crop{display:inline-block;text-align:center;font-size:.75em;margin:2px}
+.crop img{border:3px solid #9c9}.crop.outlier img{border-color:#d22}.crop.wrong-label span.badge{color:#d22}
+.legend{font-size:.9em;color:#555}.figures{display:flex;flex-wrap:wrap;gap:12px}ul.notes li{margin:4px 0}
+"""
+
+
+def _table(rows: Sequence[Mapping[str, Any]], css_class: str = "") -> str:
+    if not rows:
+        return "<p>(none)</p>"
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    out = [f'<table class="{_e(css_class)}"><thead><tr>' + "".join(f"<th>{_e(c)}</th>" for c in cols)
+           + "</tr></thead><tbody>"]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            num = isinstance(v, (int, float)) and not isinstance(v, bool)
+            cells.append(f'<td class="num">{_e(_fmt(v))}</td>' if num else f"<td>{_e(_fmt(v))}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _tag_diff(prev: list[str] | None, cur: list[str], truth: set[str] | None) -> str:
+    """Tags of a stage against the previous stage: kept plain, added green '+', removed struck red."""
+    def span(t: str, kind: str) -> str:
+        wrong = truth is not None and t not in truth
+        cls = f"tag {kind}" + (" wrong" if wrong and kind != "removed" else "")
+        title = " title=\"not in the ground truth\"" if wrong and kind != "removed" else ""
+        if kind == "added":
+            return f'<ins class="{cls}"{title}>+{_e(t)}</ins>'
+        if kind == "removed":
+            return f'<del class="{cls}">{_e(t)}</del>'
+        return f'<span class="{cls}"{title}>{_e(t)}</span>'
+    if prev is None:
+        return "".join(span(t, "kept") for t in cur)
+    p, c = set(prev), set(cur)
+    parts = [span(t, "kept" if t in p else "added") for t in cur]
+    parts += [span(t, "removed") for t in prev if t not in c]
+    return "".join(parts) or "<i>(no tags)</i>"
+
+
+def render_report(report_data: ReportData, out_dir: str | Path, *, max_hist_tags: int = 30,
+                  max_crops_per_tag: int = 60, crop_side: int = 64, hist_width: int = 380) -> Path:
+    """Write the report to `out_dir` (created if needed) and return the path of index.html."""
+    data = report_data if isinstance(report_data, ReportData) else ReportData(**report_data)
+    out = Path(out_dir)
+    for sub in ("figures", "samples", "crops"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    body: list[str] = [f"<h1>{_e(data.title)}</h1>", f"<p class=\"legend\">Created {_e(data.created)}</p>"]
+
+    if data.notes:
+        body.append("<h2 id=\"notes\">Notes</h2><ul class=\"notes\">"
+                    + "".join(f"<li>{_e(n)}</li>" for n in data.notes) + "</ul>")
+
+    # Stages.
+    body.append("<h2 id=\"stages\">Stages</h2>")
+    rows = []
+    for s in data.stages:
+        rows.append({"stage": s.name, "version": s.version, "rows in": s.rows_in, "rows out": s.rows_out,
+                     "rejected": s.rows_rejected, "in = out + rejected": "yes" if s.reconciles else "no",
+                     "seconds": float(s.seconds), "note": s.note})
+    body.append(_table(rows, "stages"))
+    if data.stages:
+        fig = bar_chart([(s.name, float(s.seconds)) for s in data.stages], "Wall time per stage (s)",
+                        "{:.1f} s", colour=(70, 110, 190))
+        fig.save(out / "figures" / "timings.png")
+        body.append('<img src="figures/timings.png" alt="wall time per stage">')
+
+    # Tag histograms.
+    body.append("<h2 id=\"histograms\">Tag histograms</h2>")
+    if not data.tag_histograms:
+        body.append("<p>(none)</p>")
+    figs = []
+    for i, (stage, hist) in enumerate(data.tag_histograms.items()):
+        items = sorted(hist.items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = items[:max_hist_tags]
+        more = f" (top {len(shown)} of {len(items)} tags)" if len(items) > len(shown) else ""
+        fig = bar_chart(shown, f"{stage}: {sum(hist.values())} labels{more}", "{:d}", width=hist_width)
+        name = f"figures/hist_{i:02d}.png"
+        fig.save(out / name)
+        figs.append(f'<img src="{name}" alt="{_e("tag histogram " + stage)}">')
+    body.append(f'<div class="figures">{"".join(figs)}</div>')
+
+    # Samples.
+    body.append("<h2 id=\"samples\">Samples</h2><p class=\"legend\">Per stage against the stage before: "
+                "<ins class=\"tag added\">+added</ins> <del class=\"tag removed\">removed</del> "
+                "<span class=\"tag wrong\">not in the ground truth</span> (where the truth is known).</p>")
+    for i, s in enumerate(data.samples):
+        img, ok = _decode(s.image)
+        if ok:
+            img = draw_boxes(img, s.boxes)
+        name = f"samples/{i:04d}.png"
+        img.save(out / name)
+        truth = set(s.truth) if s.truth is not None else None
+        trs, prev = [], None
+        for stage, tags in s.tags_by_stage.items():
+            trs.append(f"<tr><th>{_e(stage)}</th><td>{_tag_diff(prev, list(tags), truth)}</td></tr>")
+            prev = list(tags)
+        if s.truth is not None:
+            trs.append("<tr><th>ground truth</th><td>" + "".join(f'<span class="tag">{_e(t)}</span>'
+                                                                  for t in s.truth) + "</td></tr>")
+        caps = "".join(f"<li>{_e(c)}</li>" for c in s.captions)
+        body.append(f'<div class="sample" id="{_e("sample-" + s.key)}"><img src="{name}" '
+                    f'alt="{_e("sample " + s.key)}" width="{img.width}" height="{img.height}"><div>'
+                    f"<h3>{_e(s.key)}</h3><ul class=\"captions\">{caps}</ul>"
+                    f"<table class=\"tags\">{''.join(trs)}</table></div></div>")
+
+    # Crops.
+    body.append("<h2 id=\"crops\">Crops per tag, by cluster</h2><p class=\"legend\">Red frame: an outlier "
+                "whose tag the cleaning stage removed; ✗: the tag is not on that image (where the truth is "
+                "known).</p>")
+    if not data.crops_by_tag:
+        body.append("<p>(none)</p>")
+    for ti, (tag, crops) in enumerate(data.crops_by_tag.items()):
+        n_out = sum(c.outlier for c in crops)
+        body.append(f"<h3>{_e(tag)} <span class=\"legend\">{len(crops)} crops, {n_out} outliers</span></h3>"
+                    "<div class=\"crops\">")
+        by_cluster: dict[Any, list[CropView]] = {}
+        for c in crops[:max_crops_per_tag]:
+            by_cluster.setdefault(c.cluster, []).append(c)
+        for cluster in sorted(by_cluster, key=lambda k: (k is None, k if k is not None else 0)):
+            items = []
+            for j, c in enumerate(sorted(by_cluster[cluster], key=lambda c: (c.outlier, c.distance or 0.0))):
+                img, _ = _decode(c.image)
+                # Crops of small objects are scaled up too, so every crop shows at the same size.
+                f = crop_side / max(img.size)
+                img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))),
+                                 Image.Resampling.BICUBIC)
+                name = f"crops/{ti:03d}_{cluster if cluster is not None else 'x'}_{j:03d}.png"
+                img.save(out / name)
+                cls = "crop" + (" outlier" if c.outlier else "") + (" wrong-label" if c.wrong else "")
+                label = _e(c.key) + (f" d={c.distance:.2f}" if c.distance is not None else "")
+                badge = ' <span class="badge">✗</span>' if c.wrong else ""
+                items.append(f'<div class="{cls}"><img src="{name}" alt="{_e("crop " + c.key + " " + tag)}">'
+                             f"<br><span>{label}</span>{badge}</div>")
+            head = "no cluster" if cluster is None else f"cluster {cluster}"
+            body.append(f'<div class="cluster"><div class="legend">{_e(head)}</div>{"".join(items)}</div>')
+        body.append("</div>")
+
+    # Evaluation.
+    body.append("<h2 id=\"evaluation\">Evaluation</h2>")
+    body.append(_table(data.evaluation, "evaluation"))
+
+    page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{_e(data.title)}</title><style>{_CSS}</style></head><body>"
+            + "\n".join(body) + "</body></html>\n")
+    # Written last and moved into place, so a reader never sees a half-written page.
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".index.", suffix=".html")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(page)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out / "index.html")
+    return out / "index.html"

@@ -1,0 +1,138 @@
+"""Evaluation functions on hand-computed examples, and the ground-truth readers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.evaluate import (ABLATION_COLUMNS, ablation_table, average_precision, evaluation_table,
+                            label_quality, load_ground_truth, model_quality, multi_hot, rows_to_markdown)
+
+TRUTH = {"a": {"cat"}, "b": {"car", "tree"}, "c": {"sky"}}
+PRED = {"a": {"cat", "dog"}, "b": {"car"}, "c": set(), "z": {"cat"}}
+
+
+def test_label_quality_by_hand():
+    q = label_quality(PRED, TRUTH, groups={"animals": ["cat", "dog"], "things": ["car", "tree", "sky"]})
+    # tp: a/cat, b/car; fp: a/dog; fn: b/tree, c/sky; key z has no truth and is not scored.
+    assert (q["tp"], q["fp"], q["fn"]) == (2, 1, 2)
+    assert q["precision"] == pytest.approx(2 / 3) and q["recall"] == pytest.approx(0.5)
+    assert q["f1"] == pytest.approx(4 / 7)
+    assert q["n_keys"] == 3 and q["keys_without_truth"] == 1 and q["labels_per_key"] == pytest.approx(1.0)
+    assert q["per_tag"]["dog"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 1, "fn": 0,
+                                   "support": 0}
+    assert q["per_tag"]["cat"]["f1"] == 1.0 and q["per_tag"]["tree"]["support"] == 1
+    assert q["per_group"]["animals"]["precision"] == pytest.approx(0.5)
+    assert q["per_group"]["things"]["recall"] == pytest.approx(1 / 3)
+    assert q["macro_f1"] == pytest.approx((1 + 0 + 1 + 0 + 0) / 5)   # cat, dog, car, tree, sky
+
+
+def test_label_quality_subset_of_keys_and_errors():
+    q = label_quality(PRED, TRUTH, keys=["a"])
+    assert (q["tp"], q["fp"], q["fn"]) == (1, 1, 0)
+    with pytest.raises(KeyError, match="no ground truth"):
+        label_quality(PRED, TRUTH, keys=["a", "nope"])
+    empty = label_quality({}, {"x": set()})
+    assert empty["precision"] == empty["recall"] == empty["f1"] == 0.0
+
+
+def test_model_quality_by_hand():
+    scores = np.array([[0.9, 0.9, 0.9], [0.8, 0.8, 0.8], [0.7, 0.7, 0.7], [0.6, 0.6, 0.6]])
+    truth = np.array([[1, 0, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]])
+    q = model_quality(scores, truth, 0.75, tags=["x", "y", "z"])
+    # class x: positives at ranks 1 and 3 -> (1/1 + 2/3) / 2; class y: rank 4 -> 1/4; z has no positives.
+    assert q["ap"][0] == pytest.approx(5 / 6) and q["ap"][1] == pytest.approx(0.25) and np.isnan(q["ap"][2])
+    assert q["mAP"] == pytest.approx((5 / 6 + 0.25) / 2) and q["n_classes_with_positives"] == 2
+    # Above 0.75: rows 0 and 1 for every class -> tp 1 (x row 0), fp 5, fn 2 (x row 2, y row 3).
+    assert (q["tp"], q["fp"], q["fn"]) == (1, 5, 2)
+    assert q["precision"] == pytest.approx(1 / 6) and q["recall"] == pytest.approx(1 / 3)
+    per_class = model_quality(scores, truth, [0.95, 0.55, 2.0])
+    # x: nothing above 0.95 (fn 2); y: every row above 0.55 (tp 1, fp 3); z: nothing above 2.
+    assert (per_class["tp"], per_class["fp"], per_class["fn"]) == (1, 3, 2)
+    assert q["ap_by_tag"]["y"] == pytest.approx(0.25)
+    # Strictly above the threshold, as RAM's model predicts.
+    assert model_quality(scores, truth, 0.9)["tp"] == 0
+
+
+def test_average_precision_matches_scikit_learn_with_ties():
+    from sklearn.metrics import average_precision_score
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = rng.random(60) < 0.3
+        y[0] = True
+        s = np.round(rng.random(60), 1)    # many ties
+        assert average_precision(s, y) == pytest.approx(average_precision_score(y, s))
+
+
+def test_model_quality_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"\[N, T\]"):
+        model_quality(np.zeros((3, 2)), np.zeros((3, 3)), 0.5)
+    with pytest.raises(ValueError, match="thresholds"):
+        model_quality(np.zeros((3, 2)), np.zeros((3, 2)), [0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        model_quality(np.zeros((3, 2)), np.full((3, 2), 2), 0.5)
+
+
+def test_multi_hot():
+    m = multi_hot({"a": {"cat", "unknown"}, "b": {"car"}}, ["a", "b", "missing"], ["cat", "car"])
+    assert m.tolist() == [[1, 0], [0, 1], [0, 0]]
+
+
+def test_ablation_table_and_markdown():
+    stages = {"parsed": {"a": {"cat"}, "b": {"car"}, "c": set()},
+              "parsed+generated": {"a": {"cat", "dog"}, "b": {"car", "tree"}, "c": {"sky"}},
+              "cleaned": {"a": {"cat"}, "b": {"car", "tree"}, "c": {"sky"}}}
+    rows = ablation_table(stages, TRUTH, groups={"animals": ["cat", "dog"]})
+    assert [r["stage"] for r in rows] == list(stages)
+    assert list(rows[0])[:len(ABLATION_COLUMNS)] == list(ABLATION_COLUMNS)
+    assert rows[0]["precision"] == 1.0 and rows[0]["recall"] == pytest.approx(0.5)
+    assert rows[1]["precision"] == pytest.approx(0.8) and rows[1]["recall"] == 1.0
+    assert rows[2]["f1"] == 1.0 and rows[2]["animals_f1"] == 1.0
+    md = rows_to_markdown(rows)
+    lines = md.strip().split("\n")
+    assert lines[0].startswith("| stage | n_keys | labels_per_key | precision |")
+    assert lines[1] == "|" + "---|" * len(rows[0])
+    assert lines[3].startswith("| parsed+generated | 3 | 1.667 | 0.800 | 1.000 |")
+    assert rows_to_markdown([{"stage": "a|b"}]).split("\n")[2] == "| a\\|b |"
+    t = evaluation_table(rows)
+    from storage.schemas import EVALUATION
+    assert t.schema == EVALUATION and t.num_rows == 12
+    assert t.filter(pc.equal(t["metric"], "f1"))["value"].to_pylist()[2] == 1.0
+
+
+def test_openimages_format(tmp_path: Path):
+    p = tmp_path / "openimages_common_214_ram_annots.txt"
+    p.write_text("test/0a1b,person,traffic light,car\r\ntest/0c2d\n\ntest/0e3f,dog, cat ,\n")
+    gt = load_ground_truth(p)
+    assert gt == {"test/0a1b": {"person", "traffic light", "car"}, "test/0c2d": set(), "test/0e3f": {"dog", "cat"}}
+    by_stem = load_ground_truth(p, key_fn=lambda k: Path(k).stem, vocabulary={"car", "dog", "cat"})
+    assert by_stem == {"0a1b": {"car"}, "0c2d": set(), "0e3f": {"dog", "cat"}}
+    p.write_text("x/a,dog\ny/a,cat\n")
+    with pytest.raises(ValueError, match="appears twice"):
+        load_ground_truth(p, key_fn=lambda k: Path(k).stem)
+
+
+def test_demo_json_and_parquet_formats(tmp_path: Path):
+    jl = tmp_path / "ground_truth.jsonl"
+    jl.write_text(json.dumps({"key": "k1", "tags": ["ball", "red"], "objects": []}) + "\n\n"
+                  + json.dumps({"key": "k2", "tags": []}) + "\n")
+    assert load_ground_truth(jl) == {"k1": {"ball", "red"}, "k2": set()}
+    js = tmp_path / "gt.json"
+    js.write_text(json.dumps({"k1": ["sky"]}))
+    assert load_ground_truth(js) == {"k1": {"sky"}}
+    pqf = tmp_path / "gt.parquet"
+    pq.write_table(pa.table({"key": ["k1", "k2"], "tags": [["a"], None]}), pqf)
+    assert load_ground_truth(pqf) == {"k1": {"a"}, "k2": set()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"key": "k1"}\n')
+    with pytest.raises(ValueError, match="'key' and 'tags'"):
+        load_ground_truth(bad)
+    with pytest.raises(FileNotFoundError):
+        load_ground_truth(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="fmt must be"):
+        load_ground_truth(jl, fmt="csv")

@@ -1,0 +1,171 @@
+"""The HTML report, rendered in real headless Chromium: images load, tags, diffs and tables are there."""
+from __future__ import annotations
+
+import html
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tasks.demo_world import generate_world
+from tasks.evaluate import ablation_table, load_ground_truth
+from tasks.report import BoxView, CropView, ReportData, SampleView, StageSummary, bar_chart, render_report
+
+EVIL = '<script>alert("x")</script>&"'
+
+# Written into the page only for the test: it records, after every image has loaded or failed,
+# what the browser made of the page.
+_PROBE = """<script>
+window.addEventListener('load', () => {
+  const q = s => [...document.querySelectorAll(s)].map(e => e.textContent);
+  const status = {
+    images: [...document.images].map(i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0,
+                                            w: i.naturalWidth})),
+    scripts: document.scripts.length,
+    added: q('.sample ins.added'), removed: q('.sample del.removed'), wrong: q('.sample .wrong'),
+    eval_rows: [...document.querySelectorAll('table.evaluation tbody tr')].map(r => r.cells[0].textContent),
+    stage_rows: [...document.querySelectorAll('table.stages tbody tr')].map(r => r.cells[0].textContent),
+    outliers: document.querySelectorAll('.crop.outlier').length,
+    headings: q('h3'), notes: q('ul.notes li'),
+  };
+  const pre = document.createElement('pre');
+  pre.id = 'probe';
+  pre.textContent = JSON.stringify(status);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+@pytest.fixture(scope="session")
+def chromium(tmp_path_factory):
+    """Load an HTML file in headless Chromium and return what the probe recorded."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium); the report is not rendered")
+
+    def run(page: Path) -> dict:
+        probe = page.with_name("_probe.html")
+        text = page.read_text(encoding="utf-8")
+        assert "</body>" in text
+        probe.write_text(text.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
+        profile = tmp_path_factory.mktemp("chromium-profile")
+        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+               f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        m = re.search(r'<pre id="probe">(.*?)</pre>', res.stdout, re.S)
+        assert m, f"chromium printed no probe (rc {res.returncode}): {res.stderr[-2000:]}"
+        return json.loads(html.unescape(m.group(1)))
+
+    return run
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def report_data(tmp_path_factory) -> tuple[ReportData, dict]:
+    """A report over a small demo world: caption tags, a generation step that adds the truth, and a
+    cleaning step that removes the wrong tags. Boxes and crops come from the ground truth."""
+    info = generate_world(tmp_path_factory.mktemp("world"), 12, seed=7)
+    rows = [json.loads(x) for x in info.ground_truth.read_text().splitlines()]
+    truth = load_ground_truth(info.ground_truth)
+    parsed = {r["key"]: sorted(set().union(*map(set, r["caption_tags"]))) for r in rows}
+    generated = {k: sorted(set(parsed[k]) | truth[k]) for k in parsed}
+    cleaned = {k: sorted(set(v) & truth[k]) for k, v in generated.items()}
+    samples, crops = [], {}
+    for r in rows[:6]:
+        data = (info.source / r["file"]).read_bytes()
+        samples.append(SampleView(key=r["key"], image=data, captions=r["captions"], truth=r["tags"],
+                                  tags_by_stage={"parsed": parsed[r["key"]], "generated": generated[r["key"]],
+                                                 "cleaned": cleaned[r["key"]]},
+                                  boxes=[BoxView(o["category"], tuple(o["box"]), 0.9) for o in r["objects"]]))
+        img = Image.open(io.BytesIO(data))
+        for j, o in enumerate(r["objects"]):
+            crops.setdefault(o["category"], []).append(CropView(
+                key=r["key"], image=_png(img.crop(tuple(o["box"]))), cluster=j % 2, outlier=j == 2,
+                distance=0.1 * j, wrong=j == 2))
+    # Bad input must not break the report: undecodable pixels and markup in text.
+    samples.append(SampleView(key=EVIL, image=b"not an image", captions=[EVIL],
+                              tags_by_stage={"parsed": [EVIL, "ball"], "cleaned": ["ball"]},
+                              boxes=[{"tag": EVIL, "box": (1, 1, 5, 5)}]))
+    stages_labels = {"parsed": {k: set(v) for k, v in parsed.items()},
+                     "parsed+generated": {k: set(v) for k, v in generated.items()},
+                     "cleaned": {k: set(v) for k, v in cleaned.items()}}
+    hist = {name: {} for name in stages_labels}
+    for name, labels in stages_labels.items():
+        for tags in labels.values():
+            for t in tags:
+                hist[name][t] = hist[name].get(t, 0) + 1
+    data = ReportData(
+        title=f"demo run {EVIL}",
+        stages=[StageSummary("ingest", "v-1a2b", 12, 12, 0, 0.4),
+                {"name": "parse", "version": "v-3c4d", "rows_in": 12, "rows_out": 11, "rows_rejected": 1,
+                 "seconds": 1.25, "note": EVIL}],
+        tag_histograms=hist, samples=samples, crops_by_tag=crops,
+        evaluation=ablation_table(stages_labels, truth),
+        notes=["the detector is a tiny random one", EVIL])
+    return data, {"cleaned": cleaned, "parsed": parsed, "generated": generated}
+
+
+def test_report_files_and_escaping(report_data, tmp_path):
+    data, _ = report_data
+    index = render_report(data, tmp_path / "report")
+    page = index.read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&quot;" in page
+    srcs = re.findall(r'src="([^"]+)"', page)
+    assert srcs and all((index.parent / s).is_file() for s in srcs)
+    assert {s.split("/")[0] for s in srcs} == {"figures", "samples", "crops"}
+    # Sample images are scaled up and carry the boxes drawn in the tag's colour.
+    assert Image.open(index.parent / "samples/0000.png").size == (256, 256)
+    assert not list(index.parent.glob(".index.*"))
+
+
+def test_report_renders_in_chromium(report_data, tmp_path, chromium):
+    data, labels = report_data
+    index = render_report(data, tmp_path / "report")
+    status = chromium(index)
+    n_crops = sum(len(v) for v in data.crops_by_tag.values())
+    n_images = 1 + len(data.tag_histograms) + len(data.samples) + n_crops
+    assert len(status["images"]) == n_images
+    assert all(i["ok"] and i["w"] > 0 for i in status["images"]), [i for i in status["images"] if not i["ok"]]
+    assert status["scripts"] == 1   # only the probe: markup in the data stayed text
+    assert status["stage_rows"] == ["ingest", "parse"]
+    assert status["eval_rows"] == ["parsed", "parsed+generated", "cleaned"]
+    # Tags added by generation and removed by cleaning are marked, per sample.
+    expect_added = sum(len(set(labels["generated"][s.key]) - set(labels["parsed"][s.key]))
+                       for s in data.samples[:6])
+    expect_removed = sum(len(set(labels["generated"][s.key]) - set(labels["cleaned"][s.key]))
+                         for s in data.samples[:6]) + 1   # + the markup tag of the bad sample
+    assert len(status["added"]) == expect_added and all(a.startswith("+") for a in status["added"])
+    assert len(status["removed"]) == expect_removed and EVIL in status["removed"]
+    # Tags that are not in the ground truth (the captions' absent mentions) are marked in every stage
+    # that still has them: parsed and generated here, never cleaned.
+    truth = {s.key: set(s.truth) for s in data.samples[:6]}
+    assert len(status["wrong"]) == sum(2 * len(set(labels["parsed"][k]) - truth[k]) for k in truth) > 0
+    assert status["outliers"] == sum(c.outlier for v in data.crops_by_tag.values() for c in v)
+    assert EVIL in status["headings"] and EVIL in status["notes"]
+    assert "the detector is a tiny random one" in status["notes"]
+
+
+def test_bar_chart_draws_bars():
+    img = bar_chart([("ball", 10), ("sky", 5)], "counts")
+    assert img.width == 640 and img.height == 34 + 2 * 18 + 8
+    # A bar is drawn on each row, longer for the larger count.
+    row = lambda y: sum(1 for x in range(img.width) if img.getpixel((x, y)) not in ((255, 255, 255),))
+    assert row(34 + 9) > row(34 + 18 + 9) > 0
+
+
+def test_empty_report_still_renders(tmp_path):
+    index = render_report(ReportData(title="nothing yet"), tmp_path / "empty")
+    page = index.read_text()
+    assert "<title>nothing yet</title>" in page and page.count("(none)") == 4
+    assert not list((tmp_path / "empty" / "figures").iterdir())
