@@ -18,22 +18,8 @@ from tasks.stage import PartTask, StageResult
 
 log = logging.getLogger("ram_engine")
 
-# Transient I/O (object stores, network filesystems) is retried; a part is atomic, so a retry is safe.
-RETRYABLE = (OSError, TimeoutError, ConnectionError)
-
-
-def _retry_transient(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except RETRYABLE:
-        return True
-    except Exception:
-        return False
-    return False
-
-
-@task(name="part", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 4, 15],
-      retry_condition_fn=_retry_transient)
+# Transient I/O is retried inside the part work itself (tasks.stage.run_stage), the same under every engine.
+@task(name="part", cache_policy=NO_CACHE)
 def run_part(fn: Callable[[PartTask], PartRecord], part: PartTask) -> PartRecord:
     return fn(part)
 

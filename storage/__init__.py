@@ -2,7 +2,8 @@
 
 Knows nothing of models or Prefect.
 """
+from .fs import StoreIOError
 from .store import PartRecord, Store, StoreError, Version, VersionNotFound, VersionWriter, digest, version_id
 
-__all__ = ["PartRecord", "Store", "StoreError", "Version", "VersionNotFound", "VersionWriter", "digest",
+__all__ = ["StoreIOError", "PartRecord", "Store", "StoreError", "Version", "VersionNotFound", "VersionWriter", "digest",
            "version_id"]

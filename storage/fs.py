@@ -5,7 +5,9 @@ first and are moved into place whole, so a reader never sees half a file.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
 import socket
 import time
@@ -22,8 +24,37 @@ TMP_DIR = "_tmp"
 FOREIGN_TMP_TTL_S = 6 * 3600
 
 
+log = logging.getLogger("ram_engine")
+
+# Errors no retry can fix: a full disk, no permission, a read-only filesystem, a missing file.
+PERSISTENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT}
+
+
 class StoreIOError(RuntimeError):
     """A store operation failed after its retries; the message names the path."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an I/O error may pass on a retry (network blips, throttling, a flaky mount)."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, OSError) and exc.errno in PERSISTENT_ERRNOS:
+        return False
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError))
+
+
+def retry_io(fn, what: str, attempts: int = 4, base_delay: float = 0.2):
+    """Call fn(), retrying transient I/O errors with exponential backoff; raise StoreIOError at the end."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if attempt == attempts:
+                raise StoreIOError(f"{what} failed {attempts} times: {type(exc).__name__}: {exc}") from exc
+            log.warning("%s failed (%s: %s); retry %d of %d", what, type(exc).__name__, exc, attempt, attempts - 1)
+            time.sleep(base_delay * 2 ** (attempt - 1))
 
 
 @dataclass
@@ -130,9 +161,12 @@ class Placement:
         writer.info = FileInfo(rel, writer.size, writer.sha256)  # type: ignore[attr-defined]
 
     def put_bytes(self, rel: str, data: bytes) -> FileInfo:
-        with self.atomic_open(rel) as w:
-            w.write(data)
-        return w.info  # type: ignore[attr-defined]
+        def put() -> FileInfo:
+            with self.atomic_open(rel) as w:
+                w.write(data)
+            return w.info  # type: ignore[attr-defined]
+
+        return retry_io(put, f"writing {rel}")
 
     def move_into_place(self, tmp: str, final: str) -> None:
         parent = final.rsplit("/", 1)[0]

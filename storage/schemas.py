@@ -103,3 +103,12 @@ STAGE_SCHEMAS: dict[str, pa.Schema] = {
     "clean": CLEAN,
     "evaluate": EVALUATION,
 }
+
+# Models are versions too (`models/<name>`): files only (weights, config, tag list), no table.
+MODEL = pa.schema([KEY])
+
+
+def schema_for(stage: str) -> pa.Schema | None:
+    if stage.startswith("models/"):
+        return MODEL
+    return STAGE_SCHEMAS.get(stage)

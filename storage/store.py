@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import schemas
-from .fs import FileInfo, Placement, open_fs, sha256_of
+from .fs import FileInfo, Placement, StoreIOError, open_fs, retry_io, sha256_of
 from .shards import iter_tar, read_member, webdataset_pipeline, write_tar
 
 MANIFEST = "_manifest.json"
@@ -103,11 +103,15 @@ class Store:
         return f"{proto}://{path}"
 
     def _read_json(self, rel: str) -> dict | None:
-        try:
+        def read():
             with self.fs.open(self.abs(rel), "rb") as f:
-                return json.loads(f.read().decode("utf-8"))
+                return f.read()
+
+        try:
+            data = retry_io(read, f"reading {rel}")
         except FileNotFoundError:
             return None
+        return json.loads(data.decode("utf-8"))
 
     # ----- listing and opening
     def stages(self) -> list[str]:
@@ -116,6 +120,10 @@ class Store:
         except FileNotFoundError:
             return []
         names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        if "models" in names:  # models/<name> are stages of their own
+            names.remove("models")
+            names += sorted(f"models/{e.rstrip('/').rsplit('/', 1)[-1]}"
+                            for e in self.fs.ls(self.abs("models"), detail=False))
         return [n for n in names if not n.startswith("_") and self.versions(n)]
 
     def versions(self, stage: str) -> list["Version"]:
@@ -201,7 +209,7 @@ class Store:
         """Start (or resume) writing the version these inputs determine."""
         parent_ids = sorted(p.ref if isinstance(p, Version) else str(p) for p in parents)
         if schema is None:
-            schema = schemas.STAGE_SCHEMAS.get(stage)
+            schema = schemas.schema_for(stage)
         if schema is None:
             raise StoreError(f"stage '{stage}' has no schema in storage/schemas.py; declare one there")
         return VersionWriter(self, stage, code_version, config, parent_ids, schema, input_digest)
@@ -248,7 +256,8 @@ class Version:
                      batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
         """Stream record batches part by part; memory stays bounded by one batch."""
         for f in self.files(kind):
-            with self.store.fs.open(self.store.abs(f["path"]), "rb") as fh:
+            fh = retry_io(lambda: self.store.fs.open(self.store.abs(f["path"]), "rb"), f"opening {f['path']}")
+            with fh:
                 pf = pq.ParquetFile(fh)
                 yield from pf.iter_batches(batch_size=batch_size, columns=columns)
 
@@ -261,8 +270,11 @@ class Version:
                     yield part, self.read_file(f["path"], columns=columns)
 
     def read_file(self, rel: str, columns: list[str] | None = None) -> pa.Table:
-        with self.store.fs.open(self.store.abs(rel), "rb") as fh:
-            return pq.read_table(fh, columns=columns)
+        def read():
+            with self.store.fs.open(self.store.abs(rel), "rb") as fh:
+                return pq.read_table(fh, columns=columns)
+
+        return retry_io(read, f"reading {rel}")
 
     def read_table(self, kind: str = "table", columns: list[str] | None = None) -> pa.Table:
         """The whole table of this version (for inspection and small data)."""
@@ -281,6 +293,22 @@ class Version:
         """Stream WebDataset samples of every shard, in order."""
         shards = self.files("shard")
         return iter_tar(self.store.fs, [self.store.abs(f["path"]) for f in shards], self.shard_urls())
+
+    def download(self, local_dir: str) -> str:
+        """Copy this version's named files (kind `file`) into a local folder (cached: skipped when the
+        checksums already match). Returns the folder."""
+        import pathlib
+
+        target = pathlib.Path(local_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        for f in self.files("file"):
+            dest = target / f["name"]
+            if dest.exists() and dest.stat().st_size == f["bytes"]:
+                continue
+            tmp = dest.with_name(dest.name + ".partial")
+            self.store.fs.get_file(self.store.abs(f["path"]), str(tmp))
+            tmp.replace(dest)
+        return str(target)
 
     def webdataset(self, **kwargs):
         """webdataset.WebDataset over this version's shards (local stores; remote ones use iter_samples)."""
@@ -426,6 +454,31 @@ class VersionWriter:
         record = PartRecord(name=name, files=files, rows_in=rows_in, rows_out=rows_out,
                             rows_rejected=reject_table.num_rows, source_digest=source_digest,
                             config_digest=self.config_digest, metrics=metrics)
+        self.placement.put_bytes(f"{self.prefix}/_parts/{name}.json", canonical_json(record.to_json()).encode())
+        self.adopt_part(record)
+        return record
+
+    def write_files(self, name: str, files: dict[str, bytes | str], *, rows_in: int = 0,
+                    metrics: dict | None = None, source_digest: str | None = None) -> PartRecord:
+        """Write a part made of named files (a model's weights, config, tag list): each moved into place
+        whole, recorded with its checksum. Values are bytes or local file paths."""
+        _check_name(name)
+        entries = []
+        for fname, value in sorted(files.items()):
+            if "/" in fname or fname.startswith((".", "_")):
+                raise StoreError(f"file name {fname!r} is invalid: no '/', must not start with '.' or '_'")
+            rel = f"{self.prefix}/files/{fname}"
+            with self.placement.atomic_open(rel) as sink:
+                if isinstance(value, bytes):
+                    sink.write(value)
+                else:
+                    with open(value, "rb") as src:
+                        for block in iter(lambda: src.read(1 << 20), b""):
+                            sink.write(block)
+            entries.append({"path": rel, "kind": "file", "name": fname, "rows": 0, "bytes": sink.info.bytes,
+                            "sha256": sink.info.sha256})
+        record = PartRecord(name=name, files=entries, rows_in=rows_in, rows_out=rows_in, rows_rejected=0,
+                            source_digest=source_digest, config_digest=self.config_digest, metrics=dict(metrics or {}))
         self.placement.put_bytes(f"{self.prefix}/_parts/{name}.json", canonical_json(record.to_json()).encode())
         self.adopt_part(record)
         return record

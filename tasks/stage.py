@@ -11,8 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from storage import PartRecord, Version, VersionWriter
+from storage.fs import retry_io
 
 log = logging.getLogger("ram_engine")
+
+
+class StageError(RuntimeError):
+    """A stage stopped; the message names the stage, the part and the cause, and says what to do."""
 
 
 @dataclass
@@ -56,7 +61,7 @@ def sequential(fn: Callable[[PartTask], PartRecord], tasks: Sequence[PartTask]) 
 
 def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callable[[VersionWriter, PartTask], PartRecord],
               *, executor: Executor | None = None, summarize: Callable[[list[PartRecord]], dict] | None = None,
-              progress: Callable[[str, int, int], None] | None = None) -> StageResult:
+              progress: Callable[[str, int, int], None] | None = None, part_attempts: int = 4) -> StageResult:
     """Run `process(writer, task)` for each part not already available, then commit.
 
     `process` must call `writer.write_part(task.name, ..., source_digest=task.source_digest)` and return
@@ -84,13 +89,26 @@ def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callabl
     done = [0]
 
     def work(task: PartTask) -> PartRecord:
-        record = process(writer, task)
+        # A part is atomic (files moved into place whole, then its record), so a retry is safe.
+        try:
+            record = retry_io(lambda: process(writer, task), f"{writer.stage}@{writer.id} part {task.name}",
+                              attempts=part_attempts)
+        except StageError:
+            raise
+        except Exception as exc:
+            raise StageError(
+                f"{writer.stage}: part {task.name} failed: {type(exc).__name__}: {exc}. Nothing was committed; "
+                f"parts already finished are kept, and running the stage again resumes from them.") from exc
         done[0] += 1
         if progress:
             progress(writer.stage, done[0], total)
         return record
 
-    records = (executor or sequential)(work, todo)
+    try:
+        records = (executor or sequential)(work, todo)
+    except BaseException:
+        writer.close()  # remove this run's temporary files; finished parts stay for the rerun
+        raise
     for record in records:  # workers in other processes wrote through a copy of the writer
         if not writer.has_record(record.name):
             writer.adopt_part(record)

@@ -237,3 +237,20 @@ def test_s3_resume_skips_finished_parts(s3_store_url):
     assert not w3.part_done("part-0")
     v = w.commit()
     assert v.verify() != []
+
+
+def test_model_versions_hold_files(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    w = store.begin("models/baseline", code_version="t", config={"lr": 1}, parents=["clean/abc"])
+    local = tmp_path / "weights.bin"
+    local.write_bytes(b"\x00\x01" * 1000)
+    w.write_files("model", {"model.safetensors": str(local), "config.json": b'{"a": 1}'}, metrics={"mAP": 0.5})
+    v = w.commit(metrics={"mAP": 0.5})
+    assert store.stages() == ["models/baseline"]
+    assert store.open("models/baseline").id == v.id and v.parents == ["clean/abc"]
+    out = Path(v.download(str(tmp_path / "dl")))
+    assert (out / "model.safetensors").read_bytes() == local.read_bytes()
+    assert (out / "config.json").read_text() == '{"a": 1}'
+    assert v.verify() == []
+    with pytest.raises(StoreError, match="invalid"):
+        store.begin("models/x", code_version="t", config={}).write_files("m", {"../evil": b"x"})
