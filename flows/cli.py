@@ -176,6 +176,44 @@ def ref(target: str = typer.Argument(..., help="STAGE@VERSION to point at"),
     out.print(f"{stage}@{name} -> {v.id}")
 
 
+@app.command("lineage")
+def lineage_command(target: str = typer.Argument(..., help="STAGE@VERSION")) -> None:
+    """The versions a version was made from, down to the source."""
+    from tasks.inspect import lineage
+
+    stage, version_ref = parse_ref(target)
+    store = get_store()
+    for depth, v, ref_text in lineage(store, store.open(stage, version_ref)):
+        detail = ""
+        if v is not None:
+            m = v.manifest
+            detail = f"  rows {m['rows_in']} -> {m['rows_out']} (+{m['rows_rejected']} rejected)  {m['created'][:19]}"
+        out.print("  " * depth + ("└─ " if depth else "") + ref_text + detail)
+
+
+@app.command("diff")
+def diff_command(a: str = typer.Argument(..., help="STAGE@A"), b: str = typer.Argument(..., help="STAGE@B"),
+                 top: int = typer.Option(30, help="Tags to show.")) -> None:
+    """Tags added or removed from A to B, per tag, with counts of keys."""
+    from tasks.inspect import diff_tags, tag_names_for
+
+    store = get_store()
+    va, vb = store.open(*parse_ref(a)), store.open(*parse_ref(b))
+    d = diff_tags(va, vb)
+    names = tag_names_for(store, vb) or tag_names_for(store, va)
+
+    def name(tag_id: int) -> str:
+        return names[tag_id] if names and 0 <= tag_id < len(names) else f"#{tag_id}"
+
+    out.print(f"{va.ref} -> {vb.ref}: {d.keys_common} keys in common ({d.keys_a} in A, {d.keys_b} in B); "
+              f"labels {d.labels_a} -> {d.labels_b}; +{sum(d.added.values())} / -{sum(d.removed.values())}")
+    table = Table("tag", "id", "added", "removed", "net")
+    for tag_id in sorted(set(d.added) | set(d.removed), key=lambda t: -(d.added[t] + d.removed[t]))[:top]:
+        table.add_row(name(tag_id), str(tag_id), f"+{d.added[tag_id]}", f"-{d.removed[tag_id]}",
+                      f"{d.added[tag_id] - d.removed[tag_id]:+d}")
+    out.print(table)
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("RAM_ENGINE_LOG", "WARNING"))
     # Prefect's temporary local server can take a while to start on a busy 2-core machine.
