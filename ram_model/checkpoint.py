@@ -1,0 +1,216 @@
+"""Checkpoints: the official RAM / RAM++ / Tag2Text .pth files, and our own safetensors folder.
+
+Key mapping official → ours (the whole table; everything else has the same name and shape):
+
+| official key                                   | ours                      | why |
+|------------------------------------------------|---------------------------|-----|
+| `vision_multi.*`                               | `tagging_head.*`          | legacy name in early RAM checkpoints (the reference loader renames it too) |
+| `*.attn.relative_position_index`               | non-persistent buffer     | derived from the window; recomputed, dropped from files |
+| `*.blocks.N.attn_mask`                         | non-persistent buffer     | derived from image size/window/shift; recomputed, dropped from files |
+| `*.embeddings.position_ids`                    | non-persistent buffer     | arange(512); recomputed, dropped from files |
+| `*.attn.relative_position_bias_table` (2w−1)²  | same key, resized         | bicubic interpolation when the file's window differs from the model's |
+
+Shared tensors: `tagging_head.encoder.layer.{0,1}.{crossattention,intermediate,output}.*` are the same tensors as
+`tag_encoder.encoder.layer.{0,1}.…` (RAM, Tag2Text), and `text_decoder.cls.predictions.{decoder.weight,bias}` are
+`text_decoder.bert.embeddings.word_embeddings.weight` / `text_decoder.cls.predictions.decoder.bias`. Both names
+exist in the state dict, as in the reference.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .bert import BertConfig
+from .ram import RAM, RAMConfig
+from .swin import SwinConfig, interpolate_relative_position_bias
+
+log = logging.getLogger(__name__)
+
+RENAMES: list[tuple[str, str]] = [("vision_multi.", "tagging_head.")]
+DERIVED_BUFFERS = ("relative_position_index", "attn_mask", "position_ids")
+
+
+def is_derived(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in DERIVED_BUFFERS
+
+
+def official_state_dict(model: RAM) -> dict[str, torch.Tensor]:
+    """Our model's tensors under the reference names, derived buffers included (what the reference's
+    state_dict() holds). Works on the meta device."""
+    sd = dict(model.state_dict())
+    for name, buf in model.named_buffers():
+        if is_derived(name):
+            sd[name] = buf
+    return sd
+
+
+def rename_official_key(key: str) -> str:
+    for old, new in RENAMES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _read_lines(x) -> list[str] | None:
+    if x is None:
+        return None
+    if isinstance(x, (str, Path)):
+        return Path(x).read_text(encoding="utf-8").splitlines()
+    return list(x)
+
+
+def _count(sd, prefix: str) -> int:
+    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def infer_config(sd: dict[str, torch.Tensor], variant: str = "auto", image_size: int = 384,
+                 descriptions_per_tag: int = 51, num_tags: int | None = None) -> RAMConfig:
+    """Build the RAMConfig of an official state dict from its shapes (head counts: the reference's)."""
+    if variant == "auto":
+        if "reweight_scale" in sd:
+            variant = "ram_plus"
+        elif "image_proj.weight" not in sd or "fc.W" in sd or "label_embed.weight" in sd:
+            variant = "tag2text"
+        else:
+            variant = "ram"
+    pe = sd.get("visual_encoder.patch_embed.proj.weight")
+    if pe is None:
+        raise ValueError("load_official: no visual_encoder.patch_embed.proj.weight — not a RAM-family checkpoint")
+    depths = tuple(_count(sd, f"visual_encoder.layers.{s}.blocks.") for s in range(_count(sd, "visual_encoder.layers.")))
+    heads = tuple(sd[f"visual_encoder.layers.{s}.blocks.0.attn.relative_position_bias_table"].shape[1]
+                  for s in range(len(depths)))
+    rows = sd["visual_encoder.layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]
+    file_window = (int(round(rows ** 0.5)) + 1) // 2
+    window = {224: 7, 384: 12}.get(image_size, file_window)
+    swin = SwinConfig(image_size=image_size, patch_size=pe.shape[-1], embed_dim=pe.shape[0], depths=depths,
+                      num_heads=heads, window_size=window)
+    hq = sd["tagging_head.encoder.layer.0.crossattention.self.query.weight"]
+    hi = sd["tagging_head.encoder.layer.0.intermediate.dense.weight"]
+    H = hq.shape[0]
+    head = BertConfig(hidden_size=H, num_layers=_count(sd, "tagging_head.encoder.layer."), num_heads=4,
+                      intermediate_size=hi.shape[0])
+    text = None
+    if "tag_encoder.embeddings.word_embeddings.weight" in sd:
+        we = sd["tag_encoder.embeddings.word_embeddings.weight"]
+        text = BertConfig(vocab_size=we.shape[0], hidden_size=we.shape[1],
+                          num_layers=_count(sd, "tag_encoder.encoder.layer."), num_heads=max(1, we.shape[1] // 64),
+                          intermediate_size=sd["tag_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
+                          max_position_embeddings=sd["tag_encoder.embeddings.position_embeddings.weight"].shape[0])
+        head.vocab_size = text.vocab_size
+    if variant == "tag2text":
+        n = sd["label_embed.weight"].shape[0]
+        return RAMConfig(variant=variant, swin=swin, num_tags=n, head=head, text=text)
+    le = sd["label_embed"]
+    per = descriptions_per_tag if variant == "ram_plus" else 1
+    n = num_tags if num_tags is not None else le.shape[0] // per
+    if n * per != le.shape[0]:
+        raise ValueError(f"load_official: label_embed has {le.shape[0]} rows, not {n}·{per} (tags·descriptions)")
+    return RAMConfig(variant=variant, swin=swin, num_tags=n, label_dim=le.shape[1], descriptions_per_tag=per,
+                     head=head, text=text)
+
+
+def load_official(path_or_state_dict, variant: str = "auto", config: RAMConfig | None = None,
+                  image_size: int = 384, tags: Sequence[str] | str | Path | None = None,
+                  thresholds: Sequence[float] | str | Path | None = None, tokenizer=None,
+                  strict: bool = True, map_location="cpu") -> RAM:
+    """Load an official RAM / RAM++ / Tag2Text checkpoint (torch .pth with a "model" key, or a raw state dict).
+
+    variant: "auto" (from the keys), "ram", "ram_plus" or "tag2text". config: our RAMConfig to build
+    (default: inferred from the tensors at `image_size`, relative-position tables interpolated to its
+    window). tags / thresholds: lists or text files (one per line), e.g. reference ram_tag_list.txt and
+    ram_tag_list_threshold.txt. Every tensor must find its place with its shape (strict); a model built
+    without caption branch skips tag_encoder.* / text_decoder.* on purpose.
+    """
+    if isinstance(path_or_state_dict, dict):
+        ckpt = path_or_state_dict
+    else:
+        try:
+            ckpt = torch.load(path_or_state_dict, map_location=map_location, weights_only=True)
+        except Exception as e:
+            raise RuntimeError(f"load_official: cannot read {path_or_state_dict} as a torch checkpoint: {e}") from e
+    sd = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict) else ckpt
+    sd = {rename_official_key(k): v for k, v in sd.items() if not is_derived(k)}
+    tag_list = _read_lines(tags)
+    if config is None:
+        config = infer_config(sd, variant, image_size, num_tags=len(tag_list) if tag_list else None)
+    elif variant != "auto" and config.variant != variant:
+        raise ValueError(f"load_official: variant {variant!r} but config.variant {config.variant!r}")
+    model = RAM(config, tags=tag_list, tokenizer=tokenizer)
+    own = model.state_dict()
+    skipped = []
+    if not config.has_caption:
+        skipped = [k for k in sd if k.startswith(("tag_encoder.", "text_decoder."))]
+        sd = {k: v for k, v in sd.items() if k not in skipped}
+    for k, v in list(sd.items()):
+        if k.endswith("relative_position_bias_table") and k in own and v.shape != own[k].shape:
+            window = int(round(own[k].shape[0] ** 0.5) + 1) // 2
+            sd[k] = interpolate_relative_position_bias(v, window)
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mismatched = sorted(k for k in set(sd) & set(own) if tuple(sd[k].shape) != tuple(own[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} model keys not in the checkpoint, e.g. {missing[:5]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} checkpoint keys unknown to the model, e.g. {unexpected[:5]}")
+    if mismatched:
+        problems.append("shape mismatches: " + ", ".join(f"{k} file {tuple(sd[k].shape)} vs model "
+                                                          f"{tuple(own[k].shape)}" for k in mismatched[:5]))
+    if problems:
+        msg = (f"load_official ({config.variant}, swin embed {config.swin.embed_dim}): " + "; ".join(problems) +
+               ". Check the variant (ram / ram_plus / tag2text), vit and tag count.")
+        if strict:
+            raise ValueError(msg)
+        log.warning(msg)
+    with torch.no_grad():
+        model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in mismatched}, strict=False)
+    if skipped:
+        log.info("load_official: skipped %d caption-branch tensors (model built without caption branch)", len(skipped))
+    thr = _read_lines(thresholds)
+    if thr is not None:
+        vals = torch.tensor([float(x) for x in thr if str(x).strip() != ""])
+        if vals.numel() != config.num_tags:
+            raise ValueError(f"load_official: {vals.numel()} thresholds for {config.num_tags} tags")
+        model.class_threshold.copy_(vals)
+    return model
+
+
+# our own format ------------------------------------------------------------------------------------------
+def save_pretrained(model: RAM, directory: str | Path) -> None:
+    from safetensors.torch import save_model
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / "model.safetensors.tmp"
+    save_model(model, str(tmp))  # de-duplicates the shared (tied) tensors
+    tmp.replace(d / "model.safetensors")
+    (d / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2), encoding="utf-8")
+    (d / "tags.txt").write_text("\n".join(model.tags), encoding="utf-8")
+    (d / "thresholds.txt").write_text("\n".join(repr(float(x)) for x in model.class_threshold.cpu()), encoding="utf-8")
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(d / "tokenizer"))
+
+
+def from_pretrained(directory: str | Path, map_location="cpu") -> RAM:
+    from safetensors.torch import load_model
+
+    d = Path(directory)
+    for name in ("config.json", "model.safetensors", "tags.txt", "thresholds.txt"):
+        if not (d / name).exists():
+            raise FileNotFoundError(f"RAM.from_pretrained: {d / name} is missing (written by save_pretrained)")
+    config = RAMConfig.from_dict(json.loads((d / "config.json").read_text(encoding="utf-8")))
+    tags = (d / "tags.txt").read_text(encoding="utf-8").split("\n")
+    thresholds = [float(x) for x in (d / "thresholds.txt").read_text(encoding="utf-8").split("\n")]
+    tokenizer = None
+    if (d / "tokenizer").exists():
+        from transformers import BertTokenizerFast
+
+        tokenizer = BertTokenizerFast.from_pretrained(str(d / "tokenizer"))
+    model = RAM(config, tags=tags, thresholds=thresholds, tokenizer=tokenizer)
+    missing, unexpected = load_model(model, str(d / "model.safetensors"), strict=True, device=str(map_location))
+    return model.to(map_location)

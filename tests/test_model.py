@@ -1,0 +1,305 @@
+"""RAM model: reference key coverage, official-checkpoint loading, inference shapes, save/load, overfitting."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ram_model.checkpoint import load_official, official_state_dict
+from ram_model.label_embeddings import build_label_embeddings
+from ram_model.losses import asymmetric_loss
+from ram_model.ram import RAM, RAMConfig
+from ram_model.swin import interpolate_relative_position_bias, relative_position_index
+from ram_model.tokenizer import train_wordpiece_tokenizer
+
+torch.set_num_threads(1)
+REF = Path("/work/shared/reference")
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20),
+           "purple": (150, 40, 170)}
+SHAPES = ("square", "disc")
+TAGS = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def read_reference_list(name: str) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for line in (REF / name).read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape = line.split("\t")[:2]
+        out[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
+    return out
+
+
+def make_shapes(n: int, size: int = 64, seed: int = 0):
+    """n images with 1–3 coloured squares/discs on grey noise; multi-hot targets over TAGS; captions."""
+    rng = np.random.default_rng(seed)
+    imgs = np.zeros((n, size, size, 3), np.float32)
+    targets = torch.zeros(n, len(TAGS))
+    caps = []
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        img = np.full((size, size, 3), 128.0) + rng.normal(0, 10, (size, size, 3))
+        k = rng.integers(1, 4)
+        chosen = rng.choice(len(TAGS), size=k, replace=False)
+        for j, t in enumerate(chosen):
+            colour, shape = TAGS[t].split()
+            cx, cy = (j * size // 3) + size // 6, rng.integers(size // 4, 3 * size // 4)
+            r = size // 8
+            m = (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r) if shape == "square" else \
+                (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+            img[m] = COLOURS[colour]
+            targets[i, t] = 1
+        imgs[i] = img
+        caps.append(" and ".join(f"a {TAGS[t]}" for t in chosen) + " on grey")
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2) / 255.0
+    x = (x - 0.45) / 0.25
+    return x, targets, caps
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    _, _, caps = make_shapes(64, seed=1)
+    return train_wordpiece_tokenizer(caps + TAGS, vocab_size=200)
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    torch.manual_seed(0)
+    return RAM(RAMConfig.tiny(num_tags=len(TAGS), vocab_size=len(tokenizer)), tags=TAGS, tokenizer=tokenizer)
+
+
+# (a) reference key lists -------------------------------------------------------------------------------
+@pytest.mark.parametrize("config,listing", [
+    (lambda: RAMConfig.ram("swin_l", 384), "ram_swin_l_384_state_dict.txt"),
+    (lambda: RAMConfig.ram("swin_b", 384), "ram_swin_b_384_state_dict.txt"),
+    (lambda: RAMConfig.ram_plus("swin_l", 384), "ram_plus_swin_l_384_state_dict.txt"),
+])
+def test_keys_and_shapes_match_reference_exactly(config, listing):
+    ref = read_reference_list(listing)
+    with torch.device("meta"):
+        model = RAM(config())
+    ours = {k: tuple(v.shape) for k, v in official_state_dict(model).items()}
+    assert sorted(set(ref) - set(ours)) == []
+    assert sorted(set(ours) - set(ref)) == []
+    assert {k: v for k, v in ref.items() if ours[k] != v} == {}
+
+
+def test_shared_tensors_match_reference_tying():
+    with torch.device("meta"):
+        m = RAM(RAMConfig.ram("swin_b", 384))
+    assert m.tagging_head.encoder.layer[1].intermediate.dense.weight is m.tag_encoder.encoder.layer[1].intermediate.dense.weight
+    assert m.tagging_head.encoder.layer[0].crossattention.self.heads == 4
+    assert m.tag_encoder.encoder.layer[0].crossattention.self.heads == 12
+    dec = m.text_decoder
+    assert dec.cls.predictions.decoder.weight is dec.bert.embeddings.word_embeddings.weight
+    assert not m.label_embed.requires_grad
+
+
+# (b) official loading ----------------------------------------------------------------------------------
+def test_load_official_round_trip(tmp_path, tokenizer):
+    cfg = RAMConfig.tiny(num_tags=len(TAGS), vocab_size=len(tokenizer))
+    torch.manual_seed(1)
+    src = RAM(cfg, tags=TAGS, tokenizer=tokenizer)
+    # a fake official checkpoint: reference names incl. derived buffers, legacy head name, training wrapper
+    sd = {k: v.clone() for k, v in official_state_dict(src).items()}
+    sd = {("vision_multi." + k[len("tagging_head."):] if k.startswith("tagging_head.") else k): v for k, v in sd.items()}
+    torch.save({"model": sd, "epoch": 3, "config": {"vit": "tiny"}}, tmp_path / "ckpt.pth")
+    loaded = load_official(tmp_path / "ckpt.pth", config=cfg, tags=TAGS, tokenizer=tokenizer)
+    for k, v in src.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(src.tag_probs(x), loaded.tag_probs(x), atol=1e-6)
+    # variant inference from keys (raw state dict, no wrapper); wrong variant fails loudly
+    assert load_official(sd, config=cfg, tags=TAGS).config.variant == "ram"
+    with pytest.raises(ValueError, match="shape mismatch|not in the checkpoint|unknown"):
+        load_official(sd, config=RAMConfig.tiny(num_tags=len(TAGS) + 1, vocab_size=len(tokenizer)))
+
+
+def test_load_official_ram_plus_and_tag2text_tiny():
+    for variant in ("ram_plus", "tag2text"):
+        cfg = RAMConfig.tiny(num_tags=6, vocab_size=50, variant=variant)
+        src = RAM(cfg)
+        sd = official_state_dict(src)
+        got = load_official(sd, config=cfg)
+        assert got.config.variant == variant
+        for k, v in src.state_dict().items():
+            assert torch.equal(got.state_dict()[k], v), (variant, k)
+    # the key layout alone tells the variant
+    from ram_model.checkpoint import infer_config
+    assert infer_config(official_state_dict(RAM(RAMConfig.tiny(6, 50, "ram_plus"))), descriptions_per_tag=3).variant == "ram_plus"
+    assert infer_config(official_state_dict(RAM(RAMConfig.tiny(6, 50, "tag2text")))).variant == "tag2text"
+
+
+# (c) relative-position interpolation -------------------------------------------------------------------
+def test_relative_position_interpolation(tmp_path):
+    idx = relative_position_index(3)
+    assert idx.shape == (9, 9) and idx.max() == 24 and idx[4, 4] == 12  # centre offset (0,0)
+    table = torch.randn(13 * 13, 4)  # window 7
+    new = interpolate_relative_position_bias(table, 12)
+    assert new.shape == (23 * 23, 4)
+    # corners and the zero-offset entry keep their values (aligned grids); a constant table stays constant
+    g_old, g_new = table.view(13, 13, 4), new.view(23, 23, 4)
+    assert torch.allclose(g_new[0, 0], g_old[0, 0], atol=1e-5) and torch.allclose(g_new[11, 11], g_old[6, 6], atol=1e-5)
+    assert torch.allclose(interpolate_relative_position_bias(torch.full((169, 2), 0.3), 12), torch.full((529, 2), 0.3))
+    # loading a window-4 tiny checkpoint into a window-2 model goes through the interpolation
+    cfg4 = RAMConfig.tiny(num_tags=4, vocab_size=50, with_caption=False)
+    src = RAM(cfg4)
+    cfg2 = RAMConfig.tiny(num_tags=4, vocab_size=50, with_caption=False)
+    cfg2.swin.window_size = 2
+    got = load_official(official_state_dict(src), config=cfg2)
+    assert got.visual_encoder.layers[0].blocks[0].attn.relative_position_bias_table.shape == (9, 1)
+    assert got.tag_probs(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+
+
+# (d) inference shapes ---------------------------------------------------------------------------------
+def test_tag_and_caption_batches(tiny):
+    x = torch.randn(3, 3, 64, 64)
+    probs = tiny.tag_probs(x)
+    assert probs.shape == (3, len(TAGS)) and ((probs >= 0) & (probs <= 1)).all()
+    ids, scores = tiny.tag(x, thresholds=probs[1].sort().values[4].item())
+    assert len(ids) == len(scores) == 3
+    assert all(len(i) == len(s) for i, s in zip(ids, scores))
+    assert all(s > probs[1].sort().values[4].item() for row in scores for s in row)
+    assert ids[1] == sorted(ids[1]) and len(ids[1]) == 5
+    for beams in (1, 3):
+        caps = tiny.caption(x, num_beams=beams, max_length=12, min_length=6)
+        assert len(caps) == 3 and all(isinstance(c, str) for c in caps)
+    caps = tiny.caption(x, tags=[["red disc"], [], ["blue square", "green disc"]], num_beams=2, max_length=10)
+    assert len(caps) == 3
+    out = tiny.generate(tiny._tag_states(tiny.encode_image(x), [["red disc"]] * 3), num_beams=3, max_length=9,
+                        min_length=9)
+    assert out.shape[0] == 3 and out.shape[1] == 9  # min_length = max_length forces the full length
+
+
+def test_beam_search_scores_at_least_greedy(tiny):
+    """Beam search must find a sequence at least as likely (length-normalised) as greedy's."""
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        states = tiny._tag_states(tiny.encode_image(x), [["red disc"], ["blue square"]])
+        def score(seqs):
+            logits = tiny.text_decoder(seqs, encoder_hidden_states=states).log_softmax(-1)
+            lp = logits[:, 4:-1].gather(-1, seqs[:, 5:, None]).squeeze(-1)  # tokens after the prompt
+            return lp.sum(-1) / seqs.shape[1]
+        g = tiny.generate(states, num_beams=1, max_length=10, min_length=10)
+        b = tiny.generate(states, num_beams=4, max_length=10, min_length=10)
+        assert (score(b) >= score(g) - 1e-5).all()
+
+
+def test_ram_plus_tagging_and_alignment_loss():
+    cfg = RAMConfig.tiny(num_tags=5, vocab_size=50, variant="ram_plus")
+    m = RAM(cfg)
+    x = torch.randn(2, 3, 64, 64)
+    assert m.label_embed.shape == (15, 32)
+    assert m.tag_probs(x).shape == (2, 5)
+    out = m.training_losses(x, torch.eye(5)[:2], clip_image_embeds=torch.randn(2, 32), clip_text_embeds=torch.randn(2, 32))
+    assert set(out) == {"tag", "distill", "alignment", "loss"}
+    assert torch.allclose(out["loss"], out["tag"] + out["distill"] + out["alignment"])
+
+
+def test_asymmetric_loss_values():
+    logits = torch.tensor([[2.0, -3.0, 0.0]])
+    y = torch.tensor([[1.0, 0.0, 0.0]])
+    p = torch.sigmoid(logits)
+    pos = -torch.log(p[0, 0])
+    neg_p1 = (1 - p[0, 1] + 0.05).clamp(max=1)  # 1 - 0.047 + 0.05 → clipped to 1: no loss
+    neg_p2 = 1 - p[0, 2] + 0.05
+    expected = pos + 0 * neg_p1 - torch.log(neg_p2) * (1 - neg_p2) ** 7
+    assert torch.allclose(asymmetric_loss(logits, y), expected, atol=1e-6)
+
+
+# open vocabulary --------------------------------------------------------------------------------------
+def test_build_label_embeddings_with_tiny_clip_and_set_tags(tmp_path, tokenizer, tiny):
+    from transformers import CLIPConfig, CLIPModel
+    clip_cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, eos_token_id=tokenizer.sep_token_id,
+                         bos_token_id=tokenizer.cls_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16),
+        projection_dim=32)
+    torch.manual_seed(0)
+    CLIPModel(clip_cfg).save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    new_tags = ["red square", "green disc", "orange kite"]
+    emb = build_label_embeddings(new_tags, str(tmp_path / "clip"), templates=["a photo of {article} {}.", "art of the {}."])
+    assert emb.shape == (3, 32)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert not torch.allclose(emb[0], emb[1])
+    m = RAM(tiny.config, tags=TAGS, tokenizer=tokenizer)
+    m.load_state_dict(tiny.state_dict())
+    m.set_tags(new_tags, emb, thresholds=[0.5, 0.6, 0.7])
+    assert m.tags == new_tags and m.config.num_tags == 3
+    assert m.tag_probs(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+    assert torch.allclose(m.class_threshold, torch.tensor([0.5, 0.6, 0.7]))
+    # without embeddings: kept tags keep their rows and thresholds, new tags get non-zero rows
+    m2 = RAM(tiny.config, tags=TAGS, tokenizer=tokenizer)
+    old_row = m2.label_embed[TAGS.index("blue disc")].clone()
+    m2.set_tags(["blue disc", "brand new tag"])
+    assert torch.equal(m2.label_embed[0], old_row)
+    assert m2.label_embed[1].norm() > 0.5
+    with pytest.raises(ValueError, match="zero"):
+        m2.set_tags(["a", "b"], torch.zeros(2, 32))
+
+
+# (e) overfitting ----------------------------------------------------------------------------------------
+def test_tiny_model_overfits_shapes(tokenizer):
+    from sklearn.metrics import average_precision_score
+    torch.manual_seed(0)
+    x, y, caps = make_shapes(32, seed=0)
+    model = RAM(RAMConfig.tiny(num_tags=len(TAGS), vocab_size=len(tokenizer)), tags=TAGS, tokenizer=tokenizer)
+    ids, mask = model.tokenize_captions(caps)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=2e-3, weight_decay=0.0)
+    start = time.time()
+    first = last = None
+    for step in range(150):
+        b = torch.randperm(32)[:16]
+        out = model.training_losses(x[b], y[b], ids[b], mask[b])
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        first = out["tag"].item() if first is None else first
+        last = out["tag"].item()
+        if step % 25 == 24:
+            probs = model.tag_probs(x).numpy()
+            if average_precision_score(y.numpy(), probs, average="macro") > 0.95:
+                break
+    model.eval()
+    probs = model.tag_probs(x).numpy()
+    ap = average_precision_score(y.numpy(), probs, average="macro")
+    print(f"overfit: {step + 1} steps, {time.time() - start:.1f}s, tag loss {first:.2f} -> {last:.2f}, mAP {ap:.3f}")
+    assert last < first / 3
+    assert ap > 0.9
+
+
+# (f) save / load ---------------------------------------------------------------------------------------
+def test_save_from_pretrained_identical(tmp_path, tiny):
+    tiny.class_threshold.copy_(torch.linspace(0.3, 0.7, len(TAGS)))
+    tiny.save_pretrained(tmp_path / "m")
+    assert {p.name for p in (tmp_path / "m").iterdir()} >= {"model.safetensors", "config.json", "tags.txt",
+                                                             "thresholds.txt", "tokenizer"}
+    back = RAM.from_pretrained(tmp_path / "m")
+    x = torch.randn(2, 3, 64, 64)
+    assert back.tags == TAGS
+    assert torch.equal(back.class_threshold, tiny.class_threshold)
+    assert torch.equal(back.tag_probs(x), tiny.tag_probs(x))
+    assert back.tag(x) == tiny.tag(x)
+    assert back.caption(x, num_beams=2, max_length=10) == tiny.caption(x, num_beams=2, max_length=10)
+    # tying survives the round trip
+    assert back.tagging_head.encoder.layer[0].output.dense.weight is back.tag_encoder.encoder.layer[0].output.dense.weight
+
+
+def test_transform_and_errors(tiny):
+    from PIL import Image
+    from ram_model.transforms import ImageTransform
+    tf = ImageTransform(64)
+    arr = (np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)
+    a, b = tf(arr), tf(Image.fromarray(arr))
+    assert a.shape == (3, 64, 64) and torch.equal(a, b)
+    assert tf.batch([arr, Image.fromarray(arr).convert("L")]).shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError, match="64×64"):
+        tiny.tag_probs(torch.randn(1, 3, 96, 96))
+    with pytest.raises(ValueError, match="tag_targets"):
+        tiny.training_losses(torch.randn(1, 3, 64, 64), torch.zeros(1, 3))
