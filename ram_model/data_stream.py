@@ -1,0 +1,450 @@
+"""Training samples streamed from stage shards: WebDataset tars joined with label tables.
+
+The stream is never materialised. Per shard it reads the tar's member headers (seeking past the
+pixel bytes), loads that shard's label rows, and feeds lightweight records (key, tar member,
+labels) through a seeded shuffle buffer; pixels are read and decoded only for the samples that
+this DDP rank and DataLoader worker own.
+
+Order and ownership are defined on ONE global sequence per epoch, so they do not depend on how
+the work is split:
+
+    global sequence  = shuffle_buffer(concat(shards in a seeded per-epoch order))
+    after `start`    : j = i - start;  global batch k = j // (batch_size * world_size)
+    rank r owns      : the r-th slice of batch_size samples in each global batch
+    worker w owns    : the rank's batches k with k % num_workers == w
+
+A DataLoader (batch_size = the stream's batch_size, in-order) therefore yields, on each rank,
+exactly the rank's batches in sequence order whatever num_workers is, and a run that resumes
+with `set_start(n)` sees the same samples as one that never stopped.
+"""
+from __future__ import annotations
+
+import io
+import random
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)   # RAM normalises with ImageNet statistics
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Bytes left after a tar's end-of-archive position: the zero blocks of one record (10 KiB) at most.
+_MAX_TAR_TAIL = 64 * 1024
+
+
+class DataStreamError(RuntimeError):
+    """A shard or label part cannot be used; the message names it and says what to do."""
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """WebDataset convention: key = path up to the first dot of the file name, ext = the rest."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot:
+        return name, ""
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms (PIL + numpy only: torchvision is not a dependency)
+
+class ImageTransform:
+    """PIL image -> normalised float tensor [3, size, size].
+
+    train=False: resize to size x size (RAM's eval transform). train=True: random resized crop
+    (area scale in `scale`, aspect 3/4..4/3) and a horizontal flip with p=0.5, drawn from Python's
+    `random`, which the stream seeds per sample so augmentations are reproducible.
+    """
+
+    def __init__(self, image_size: int, train: bool = False, scale: tuple[float, float] = (0.5, 1.0),
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        if image_size <= 0:
+            raise ValueError(f"ImageTransform: image_size must be > 0, got {image_size}")
+        self.image_size = int(image_size)
+        self.train = train
+        self.scale = scale
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+
+    def _crop_box(self, w: int, h: int) -> tuple[int, int, int, int]:
+        area = w * h
+        for _ in range(10):
+            target = area * random.uniform(*self.scale)
+            aspect = np.exp(random.uniform(np.log(3 / 4), np.log(4 / 3)))
+            cw = int(round((target * aspect) ** 0.5))
+            ch = int(round((target / aspect) ** 0.5))
+            if 0 < cw <= w and 0 < ch <= h:
+                x0 = random.randint(0, w - cw)
+                y0 = random.randint(0, h - ch)
+                return x0, y0, x0 + cw, y0 + ch
+        return 0, 0, w, h
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if self.train:
+            img = img.crop(self._crop_box(*img.size))
+            if random.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        img = img.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return torch.from_numpy((arr - self.mean) / self.std)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard + label reading
+
+@dataclass
+class _Record:
+    key: str
+    shard: int          # index into the epoch's open-shard table
+    member: tarfile.TarInfo
+    tag_ids: list
+    captions: Any       # None, str or list[str]
+
+
+class _OpenShard:
+    """A tar opened for random access (headers scanned, pixels read on demand)."""
+
+    def __init__(self, url: str, storage_options: dict):
+        self.url = url
+        try:
+            self.file = fsspec.open(url, "rb", **storage_options).open()
+        except FileNotFoundError as e:
+            raise DataStreamError(f"shard {url!r} does not exist ({e}); check the shard list "
+                                  "or the dataset version it came from") from e
+        except Exception as e:  # noqa: BLE001 - any backend error: name the shard
+            raise DataStreamError(f"shard {url!r} cannot be opened: {type(e).__name__}: {e}") from e
+        self.size = self.file.seek(0, 2)
+        self.file.seek(0)
+        try:
+            self.tar = tarfile.open(fileobj=self.file, mode="r:")
+        except tarfile.TarError as e:
+            self.file.close()
+            raise DataStreamError(f"shard {url!r} is not a readable uncompressed tar ({e}); "
+                                  "the file is corrupt or truncated: rebuild it from its stage") from e
+        self.pending = 0       # records in the shuffle buffer that still point into this tar
+        self.scanned = False
+
+    def members(self) -> list[tarfile.TarInfo]:
+        try:
+            members = [m for m in self.tar if m.isfile()]
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataStreamError(f"shard {self.url!r}: cannot read tar headers ({e}); "
+                                  "the file is corrupt or truncated") from e
+        # tarfile stops silently at a truncated header: everything after the end-of-archive
+        # position must be the zero padding of the last record.
+        end = self.tar.offset
+        if members:
+            last = members[-1]
+            if last.offset_data + last.size > self.size:
+                raise DataStreamError(f"shard {self.url!r} is truncated: member {last.name!r} needs "
+                                      f"{last.offset_data + last.size} bytes, file has {self.size}")
+        tail = self.size - end
+        if tail < 2 * tarfile.BLOCKSIZE:
+            # tar writers end an archive with two zero blocks; without them the file was cut
+            # exactly at a member boundary and later members are lost
+            raise DataStreamError(f"shard {self.url!r} is truncated: no end-of-archive marker after "
+                                  f"offset {end} ({len(members)} members readable)")
+        if tail > _MAX_TAR_TAIL:
+            raise DataStreamError(f"shard {self.url!r}: {tail} unreadable bytes after member headers "
+                                  f"ended at offset {end} (corrupt or truncated header)")
+        if tail > 0:
+            self.file.seek(end)
+            if self.file.read(tail).strip(b"\0"):
+                raise DataStreamError(f"shard {self.url!r}: non-zero bytes after the last readable "
+                                      f"member header at offset {end} (corrupt or truncated header)")
+        self.scanned = True
+        return members
+
+    def read(self, member: tarfile.TarInfo) -> bytes:
+        try:
+            data = self.tar.extractfile(member).read()
+        except (tarfile.TarError, OSError) as e:
+            raise DataStreamError(f"shard {self.url!r}: cannot read member {member.name!r}: {e}") from e
+        if len(data) != member.size:
+            raise DataStreamError(f"shard {self.url!r}: member {member.name!r} is truncated "
+                                  f"({len(data)} of {member.size} bytes)")
+        return data
+
+    def close(self) -> None:
+        self.tar.close()
+        self.file.close()
+
+
+def _read_label_table(labels, columns: list[str], storage_options: dict, where: str) -> pa.Table:
+    if isinstance(labels, pa.Table):
+        missing = [c for c in columns if c not in labels.column_names]
+        if missing:
+            raise DataStreamError(f"label table for {where} lacks column(s) {missing}; "
+                                  f"it has {labels.column_names}")
+        return labels.select(columns)
+    paths = [labels] if isinstance(labels, str) else list(labels)
+    parts = []
+    for p in paths:
+        try:
+            with fsspec.open(p, "rb", **storage_options) as f:
+                parts.append(pq.read_table(f, columns=columns))
+        except FileNotFoundError as e:
+            raise DataStreamError(f"label part {p!r} (for {where}) does not exist") from e
+        except (pa.ArrowException, OSError, KeyError) as e:
+            raise DataStreamError(f"label part {p!r} (for {where}) cannot be read with columns "
+                                  f"{columns}: {e}") from e
+    if not parts:
+        raise DataStreamError(f"no label parts given for {where}")
+    return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+
+def _count_label_rows(labels, storage_options: dict) -> int:
+    if isinstance(labels, pa.Table):
+        return labels.num_rows
+    paths = [labels] if isinstance(labels, str) else list(labels)
+    n = 0
+    for p in paths:
+        try:
+            with fsspec.open(p, "rb", **storage_options) as f:
+                n += pq.ParquetFile(f).metadata.num_rows
+        except FileNotFoundError as e:
+            raise DataStreamError(f"label part {p!r} does not exist") from e
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+
+class ShardStream(IterableDataset):
+    """Samples {key, image, tag_targets, [caption]} from (tar shard, labels) pairs.
+
+    shards: sequence of (tar URL, labels) where labels is a pyarrow Table, a Parquet path/URL or a
+        list of Parquet paths holding `key`, `tag_column` (list<int>) and optionally
+        `caption_column` (string or list<string>). Every label row must have an image member
+        `<key>.jpg|jpeg|png|webp` in its tar (else DataStreamError); tar members without a label
+        row are skipped (e.g. samples the clean stage dropped) and counted in `unlabelled_seen`.
+    num_tags: length of the multi-hot target; tag ids outside [0, num_tags) are an error.
+    transform: PIL RGB image -> tensor. Python `random` and torch's CPU RNG are seeded per sample
+        from (seed, epoch, index) inside the call, so random augmentation is reproducible.
+    rank, world_size, batch_size: the split described in the module docstring (batch_size is the
+        per-rank batch). drop_last: drop the incomplete final global batch; required when
+        world_size > 1 (every rank must run the same number of steps).
+    shuffle: seeded per-epoch shard order + a shuffle buffer of `shuffle_buffer` records.
+    """
+
+    def __init__(self, shards: Sequence[tuple[str, Any]], num_tags: int,
+                 transform: Callable[[Image.Image], torch.Tensor] | None = None, *,
+                 image_size: int | None = None, tag_column: str = "tag_ids",
+                 caption_column: str | None = None, rank: int = 0, world_size: int = 1,
+                 batch_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 shuffle_buffer: int = 1000, drop_last: bool = True,
+                 storage_options: dict | None = None):
+        super().__init__()
+        if not shards:
+            raise ValueError("ShardStream: `shards` is empty")
+        for i, item in enumerate(shards):
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+                raise ValueError(f"ShardStream: shards[{i}] must be (tar_url, labels), got {item!r:.200}")
+        if num_tags <= 0:
+            raise ValueError(f"ShardStream: num_tags must be > 0, got {num_tags}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ShardStream: rank {rank} not in [0, world_size={world_size})")
+        if batch_size <= 0:
+            raise ValueError(f"ShardStream: batch_size must be > 0, got {batch_size}")
+        if world_size > 1 and not drop_last:
+            raise ValueError("ShardStream: drop_last=False needs world_size == 1 "
+                             "(every DDP rank must get the same number of batches)")
+        if transform is None:
+            if image_size is None:
+                raise ValueError("ShardStream: give `transform` or `image_size`")
+            transform = ImageTransform(image_size)
+        self.shards = [(str(u), lab) for u, lab in shards]
+        self.num_tags = int(num_tags)
+        self.transform = transform
+        self.tag_column = tag_column
+        self.caption_column = caption_column
+        self.rank, self.world_size, self.batch_size = int(rank), int(world_size), int(batch_size)
+        self.seed, self.shuffle, self.shuffle_buffer = int(seed), shuffle, max(1, int(shuffle_buffer))
+        self.drop_last = drop_last
+        self.storage_options = dict(storage_options or {})
+        self.epoch = 0
+        self.start = 0
+        self.unlabelled_seen = 0
+        self._num_samples: int | None = None
+
+    # -- position -------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (shard order and shuffle depend on it); resets the start position."""
+        self.epoch = int(epoch)
+        self.start = 0
+
+    def set_start(self, n: int) -> None:
+        """Skip the first `n` samples of the epoch's global sequence (mid-epoch resume)."""
+        if n < 0:
+            raise ValueError(f"set_start: n must be >= 0, got {n}")
+        self.start = int(n)
+
+    def skip(self, n: int) -> "ShardStream":
+        """Advance the start position by `n` global samples; returns self."""
+        self.set_start(self.start + n)
+        return self
+
+    def num_samples(self) -> int:
+        """Samples per epoch over all ranks (label rows; read from Parquet metadata)."""
+        if self._num_samples is None:
+            self._num_samples = sum(_count_label_rows(lab, self.storage_options) for _, lab in self.shards)
+        return self._num_samples
+
+    def samples_per_rank(self) -> int:
+        """Samples this rank yields in a full epoch from position 0."""
+        n = self.num_samples()
+        g = self.batch_size * self.world_size
+        if self.drop_last:
+            return n // g * self.batch_size
+        return n  # world_size == 1
+
+    # -- iteration ------------------------------------------------------------------------
+    def _shard_order(self) -> list[int]:
+        order = list(range(len(self.shards)))
+        if self.shuffle:
+            np.random.default_rng([self.seed, self.epoch, 0]).shuffle(order)
+        return order
+
+    def _load_shard(self, idx: int, slot: int, open_shards: dict) -> list[_Record]:
+        url, labels = self.shards[idx]
+        columns = ["key", self.tag_column] + ([self.caption_column] if self.caption_column else [])
+        table = _read_label_table(labels, columns, self.storage_options, f"shard {url!r}")
+        keys = table.column("key").to_pylist()
+        tags = table.column(self.tag_column).to_pylist()
+        caps = table.column(self.caption_column).to_pylist() if self.caption_column else [None] * len(keys)
+        rows: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            if k in rows:
+                raise DataStreamError(f"labels for shard {url!r}: key {k!r} appears more than once")
+            rows[k] = i
+        shard = _OpenShard(url, self.storage_options)
+        open_shards[slot] = shard
+        records: list[_Record] = []
+        seen: set[str] = set()
+        for m in shard.members():
+            key, ext = split_member_name(m.name)
+            if ext not in IMAGE_EXTENSIONS:
+                continue
+            if key in seen:
+                raise DataStreamError(f"shard {url!r}: key {key!r} has more than one image member")
+            seen.add(key)
+            r = rows.get(key)
+            if r is None:
+                self.unlabelled_seen += 1
+                continue
+            records.append(_Record(key, slot, m, tags[r], caps[r]))
+        if len(records) != len(rows):
+            missing = sorted(set(rows) - seen)
+            raise DataStreamError(
+                f"shard {url!r}: {len(missing)} labelled key(s) have no image member in the tar "
+                f"(first: {missing[:5]}); pair each tar with the label rows of its own samples")
+        shard.pending = len(records)
+        if not records:
+            shard.close()
+            del open_shards[slot]
+        return records
+
+    def _global_records(self, open_shards: dict) -> Iterator[tuple[int, _Record]]:
+        """(global index, record) in the epoch's order."""
+        rng = np.random.default_rng([self.seed, self.epoch, 1])
+        buffer: list[_Record] = []
+        i = 0
+        for slot, idx in enumerate(self._shard_order()):
+            for rec in self._load_shard(idx, slot, open_shards):
+                if not self.shuffle:
+                    yield i, rec
+                    i += 1
+                    continue
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(rec)
+                    continue
+                j = int(rng.integers(len(buffer)))
+                out, buffer[j] = buffer[j], rec
+                yield i, out
+                i += 1
+        if buffer:
+            for j in rng.permutation(len(buffer)):
+                yield i, buffer[int(j)]
+                i += 1
+
+    def _sample_seed(self, index: int) -> int:
+        return int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+
+    def _make_sample(self, index: int, rec: _Record, shard: _OpenShard) -> dict:
+        data = shard.read(rec.member)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                img = im.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - PIL raises many types
+            raise DataStreamError(f"shard {shard.url!r}: image {rec.member.name!r} (key {rec.key!r}) "
+                                  f"cannot be decoded: {type(e).__name__}: {e}") from e
+        seed = self._sample_seed(index)
+        py_state = random.getstate()
+        try:
+            random.seed(seed)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                image = self.transform(img)
+        finally:
+            random.setstate(py_state)
+        targets = torch.zeros(self.num_tags, dtype=torch.float32)
+        ids = rec.tag_ids or []
+        if ids:
+            t = torch.as_tensor(ids, dtype=torch.long)
+            if int(t.min()) < 0 or int(t.max()) >= self.num_tags:
+                raise DataStreamError(f"shard {shard.url!r}: key {rec.key!r} has tag id(s) outside "
+                                      f"[0, {self.num_tags}): {[x for x in ids if not 0 <= x < self.num_tags][:5]}")
+            targets[t] = 1.0
+        sample = {"key": rec.key, "image": image, "tag_targets": targets}
+        if self.caption_column:
+            caps = rec.captions
+            if isinstance(caps, (list, tuple)):
+                caps = [c for c in caps if c]
+                # one caption per sample and epoch, reproducibly
+                caps = caps[np.random.default_rng(seed).integers(len(caps))] if caps else ""
+            sample["caption"] = caps or ""
+        return sample
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
+        b, g = self.batch_size, self.batch_size * self.world_size
+        remaining = max(0, self.num_samples() - self.start)
+        stop = self.start + (remaining // g * g if self.drop_last else remaining)
+        open_shards: dict[int, _OpenShard] = {}
+        try:
+            for i, rec in self._global_records(open_shards):
+                if i >= stop:
+                    break
+                shard = open_shards[rec.shard]
+                if i >= self.start:
+                    j = i - self.start
+                    k = j // g
+                    if (j % g) // b == self.rank and k % nworkers == wid:
+                        yield self._make_sample(i, rec, shard)
+                shard.pending -= 1
+                if shard.pending == 0 and shard.scanned:
+                    shard.close()
+                    del open_shards[rec.shard]
+        finally:
+            for s in open_shards.values():
+                s.close()
+
+
+def make_loader(stream: ShardStream, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """The DataLoader that keeps the stream's order: batch_size = stream.batch_size, in order.
+
+    Its own generator keeps the global torch RNG untouched (DataLoader otherwise draws a base
+    seed from it), which exact resume relies on.
+    """
+    return DataLoader(stream, batch_size=stream.batch_size, num_workers=num_workers,
+                      drop_last=False, pin_memory=pin_memory, in_order=True,
+                      generator=torch.Generator().manual_seed(0),
+                      persistent_workers=False)
