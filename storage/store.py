@@ -85,6 +85,7 @@ class Store:
 
     def __init__(self, url: str = "./ram-data", **storage_options):
         self.url = url
+        self.storage_options = dict(storage_options)
         self.fs, self.root = open_fs(url, **storage_options)
 
     def __repr__(self) -> str:
@@ -305,6 +306,7 @@ class Version:
             dest = target / f["name"]
             if dest.exists() and dest.stat().st_size == f["bytes"]:
                 continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(dest.name + ".partial")
             self.store.fs.get_file(self.store.abs(f["path"]), str(tmp))
             tmp.replace(dest)
@@ -465,8 +467,9 @@ class VersionWriter:
         _check_name(name)
         entries = []
         for fname, value in sorted(files.items()):
-            if "/" in fname or fname.startswith((".", "_")):
-                raise StoreError(f"file name {fname!r} is invalid: no '/', must not start with '.' or '_'")
+            if any(not seg or seg.startswith((".", "_")) for seg in fname.split("/")):
+                raise StoreError(f"file name {fname!r} is invalid: relative path whose parts do not start "
+                                 f"with '.' or '_'")
             rel = f"{self.prefix}/files/{fname}"
             with self.placement.atomic_open(rel) as sink:
                 if isinstance(value, bytes):

@@ -75,10 +75,8 @@ def labels_version(store: Store, version: Version) -> Version | None:
 
 
 def tag_names_for(store: Store, version: Version) -> list[str] | None:
+    """The tag names a version's ids refer to, or None when no labels version is in its lineage."""
+    from .labels import load_labels
+
     labels = labels_version(store, version)
-    if labels is None:
-        return None
-    entry = next((f for f in labels.files("file") if f["name"] == "tag_list.txt"), None)
-    if entry is None:
-        return None
-    return store.fs.cat_file(store.abs(entry["path"])).decode("utf-8").splitlines()
+    return list(load_labels(store, labels).tags) if labels is not None else None

@@ -1,0 +1,289 @@
+"""Train: a RAM model from a labelled version (`parsed` or `clean`) and its `images`, into the store.
+
+    labels (parsed/clean) + images ─► training tables (train / held-out split by key hash)
+        ─► Trainer (in process, or torchrun workers) ─► held-out evaluation ─► models/<name>/<version>
+
+The model version's parents are the label version, the images version and the model it was
+fine-tuned from; its metrics are the held-out mAP and precision/recall at the model's thresholds.
+A crashed run resumes from its last mid-epoch checkpoint (kept in the local cache under the version id).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from storage import Store, StoreError, Version
+
+from .config import Section, section_dict
+from .inspect import labels_version
+from .labels import load_labels
+from .models import cache_dir, load_model, model_digest, model_version, resolve_device
+from .stage import StageResult
+
+log = logging.getLogger("ram_engine")
+
+STAGE_VERSION = "train-1"
+
+
+class ModelConfig(Section):
+    """The architecture of a model trained from scratch (ignored when fine-tuning from `train.init`)."""
+
+    preset: Literal["tiny", "ram", "ram_plus", "tag2text"] = "tiny"
+    vit: Literal["swin_b", "swin_l"] = "swin_l"
+    image_size: int = Field(64, ge=32)
+    with_caption: bool = True
+    tokenizer: str | None = None            # bert-base-uncased folder / hub id; None: WordPiece trained on captions
+    tokenizer_vocab_size: int = Field(1000, ge=100)
+    clip: str | None = None                 # CLIP folder / hub id for label embeddings; None: fixed random rows
+    default_threshold: float = Field(0.68, gt=0, lt=1)
+
+
+class TrainConfig(Section):
+    name: str = "ram"                       # the model is stored as models/<name>
+    init: str | None = None                 # fine-tune from: models/<name>[@v], a save_pretrained folder, a .pth
+    fine_tune_latest: bool = True           # with no init: continue from the latest models/<name> if any
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    caption_loss: bool = True
+    augment: bool = True
+    holdout_fraction: float = Field(0.1, ge=0, lt=1)
+    checkpoint_every_steps: int = Field(100, ge=1)
+    nproc_per_node: int = Field(1, ge=1)    # >1: torchrun workers (DDP; gloo on CPU, nccl on GPU)
+    device: str = "auto"
+    seed: int = 0
+
+
+def is_holdout(key: str, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    return (h % 10_000) < fraction * 10_000
+
+
+def label_rows(labels: Version, images: Version) -> list[tuple[str, pa.Table]]:
+    """Per images part: (tar URL, table key / tag_ids / captions) for keys that have labels.
+
+    Works for `parsed` (several rows per key: tag ids are unioned) and `clean` (one row per key)."""
+    by_part: dict[str, dict[str, set[int]]] = {}
+    for part, table in labels.iter_part_tables(columns=["key", "tag_ids"]):
+        tags = by_part.setdefault(part.name, {})
+        for key, ids in zip(table.column("key").to_pylist(), table.column("tag_ids").to_pylist()):
+            tags.setdefault(key, set()).update(ids or [])
+    out = []
+    for part, table in images.iter_part_tables(columns=["key", "captions", "shard"]):
+        tags = by_part.get(part.name)
+        if not tags or table.num_rows == 0:
+            continue
+        keys = table.column("key").to_pylist()
+        captions = table.column("captions").to_pylist()
+        keep = [i for i, k in enumerate(keys) if k in tags]
+        rows = pa.table({"key": [keys[i] for i in keep],
+                         "tag_ids": pa.array([sorted(tags[keys[i]]) for i in keep], pa.list_(pa.int32())),
+                         "captions": pa.array([captions[i] for i in keep], pa.list_(pa.string()))})
+        shard = next(f["path"] for f in part.files if f["kind"] == "shard")
+        out.append((images.store.full_url(shard), rows))
+    return out
+
+
+def _write_split(parts: list[tuple[str, pa.Table]], work: Path, fraction: float) -> dict[str, list]:
+    splits: dict[str, list] = {"train": [], "holdout": []}
+    for i, (url, rows) in enumerate(parts):
+        mask = np.array([is_holdout(k, fraction) for k in rows.column("key").to_pylist()], dtype=bool)
+        for name, m in (("train", ~mask), ("holdout", mask)):
+            sub = rows.filter(pa.array(m))
+            if sub.num_rows:
+                path = work / f"{name}-{i:05d}.parquet"
+                pq.write_table(sub, path)
+                splits[name].append([url, str(path)])
+    return splits
+
+
+def _build_model(cfg: ModelConfig, tags: list[str], thresholds: list[float] | None, captions: list[str]):
+    from ram_model.label_embeddings import build_label_embeddings
+    from ram_model.ram import RAM, RAMConfig
+    from ram_model.tokenizer import load_tokenizer, train_wordpiece_tokenizer
+
+    tokenizer = None
+    if cfg.with_caption and cfg.preset in ("tiny", "ram", "tag2text"):
+        tokenizer = (load_tokenizer(cfg.tokenizer) if cfg.tokenizer else
+                     train_wordpiece_tokenizer(captions + tags, vocab_size=cfg.tokenizer_vocab_size))
+    vocab = len(tokenizer) if tokenizer is not None else 1000
+    kw = {"default_threshold": cfg.default_threshold}
+    if cfg.preset == "tiny":
+        rc = RAMConfig.tiny(num_tags=len(tags), vocab_size=vocab, image_size=cfg.image_size,
+                            with_caption=tokenizer is not None, **kw)
+    elif cfg.preset == "ram":
+        rc = RAMConfig.ram(cfg.vit, cfg.image_size, with_caption=tokenizer is not None, num_tags=len(tags), **kw)
+    elif cfg.preset == "ram_plus":
+        rc = RAMConfig.ram_plus(cfg.vit, cfg.image_size, num_tags=len(tags), **kw)
+    else:
+        rc = RAMConfig.tag2text(cfg.vit, cfg.image_size, num_tags=len(tags), **kw)
+    if tokenizer is not None and rc.text is not None and rc.text.vocab_size != vocab:
+        import dataclasses
+
+        rc = dataclasses.replace(rc, text=dataclasses.replace(rc.text, vocab_size=vocab))
+    embeddings = build_label_embeddings(tags, cfg.clip) if cfg.clip else None
+    return RAM(rc, tags=tags, thresholds=thresholds, label_embeddings=embeddings, tokenizer=tokenizer)
+
+
+def _batch_to_inputs(model, caption_loss: bool):
+    def convert(batch: dict, device) -> dict:
+        inputs = {"images": batch["image"].to(device), "tag_targets": batch["tag_targets"].to(device)}
+        if caption_loss and "caption" in batch:
+            ids, mask = model.tokenize_captions(list(batch["caption"]), device)
+            inputs.update(caption_ids=ids, caption_mask=mask)
+        return inputs
+
+    return convert
+
+
+def run_training(job_path: str) -> None:
+    """The training loop of a prepared job (job.json): in process, or in each torchrun worker."""
+    import torch
+
+    from ram_model.checkpoint import from_pretrained, save_pretrained
+    from ram_model.data_stream import ImageTransform, ShardStream
+    from ram_model.train import TrainConfig as LoopConfig
+    from ram_model.train import train
+
+    job = json.loads(Path(job_path).read_text())
+    torch.set_num_threads(max(1, int(os.environ.get("RAM_ENGINE_THREADS", torch.get_num_threads()))))
+    model = from_pretrained(job["init_dir"])
+    model.train()
+    caption_loss = job["caption_loss"] and model.config.has_caption
+    transform = ImageTransform(job["image_size"], train=job["augment"])
+    factory = functools.partial(ShardStream, [tuple(s) for s in job["train"]], model.config.num_tags, transform,
+                                caption_column="captions" if caption_loss else None,
+                                storage_options=job["storage_options"], shuffle_buffer=256)
+    loop = LoopConfig(**job["loop"])
+    result = train(model, factory, loop, job["work_dir"], resume=True,
+                   batch_to_inputs=_batch_to_inputs(model, caption_loss),
+                   progress=None)
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_pretrained(model, job["out_dir"])
+        Path(job["out_dir"], "train_result.json").write_text(json.dumps({
+            "steps": result.step, "final_loss": result.loss, "resumed_from": result.resumed_from,
+            "wall_s": round(result.wall_s, 2)}))
+
+
+def evaluate_model(model, holdout: list, storage_options: dict, image_size: int) -> dict:
+    from ram_model.data_stream import ImageTransform, ShardStream
+    from ram_model.train import evaluate_tagging
+
+    if not holdout:
+        return {}
+    stream = ShardStream([tuple(s) for s in holdout], model.config.num_tags, ImageTransform(image_size),
+                         shuffle=False, drop_last=False, storage_options=storage_options)
+    metrics = evaluate_tagging(model, stream, model.class_threshold.cpu().numpy(), batch_size=32)
+    per_class = metrics.pop("per_class")
+    metrics["per_tag"] = {tag: {"ap": per_class["ap"][i], "precision": per_class["precision"][i],
+                                "recall": per_class["recall"][i], "positives": per_class["positives"][i]}
+                          for i, tag in enumerate(model.tags) if per_class["positives"][i]}
+    return metrics
+
+
+def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: Version, images: Version, *,
+                init: str | None = None, progress: Callable[[str, int, int], None] | None = None) -> StageResult:
+    """Train (or fine-tune) `models/<name>` on `labels` over `images`; returns the committed model version."""
+    lv = labels_version(store, labels)
+    if lv is None:
+        raise StoreError(f"{labels.ref} has no labels version in its lineage: the tag list its ids refer to is "
+                         f"unknown; run the parse stage, which records it")
+    label_system = load_labels(store, lv)
+    tags = list(label_system.tags)
+    stage = f"models/{cfg.name}"
+    init = init or cfg.init
+    if init is None and cfg.fine_tune_latest and store.versions(stage):
+        init = f"{stage}@{store.versions(stage)[-1].id}"
+    init_version = model_version(store, init) if init else None
+    parents = [labels, images] + ([init_version] if init_version else [])
+    config = {"model": section_dict(model_cfg), "train": section_dict(cfg) | {"init": init and
+                                                                           model_digest(init_version, init)}}
+    writer = store.begin(stage, code_version=STAGE_VERSION, config=config, parents=parents)
+    committed = writer.committed
+    if committed is not None:
+        return StageResult(committed, "reused")
+    work = cache_dir() / "train" / cfg.name / writer.id
+    work.mkdir(parents=True, exist_ok=True)
+    parts = label_rows(labels, images)
+    splits = _write_split(parts, work, cfg.holdout_fraction)
+    n_train = sum(pq.ParquetFile(p).metadata.num_rows for _, p in splits["train"])
+    if n_train < cfg.batch_size:
+        raise StoreError(f"train {stage}: {n_train} labelled training samples in {labels.ref}, fewer than one "
+                         f"batch ({cfg.batch_size}); ingest more data or lower train.batch_size")
+    thresholds = label_system.thresholds if label_system.has_thresholds else None
+    init_dir = work / "init"
+    if not (init_dir / "config.json").exists():
+        if init:
+            model = load_model(store, init, device="cpu")
+            if list(model.tags) != tags:
+                import copy
+
+                model = copy.deepcopy(model)
+                model.set_tags(tags, thresholds=thresholds)
+        else:
+            captions = [c for _, rows in parts for cs in rows.column("captions").to_pylist() for c in cs]
+            model = _build_model(model_cfg, tags, thresholds, captions)
+        tmp = Path(tempfile.mkdtemp(dir=work))
+        model.save_pretrained(tmp)
+        tmp.rename(init_dir)
+    image_size = json.loads((init_dir / "config.json").read_text())["swin"]["image_size"]
+    out_dir = work / "final"
+    job = {"init_dir": str(init_dir), "work_dir": str(work / "loop"), "out_dir": str(out_dir),
+           "train": splits["train"], "image_size": image_size, "augment": cfg.augment,
+           "caption_loss": cfg.caption_loss, "storage_options": store.storage_options,
+           "loop": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "warmup_steps": cfg.warmup_steps,
+                    "total_steps": cfg.steps, "batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps,
+                    "checkpoint_every_steps": cfg.checkpoint_every_steps, "seed": cfg.seed, "device": cfg.device,
+                    "image_size": image_size}}
+    job_path = work / "job.json"
+    job_path.write_text(json.dumps(job, indent=1))
+    if not (out_dir / "model.safetensors").exists():
+        if cfg.nproc_per_node > 1:
+            _torchrun(job_path, cfg.nproc_per_node)
+        else:
+            run_training(str(job_path))
+    from ram_model.checkpoint import from_pretrained
+
+    trained = from_pretrained(out_dir, map_location=resolve_device(cfg.device)).eval()
+    metrics = evaluate_model(trained, splits["holdout"], store.storage_options, image_size)
+    metrics["train"] = json.loads((out_dir / "train_result.json").read_text())
+    metrics["samples"] = {"train": n_train,
+                          "holdout": sum(pq.ParquetFile(p).metadata.num_rows for _, p in splits["holdout"])}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    files = {str(p.relative_to(out_dir)): str(p) for p in sorted(out_dir.rglob("*")) if p.is_file()}
+    writer.write_files("model", files, rows_in=0, metrics={})
+    version = writer.commit(metrics={k: v for k, v in metrics.items() if k != "per_tag"},
+                            extra={"per_tag_metrics": metrics.get("per_tag", {})})
+    shutil.rmtree(work, ignore_errors=True)
+    return StageResult(version, "written", parts_written=1)
+
+
+def _torchrun(job_path: Path, nproc: int) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "tasks.train", str(job_path)]
+    log.info("training with %d workers: %s", nproc, " ".join(cmd))
+    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun training failed (exit {proc.returncode}); its checkpoints in "
+                           f"{job_path.parent} let a rerun resume")
+
+
+if __name__ == "__main__":  # a torchrun worker: python -m tasks.train JOB.json
+    run_training(sys.argv[1])
