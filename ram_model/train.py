@@ -431,6 +431,9 @@ class Trainer:
         }
         ckdir = self.out_dir / "checkpoints"
         ckdir.mkdir(parents=True, exist_ok=True)
+        for stale in ckdir.glob(".step_*.pt.tmp-*"):    # left by a writer that died mid-save
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
         path = ckdir / f"step_{step:08d}.pt"
         _atomic_torch_save(state, path)
         for old in list_checkpoints(self.out_dir)[:-self.cfg.keep_checkpoints]:

@@ -196,8 +196,11 @@ def test_unreadable_latest_checkpoint_falls_back(shards, tmp_path):
     ref, _, _ = _run(shards, tmp_path / "ref", cfg, dropout=0.0)
     out = tmp_path / "run"
     _run(shards, out, cfg, dropout=0.0)
+    stale = out / "checkpoints" / ".step_00000006.pt.tmp-999"    # a writer killed mid-save
+    stale.write_bytes(b"partial")
     latest = list_checkpoints(out)[-1]
     latest.write_bytes(latest.read_bytes()[:1000])          # e.g. a disk that lost the tail
     model, log, res = _run(shards, out, cfg, dropout=0.0)
     assert res.resumed_from.endswith("step_00000002.pt") and [s for s, _, _ in log] == [3, 4]
+    assert not stale.exists()
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
