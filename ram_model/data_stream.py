@@ -390,7 +390,8 @@ class ShardStream(IterableDataset):
         try:
             random.seed(seed)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                # the CPU generator only: torch.manual_seed also queues lazy CUDA seeding (~1 ms)
+                torch.default_generator.manual_seed(seed)
                 image = self.transform(img)
         finally:
             random.setstate(py_state)

@@ -122,14 +122,14 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Learning rate of optimizer step `step` (0-based).
 
     Warm-up rises linearly to cfg.lr, reached at step warmup_steps - 1 (step 0 already moves:
-    lr * 1/warmup_steps). Then cosine / linear decay from cfg.lr at step warmup_steps to cfg.min_lr
-    at step total_steps - 1, or constant.
+    lr * 1/warmup_steps). Then cosine / linear decay from cfg.lr at step warmup_steps towards
+    cfg.min_lr, which it would reach at step total_steps (so the last step still learns), or constant.
     """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    span = max(1, total_steps - 1 - cfg.warmup_steps)
+    span = max(1, total_steps - cfg.warmup_steps)
     p = min(1.0, (step - cfg.warmup_steps) / span)
     if cfg.schedule == "cosine":
         return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
@@ -431,6 +431,9 @@ class Trainer:
         }
         ckdir = self.out_dir / "checkpoints"
         ckdir.mkdir(parents=True, exist_ok=True)
+        for stale in ckdir.glob(".step_*.pt.tmp-*"):    # left by a writer that died mid-save
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
         path = ckdir / f"step_{step:08d}.pt"
         _atomic_torch_save(state, path)
         for old in list_checkpoints(self.out_dir)[:-self.cfg.keep_checkpoints]:
@@ -660,6 +663,10 @@ def evaluate_tagging(model: nn.Module, dataset: Iterable | torch.utils.data.Data
     """
     if not callable(getattr(model, "tag_logits", None)):
         raise TypeError(f"evaluate_tagging: model {type(model).__name__} has no tag_logits() method")
+    if hasattr(dataset, "samples_per_rank") and getattr(dataset, "world_size", 1) == 1 \
+            and dataset.samples_per_rank() != dataset.num_samples():
+        raise ValueError(f"evaluate_tagging: the stream would drop {dataset.num_samples() - dataset.samples_per_rank()} "
+                         "of its samples (drop_last=True); build it with drop_last=False")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = _resolve_amp(amp, dev)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,

@@ -1,7 +1,7 @@
 """ram_model.data_stream: join, sharding across ranks/workers, order, resume, bad shards."""
 from __future__ import annotations
 
-import shutil
+import io
 from collections import Counter
 
 import numpy as np
@@ -11,7 +11,7 @@ import torch
 
 from ram_model.data_stream import (DataStreamError, ImageTransform, ShardStream, make_loader,
                                    split_member_name)
-from test_train_helpers import NUM_TAGS, write_shards
+from tests.test_train_helpers import NUM_TAGS, write_shards
 
 torch.set_num_threads(1)
 
@@ -156,7 +156,7 @@ def test_corrupt_image_is_named(tmp_path):
             data = tin.extractfile(m).read()
             if m.name.endswith("000001.png"):
                 data = data[:20] + b"\0" * (len(data) - 20)   # same size, broken pixels
-            tout.addfile(m, __import__("io").BytesIO(data))
+            tout.addfile(m, io.BytesIO(data))
     with pytest.raises(DataStreamError, match=r"badimg.tar.*000001"):
         _keys(_stream([(str(bad), labels)], batch_size=1, shuffle=False), 0)
 
@@ -184,3 +184,52 @@ def test_config_errors(shards):
         _stream(shard_list, world_size=2, rank=2)
     with pytest.raises(ValueError, match="transform"):
         ShardStream(shard_list, NUM_TAGS)
+
+
+@pytest.fixture(scope="module")
+def s3_shards(tmp_path_factory):
+    """The shards uploaded to a moto S3 server on loopback; yields (s3 shard list, options, local)."""
+    import logging
+    import socket
+
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        local, _ = write_shards(tmp_path_factory.mktemp("s3src"), n_shards=2, per_shard=5)
+        endpoint = f"http://127.0.0.1:{port}"
+        opts = {"key": "testing", "secret": "testing", "skip_instance_cache": True,
+                "client_kwargs": {"endpoint_url": endpoint}}
+        import boto3
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket="train-stream")
+        fs = fsspec.filesystem("s3", **opts)
+        remote = []
+        for tar, labels in local:
+            rt, rl = (f"s3://train-stream/{p.rsplit('/', 1)[1]}" for p in (tar, labels))
+            fs.put(tar, rt)
+            fs.put(labels, rl)
+            remote.append((rt, rl))
+        yield remote, opts, local
+    finally:
+        server.stop()
+
+
+@pytest.mark.s3
+def test_stream_from_s3(s3_shards):
+    remote, opts, local = s3_shards
+    from_s3 = _stream(remote, batch_size=2, seed=9, drop_last=False, storage_options=opts)
+    got = [(k, t) for b in make_loader(from_s3, 2) for k, t in zip(b["key"], b["tag_targets"])]
+    ref = [(k, t) for b in make_loader(_stream(local, batch_size=2, seed=9, drop_last=False), 0)
+           for k, t in zip(b["key"], b["tag_targets"])]
+    assert [k for k, _ in got] == [k for k, _ in ref] and len(got) == 10
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, ref))
+    missing = [(remote[0][0].replace("shard-0000", "shard-9999"), remote[0][1])]
+    with pytest.raises(DataStreamError, match="shard-9999.tar.*does not exist"):
+        _keys(_stream(missing, batch_size=1, storage_options=opts), 0)

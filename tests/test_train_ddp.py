@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ram_model.train import TrainConfig, list_checkpoints, train
-from test_train_helpers import ddp_worker, make_model, stream_factory, write_shards
+from tests.test_train_helpers import ddp_worker, make_model, stream_factory, write_shards
 
 torch.set_num_threads(1)
 

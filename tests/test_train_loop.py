@@ -10,7 +10,7 @@ import torch
 from ram_model.data_stream import ShardStream
 from ram_model.train import (TrainConfig, _resolve_amp, evaluate_tagging, list_checkpoints, lr_at,
                              parameter_groups, tagging_metrics, train)
-from test_train_helpers import NUM_TAGS, make_model, stream_factory, write_shards
+from tests.test_train_helpers import NUM_TAGS, make_model, stream_factory, write_shards
 
 torch.set_num_threads(1)
 
@@ -50,12 +50,14 @@ def test_lr_schedule_values():
     cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, total_steps=10, schedule="cosine")
     got = [lr_at(s, cfg, 10) for s in range(10)]
     assert got[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert got[4] == pytest.approx(1.0) and got[9] == pytest.approx(0.1)
-    assert got[7] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 5)))
-    assert all(a >= b for a, b in zip(got[3:], got[4:]))
+    # decay towards min_lr at step total_steps: the last step (9) still has lr > min_lr
+    assert got[4] == pytest.approx(1.0) and got[7] == pytest.approx(0.55)
+    assert got[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    assert all(a > b for a, b in zip(got[4:], got[5:])) and got[9] > 0.1
+    assert lr_at(10, cfg, 10) == pytest.approx(0.1) and lr_at(50, cfg, 10) == pytest.approx(0.1)
     lin = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, total_steps=10, schedule="linear")
-    assert lr_at(6, lin, 10) == pytest.approx(1.0 - 0.9 * 2 / 5)
-    assert lr_at(9, lin, 10) == pytest.approx(0.1)
+    assert lr_at(6, lin, 10) == pytest.approx(1.0 - 0.9 * 2 / 6)
+    assert lr_at(9, lin, 10) == pytest.approx(0.25)
     const = TrainConfig(lr=1.0, warmup_steps=0, total_steps=10, schedule="constant")
     assert [lr_at(s, const, 10) for s in (0, 9)] == [1.0, 1.0]
 
@@ -184,3 +186,21 @@ def test_evaluate_tagging_matches_direct_computation(shards):
     assert res["num_samples"] == 24
     assert res["mAP"] == pytest.approx(ref["mAP"]) and res["f1"] == pytest.approx(ref["f1"])
     assert model.training                                  # mode restored
+    dropping = ShardStream(shards, NUM_TAGS, image_size=16, shuffle=False, batch_size=5)
+    with pytest.raises(ValueError, match="drop 4 of its samples"):
+        evaluate_tagging(model, dropping, 0.5)
+
+
+def test_unreadable_latest_checkpoint_falls_back(shards, tmp_path):
+    cfg = _cfg(total_steps=4, checkpoint_every_steps=2)
+    ref, _, _ = _run(shards, tmp_path / "ref", cfg, dropout=0.0)
+    out = tmp_path / "run"
+    _run(shards, out, cfg, dropout=0.0)
+    stale = out / "checkpoints" / ".step_00000006.pt.tmp-999"    # a writer killed mid-save
+    stale.write_bytes(b"partial")
+    latest = list_checkpoints(out)[-1]
+    latest.write_bytes(latest.read_bytes()[:1000])          # e.g. a disk that lost the tail
+    model, log, res = _run(shards, out, cfg, dropout=0.0)
+    assert res.resumed_from.endswith("step_00000002.pt") and [s for s, _, _ in log] == [3, 4]
+    assert not stale.exists()
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
