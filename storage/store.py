@@ -312,6 +312,12 @@ class Version:
             tmp.replace(dest)
         return str(target)
 
+    def iter_part_samples(self, part: PartRecord) -> Iterator[dict]:
+        """Stream the WebDataset samples of one part's shard."""
+        shards = [f for f in part.files if f["kind"] == "shard"]
+        return iter_tar(self.store.fs, [self.store.abs(f["path"]) for f in shards],
+                        [self.store.full_url(f["path"]) for f in shards])
+
     def webdataset(self, **kwargs):
         """webdataset.WebDataset over this version's shards (local stores; remote ones use iter_samples)."""
         return webdataset_pipeline(self.shard_urls(), **kwargs)

@@ -41,9 +41,59 @@ class IngestConfig(Section):
     new_samples_event_threshold: int = Field(1, ge=0)  # emit `ram.images.committed` at >= this many new samples
 
 
+class ModelConfig(Section):
+    """The architecture of a model trained from scratch (ignored when fine-tuning from `train.init`)."""
+
+    preset: Literal["tiny", "ram", "ram_plus", "tag2text"] = "tiny"
+    vit: Literal["swin_b", "swin_l"] = "swin_l"
+    image_size: int = Field(64, ge=32)
+    with_caption: bool = True
+    tokenizer: str | None = None            # bert-base-uncased folder / hub id; None: WordPiece trained on captions
+    tokenizer_vocab_size: int = Field(1000, ge=100)
+    clip: str | None = None                 # CLIP folder / hub id for label embeddings; None: fixed random rows
+    default_threshold: float = Field(0.68, gt=0, lt=1)
+
+
+class TrainConfig(Section):
+    name: str = "ram"                       # the model is stored as models/<name>
+    init: str | None = None                 # fine-tune from: models/<name>[@v], a save_pretrained folder, a .pth
+    fine_tune_latest: bool = True           # with no init: continue from the latest models/<name> if any
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    caption_loss: bool = True
+    augment: bool = True
+    holdout_fraction: float = Field(0.1, ge=0, lt=1)
+    checkpoint_every_steps: int = Field(100, ge=1)
+    nproc_per_node: int = Field(1, ge=1)    # >1: torchrun workers (DDP; gloo on CPU, nccl on GPU)
+    device: str = "auto"
+    seed: int = 0
+
+
+class GenerateConfig(Section):
+    """The baseline model fills in missing tags and writes captions, which are parsed again."""
+
+    baseline: str | None = None             # models/<name>[@v], a save_pretrained folder or official .pth;
+                                            # None: train one on the parsed labels (models/<baseline_name>)
+    baseline_name: str = "baseline"
+    batch_size: int = Field(32, ge=1)
+    caption: bool = True                    # also generate captions (needs a caption branch)
+    num_beams: int = Field(3, ge=1)
+    max_length: int = Field(30, ge=4)
+    min_length: int = Field(5, ge=0)
+    threshold: float | None = Field(None, gt=0, lt=1)   # override the model's per-class thresholds
+    device: str = "auto"
+
+
 class EngineConfig(Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

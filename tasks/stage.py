@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from storage import PartRecord, Version, VersionWriter
+from storage import PartRecord, Version, VersionWriter, digest
 from storage.fs import retry_io
 
 log = logging.getLogger("ram_engine")
@@ -116,6 +116,23 @@ def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callabl
     metrics = summarize(all_records) if summarize else merge_metrics(all_records)
     version = writer.commit(metrics=metrics, part_order=names)
     return StageResult(version, "written", parts_written=len(todo), parts_resumed=resumed, parts_reused=reused)
+
+
+def part_digest(part: PartRecord | None) -> str | None:
+    return digest(sorted(f["sha256"] for f in part.files)) if part is not None else None
+
+
+def parts_of(version: Version, with_parts: dict[str, Version] | None = None, salt: str = "") -> list[PartTask]:
+    """One task per part of `version` (named like it), with the same-named parts of other versions
+    in the payload. The source digest covers every input part's bytes and `salt` (e.g. a model id),
+    so a later version reuses this part's output exactly when none of them changed."""
+    others = {name: {p.name: p for p in v.parts} for name, v in (with_parts or {}).items()}
+    tasks = []
+    for part in version.parts:
+        payload = {"part": part} | {name: parts.get(part.name) for name, parts in others.items()}
+        ident = [salt] + [part_digest(p) for p in payload.values()]
+        tasks.append(PartTask(part.name, digest(ident), payload))
+    return tasks
 
 
 def merge_metrics(records: list[PartRecord]) -> dict:

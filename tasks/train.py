@@ -19,16 +19,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
-
 from storage import Store, StoreError, Version
 
-from .config import Section, section_dict
+from .config import ModelConfig, TrainConfig, section_dict
 from .inspect import labels_version
 from .labels import load_labels
 from .models import cache_dir, load_model, model_digest, model_version, resolve_device
@@ -37,38 +35,6 @@ from .stage import StageResult
 log = logging.getLogger("ram_engine")
 
 STAGE_VERSION = "train-1"
-
-
-class ModelConfig(Section):
-    """The architecture of a model trained from scratch (ignored when fine-tuning from `train.init`)."""
-
-    preset: Literal["tiny", "ram", "ram_plus", "tag2text"] = "tiny"
-    vit: Literal["swin_b", "swin_l"] = "swin_l"
-    image_size: int = Field(64, ge=32)
-    with_caption: bool = True
-    tokenizer: str | None = None            # bert-base-uncased folder / hub id; None: WordPiece trained on captions
-    tokenizer_vocab_size: int = Field(1000, ge=100)
-    clip: str | None = None                 # CLIP folder / hub id for label embeddings; None: fixed random rows
-    default_threshold: float = Field(0.68, gt=0, lt=1)
-
-
-class TrainConfig(Section):
-    name: str = "ram"                       # the model is stored as models/<name>
-    init: str | None = None                 # fine-tune from: models/<name>[@v], a save_pretrained folder, a .pth
-    fine_tune_latest: bool = True           # with no init: continue from the latest models/<name> if any
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(16, ge=1)
-    grad_accum_steps: int = Field(1, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_steps: int = Field(20, ge=0)
-    caption_loss: bool = True
-    augment: bool = True
-    holdout_fraction: float = Field(0.1, ge=0, lt=1)
-    checkpoint_every_steps: int = Field(100, ge=1)
-    nproc_per_node: int = Field(1, ge=1)    # >1: torchrun workers (DDP; gloo on CPU, nccl on GPU)
-    device: str = "auto"
-    seed: int = 0
 
 
 def is_holdout(key: str, fraction: float) -> bool:

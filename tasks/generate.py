@@ -1,0 +1,157 @@
+"""Generate: a baseline model fills in tags the captions missed, and writes captions that are parsed again.
+
+Per images part (joined with the parsed part of the same name), for every key:
+    parsed tags (union over its captions) ∪ model tags above threshold ∪ tags parsed from generated captions
+The result is the `generated` version; counts reconcile per part (keys in = rows out + rejected).
+"""
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from storage import PartRecord, Store, StoreError, Version, VersionWriter, schemas
+
+from .config import GenerateConfig, ParseConfig, section_dict
+from .inspect import labels_version
+from .labels import load_labels
+from .models import load_model, model_digest, model_version
+from .parse import get_parser, parse_captions
+from .stage import PartTask, StageResult, parts_of, run_stage, top
+
+log = logging.getLogger("ram_engine")
+
+STAGE = "generated"
+STAGE_VERSION = "generate-1"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def decode_sample(sample: dict) -> Image.Image:
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise ValueError(f"no image member (.jpg/.png/.webp) for key {sample.get('__key__')}")
+    return Image.open(io.BytesIO(sample[ext])).convert("RGB")
+
+
+def model_to_label_ids(model, labels) -> np.ndarray:
+    """Map the model's tag indices onto the label system's ids by name (-1 where a tag is not in it)."""
+    return np.array([labels.id(t) if labels.id(t) is not None else -1 for t in model.tags], dtype=np.int64)
+
+
+def parsed_by_key(parsed: Version, part: PartRecord | None) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    if part is None:
+        return out
+    for f in part.files:
+        if f["kind"] == "table":
+            table = parsed.read_file(f["path"], columns=["key", "tag_ids"])
+            for key, ids in zip(table.column("key").to_pylist(), table.column("tag_ids").to_pylist()):
+                out.setdefault(key, set()).update(ids or [])
+    return out
+
+
+def generate_part(writer: VersionWriter, task: PartTask, *, images: Version, parsed: Version, model, labels,
+                  parser, cfg: GenerateConfig) -> PartRecord:
+    from ram_model.transforms import ImageTransform
+
+    part = task.payload["part"]
+    index = next(images.read_file(f["path"], columns=["key"]) for f in part.files if f["kind"] == "table")
+    keys = index.column("key").to_pylist()
+    caption_tags = parsed_by_key(parsed, task.payload["parsed"])
+    to_label = model_to_label_ids(model, labels)
+    transform = ImageTransform(model.config.swin.image_size)
+    thresholds = model.class_threshold if cfg.threshold is None else cfg.threshold
+    rows, rejects = [], []
+    counters: Counter = Counter()
+    wanted = set(keys)
+    seen: set[str] = set()
+
+    def flush(batch_keys: list[str], batch_images: list[Image.Image]) -> None:
+        x = torch.stack([transform(im) for im in batch_images])
+        ids, scores = model.tag(x, thresholds)
+        captions: list[str] = [""] * len(batch_keys)
+        if cfg.caption and model.config.has_caption:
+            names = [[model.tags[i] for i in row] for row in ids]
+            captions = model.caption(x, names, num_beams=cfg.num_beams, max_length=cfg.max_length,
+                                     min_length=cfg.min_length)
+        parsed_gen = parse_captions(captions, parser, labels) if any(captions) else [None] * len(captions)
+        for key, row_ids, row_scores, cap, pc in zip(batch_keys, ids, scores, captions, parsed_gen):
+            mapped = [(int(to_label[i]), float(s)) for i, s in zip(row_ids, row_scores) if to_label[i] >= 0]
+            predicted = sorted({i for i, _ in mapped})
+            best = {i: s for i, s in sorted(mapped, key=lambda t: t[1])}
+            gen_ids = sorted(set(pc.tag_ids)) if pc is not None and pc.reject_reason is None else []
+            parsed_ids = sorted(caption_tags.get(key, set()))
+            union = sorted(set(parsed_ids) | set(predicted) | set(gen_ids))
+            counters["added_by_model"] += len(set(predicted) - set(parsed_ids))
+            counters["added_by_caption"] += len(set(gen_ids) - set(parsed_ids) - set(predicted))
+            counters["labels_parsed"] += len(parsed_ids)
+            counters["labels_out"] += len(union)
+            rows.append({"key": key, "parsed_tag_ids": parsed_ids, "predicted_tag_ids": predicted,
+                         "predicted_scores": [best[i] for i in predicted],
+                         "generated_captions": [cap] if cap else [], "generated_tag_ids": gen_ids,
+                         "tag_ids": union})
+
+    batch_keys: list[str] = []
+    batch_images: list[Image.Image] = []
+    shard = next((f["path"] for f in part.files if f["kind"] == "shard"), None)
+    for sample in images.iter_part_samples(part):
+        key = sample["__key__"]
+        if key not in wanted or key in seen:
+            continue
+        seen.add(key)
+        try:
+            image = decode_sample(sample)
+        except Exception as exc:  # damaged pixels cost one sample, never the run
+            rejects.append({"key": key, "reason": "decode-error", "detail": f"{type(exc).__name__}: {exc}"[:300],
+                            "source": shard, "field": "image"})
+            continue
+        batch_keys.append(key)
+        batch_images.append(image)
+        if len(batch_keys) == cfg.batch_size:
+            flush(batch_keys, batch_images)
+            batch_keys, batch_images = [], []
+    if batch_keys:
+        flush(batch_keys, batch_images)
+    for key in keys:
+        if key not in seen:  # the index names a sample its shard does not hold: say so, never a silent gap
+            rejects.append({"key": key, "reason": "missing-pixels", "detail": f"no image for this key in {shard}",
+                            "source": shard, "field": "image"})
+    position = {k: i for i, k in enumerate(keys)}
+    rows.sort(key=lambda r: position[r["key"]])  # index order, whatever order the shard holds
+    table = pa.Table.from_pylist(rows, schema=schemas.GENERATED)
+    metrics = dict(counters) | {"top_added_tags": top(Counter(
+        labels.name(i) for r in rows for i in set(r["tag_ids"]) - set(r["parsed_tag_ids"])))}
+    return writer.write_part(task.name, table=table, rejects=rejects, rows_in=len(keys),
+                             source_digest=task.source_digest, metrics=metrics)
+
+
+def generate(store: Store, cfg: GenerateConfig, parse_cfg: ParseConfig, images: Version, parsed: Version,
+             baseline: str, *, executor=None, progress: Callable | None = None) -> StageResult:
+    """The `generated` version of `images` + `parsed` under the baseline model `baseline`."""
+    lv = labels_version(store, parsed)
+    if lv is None:
+        raise StoreError(f"{parsed.ref} has no labels version in its lineage; rerun the parse stage")
+    mv = model_version(store, baseline)
+    ident = model_digest(mv, baseline)
+    parents = [images, parsed] + ([mv] if mv else [])
+    writer = store.begin(STAGE, code_version=STAGE_VERSION, parents=parents,
+                         config=section_dict(cfg) | {"baseline": ident, "parse": section_dict(parse_cfg)})
+    if writer.committed is not None:
+        return StageResult(writer.committed, "reused")
+    model = load_model(store, baseline, device=cfg.device)
+    labels = load_labels(store, lv)
+    parser = get_parser(parse_cfg)
+    tasks = parts_of(images, {"parsed": parsed}, salt=ident)
+
+    def process(w: VersionWriter, task: PartTask) -> PartRecord:
+        with torch.inference_mode():
+            return generate_part(w, task, images=images, parsed=parsed, model=model, labels=labels,
+                                 parser=parser, cfg=cfg)
+
+    return run_stage(writer, tasks, process, executor=executor, progress=progress)
