@@ -104,11 +104,12 @@ STAGE_SCHEMAS: dict[str, pa.Schema] = {
     "evaluate": EVALUATION,
 }
 
-# Models are versions too (`models/<name>`): files only (weights, config, tag list), no table.
-MODEL = pa.schema([KEY])
+# Versions made of files only, no table: models (`models/<name>`: weights, config, tag list) and
+# label systems (`labels`: tag list, synonyms, thresholds, Chinese names).
+FILES_ONLY = pa.schema([KEY])
 
 
 def schema_for(stage: str) -> pa.Schema | None:
-    if stage.startswith("models/"):
-        return MODEL
+    if stage.startswith("models/") or stage == "labels":
+        return FILES_ONLY
     return STAGE_SCHEMAS.get(stage)

