@@ -82,6 +82,8 @@ class EmbeddingStore:
             if dim is not None and dim != stored:
                 raise ValueError(f"embedding store {self.folder} holds dim {stored}, not {dim}")
             dim = stored
+        elif dim is not None:
+            dim_file.write_text(str(dim))
         self.dim = dim
 
     def add(self, tag_ids: Sequence[int], crop_keys: Sequence[str], embeddings: np.ndarray) -> None:
