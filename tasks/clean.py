@@ -42,8 +42,9 @@ class CleanConfig:
     k_max: int = 8
     crops_per_cluster: int = 50
     min_crops: int = 10                # tags with fewer crops are not clustered (no outliers: too few to judge)
-    algorithm: str = "fast"            # "fast": sklearn k-means++ seeding + float32 Lloyd; "sklearn": KMeans per tag
+    algorithm: str = "fast"            # "fast": k-means++ seeding + float32 BLAS Lloyd; "sklearn": KMeans per tag
     max_iter: int = 50
+    tol: float = 1e-4                  # stop when centres move less than tol x the data's mean variance
     seed_sample: int = 1024            # k-means++ seeding runs on at most this many points of the tag
     minibatch_threshold: int = 50_000  # tags with more crops use sklearn MiniBatchKMeans (k-means++ init)
     minibatch_size: int = 4096
@@ -129,32 +130,62 @@ class EmbeddingStore:
 
 # ---------------------------------------------------------------- clustering
 
-def _lloyd(X: np.ndarray, C: np.ndarray, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd iterations in float32 with BLAS distances; returns (labels, squared distance to own centroid)."""
+def _sq_dist(X: np.ndarray, xx: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """Squared distances [n, k] via |x|^2 - 2 x.c + |c|^2 (one BLAS matmul)."""
+    return xx[:, None] - 2.0 * (X @ C.T) + np.einsum("ij,ij->i", C, C)[None, :]
+
+
+def kmeans_pp_seeds(X: np.ndarray, k: int, rng: np.random.Generator, xx: np.ndarray | None = None) -> np.ndarray:
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii; scikit-learn's variant): each new centre is the best
+    of 2 + ln k candidates drawn with probability proportional to the squared distance to the nearest centre."""
+    n = len(X)
+    xx = np.einsum("ij,ij->i", X, X) if xx is None else xx
+    trials = 2 + int(np.log(k))
+    first = int(rng.integers(n))
+    idx = [first]
+    d2 = np.maximum(_sq_dist(X, xx, X[first:first + 1])[:, 0], 0.0)
+    for _ in range(1, k):
+        total = d2.sum()
+        if total <= 0:  # fewer distinct points than k: repeat one
+            idx.append(first)
+            continue
+        cand = np.minimum(np.searchsorted(np.cumsum(d2), rng.random(trials) * total), n - 1)
+        dc = np.maximum(_sq_dist(X, xx, X[cand]).T, 0.0)          # [trials, n]
+        new = np.minimum(d2[None, :], dc)
+        best = int(new.sum(axis=1).argmin())
+        d2 = new[best]
+        idx.append(int(cand[best]))
+    return X[idx].copy()
+
+
+def _lloyd(X: np.ndarray, C: np.ndarray, max_iter: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd iterations in float32 with BLAS distances until the centres move less than `tol` (squared,
+    summed; scikit-learn's criterion) or labels stop changing. Returns (labels, squared distance to own centre)."""
     xx = np.einsum("ij,ij->i", X, X)
     ar = np.arange(len(X))
     labels = None
     for _ in range(max_iter):
-        d2 = xx[:, None] - 2.0 * (X @ C.T) + np.einsum("ij,ij->i", C, C)[None, :]
-        new = d2.argmin(axis=1)
+        new = _sq_dist(X, xx, C).argmin(axis=1)
         if labels is not None and np.array_equal(new, labels):
             break
         labels = new
         counts = np.bincount(labels, minlength=len(C))
         onehot = np.zeros((len(C), len(X)), dtype=np.float32)
         onehot[labels, ar] = 1.0
-        sums = onehot @ X
-        nz = counts > 0  # an empty cluster keeps its old centroid
-        C = C.copy()
-        C[nz] = sums[nz] / counts[nz, None]
-    d2 = xx[:, None] - 2.0 * (X @ C.T) + np.einsum("ij,ij->i", C, C)[None, :]
+        nz = counts > 0  # an empty cluster keeps its old centre
+        newC = C.copy()
+        newC[nz] = (onehot @ X)[nz] / counts[nz, None]
+        shift = float(((newC - C) ** 2).sum())
+        C = newC
+        if shift <= tol:
+            break
+    d2 = _sq_dist(X, xx, C)
     labels = d2.argmin(axis=1)
     return labels, np.maximum(d2[ar, labels], 0.0)
 
 
 def cluster_tag(X: np.ndarray, cfg: CleanConfig, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """K-Means++ on one tag's embeddings: (cluster per row, distance of each row to its own centroid)."""
-    from sklearn.cluster import KMeans, MiniBatchKMeans, kmeans_plusplus
     X = np.ascontiguousarray(X, dtype=np.float32)
     n = len(X)
     k = cfg.clusters_for(n)
@@ -162,20 +193,23 @@ def cluster_tag(X: np.ndarray, cfg: CleanConfig, seed: int = 0) -> tuple[np.ndar
         d = np.linalg.norm(X - X.mean(axis=0, keepdims=True), axis=1)
         return np.zeros(n, np.int32), d.astype(np.float32)
     if n > cfg.minibatch_threshold:
+        from sklearn.cluster import MiniBatchKMeans  # imported here: the fast path does not need sklearn
         km = MiniBatchKMeans(n_clusters=k, init="k-means++", n_init=1, batch_size=cfg.minibatch_size,
                              random_state=seed, max_iter=cfg.max_iter).fit(X)
         labels, C = km.labels_, km.cluster_centers_.astype(np.float32)
         d = np.linalg.norm(X - C[labels], axis=1)
         return labels.astype(np.int32), d.astype(np.float32)
     if cfg.algorithm == "sklearn":
+        from sklearn.cluster import KMeans
         km = KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=cfg.max_iter, random_state=seed).fit(X)
         labels = km.labels_
         d = np.linalg.norm(X - km.cluster_centers_[labels].astype(np.float32), axis=1)
         return labels.astype(np.int32), d.astype(np.float32)
     rng = np.random.default_rng(seed)
     S = X if n <= cfg.seed_sample else X[rng.choice(n, cfg.seed_sample, replace=False)]
-    C, _ = kmeans_plusplus(S, k, random_state=seed)
-    labels, d2 = _lloyd(X, C.astype(np.float32), cfg.max_iter)
+    C = kmeans_pp_seeds(S, k, rng)
+    tol = cfg.tol * float(X.var(axis=0).mean())  # scikit-learn's tolerance: relative to the data's variance
+    labels, d2 = _lloyd(X, C, cfg.max_iter, tol)
     return labels.astype(np.int32), np.sqrt(d2).astype(np.float32)
 
 
