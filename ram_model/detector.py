@@ -287,14 +287,14 @@ _SPECIALS = {PAD_ID: "[PAD]", UNK_ID: "[UNK]", CLS_ID: "[CLS]", SEP_ID: "[SEP]",
              DOT_ID: ".", QMARK_ID: "?"}
 
 
-def write_tiny_vocab(words: Iterable[str], folder: str | Path) -> Path:
+def write_tiny_vocab(words: Iterable[str], folder: str | Path, min_size: int = QMARK_ID + 1) -> Path:
     """A WordPiece vocab.txt with the special tokens at bert-base ids, the given words, and letters and
-    digits (plus their ## forms) so any word still tokenises."""
+    digits (plus their ## forms) so any word still tokenises; padded with [unusedN] to `min_size`."""
     words = sorted({w for t in words for w in clean_tag(t).split()})
     pieces = list("abcdefghijklmnopqrstuvwxyz0123456789-'")
     pieces += ["##" + p for p in pieces]
     entries = [p for p in dict.fromkeys(words + pieces) if p not in _SPECIALS.values()]
-    size = max(QMARK_ID + 1, len(entries) + len(_SPECIALS) + 1)
+    size = max(QMARK_ID + 1, min_size, len(entries) + len(_SPECIALS) + 1)
     vocab = [None] * size
     for i, t in _SPECIALS.items():
         vocab[i] = t
@@ -396,10 +396,15 @@ def train_detector(detector: GroundingDinoDetector, samples: Sequence[dict], ste
     model, dev = detector.model, detector.cfg.device
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     rng = random.Random(seed)
     t0, losses, step = time.perf_counter(), [], 0
     while step < steps and (time_limit_s is None or time.perf_counter() - t0 < time_limit_s):
+        # cosine decay over whichever budget runs out first: steps or time
+        progress = step / steps
+        if time_limit_s:
+            progress = max(progress, (time.perf_counter() - t0) / time_limit_s)
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         batch = [samples[rng.randrange(len(samples))] for _ in range(batch_size)]
         if flip:  # horizontal flip: boxes mirror
             batch = [_flip(s) if rng.random() < 0.5 else s for s in batch]
@@ -423,7 +428,6 @@ def train_detector(detector: GroundingDinoDetector, samples: Sequence[dict], ste
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
-        sched.step()
         step += 1
         losses.append(loss.item())
         if log_every and step % log_every == 0:

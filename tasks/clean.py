@@ -46,7 +46,8 @@ class CleanConfig:
     max_iter: int = 50
     tol: float = 1e-4                  # stop when centres move less than tol x the data's mean variance
     seed_sample: int = 1024            # k-means++ seeding runs on at most this many points of the tag
-    minibatch_threshold: int = 50_000  # tags with more crops use sklearn MiniBatchKMeans (k-means++ init)
+    fit_sample: int = 8192             # Lloyd runs on at most this many points; all crops are then assigned
+    minibatch_threshold: int = 200_000 # tags with more crops use sklearn MiniBatchKMeans (k-means++ init)
     minibatch_size: int = 4096
     baseline_check: bool = True
     keep_no_box: bool = True
@@ -158,9 +159,9 @@ def kmeans_pp_seeds(X: np.ndarray, k: int, rng: np.random.Generator, xx: np.ndar
     return X[idx].copy()
 
 
-def _lloyd(X: np.ndarray, C: np.ndarray, max_iter: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
+def _lloyd(X: np.ndarray, C: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
     """Lloyd iterations in float32 with BLAS distances until the centres move less than `tol` (squared,
-    summed; scikit-learn's criterion) or labels stop changing. Returns (labels, squared distance to own centre)."""
+    summed; scikit-learn's criterion) or labels stop changing. Returns the centres."""
     xx = np.einsum("ij,ij->i", X, X)
     ar = np.arange(len(X))
     labels = None
@@ -179,9 +180,7 @@ def _lloyd(X: np.ndarray, C: np.ndarray, max_iter: int, tol: float) -> tuple[np.
         C = newC
         if shift <= tol:
             break
-    d2 = _sq_dist(X, xx, C)
-    labels = d2.argmin(axis=1)
-    return labels, np.maximum(d2[ar, labels], 0.0)
+    return C
 
 
 def cluster_tag(X: np.ndarray, cfg: CleanConfig, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -206,10 +205,16 @@ def cluster_tag(X: np.ndarray, cfg: CleanConfig, seed: int = 0) -> tuple[np.ndar
         d = np.linalg.norm(X - km.cluster_centers_[labels].astype(np.float32), axis=1)
         return labels.astype(np.int32), d.astype(np.float32)
     rng = np.random.default_rng(seed)
-    S = X if n <= cfg.seed_sample else X[rng.choice(n, cfg.seed_sample, replace=False)]
+    # centres are fitted on a random sample of a large tag (k <= k_max centres need few thousand points);
+    # every crop is then assigned and measured against them in one pass
+    F = X if n <= cfg.fit_sample else X[np.sort(rng.choice(n, cfg.fit_sample, replace=False))]
+    S = F if len(F) <= cfg.seed_sample else F[rng.choice(len(F), cfg.seed_sample, replace=False)]
     C = kmeans_pp_seeds(S, k, rng)
-    tol = cfg.tol * float(X.var(axis=0).mean())  # scikit-learn's tolerance: relative to the data's variance
-    labels, d2 = _lloyd(X, C, cfg.max_iter, tol)
+    tol = cfg.tol * float(F.var(axis=0).mean())  # scikit-learn's tolerance: relative to the data's variance
+    C = _lloyd(F, C, cfg.max_iter, tol)
+    d2 = _sq_dist(X, np.einsum("ij,ij->i", X, X), C)
+    labels = d2.argmin(axis=1)
+    d2 = np.maximum(d2[np.arange(n), labels], 0.0)
     return labels.astype(np.int32), np.sqrt(d2).astype(np.float32)
 
 

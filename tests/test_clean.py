@@ -30,8 +30,9 @@ def _planted(n=1000, d=512, clusters=5, frac=0.1, seed=0):
 
 
 @pytest.mark.parametrize("cfg", [CleanConfig(), CleanConfig(algorithm="sklearn"),
-                                 CleanConfig(minibatch_threshold=500, minibatch_size=256)],
-                         ids=["fast", "sklearn", "minibatch"])
+                                 CleanConfig(minibatch_threshold=500, minibatch_size=256),
+                                 CleanConfig(fit_sample=300, seed_sample=100)],
+                         ids=["fast", "sklearn", "minibatch", "fit-on-sample"])
 def test_planted_outliers_found(tmp_path, cfg):
     X, truth = _planted()
     store = EmbeddingStore(tmp_path / "emb")
