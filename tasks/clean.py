@@ -1,0 +1,365 @@
+"""Clean stage: remove wrong tags using their grounded regions.
+
+1. Outliers: the crops of each tag are clustered with K-Means++ over their embeddings; the crops
+   farthest from their own centroid (the top `outlier_fraction` of the tag) are outliers.
+2. Baseline disagrees: the baseline tagger scores every crop; an (image, tag) pair whose crops all
+   score below the tag's threshold is removed.
+3. No box: a localisable tag the detector found no box for is kept or removed (config).
+
+Clustering needs every crop of a tag, across parts, so embeddings go to an on-disk `EmbeddingStore`
+(one float32 file per tag, appended part by part) and are clustered one tag at a time: memory holds
+one tag's array, not the dataset. `cluster_outliers` runs once over the store; `build_clean` then
+turns each part's regions into CLEAN and CLEAN_CROPS rows.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from storage.schemas import CLEAN, CLEAN_CROPS
+from tasks.ground import OBJECT, localisable_tags
+
+OUTLIER, BASELINE_DISAGREES, NO_BOX = "outlier", "baseline-disagrees", "no-box"
+
+CROP_RESULTS = pa.schema([
+    pa.field("tag_id", pa.int32()), pa.field("crop_key", pa.string()), pa.field("cluster", pa.int32()),
+    pa.field("distance", pa.float32()), pa.field("outlier", pa.bool_())])
+
+
+@dataclass
+class CleanConfig:
+    outlier_fraction: float = 0.10     # share of each tag's crops removed as outliers (farthest from centroid)
+    k: int | None = None               # clusters per tag; None: min(k_max, max(1, n // crops_per_cluster))
+    k_max: int = 8
+    crops_per_cluster: int = 50
+    min_crops: int = 10                # tags with fewer crops are not clustered (no outliers: too few to judge)
+    algorithm: str = "fast"            # "fast": k-means++ seeding + float32 BLAS Lloyd; "sklearn": KMeans per tag
+    max_iter: int = 50
+    tol: float = 1e-4                  # stop when centres move less than tol x the data's mean variance
+    seed_sample: int = 1024            # k-means++ seeding runs on at most this many points of the tag
+    fit_sample: int = 8192             # Lloyd runs on at most this many points; all crops are then assigned
+    minibatch_threshold: int = 200_000 # tags with more crops use sklearn MiniBatchKMeans (k-means++ init)
+    minibatch_size: int = 4096
+    baseline_check: bool = True
+    keep_no_box: bool = True
+    localisable: tuple[str, ...] = (OBJECT,)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.outlier_fraction < 1.0:
+            raise ValueError(f"clean.outlier_fraction must be in [0, 1), got {self.outlier_fraction}")
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"clean.k must be >= 1 or null, got {self.k}")
+        if self.k_max < 1 or self.crops_per_cluster < 1 or self.min_crops < 1 or self.max_iter < 1:
+            raise ValueError("clean.k_max, crops_per_cluster, min_crops and max_iter must be >= 1")
+        if self.algorithm not in ("fast", "sklearn"):
+            raise ValueError(f"clean.algorithm must be 'fast' or 'sklearn', got {self.algorithm!r}")
+
+    def clusters_for(self, n: int) -> int:
+        k = self.k if self.k is not None else min(self.k_max, max(1, n // self.crops_per_cluster))
+        return max(1, min(k, n))
+
+
+# ---------------------------------------------------------------- embeddings on disk
+
+class EmbeddingStore:
+    """Per-tag append-only embedding files: `<dir>/<tag_id>.f32` (float32 rows) and `<tag_id>.keys`
+    (one crop key per line, same order). Add part by part, read back one tag at a time."""
+
+    def __init__(self, folder: str | Path, dim: int | None = None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        dim_file = self.folder / "_dim"
+        if dim_file.exists():
+            stored = int(dim_file.read_text())
+            if dim is not None and dim != stored:
+                raise ValueError(f"embedding store {self.folder} holds dim {stored}, not {dim}")
+            dim = stored
+        elif dim is not None:
+            dim_file.write_text(str(dim))
+        self.dim = dim
+
+    def add(self, tag_ids: Sequence[int], crop_keys: Sequence[str], embeddings: np.ndarray) -> None:
+        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if emb.ndim != 2 or len(emb) != len(tag_ids) or len(crop_keys) != len(tag_ids):
+            raise ValueError(f"EmbeddingStore.add: {len(tag_ids)} tag ids, {len(crop_keys)} keys, embeddings {emb.shape}")
+        if self.dim is None:
+            self.dim = emb.shape[1]
+            (self.folder / "_dim").write_text(str(self.dim))
+        elif emb.shape[1] != self.dim:
+            raise ValueError(f"EmbeddingStore.add: embeddings of dim {emb.shape[1]}, store holds {self.dim}")
+        tids = np.asarray(tag_ids)
+        order = np.argsort(tids, kind="stable")
+        bounds = np.flatnonzero(np.diff(tids[order])) + 1
+        for grp in np.split(order, bounds):
+            if len(grp) == 0:
+                continue
+            t = int(tids[grp[0]])
+            with open(self.folder / f"{t}.f32", "ab") as f:
+                emb[grp].tofile(f)
+            with open(self.folder / f"{t}.keys", "a") as f:
+                f.write("".join(crop_keys[i] + "\n" for i in grp))
+
+    def tags(self) -> list[int]:
+        return sorted(int(p.stem) for p in self.folder.glob("*.f32"))
+
+    def count(self, tag_id: int) -> int:
+        return os.path.getsize(self.folder / f"{tag_id}.f32") // (4 * self.dim)
+
+    def load(self, tag_id: int) -> tuple[list[str], np.ndarray]:
+        emb = np.fromfile(self.folder / f"{tag_id}.f32", dtype=np.float32).reshape(-1, self.dim)
+        keys = (self.folder / f"{tag_id}.keys").read_text().splitlines()
+        if len(keys) != len(emb):
+            raise ValueError(f"embedding store {self.folder}: tag {tag_id} has {len(emb)} rows but {len(keys)} keys "
+                             "(an interrupted write?); rebuild the store")
+        return keys, emb
+
+    def __iter__(self) -> Iterator[tuple[int, list[str], np.ndarray]]:
+        for t in self.tags():
+            keys, emb = self.load(t)
+            yield t, keys, emb
+
+
+# ---------------------------------------------------------------- clustering
+
+def _sq_dist(X: np.ndarray, xx: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """Squared distances [n, k] via |x|^2 - 2 x.c + |c|^2 (one BLAS matmul)."""
+    return xx[:, None] - 2.0 * (X @ C.T) + np.einsum("ij,ij->i", C, C)[None, :]
+
+
+def kmeans_pp_seeds(X: np.ndarray, k: int, rng: np.random.Generator, xx: np.ndarray | None = None) -> np.ndarray:
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii; scikit-learn's variant): each new centre is the best
+    of 2 + ln k candidates drawn with probability proportional to the squared distance to the nearest centre."""
+    n = len(X)
+    xx = np.einsum("ij,ij->i", X, X) if xx is None else xx
+    trials = 2 + int(np.log(k))
+    first = int(rng.integers(n))
+    idx = [first]
+    d2 = np.maximum(_sq_dist(X, xx, X[first:first + 1])[:, 0], 0.0)
+    for _ in range(1, k):
+        total = d2.sum()
+        if total <= 0:  # fewer distinct points than k: repeat one
+            idx.append(first)
+            continue
+        cand = np.minimum(np.searchsorted(np.cumsum(d2), rng.random(trials) * total), n - 1)
+        dc = np.maximum(_sq_dist(X, xx, X[cand]).T, 0.0)          # [trials, n]
+        new = np.minimum(d2[None, :], dc)
+        best = int(new.sum(axis=1).argmin())
+        d2 = new[best]
+        idx.append(int(cand[best]))
+    return X[idx].copy()
+
+
+def _lloyd(X: np.ndarray, C: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
+    """Lloyd iterations in float32 with BLAS distances until the centres move less than `tol` (squared,
+    summed; scikit-learn's criterion) or labels stop changing. Returns the centres."""
+    xx = np.einsum("ij,ij->i", X, X)
+    ar = np.arange(len(X))
+    labels = None
+    for _ in range(max_iter):
+        new = _sq_dist(X, xx, C).argmin(axis=1)
+        if labels is not None and np.array_equal(new, labels):
+            break
+        labels = new
+        counts = np.bincount(labels, minlength=len(C))
+        onehot = np.zeros((len(C), len(X)), dtype=np.float32)
+        onehot[labels, ar] = 1.0
+        nz = counts > 0  # an empty cluster keeps its old centre
+        newC = C.copy()
+        newC[nz] = (onehot @ X)[nz] / counts[nz, None]
+        shift = float(((newC - C) ** 2).sum())
+        C = newC
+        if shift <= tol:
+            break
+    return C
+
+
+def cluster_tag(X: np.ndarray, cfg: CleanConfig, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """K-Means++ on one tag's embeddings: (cluster per row, distance of each row to its own centroid)."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    n = len(X)
+    k = cfg.clusters_for(n)
+    if k == 1:  # one cluster: the centroid is the mean, no iterations needed
+        d = np.linalg.norm(X - X.mean(axis=0, keepdims=True), axis=1)
+        return np.zeros(n, np.int32), d.astype(np.float32)
+    if n > cfg.minibatch_threshold:
+        from sklearn.cluster import MiniBatchKMeans  # imported here: the fast path does not need sklearn
+        km = MiniBatchKMeans(n_clusters=k, init="k-means++", n_init=1, batch_size=cfg.minibatch_size,
+                             random_state=seed, max_iter=cfg.max_iter).fit(X)
+        labels, C = km.labels_, km.cluster_centers_.astype(np.float32)
+        d = np.linalg.norm(X - C[labels], axis=1)
+        return labels.astype(np.int32), d.astype(np.float32)
+    if cfg.algorithm == "sklearn":
+        from sklearn.cluster import KMeans
+        km = KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=cfg.max_iter, random_state=seed).fit(X)
+        labels = km.labels_
+        d = np.linalg.norm(X - km.cluster_centers_[labels].astype(np.float32), axis=1)
+        return labels.astype(np.int32), d.astype(np.float32)
+    rng = np.random.default_rng(seed)
+    # centres are fitted on a random sample of a large tag (k <= k_max centres need few thousand points);
+    # every crop is then assigned and measured against them in one pass
+    F = X if n <= cfg.fit_sample else X[np.sort(rng.choice(n, cfg.fit_sample, replace=False))]
+    S = F if len(F) <= cfg.seed_sample else F[rng.choice(len(F), cfg.seed_sample, replace=False)]
+    C = kmeans_pp_seeds(S, k, rng)
+    tol = cfg.tol * float(F.var(axis=0).mean())  # scikit-learn's tolerance: relative to the data's variance
+    C = _lloyd(F, C, cfg.max_iter, tol)
+    d2 = _sq_dist(X, np.einsum("ij,ij->i", X, X), C)
+    labels = d2.argmin(axis=1)
+    d2 = np.maximum(d2[np.arange(n), labels], 0.0)
+    return labels.astype(np.int32), np.sqrt(d2).astype(np.float32)
+
+
+def outlier_mask(distances: np.ndarray, fraction: float, min_crops: int) -> np.ndarray:
+    """The farthest round(fraction * n) rows; none when the tag has fewer than `min_crops` crops."""
+    n = len(distances)
+    mask = np.zeros(n, bool)
+    m = int(round(fraction * n))
+    if n >= min_crops and m > 0:
+        mask[np.argsort(-distances, kind="stable")[:m]] = True
+    return mask
+
+
+def cluster_outliers(store: EmbeddingStore, cfg: CleanConfig, tags: Iterable[int] | None = None,
+                     on_tag: Callable[[int, int, float], None] | None = None) -> tuple[pa.Table, dict]:
+    """Cluster every tag of the store, one tag in memory at a time. Returns a table (tag_id, crop_key,
+    cluster, distance, outlier) over all crops, and metrics."""
+    cfg.validate()
+    parts, m = [], Counter()
+    t0 = time.perf_counter()
+    for t in (store.tags() if tags is None else tags):
+        t1 = time.perf_counter()
+        keys, X = store.load(t)
+        labels, d = cluster_tag(X, cfg, seed=cfg.seed + t)
+        out = outlier_mask(d, cfg.outlier_fraction, cfg.min_crops)
+        parts.append(pa.Table.from_arrays([
+            pa.array(np.full(len(keys), t, np.int32)), pa.array(keys, pa.string()), pa.array(labels, pa.int32()),
+            pa.array(d, pa.float32()), pa.array(out)], schema=CROP_RESULTS))
+        m["tags"] += 1
+        m["crops"] += len(keys)
+        m["outliers"] += int(out.sum())
+        m["tags_below_min_crops"] += int(len(keys) < cfg.min_crops)
+        if on_tag:
+            on_tag(t, len(keys), time.perf_counter() - t1)
+    table = pa.concat_tables(parts) if parts else CROP_RESULTS.empty_table()
+    metrics = dict(m)
+    metrics["seconds"] = time.perf_counter() - t0
+    return table, metrics
+
+
+# ---------------------------------------------------------------- embeddings and baseline scores of crops
+
+def embed_and_score(regions: pa.Table, crop_loader: Callable[[str], Image.Image], embedder, store: EmbeddingStore,
+                    baseline: Callable[[Sequence[Image.Image]], np.ndarray] | None = None,
+                    batch_size: int = 64) -> dict[str, float]:
+    """Embed every crop of a regions part into the store and, with a baseline (images -> [N, num_tags]
+    probabilities), score each crop for its own tag. Returns {crop_key: baseline score}."""
+    keys = regions.column("crop_key").to_pylist()
+    tids = regions.column("tag_id").to_pylist()
+    scores: dict[str, float] = {}
+    for s in range(0, len(keys), batch_size):
+        ck, tt = keys[s: s + batch_size], tids[s: s + batch_size]
+        imgs = [crop_loader(k) for k in ck]
+        store.add(tt, ck, embedder(imgs))
+        if baseline is not None:
+            p = np.asarray(baseline(imgs))
+            if p.ndim != 2 or len(p) != len(imgs) or max(tt) >= p.shape[1]:
+                raise ValueError(f"baseline returned shape {p.shape} for {len(imgs)} crops; expected [N, num_tags] "
+                                 f"covering tag id {max(tt)}")
+            scores.update({k: float(p[i, t]) for i, (k, t) in enumerate(zip(ck, tt))})
+    return scores
+
+
+def baseline_disagrees(regions: pa.Table, scores: Mapping[str, float], thresholds: Sequence[float] | np.ndarray
+                       ) -> set[tuple[str, int]]:
+    """(key, tag_id) pairs whose every crop scores below the tag's threshold (crops without a score do
+    not count either way; a pair with no scored crop is not removed)."""
+    thr = np.asarray(thresholds, dtype=np.float64)
+    agree, scored = set(), set()
+    for key, tid, ck in zip(regions.column("key").to_pylist(), regions.column("tag_id").to_pylist(),
+                            regions.column("crop_key").to_pylist()):
+        if ck not in scores:
+            continue
+        scored.add((key, tid))
+        if scores[ck] >= thr[tid]:
+            agree.add((key, tid))
+    return scored - agree
+
+
+# ---------------------------------------------------------------- output tables
+
+def clean_table(rows: Sequence[dict]) -> pa.Table:
+    return pa.Table.from_pydict({f.name: [r[f.name] for r in rows] for f in CLEAN}, schema=CLEAN)
+
+
+def clean_crops_table(rows: Sequence[dict]) -> pa.Table:
+    return pa.Table.from_pydict({f.name: [r[f.name] for r in rows] for f in CLEAN_CROPS}, schema=CLEAN_CROPS)
+
+
+def build_clean(generated: pa.Table, regions: pa.Table, crop_results: pa.Table | Mapping[str, tuple[int, float, bool]],
+                categories: Mapping[int, str], cfg: CleanConfig, scores: Mapping[str, float] | None = None,
+                thresholds: Sequence[float] | None = None, ground_rejected: Iterable[str] = ()
+                ) -> tuple[pa.Table, pa.Table, list[dict], dict]:
+    """One part: (CLEAN table, CLEAN_CROPS table, rejects, metrics).
+
+    `generated` gives each key's tags (`tag_ids`); `regions` that part's boxes; `crop_results` the
+    clustering result (table from `cluster_outliers`, or {crop_key: (cluster, distance, outlier)}).
+    A pair is an outlier when all its crops are outliers. Reasons in priority order: outlier,
+    baseline-disagrees, no-box. Keys the ground stage rejected are rejected here ("not-grounded").
+    """
+    cfg.validate()
+    if isinstance(crop_results, pa.Table):
+        d = crop_results.select(["crop_key", "cluster", "distance", "outlier"]).to_pydict()
+        res = {k: (c, dd, o) for k, c, dd, o in zip(d["crop_key"], d["cluster"], d["distance"], d["outlier"])}
+    else:
+        res = dict(crop_results)
+    scores = scores or {}
+    disagree = baseline_disagrees(regions, scores, thresholds) if (cfg.baseline_check and thresholds is not None) else set()
+    crops_of: dict[tuple[str, int], list[str]] = defaultdict(list)
+    crop_rows = []
+    for key, tid, ck in zip(regions.column("key").to_pylist(), regions.column("tag_id").to_pylist(),
+                            regions.column("crop_key").to_pylist()):
+        crops_of[(key, tid)].append(ck)
+        c, dist, out = res.get(ck, (-1, float("nan"), False))  # -1: not clustered (no embedding)
+        crop_rows.append({"key": key, "tag_id": tid, "crop_key": ck, "cluster": int(c), "distance": float(dist),
+                          "outlier": bool(out), "baseline_score": scores.get(ck)})
+    rejected = set(ground_rejected)
+    rows, rejects, m = [], [], Counter({k: 0 for k in (OUTLIER, BASELINE_DISAGREES, NO_BOX, "tags_in", "tags_kept")})
+    for key, tids in zip(generated.column("key").to_pylist(), generated.column("tag_ids").to_pylist()):
+        if key in rejected:
+            rejects.append({"key": key, "reason": "not-grounded", "detail": "the ground stage rejected this key",
+                            "source": "", "field": "image"})
+            continue
+        tids = list(dict.fromkeys(tids or []))
+        loc = set(localisable_tags(tids, categories, cfg.localisable))
+        kept, removed, reasons = [], [], []
+        for t in tids:
+            cks = crops_of.get((key, t))
+            reason = None
+            if cks:
+                if all(res.get(ck, (0, 0.0, False))[2] for ck in cks):
+                    reason = OUTLIER
+                elif (key, t) in disagree:
+                    reason = BASELINE_DISAGREES
+            elif t in loc and not cfg.keep_no_box:
+                reason = NO_BOX
+            if reason is None:
+                kept.append(t)
+            else:
+                removed.append(t)
+                reasons.append(reason)
+                m[reason] += 1
+        m["tags_in"] += len(tids)
+        m["tags_kept"] += len(kept)
+        rows.append({"key": key, "tag_ids": kept, "removed_tag_ids": removed, "removed_reasons": reasons})
+    metrics = dict(m)
+    metrics.update(keys_in=generated.num_rows, keys_out=len(rows), keys_rejected=len(rejects), crops=len(crop_rows))
+    return clean_table(rows), clean_crops_table(crop_rows), rejects, metrics

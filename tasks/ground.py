@@ -1,0 +1,243 @@
+"""Ground stage: find each localisable tag of an image with the detector and cut the region crops.
+
+Input part: rows with `key` and `tag_ids` (the generated stage's union of caption and model tags).
+Output: regions rows (storage.schemas.REGIONS, one per kept box), crop samples for a WebDataset
+shard ({"__key__": crop_key, "jpg"/"png": bytes}), rejects and metrics.
+
+Only localisable tags are grounded: by default the tags parsed as objects. Attributes and actions
+(and tags of unknown category) have no box of their own and are not cleaned by regions.
+"""
+from __future__ import annotations
+
+import io
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+
+import pyarrow as pa
+from PIL import Image
+
+from storage.schemas import REGIONS
+
+OBJECT, ATTRIBUTE, ACTION, UNKNOWN = "object", "attribute", "action", "unknown"
+
+
+@dataclass
+class GroundConfig:
+    localisable: tuple[str, ...] = (OBJECT,)   # categories whose tags are grounded and cleaned
+    top_n: int = 1                 # boxes kept per (image, tag), best score first
+    batch_size: int = 8            # images per detector call and per checkpoint
+    crop_padding: float = 0.1      # context added around a box, as a fraction of its width / height per side
+    crop_min_size: int = 32        # a crop smaller than this (px) on a side is grown around its centre
+    crop_format: str = "jpg"       # "jpg" | "png"
+    jpeg_quality: int = 90
+    shard: str = ""                # store-relative crop tar path written into every region row
+
+    def validate(self) -> None:
+        if self.top_n < 1:
+            raise ValueError(f"ground.top_n must be >= 1, got {self.top_n}")
+        if self.batch_size < 1:
+            raise ValueError(f"ground.batch_size must be >= 1, got {self.batch_size}")
+        if self.crop_padding < 0 or self.crop_min_size < 1:
+            raise ValueError("ground.crop_padding must be >= 0 and ground.crop_min_size >= 1")
+        if self.crop_format not in ("jpg", "png"):
+            raise ValueError(f"ground.crop_format must be 'jpg' or 'png', got {self.crop_format!r}")
+        bad = set(self.localisable) - {OBJECT, ATTRIBUTE, ACTION, UNKNOWN}
+        if bad:
+            raise ValueError(f"ground.localisable has unknown categories {sorted(bad)}; use object/attribute/action/unknown")
+
+
+class Region(NamedTuple):
+    tag_id: int
+    tag: str
+    box: tuple[float, float, float, float]   # x0, y0, x1, y1 source pixels
+    score: float
+    rank: int                                 # 0 = best box of this (image, tag)
+
+
+# ---------------------------------------------------------------- categories
+
+def categories_from_parsed(parsed: pa.Table, overrides: Mapping[int, str] | None = None) -> dict[int, str]:
+    """Category per tag id from the parsed table: a tag found in a row's `objects` column counts as an
+    object there, in `attributes` as an attribute, in `actions` as an action; the majority over rows wins.
+    `overrides` (a per-tag category map, e.g. from the tag list) takes precedence."""
+    votes: dict[int, Counter] = defaultdict(Counter)
+    cols = parsed.select(["tags", "tag_ids", "objects", "attributes", "actions"]).to_pydict()
+    for tags, ids, objs, attrs, acts in zip(cols["tags"], cols["tag_ids"], cols["objects"], cols["attributes"], cols["actions"]):
+        sets = {OBJECT: _words(objs), ATTRIBUTE: _words(attrs), ACTION: _words(acts)}
+        for tag, tid in zip(tags or [], ids or []):
+            t = tag.lower()
+            for cat, words in sets.items():
+                if t in words:
+                    votes[tid][cat] += 1
+                    break
+            else:
+                votes[tid][UNKNOWN] += 1
+    cats = {tid: c.most_common(1)[0][0] for tid, c in votes.items()}
+    if overrides:
+        cats.update({int(k): v for k, v in overrides.items()})
+    return cats
+
+
+def _words(items: Iterable[str] | None) -> set[str]:
+    # a parsed phrase ("red car") counts as a whole and as its last word (the head noun / the verb)
+    out = set()
+    for p in items or []:
+        p = p.lower().strip()
+        out.add(p)
+        if p:
+            out.add(p.split()[-1])
+    return out
+
+
+def localisable_tags(tag_ids: Iterable[int], categories: Mapping[int, str],
+                     localisable: Sequence[str] = (OBJECT,)) -> list[int]:
+    """The tag ids whose category is localisable (ids absent from `categories` count as unknown)."""
+    return [int(t) for t in dict.fromkeys(tag_ids) if categories.get(int(t), UNKNOWN) in localisable]
+
+
+# ---------------------------------------------------------------- boxes and crops
+
+def ground_batch(detector, images: Sequence[Image.Image], tags_per_image: Sequence[Sequence[tuple[int, str]]],
+                 cfg: GroundConfig) -> list[list[Region]]:
+    """Detect each image's (tag_id, tag name) list; keep the top-N boxes per tag."""
+    out: list[list[Region]] = [[] for _ in images]
+    todo = [i for i, t in enumerate(tags_per_image) if t]
+    if not todo:
+        return out
+    dets = detector.detect([images[i] for i in todo], [[name for _, name in tags_per_image[i]] for i in todo])
+    for i, ds in zip(todo, dets):
+        per_tag: dict[int, list] = defaultdict(list)
+        for d in ds:
+            per_tag[d.tag_index].append(d)
+        for ti in sorted(per_tag):
+            tid, name = tags_per_image[i][ti]
+            best = sorted(per_tag[ti], key=lambda d: -d.score)[: cfg.top_n]
+            out[i].extend(Region(tid, name, tuple(d.box), float(d.score), r) for r, d in enumerate(best))
+    return out
+
+
+def cut_crop(image: Image.Image, box: Sequence[float], padding: float = 0.1, min_size: int = 32) -> Image.Image:
+    """The box plus `padding` x its size on each side, grown to at least `min_size` px per side around
+    its centre, kept inside the image (shifted rather than shrunk when there is room)."""
+    W, H = image.size
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x1 > x0 and y1 > y0):
+        raise ValueError(f"cut_crop: box {tuple(box)} has no area")
+    pw, ph = (x1 - x0) * padding, (y1 - y0) * padding
+    x0, y0, x1, y1 = x0 - pw, y0 - ph, x1 + pw, y1 + ph
+
+    def span(a, b, lo_limit, hi_limit):
+        need = min(max(min_size, b - a), hi_limit - lo_limit)
+        if b - a < need:
+            c = (a + b) / 2
+            a, b = c - need / 2, c + need / 2
+        if a < lo_limit:
+            a, b = lo_limit, lo_limit + max(b - a, 1)
+        if b > hi_limit:
+            a, b = max(lo_limit, hi_limit - (b - a)), hi_limit
+        return int(round(a)), int(round(b))
+
+    cx0, cx1 = span(x0, x1, 0, W)
+    cy0, cy1 = span(y0, y1, 0, H)
+    cx1, cy1 = max(cx1, cx0 + 1), max(cy1, cy0 + 1)
+    return image.crop((cx0, cy0, cx1, cy1))
+
+
+def crop_key(key: str, tag_id: int, rank: int) -> str:
+    # no "." in a WebDataset key: the first dot of a member name starts its extension
+    return f"{key}_t{tag_id}_{rank}"
+
+
+def encode_crop(crop: Image.Image, fmt: str, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        crop.convert("RGB").save(buf, format="JPEG", quality=quality)
+    else:
+        crop.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- one part
+
+def regions_table(rows: Sequence[dict]) -> pa.Table:
+    """Region rows -> a table of schema REGIONS (the one place that builds it)."""
+    cols = {f.name: [r[f.name] for r in rows] for f in REGIONS}
+    return pa.Table.from_pydict(cols, schema=REGIONS)
+
+
+def ground_part(table: pa.Table, image_loader: Callable[[str], Image.Image], detector, cfg: GroundConfig,
+                tag_names: Mapping[int, str], categories: Mapping[int, str], done_keys: Iterable[str] = (),
+                checkpoint: Callable[[pa.Table, list, list, list], None] | None = None, keep_crops: bool = True,
+                source: str = "") -> tuple[pa.Table, list[dict], list[dict], dict]:
+    """Ground one part. Returns (regions table, crop samples, rejects, metrics) for the keys processed now.
+
+    Rows whose key is in `done_keys` are skipped (a resumed run). After every batch,
+    `checkpoint(batch_rows, batch_crops, batch_keys, batch_rejects)` is called: once it returns, those
+    keys are done and a rerun may pass them in `done_keys`. `image_loader(key)` returns the PIL image or
+    raises; a failure is a reject ("image-unreadable"), not a crash. With keep_crops=False the crops are
+    only handed to `checkpoint` (memory stays flat over a large part).
+    """
+    cfg.validate()
+    if "key" not in table.column_names or "tag_ids" not in table.column_names:
+        raise ValueError(f"ground_part needs columns key and tag_ids; got {table.column_names}")
+    done = set(done_keys)
+    keys = table.column("key").to_pylist()
+    tag_lists = table.column("tag_ids").to_pylist()
+    t0 = time.perf_counter()
+    m = Counter({k: 0 for k in ("keys_skipped_done", "keys_grounded", "keys_rejected", "keys_without_localisable_tags",
+                                "tags_in", "tags_queried", "tags_with_box", "tag_ids_without_name", "regions")})
+    m["keys_in"] = len(keys)
+    all_rows, all_crops, all_rejects = [], [], []
+    todo = [(k, t) for k, t in zip(keys, tag_lists) if k not in done]
+    m["keys_skipped_done"] = len(keys) - len(todo)
+    for b in range(0, len(todo), cfg.batch_size):
+        batch = todo[b: b + cfg.batch_size]
+        rows, crops, rejects, imgs, queries, okkeys = [], [], [], [], [], []
+        for key, tids in batch:
+            try:
+                im = image_loader(key)
+                im.load()
+            except Exception as e:  # noqa: BLE001 - any decode failure is a reject
+                rejects.append({"key": key, "reason": "image-unreadable", "detail": f"{type(e).__name__}: {e}",
+                                "source": source, "field": "image"})
+                continue
+            loc = localisable_tags(tids or [], categories, cfg.localisable)
+            unknown = [t for t in loc if t not in tag_names]
+            if unknown:
+                m["tag_ids_without_name"] += len(unknown)
+                loc = [t for t in loc if t in tag_names]
+            m["tags_in"] += len(set(tids or []))
+            m["tags_queried"] += len(loc)
+            if not loc:
+                m["keys_without_localisable_tags"] += 1
+            imgs.append(im)
+            queries.append([(t, tag_names[t]) for t in loc])
+            okkeys.append(key)
+        regions = ground_batch(detector, imgs, queries, cfg)
+        for key, im, q, regs in zip(okkeys, imgs, queries, regions):
+            m["tags_with_box"] += len({r.tag_id for r in regs})
+            for r in regs:
+                ck = crop_key(key, r.tag_id, r.rank)
+                crop = cut_crop(im, r.box, cfg.crop_padding, cfg.crop_min_size)
+                crops.append({"__key__": ck, cfg.crop_format: encode_crop(crop, cfg.crop_format, cfg.jpeg_quality)})
+                rows.append({"key": key, "tag_id": r.tag_id, "tag": r.tag, "box": [float(v) for v in r.box],
+                             "score": r.score, "crop_key": ck, "shard": cfg.shard})
+        batch_table = regions_table(rows)
+        if checkpoint is not None:
+            checkpoint(batch_table, crops, [k for k, _ in batch], rejects)
+        m["keys_grounded"] += len(okkeys)
+        m["keys_rejected"] += len(rejects)
+        m["regions"] += len(rows)
+        all_rows.append(batch_table)
+        all_rejects.extend(rejects)
+        if keep_crops:
+            all_crops.extend(crops)
+    m["tags_without_box"] = m["tags_queried"] - m["tags_with_box"]
+    metrics: dict = dict(m)
+    secs = time.perf_counter() - t0
+    metrics["seconds"] = secs
+    metrics["images_per_s"] = metrics.get("keys_grounded", 0) / secs if secs > 0 else 0.0
+    out = pa.concat_tables(all_rows) if all_rows else regions_table([])
+    return out, all_crops, all_rejects, metrics

@@ -1,0 +1,173 @@
+"""Clean stage: per-tag K-Means++ outliers, baseline disagreement, no-box, output tables, embedders."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+from PIL import Image
+
+from ram_model.embedder import ClipEmbedder, EmbedderConfig, EncoderEmbedder, build_embedder
+from storage.schemas import CLEAN, CLEAN_CROPS
+from tasks.clean import (CleanConfig, EmbeddingStore, baseline_disagrees, build_clean, cluster_outliers, cluster_tag,
+                         embed_and_score, outlier_mask)
+from tasks.ground import regions_table
+
+torch.set_num_threads(1)
+
+
+def _planted(n=1000, d=512, clusters=5, frac=0.1, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    n_out = int(n * frac)
+    inl = centres[rng.integers(0, clusters, n - n_out)] + 0.02 * rng.standard_normal((n - n_out, d)).astype(np.float32)
+    out = rng.standard_normal((n_out, d)).astype(np.float32)
+    X = np.concatenate([inl, out])
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    truth = np.r_[np.zeros(n - n_out, bool), np.ones(n_out, bool)]
+    perm = rng.permutation(n)
+    return X[perm], truth[perm]
+
+
+@pytest.mark.parametrize("cfg", [CleanConfig(), CleanConfig(algorithm="sklearn"),
+                                 CleanConfig(minibatch_threshold=500, minibatch_size=256),
+                                 CleanConfig(fit_sample=300, seed_sample=100)],
+                         ids=["fast", "sklearn", "minibatch", "fit-on-sample"])
+def test_planted_outliers_found(tmp_path, cfg):
+    X, truth = _planted()
+    store = EmbeddingStore(tmp_path / "emb")
+    keys = [f"c{i}" for i in range(len(X))]
+    # written in two parts, interleaved with another tag, as parts of a dataset would be
+    other, _ = _planted(n=200, seed=1)
+    store.add([7] * 500 + [3] * 100, keys[:500] + [f"o{i}" for i in range(100)], np.r_[X[:500], other[:100]])
+    store.add([3] * 100 + [7] * 500, [f"o{i}" for i in range(100, 200)] + keys[500:], np.r_[other[100:], X[500:]])
+    table, m = cluster_outliers(store, cfg)
+    assert m["tags"] == 2 and m["crops"] == 1200 and table.num_rows == 1200
+    t7 = table.filter(pc.equal(table.column("tag_id"), 7))
+    assert t7.column("crop_key").to_pylist() == keys  # order kept per tag
+    flagged = np.asarray(t7.column("outlier").to_pylist())
+    assert flagged.sum() == 100
+    tp = (flagged & truth).sum()
+    precision, recall = tp / flagged.sum(), tp / truth.sum()
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall)
+    # 8 clusters asked for 5 true groups plus scatter: at least the 5 groups are used
+    assert 5 <= len(set(t7.column("cluster").to_pylist())) <= cfg.clusters_for(1000) == 8
+
+
+def test_cluster_count_and_small_tags():
+    cfg = CleanConfig()
+    assert [cfg.clusters_for(n) for n in (1, 49, 100, 260, 10_000)] == [1, 1, 2, 5, 8]
+    assert CleanConfig(k=3).clusters_for(2) == 2
+    X, _ = _planted(n=40, d=16)
+    labels, d = cluster_tag(X, cfg)
+    assert (labels == 0).all() and np.allclose(d, np.linalg.norm(X - X.mean(0), axis=1), atol=1e-5)
+    assert outlier_mask(d, 0.1, min_crops=10).sum() == 4
+    assert outlier_mask(d[:9], 0.1, min_crops=10).sum() == 0
+
+
+def test_embedding_store_errors(tmp_path):
+    s = EmbeddingStore(tmp_path, dim=4)
+    s.add([1, 2], ["a", "b"], np.ones((2, 4)))
+    with pytest.raises(ValueError, match="dim"):
+        s.add([1], ["c"], np.ones((1, 5)))
+    with pytest.raises(ValueError, match="holds dim 4"):
+        EmbeddingStore(tmp_path, dim=8)
+    assert EmbeddingStore(tmp_path).count(1) == 1
+    (tmp_path / "1.keys").write_text("a\nextra\n")
+    with pytest.raises(ValueError, match="interrupted"):
+        s.load(1)
+
+
+def _regions(pairs):
+    rows = [{"key": k, "tag_id": t, "tag": f"t{t}", "box": [0.0, 0.0, 5.0, 5.0], "score": 0.9,
+             "crop_key": f"{k}_t{t}_{r}", "shard": "s.tar"} for k, t, r in pairs]
+    return regions_table(rows)
+
+
+def test_baseline_disagrees_exact_pairs():
+    regs = _regions([("a", 1, 0), ("a", 2, 0), ("b", 1, 0), ("b", 1, 1), ("c", 2, 0), ("c", 2, 1), ("d", 3, 0)])
+    thresholds = [0.5, 0.6, 0.7, 0.5]
+    scores = {"a_t1_0": 0.59, "a_t2_0": 0.71,   # a/1 below 0.6 -> removed; a/2 agrees
+              "b_t1_0": 0.10, "b_t1_1": 0.65,   # one crop of b/1 agrees -> kept
+              "c_t2_0": 0.2, "c_t2_1": 0.69}    # both below 0.7 -> removed; d/3 unscored -> kept
+    assert baseline_disagrees(regs, scores, thresholds) == {("a", 1), ("c", 2)}
+
+
+def test_build_clean_reasons_and_counts():
+    gen = pa.table({"key": ["a", "b", "c", "z"], "tag_ids": [[1, 2, 9], [1, 4], [2, 3], [1]]})
+    cats = {1: "object", 2: "object", 3: "object", 4: "object", 9: "attribute"}
+    regs = _regions([("a", 1, 0), ("a", 2, 0), ("b", 1, 0), ("c", 2, 0), ("c", 2, 1)])
+    crop_res = {"a_t1_0": (0, 0.1, False), "a_t2_0": (1, 0.9, True), "b_t1_0": (0, 0.2, False),
+                "c_t2_0": (0, 0.8, True), "c_t2_1": (1, 0.1, False)}
+    scores = {"a_t1_0": 0.9, "a_t2_0": 0.1, "b_t1_0": 0.1, "c_t2_0": 0.9, "c_t2_1": 0.9}
+    thr = [0.5] * 10
+    cfg = CleanConfig(keep_no_box=False)
+    clean, crops, rejects, m = build_clean(gen, regs, crop_res, cats, cfg, scores, thr, ground_rejected={"z"})
+    assert clean.schema.equals(CLEAN) and crops.schema.equals(CLEAN_CROPS)
+    rows = {r["key"]: r for r in clean.to_pylist()}
+    # a: 2 outlier (wins over baseline-disagrees); 9 is an attribute: never removed
+    assert rows["a"]["tag_ids"] == [1, 9] and rows["a"]["removed_tag_ids"] == [2]
+    assert rows["a"]["removed_reasons"] == ["outlier"]
+    # b: 1 baseline-disagrees, 4 has no box and keep_no_box is off
+    assert rows["b"]["removed_tag_ids"] == [1, 4] and rows["b"]["removed_reasons"] == ["baseline-disagrees", "no-box"]
+    # c: 2 has one inlier crop -> kept; 3 no box
+    assert rows["c"]["tag_ids"] == [2] and rows["c"]["removed_reasons"] == ["no-box"]
+    assert [r["key"] for r in rejects] == ["z"] and rejects[0]["reason"] == "not-grounded"
+    assert m["keys_in"] == m["keys_out"] + m["keys_rejected"] == 4
+    assert m["tags_in"] == m["tags_kept"] + m["outlier"] + m["baseline-disagrees"] + m["no-box"] == 7
+    assert crops.num_rows == 5 and crops.column("outlier").to_pylist() == [False, True, False, True, False]
+    # defaults: no-box tags kept; baseline check off without thresholds
+    clean2, _, _, m2 = build_clean(gen, regs, crop_res, cats, CleanConfig())
+    assert m2["no-box"] == 0 and m2["baseline-disagrees"] == 0 and m2["outlier"] == 1
+    assert {r["key"]: r["tag_ids"] for r in clean2.to_pylist()}["b"] == [1, 4]
+
+
+class _TinyEncoder(torch.nn.Module):
+    """A conv encoder that returns tokens [N, T, D] with a pooled token first, like RAM's."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 16, 8, stride=8)
+
+    def forward(self, x):
+        t = self.conv(x).flatten(2).transpose(1, 2)
+        return torch.cat([t.mean(1, keepdim=True), t], dim=1)
+
+
+def _crops(n):
+    return [Image.new("RGB", (20 + i, 30), (i * 20 % 255, 100, 50)) for i in range(n)]
+
+
+def test_encoder_embedder_and_embed_and_score(tmp_path):
+    emb = EncoderEmbedder(_TinyEncoder(), EmbedderConfig(image_size=32, batch_size=3))
+    E = emb(_crops(7))
+    assert E.shape == (7, 16) and E.dtype == np.float32 and np.allclose(np.linalg.norm(E, axis=1), 1, atol=1e-5)
+    assert emb([]).shape == (0, 16)
+    regs = _regions([("a", 1, 0), ("a", 2, 0), ("b", 1, 0)])
+    imgs = dict(zip(regs.column("crop_key").to_pylist(), _crops(3)))
+    store = EmbeddingStore(tmp_path / "e")
+    # the baseline here: a fixed probability per tag, so the expected score per crop is known
+    probs = np.array([0.1, 0.2, 0.3])
+    scores = embed_and_score(regs, imgs.__getitem__, emb, store, baseline=lambda ims: np.tile(probs, (len(ims), 1)),
+                             batch_size=2)
+    assert scores == {"a_t1_0": 0.2, "a_t2_0": 0.3, "b_t1_0": 0.2}
+    k1, e1 = store.load(1)
+    assert k1 == ["a_t1_0", "b_t1_0"] and np.allclose(e1, emb([imgs["a_t1_0"], imgs["b_t1_0"]]), atol=1e-6)
+
+
+def test_clip_embedder_and_config_errors():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    torch.manual_seed(0)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                           num_attention_heads=2, image_size=32, patch_size=8,
+                                                           projection_dim=24))
+    e = ClipEmbedder(EmbedderConfig(kind="clip", model="<in memory>"), model=model)
+    E = e(_crops(3))
+    assert E.shape == (3, 24) and np.allclose(np.linalg.norm(E, axis=1), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="baseline image encoder"):
+        build_embedder(EmbedderConfig())
+    with pytest.raises(ValueError, match="model"):
+        build_embedder(EmbedderConfig(kind="clip"))
+    with pytest.raises(OSError, match="local_files_only"):
+        build_embedder(EmbedderConfig(kind="clip", model="/nonexistent/clip"))
