@@ -13,12 +13,17 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
-from storage import PartRecord
+from storage import PartRecord, Store
+from tasks.config import EngineConfig
 from tasks.stage import PartTask, StageResult
 
 log = logging.getLogger("ram_engine")
 
 # Transient I/O is retried inside the part work itself (tasks.stage.run_stage), the same under every engine.
+def open_store(cfg: EngineConfig) -> Store:
+    return Store(cfg.store.url, **cfg.store.storage_options)
+
+
 @task(name="part", cache_policy=NO_CACHE)
 def run_part(fn: Callable[[PartTask], PartRecord], part: PartTask) -> PartRecord:
     return fn(part)

@@ -168,6 +168,13 @@ class Store:
         raise VersionNotFound(
             f"no committed version '{ref}' of stage '{stage}' in {self.url}; `ram-engine ls {stage}` lists them")
 
+    def open_ref(self, ref: str) -> "Version":
+        """Open `stage/version` (as in manifests' parent lists; model stages have a slash too)."""
+        stage, _, vid = ref.rpartition("/")
+        if not stage:
+            raise StoreError(f"{ref!r} is not a version reference of the form stage/version")
+        return self.open(stage, vid)
+
     def find(self, stage: str, vid: str) -> "Version | None":
         manifest = self._read_json(f"{stage}/{vid}/{MANIFEST}")
         return Version(self, manifest) if manifest is not None else None
