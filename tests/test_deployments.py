@@ -34,10 +34,13 @@ def prefect_api(tmp_path_factory):
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    home = str(tmp_path_factory.mktemp("prefect-home"))
-    os.environ["PREFECT_HOME"] = home
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value(), home
+    previous = os.environ.get("PREFECT_HOME")
+    home = os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield PREFECT_API_URL.value(), home
+    finally:
+        os.environ.pop("PREFECT_HOME") if previous is None else os.environ.update(PREFECT_HOME=previous)
 
 
 def source(root: Path, n: int, start: int = 0) -> Path:
