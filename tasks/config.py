@@ -38,7 +38,6 @@ class IngestConfig(Section):
     max_caption_chars: int = Field(1000, ge=1)
     max_captions: int = Field(16, ge=1)
     jpeg_quality: int = Field(95, ge=50, le=100)
-    new_samples_event_threshold: int = Field(1, ge=0)  # emit `ram.images.committed` at >= this many new samples
 
 
 class ModelConfig(Section):
@@ -96,6 +95,18 @@ class GenerateConfig(Section):
     device: str = "auto"
 
 
+class OrchestrationConfig(Section):
+    task_runner: Literal["threads", "dask", "ray"] = "threads"
+    max_workers: int | None = Field(None, ge=1)       # threads / local Dask workers / local Ray CPUs; None: CPU count
+    dask_address: str | None = None                   # tcp://scheduler:8786; None: a LocalCluster of processes
+    ray_address: str | None = None                    # ray://head:10001; None: a local Ray instance
+    schedule_cron: str = "0 3 * * *"                  # the scheduled data-engine loop
+    timezone: str = "UTC"
+    retrain_min_new_samples: int = Field(1000, ge=0)  # emit `ram.images.committed` at >= this many new samples
+    gpu_concurrency_limit: int = Field(1, ge=1)       # GPU stage slots at once (one per device)
+    gpu_limit_name: str = Field("ram-gpu", min_length=1)
+
+
 class EngineConfig(Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
@@ -103,6 +114,7 @@ class EngineConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -10,24 +10,41 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from storage import Store, StoreError, Version
 
 log = logging.getLogger("ram_engine")
+T = TypeVar("T")
 
-_CACHE: dict[str, Any] = {}
-_CACHE_LOCK = threading.Lock()
+_cache: dict[Any, Any] = {}
+_cache_locks: dict[Any, threading.Lock] = {}
+_cache_guard = threading.Lock()
 
 
-def worker_cached(key: str, factory: Callable[[], Any]) -> Any:
-    """One instance per process for `key`: model stages load a model once per worker, not per task."""
-    with _CACHE_LOCK:
-        if key not in _CACHE:
-            _CACHE[key] = factory()
-        return _CACHE[key]
+def worker_cached(key: Any, factory: Callable[[], T]) -> T:
+    """`factory()` once per process for `key`, then the same object: a model loads once per worker
+    (thread pool, Dask or Ray worker process), not once per part. Thread-safe: concurrent callers with
+    the same key wait for the first one; a factory that raises is retried by the next caller."""
+    try:
+        return _cache[key]
+    except KeyError:
+        pass
+    with _cache_guard:
+        lock = _cache_locks.setdefault(key, threading.Lock())
+    with lock:
+        if key not in _cache:
+            _cache[key] = factory()
+        return _cache[key]
+
+
+def clear_worker_cache() -> None:
+    """Drop every cached object in this process (tests, or to free a model's memory)."""
+    with _cache_guard:
+        _cache.clear()
+        _cache_locks.clear()
 
 
 def cache_dir() -> Path:

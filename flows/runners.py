@@ -1,0 +1,158 @@
+"""Where part work runs: Prefect task runners from config, a GPU slot limit, and a per-worker model cache.
+
+`make_task_runner(cfg)` turns `orchestration.task_runner` into a Prefect task runner:
+
+* `threads` (default): `ThreadPoolTaskRunner(max_workers)` in the flow's process.
+* `dask`: `DaskTaskRunner` (prefect-dask) on the cluster at `dask_address`, or on a `LocalCluster` of
+  `max_workers` single-threaded worker processes when no address is given.
+* `ray`: `RayTaskRunner` (prefect-ray, the optional `ray` extra) on `ray_address` or a local Ray.
+
+Stage functions do not change: `flows/runtime.prefect_executor` submits one Prefect task per part to
+whichever runner the flow runs with (`with_task_runner(flow, cfg)`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator, TypeVar
+
+from prefect import Flow
+
+from tasks.config import EngineConfig, OrchestrationConfig
+from tasks.models import clear_worker_cache, worker_cached  # noqa: F401  (one per-process cache, used by stages)
+
+log = logging.getLogger("ram_engine")
+
+T = TypeVar("T")
+
+
+class RunnerConfigError(ValueError):
+    """The configured task runner cannot be built here; the message says what to install or set."""
+
+
+def _orchestration(cfg: EngineConfig | OrchestrationConfig) -> OrchestrationConfig:
+    return cfg.orchestration if isinstance(cfg, EngineConfig) else cfg
+
+
+def default_workers(cfg: OrchestrationConfig) -> int:
+    return cfg.max_workers or os.cpu_count() or 1
+
+
+def make_task_runner(cfg: EngineConfig | OrchestrationConfig):
+    """The Prefect task runner `orchestration.task_runner` names (see the module docstring)."""
+    oc = _orchestration(cfg)
+    if oc.task_runner == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=default_workers(oc))
+    if oc.task_runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as exc:
+            raise RunnerConfigError(
+                "orchestration.task_runner=dask needs prefect-dask: pip install 'ram-data-engine[dask]' "
+                f"({exc})") from None
+        if oc.dask_address:
+            return DaskTaskRunner(address=oc.dask_address)
+        # Processes, one thread each: stage code holds the GIL (PIL decode, tokenisers) and torch
+        # sets its own threads per process.
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                              cluster_kwargs={"n_workers": default_workers(oc), "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    if oc.task_runner == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError as exc:
+            raise RunnerConfigError(
+                "orchestration.task_runner=ray needs prefect-ray, which is an optional extra: "
+                f"pip install 'ram-data-engine[ray]' ({exc})") from None
+        if oc.ray_address:
+            return RayTaskRunner(address=oc.ray_address)
+        return RayTaskRunner(init_kwargs={"num_cpus": default_workers(oc), "include_dashboard": False})
+    raise RunnerConfigError(f"orchestration.task_runner: unknown runner {oc.task_runner!r} "
+                            "(use threads, dask or ray)")
+
+
+def with_task_runner(flow: Flow, cfg: EngineConfig | OrchestrationConfig) -> Flow:
+    """A copy of `flow` that runs its tasks on the configured runner."""
+    return flow.with_options(task_runner=make_task_runner(cfg))
+
+
+# --------------------------------------------------------------------------- GPU slots
+_local_slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
+_local_slots_lock = threading.Lock()
+_ensured_limits: set[tuple[str, int]] = set()
+
+
+def _local_slot(name: str, limit: int) -> threading.BoundedSemaphore:
+    with _local_slots_lock:
+        return _local_slots.setdefault((name, limit), threading.BoundedSemaphore(limit))
+
+
+def ensure_gpu_limit(name: str, limit: int) -> None:
+    """Create (or resize) the Prefect global concurrency limit `name` on the current API."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with _local_slots_lock:  # one creator per process; other processes may race us: that is fine
+        if (name, limit) in _ensured_limits:
+            return
+        with get_client(sync_client=True) as client:
+            try:
+                client.upsert_global_concurrency_limit_by_name(name, limit)
+            except ObjectAlreadyExists:  # another worker created it between our read and create
+                client.upsert_global_concurrency_limit_by_name(name, limit)
+        _ensured_limits.add((name, limit))
+
+
+def _api_available() -> bool:
+    """An API is configured, or this code runs inside a flow or task run (whose API we share); outside
+    both, asking for a client would start a temporary server just for a slot."""
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url) or FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+@contextmanager
+def gpu_slot(cfg: EngineConfig | OrchestrationConfig | None = None, *, timeout_seconds: float | None = None
+             ) -> Iterator[str]:
+    """Hold one GPU slot while the body runs: a Prefect global concurrency limit shared by every worker
+    of the deployment (`orchestration.gpu_limit_name`, `gpu_concurrency_limit` slots), created when missing.
+
+    Where no Prefect server can hold the limit (no API, an API without global concurrency limits), fall
+    back to a slot local to this process and log a warning once: one GPU stage at a time per process.
+    Yields "prefect" or "local", saying which kind of slot is held. A `timeout_seconds` that passes
+    while waiting for a Prefect slot raises TimeoutError.
+    """
+    oc = _orchestration(cfg) if cfg is not None else OrchestrationConfig()
+    name, limit = oc.gpu_limit_name, oc.gpu_concurrency_limit
+    stack = ExitStack()
+    try:
+        if not _api_available():
+            raise RuntimeError("no Prefect API configured and not inside a flow run")
+        from prefect.concurrency.sync import concurrency
+
+        ensure_gpu_limit(name, limit)
+        stack.enter_context(concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True))
+        kind = "prefect"
+    except TimeoutError:
+        raise
+    except Exception as exc:  # no server, or one that does not support the limit
+        _warn_once(name, exc)
+        stack.enter_context(_local_slot(name, limit))
+        kind = "local"
+    with stack:
+        yield kind
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(name: str, exc: BaseException) -> None:
+    if name not in _warned:
+        _warned.add(name)
+        log.warning("GPU concurrency limit %r is not available from the Prefect API (%s: %s); GPU stages "
+                    "are limited per process only", name, type(exc).__name__, exc)

@@ -1,0 +1,202 @@
+"""Deployments: a served retrain deployment runs when ingest commits enough new samples; the emitter's
+threshold; the scheduled loop's cron."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prefect import flow
+
+from flows.deployments import (EVENT_IMAGES_COMMITTED, LOOP_DEPLOYMENT, RETRAIN_DEPLOYMENT, build_deployments,
+                               emit_images_committed, new_samples, serve_command, store_resource_id)
+from storage import Store
+from tasks.config import ConfigError, EngineConfig, load_config
+
+from tests.fixtures import image_bytes, write_folder_source
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@flow(name="retrain-probe")
+def retrain_probe(cfg: EngineConfig, images_version: str | None = None, new_samples: int | None = None) -> dict:
+    """Stands in for flows.train:retrain_flow: records what the trigger passed."""
+    return {"store": cfg.store.url, "images_version": images_version, "new_samples": new_samples}
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """One Prefect test server for this module (~11 s); yields its URL for subprocesses."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    previous = os.environ.get("PREFECT_HOME")
+    home = os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield PREFECT_API_URL.value(), home
+    finally:
+        os.environ.pop("PREFECT_HOME") if previous is None else os.environ.update(PREFECT_HOME=previous)
+
+
+def source(root: Path, n: int, start: int = 0) -> Path:
+    items = {f"s{i:03d}.jpg": (image_bytes(size=(30 + i, 20 + i % 5), color=(i * 11 % 256, 90, 30)),
+                               f"a small square number {i}") for i in range(start, start + n)}
+    return write_folder_source(root, items)
+
+
+def config(tmp_path: Path, **fields) -> EngineConfig:
+    overrides = [f"store.url={tmp_path / 'store'}", "ingest.part_size=3"]
+    overrides += [f"{k.replace('__', '.')}={v}" for k, v in fields.items()]
+    return load_config(None, overrides)
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    """Record events instead of sending them."""
+    import prefect.events
+
+    calls = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: calls.append(kw) or kw)
+    return calls
+
+
+def test_emitter_applies_the_threshold_and_counts_only_new_parts(tmp_path, sent):
+    from tasks.ingest import ingest
+
+    cfg = config(tmp_path)
+    store = Store(cfg.store.url)
+    src = source(tmp_path / "src", 7)
+    first = ingest(store, cfg.ingest, source=str(src)).version
+    assert new_samples(first) == 7
+    assert emit_images_committed(store, first, 7, threshold=8) is None and sent == []
+    emit_images_committed(store, first, 7, threshold=7)
+    assert len(sent) == 1 and sent[0]["event"] == EVENT_IMAGES_COMMITTED
+    assert sent[0]["resource"]["prefect.resource.id"] == store_resource_id(store)
+    assert sent[0]["payload"]["version"] == first.id and sent[0]["payload"]["new_samples"] == 7
+    # Growth: the grown version shares the unchanged parts; only the samples in its own parts are new.
+    extra = source(tmp_path / "extra", 5, start=50)  # new files land beside the untouched old ones
+    for f in extra.glob("*.jpg"):
+        f.rename(src / f.name)
+    with open(src / "captions.jsonl", "a") as out:
+        out.write((extra / "captions.jsonl").read_text())
+    grown = ingest(store, cfg.ingest, source=str(src)).version
+    assert grown.manifest["parts_reused"] > 0
+    fresh = new_samples(grown)
+    assert 5 <= fresh < 12, "shared parts must not count as new samples"
+
+
+def test_resource_id_is_the_same_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = store_resource_id(Store("./store"))
+    monkeypatch.chdir("/")
+    assert store_resource_id(Store(str(tmp_path / "store"))) == a
+    assert store_resource_id(Store(str(tmp_path / "other"))) != a
+
+
+def test_ingest_flow_emits_only_at_or_above_the_threshold(prefect_api, tmp_path, sent):
+    from flows.ingest import ingest_flow
+
+    src = source(tmp_path / "src", 4)
+    ingest_flow(config(tmp_path, orchestration__retrain_min_new_samples=5), source=str(src))
+    assert sent == [], "4 new samples < 5: no event"
+    ingest_flow(config(tmp_path, orchestration__retrain_min_new_samples=5), source=str(src))
+    assert sent == [], "an already committed version is not new"
+    result = ingest_flow(config(tmp_path / "b", orchestration__retrain_min_new_samples=4), source=str(src))
+    assert [e["payload"]["version"] for e in sent] == [result.version.id]
+    assert sent[0]["payload"]["new_samples"] == 4
+
+
+def test_bad_cron_and_missing_server_are_config_errors(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="orchestration.schedule_cron"):
+        build_deployments(config(tmp_path, orchestration__schedule_cron="'0 3 * *'"),
+                          loop_flow=retrain_probe, retrain_flow=retrain_probe)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: None}):
+        with pytest.raises(ConfigError, match="PREFECT_API_URL"):
+            serve_command(config(tmp_path))
+
+
+SERVE_SCRIPT = """
+import json, sys
+from tasks.config import EngineConfig
+from flows.deployments import serve
+
+if __name__ == "__main__":
+    cfg = EngineConfig.model_validate(json.load(open(sys.argv[1])))
+    serve(cfg, loop_flow="flows.ingest:ingest_flow", retrain_flow="tests.test_deployments:retrain_probe",
+          print_starting_message=False)
+"""
+
+
+def _wait(what: str, fn, timeout: float, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def test_served_retrain_deployment_runs_when_ingest_commits(prefect_api, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from flows.ingest import ingest_flow
+
+    api_url, home = prefect_api
+    cfg = config(tmp_path, orchestration__retrain_min_new_samples=3, orchestration__schedule_cron="'30 2 * * *'")
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
+    script = tmp_path / "serve_ram.py"
+    script.write_text(SERVE_SCRIPT)
+    env = dict(os.environ, PREFECT_API_URL=api_url, PREFECT_HOME=home,
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    log = open(tmp_path / "serve.log", "wb")
+    server = subprocess.Popen([sys.executable, str(script), str(cfg_file)], cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    t0 = time.monotonic()
+    try:
+        with get_client(sync_client=True) as client:
+            def deployment(flow_name, name):
+                try:
+                    return client.read_deployment_by_name(f"{flow_name}/{name}")
+                except Exception:
+                    assert server.poll() is None, "serve exited:\n" + (tmp_path / "serve.log").read_text()[-3000:]
+                    return None
+
+            retrain = _wait("the retrain deployment", lambda: deployment("retrain-probe", RETRAIN_DEPLOYMENT), 60)
+            loop = _wait("the loop deployment", lambda: deployment("ingest", LOOP_DEPLOYMENT), 30)
+            registered = time.monotonic() - t0
+            assert [s.schedule.cron for s in loop.schedules] == ["30 2 * * *"]
+            assert loop.parameters["cfg"]["store"]["url"] == cfg.store.url
+            time.sleep(5)  # the triggers service may miss an event sent right after the automation appears
+
+            t1 = time.monotonic()
+            result = ingest_flow(cfg, source=str(source(tmp_path / "src", 4)))
+
+            def completed_run():
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[retrain.id])))
+                return next((r for r in runs if r.state and r.state.is_final()), None)
+
+            run = _wait("a finished flow run of the retrain deployment", completed_run, 60)
+            triggered = time.monotonic() - t1
+            assert run.state.is_completed(), f"retrain run ended {run.state.type}: {run.state.message}"
+            assert run.parameters["images_version"] == result.version.id
+            assert run.parameters["new_samples"] == 4  # the template keeps the payload's type
+            assert run.parameters["cfg"]["store"]["url"] == cfg.store.url
+            print(f"deployments registered {registered:.1f}s after serve started; retrain run finished "
+                  f"{triggered:.1f}s after ingest began")
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
