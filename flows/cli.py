@@ -99,6 +99,106 @@ def ingest(src: Optional[str] = typer.Argument(None, help="Source: tar, folder o
     print_result(result)
 
 
+def print_results(results: dict) -> None:
+    table = Table("step", "stage", "version", "status", "rows in", "out", "rejected", "parts written / reused")
+    table.columns[2].no_wrap = True
+    for step, r in results.items():
+        s = r.summary()
+        table.add_row(step, s["stage"], s["version"], s["status"], str(s["rows_in"]), str(s["rows_out"]),
+                      str(s["rows_rejected"]), f"{s['parts_written']} / {s['parts_reused']}")
+    out.print(table)
+
+
+@app.command()
+def run(from_stage: Optional[str] = typer.Option(None, "--from", help="First stage (earlier ones: latest versions)."),
+        until_stage: Optional[str] = typer.Option(None, "--until", help="Last stage."),
+        source: Optional[str] = typer.Option(None, help="Ingest source (default: ingest.source).")) -> None:
+    """Run the data-engine loop (or part of it): ingest, parse, baseline, generate, ground, embed, clean,
+    train, evaluate."""
+    from flows.data_engine import data_engine_flow
+
+    cfg = get_config()
+    kwargs = dict(from_stage=from_stage, until_stage=until_stage, source=source)
+    if state.engine == "prefect":
+        results = data_engine_flow(cfg, **kwargs)
+    else:
+        with progress_bar() as update:
+            results = data_engine_flow.fn(cfg, progress=update, **kwargs)
+    print_results(results)
+
+
+@app.command()
+def demo(out_dir: str = typer.Option("ram-demo", "--out", help="Folder for the world, detector, store, report."),
+         images: int = typer.Option(600, help="Images in the generated world."),
+         seed: int = typer.Option(0, help="World seed.")) -> None:
+    """The offline demo: a generated world with known truth, the whole loop with tiny models on CPU,
+    the evaluation against the truth, and an HTML report."""
+    from flows.demo import run_demo
+
+    summary = run_demo(out_dir, n_images=images, seed=seed, engine=state.engine, config_path=state.config_path,
+                       overrides=state.overrides, say=out.print)
+    print_results(summary["results"])
+    ev = summary["results"].get("evaluate")
+    if ev is not None:
+        out.print("[bold]Data-engine ablation against the planted truth[/]")
+        out.print(ev.version.manifest["metrics"]["markdown"])
+    out.print(f"store: {summary['store']}\nreport: {summary['report']}\n"
+              f"total {summary['seconds'] / 60:.1f} min")
+
+
+@app.command()
+def report(target: Optional[str] = typer.Argument(None, help="STAGE[@VERSION] (default: the latest evaluate, "
+                                                              "else clean)"),
+           out_dir: str = typer.Option("ram-report", "--out", help="Folder for index.html and figures."),
+           truth: Optional[str] = typer.Option(None, help="Ground truth to mark wrong tags (default: "
+                                                          "evaluate.ground_truth).")) -> None:
+    """Render a static HTML report (PNG figures) of a version and its lineage."""
+    from tasks.report import build_report
+
+    cfg = get_config()
+    store = get_store(cfg)
+    if target:
+        version = store.open(*parse_ref(target))
+    else:
+        version = next((store.open(s) for s in ("evaluate", "clean") if store.versions(s)), None)
+        if version is None:
+            raise StoreError(f"no evaluate or clean version in {store.url}; name a version: ram-engine report STAGE@V")
+    path = build_report(store, version, out_dir, truth_path=truth or cfg.evaluate.ground_truth)
+    out.print(f"report: {path}")
+
+
+@app.command()
+def serve() -> None:
+    """Register and serve the deployments: the scheduled loop and the event-triggered retrain
+    (needs PREFECT_API_URL: a running Prefect server)."""
+    from flows.deployments import serve_command
+
+    serve_command(get_config())
+
+
+labels_app = typer.Typer(help="Label systems (tag lists with synonyms and thresholds).", no_args_is_help=True)
+app.add_typer(labels_app, name="labels")
+
+
+@labels_app.command("build")
+def labels_build(parsed: str = typer.Argument(..., help="PARSED_VERSION: parsed@VERSION or a version id"),
+                 top_k: int = typer.Option(4585, help="Tags to keep, most frequent first."),
+                 min_count: int = typer.Option(1, help="Minimum occurrences of a kept tag."),
+                 export: Optional[str] = typer.Option(None, help="Also write the tag list and synonyms here.")) -> None:
+    """Build a label system from a parsed corpus: count, keep the top K, merge synonyms."""
+    from tasks.labels import build_labels, load_labels
+
+    store = get_store()
+    stage, ref_ = parse_ref(parsed if "@" in parsed or parsed.startswith("parsed") else f"parsed@{parsed}")
+    version = build_labels(store, store.open(stage, ref_), top_k=top_k, min_count=min_count)
+    labels = load_labels(store, version)
+    out.print(f"labels@{version.id}: {len(labels)} tags, {len(labels.synonyms)} synonyms "
+              f"(use it with --set parse.labels=<folder> after --export, or as a lineage parent)")
+    if export:
+        labels.save(export)
+        out.print(f"written to {export}")
+
+
 @app.command("ls")
 def list_versions(stage: Optional[str] = typer.Argument(None, help="Stage to list; all stages when omitted.")) -> None:
     """List committed versions."""

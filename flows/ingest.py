@@ -1,24 +1,29 @@
-"""The ingest flow: a source into an `images` version."""
+"""The ingest flow: a source into an `images` version, announced to the deployments when it is new."""
 from __future__ import annotations
 
 from prefect import flow
 
-from storage import Store
 from tasks.config import EngineConfig
 from tasks.ingest import STAGE, ingest
 from tasks.stage import StageResult
 
-from .runtime import prefect_executor, publish
+from .runtime import open_store, prefect_executor, publish
 
 
-@flow(name="ingest", log_prints=True)
-def ingest_flow(cfg: EngineConfig, source: str | None = None, progress=None) -> StageResult:
-    store = Store(cfg.store.url, **cfg.store.storage_options)
+def ingest_and_announce(cfg: EngineConfig, source: str | None = None, progress=None) -> StageResult:
+    """Ingest; a new commit emits `ram.images.committed` with its new samples (deployments retrain on it)."""
+    from .deployments import emit_images_committed, new_samples
+
+    store = open_store(cfg)
     result = ingest(store, cfg.ingest, source=source, executor=prefect_executor(STAGE), progress=progress)
-    publish(result)
-    if result.status == "written":  # a new commit: announce its new samples (deployments trigger retraining)
-        from .deployments import emit_images_committed, new_samples
-
+    if result.status == "written":
         emit_images_committed(store, result.version, new_samples(result.version),
                               cfg.orchestration.retrain_min_new_samples)
+    return result
+
+
+@flow(name="ingest", log_prints=True, validate_parameters=False)
+def ingest_flow(cfg: EngineConfig, source: str | None = None, progress=None) -> StageResult:
+    result = ingest_and_announce(cfg, source, progress)
+    publish(result)
     return result

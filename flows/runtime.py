@@ -6,6 +6,7 @@ what the UI shows.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Callable, Sequence
 
 from prefect import task
@@ -20,6 +21,15 @@ from tasks.stage import PartTask, StageResult
 log = logging.getLogger("ram_engine")
 
 # Transient I/O is retried inside the part work itself (tasks.stage.run_stage), the same under every engine.
+def gpu_stage(cfg: EngineConfig):
+    """Hold a GPU slot (one GPU stage per device across workers) when a GPU is in use; nothing on CPU."""
+    import torch
+
+    from .runners import gpu_slot
+
+    return gpu_slot(cfg) if torch.cuda.is_available() else nullcontext()
+
+
 def open_store(cfg: EngineConfig) -> Store:
     return Store(cfg.store.url, **cfg.store.storage_options)
 

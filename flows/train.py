@@ -23,9 +23,9 @@ def train_flow(cfg: EngineConfig, labels: str, images: str, name: str | None = N
 
 
 @flow(name="retrain", log_prints=True)
-def retrain_flow(cfg: EngineConfig, images: str | None = None, new_samples: int | None = None) -> dict:
+def retrain_flow(cfg: EngineConfig, images_version: str | None = None, new_samples: int | None = None) -> dict:
     """Run by the deployment trigger when an `images` version lands with enough new samples: the loop
     from parse on, over that version (the latest when not given), fine-tuning from the latest model."""
     from .data_engine import data_engine_flow
 
-    return data_engine_flow(cfg, from_stage="parse", images=images)
+    return data_engine_flow(cfg, from_stage="parse", images_version=images_version)

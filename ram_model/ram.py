@@ -344,6 +344,8 @@ class RAM(nn.Module):
         """Tag logits (B, N)."""
         return self.tag_logits_from_embeds(self.encode_image(images))
 
+    tag_logits = forward  # the name the training loop's evaluation calls
+
     # inference ------------------------------------------------------------------------------------------
     def _autocast(self, device: torch.device):
         if device.type == "cuda":

@@ -88,6 +88,15 @@ CLEAN_CROPS = pa.schema([
     pa.field("baseline_score", pa.float32()),
 ])
 
+# embeddings: one row per crop: its embedding and the baseline's score for its own tag (clean's input).
+EMBEDDINGS = pa.schema([
+    KEY,
+    pa.field("tag_id", pa.int32()),
+    pa.field("crop_key", pa.string()),
+    pa.field("embedding", pa.list_(pa.float32())),
+    pa.field("baseline_score", pa.float32()),       # null when the baseline does not know the tag
+])
+
 # evaluate: one row per (stage, metric).
 EVALUATION = pa.schema([
     pa.field("stage", pa.string(), nullable=False),
@@ -100,6 +109,7 @@ STAGE_SCHEMAS: dict[str, pa.Schema] = {
     "parsed": PARSED,
     "generated": GENERATED,
     "regions": REGIONS,
+    "embeddings": EMBEDDINGS,
     "clean": CLEAN,
     "evaluate": EVALUATION,
 }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -373,6 +374,7 @@ class VersionWriter:
         self.reused_parts = 0
         self.written_parts = 0
         self._placement: Placement | None = None
+        self._started = time.monotonic()
 
     # ----- state
     @property
@@ -559,6 +561,7 @@ class VersionWriter:
             "input_digest": self.input_digest,
             "code_version": self.code_version,
             "created": _now(),
+            "duration_s": round(time.monotonic() - self._started, 3),   # of the run that committed
             "rows_in": rows_in,
             "rows_out": rows_out,
             "rows_rejected": rejected,

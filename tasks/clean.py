@@ -13,6 +13,7 @@ turns each part's regions into CLEAN and CLEAN_CROPS rows.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
@@ -25,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from storage.schemas import CLEAN, CLEAN_CROPS
+from storage.schemas import CLEAN, CLEAN_CROPS, EMBEDDINGS, REGIONS
+from storage.store import digest
 from tasks.ground import OBJECT, localisable_tags
 
 OUTLIER, BASELINE_DISAGREES, NO_BOX = "outlier", "baseline-disagrees", "no-box"
@@ -363,3 +365,176 @@ def build_clean(generated: pa.Table, regions: pa.Table, crop_results: pa.Table |
     metrics = dict(m)
     metrics.update(keys_in=generated.num_rows, keys_out=len(rows), keys_rejected=len(rejects), crops=len(crop_rows))
     return clean_table(rows), clean_crops_table(crop_rows), rejects, metrics
+
+
+# ---------------------------------------------------------------- the stages over the store
+
+EMBED_STAGE, EMBED_VERSION = "embeddings", "embed-1"
+STAGE, STAGE_VERSION = "clean", "clean-1"
+
+
+def _crop_images(version, part) -> dict[str, Image.Image]:
+    out = {}
+    for sample in version.iter_part_samples(part):
+        ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+        if ext is not None:
+            out[sample["__key__"]] = Image.open(io.BytesIO(sample[ext])).convert("RGB")
+    return out
+
+
+def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progress=None):
+    """The `embeddings` version: every crop's embedding and the baseline's score for its own tag.
+    Per regions part, so new data embeds only new crops."""
+    import torch
+    from ram_model.embedder import EmbedderConfig, build_embedder
+
+    from .config import section_dict
+    from .generate import model_to_label_ids
+    from .inspect import labels_version
+    from .labels import load_labels
+    from .models import load_model, model_digest, model_version, resolve_device, worker_cached
+    from .stage import StageResult, parts_of, run_stage
+
+    mv = model_version(store, baseline_ref)
+    ident = model_digest(mv, baseline_ref)
+    config = section_dict(cfg.embedder) | {"baseline": ident, "baseline_check": cfg.baseline_check}
+    writer = store.begin(EMBED_STAGE, code_version=EMBED_VERSION, config=config,
+                         parents=[regions] + ([mv] if mv else []))
+    if writer.committed is not None:
+        return StageResult(writer.committed, "reused")
+    device = str(resolve_device(cfg.embedder.device))
+    model = load_model(store, baseline_ref, device=device)
+    ecfg = EmbedderConfig(kind=cfg.embedder.kind, model=cfg.embedder.model,
+                          image_size=cfg.embedder.image_size or model.config.swin.image_size,
+                          pool=cfg.embedder.pool, batch_size=cfg.embedder.batch_size, device=device,
+                          local_files_only=cfg.embedder.local_files_only)
+    embedder = worker_cached(f"embedder|{ecfg}|{ident}", lambda: build_embedder(
+        ecfg, baseline_encoder=lambda x: model.encode_image(x)))
+    from ram_model.transforms import ImageTransform
+
+    transform = ImageTransform(model.config.swin.image_size)
+    labels = load_labels(store, labels_version(store, regions))
+    # the baseline's tag list may differ from the label system's: match by name
+    label_to_model = {int(lab): m for m, lab in enumerate(model_to_label_ids(model, labels)) if lab >= 0}
+
+    def baseline(imgs):
+        with torch.inference_mode():
+            return model.tag_probs(torch.stack([transform(im) for im in imgs])).cpu().numpy()
+
+    def process(w, task):
+        part = task.payload["part"]
+        table = regions.read_file(next(f["path"] for f in part.files if f["kind"] == "table"))
+        crops = _crop_images(regions, part)
+        keys, tids, cks = (table.column(c).to_pylist() for c in ("key", "tag_id", "crop_key"))
+        rows, rejects = {"key": [], "tag_id": [], "crop_key": [], "embedding": [], "baseline_score": []}, []
+        present = [i for i, ck in enumerate(cks) if ck in crops]
+        for i in set(range(len(cks))) - set(present):
+            rejects.append({"key": keys[i], "reason": "missing-crop", "detail": f"crop {cks[i]} is not in the shard",
+                            "source": part.name, "field": "crop"})
+        for s in range(0, len(present), ecfg.batch_size):
+            idx = present[s: s + ecfg.batch_size]
+            imgs = [crops[cks[i]] for i in idx]
+            emb = embedder(imgs)
+            probs = baseline(imgs) if cfg.baseline_check else None
+            for j, i in enumerate(idx):
+                rows["key"].append(keys[i])
+                rows["tag_id"].append(tids[i])
+                rows["crop_key"].append(cks[i])
+                rows["embedding"].append(emb[j].astype(np.float32))
+                m = label_to_model.get(tids[i])
+                rows["baseline_score"].append(float(probs[j, m]) if probs is not None and m is not None else None)
+        out = pa.table({k: rows[k] for k in ("key", "tag_id", "crop_key")} | {
+            "embedding": pa.array(rows["embedding"], pa.list_(pa.float32())),
+            "baseline_score": pa.array(rows["baseline_score"], pa.float32())}).cast(EMBEDDINGS)
+        return w.write_part(task.name, table=out, rejects=rejects, rows_in=len(cks), source_digest=task.source_digest)
+
+    return run_stage(writer, parts_of(regions, salt=digest(config)), process, executor=executor, progress=progress)
+
+
+def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref: str, *, progress=None):
+    """The `clean` version: per key the kept tags and the removed ones with their reasons, per crop its
+    cluster and distance. Clustering is global per tag (all parts), one tag in memory at a time."""
+    import shutil
+    import tempfile
+
+    from .config import section_dict
+    from .ground import tag_categories
+    from .inspect import labels_version
+    from .labels import load_labels
+    from .models import load_model
+    from .parse import SCENE_NOUNS
+    from .stage import StageResult, parts_of, run_stage
+
+    config = section_dict(cfg)
+    writer = store.begin(STAGE, code_version=STAGE_VERSION, config=config,
+                         parents=[generated, regions, embeddings, parsed])
+    if writer.committed is not None:
+        return StageResult(writer.committed, "reused")
+    labels = load_labels(store, labels_version(store, parsed))
+    categories = tag_categories(parsed, labels, SCENE_NOUNS)
+    ccfg = CleanConfig(outlier_fraction=cfg.outlier_fraction, k=cfg.k, k_max=cfg.k_max,
+                       crops_per_cluster=cfg.crops_per_cluster, min_crops=cfg.min_crops, algorithm=cfg.algorithm,
+                       max_iter=cfg.max_iter, tol=cfg.tol, seed_sample=cfg.seed_sample, fit_sample=cfg.fit_sample,
+                       minibatch_threshold=cfg.minibatch_threshold, minibatch_size=cfg.minibatch_size,
+                       baseline_check=cfg.baseline_check, keep_no_box=cfg.keep_no_box,
+                       localisable=tuple(cfg.localisable), seed=cfg.seed)
+    # Per label id, the baseline's threshold for that tag (0: a tag the baseline does not know is never
+    # "disagreed" with; its crops carry no score anyway).
+    thresholds = np.zeros(len(labels))
+    if cfg.baseline_check:
+        from .generate import model_to_label_ids
+
+        model = load_model(store, baseline_ref)
+        model_thr = model.class_threshold.cpu().numpy()
+        for m, lab in enumerate(model_to_label_ids(model, labels)):
+            if lab >= 0:
+                thresholds[lab] = model_thr[m]
+    tmp = Path(tempfile.mkdtemp(prefix="ram-clean-"))
+    try:
+        emb_store = EmbeddingStore(tmp)
+        for batch in embeddings.iter_batches(columns=["tag_id", "crop_key", "embedding"], batch_size=8192):
+            d = batch.to_pydict()
+            if d["tag_id"]:
+                emb_store.add(d["tag_id"], d["crop_key"], np.asarray(d["embedding"], dtype=np.float32))
+        crop_results, cluster_metrics = cluster_outliers(emb_store, ccfg)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results = {k: (c, dd, o) for k, c, dd, o in zip(*(crop_results.column(n).to_pylist() for n in
+                                                      ("crop_key", "cluster", "distance", "outlier")))}
+
+    def process(w, task):
+        gen_part, reg_part, emb_part = task.payload["part"], task.payload["regions"], task.payload["embeddings"]
+        gen = generated.read_file(next(f["path"] for f in gen_part.files if f["kind"] == "table"),
+                                  columns=["key", "tag_ids"])
+        reg = regions.read_file(next(f["path"] for f in reg_part.files if f["kind"] == "table")) if reg_part \
+            else REGIONS.empty_table()
+        scores = {}
+        if emb_part is not None:
+            et = embeddings.read_file(next(f["path"] for f in emb_part.files if f["kind"] == "table"),
+                                      columns=["crop_key", "baseline_score"])
+            scores = {k: s for k, s in zip(et.column(0).to_pylist(), et.column(1).to_pylist()) if s is not None}
+        ground_rejected = set()
+        if reg_part is not None:
+            for f in reg_part.files:
+                if f["kind"] == "rejects":
+                    ground_rejected.update(regions.read_file(f["path"], columns=["key"]).column(0).to_pylist())
+        table, crops, rejects, metrics = build_clean(gen, reg, results, categories, ccfg, scores=scores,
+                                                     thresholds=thresholds, ground_rejected=ground_rejected)
+        return w.write_part(task.name, table=table, rejects=rejects, rows_in=gen.num_rows,
+                            source_digest=task.source_digest, metrics=metrics,
+                            extra_tables={"crops": (CLEAN_CROPS, crops)})
+
+    result = run_stage(writer, parts_of(generated, {"regions": regions, "embeddings": embeddings},
+                                        salt=digest(config)), process, progress=progress,
+                       summarize=lambda records: _summary(records, cluster_metrics))
+    return result
+
+
+def _summary(records, cluster_metrics: dict) -> dict:
+    from .stage import merge_metrics
+
+    m = merge_metrics(records)
+    m.update({f"clustering_{k}": v for k, v in cluster_metrics.items()})
+    if m.get("tags_in"):
+        m["removed_fraction"] = 1 - m.get("tags_kept", 0) / m["tags_in"]
+    return m

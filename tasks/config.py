@@ -95,6 +95,70 @@ class GenerateConfig(Section):
     device: str = "auto"
 
 
+class DetectorSection(Section):
+    """Grounding DINO (see ram_model/detector.py)."""
+
+    model: str | None = None                # local folder or hub id (hub ids need local_files_only: false)
+    backend: Literal["transformers", "groundingdino"] = "transformers"
+    box_threshold: float = Field(0.35, ge=0, lt=1)
+    text_threshold: float = Field(0.25, ge=0, lt=1)
+    max_text_tokens: int | None = Field(None, ge=4)   # prompt chunk budget; None: the model's limit
+    shortest_edge: int = Field(800, ge=32)
+    longest_edge: int = Field(1333, ge=32)
+    batch_size: int = Field(4, ge=1)
+    device: str = "auto"
+    local_files_only: bool = True
+    gd_config_file: str | None = None       # groundingdino-py backend only
+    gd_text_encoder: str | None = None
+
+
+class GroundSection(Section):
+    detector: DetectorSection = Field(default_factory=DetectorSection)
+    localisable: list[Literal["object", "attribute", "action", "unknown"]] = ["object"]
+    top_n: int = Field(1, ge=1)             # boxes kept per (image, tag)
+    batch_size: int = Field(8, ge=1)        # images per detector call and per in-part checkpoint
+    crop_padding: float = Field(0.1, ge=0)
+    crop_min_size: int = Field(32, ge=1)
+    crop_format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = Field(90, ge=50, le=100)
+
+
+class EmbedderSection(Section):
+    kind: Literal["baseline", "clip"] = "baseline"   # the baseline's image encoder, or CLIP's image tower
+    model: str | None = None                # clip: local folder or hub id
+    image_size: int | None = Field(None, ge=8)   # None: the baseline's input size
+    pool: Literal["first", "mean"] = "first"
+    batch_size: int = Field(64, ge=1)
+    device: str = "auto"
+    local_files_only: bool = True
+
+
+class CleanSection(Section):
+    embedder: EmbedderSection = Field(default_factory=EmbedderSection)
+    outlier_fraction: float = Field(0.10, ge=0, lt=1)
+    k: int | None = Field(None, ge=1)       # clusters per tag; None: min(k_max, max(1, n // crops_per_cluster))
+    k_max: int = Field(8, ge=1)
+    crops_per_cluster: int = Field(50, ge=1)
+    min_crops: int = Field(10, ge=1)        # tags with fewer crops are not clustered
+    algorithm: Literal["fast", "sklearn"] = "fast"
+    max_iter: int = Field(50, ge=1)
+    tol: float = Field(1e-4, gt=0)
+    seed_sample: int = Field(1024, ge=1)
+    fit_sample: int = Field(8192, ge=1)
+    minibatch_threshold: int = Field(200_000, ge=1)
+    minibatch_size: int = Field(4096, ge=1)
+    baseline_check: bool = True             # remove (image, tag) pairs whose crops the baseline does not tag
+    keep_no_box: bool = True                # keep localisable tags the detector found no box for
+    localisable: list[Literal["object", "attribute", "action", "unknown"]] = ["object"]
+    seed: int = 0
+
+
+class EvaluateSection(Section):
+    ground_truth: str | None = None         # demo jsonl, OpenImages csv (path,tag,...), Parquet (key, tags)
+    format: Literal["auto", "demo", "parquet", "openimages"] = "auto"
+    batch_size: int = Field(32, ge=1)
+
+
 class OrchestrationConfig(Section):
     task_runner: Literal["threads", "dask", "ray"] = "threads"
     max_workers: int | None = Field(None, ge=1)       # threads / local Dask workers / local Ray CPUs; None: CPU count
@@ -113,7 +177,10 @@ class EngineConfig(Section):
     parse: ParseConfig = Field(default_factory=ParseConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    ground: GroundSection = Field(default_factory=GroundSection)
+    clean: CleanSection = Field(default_factory=CleanSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
 

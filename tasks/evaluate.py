@@ -277,3 +277,120 @@ def evaluation_table(rows: Sequence[Mapping], metrics: Sequence[str] = ("precisi
     from storage.schemas import EVALUATION
     recs = [{"stage": r["stage"], "metric": m, "value": float(r[m])} for r in rows for m in metrics if m in r]
     return pa.Table.from_pylist(recs, schema=EVALUATION)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage over the store: label quality of every stage and the models' quality, one version.
+
+STAGE = "evaluate"
+STAGE_VERSION = "evaluate-1"
+
+
+def key_tag_names(version, labels) -> dict[str, set[str]]:
+    """Tag names per key of a version with `tag_ids` (unioned over a key's rows)."""
+    from .inspect import key_tags
+
+    return {k: {labels.name(i) for i in ids} for k, ids in key_tags(version).items()}
+
+
+def normalise_truth(truth: Labels, labels) -> dict[str, set[str]]:
+    """Truth tags spelled as the label system spells them (synonyms and plurals resolved)."""
+    out = {}
+    for key, tags in truth.items():
+        names = set()
+        for t in tags:
+            i = labels.id(t)
+            names.add(labels.name(i) if i is not None else t)
+        out[key] = names
+    return out
+
+
+def score_model(store, model_ref: str, images, keys: set[str], batch_size: int = 32):
+    """Sigmoid scores of a model over the images of `keys`: (keys in order, [N, T] scores, model)."""
+    import torch
+
+    from ram_model.transforms import ImageTransform
+
+    from .generate import decode_sample
+    from .models import load_model
+
+    model = load_model(store, model_ref)
+    transform = ImageTransform(model.config.swin.image_size)
+    out_keys, scores, batch, batch_keys = [], [], [], []
+
+    def flush():
+        with torch.inference_mode():
+            scores.append(model.tag_probs(torch.stack(batch)).cpu().numpy())
+        out_keys.extend(batch_keys)
+        batch.clear()
+        batch_keys.clear()
+
+    for sample in images.iter_samples():
+        if sample["__key__"] in keys:
+            batch.append(transform(decode_sample(sample)))
+            batch_keys.append(sample["__key__"])
+            if len(batch) == batch_size:
+                flush()
+    if batch:
+        flush()
+    return out_keys, (np.concatenate(scores) if scores else np.zeros((0, len(model.tags)))), model
+
+
+def evaluate_stage(store, cfg, images, label_versions: Mapping[str, object], models: Mapping[str, str]):
+    """The `evaluate` version: per labelled stage its precision / recall / F1 against the ground truth,
+    and per model its mAP and precision / recall on held-out keys (those no model was trained on)."""
+    from storage import StoreError
+
+    from .config import section_dict
+    from .inspect import labels_version
+    from .labels import load_labels
+    from .models import model_version
+    from .stage import StageResult
+    from .train import is_holdout
+
+    if not cfg.ground_truth:
+        raise StoreError("evaluate.ground_truth is not set: give a ground-truth file (demo jsonl, OpenImages "
+                         "csv or Parquet with key and tags)")
+    truth_path = Path(cfg.ground_truth)
+    if not truth_path.exists():
+        raise StoreError(f"evaluate.ground_truth {truth_path} does not exist")
+    model_versions = {name: model_version(store, ref) for name, ref in models.items()}
+    parents = [images] + list(label_versions.values()) + [v for v in model_versions.values() if v is not None]
+    stat = truth_path.stat()
+    config = section_dict(cfg) | {"truth": [str(truth_path.resolve()), stat.st_size, int(stat.st_mtime)],
+                                  "stages": list(label_versions), "models": {n: (v.ref if v else r) for (n, r), v in
+                                                                             zip(models.items(), model_versions.values())}}
+    writer = store.begin(STAGE, code_version=STAGE_VERSION, config=config, parents=parents)
+    if writer.committed is not None:
+        return StageResult(writer.committed, "reused")
+    first = next(iter(label_versions.values()))
+    labels = load_labels(store, labels_version(store, first))
+    truth = normalise_truth(load_ground_truth(truth_path, cfg.format), labels)
+    keys = [k for k in truth if k in set(images.read_table(columns=["key"]).column(0).to_pylist())]
+    if not keys:
+        raise StoreError(f"no key of {truth_path} is in {images.ref}: the ground truth does not belong to this data")
+    stage_labels = {name: key_tag_names(v, labels) for name, v in label_versions.items()}
+    rows = ablation_table(stage_labels, truth, keys=keys)
+    model_rows = []
+    for name, ref in models.items():
+        mv = model_versions[name]
+        fraction = (mv.manifest["config"]["train"]["holdout_fraction"] if mv is not None else 0.0)
+        held = {k for k in keys if is_holdout(k, fraction)} if fraction > 0 else set(keys)
+        if not held:
+            continue
+        order, scores, model = score_model(store, ref, images, held, cfg.batch_size)
+        tags = list(model.tags)
+        truth_mh = multi_hot(truth, order, tags)
+        q = model_quality(scores, truth_mh, model.class_threshold.cpu().numpy(), tags)
+        predicted = {k: {tags[j] for j in np.flatnonzero(scores[i] > model.class_threshold.cpu().numpy())}
+                     for i, k in enumerate(order)}
+        lq = label_quality(predicted, truth, keys=order)
+        model_rows.append({"stage": f"model:{name}", "n_keys": len(order), "labels_per_key": lq["labels_per_key"],
+                           "precision": q["precision"], "recall": q["recall"], "f1": q["f1"], "mAP": q["mAP"],
+                           "tp": q["tp"], "fp": q["fp"], "fn": q["fn"]})
+    all_rows = rows + model_rows
+    table = evaluation_table(all_rows, metrics=("precision", "recall", "f1", "labels_per_key", "mAP", "n_keys"))
+    writer.write_part("evaluation", table=table, rows_in=table.num_rows)
+    markdown = rows_to_markdown(all_rows)
+    version = writer.commit(metrics={"ablation": all_rows, "markdown": markdown, "truth_keys": len(keys)})
+    return StageResult(version, "written", parts_written=1)

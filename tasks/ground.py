@@ -19,6 +19,7 @@ import pyarrow as pa
 from PIL import Image
 
 from storage.schemas import REGIONS
+from storage.store import canonical_json, digest
 
 OBJECT, ATTRIBUTE, ACTION, UNKNOWN = "object", "attribute", "action", "unknown"
 
@@ -241,3 +242,173 @@ def ground_part(table: pa.Table, image_loader: Callable[[str], Image.Image], det
     metrics["images_per_s"] = metrics.get("keys_grounded", 0) / secs if secs > 0 else 0.0
     out = pa.concat_tables(all_rows) if all_rows else regions_table([])
     return out, all_crops, all_rejects, metrics
+
+
+# ---------------------------------------------------------------- the stage over the store
+
+STAGE = "regions"
+STAGE_VERSION = "ground-1"
+
+
+class ShardImages:
+    """Images of one part's shard by key, read in shard order (the order the stage asks for them);
+    a key behind the cursor reopens the shard, so any order works, sequential is fastest."""
+
+    def __init__(self, version, part):
+        self.version, self.part = version, part
+        self._it = None
+        self._seen: list[str] = []
+
+    def __call__(self, key: str) -> Image.Image:
+        for attempt in range(2):
+            if self._it is None or key in self._seen:
+                self._it, self._seen = iter(self.version.iter_part_samples(self.part)), []
+            for sample in self._it:
+                self._seen.append(sample["__key__"])
+                if sample["__key__"] == key:
+                    ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+                    if ext is None:
+                        raise ValueError(f"no image member for {key}")
+                    return Image.open(io.BytesIO(sample[ext])).convert("RGB")
+            self._it = None
+        raise KeyError(f"{key} is not in the shard of part {self.part.name}")
+
+
+def tag_categories(parsed_version, labels, scene_nouns: Iterable[str]) -> dict[int, str]:
+    """Category of every tag id seen in a parsed version: scene (a scene noun), object, attribute or
+    action (the column the parser put it in, majority over captions). Tags never parsed are unknown."""
+    votes: dict[int, Counter] = defaultdict(Counter)
+    scenes = {s.lower() for s in scene_nouns}
+    for batch in parsed_version.iter_batches(columns=["objects", "attributes", "actions"]):
+        cols = batch.to_pydict()
+        for objs, attrs, acts in zip(cols["objects"], cols["attributes"], cols["actions"]):
+            for cat, words in ((OBJECT, objs), (ATTRIBUTE, attrs), (ACTION, acts)):
+                for word in words or []:
+                    ids, _ = labels.map([word])
+                    for tid in ids:
+                        votes[tid]["scene" if cat == OBJECT and word.lower() in scenes else cat] += 1
+    return {tid: c.most_common(1)[0][0] for tid, c in votes.items()}
+
+
+def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progress=None):
+    """The `regions` version: boxes and crops for the localisable tags of every generated key.
+
+    Progress is checkpointed inside a part after every detector batch (`_progress/<part>/`); a rerun
+    skips the keys already grounded and assembles the same part an uninterrupted run writes."""
+    from ram_model.detector import DetectorConfig, load_detector
+
+    from .config import section_dict
+    from .inspect import labels_version
+    from .labels import load_labels
+    from .models import resolve_device, worker_cached
+    from .parse import SCENE_NOUNS
+    from .stage import StageResult, parts_of, run_stage
+
+    if not cfg.detector.model:
+        raise ValueError("ground.detector.model is not set: give a Grounding DINO folder (or hub id while online)")
+    lv = labels_version(store, parsed)
+    labels = load_labels(store, lv)
+    config = section_dict(cfg)
+    writer = store.begin(STAGE, code_version=STAGE_VERSION, config=config, parents=[images, generated, parsed])
+    if writer.committed is not None:
+        return StageResult(writer.committed, "reused")
+    categories = tag_categories(parsed, labels, SCENE_NOUNS)
+    tag_names = dict(enumerate(labels.tags))
+    det = cfg.detector
+    det_cfg = DetectorConfig(model=det.model, backend=det.backend, box_threshold=det.box_threshold,
+                             text_threshold=det.text_threshold, max_text_tokens=det.max_text_tokens,
+                             shortest_edge=det.shortest_edge, longest_edge=det.longest_edge,
+                             batch_size=det.batch_size, device=str(resolve_device(det.device)),
+                             local_files_only=det.local_files_only, gd_config_file=det.gd_config_file,
+                             gd_text_encoder=det.gd_text_encoder)
+    detector = worker_cached(f"detector|{det_cfg}", lambda: load_detector(det_cfg))
+    tasks = parts_of(images, {"generated": generated}, salt=digest([config, sorted(categories.items())]))
+
+    def process(w, task):
+        part, gen_part = task.payload["part"], task.payload["generated"]
+        gen = (generated.read_file(next(f["path"] for f in gen_part.files if f["kind"] == "table"),
+                                   columns=["key", "tag_ids"]) if gen_part else pa.table(
+            {"key": pa.array([], pa.string()), "tag_ids": pa.array([], pa.list_(pa.int32()))}))
+        shard_rel = f"{w.prefix}/parts/{task.name}.tar"
+        gcfg = GroundConfig(localisable=tuple(cfg.localisable), top_n=cfg.top_n, batch_size=cfg.batch_size,
+                            crop_padding=cfg.crop_padding, crop_min_size=cfg.crop_min_size,
+                            crop_format=cfg.crop_format, jpeg_quality=cfg.jpeg_quality, shard=shard_rel)
+        progress_dir = f"{w.prefix}/_progress/{task.name}"
+        done_tables, done_rejects, done_keys = _load_progress(store, progress_dir)
+
+        def checkpoint(batch_table, crops, keys, rejects):
+            name = digest(keys)
+            # crops first, then the table that names them, then the keys marker: the marker proves the batch whole
+            w.placement.put_bytes(f"{progress_dir}/{name}.tar", _tar_bytes(crops))
+            w.placement.put_bytes(f"{progress_dir}/{name}.parquet", _parquet_bytes(batch_table))
+            w.placement.put_bytes(f"{progress_dir}/{name}.rejects.json", canonical_json(rejects).encode())
+            w.placement.put_bytes(f"{progress_dir}/{name}.keys.json", canonical_json(keys).encode())
+
+        ground_part(gen, ShardImages(images, part), detector, gcfg, tag_names, categories, done_keys=done_keys,
+                    checkpoint=checkpoint, keep_crops=False, source=part.name)
+        tables, rejects, batch_names = _load_progress(store, progress_dir, with_names=True)
+        # Assemble in key order: the same part whether or not the run was interrupted.
+        order = {k: i for i, k in enumerate(gen.column("key").to_pylist())}
+        table = pa.concat_tables(tables) if tables else regions_table([])
+        if table.num_rows:
+            idx = sorted(range(table.num_rows), key=lambda i: (order[table["key"][i].as_py()], i))
+            table = table.take(pa.array(idx, pa.int64()))
+        crops_by_key = _progress_crops(store, progress_dir, batch_names)
+        samples = (crops_by_key[ck] for ck in table.column("crop_key").to_pylist())
+        rejects.sort(key=lambda r: order.get(r["key"], -1))
+        n_regions = table.num_rows
+        record = w.write_part(task.name, table=table, samples=samples, rejects=rejects, rows_in=gen.num_rows,
+                              source_digest=task.source_digest,
+                              metrics={"rows_out": gen.num_rows - len(rejects), "regions": n_regions,
+                                       "regions_per_tag": dict(Counter(table.column("tag").to_pylist()))})
+        store.fs.rm(store.abs(progress_dir), recursive=True)
+        return record
+
+    return run_stage(writer, tasks, process, executor=executor, progress=progress)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _tar_bytes(samples: list[dict]) -> bytes:
+    from storage.shards import write_tar
+
+    buf = io.BytesIO()
+    write_tar(buf, samples)
+    return buf.getvalue()
+
+
+def _load_progress(store, progress_dir: str, with_names: bool = False):
+    """The batches a (possibly interrupted) run finished: a batch counts once its keys marker exists."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    try:
+        names = sorted(p.rsplit("/", 1)[-1][: -len(".keys.json")] for p in store.fs.ls(store.abs(progress_dir),
+                                                                                         detail=False)
+                       if p.endswith(".keys.json"))
+    except FileNotFoundError:
+        names = []
+    tables, rejects, keys = [], [], set()
+    for name in names:
+        base = store.abs(f"{progress_dir}/{name}")
+        with store.fs.open(base + ".parquet", "rb") as f:
+            tables.append(pq.read_table(f))
+        rejects.extend(json.loads(store.fs.cat_file(base + ".rejects.json")))
+        keys.update(json.loads(store.fs.cat_file(base + ".keys.json")))
+    if with_names:
+        return tables, rejects, names
+    return tables, rejects, keys
+
+
+def _progress_crops(store, progress_dir: str, names: list[str]) -> dict[str, dict]:
+    from storage.shards import iter_tar
+
+    paths = [store.abs(f"{progress_dir}/{n}.tar") for n in names]
+    return {s["__key__"]: {k: v for k, v in s.items() if k != "__url__"} for s in iter_tar(store.fs, paths)}

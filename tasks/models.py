@@ -61,8 +61,13 @@ def model_version(store: Store, ref: str) -> Version | None:
     """A store ref `models/<name>[@version|ref]`, or None when `ref` is not one."""
     if not ref.startswith("models/"):
         return None
-    stage, _, version = ref.partition("@")
-    return store.open(stage, version or "latest")
+    if "@" in ref:
+        stage, _, version = ref.partition("@")
+    elif ref.count("/") == 2:  # a version ref as manifests write it: models/<name>/<version>
+        stage, _, version = ref.rpartition("/")
+    else:
+        stage, version = ref, "latest"
+    return store.open(stage, version)
 
 
 def local_model_dir(version: Version) -> str:

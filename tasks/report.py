@@ -344,3 +344,112 @@ def render_report(report_data: ReportData, out_dir: str | Path, *, max_hist_tags
     os.chmod(tmp, 0o644)
     os.replace(tmp, out / "index.html")
     return out / "index.html"
+
+
+# ---------------------------------------------------------------------------------------------
+# Filling a report from the store: a version and its lineage.
+
+LABEL_STAGES = ("parsed", "generated", "clean")
+
+
+def build_report(store, version, out_dir: str | Path, *, truth_path: str | None = None, notes: Sequence[str] = (),
+                 n_samples: int = 8, crop_tags: int = 4) -> Path:
+    """Render the report of `version` and every version in its lineage into `out_dir`."""
+    from collections import Counter
+
+    from .evaluate import load_ground_truth, normalise_truth
+    from .inspect import key_tags, labels_version, lineage
+    from .labels import load_labels
+
+    by_stage: dict[str, Any] = {}
+    for _, v, _ in lineage(store, version):
+        if v is not None and v.stage not in by_stage:
+            by_stage[v.stage] = v
+    order = ["images", "labels", "parsed", "models/baseline", "generated", "regions", "embeddings", "clean"]
+    order += [s for s in by_stage if s not in order]
+    stages = []
+    for name in order:
+        v = by_stage.get(name)
+        if v is None:
+            continue
+        m = v.manifest
+        stages.append(StageSummary(name=name, version=v.id, rows_in=m["rows_in"], rows_out=m["rows_out"],
+                                   rows_rejected=m["rows_rejected"], seconds=float(m.get("duration_s") or 0.0),
+                                   note=_stage_note(m)))
+    lv = next((labels_version(store, v) for v in by_stage.values() if labels_version(store, v) is not None), None)
+    labels = load_labels(store, lv) if lv is not None else None
+    tags_by_stage: dict[str, dict[str, set[str]]] = {}
+    histograms: dict[str, dict[str, int]] = {}
+    for stage in LABEL_STAGES:
+        v = by_stage.get(stage)
+        if v is None or labels is None:
+            continue
+        per_key = {k: {labels.name(i) for i in ids} for k, ids in key_tags(v).items()}
+        tags_by_stage[stage] = per_key
+        histograms[stage] = dict(Counter(t for tags in per_key.values() for t in tags).most_common())
+    truth = None
+    if truth_path and labels is not None:
+        truth = normalise_truth(load_ground_truth(truth_path), labels)
+    images = by_stage.get("images")
+    regions = by_stage.get("regions")
+    boxes: dict[str, list[BoxView]] = {}
+    if regions is not None:
+        for row in regions.read_table(columns=["key", "tag", "box", "score"]).to_pylist():
+            boxes.setdefault(row["key"], []).append(BoxView(row["tag"], tuple(row["box"]), row["score"]))
+    samples = []
+    if images is not None:
+        changed = [k for k in tags_by_stage.get("clean", {}) if tags_by_stage["clean"][k] !=
+                   tags_by_stage.get("parsed", {}).get(k)]
+        wanted = (changed + list(tags_by_stage.get("parsed", {})))[: n_samples]
+        captions = {r["key"]: r["captions"] for r in images.read_table(columns=["key", "captions"]).to_pylist()
+                    if r["key"] in wanted}
+        for sample in images.iter_samples():
+            key = sample["__key__"]
+            if key not in wanted:
+                continue
+            ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in sample)
+            samples.append(SampleView(key=key, image=sample[ext],
+                                      tags_by_stage={s: sorted(t.get(key, ())) for s, t in tags_by_stage.items()},
+                                      boxes=boxes.get(key, []), captions=captions.get(key, []),
+                                      truth=sorted(truth[key]) if truth and key in truth else None))
+            if len(samples) == len(wanted):
+                break
+        samples.sort(key=lambda s: wanted.index(s.key))
+    crops_by_tag: dict[str, list[CropView]] = {}
+    clean = by_stage.get("clean")
+    if clean is not None and regions is not None:
+        crop_rows = clean.read_table("crops").to_pylist()
+        counts = Counter(r["tag_id"] for r in crop_rows if r["cluster"] >= 0)
+        chosen = {t for t, _ in counts.most_common(crop_tags)}
+        rows = {r["crop_key"]: r for r in crop_rows if r["tag_id"] in chosen}
+        for sample in regions.iter_samples():
+            r = rows.get(sample["__key__"])
+            if r is None:
+                continue
+            ext = next(e for e in ("jpg", "png") if e in sample)
+            tag = labels.name(r["tag_id"]) if labels is not None else str(r["tag_id"])
+            wrong = (tag not in truth[r["key"]]) if truth and r["key"] in truth else None
+            crops_by_tag.setdefault(tag, []).append(CropView(key=r["crop_key"], image=sample[ext], cluster=r["cluster"],
+                                                             outlier=r["outlier"], distance=r["distance"], wrong=wrong))
+    evaluation = []
+    ev = by_stage.get("evaluate")
+    if ev is not None:
+        evaluation = [{k: v for k, v in row.items()} for row in ev.manifest["metrics"].get("ablation", [])]
+    data = ReportData(title=f"RAM data engine: {version.stage}@{version.id}", stages=stages,
+                      tag_histograms=histograms, samples=samples, crops_by_tag=crops_by_tag, evaluation=evaluation,
+                      notes=list(notes))
+    return render_report(data, out_dir)
+
+
+def _stage_note(manifest: dict) -> str:
+    m = manifest.get("metrics") or {}
+    if manifest["stage"] == "clean" and "tags_in" in m:
+        return (f"{m.get('outlier', 0)} outlier, {m.get('baseline-disagrees', 0)} baseline-disagrees, "
+                f"{m.get('no-box', 0)} no-box removals of {m['tags_in']} tags")
+    if manifest["stage"] == "generated" and "added_by_model" in m:
+        return f"+{m['added_by_model']} tags by the model, +{m.get('added_by_caption', 0)} from generated captions"
+    if manifest["stage"].startswith("models/") and m.get("mAP") is not None:
+        return f"held-out mAP {m['mAP']:.3f} (against the noisy labels)"
+    if manifest["stage"] == "regions" and "regions" in m:
+        return f"{m['regions']} boxes"
+    return ""
