@@ -1,6 +1,7 @@
 """Task runners from config: Dask processes and threads give the same version; GPU slots; per-worker cache."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 import time
@@ -73,6 +74,24 @@ def test_dask_processes_and_threads_write_the_same_version(prefect_api, dask_clu
     assert manifest_files(dask.version) == manifest_files(threads.version)
     m = dask.version.manifest
     assert m["rows_out"] == 24 and m["rows_rejected"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("prefect_ray") is None,
+                    reason="prefect-ray is the optional extra: pip install 'ram-data-engine[ray]'")
+def test_ray_writes_the_same_version_as_threads(prefect_api, tmp_path):
+    """Only where the optional `ray` extra is installed (a local Ray starts in ~10 s)."""
+    from flows.ingest import ingest_flow
+
+    src = generated_source(tmp_path / "src", n=9)
+    common = [f"ingest.source={src}", "ingest.part_size=3", "orchestration.max_workers=2"]
+    results = {}
+    for runner in ("threads", "ray"):
+        cfg = load_config(None, common + [f"store.url={tmp_path / runner}", f"orchestration.task_runner={runner}"])
+        results[runner] = with_task_runner(ingest_flow, cfg)(cfg)
+    assert results["ray"].parts_written == results["threads"].parts_written > 1
+    assert results["ray"].version.id == results["threads"].version.id
+    assert manifest_files(results["ray"].version) == manifest_files(results["threads"].version)
 
 
 def test_runner_choice_from_config():
