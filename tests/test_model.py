@@ -112,6 +112,10 @@ def test_load_official_round_trip(tmp_path, tokenizer):
         assert torch.equal(loaded.state_dict()[k], v), k
     x = torch.randn(2, 3, 64, 64)
     assert torch.allclose(src.tag_probs(x), loaded.tag_probs(x), atol=1e-6)
+    # a tagging-only RAM takes the same file, skipping the caption branch on purpose
+    tag_only = load_official(tmp_path / "ckpt.pth", config=RAMConfig.tiny(len(TAGS), len(tokenizer), with_caption=False))
+    assert not hasattr(tag_only, "tag_encoder")
+    assert torch.allclose(tag_only.tag_probs(x), src.tag_probs(x), atol=1e-6)
     # variant inference from keys (raw state dict, no wrapper); wrong variant fails loudly
     assert load_official(sd, config=cfg, tags=TAGS).config.variant == "ram"
     with pytest.raises(ValueError, match="shape mismatch|not in the checkpoint|unknown"):
@@ -127,6 +131,10 @@ def test_load_official_ram_plus_and_tag2text_tiny():
         assert got.config.variant == variant
         for k, v in src.state_dict().items():
             assert torch.equal(got.state_dict()[k], v), (variant, k)
+    t2t_tags = ["person", "dog", "two", "grass", "man", "back"]
+    got = load_official(official_state_dict(RAM(RAMConfig.tiny(6, 50, "tag2text"))), tags=t2t_tags,
+                        config=RAMConfig.tiny(6, 50, "tag2text"))
+    assert got.class_threshold.tolist() == pytest.approx([0.7, 0.68, 2.0, 0.68, 0.7, 2.0])
     # the key layout alone tells the variant
     from ram_model.checkpoint import infer_config
     assert infer_config(official_state_dict(RAM(RAMConfig.tiny(6, 50, "ram_plus"))), descriptions_per_tag=3).variant == "ram_plus"
