@@ -172,12 +172,32 @@ def load_official(path_or_state_dict, variant: str = "auto", config: RAMConfig |
     if skipped:
         log.info("load_official: skipped %d caption-branch tensors (model built without caption branch)", len(skipped))
     thr = _read_lines(thresholds)
+    if thr is None and config.variant == "tag2text":
+        model.class_threshold.copy_(tag2text_default_thresholds(model.tags))
     if thr is not None:
         vals = torch.tensor([float(x) for x in thr if str(x).strip() != ""])
         if vals.numel() != config.num_tags:
             raise ValueError(f"load_official: {vals.numel()} thresholds for {config.num_tags} tags")
         model.class_threshold.copy_(vals)
     return model
+
+
+TAG2TEXT_THRESHOLD = 0.68
+TAG2TEXT_PERSON_THRESHOLD = {"person": 0.7, "man": 0.7, "woman": 0.7}
+# reference default delete_tag_index (by name): counting words and ambiguous tags never emitted
+TAG2TEXT_DELETED = ("quarter", "back", "two", "three", "four", "five", "one")
+
+
+def tag2text_default_thresholds(tags: Sequence[str]) -> torch.Tensor:
+    """Tag2Text's inference defaults as thresholds: 0.68, person/man/woman 0.7, and the reference's
+    deleted tags disabled with a threshold above 1 (sigmoid never exceeds it)."""
+    thr = torch.full((len(tags),), TAG2TEXT_THRESHOLD)
+    for i, t in enumerate(tags):
+        if t in TAG2TEXT_PERSON_THRESHOLD:
+            thr[i] = TAG2TEXT_PERSON_THRESHOLD[t]
+        elif t in TAG2TEXT_DELETED:
+            thr[i] = 2.0
+    return thr
 
 
 # our own format ------------------------------------------------------------------------------------------

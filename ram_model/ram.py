@@ -134,6 +134,9 @@ class RAMConfig:
         elif not with_caption and variant == "ram":
             text = None
         kw.setdefault("descriptions_per_tag", 3)
+        # 0.02 leaves the tiny head's query/key products so small that it plateaus while the randomly
+        # initialised encoder collapses to image-independent features; 0.1 lifts off within ~100 steps
+        kw.setdefault("init_std", 0.1)
         return cls(variant=variant, swin=swin, num_tags=num_tags, label_dim=32, head=head, text=text,
                    max_tag_tokens=24, max_caption_tokens=32, tokenizer="", **kw)
 

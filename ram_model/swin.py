@@ -116,10 +116,15 @@ class WindowAttention(nn.Module):
         Bw, N, C = x.shape
         q, k, v = self.qkv(x).reshape(Bw, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         bias = self.bias().to(q.dtype).unsqueeze(0)  # (1, heads, N, N)
-        if mask is not None:
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            # windows are batch-major: view as (B, nW, ...) so the (nW, heads, N, N) mask broadcasts over
+            # the batch instead of being copied B times
             nW = mask.shape[0]
-            bias = (bias + mask.to(q.dtype)[:, None]).repeat(Bw // nW, 1, 1, 1)  # windows are batch-major
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            q, k, v = (t.reshape(Bw // nW, nW, *t.shape[1:]) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias + mask.to(q.dtype)[:, None])
+            out = out.reshape(Bw, *out.shape[2:])
         return self.proj(out.transpose(1, 2).reshape(Bw, N, C))
 
 
