@@ -90,11 +90,17 @@ def data_engine_flow(cfg: EngineConfig, from_stage: str | None = None, until_sta
         return results
 
     baseline = cfg.generate.baseline
-    if baseline is None:  # no baseline given: train one on the parsed labels
+    baseline_stage = f"models/{cfg.generate.baseline_name}"
+    if baseline is None and store.versions(baseline_stage):
+        # The baseline stays fixed as data grows: generation of old parts is reused, not redone.
+        baseline = store.versions(baseline_stage)[-1].ref
+        if wanted("baseline"):
+            results["baseline"] = StageResult(store.open_ref(baseline), "reused")
+    elif baseline is None:  # no baseline yet: train one on the parsed labels
         baseline_cfg = cfg.train.model_copy(update={"name": cfg.generate.baseline_name, "init": None,
                                                     "fine_tune_latest": False})
-        baseline = stage_version("baseline", f"models/{cfg.generate.baseline_name}", train.train_stage, store,
-                                 cfg.model, baseline_cfg, parsed, images, progress=progress, gpu=True).ref
+        baseline = stage_version("baseline", baseline_stage, train.train_stage, store, cfg.model, baseline_cfg,
+                                 parsed, images, progress=progress, gpu=True).ref
     if stop < STAGES.index("generate"):
         return results
 

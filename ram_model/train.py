@@ -75,6 +75,7 @@ class TrainConfig:
     # and for parameters of Embedding / norm modules.
     no_decay_patterns: tuple[str, ...] = ("absolute_pos_embed", "relative_position_bias_table",
                                           "position_embeddings", "label_embed", "reweight_scale")
+    lr_scales: tuple[tuple[str, float], ...] = ()   # (parameter-name regex, lr multiplier), first match wins
     find_unused_parameters: bool = True      # RAM's caption branch is idle when no captions are given
     log_every_steps: int = 1
 
@@ -233,27 +234,31 @@ _NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.modules.batchn
 
 
 def parameter_groups(model: nn.Module, weight_decay: float,
-                     no_decay_patterns: Sequence[str] = ()) -> list[dict]:
-    """Two AdamW groups: decayed weights, and biases / norms / embeddings without decay."""
+                     no_decay_patterns: Sequence[str] = (), lr: float | None = None,
+                     lr_scales: Sequence[tuple[str, float]] = ()) -> list[dict]:
+    """AdamW groups: decayed weights, and biases / norms / embeddings without decay; each split again
+    by learning-rate scale when `lr_scales` ((name regex, multiplier), first match wins) is given."""
     regs = [re.compile(p) for p in no_decay_patterns]
+    scales = [(re.compile(p), float(m)) for p, m in lr_scales]
     no_decay_ids = set()
     for mod in model.modules():
         if isinstance(mod, _NO_DECAY_MODULES):
             no_decay_ids.update(id(p) for p in mod.parameters(recurse=False))
-    decay, no_decay, seen = [], [], set()
+    buckets: dict[tuple[bool, float], list] = {}
+    seen = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:   # tied weights appear once
             continue
         seen.add(id(p))
-        if p.ndim <= 1 or id(p) in no_decay_ids or any(r.search(name) for r in regs):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        decayed = not (p.ndim <= 1 or id(p) in no_decay_ids or any(r.search(name) for r in regs))
+        scale = next((m for r, m in scales if r.search(name)), 1.0)
+        buckets.setdefault((decayed, scale), []).append(p)
     groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    for (decayed, scale), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], -kv[0][1])):
+        group = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
+        if lr is not None:
+            group["lr"] = lr * scale
+        groups.append(group)
     if not groups:
         raise ValueError("the model has no trainable parameters (check TrainConfig.frozen_patterns)")
     return groups
@@ -378,7 +383,7 @@ class Trainer:
             self.loss_module = nn.parallel.DistributedDataParallel(
                 self.loss_module, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
                 find_unused_parameters=cfg.find_unused_parameters)
-        groups = parameter_groups(self.model, cfg.weight_decay, cfg.no_decay_patterns)
+        groups = parameter_groups(self.model, cfg.weight_decay, cfg.no_decay_patterns, cfg.lr, cfg.lr_scales)
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)

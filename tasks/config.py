@@ -55,12 +55,14 @@ class ModelConfig(Section):
 
 class TrainConfig(Section):
     name: str = "ram"                       # the model is stored as models/<name>
-    init: str | None = None                 # fine-tune from: models/<name>[@v], a save_pretrained folder, a .pth
-    fine_tune_latest: bool = True           # with no init: continue from the latest models/<name> if any
+    init: str | None = None                 # first model to fine-tune: models/<name>[@v], a folder, a .pth
+    fine_tune_latest: bool = True           # once models/<name> exists, new data fine-tunes its latest version
     steps: int = Field(300, ge=1)
     batch_size: int = Field(16, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     lr: float = Field(2e-3, gt=0)
+    encoder_lr_scale: float = Field(0.1, gt=0)   # image encoder + image_proj learn at lr x this (a random tiny
+                                                 # encoder trained at the head's lr collapses)
     weight_decay: float = Field(0.05, ge=0)
     warmup_steps: int = Field(20, ge=0)
     caption_loss: bool = True
@@ -84,7 +86,8 @@ class GenerateConfig(Section):
     """The baseline model fills in missing tags and writes captions, which are parsed again."""
 
     baseline: str | None = None             # models/<name>[@v], a save_pretrained folder or official .pth;
-                                            # None: train one on the parsed labels (models/<baseline_name>)
+                                            # None: the latest models/<baseline_name>, trained on the parsed
+                                            # labels the first time (it stays fixed as data grows)
     baseline_name: str = "baseline"
     batch_size: int = Field(32, ge=1)
     caption: bool = True                    # also generate captions (needs a caption branch)

@@ -174,9 +174,11 @@ def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: 
     label_system = load_labels(store, lv)
     tags = list(label_system.tags)
     stage = f"models/{cfg.name}"
-    init = init or cfg.init
+    # Start from: the explicit init, else the latest model of this name (new data fine-tunes it), else
+    # train.init (e.g. the baseline), else from scratch.
     if init is None and cfg.fine_tune_latest and store.versions(stage):
         init = f"{stage}@{store.versions(stage)[-1].id}"
+    init = init or cfg.init
     init_version = model_version(store, init) if init else None
     parents = [labels, images] + ([init_version] if init_version else [])
     config = {"model": section_dict(model_cfg), "train": section_dict(cfg) | {"init": init and
@@ -214,7 +216,8 @@ def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: 
     job = {"init_dir": str(init_dir), "work_dir": str(work / "loop"), "out_dir": str(out_dir),
            "train": splits["train"], "image_size": image_size, "augment": cfg.augment,
            "caption_loss": cfg.caption_loss, "storage_options": store.storage_options,
-           "loop": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "warmup_steps": cfg.warmup_steps,
+           "loop": {"lr": cfg.lr, "lr_scales": [[r"^(visual_encoder|image_proj)\.", cfg.encoder_lr_scale]],
+                    "weight_decay": cfg.weight_decay, "warmup_steps": cfg.warmup_steps,
                     "total_steps": cfg.steps, "batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps,
                     "checkpoint_every_steps": cfg.checkpoint_every_steps, "seed": cfg.seed, "device": cfg.device,
                     "image_size": image_size}}

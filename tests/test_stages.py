@@ -1,0 +1,159 @@
+"""Stages over the store, one at a time: parse, generate, ground (resume inside a part), train."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from storage import Store, schemas
+from tasks.config import load_config
+from tasks.demo_world import generate_world
+from tasks.ingest import ingest
+from tasks.parse import parse_stage
+from tasks.stage import StageError
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A small world ingested and parsed, plus a random tiny detector."""
+    from ram_model.detector import build_tiny_detector
+
+    root = tmp_path_factory.mktemp("stages")
+    world = generate_world(root / "world", 24, seed=5, fmt="webdataset", samples_per_shard=8)
+    categories = json.loads(Path(world.tag_groups).read_text())["category"]
+    build_tiny_detector(categories, seed=0, image_size=128).save(root / "detector")
+    cfg = load_config(None, [f"store.url={root / 'store'}", f"parse.labels={world.tag_list}",
+                             f"ground.detector.model={root / 'detector'}", "ground.detector.box_threshold=0.05",
+                             "ground.detector.text_threshold=0.05", "ground.batch_size=3",
+                             "train.steps=3", "train.batch_size=4", "train.warmup_steps=1",
+                             "train.checkpoint_every_steps=1", "train.holdout_fraction=0.2"])
+    store = Store(cfg.store.url)
+    images = ingest(store, cfg.ingest, source=str(world.source)).version
+    parsed = parse_stage(store, cfg.parse, images).version
+    return root, world, cfg, store, images, parsed
+
+
+def caption_generated(store: Store, images, parsed):
+    """A `generated` version whose labels are the caption labels (no model): the ground stage's input."""
+    from tasks.inspect import key_tags
+    from tasks.stage import PartTask, parts_of, run_stage
+
+    tags = key_tags(parsed)
+
+    def process(w, task: PartTask):
+        index = images.read_file(next(f["path"] for f in task.payload["part"].files if f["kind"] == "table"),
+                                 columns=["key"])
+        rows = [{"key": k, "parsed_tag_ids": sorted(tags.get(k, ())), "predicted_tag_ids": [],
+                 "predicted_scores": [], "generated_captions": [], "generated_tag_ids": [],
+                 "tag_ids": sorted(tags.get(k, ()))} for k in index.column("key").to_pylist()]
+        return w.write_part(task.name, table=pa.Table.from_pylist(rows, schema=schemas.GENERATED),
+                            rows_in=len(rows), source_digest=task.source_digest)
+
+    writer = store.begin("generated", code_version="test-captions-only", config={}, parents=[images, parsed])
+    return run_stage(writer, parts_of(images), process).version
+
+
+def test_parse_stage_records_labels_and_reconciles(base):
+    _, world, cfg, store, images, parsed = base
+    m = parsed.manifest
+    assert m["rows_in"] == m["rows_out"] + m["rows_rejected"]
+    assert any(p.startswith("labels/") for p in parsed.parents)
+    assert 0 < m["metrics"]["coverage"] <= 1 and m["metrics"]["top_tags"]
+    assert parse_stage(store, cfg.parse, images).status == "reused"
+
+
+def test_ground_resumes_inside_a_part_without_duplicates(base, tmp_path, monkeypatch):
+    import tasks.ground as ground
+
+    root, world, cfg, store, images, parsed = base
+    generated = caption_generated(store, images, parsed)
+    # An uninterrupted run in a second store over the same inputs gives the reference bytes.
+    clean_store = Store(str(tmp_path / "clean"))
+    for v in (images, parsed, generated):
+        for entry in store.fs.find(store.abs(f"{v.stage}/{v.id}")):
+            rel = entry[len(store.root) + 1:]
+            clean_store.fs.makedirs(clean_store.abs(rel).rsplit("/", 1)[0], exist_ok=True)
+            clean_store.fs.put_file(entry, clean_store.abs(rel))
+    for lv in [p for p in parsed.parents if p.startswith("labels/")]:
+        for entry in store.fs.find(store.abs(lv)):
+            rel = entry[len(store.root) + 1:]
+            clean_store.fs.makedirs(clean_store.abs(rel).rsplit("/", 1)[0], exist_ok=True)
+            clean_store.fs.put_file(entry, clean_store.abs(rel))
+    want = ground.ground_stage(clean_store, cfg.ground, clean_store.open_ref(images.ref),
+                               clean_store.open_ref(generated.ref), clean_store.open_ref(parsed.ref)).version
+
+    calls = {"n": 0}
+    real_ground_batch = ground.ground_batch
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third detector batch of the first part dies
+            raise RuntimeError("simulated crash")
+        return real_ground_batch(*args, **kwargs)
+
+    monkeypatch.setattr(ground, "ground_batch", crashing)
+    with pytest.raises(StageError, match="simulated crash"):
+        ground.ground_stage(store, cfg.ground, images, generated, parsed)
+    assert store.versions("regions") == []
+    progress = [p for p in store.fs.find(store.abs("regions")) if "/_progress/" in p and p.endswith(".keys.json")]
+    assert len(progress) == 2  # two batches were checkpointed before the crash
+    calls["n"] = -10_000
+    monkeypatch.setattr(ground, "ground_batch", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1),
+                                                                 real_ground_batch(*a, **k))[1])
+    got = ground.ground_stage(store, cfg.ground, images, generated, parsed).version
+    n_batches_rerun = calls["n"] + 10_000
+    total_batches = sum(-(-p.rows_in // cfg.ground.batch_size) for p in got.parts)
+    assert n_batches_rerun == total_batches - 2  # the checkpointed batches were not redone
+    table = got.read_table()
+    assert len(set(table.column("crop_key").to_pylist())) == table.num_rows  # no duplicate region
+    assert sorted((f["path"].split("/", 2)[2], f["sha256"]) for f in got.files()) == \
+        sorted((f["path"].split("/", 2)[2], f["sha256"]) for f in want.files())
+    assert got.id == want.id
+    assert not [p for p in store.fs.find(store.abs("regions")) if "/_progress/" in p]
+    assert {s["__key__"] for s in got.iter_samples()} == set(table.column("crop_key").to_pylist())
+
+
+def test_train_stage_writes_a_model_version(base, tmp_path, monkeypatch):
+    from tasks.train import train_stage
+
+    monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
+    _, world, cfg, store, images, parsed = base
+    result = train_stage(store, cfg.model, cfg.train, parsed, images)
+    v = result.version
+    names = {f["name"] for f in v.files("file")}
+    assert {"model.safetensors", "config.json", "tags.txt", "thresholds.txt", "metrics.json"} <= names
+    assert v.manifest["metrics"]["train"]["steps"] == 3
+    assert "mAP" in v.manifest["metrics"] and v.manifest["metrics"]["samples"]["train"] > 0
+    assert set(v.parents) >= {parsed.ref, images.ref}
+    assert train_stage(store, cfg.model, cfg.train, parsed, images).status == "reused"
+    from tasks.models import load_model
+
+    model = load_model(store, v.ref)
+    assert model.tags == Path(world.tag_list).read_text().split()
+    assert not (tmp_path / "cache" / "train" / cfg.train.name / v.id).exists()  # checkpoints cleaned up
+
+
+def test_generate_stage_reconciles_and_names_a_missing_shard(base, tmp_path, monkeypatch):
+    from tasks.generate import generate
+    from tasks.train import train_stage
+
+    monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
+    _, world, cfg, store, images, parsed = base
+    baseline = train_stage(store, cfg.model, cfg.train, parsed, images).version
+    gen_cfg = cfg.generate.model_copy(update={"max_length": 10, "num_beams": 1})
+    v = generate(store, gen_cfg, cfg.parse, images, parsed, baseline.ref).version
+    m = v.manifest
+    assert m["rows_in"] == 24 and m["rows_in"] == m["rows_out"] + m["rows_rejected"]
+    for row in v.read_table().to_pylist():
+        assert set(row["parsed_tag_ids"]) <= set(row["tag_ids"])
+        assert set(row["predicted_tag_ids"]) <= set(row["tag_ids"])
+    # A shard that vanished is a clear error naming the part, never a silent gap.
+    shard = images.files("shard")[0]["path"]
+    store.fs.mv(store.abs(shard), store.abs(shard) + ".moved")
+    try:
+        with pytest.raises(StageError, match="part-"):
+            generate(store, gen_cfg.model_copy(update={"threshold": 0.5}), cfg.parse, images, parsed, baseline.ref)
+    finally:
+        store.fs.mv(store.abs(shard) + ".moved", store.abs(shard))
