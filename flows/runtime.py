@@ -6,6 +6,7 @@ what the UI shows.
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import nullcontext
 from typing import Callable, Sequence
 
@@ -71,5 +72,6 @@ def publish(result: StageResult, report_path: str | None = None) -> None:
             lines.append(f"- {name}: {value}")
     if report_path:
         lines += ["", f"report: {report_path}"]
-    create_markdown_artifact(markdown="\n".join(lines), key=f"ram-{m['stage']}",
+    key = "ram-" + re.sub(r"[^a-z0-9-]+", "-", m["stage"].lower())  # Prefect keys: lowercase, digits, dashes
+    create_markdown_artifact(markdown="\n".join(lines), key=key,
                              description=f"{m['stage']} version {m['version']}")

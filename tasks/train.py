@@ -174,6 +174,14 @@ def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: 
     label_system = load_labels(store, lv)
     tags = list(label_system.tags)
     stage = f"models/{cfg.name}"
+    # Already trained on exactly this data under this config (whatever it was fine-tuned from): reuse.
+    same = section_dict(model_cfg), section_dict(cfg)
+    for version in reversed(store.versions(stage)):
+        c = version.manifest["config"]
+        if ({labels.ref, images.ref} <= set(version.parents) and c["model"] == same[0]
+                and {k: v for k, v in c["train"].items() if k != "init"} == {k: v for k, v in same[1].items()
+                                                                             if k != "init"}):
+            return StageResult(version, "reused")
     # Start from: the explicit init, else the latest model of this name (new data fine-tunes it), else
     # train.init (e.g. the baseline), else from scratch.
     if init is None and cfg.fine_tune_latest and store.versions(stage):

@@ -71,3 +71,18 @@ def any_store(request, tmp_path):
     return Store(url, **options)
 
 
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One Prefect test server for the whole session (~11 s); yields (API URL, PREFECT_HOME)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    previous = os.environ.get("PREFECT_HOME")
+    home = os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield PREFECT_API_URL.value(), home
+    finally:
+        os.environ.pop("PREFECT_HOME") if previous is None else os.environ.update(PREFECT_HOME=previous)

@@ -3,6 +3,7 @@ a rerun does no work, and new data is processed alone."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,9 +69,11 @@ def test_whole_loop_then_rerun_then_new_data(world_and_detector, monkeypatch, tm
     assert {k: r.version.id for k, r in again.items()} == {k: r.version.id for k, r in first.items()}
 
     # New data lands: one more tar. Stages with per-part work process only that part.
-    grown = generate_world(root / "world", N_GROWN, seed=3, fmt="webdataset", samples_per_shard=PER_SHARD,
-                           captions_per_image=(1, 2), overwrite=True)
-    third = data_engine_flow.fn(engine_config(root, grown))
+    grown = generate_world(root / "world-grown", N_GROWN, seed=3, fmt="webdataset", samples_per_shard=PER_SHARD,
+                           captions_per_image=(1, 2))
+    new_tar = grown.shards[-1]
+    shutil.copy(new_tar, Path(world.source) / new_tar.name)  # a new shard lands; old ones are untouched
+    third = data_engine_flow.fn(cfg)
     assert third["ingest"].version.manifest["rows_out"] == N_GROWN
     for step in ("ingest", "parse", "generate", "ground", "embed"):
         assert (third[step].parts_written, third[step].parts_reused) == (1, N_FIRST // PER_SHARD), step
@@ -91,3 +94,24 @@ def test_from_and_until_run_part_of_the_loop(world_and_detector, monkeypatch, tm
     assert list(parse_only) == ["parse"] and parse_only["parse"].version.parents[0] == only_ingest["ingest"].version.ref
     with pytest.raises(ValueError, match="not a stage"):
         data_engine_flow.fn(cfg, from_stage="nope")
+
+
+def test_loop_runs_as_prefect_flows_with_artifacts(world_and_detector, prefect_api, monkeypatch, tmp_path):
+    """The same loop as Prefect subflows against a Prefect server: every stage publishes its artifact."""
+    from prefect.client.orchestration import get_client
+
+    monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
+    root, world = world_and_detector
+    cfg = engine_config(root, world, **{"store.url": tmp_path / "store"})
+    results = data_engine_flow(cfg)
+    assert list(results) == list(STAGES) and all(r.status == "written" for r in results.values())
+
+    async def artifact_keys():
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts()}
+
+    import asyncio
+
+    keys = asyncio.run(artifact_keys())
+    assert {"ram-images", "ram-parsed", "ram-models-baseline", "ram-generated", "ram-regions", "ram-clean",
+            "ram-models-ram", "ram-evaluate"} <= keys

@@ -28,21 +28,6 @@ def retrain_probe(cfg: EngineConfig, images_version: str | None = None, new_samp
     return {"store": cfg.store.url, "images_version": images_version, "new_samples": new_samples}
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """One Prefect test server for this module (~11 s); yields its URL for subprocesses."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    previous = os.environ.get("PREFECT_HOME")
-    home = os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield PREFECT_API_URL.value(), home
-    finally:
-        os.environ.pop("PREFECT_HOME") if previous is None else os.environ.update(PREFECT_HOME=previous)
-
-
 def source(root: Path, n: int, start: int = 0) -> Path:
     items = {f"s{i:03d}.jpg": (image_bytes(size=(30 + i, 20 + i % 5), color=(i * 11 % 256, 90, 30)),
                                f"a small square number {i}") for i in range(start, start + n)}

@@ -18,20 +18,6 @@ from tests.fixtures import image_bytes, write_folder_source
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """One Prefect test server for this module (~11 s)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    previous = os.environ.get("PREFECT_HOME")
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-    finally:
-        os.environ.pop("PREFECT_HOME") if previous is None else os.environ.update(PREFECT_HOME=previous)
-
-
-@pytest.fixture(scope="module")
 def dask_cluster():
     """One LocalCluster of 2 single-threaded worker processes for the module (what
     `orchestration.task_runner=dask` starts when no address is set), reached through `dask_address`."""

@@ -28,7 +28,7 @@ def base(tmp_path_factory):
                              f"ground.detector.model={root / 'detector'}", "ground.detector.box_threshold=0.05",
                              "ground.detector.text_threshold=0.05", "ground.batch_size=3",
                              "train.steps=3", "train.batch_size=4", "train.warmup_steps=1",
-                             "train.checkpoint_every_steps=1", "train.holdout_fraction=0.2"])
+                             "train.checkpoint_every_steps=1", "train.holdout_fraction=0.2", "train.init=null"])
     store = Store(cfg.store.url)
     images = ingest(store, cfg.ingest, source=str(world.source)).version
     parsed = parse_stage(store, cfg.parse, images).version
