@@ -240,8 +240,14 @@ class GroundingDinoPyDetector:
 
     def __init__(self, cfg: DetectorConfig):
         try:
-            from groundingdino.util.inference import load_model, predict  # noqa: F401
+            from groundingdino.models import build_model
+            from groundingdino.util.inference import predict
+            from groundingdino.util.slconfig import SLConfig
             import groundingdino.datasets.transforms as gd_transforms
+            try:  # its location moved between releases
+                from groundingdino.util.utils import clean_state_dict
+            except ImportError:
+                from groundingdino.util.misc import clean_state_dict
         except ImportError as e:
             raise ImportError(
                 "detector.backend is 'groundingdino' but the groundingdino-py package is not importable "
@@ -256,10 +262,14 @@ class GroundingDinoPyDetector:
             gd_transforms.ToTensor(),
             gd_transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
         ])
-        model = load_model(cfg.gd_config_file, cfg.model, device=cfg.device)
-        if cfg.gd_text_encoder:
-            model.text_encoder_type = cfg.gd_text_encoder
-        self.model = model
+        args = SLConfig.fromfile(cfg.gd_config_file)
+        args.device = cfg.device
+        if cfg.gd_text_encoder:  # a local BERT folder: the model then builds offline
+            args.text_encoder_type = cfg.gd_text_encoder
+        model = build_model(args)
+        ckpt = torch.load(cfg.model, map_location="cpu")
+        model.load_state_dict(clean_state_dict(ckpt.get("model", ckpt)), strict=False)
+        self.model = model.eval().to(cfg.device)
 
     def detect(self, images, tags_per_image):
         out = []
