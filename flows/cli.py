@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Optional
 
@@ -144,6 +145,20 @@ def demo(out_dir: str = typer.Option("ram-demo", "--out", help="Folder for the w
         out.print(ev.version.manifest["metrics"]["markdown"])
     out.print(f"store: {summary['store']}\nreport: {summary['report']}\n"
               f"total {summary['seconds'] / 60:.1f} min")
+
+
+@app.command("demo-detector")
+def demo_detector(out_dir: str = typer.Option("flows/demo_assets/detector", "--out"),
+                  steps: int = typer.Option(3500, help="Training steps."),
+                  minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes."),
+                  images: int = typer.Option(2000, help="Images in the detector's training world."),
+                  seed: int = typer.Option(1000, help="Seed of that world (the demo's is 0).")) -> None:
+    """Train the demo's tiny Grounding DINO on generated boxes (how the shipped checkpoint was made)."""
+    from flows.demo import train_demo_detector
+
+    meta = train_demo_detector(Path(out_dir), n_images=images, seed=seed, steps=steps,
+                               time_limit_s=minutes * 60 if minutes else None, say=out.print)
+    out.print(json.dumps({k: v for k, v in meta.items() if k != "categories"}, indent=1, default=float))
 
 
 @app.command()
