@@ -201,13 +201,28 @@ def tag2text_default_thresholds(tags: Sequence[str]) -> torch.Tensor:
 
 
 # our own format ------------------------------------------------------------------------------------------
+def _deduplicated_state(model: RAM) -> dict[str, torch.Tensor]:
+    """The state dict with each shared (tied) tensor once, under its first name in sorted order: the
+    same weights always give the same file bytes."""
+    sd = model.state_dict()
+    groups: dict[tuple, list[str]] = {}
+    for name in sorted(sd):
+        t = sd[name]
+        ident = (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        groups.setdefault(ident, []).append(name)
+    return dict(sorted((names[0], sd[names[0]].contiguous()) for names in groups.values()))
+
+
 def save_pretrained(model: RAM, directory: str | Path) -> None:
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / "model.safetensors.tmp"
-    save_model(model, str(tmp))  # de-duplicates the shared (tied) tensors
+    tensors = _deduplicated_state(model)
+    # No alias map in the header: safetensors writes metadata in hash order, which would change the bytes;
+    # loading finds the shared names from the model itself.
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(d / "model.safetensors")
     (d / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2), encoding="utf-8")
     (d / "tags.txt").write_text("\n".join(model.tags), encoding="utf-8")

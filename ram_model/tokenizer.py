@@ -38,25 +38,33 @@ def load_tokenizer(name_or_path: str) -> BertTokenizerFast:
 
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 1000, out_dir: str | Path | None = None,
                               min_frequency: int = 1) -> BertTokenizerFast:
-    """Train a lower-cased WordPiece vocabulary on `texts` (captions, tag names) → BertTokenizerFast.
+    """A lower-cased WordPiece vocabulary for `texts` (captions, tag names) -> BertTokenizerFast.
 
-    The caption prompt "a picture of" is always part of the training text. The result carries RAM's
-    [DEC]/[ENC] tokens. With `out_dir` it is also saved there
-    (`BertTokenizerFast.from_pretrained(out_dir)` reloads it).
+    Deterministic (a model version must not depend on thread timing, and the `tokenizers` trainer breaks
+    ties differently from run to run): the special tokens, every character seen (whole and as a `##`
+    continuation, so no word is ever [UNK]), then whole words by frequency (ties alphabetical) up to
+    `vocab_size`. The caption prompt "a picture of" is always covered. The result carries RAM's
+    [DEC]/[ENC] tokens; with `out_dir` it is also saved there (`from_pretrained(out_dir)` reloads it).
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from collections import Counter
+
+    from tokenizers import normalizers, pre_tokenizers
 
     texts = list(texts)
     if not texts:
         raise ValueError("train_wordpiece_tokenizer: no texts given")
-    texts.append("a picture of")  # RAM's caption prompt must not fall apart into [UNK]s
-    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
-    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    wp.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS)
-    wp.train_from_iterator(texts, trainer)
-    vocab = dict(sorted(wp.get_vocab().items(), key=lambda kv: kv[1]))
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    counts: Counter = Counter()
+    for text in texts + ["a picture of"]:
+        counts.update(word for word, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    base = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
+    seen = set(base)
+    words = [w for w, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_frequency
+             and w not in seen]
+    tokens = base + words[: max(0, vocab_size - len(base))]
+    vocab = {t: i for i, t in enumerate(tokens)}
     # vocab= takes the dict directly (vocab_file= is silently ignored by transformers 5, see ENVIRONMENT.md)
     tok = add_ram_special_tokens(BertTokenizerFast(vocab=vocab, do_lower_case=True))
     if out_dir is not None:

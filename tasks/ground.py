@@ -361,7 +361,10 @@ def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progre
                               source_digest=task.source_digest,
                               metrics={"rows_out": gen.num_rows - len(rejects), "regions": n_regions,
                                        "regions_per_tag": dict(Counter(table.column("tag").to_pylist()))})
-        store.fs.rm(store.abs(progress_dir), recursive=True)
+        try:
+            store.fs.rm(store.abs(progress_dir), recursive=True)
+        except FileNotFoundError:  # a concurrent run of this version removed it first
+            pass
         return record
 
     return run_stage(writer, tasks, process, executor=executor, progress=progress)

@@ -96,6 +96,9 @@ def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callabl
         except StageError:
             raise
         except Exception as exc:
+            if writer.part_done(task.name):  # a concurrent run of the same version finished this part
+                log.info("%s: part %s was finished by another run", writer.stage, task.name)
+                return writer.record(task.name)
             raise StageError(
                 f"{writer.stage}: part {task.name} failed: {type(exc).__name__}: {exc}. Nothing was committed; "
                 f"parts already finished are kept, and running the stage again resumes from them.") from exc

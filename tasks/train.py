@@ -9,6 +9,7 @@ A crashed run resumes from its last mid-epoch checkpoint (kept in the local cach
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -142,10 +143,13 @@ def run_training(job_path: str) -> None:
                    batch_to_inputs=_batch_to_inputs(model, caption_loss),
                    progress=None)
     if int(os.environ.get("RANK", "0")) == 0:
-        save_pretrained(model, job["out_dir"])
-        Path(job["out_dir"], "train_result.json").write_text(json.dumps({
-            "steps": result.step, "final_loss": result.loss, "resumed_from": result.resumed_from,
-            "wall_s": round(result.wall_s, 2)}))
+        out = Path(job["out_dir"])
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".final-"))
+        save_pretrained(model, tmp)
+        # No wall-clock figures in the model's files: a rerun must give the same bytes.
+        (tmp / "train_result.json").write_text(json.dumps({"steps": result.step, "final_loss": result.loss}))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)  # the trained model appears whole or not at all
 
 
 def evaluate_model(model, holdout: list, storage_options: dict, image_size: int) -> dict:
@@ -197,6 +201,29 @@ def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: 
         return StageResult(committed, "reused")
     work = cache_dir() / "train" / cfg.name / writer.id
     work.mkdir(parents=True, exist_ok=True)
+    with _exclusive(work / ".lock"):  # one trainer per version on this machine; a second one waits
+        committed = writer.committed
+        if committed is not None:
+            return StageResult(committed, "reused")
+        return _train_locked(store, model_cfg, cfg, labels, images, init, init_version, label_system, tags,
+                             writer, work)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _train_locked(store, model_cfg, cfg, labels, images, init, init_version, label_system, tags, writer, work):
+    stage = writer.stage
     parts = label_rows(labels, images)
     splits = _write_split(parts, work, cfg.holdout_fraction)
     n_train = sum(pq.ParquetFile(p).metadata.num_rows for _, p in splits["train"])
@@ -215,6 +242,9 @@ def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: 
                 model.set_tags(tags, thresholds=thresholds)
         else:
             captions = [c for _, rows in parts for cs in rows.column("captions").to_pylist() for c in cs]
+            import torch
+
+            torch.manual_seed(cfg.seed)  # the initial weights are part of what the version id promises
             model = _build_model(model_cfg, tags, thresholds, captions)
         tmp = Path(tempfile.mkdtemp(dir=work))
         model.save_pretrained(tmp)
@@ -231,7 +261,7 @@ def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: 
                     "image_size": image_size}}
     job_path = work / "job.json"
     job_path.write_text(json.dumps(job, indent=1))
-    if not (out_dir / "model.safetensors").exists():
+    if not (out_dir / "train_result.json").exists():
         if cfg.nproc_per_node > 1:
             _torchrun(job_path, cfg.nproc_per_node)
         else:

@@ -1,0 +1,158 @@
+"""Reliability: a crash loses nothing and duplicates nothing; two runs at once end consistent; the same
+on S3 (moto on loopback). Store faults are in test_store_faults.py, hostile inputs in test_hostile.py."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.data_engine import data_engine_flow
+from storage import Store
+from tasks.config import load_config
+from tasks.demo_world import generate_world
+
+HERE = Path(__file__).parent
+STORE_STAGES = ("images", "parsed", "models/baseline", "generated", "regions", "embeddings", "clean", "models/ram",
+                "evaluate")
+POINTS = ("before-part", "mid-file", "mid-part", "before-manifest")
+# The default run covers every stage and every kill point at least once; the full matrix is `slow`.
+DEFAULT_CASES = [("images", "mid-file"), ("parsed", "mid-part"), ("models/baseline", "before-part"),
+                 ("generated", "mid-part"), ("regions", "mid-file"), ("embeddings", "before-manifest"),
+                 ("clean", "mid-part"), ("models/ram", "before-manifest"), ("evaluate", "before-part")]
+FULL_CASES = [(s, p) for s in STORE_STAGES for p in POINTS if (s, p) not in DEFAULT_CASES]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from ram_model.detector import build_tiny_detector
+
+    root = tmp_path_factory.mktemp("reliability")
+    world = generate_world(root / "world", 24, seed=11, fmt="webdataset", samples_per_shard=8,
+                           captions_per_image=(1, 2))
+    categories = json.loads(Path(world.tag_groups).read_text())["category"]
+    build_tiny_detector(categories, seed=0, image_size=128).save(root / "detector")
+    return root, world
+
+
+def loop_config(root: Path, world, store_url: str, options: dict | None = None):
+    cfg = load_config(None, [
+        f"store.url={store_url}", f"ingest.source={world.source}", f"parse.labels={world.tag_list}",
+        f"evaluate.ground_truth={world.ground_truth}", f"ground.detector.model={root / 'detector'}",
+        "ground.detector.box_threshold=0.05", "ground.detector.text_threshold=0.05", "ground.batch_size=4",
+        "ingest.part_size=8", "train.steps=3", "train.batch_size=4", "train.warmup_steps=1",
+        "train.checkpoint_every_steps=1", "train.holdout_fraction=0.25", "generate.max_length=10",
+        "clean.min_crops=3"])
+    if options:
+        cfg.store.storage_options = options
+    return cfg
+
+
+def hashes(store: Store) -> dict[str, list]:
+    out = {}
+    for stage in STORE_STAGES + ("labels",):
+        versions = store.versions(stage)
+        assert len(versions) <= 1, f"{stage} has {len(versions)} versions"
+        if versions:
+            out[stage] = (versions[0].id, sorted((f["path"], f["sha256"]) for f in versions[0].files()))
+    return out
+
+
+def leftovers(store: Store) -> list[str]:
+    found = []
+    for path in store.fs.find(store.root):
+        rel = path[len(store.root) + 1:]
+        if rel.startswith("_tmp/") or "/_progress/" in rel:
+            found.append(rel)
+    return found
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    """One uninterrupted run: the bytes every interrupted-and-rerun run must reproduce."""
+    root, w = world
+    cache = tmp_path_factory.mktemp("cache-ref")
+    old = os.environ.get("RAM_ENGINE_CACHE")
+    os.environ["RAM_ENGINE_CACHE"] = str(cache)
+    try:
+        cfg = loop_config(root, w, str(tmp_path_factory.mktemp("ref") / "store"))
+        data_engine_flow.fn(cfg)
+    finally:
+        os.environ.pop("RAM_ENGINE_CACHE") if old is None else os.environ.update(RAM_ENGINE_CACHE=old)
+    return hashes(Store(cfg.store.url))
+
+
+def run_child(cfg, stage: str, point: str, cache: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent), RAM_ENGINE_CACHE=str(cache), RAM_ENGINE_THREADS="1")
+    return subprocess.Popen([sys.executable, str(HERE / "crash_proc.py"), cfg.model_dump_json(), stage, point],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def crash_and_rerun(root, w, store_url, options, stage, point, tmp_path, monkeypatch):
+    cfg = loop_config(root, w, store_url, options)
+    cache = tmp_path / "cache"
+    proc = run_child(cfg, stage, point, cache)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == -9, f"the child was to die at {stage}/{point}: rc {proc.returncode}\n{err[-3000:]}"
+    store = Store(cfg.store.url, **cfg.store.storage_options)
+    assert store.versions(stage) == [], "a partial version is visible"
+    monkeypatch.setenv("RAM_ENGINE_CACHE", str(cache))
+    monkeypatch.setenv("RAM_ENGINE_THREADS", "1")
+    data_engine_flow.fn(cfg)
+    return store
+
+
+def run_case(world, reference, stage, point, tmp_path, monkeypatch):
+    root, w = world
+    store = crash_and_rerun(root, w, str(tmp_path / "store"), None, stage, point, tmp_path, monkeypatch)
+    assert hashes(store) == reference
+    assert leftovers(store) == []
+
+
+@pytest.mark.parametrize("stage,point", DEFAULT_CASES)
+def test_sigkill_then_rerun_is_byte_identical(world, reference, stage, point, tmp_path, monkeypatch):
+    run_case(world, reference, stage, point, tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,point", FULL_CASES)
+def test_sigkill_matrix(world, reference, stage, point, tmp_path, monkeypatch):
+    run_case(world, reference, stage, point, tmp_path, monkeypatch)
+
+
+def run_concurrently(cfg, cache: Path) -> list[dict]:
+    procs = [run_child(cfg, "none", "none", cache) for _ in range(2)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    return outs
+
+
+def test_two_loops_at_once_end_with_one_consistent_set(world, reference, tmp_path):
+    root, w = world
+    cfg = loop_config(root, w, str(tmp_path / "store"))
+    a, b = run_concurrently(cfg, tmp_path / "cache")
+    assert a == b  # both runs ended on the same versions
+    store = Store(cfg.store.url)
+    assert hashes(store) == reference  # one version per stage, the same bytes as a lone run
+    for stage in STORE_STAGES:
+        assert store.open(stage).verify() == []
+        assert store.get_ref(stage, "latest") == store.open(stage).id
+    assert leftovers(store) == []
+
+
+@pytest.mark.s3
+def test_s3_crash_then_rerun_and_concurrent_loops(world, reference, s3_store_url, tmp_path, monkeypatch):
+    root, w = world
+    url, options = s3_store_url
+    store = crash_and_rerun(root, w, url + "/crash", options, "generated", "mid-part", tmp_path, monkeypatch)
+    assert hashes(store) == reference and leftovers(store) == []
+    cfg = loop_config(root, w, url + "/race", options)
+    a, b = run_concurrently(cfg, tmp_path / "cache2")
+    assert a == b
+    assert hashes(Store(cfg.store.url, **options)) == reference
