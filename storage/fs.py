@@ -145,8 +145,12 @@ class Placement:
         return f"{self.root}/{rel}"
 
     @contextmanager
-    def atomic_open(self, rel: str) -> Iterator[HashingWriter]:
-        """Yield a hashing writer; on success the file appears at `rel` whole, on error nowhere."""
+    def atomic_open(self, rel: str, replace: bool = False) -> Iterator[HashingWriter]:
+        """Yield a hashing writer; on success the file appears at `rel` whole, on error nowhere.
+
+        A version's files are determined by its id, so when `rel` already holds exactly these bytes
+        (another writer of the same version got there first) it is left alone; `replace` overwrites
+        whatever is there (refs)."""
         tmp = f"{self.tmp_root}/{uuid.uuid4().hex}"
         final = self.abs(rel)
         self.fs.makedirs(self.tmp_root, exist_ok=True)
@@ -157,12 +161,23 @@ class Placement:
         except BaseException:
             self._remove_quietly(tmp)
             raise
-        self.move_into_place(tmp, final)
+        if not replace and self._holds(final, writer.size, writer.sha256):
+            self._remove_quietly(tmp)
+        else:
+            self.move_into_place(tmp, final)
         writer.info = FileInfo(rel, writer.size, writer.sha256)  # type: ignore[attr-defined]
 
-    def put_bytes(self, rel: str, data: bytes) -> FileInfo:
+    def _holds(self, path: str, size: int, sha: str) -> bool:
+        try:
+            if self.fs.size(path) != size:
+                return False
+            return sha256_of(self.fs, path) == (size, sha)
+        except (FileNotFoundError, OSError):
+            return False
+
+    def put_bytes(self, rel: str, data: bytes, replace: bool = False) -> FileInfo:
         def put() -> FileInfo:
-            with self.atomic_open(rel) as w:
+            with self.atomic_open(rel, replace=replace) as w:
                 w.write(data)
             return w.info  # type: ignore[attr-defined]
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -190,7 +192,7 @@ class Store:
         body = canonical_json({"stage": stage, "version": vid, "updated": _now()}).encode()
         placement = Placement(self.fs, self.root)
         try:
-            placement.put_bytes(f"_refs/{stage}/{name}.json", body)
+            placement.put_bytes(f"_refs/{stage}/{name}.json", body, replace=True)
         finally:
             placement.cleanup()
 
@@ -315,8 +317,9 @@ class Version:
             if dest.exists() and dest.stat().st_size == f["bytes"]:
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".partial")
-            self.store.fs.get_file(self.store.abs(f["path"]), str(tmp))
+            # A private temporary name: several processes may fill the same cache at once.
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+            retry_io(lambda: self.store.fs.get_file(self.store.abs(f["path"]), str(tmp)), f"downloading {f['path']}")
             tmp.replace(dest)
         return str(target)
 

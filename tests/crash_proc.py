@@ -49,18 +49,18 @@ def main(config_json: str, stage: str, point: str) -> None:
         original_put = sfs.Placement.put_bytes
         marker = "/_parts/" if point == "mid-part" else "/_manifest.json"
 
-        def put_bytes(self, rel, data):
+        def put_bytes(self, rel, data, **kwargs):
             if rel.startswith(prefix) and marker in rel:
                 die()
-            return original_put(self, rel, data)
+            return original_put(self, rel, data, **kwargs)
 
         sfs.Placement.put_bytes = put_bytes
     elif point == "mid-file":
         original_open = sfs.Placement.atomic_open
 
         @contextmanager
-        def atomic_open(self, rel):
-            with original_open(self, rel) as writer:
+        def atomic_open(self, rel, **kwargs):
+            with original_open(self, rel, **kwargs) as writer:
                 if rel.startswith(prefix) and "/_parts/" not in rel and "_manifest" not in rel:
                     writer.write(b"\0" * 100)  # some bytes reach the temporary file, then the process dies
                     writer.flush()
