@@ -502,7 +502,7 @@ class CaptionParser:
         self.max_chars = max_chars
         self.lemma_exceptions = dict(LEMMA_EXCEPTIONS if lemma_exceptions is None else lemma_exceptions)
         self._pool: ProcessPoolExecutor | None = None
-        self._strings: dict[int, str] = {}
+        self._strings: dict[int, str] = {}   # spaCy string hashes -> str (the vocab's store only grows)
         f = fixes
         self._lower = FIX_LOWERCASE in f
         self._exc = FIX_LEMMA_EXCEPTIONS in f
@@ -552,31 +552,37 @@ class CaptionParser:
         # One to_array call and a hash->string memo instead of per-token property access.
         arr = doc.to_array(_ARRAY_ATTRS).tolist()
         n = len(arr)
+        if n == 0:
+            return SceneGraph([], []), ([], [], [], [], [], [], [])
+        c_orth, c_space, c_pos, c_dep, c_head, c_lemma, c_lower, like_num = zip(*arr)
         strs = self._strings
-        vocab_strings = doc.vocab.strings
-
-        def s_(h: int) -> str:
-            v = strs.get(h)
-            if v is None:
-                v = strs[h] = vocab_strings[h]
-            return v
-
-        text = [s_(a[0]) for a in arr]
-        ws = [" " if a[1] else "" for a in arr]
-        pos = [s_(a[2]) for a in arr]
-        dep = [s_(a[3]) for a in arr]
+        try:
+            text = [strs[h] for h in c_orth]
+            pos = [strs[h] for h in c_pos]
+            dep = [strs[h] for h in c_dep]
+            lowers = [strs[h] for h in c_lower]
+            lem0 = [strs[h] for h in c_lemma]
+        except KeyError:
+            vocab_strings = doc.vocab.strings
+            for col in (c_orth, c_pos, c_dep, c_lower, c_lemma):
+                for h in col:
+                    if h not in strs:
+                        strs[h] = vocab_strings[h]
+            text = [strs[h] for h in c_orth]
+            pos = [strs[h] for h in c_pos]
+            dep = [strs[h] for h in c_dep]
+            lowers = [strs[h] for h in c_lower]
+            lem0 = [strs[h] for h in c_lemma]
+        ws = [" " if x else "" for x in c_space]
         # HEAD is a relative offset stored as uint64: negative offsets wrap around.
-        head = [i + (a[4] - _U64 if a[4] >= _I64 else a[4]) for i, a in enumerate(arr)]
-        lowers = [s_(a[6]) for a in arr]
+        head = [i + (h - _U64 if h >= _I64 else h) for i, h in enumerate(c_head)]
         if self._exc:
             exc = self.lemma_exceptions
-            lemma = [exc.get((lw, p)) or exc.get((lw, "*")) or s_(a[5])
-                     for a, lw, p in zip(arr, lowers, pos)]
+            lemma = [exc.get((lw, p)) or exc.get((lw, "*")) or l0 for l0, lw, p in zip(lem0, lowers, pos)]
         else:
-            lemma = [s_(a[5]) for a in arr]
+            lemma = lem0
         if self._lower:
             lemma = [x.lower() for x in lemma]
-        like_num = [a[7] for a in arr]
         children: list[list[int]] = [[] for _ in range(n)]
         for i, h in enumerate(head):
             if h != i:
