@@ -106,9 +106,19 @@ _NLP_CACHE: dict[tuple[str, tuple[str, ...]], object] = {}
 UNUSED_COMPONENTS = ("ner",)
 
 
-def load_nlp(model: str = DEFAULT_MODEL, disable: Sequence[str] = UNUSED_COMPONENTS):
-    """Load a spaCy pipeline once per process (keyed by model name and disabled components)."""
-    key = (model, tuple(sorted(disable)))
+BLAS_CHOICES = ("numpy", "blis")
+
+
+def load_nlp(model: str = DEFAULT_MODEL, disable: Sequence[str] = UNUSED_COMPONENTS, blas: str = "numpy"):
+    """Load a spaCy pipeline once per process (keyed by model, disabled components and `blas`).
+
+    blas="numpy" runs the pipeline's matrix products through numpy's BLAS (OpenBLAS here) instead
+    of thinc's default blis: 2x faster tok2vec on this CPU, and the same annotations on all 25,014
+    COCO captions (checked). blas="blis" keeps spaCy's default.
+    """
+    if blas not in BLAS_CHOICES:
+        raise ValueError(f"parse: blas must be one of {BLAS_CHOICES}, got {blas!r}")
+    key = (model, tuple(sorted(disable)), blas)
     nlp = _NLP_CACHE.get(key)
     if nlp is None:
         import spacy
@@ -124,8 +134,34 @@ def load_nlp(model: str = DEFAULT_MODEL, disable: Sequence[str] = UNUSED_COMPONE
         if missing or not ({"tagger", "morphologizer"} & set(nlp.pipe_names)):
             raise RuntimeError(f"parse: spaCy model {model!r} lacks components the rules need "
                                f"(a tagger, parser and lemmatizer); it has {nlp.pipe_names}")
+        if blas == "numpy":
+            from thinc.api import NumpyOps
+            ops = NumpyOps(use_blis=False)
+            for _name, proc in nlp.pipeline:
+                model_ = getattr(proc, "model", None)
+                if model_ is not None and hasattr(model_, "walk"):
+                    for node in model_.walk():
+                        node.ops = ops
         _NLP_CACHE[key] = nlp
     return nlp
+
+
+_BLAS_CONTROLLER = None
+
+
+def _blas_threads(n: int | None):
+    """Context that caps BLAS threads (threadpoolctl, a scikit-learn dependency); no-op without it."""
+    global _BLAS_CONTROLLER
+    import contextlib
+    if n is None:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return contextlib.nullcontext()
+    if _BLAS_CONTROLLER is None:
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=n, user_api="blas")
 
 
 def _array_attrs():
@@ -335,26 +371,29 @@ class _MemoAttributes:
 _DOCS_CACHE: dict[str, tuple] = {}
 
 
-def iter_docs(texts: Iterable[str], model: str = DEFAULT_MODEL, batch_size: int = 256):
+def iter_docs(texts: Iterable[str], model: str = DEFAULT_MODEL, batch_size: int = 256,
+              blas: str = "numpy", blas_threads: int | None = 1):
     """spaCy Docs for `texts`, batched, NER excluded, attribute_ruler + lemmatizer memoised.
 
+    BLAS threads are capped at `blas_threads` while the documents are produced (None: no cap):
+    on a shared machine one thread per process is fastest; use n_process for more cores.
     Falls back to plain `nlp.pipe` when the pipeline does not end with those two components.
     """
-    nlp = load_nlp(model)
-    names = nlp.pipe_names
-    if names[-2:] != ["attribute_ruler", "lemmatizer"]:
-        yield from nlp.pipe(texts, batch_size=batch_size)
-        return
-    entry = _DOCS_CACHE.get(model)
-    if entry is None or entry[0] is not nlp:
-        entry = (nlp, _MemoAttributes(nlp))
-        _DOCS_CACHE[model] = entry
-    memo = entry[1]
-    docs = (nlp.make_doc(t) for t in texts)
-    for name, proc in nlp.pipeline[:-2]:
-        docs = proc.pipe(docs, batch_size=batch_size) if hasattr(proc, "pipe") else map(proc, docs)
-    for doc in docs:
-        yield memo(doc)
+    nlp = load_nlp(model, blas=blas)
+    with _blas_threads(blas_threads):
+        if nlp.pipe_names[-2:] != ["attribute_ruler", "lemmatizer"]:
+            yield from nlp.pipe(texts, batch_size=batch_size)
+            return
+        entry = _DOCS_CACHE.get((model, blas))
+        if entry is None or entry[0] is not nlp:
+            entry = (nlp, _MemoAttributes(nlp))
+            _DOCS_CACHE[(model, blas)] = entry
+        memo = entry[1]
+        docs = (nlp.make_doc(t) for t in texts)
+        for _name, proc in nlp.pipeline[:-2]:
+            docs = proc.pipe(docs, batch_size=batch_size) if hasattr(proc, "pipe") else map(proc, docs)
+        for doc in docs:
+            yield memo(doc)
 
 
 _I64, _U64 = 1 << 63, 1 << 64
@@ -482,13 +521,20 @@ class CaptionParser:
 
     model: spaCy pipeline name or folder. fixes: names from ALL_FIXES to apply (() reproduces the
     reference SceneGraphParser). n_process > 1 parses in that many worker processes (spawned once,
-    each loading the model once); close() or a `with` block stops them.
+    each loading the model once); close() or a `with` block stops them. blas: "numpy" (OpenBLAS,
+    default, faster here) or "blis" (spaCy's default) for the model's matrix products;
+    blas_threads caps BLAS threads while parsing (None: no cap).
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, fixes: Iterable[str] = ALL_FIXES,
                  batch_size: int = 256, n_process: int = 1, max_chars: int = DEFAULT_MAX_CHARS,
-                 lemma_exceptions: dict[tuple[str, str], str] | None = None):
+                 lemma_exceptions: dict[tuple[str, str], str] | None = None,
+                 blas: str = "numpy", blas_threads: int | None = 1):
         fixes = frozenset(fixes)
+        if blas not in BLAS_CHOICES:
+            raise ValueError(f"parse: blas must be one of {BLAS_CHOICES}, got {blas!r}")
+        if blas_threads is not None and blas_threads < 1:
+            raise ValueError(f"parse: blas_threads must be >= 1 or None, got {blas_threads}")
         unknown = fixes - ALL_FIXES
         if unknown:
             raise ValueError(f"parse: unknown fixes {sorted(unknown)}; known: {sorted(ALL_FIXES)}")
@@ -500,6 +546,8 @@ class CaptionParser:
         self.batch_size = batch_size
         self.n_process = n_process
         self.max_chars = max_chars
+        self.blas = blas
+        self.blas_threads = blas_threads
         self.lemma_exceptions = dict(LEMMA_EXCEPTIONS if lemma_exceptions is None else lemma_exceptions)
         self._pool: ProcessPoolExecutor | None = None
         self._strings: dict[int, str] = {}   # spaCy string hashes -> str (the vocab's store only grows)
@@ -513,11 +561,12 @@ class CaptionParser:
 
     @property
     def nlp(self):
-        return load_nlp(self.model)
+        return load_nlp(self.model, blas=self.blas)
 
     def config(self) -> dict:
         """What determines the output (for the stage's version id)."""
         return {"model": self.model, "fixes": sorted(self.fixes), "max_chars": self.max_chars,
+                "blas": self.blas,
                 "lemma_exceptions": sorted(f"{k[0]}/{k[1]}={v}" for k, v in self.lemma_exceptions.items())}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -542,7 +591,10 @@ class CaptionParser:
         return self.graphs([text])[0]
 
     def graphs(self, texts: Iterable[str]) -> list[SceneGraph]:
-        return [self._graph(d)[0] for d in iter_docs(texts, self.model, self.batch_size)]
+        return [self._graph(d)[0] for d in self._docs(texts)]
+
+    def _docs(self, texts):
+        return iter_docs(texts, self.model, self.batch_size, self.blas, self.blas_threads)
 
     def graph_from_doc(self, doc) -> SceneGraph:
         return self._graph(doc)[0]
@@ -791,7 +843,7 @@ class CaptionParser:
             todo.append(_prepare(t))
             slots.append(pc)
         if todo:
-            for pc, doc in zip(slots, iter_docs(todo, self.model, self.batch_size)):
+            for pc, doc in zip(slots, self._docs(todo)):
                 g, tokens = self._graph(doc)
                 self._tags(g, tokens, pc)
                 if keep_graph:
@@ -812,7 +864,8 @@ class CaptionParser:
 
     def _worker_config(self) -> dict:
         return {"model": self.model, "fixes": sorted(self.fixes), "batch_size": self.batch_size,
-                "max_chars": self.max_chars, "lemma_exceptions": self.lemma_exceptions}
+                "max_chars": self.max_chars, "lemma_exceptions": self.lemma_exceptions,
+                "blas": self.blas, "blas_threads": self.blas_threads}
 
 
 # spaCy's English noun-chunk rule, on our arrays (doc.noun_chunks builds Token and Span objects).
