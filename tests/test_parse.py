@@ -1,6 +1,9 @@
 """The parse stage: each fix on its own, tag extraction, bad captions, parts and lists."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 
@@ -119,12 +122,23 @@ def test_light_verbs_are_not_actions(fixed):
 
 def test_memoised_attributes_match_spacy():
     texts = ["There is a dog on the bed.", "Let's go gon na eat", "A man riding a horse.",
-             "I am holding it for you", "A cat   sitting\ton a mat"]
-    nlp = load_nlp()
-    plain = [[(t.pos_, t.lemma_, str(t.morph)) for t in d] for d in nlp.pipe(texts)]
+             "I am holding it for you", "A cat   sitting\ton a mat", "y'all come", "", "DOGS RUNNING"]
+    coco = Path(os.environ.get("RAM_BENCH_DIR", "/work/shared/bench")) / "coco_val2017_captions.tsv"
+    if coco.exists():   # 1,500 real captions from the middle of the file, not the ones other tests use
+        lines = coco.read_text(encoding="utf-8").splitlines()[10000:11500]
+        texts += [line.split("\t", 1)[1] for line in lines]
+    # spaCy as shipped (blis) against ours (numpy BLAS, memoised ruler + lemmatizer)
+    nlp = load_nlp(blas="blis")
+    ann = lambda docs: [[(t.tag_, t.pos_, t.dep_, t.head.i, t.lemma_, str(t.morph)) for t in d]  # noqa: E731
+                        for d in docs]
+    plain = ann(nlp.pipe(texts))
     for _ in range(2):   # first pass fills the memo, second reads it
-        memo = [[(t.pos_, t.lemma_, str(t.morph)) for t in d] for d in iter_docs(texts)]
-        assert memo == plain
+        assert ann(iter_docs(texts)) == plain
+
+
+def test_blas_choice_is_validated():
+    with pytest.raises(ValueError, match="blas must be one of"):
+        CaptionParser(blas="mkl")
 
 
 # -- bad captions -----------------------------------------------------------------------------
@@ -150,9 +164,12 @@ def test_bad_captions_give_reasons(fixed, reason, texts):
 
 
 def test_fine_captions_pass_checks(fixed):
-    for t in ["A dog on a bed.", "Un café près de la fenêtre", "A man\tand a dog\n", "Zoë's crème brûlée"]:
+    for t in ["A dog on a bed.", "Un café près de la fenêtre", "A man\tand a dog\n", "Zoë's crème brûlée",
+              "a\u200bdog on a bed\ufeff"]:
         assert check_caption(t, 1000) is None, t
     assert fixed.parse(["A man\tand   a dog\non a bed"])[0].objects == ["man", "dog", "bed"]
+    # format characters (zero-width space, BOM) are dropped, not rejected
+    assert fixed.parse(["\ufeffA dog on a b\u200bed"])[0].objects == ["dog", "bed"]
 
 
 def test_max_chars_is_a_parameter():
