@@ -152,12 +152,14 @@ def demo_detector(out_dir: str = typer.Option("flows/demo_assets/detector", "--o
                   steps: int = typer.Option(3500, help="Training steps."),
                   minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes."),
                   images: int = typer.Option(2000, help="Images in the detector's training world."),
-                  seed: int = typer.Option(1000, help="Seed of that world (the demo's is 0).")) -> None:
+                  seed: int = typer.Option(1000, help="Seed of that world (the demo's is 0)."),
+                  init: Optional[str] = typer.Option(None, help="Continue training this saved detector.")) -> None:
     """Train the demo's tiny Grounding DINO on generated boxes (how the shipped checkpoint was made)."""
     from flows.demo import train_demo_detector
 
     meta = train_demo_detector(Path(out_dir), n_images=images, seed=seed, steps=steps,
-                               time_limit_s=minutes * 60 if minutes else None, say=out.print)
+                               time_limit_s=minutes * 60 if minutes else None,
+                               init=Path(init) if init else None, say=out.print)
     out.print(json.dumps({k: v for k, v in meta.items() if k != "categories"}, indent=1, default=float))
 
 

@@ -54,7 +54,7 @@ DETECTOR_META = "demo_detector.json"
 
 
 def train_demo_detector(folder: Path, *, world=None, n_images: int = 2000, seed: int = 1000, steps: int = 3500,
-                        time_limit_s: float | None = None, say=print) -> dict:
+                        time_limit_s: float | None = None, init: Path | None = None, say=print) -> dict:
     """Train the demo's tiny Grounding DINO on the true boxes of a generated world (by default its own
     world, another seed than the demo's) and save it with its held-out quality. This is the command that
     made the checkpoint shipped in flows/demo_assets/detector."""
@@ -70,7 +70,15 @@ def train_demo_detector(folder: Path, *, world=None, n_images: int = 2000, seed:
         world = generate_world(Path(tempfile.mkdtemp(prefix="detector-world-")), n_images, seed=seed,
                                fmt="webdataset")
     categories = json.loads(Path(world.tag_groups).read_text())["category"]
-    detector = build_tiny_detector(categories, seed=seed, image_size=world.config.get("image_size", 128))
+    if init is not None:  # continue training a saved detector (same categories)
+        from ram_model.detector import DetectorConfig, load_detector
+
+        size = world.config.get("image_size", 128)
+        detector = load_detector(DetectorConfig(model=str(init), shortest_edge=size, longest_edge=size,
+                                                box_threshold=0.25, text_threshold=0.2, batch_size=8))
+    else:
+        detector = build_tiny_detector(categories, seed=seed, image_size=world.config.get("image_size", 128))
+    previous = json.loads((Path(init) / DETECTOR_META).read_text())["train"]["steps"] if init else 0
     samples = world_samples_for_detector(world, limit=100_000)
     held, train = samples[-100:], samples[:-100] or samples
     say(f"training the tiny detector: {len(train)} images, up to {steps} steps")
@@ -79,6 +87,7 @@ def train_demo_detector(folder: Path, *, world=None, n_images: int = 2000, seed:
     detector.model.eval()
     quality = evaluate_detector(detector, held)
     detector.save(folder)
+    info["steps"] = info["steps"] + previous
     meta = {"train": info, "heldout": quality, "samples": len(train), "world_seed": world.config.get("seed"),
             "categories": categories}
     (Path(folder) / DETECTOR_META).write_text(json.dumps(meta, indent=1, default=float))

@@ -18,6 +18,7 @@ from typing import Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 TMP_DIR = "_tmp"
 # A temporary folder from another host is only considered abandoned after this long.
@@ -186,7 +187,7 @@ class Placement:
     def move_into_place(self, tmp: str, final: str) -> None:
         parent = final.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
-        if getattr(self.fs, "protocol", None) in ("file", ("file", "local")) or _is_local(self.fs):
+        if isinstance(self.fs, LocalFileSystem):
             os.replace(tmp, final)  # atomic on one filesystem, replaces an identical racing copy
         else:
             self.fs.mv(tmp, final)
@@ -222,11 +223,6 @@ class Placement:
             self.fs.rm(path, recursive=True)
         except (FileNotFoundError, OSError):
             pass
-
-
-def _is_local(fs) -> bool:
-    proto = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in proto or "local" in proto
 
 
 def _mtime(entry: dict) -> float | None:

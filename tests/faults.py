@@ -1,17 +1,13 @@
-"""An fsspec filesystem that injects faults into a local folder: failing writes and renames, a full
-disk, reads that fail transiently. Register once; open a store at `faulty://<path>`."""
+"""Fault injection for any store: a proxy around its fsspec filesystem that makes writes, renames and
+reads fail (transiently, a given number of times) or fills the disk. Wrap: `faults.inject(store, plan)`."""
 from __future__ import annotations
 
 import errno
 import threading
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
-
 
 class FaultPlan:
-    def __init__(self, fail_writes=0, fail_renames=0, fail_reads=0, disk_full_after_bytes=None,
-                 path_filter=""):
+    def __init__(self, fail_writes=0, fail_renames=0, fail_reads=0, disk_full_after_bytes=None, path_filter=""):
         self.fail_writes, self.fail_renames, self.fail_reads = fail_writes, fail_renames, fail_reads
         self.disk_full_after_bytes = disk_full_after_bytes
         self.path_filter = path_filter   # only paths containing this are faulted
@@ -31,9 +27,6 @@ class FaultPlan:
         return False
 
 
-PLAN = FaultPlan()
-
-
 class _FullDiskWriter:
     def __init__(self, raw, plan: FaultPlan):
         self.raw, self.plan = raw, plan
@@ -41,7 +34,7 @@ class _FullDiskWriter:
     def write(self, data):
         with self.plan.lock:
             self.plan.written += len(data)
-            full = self.plan.disk_full_after_bytes is not None and self.plan.written > self.plan.disk_full_after_bytes
+            full = self.plan.written > self.plan.disk_full_after_bytes
         if full:
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
         return self.raw.write(data)
@@ -56,34 +49,33 @@ class _FullDiskWriter:
         self.raw.close()
 
 
-class FaultyFileSystem(LocalFileSystem):
-    protocol = "faulty"
-    root_marker = "/"
+class FaultProxy:
+    """Forwards everything to the real filesystem except the faults the plan asks for."""
 
-    @classmethod
-    def _strip_protocol(cls, path):
-        if isinstance(path, str) and path.startswith("faulty://"):
-            path = path[len("faulty://"):]
-        return LocalFileSystem._strip_protocol(path)
+    def __init__(self, fs, plan: FaultPlan):
+        self._fs, self.plan = fs, plan
 
-    def _open(self, path, mode="rb", **kwargs):
-        if "w" in mode and PLAN.take("fail_writes", path):
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+    def open(self, path, mode="rb", **kwargs):
+        if "w" in mode and self.plan.take("fail_writes", path):
             raise OSError(errno.EIO, f"injected write failure: {path}")
-        if "r" in mode and PLAN.take("fail_reads", path):
+        if "r" in mode and self.plan.take("fail_reads", path):
             raise ConnectionError(f"injected transient read failure: {path}")
-        handle = super()._open(path, mode=mode, **kwargs)
-        if "w" in mode and PLAN.disk_full_after_bytes is not None:
-            return _FullDiskWriter(handle, PLAN)
+        handle = self._fs.open(path, mode, **kwargs)
+        if "w" in mode and self.plan.disk_full_after_bytes is not None:
+            return _FullDiskWriter(handle, self.plan)
         return handle
 
     def mv(self, path1, path2, **kwargs):
-        if PLAN.take("fail_renames", path2):
+        if self.plan.take("fail_renames", path2):
             raise OSError(errno.EIO, f"injected rename failure: {path2}")
-        return super().mv(path1, path2, **kwargs)
+        return self._fs.mv(path1, path2, **kwargs)
 
 
-def install(plan: FaultPlan) -> FaultPlan:
-    global PLAN
-    PLAN = plan
-    fsspec.register_implementation("faulty", FaultyFileSystem, clobber=True)
+def inject(store, plan: FaultPlan) -> FaultPlan:
+    """Route the store's I/O through a FaultProxy following `plan` (replacing an earlier plan)."""
+    real = store.fs._fs if isinstance(store.fs, FaultProxy) else store.fs
+    store.fs = FaultProxy(real, plan)
     return plan
