@@ -332,7 +332,10 @@ def diff_command(a: str = typer.Argument(..., help="STAGE@A"), b: str = typer.Ar
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("RAM_ENGINE_LOG", "WARNING"))
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    # Progress of long work (stages, training steps) at INFO; RAM_ENGINE_LOG=WARNING quiets it.
+    for name in ("ram_engine", "ram_model"):
+        logging.getLogger(name).setLevel(os.environ.get("RAM_ENGINE_LOG", "INFO"))
     # Prefect's temporary local server can take a while to start on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:

@@ -258,7 +258,7 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, init_version, lab
                     "weight_decay": cfg.weight_decay, "warmup_steps": cfg.warmup_steps,
                     "total_steps": cfg.steps, "batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps,
                     "checkpoint_every_steps": cfg.checkpoint_every_steps, "seed": cfg.seed, "device": cfg.device,
-                    "image_size": image_size}}
+                    "image_size": image_size, "log_every_steps": max(1, cfg.steps // 10)}}
     job_path = work / "job.json"
     job_path.write_text(json.dumps(job, indent=1))
     if not (out_dir / "train_result.json").exists():
