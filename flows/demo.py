@@ -20,9 +20,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 def world_samples_for_detector(world, limit: int) -> list[dict]:
     """Detector training samples from the world's truth: every object's box, prompted with all categories."""
-    from PIL import Image
-
-    from storage.shards import iter_tar
+    from storage.shards import decode_image, iter_tar
     from fsspec.implementations.local import LocalFileSystem
 
     truth = {}
@@ -36,10 +34,7 @@ def world_samples_for_detector(world, limit: int) -> list[dict]:
         row = truth.get(sample["__key__"])
         if row is None:
             continue
-        ext = next(e for e in ("jpg", "png") if e in sample)
-        import io
-
-        image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
+        image = decode_image(sample)
         objects = row["objects"]
         samples.append({"image": image, "tags": categories,
                         "boxes": [o["box"] for o in objects],

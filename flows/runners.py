@@ -16,16 +16,14 @@ import logging
 import os
 import threading
 from contextlib import ExitStack, contextmanager
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Iterator
 
 from prefect import Flow
 
 from tasks.config import EngineConfig, OrchestrationConfig
-from tasks.models import clear_worker_cache, worker_cached  # noqa: F401  (one per-process cache, used by stages)
 
 log = logging.getLogger("ram_engine")
 
-T = TypeVar("T")
 
 
 class RunnerConfigError(ValueError):

@@ -33,9 +33,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .transforms import ImageTransform  # noqa: F401  (the one transform; streams default to it)
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)   # RAM normalises with ImageNet statistics
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Bytes left after a tar's end-of-archive position: the zero blocks of one record (10 KiB) at most.
 _MAX_TAR_TAIL = 64 * 1024
 
@@ -51,50 +51,6 @@ def split_member_name(name: str) -> tuple[str, str]:
     if not dot:
         return name, ""
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
-# ---------------------------------------------------------------------------------------------
-# Transforms (PIL + numpy only: torchvision is not a dependency)
-
-class ImageTransform:
-    """PIL image -> normalised float tensor [3, size, size].
-
-    train=False: resize to size x size (RAM's eval transform). train=True: random resized crop
-    (area scale in `scale`, aspect 3/4..4/3) and a horizontal flip with p=0.5, drawn from Python's
-    `random`, which the stream seeds per sample so augmentations are reproducible.
-    """
-
-    def __init__(self, image_size: int, train: bool = False, scale: tuple[float, float] = (0.5, 1.0),
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        if image_size <= 0:
-            raise ValueError(f"ImageTransform: image_size must be > 0, got {image_size}")
-        self.image_size = int(image_size)
-        self.train = train
-        self.scale = scale
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
-
-    def _crop_box(self, w: int, h: int) -> tuple[int, int, int, int]:
-        area = w * h
-        for _ in range(10):
-            target = area * random.uniform(*self.scale)
-            aspect = np.exp(random.uniform(np.log(3 / 4), np.log(4 / 3)))
-            cw = int(round((target * aspect) ** 0.5))
-            ch = int(round((target / aspect) ** 0.5))
-            if 0 < cw <= w and 0 < ch <= h:
-                x0 = random.randint(0, w - cw)
-                y0 = random.randint(0, h - ch)
-                return x0, y0, x0 + cw, y0 + ch
-        return 0, 0, w, h
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        if self.train:
-            img = img.crop(self._crop_box(*img.size))
-            if random.random() < 0.5:
-                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        img = img.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        return torch.from_numpy((arr - self.mean) / self.std)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import json
 import tarfile
 from typing import Any, Iterable, Iterator
 
-_EXT_ORDER = ("jpg", "jpeg", "png", "webp", "txt", "json", "cls", "npy")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_EXT_ORDER = IMAGE_EXTS + ("txt", "json", "cls", "npy")
 
 
 def _encode(ext: str, value: Any) -> bytes:
@@ -76,6 +77,21 @@ def iter_tar(fs, paths: list[str], urls: list[str] | None = None) -> Iterator[di
                 tar.members = []  # keep memory flat on large shards
             if sample:
                 yield sample
+
+
+def image_member(sample: dict) -> bytes:
+    """The encoded image of a WebDataset sample (its .jpg / .jpeg / .png / .webp member)."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise ValueError(f"sample {sample.get('__key__')!r} has no image member (.jpg/.jpeg/.png/.webp)")
+    return sample[ext]
+
+
+def decode_image(sample: dict):
+    """The sample's image as an RGB PIL image."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(image_member(sample))).convert("RGB")
 
 
 def webdataset_pipeline(urls: list[str], **kwargs):

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import schemas
-from .fs import FileInfo, Placement, StoreIOError, open_fs, retry_io, sha256_of
+from .fs import FileInfo, Placement, open_fs, retry_io, sha256_of
 from .shards import iter_tar, read_member, webdataset_pipeline, write_tar
 
 MANIFEST = "_manifest.json"

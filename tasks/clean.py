@@ -13,8 +13,6 @@ turns each part's regions into CLEAN and CLEAN_CROPS rows.
 """
 from __future__ import annotations
 
-import io
-import math
 import os
 import time
 from collections import Counter, defaultdict
@@ -27,6 +25,7 @@ import pyarrow as pa
 from PIL import Image
 
 from storage.schemas import CLEAN, CLEAN_CROPS, EMBEDDINGS, REGIONS
+from storage.shards import decode_image
 from storage.store import digest
 from tasks.ground import OBJECT, localisable_tags
 
@@ -374,12 +373,7 @@ STAGE, STAGE_VERSION = "clean", "clean-1"
 
 
 def _crop_images(version, part) -> dict[str, Image.Image]:
-    out = {}
-    for sample in version.iter_part_samples(part):
-        ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
-        if ext is not None:
-            out[sample["__key__"]] = Image.open(io.BytesIO(sample[ext])).convert("RGB")
-    return out
+    return {sample["__key__"]: decode_image(sample) for sample in version.iter_part_samples(part)}
 
 
 def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progress=None):

@@ -64,10 +64,12 @@ class TrainConfig(Section):
     encoder_lr_scale: float = Field(0.1, gt=0)   # image encoder + image_proj learn at lr x this (a random tiny
                                                  # encoder trained at the head's lr collapses)
     weight_decay: float = Field(0.05, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)    # gradient clipping (None: off); measured to help the tiny model
     warmup_steps: int = Field(20, ge=0)
     caption_loss: bool = True
     augment: bool = True
     holdout_fraction: float = Field(0.1, ge=0, lt=1)
+    calibrate_thresholds: bool = True       # per-class thresholds that maximise F1 on the training labels
     checkpoint_every_steps: int = Field(100, ge=1)
     nproc_per_node: int = Field(1, ge=1)    # >1: torchrun workers (DDP; gloo on CPU, nccl on GPU)
     device: str = "auto"

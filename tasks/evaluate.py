@@ -311,7 +311,8 @@ def score_model(store, model_ref: str, images, keys: set[str], batch_size: int =
 
     from ram_model.transforms import ImageTransform
 
-    from .generate import decode_sample
+    from storage.shards import decode_image
+
     from .models import load_model
 
     model = load_model(store, model_ref)
@@ -327,7 +328,7 @@ def score_model(store, model_ref: str, images, keys: set[str], batch_size: int =
 
     for sample in images.iter_samples():
         if sample["__key__"] in keys:
-            batch.append(transform(decode_sample(sample)))
+            batch.append(transform(decode_image(sample)))
             batch_keys.append(sample["__key__"])
             if len(batch) == batch_size:
                 flush()

@@ -6,7 +6,6 @@ The result is the `generated` version; counts reconcile per part (keys in = rows
 """
 from __future__ import annotations
 
-import io
 import logging
 from collections import Counter
 from typing import Callable
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 
 from storage import PartRecord, Store, StoreError, Version, VersionWriter, schemas
+from storage.shards import decode_image
 
 from .config import GenerateConfig, ParseConfig, section_dict
 from .inspect import labels_version
@@ -29,16 +29,6 @@ log = logging.getLogger("ram_engine")
 
 STAGE = "generated"
 STAGE_VERSION = "generate-1"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-def decode_sample(sample: dict) -> Image.Image:
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        raise ValueError(f"no image member (.jpg/.png/.webp) for key {sample.get('__key__')}")
-    return Image.open(io.BytesIO(sample[ext])).convert("RGB")
-
-
 def model_to_label_ids(model, labels) -> np.ndarray:
     """Map the model's tag indices onto the label system's ids by name (-1 where a tag is not in it)."""
     return np.array([labels.id(t) if labels.id(t) is not None else -1 for t in model.tags], dtype=np.int64)
@@ -106,7 +96,7 @@ def generate_part(writer: VersionWriter, task: PartTask, *, images: Version, par
             continue
         seen.add(key)
         try:
-            image = decode_sample(sample)
+            image = decode_image(sample)
         except Exception as exc:  # damaged pixels cost one sample, never the run
             rejects.append({"key": key, "reason": "decode-error", "detail": f"{type(exc).__name__}: {exc}"[:300],
                             "source": shard, "field": "image"})

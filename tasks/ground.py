@@ -19,6 +19,7 @@ import pyarrow as pa
 from PIL import Image
 
 from storage.schemas import REGIONS
+from storage.shards import decode_image
 from storage.store import canonical_json, digest
 
 OBJECT, ATTRIBUTE, ACTION, UNKNOWN = "object", "attribute", "action", "unknown"
@@ -266,10 +267,7 @@ class ShardImages:
             for sample in self._it:
                 self._seen.append(sample["__key__"])
                 if sample["__key__"] == key:
-                    ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
-                    if ext is None:
-                        raise ValueError(f"no image member for {key}")
-                    return Image.open(io.BytesIO(sample[ext])).convert("RGB")
+                    return decode_image(sample)
             self._it = None
         raise KeyError(f"{key} is not in the shard of part {self.part.name}")
 

@@ -18,7 +18,6 @@ Public API:
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 import unicodedata
 from collections import Counter

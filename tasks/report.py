@@ -357,6 +357,8 @@ def build_report(store, version, out_dir: str | Path, *, truth_path: str | None 
     """Render the report of `version` and every version in its lineage into `out_dir`."""
     from collections import Counter
 
+    from storage.shards import image_member
+
     from .evaluate import load_ground_truth, normalise_truth
     from .inspect import key_tags, labels_version, lineage
     from .labels import load_labels
@@ -407,8 +409,7 @@ def build_report(store, version, out_dir: str | Path, *, truth_path: str | None 
             key = sample["__key__"]
             if key not in wanted:
                 continue
-            ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in sample)
-            samples.append(SampleView(key=key, image=sample[ext],
+            samples.append(SampleView(key=key, image=image_member(sample),
                                       tags_by_stage={s: sorted(t.get(key, ())) for s, t in tags_by_stage.items()},
                                       boxes=boxes.get(key, []), captions=captions.get(key, []),
                                       truth=sorted(truth[key]) if truth and key in truth else None))
@@ -426,10 +427,9 @@ def build_report(store, version, out_dir: str | Path, *, truth_path: str | None 
             r = rows.get(sample["__key__"])
             if r is None:
                 continue
-            ext = next(e for e in ("jpg", "png") if e in sample)
             tag = labels.name(r["tag_id"]) if labels is not None else str(r["tag_id"])
             wrong = (tag not in truth[r["key"]]) if truth and r["key"] in truth else None
-            crops_by_tag.setdefault(tag, []).append(CropView(key=r["crop_key"], image=sample[ext], cluster=r["cluster"],
+            crops_by_tag.setdefault(tag, []).append(CropView(key=r["crop_key"], image=image_member(sample), cluster=r["cluster"],
                                                              outlier=r["outlier"], distance=r["distance"], wrong=wrong))
     evaluation = []
     ev = by_stage.get("evaluate")

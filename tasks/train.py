@@ -125,7 +125,8 @@ def run_training(job_path: str) -> None:
     import torch
 
     from ram_model.checkpoint import from_pretrained, save_pretrained
-    from ram_model.data_stream import ImageTransform, ShardStream
+    from ram_model.data_stream import ShardStream
+    from ram_model.transforms import ImageTransform
     from ram_model.train import TrainConfig as LoopConfig
     from ram_model.train import train
 
@@ -152,8 +153,41 @@ def run_training(job_path: str) -> None:
         tmp.rename(out)  # the trained model appears whole or not at all
 
 
+def calibrate_thresholds(model, shards: list, storage_options: dict, image_size: int, max_samples: int = 1024,
+                         grid: np.ndarray = np.linspace(0.05, 0.95, 19)) -> list[float]:
+    """Per-class thresholds that maximise F1 against the training labels (the tags a class threshold
+    of the untrained default would get badly wrong on a small model); classes without positives keep
+    theirs. Training split, not held-out: the held-out figures stay honest."""
+    import torch
+
+    from ram_model.data_stream import ShardStream, make_loader
+    from ram_model.transforms import ImageTransform
+
+    stream = ShardStream([tuple(s) for s in shards], model.config.num_tags, ImageTransform(image_size),
+                         shuffle=False, drop_last=False, batch_size=64, storage_options=storage_options)
+    stream.set_epoch(0)
+    probs, targets = [], []
+    with torch.inference_mode():
+        for batch in make_loader(stream):
+            probs.append(model.tag_probs(batch["image"]).cpu().numpy())
+            targets.append(batch["tag_targets"].numpy() > 0.5)
+            if sum(len(p) for p in probs) >= max_samples:
+                break
+    p, t = np.concatenate(probs), np.concatenate(targets)
+    thresholds = model.class_threshold.cpu().numpy().astype(float).copy()
+    for j in range(p.shape[1]):
+        if not t[:, j].any():
+            continue
+        pred = p[:, j][None, :] > grid[:, None]                      # [thresholds, samples]
+        tp = (pred & t[:, j][None, :]).sum(1)
+        f1 = 2 * tp / np.maximum(pred.sum(1) + t[:, j].sum(), 1)
+        thresholds[j] = float(grid[len(grid) - 1 - np.argmax(f1[::-1])])   # ties: the higher threshold
+    return thresholds.tolist()
+
+
 def evaluate_model(model, holdout: list, storage_options: dict, image_size: int) -> dict:
-    from ram_model.data_stream import ImageTransform, ShardStream
+    from ram_model.data_stream import ShardStream
+    from ram_model.transforms import ImageTransform
     from ram_model.train import evaluate_tagging
 
     if not holdout:
@@ -256,6 +290,7 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, init_version, lab
            "caption_loss": cfg.caption_loss, "storage_options": store.storage_options,
            "loop": {"lr": cfg.lr, "lr_scales": [[r"^(visual_encoder|image_proj)\.", cfg.encoder_lr_scale]],
                     "weight_decay": cfg.weight_decay, "warmup_steps": cfg.warmup_steps,
+                    "max_grad_norm": cfg.max_grad_norm,
                     "total_steps": cfg.steps, "batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps,
                     "checkpoint_every_steps": cfg.checkpoint_every_steps, "seed": cfg.seed, "device": cfg.device,
                     "image_size": image_size, "log_every_steps": max(1, cfg.steps // 10)}}
@@ -269,6 +304,12 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, init_version, lab
     from ram_model.checkpoint import from_pretrained
 
     trained = from_pretrained(out_dir, map_location=resolve_device(cfg.device)).eval()
+    if cfg.calibrate_thresholds:
+        import torch
+
+        calibrated = calibrate_thresholds(trained, splits["train"], store.storage_options, image_size)
+        trained.class_threshold = torch.tensor(calibrated, dtype=torch.float32)
+        (out_dir / "thresholds.txt").write_text("\n".join(repr(float(x)) for x in calibrated), encoding="utf-8")
     metrics = evaluate_model(trained, splits["holdout"], store.storage_options, image_size)
     metrics["train"] = json.loads((out_dir / "train_result.json").read_text())
     metrics["samples"] = {"train": n_train,

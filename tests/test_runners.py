@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from prefect import flow, task
 
-from flows.runners import (RunnerConfigError, clear_worker_cache, gpu_slot, make_task_runner, with_task_runner,
-                           worker_cached)
+from flows.runners import RunnerConfigError, gpu_slot, make_task_runner, with_task_runner
+from tasks.models import clear_worker_cache, worker_cached
 from tasks.config import ConfigError, EngineConfig, load_config
 
 from tests.fixtures import image_bytes, write_folder_source
