@@ -115,3 +115,68 @@ def test_loop_runs_as_prefect_flows_with_artifacts(world_and_detector, prefect_a
     keys = asyncio.run(artifact_keys())
     assert {"ram-images", "ram-parsed", "ram-models-baseline", "ram-generated", "ram-regions", "ram-clean",
             "ram-models-ram", "ram-evaluate"} <= keys
+
+
+@pytest.fixture(scope="module")
+def engine_store(world_and_detector, tmp_path_factory):
+    """A store holding one whole loop (its own, so the tests here do not depend on each other's order)."""
+    import os
+
+    root, world = world_and_detector
+    os.environ["RAM_ENGINE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    cfg = engine_config(root, world, **{"store.url": tmp_path_factory.mktemp("cli") / "store"})
+    return cfg, data_engine_flow.fn(cfg), world
+
+
+def test_cli_inspects_versions(engine_store):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    cfg, results, _ = engine_store
+    runner = CliRunner(env={"COLUMNS": "250"})  # rich tables at full width
+    store = ["--store", cfg.store.url]
+    clean = results["clean"].version
+    out = runner.invoke(app, store + ["ls"])
+    assert out.exit_code == 0 and "clean" in out.output and "models/baseline" in out.output
+    out = runner.invoke(app, store + ["show", f"clean@{clean.id[:6]}"])
+    assert out.exit_code == 0 and "rows in" in out.output and "removed_reasons" in out.output
+    assert runner.invoke(app, store + ["verify", f"clean@{clean.id}"]).exit_code == 0
+    out = runner.invoke(app, store + ["lineage", f"clean@{clean.id}"])
+    assert out.exit_code == 0 and "images/" in out.output and "labels/" in out.output
+    out = runner.invoke(app, store + ["diff", "parsed", f"generated@{results['generate'].version.id}"])
+    assert out.exit_code == 0 and "keys in common" in out.output
+    out = runner.invoke(app, store + ["ref", f"clean@{clean.id}", "prod"])
+    assert out.exit_code == 0 and Store(cfg.store.url).open("clean", "prod").id == clean.id
+    bad = runner.invoke(app, ["--set", "ingest.part_size=0", "ls"])
+    assert bad.exit_code != 0 and "ingest.part_size" in str(bad.exception or bad.output)
+
+
+def test_labels_build_from_a_parsed_version(engine_store):
+    from tasks.labels import build_labels, load_labels
+
+    cfg, results, _ = engine_store
+    store = Store(cfg.store.url)
+    parsed = results["parse"].version
+    version = build_labels(store, parsed, top_k=5)
+    labels = load_labels(store, version)
+    assert len(labels) == 5 and version.parents == [parsed.ref]
+    from collections import Counter
+
+    counts = Counter(t for tags in parsed.read_table(columns=["tags"]).column(0).to_pylist() for t in tags)
+    kept_min = min(counts[t] for t in labels.tags)
+    assert all(n <= kept_min for t, n in counts.items() if t not in labels.tags)  # the most frequent were kept
+
+
+def test_report_from_the_store(engine_store, tmp_path):
+    from tasks.report import build_report
+
+    cfg, results, world = engine_store
+    store = Store(cfg.store.url)
+    index = build_report(store, results["evaluate"].version, tmp_path / "report", truth_path=str(world.ground_truth))
+    html = index.read_text()
+    for stage in ("images", "parsed", "generated", "regions", "clean", "evaluate"):
+        assert stage in html
+    assert "parsed+generated" in html and "cleaned" in html  # the evaluation table
+    pngs = list((tmp_path / "report").rglob("*.png"))
+    assert len(pngs) >= 5
