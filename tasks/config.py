@@ -70,6 +70,7 @@ class TrainConfig(Section):
     augment: bool = True
     holdout_fraction: float = Field(0.1, ge=0, lt=1)
     calibrate_thresholds: bool = True       # per-class thresholds that maximise F1 on the training labels
+    calibration_min_precision: float = Field(0.6, ge=0, le=1)   # below it a class is disabled (threshold 1.0)
     checkpoint_every_steps: int = Field(100, ge=1)
     nproc_per_node: int = Field(1, ge=1)    # >1: torchrun workers (DDP; gloo on CPU, nccl on GPU)
     device: str = "auto"

@@ -153,11 +153,12 @@ def run_training(job_path: str) -> None:
         tmp.rename(out)  # the trained model appears whole or not at all
 
 
-def calibrate_thresholds(model, shards: list, storage_options: dict, image_size: int, max_samples: int = 1024,
-                         grid: np.ndarray = np.linspace(0.05, 0.95, 19)) -> list[float]:
-    """Per-class thresholds that maximise F1 against the training labels (the tags a class threshold
-    of the untrained default would get badly wrong on a small model); classes without positives keep
-    theirs. Training split, not held-out: the held-out figures stay honest."""
+def calibrate_thresholds(model, shards: list, storage_options: dict, image_size: int, min_precision: float = 0.5,
+                         max_samples: int = 1024, grid: np.ndarray = np.linspace(0.05, 0.95, 19)) -> list[float]:
+    """Per-class thresholds that maximise F1 against the training labels among those whose precision
+    reaches `min_precision`; a class no threshold makes that precise gets 1.0 (disabled, as RAM ships
+    some tags): a weak class must not flood the generated labels. Classes without positives keep their
+    threshold. Training split, not held-out: the held-out figures stay honest."""
     import torch
 
     from ram_model.data_stream import ShardStream, make_loader
@@ -181,6 +182,12 @@ def calibrate_thresholds(model, shards: list, storage_options: dict, image_size:
         pred = p[:, j][None, :] > grid[:, None]                      # [thresholds, samples]
         tp = (pred & t[:, j][None, :]).sum(1)
         f1 = 2 * tp / np.maximum(pred.sum(1) + t[:, j].sum(), 1)
+        precise = tp >= min_precision * np.maximum(pred.sum(1), 1)
+        precise &= pred.sum(1) > 0
+        if not precise.any():
+            thresholds[j] = 1.0
+            continue
+        f1 = np.where(precise, f1, -1.0)
         thresholds[j] = float(grid[len(grid) - 1 - np.argmax(f1[::-1])])   # ties: the higher threshold
     return thresholds.tolist()
 
@@ -307,7 +314,8 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, init_version, lab
     if cfg.calibrate_thresholds:
         import torch
 
-        calibrated = calibrate_thresholds(trained, splits["train"], store.storage_options, image_size)
+        calibrated = calibrate_thresholds(trained, splits["train"], store.storage_options, image_size,
+                                          min_precision=cfg.calibration_min_precision)
         trained.class_threshold = torch.tensor(calibrated, dtype=torch.float32)
         (out_dir / "thresholds.txt").write_text("\n".join(repr(float(x)) for x in calibrated), encoding="utf-8")
     metrics = evaluate_model(trained, splits["holdout"], store.storage_options, image_size)
