@@ -180,3 +180,15 @@ def test_report_from_the_store(engine_store, tmp_path):
     assert "parsed+generated" in html and "cleaned" in html  # the evaluation table
     pngs = list((tmp_path / "report").rglob("*.png"))
     assert len(pngs) >= 5
+
+
+def test_retrain_flow_runs_the_loop_over_the_announced_version(engine_store, prefect_api):
+    """What the deployment trigger runs: the loop from parse on, over the version the event named."""
+    from flows.train import retrain_flow
+
+    cfg, results, _ = engine_store
+    images = results["ingest"].version
+    out = retrain_flow(cfg, images_version=images.id, new_samples=images.manifest["rows_out"])
+    assert "ingest" not in out and list(out)[0] == "parse"
+    assert out["parse"].version.parents[0] == images.ref
+    assert all(r.status == "reused" for r in out.values())  # nothing new: every version is reused
