@@ -98,7 +98,8 @@ def data_engine_flow(cfg: EngineConfig, from_stage: str | None = None, until_sta
             results["baseline"] = StageResult(store.open_ref(baseline), "reused")
     elif baseline is None:  # no baseline yet: train one on the parsed labels
         baseline_cfg = cfg.train.model_copy(update={"name": cfg.generate.baseline_name, "init": None,
-                                                    "fine_tune_latest": False})
+                                                    "fine_tune_latest": False,
+                                                    "steps": cfg.generate.baseline_steps or cfg.train.steps})
         baseline = stage_version("baseline", baseline_stage, train.train_stage, store, cfg.model, baseline_cfg,
                                  parsed, images, progress=progress, gpu=True).ref
     if stop < STAGES.index("generate"):

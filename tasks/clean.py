@@ -481,7 +481,7 @@ def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref
         model = load_model(store, baseline_ref)
         model_thr = model.class_threshold.cpu().numpy()
         for m, lab in enumerate(model_to_label_ids(model, labels)):
-            if lab >= 0:
+            if lab >= 0 and model_thr[m] < 1.0:  # a disabled class (threshold 1.0) has no opinion to disagree with
                 thresholds[lab] = model_thr[m]
     tmp = Path(tempfile.mkdtemp(prefix="ram-clean-"))
     try:

@@ -69,7 +69,7 @@ class TrainConfig(Section):
     caption_loss: bool = True
     augment: bool = True
     holdout_fraction: float = Field(0.1, ge=0, lt=1)
-    calibrate_thresholds: bool = True       # per-class thresholds that maximise F1 on the training labels
+    calibrate_thresholds: bool = True       # per-class thresholds that maximise F1 on the held-out labels
     calibration_min_precision: float = Field(0.6, ge=0, le=1)   # below it a class is disabled (threshold 1.0)
     checkpoint_every_steps: int = Field(100, ge=1)
     nproc_per_node: int = Field(1, ge=1)    # >1: torchrun workers (DDP; gloo on CPU, nccl on GPU)
@@ -92,6 +92,7 @@ class GenerateConfig(Section):
                                             # None: the latest models/<baseline_name>, trained on the parsed
                                             # labels the first time (it stays fixed as data grows)
     baseline_name: str = "baseline"
+    baseline_steps: int | None = Field(None, ge=1)   # training steps of that baseline (None: train.steps)
     batch_size: int = Field(32, ge=1)
     caption: bool = True                    # also generate captions (needs a caption branch)
     num_beams: int = Field(3, ge=1)

@@ -32,7 +32,7 @@ def engine_config(root: Path, world, **extra):
     overrides = [f"store.url={root / 'store'}", f"ingest.source={world.source}", f"parse.labels={world.tag_list}",
                  f"evaluate.ground_truth={world.ground_truth}", f"ground.detector.model={root / 'detector'}",
                  "ground.detector.box_threshold=0.05", "ground.detector.text_threshold=0.05",
-                 "ingest.part_size=10", "train.steps=4", "train.batch_size=8", "train.warmup_steps=1",
+                 "ingest.part_size=10", "train.steps=4", "generate.baseline_steps=null", "train.batch_size=8", "train.warmup_steps=1",
                  "train.checkpoint_every_steps=2", "train.holdout_fraction=0.25", "generate.max_length=12",
                  "clean.min_crops=4"] + [f"{k}={v}" for k, v in extra.items()]
     return load_config(None, overrides)

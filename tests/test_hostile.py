@@ -123,7 +123,7 @@ def hostile_run(tmp_path_factory):
     cfg = load_config(None, [f"store.url={root / 'store'}", f"ingest.source={source}",
                              f"parse.labels={root / 'tags.txt'}", f"ground.detector.model={root / 'detector'}",
                              "ground.detector.box_threshold=0.05", "ground.detector.text_threshold=0.05",
-                             "train.steps=2", "train.batch_size=4", "train.warmup_steps=1", "train.init=null",
+                             "train.steps=2", "generate.baseline_steps=null", "train.batch_size=4", "train.warmup_steps=1", "train.init=null",
                              "train.holdout_fraction=0.2", "generate.max_length=8", "clean.min_crops=2"])
     import os
 

@@ -43,7 +43,7 @@ def loop_config(root: Path, world, store_url: str, options: dict | None = None):
         f"store.url={store_url}", f"ingest.source={world.source}", f"parse.labels={world.tag_list}",
         f"evaluate.ground_truth={world.ground_truth}", f"ground.detector.model={root / 'detector'}",
         "ground.detector.box_threshold=0.05", "ground.detector.text_threshold=0.05", "ground.batch_size=4",
-        "ingest.part_size=8", "train.steps=3", "train.batch_size=4", "train.warmup_steps=1",
+        "ingest.part_size=8", "train.steps=3", "generate.baseline_steps=null", "train.batch_size=4", "train.warmup_steps=1",
         "train.checkpoint_every_steps=1", "train.holdout_fraction=0.25", "generate.max_length=10",
         "clean.min_crops=3"])
     if options:
