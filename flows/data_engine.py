@@ -132,12 +132,3 @@ def data_engine_flow(cfg: EngineConfig, from_stage: str | None = None, until_sta
                   {"parsed": parsed, "parsed+generated": generated, "cleaned": cleaned},
                   {"baseline": baseline, cfg.train.name: model.ref})
     return results
-
-
-def summary_rows(results: dict[str, StageResult]) -> list[dict]:
-    return [r.summary() | {"step": name} for name, r in results.items()]
-
-
-def run_local(cfg: EngineConfig, **kwargs) -> dict[str, StageResult]:
-    """The same loop without Prefect (`--engine local`): stage functions called inline."""
-    return data_engine_flow.fn(cfg, **kwargs)

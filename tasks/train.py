@@ -218,7 +218,6 @@ def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: 
         raise StoreError(f"{labels.ref} has no labels version in its lineage: the tag list its ids refer to is "
                          f"unknown; run the parse stage, which records it")
     label_system = load_labels(store, lv)
-    tags = list(label_system.tags)
     stage = f"models/{cfg.name}"
     # Already trained on exactly this data under this config (whatever it was fine-tuned from): reuse.
     same = section_dict(model_cfg), section_dict(cfg)
@@ -247,8 +246,7 @@ def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: 
         committed = writer.committed
         if committed is not None:
             return StageResult(committed, "reused")
-        return _train_locked(store, model_cfg, cfg, labels, images, init, init_version, label_system, tags,
-                             writer, work)
+        return _train_locked(store, model_cfg, cfg, labels, images, init, label_system, writer, work)
 
 
 @contextlib.contextmanager
@@ -264,8 +262,9 @@ def _exclusive(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _train_locked(store, model_cfg, cfg, labels, images, init, init_version, label_system, tags, writer, work):
+def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, writer, work):
     stage = writer.stage
+    tags = list(label_system.tags)
     parts = label_rows(labels, images)
     splits = _write_split(parts, work, cfg.holdout_fraction)
     n_train = sum(pq.ParquetFile(p).metadata.num_rows for _, p in splits["train"])
