@@ -3,12 +3,17 @@
 Layout under the store root (any fsspec URL):
 
     <stage>/<version>/_manifest.json          the commit point, written last
-    <stage>/<version>/parts/<part>.parquet    a part's table
-    <stage>/<version>/parts/<part>.tar        a part's WebDataset shard (optional)
+    <stage>/<version>/parts/<part>.parquet    a part's table (only tables: any Parquet reader can take the folder)
+    <stage>/<version>/shards/<part>.tar       a part's WebDataset shard (optional)
     <stage>/<version>/_rejects/<part>.parquet a part's rejected rows
     <stage>/<version>/_parts/<part>.json      a part's completion record (for resume)
     _refs/<stage>/<name>.json                 named refs: latest, prod, ...
     _tmp/<host>-<pid>-<id>/                   writers' temporary files
+
+Every version folder is self-contained: a part an earlier version made is hard-linked into the
+new folder (copied where the filesystem has no links, server-side on object stores), so the
+obvious glob of any outside reader (`<version>/parts/*.parquet`, `<version>/shards/*.tar`) sees the
+whole version and nothing else. The manifest stays the commit point and lists every file.
 
 A version id is derived from (stage, code version, resolved config, parent ids), so the same
 inputs always land in the same folder: a rerun finds the committed manifest and does nothing,
@@ -51,6 +56,12 @@ def canonical_json(value: Any) -> str:
 
 def digest(value: Any, length: int = ID_LEN) -> str:
     return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()[:length]
+
+
+def shard_name(part: str) -> str:
+    """Where a part's WebDataset shard lives, relative to its version folder (the `shard` column's value:
+    it stays true in every version the part is linked into)."""
+    return f"shards/{part}.tar"
 
 
 def version_id(stage: str, code_version: str, config: dict, parents: list[str], input_digest: str | None = None) -> str:
@@ -443,7 +454,7 @@ class VersionWriter:
         files: list[dict] = []
         rows_out = 0
         if samples is not None:
-            info, n = self._write_shard(f"{self.prefix}/parts/{name}.tar", samples)
+            info, n = self._write_shard(f"{self.prefix}/{shard_name(name)}", samples)
             files.append({"path": info.path, "kind": "shard", "rows": n, "bytes": info.bytes, "sha256": info.sha256})
         if callable(table):  # built while the samples streamed into the shard
             table = table()
@@ -509,10 +520,21 @@ class VersionWriter:
         self._records[record.name] = record
         self.written_parts += 1
 
-    def reuse_part(self, record: PartRecord) -> None:
-        """Reference a part that an earlier version wrote (incremental runs): no bytes are copied."""
+    def reuse_part(self, record: PartRecord) -> PartRecord:
+        """Take in a part that an earlier version wrote (incremental runs): its files are linked into this
+        version's folder (no bytes copied on a local store; a server-side copy on object stores), so the
+        folder alone holds the whole version for outside readers."""
+        files = []
+        for f in record.files:
+            rel = f"{self.prefix}/{_version_relative(f['path'], self.stage)}"
+            if rel != f["path"]:
+                retry_io(lambda: self.placement.link_into_place(f["path"], rel, f["bytes"], f["sha256"]),
+                         f"linking {f['path']} into {self.prefix}")
+            files.append(dict(f, path=rel))
+        record = PartRecord.from_json(dict(record.to_json(), files=files))
         self._records[record.name] = record
         self.reused_parts += 1
+        return record
 
     def _write_parquet(self, rel: str, table, schema: pa.Schema) -> tuple[FileInfo, int]:
         rows = 0
@@ -601,6 +623,13 @@ def _rejects_table(rejects) -> pa.Table:
         if not r.get("key") or not r.get("reason"):
             raise StoreError(f"a reject row needs a key and a reason, got {r!r}")
     return pa.Table.from_pydict(cols, schema=schemas.REJECTS)
+
+
+def _version_relative(path: str, stage: str) -> str:
+    """`parts/x.parquet` from `<stage>/<version>/parts/x.parquet` (stage names may hold a '/')."""
+    if not path.startswith(stage + "/"):
+        raise StoreError(f"file {path!r} is not inside stage {stage!r}: a part can only be shared within its stage")
+    return path[len(stage) + 1:].split("/", 1)[1]
 
 
 def _check_name(name: str) -> None:

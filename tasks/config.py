@@ -27,8 +27,10 @@ class StoreConfig(Section):
 
 
 class IngestConfig(Section):
-    source: str | None = None             # tar file / folder of tars / image folder
-    format: Literal["auto", "webdataset", "folder"] = "auto"
+    # a tar / an img2dataset output folder (webdataset, parquet or files) / an image folder, or a list of them;
+    # each may be a brace pattern or a glob
+    source: str | list[str] | None = None
+    format: Literal["auto", "webdataset", "parquet", "files", "folder"] = "auto"
     captions_file: str | None = None      # for folders: JSONL or CSV; default: captions.jsonl / captions.csv inside
     part_size: int = Field(1000, ge=1)    # expected samples per part (content-defined boundaries)
     min_side: int = Field(16, ge=1)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from storage.schemas import REGIONS
 from storage.shards import decode_image
-from storage.store import canonical_json, digest
+from storage.store import canonical_json, digest, shard_name
 
 OBJECT, ATTRIBUTE, ACTION, UNKNOWN = "object", "attribute", "action", "unknown"
 
@@ -248,7 +248,7 @@ def ground_part(table: pa.Table, image_loader: Callable[[str], Image.Image], det
 # ---------------------------------------------------------------- the stage over the store
 
 STAGE = "regions"
-STAGE_VERSION = "ground-1"
+STAGE_VERSION = "ground-2"   # 2: crop shards in shards/, `shard` relative to the version folder
 
 
 class ShardImages:
@@ -327,7 +327,7 @@ def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progre
         gen = (generated.read_file(next(f["path"] for f in gen_part.files if f["kind"] == "table"),
                                    columns=["key", "tag_ids"]) if gen_part else pa.table(
             {"key": pa.array([], pa.string()), "tag_ids": pa.array([], pa.list_(pa.int32()))}))
-        shard_rel = f"{w.prefix}/parts/{task.name}.tar"
+        shard_rel = shard_name(task.name)
         gcfg = GroundConfig(localisable=tuple(cfg.localisable), top_n=cfg.top_n, batch_size=cfg.batch_size,
                             crop_padding=cfg.crop_padding, crop_min_size=cfg.crop_min_size,
                             crop_format=cfg.crop_format, jpeg_quality=cfg.jpeg_quality, shard=shard_rel)

@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 import unicodedata
@@ -28,13 +29,14 @@ import pyarrow as pa
 from PIL import Image, ImageFile, ImageOps
 
 from storage import PartRecord, Store, VersionWriter, schemas
-from storage.store import digest
+from storage.fs import sha256_of
+from storage.store import digest, shard_name
 
 from .config import IngestConfig, section_dict
 from .stage import PartTask, StageResult, run_stage
 
 STAGE = "images"
-STAGE_VERSION = "ingest-1"
+STAGE_VERSION = "ingest-2"   # 2: img2dataset metadata columns, .txt member, shards/ folder
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 STORED_FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
@@ -56,6 +58,7 @@ class RawSample:
     image_ext: str | None
     captions: list[bytes | str] | None
     problem: tuple[str, str, str] | None = None   # (reason, detail, field) found while reading the source
+    meta: dict | None = None                      # img2dataset's metadata of the sample (url, sizes, exif, ...)
 
 
 # --------------------------------------------------------------------------- keys and captions
@@ -124,8 +127,13 @@ def sniff_format(data: bytes) -> str | None:
     return next((fmt for magic, fmt in _MAGIC if data.startswith(magic)), None)
 
 
-def validate_image(data: bytes, cfg: IngestConfig) -> tuple[dict | None, tuple[str, str] | None]:
-    """Decode and check one image. Returns ({bytes, format, width, height, converted}, None) or (None, (reason, detail))."""
+def validate_image(data: bytes, cfg: IngestConfig, original_size: tuple[int, int] | None = None
+                   ) -> tuple[dict | None, tuple[str, str] | None]:
+    """Decode and check one image. Returns ({bytes, format, width, height, converted}, None) or (None, (reason, detail)).
+
+    `original_size` is the size before a downloader resized the image (img2dataset's original_width/height):
+    the minimum side and the aspect ratio are judged on it, so a 1x1 image blown up to 256x256 is still too small.
+    The pixel and side limits guard decoding, so they apply to the bytes at hand."""
     if not data:
         return None, ("empty-file", "zero bytes")
     try:
@@ -141,12 +149,15 @@ def validate_image(data: bytes, cfg: IngestConfig) -> tuple[dict | None, tuple[s
         return None, ("not-an-image", f"no known image header ({data[:8]!r}); is it HTML or text?"[:300])
     if width * height > cfg.max_pixels:
         return None, ("decompression-bomb", f"{width}x{height} = {width * height} pixels > max_pixels {cfg.max_pixels}")
-    if min(width, height) < cfg.min_side:
-        return None, ("too-small", f"{width}x{height}: a side is under min_side {cfg.min_side}")
+    ow, oh = original_size if original_size and all(original_size) else (width, height)
+    size_note = f"{ow}x{oh}" + (f" (original size; stored resized to {width}x{height})" if (ow, oh) != (width, height)
+                                 else "")
+    if min(ow, oh) < cfg.min_side:
+        return None, ("too-small", f"{size_note}: a side is under min_side {cfg.min_side}")
     if max(width, height) > cfg.max_side:
         return None, ("too-large", f"{width}x{height}: a side is over max_side {cfg.max_side}")
-    if max(width, height) / min(width, height) > cfg.max_aspect_ratio:
-        return None, ("bad-aspect-ratio", f"{width}x{height}: aspect over max_aspect_ratio {cfg.max_aspect_ratio}")
+    if max(ow, oh) / min(ow, oh) > cfg.max_aspect_ratio:
+        return None, ("bad-aspect-ratio", f"{size_note}: aspect over max_aspect_ratio {cfg.max_aspect_ratio}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -182,54 +193,192 @@ def validate_image(data: bytes, cfg: IngestConfig) -> tuple[dict | None, tuple[s
 
 
 # --------------------------------------------------------------------------- sources
-def detect_format(src: str, cfg: IngestConfig) -> str:
-    if cfg.format != "auto":
-        return cfg.format
-    fs, path = fsspec.core.url_to_fs(src)
-    if path.endswith(".tar") or "{" in path or "*" in path:
+# img2dataset's own metadata fields (its per-sample .json, its per-shard .parquet); any other field is one of
+# its --save_additional_columns and lands in the `extra` column.
+I2D_FIELDS = {"key", "url", "caption", "status", "error_message", "width", "height", "original_width",
+              "original_height", "exif", "sha256", "md5"}
+_SHARD_ID = re.compile(r"^\d+$")
+
+
+def _canonical(spec: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
+    """(fs, path, url) of a source however it is spelt (relative, absolute, file://): local paths are resolved,
+    so the same files always get the same part names."""
+    fs, path = fsspec.core.url_to_fs(spec)
+    proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+    if proto in ("file", "local"):
+        path = os.path.realpath(path)
+        return fs, path, path
+    return fs, path.rstrip("/"), f"{proto}://{path.rstrip('/')}"
+
+
+def expand_sources(src: str | list[str]) -> list[tuple[fsspec.AbstractFileSystem, str, str]]:
+    """Every source path named by `src`: one or several specs, each maybe a brace pattern or a glob."""
+    from braceexpand import braceexpand
+
+    specs = [src] if isinstance(src, str) else list(src)
+    if not specs:
+        raise SourceError("no ingest source: ingest.source is an empty list")
+    found: dict[str, tuple] = {}
+    for spec in specs:
+        matched = []
+        for pattern in braceexpand(spec):
+            fs, path = fsspec.core.url_to_fs(pattern)
+            if any(c in path for c in "*?["):
+                matched += [_canonical(pattern.replace(path, p) if "://" not in pattern else
+                                       f"{pattern.split('://', 1)[0]}://{p}") for p in sorted(fs.glob(path))]
+            elif fs.exists(path):
+                matched.append(_canonical(pattern))
+            elif "{" in spec or len(specs) > 1:
+                raise SourceError(f"ingest source {pattern} (from {spec}) does not exist")
+        if not matched:
+            raise SourceError(f"ingest source {spec} does not exist or matches nothing; set ingest.source to a tar, "
+                              f"an img2dataset output folder (webdataset, parquet or files format), an image "
+                              f"folder with captions.jsonl / captions.csv, or a list or brace pattern of these")
+        for entry in matched:
+            found.setdefault(entry[2], entry)
+    return [found[u] for u in sorted(found)]
+
+
+def detect_format(fs, path: str) -> str:
+    """What one source path holds: `webdataset` (a tar, or a folder of tars), `parquet` (img2dataset parquet
+    output: image bytes in a column), `files` (img2dataset files output: 00000/<key>.jpg + .txt + .json) or
+    `folder` (images with a captions file)."""
+    if not fs.isdir(path):
+        if path.endswith(".tar"):
+            return "webdataset"
+        if path.endswith(".parquet"):
+            return "parquet"
+        raise SourceError(f"ingest source {path} is neither a .tar, an img2dataset .parquet, nor a folder")
+    names = {e.rstrip("/").rsplit("/", 1)[-1]: e for e in fs.ls(path, detail=False)}
+    if any(n.endswith(".tar") for n in names):
         return "webdataset"
-    if not fs.exists(path):
-        raise SourceError(f"ingest source {src} does not exist; set ingest.source to a tar, a folder of tars, "
-                          f"or an image folder with captions.jsonl / captions.csv")
-    if fs.isdir(path) and any(p.endswith(".tar") for p in fs.ls(path, detail=False)):
-        return "webdataset"
+    if any(_SHARD_ID.match(n) and fs.isdir(e) for n, e in names.items()):
+        return "files"
+    if any(n.endswith(".parquet") and _SHARD_ID.match(n[:-8]) for n in names):
+        return "parquet"
     return "folder"
 
 
-def list_tars(src: str) -> list[str]:
-    fs, path = fsspec.core.url_to_fs(src)
+def _image_column(schema: pa.Schema) -> str | None:
+    """The column that holds img2dataset's image bytes (named after its encode format)."""
+    for name in ("jpg", "png", "webp", "jpeg"):
+        if name in schema.names and (pa.types.is_binary(schema.field(name).type)
+                                     or pa.types.is_large_binary(schema.field(name).type)):
+            return name
+    return None
+
+
+def _content_digest(fs, paths: list[str], root: str) -> str:
+    """A part's source identity: names (relative to its shard) and sha256 of every file it reads."""
+    return digest([[p[len(root):], sha256_of(fs, p)[1]] for p in sorted(paths)])
+
+
+def _url(fs, path: str) -> str:
     proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
-    if "{" in path or "*" in path:
-        from braceexpand import braceexpand
+    return path if proto in ("file", "local") else f"{proto}://{path}"
 
-        paths = sorted({p for pattern in braceexpand(path) for p in fs.glob(pattern)})
-    elif fs.isdir(path):
-        paths = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
+
+def _part_name(fs, folder: str, stem: str) -> str:
+    """Stable and distinct across sources: the shard's stem plus a digest of the folder it sits in."""
+    return f"part-{digest(_url(fs, folder), 8)}-{make_key(stem)}"
+
+
+def i2d_tasks(fs, path: str, fmt: str) -> list[PartTask]:
+    """One part per img2dataset shard (its tar, parquet or files folder, with its metadata .parquet)."""
+    if fs.isdir(path):
+        folder, entries = path, sorted(e.rstrip("/") for e in fs.ls(path, detail=False))
     else:
-        paths = [path]
-    if not paths:
-        raise SourceError(f"no .tar shards found at {src}")
-    return [p if proto in ("file", "local") else f"{proto}://{p}" for p in paths]
-
-
-def _file_identity(url: str) -> str:
-    fs, path = fsspec.core.url_to_fs(url)
-    info = fs.info(path)
-    return digest({"path": url, "size": info.get("size"), "mtime": str(info.get("mtime") or info.get("ETag") or
-                                                                       info.get("LastModified") or "")})
-
-
-def tar_tasks(src: str) -> list[PartTask]:
+        folder, entries = path.rsplit("/", 1)[0], [path]
+    names = {e.rsplit("/", 1)[-1] for e in fs.ls(folder, detail=False)} if fs.isdir(path) else set()
     tasks = []
-    for url in list_tars(src):
-        stem = url.rstrip("/").rsplit("/", 1)[-1][:-4]
-        tasks.append(PartTask(name=f"part-{make_key(stem)}", source_digest=_file_identity(url), payload=("tar", url)))
+    for entry in entries:
+        base = entry.rsplit("/", 1)[-1]
+        if fmt == "webdataset" and base.endswith(".tar"):
+            stem, data = base[:-4], entry
+        elif fmt == "parquet" and base.endswith(".parquet") and (_SHARD_ID.match(base[:-8]) or not fs.isdir(path)):
+            stem, data = base[:-8], entry
+        elif fmt == "files" and _SHARD_ID.match(base) and fs.isdir(entry):
+            stem, data = base, entry
+        else:
+            continue
+        sidecar = f"{folder}/{stem}.parquet"
+        if fmt == "parquet" or not (f"{stem}.parquet" in names or (not fs.isdir(path) and fs.exists(sidecar))):
+            sidecar = None
+        stats = f"{folder}/{stem}_stats.json"
+        stats = stats if fs.exists(stats) else None
+        files = [data] if fmt != "files" else [p for p in fs.find(data)]
+        files += [p for p in (sidecar, stats) if p]
+        tasks.append(PartTask(name=_part_name(fs, folder, stem),
+                              source_digest=_content_digest(fs, files, folder + "/"),
+                              payload=(fmt, _url(fs, data), _url(fs, sidecar) if sidecar else None)))
+    if not tasks:
+        raise SourceError(f"no img2dataset {fmt} shards found at {_url(fs, path)}")
     return tasks
 
 
-def iter_tar_samples(url: str) -> Iterator[RawSample]:
-    """Group tar members by key (basename up to the first dot), img2dataset style."""
+def _meta_fields(meta: dict) -> dict:
+    """img2dataset's metadata for one sample as columns of the images table."""
+    def as_int(v):
+        try:
+            return int(v) if v is not None else None
+        except (TypeError, ValueError):
+            return None
+
+    extra = {k: v for k, v in meta.items() if k not in I2D_FIELDS and not k.startswith("__")}
+    exif = meta.get("exif")
+    return {"url": meta.get("url"), "original_width": as_int(meta.get("original_width")),
+            "original_height": as_int(meta.get("original_height")),
+            "exif": exif if isinstance(exif, str) or exif is None else json.dumps(exif, sort_keys=True),
+            "source_sha256": meta.get("sha256"), "status": meta.get("status"),
+            "extra": json.dumps(extra, sort_keys=True, ensure_ascii=False, default=str) if extra else None}
+
+
+def _read_sidecar(url: str | None) -> dict[str, dict]:
+    """img2dataset's per-shard metadata table, by key ({} without one)."""
+    if not url:
+        return {}
+    import pyarrow.parquet as pq
+
+    with fsspec.open(url, "rb") as fh:
+        rows = pq.read_table(fh).to_pylist()
+    return {str(r.get("key")): r for r in rows if r.get("key") is not None}
+
+
+def _failed_samples(sidecar: dict[str, dict], source: str, seen: set[str]) -> Iterator[RawSample]:
+    """Samples img2dataset could not fetch: a reject each, with img2dataset's own error message."""
+    for key, row in sidecar.items():
+        if key in seen or row.get("status") in (None, "success"):
+            continue
+        yield RawSample(make_key(key), f"{source}:{key}", None, None, None,
+                        (f"img2dataset-{row['status']}".replace("_", "-"),
+                         f"{row.get('error_message') or 'no message'} (url {row.get('url')})"[:300], "url"),
+                        meta=row)
+
+
+def _captions_of(members: dict[str, bytes], meta: dict | None) -> list[bytes | str] | None:
+    if "txt" in members:
+        return [members["txt"]]
+    cap = (meta or {}).get("caption") or (meta or {}).get("captions")
+    return [cap] if isinstance(cap, str) else list(cap) if isinstance(cap, list) and cap else None
+
+
+def _member_meta(members: dict[str, bytes], sidecar: dict[str, dict], stem: str) -> dict | None:
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"].decode("utf-8"))
+            if isinstance(meta, dict):
+                return meta
+        except (UnicodeDecodeError, ValueError):
+            pass
+    return sidecar.get(stem)
+
+
+def iter_tar_samples(url: str, sidecar_url: str | None = None) -> Iterator[RawSample]:
+    """Group tar members by key (basename up to the first dot), img2dataset style; then the samples its
+    metadata table marks failed."""
     source = url.rsplit("/", 1)[-1]
+    sidecar = _read_sidecar(sidecar_url)
+    seen: set[str] = set()
     current: str | None = None
     members: dict[str, bytes] = {}
 
@@ -237,18 +386,11 @@ def iter_tar_samples(url: str) -> Iterator[RawSample]:
         if current is None:
             return None
         key = make_key(current)
+        seen.add(current.rsplit("/", 1)[-1])
         image_ext = next((e for e in IMAGE_EXTS if e in members), None)
-        captions: list[bytes | str] | None = None
-        if "txt" in members:
-            captions = [members["txt"]]
-        elif "json" in members:
-            try:
-                meta = json.loads(members["json"].decode("utf-8"))
-                cap = meta.get("caption") or meta.get("captions")
-                captions = [cap] if isinstance(cap, str) else list(cap) if cap else None
-            except (UnicodeDecodeError, ValueError, AttributeError):
-                captions = None
-        return RawSample(key, f"{source}:{current}", members.get(image_ext) if image_ext else None, image_ext, captions)
+        meta = _member_meta(members, sidecar, current.rsplit("/", 1)[-1])
+        return RawSample(key, f"{source}:{current}", members.get(image_ext) if image_ext else None, image_ext,
+                         _captions_of(members, meta), meta=meta)
 
     try:
         with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
@@ -285,6 +427,54 @@ def iter_tar_samples(url: str) -> Iterator[RawSample]:
         yield RawSample(make_key(f"{source}-tail"), source, None, None, None,
                         ("source-truncated", "the tar has no end-of-archive marker: it was cut off after the "
                                              "samples that were read; re-fetch the shard", "tar"))
+    yield from _failed_samples(sidecar, source, seen)
+
+
+def iter_i2d_parquet_samples(url: str) -> Iterator[RawSample]:
+    """img2dataset's parquet output format: one row per sample, the image bytes in a column."""
+    import pyarrow.parquet as pq
+
+    source = url.rsplit("/", 1)[-1]
+    with fsspec.open(url, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        column = _image_column(pf.schema_arrow)
+        if column is None:
+            raise SourceError(f"{url}: no image column (jpg / png / webp of binary type): is it img2dataset's "
+                              f"parquet output format? Its columns are {pf.schema_arrow.names}")
+        failed: dict[str, dict] = {}
+        for batch in pf.iter_batches(batch_size=256):
+            for row in batch.to_pylist():
+                key = str(row.get("key"))
+                image = row.pop(column, None)
+                if row.get("status") not in (None, "success"):
+                    failed[key] = row
+                    continue
+                yield RawSample(make_key(key), f"{source}:{key}", image, column if image else None,
+                                _captions_of({}, row), meta=row)
+    yield from _failed_samples(failed, source, set())
+
+
+def iter_i2d_files_samples(url: str, sidecar_url: str | None) -> Iterator[RawSample]:
+    """img2dataset's files output format: `<shard>/<key>.jpg` + `.txt` + `.json`."""
+    fs, root = fsspec.core.url_to_fs(url)
+    shard = root.rstrip("/").rsplit("/", 1)[-1]
+    sidecar = _read_sidecar(sidecar_url)
+    by_key: dict[str, dict[str, str]] = {}
+    for path in sorted(fs.find(root)):
+        base = path.rsplit("/", 1)[-1]
+        if "." in base and not base.startswith("."):
+            stem, ext = base.split(".", 1)
+            by_key.setdefault(stem, {})[ext.lower()] = path
+    for stem, files in by_key.items():
+        members = {}
+        for ext, path in files.items():
+            with fs.open(path, "rb") as fh:
+                members[ext] = fh.read()
+        image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+        meta = _member_meta(members, sidecar, stem)
+        yield RawSample(make_key(stem), f"{shard}/{stem}", members.get(image_ext) if image_ext else None, image_ext,
+                        _captions_of(members, meta), meta=meta)
+    yield from _failed_samples(sidecar, shard, set(by_key))
 
 
 def _tar_has_end_marker(url: str) -> bool:
@@ -339,9 +529,9 @@ def _chunk_boundary(name: str, part_size: int) -> bool:
     return h % part_size == 0
 
 
-def folder_tasks(src: str, cfg: IngestConfig) -> list[PartTask]:
-    fs, root = fsspec.core.url_to_fs(src)
+def folder_tasks(fs, root: str, cfg: IngestConfig) -> list[PartTask]:
     root = root.rstrip("/")
+    src = _url(fs, root)
     proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
     captions_path = cfg.captions_file
     if captions_path is None:
@@ -368,14 +558,14 @@ def folder_tasks(src: str, cfg: IngestConfig) -> list[PartTask]:
         entries = []
         for name in chunk:
             entries.append({"file": name, "exists": name in present, "captions": captions.get(name)})
-        infos = [fs.info(f"{root}/{e['file']}") if e["exists"] else {} for e in entries]
-        ident = digest([[e["file"], i.get("size"), str(i.get("mtime", "")), [c.hex() for c in e["captions"] or []]]
-                        for e, i in zip(entries, infos)])
-        tasks.append(PartTask(name=f"part-{digest(chunk[0], 12)}", source_digest=ident,
+        # The part's identity is its content (file names, image bytes, captions), whatever the folder is called.
+        shas = [sha256_of(fs, f"{root}/{e['file']}")[1] if e["exists"] else None for e in entries]
+        ident = digest([[e["file"], sha, [c.hex() for c in e["captions"] or []]] for e, sha in zip(entries, shas)])
+        tasks.append(PartTask(name=_part_name(fs, root, digest(chunk[0], 12)), source_digest=ident,
                               payload=("folder", f"{proto}://{root}" if proto not in ("file", "local") else root,
                                        entries)))
     if problems:
-        tasks.append(PartTask(name="part-captions-file-rows", source_digest=digest(problems),
+        tasks.append(PartTask(name=_part_name(fs, root, "captions-file-rows"), source_digest=digest(problems),
                               payload=("problems", captions_url, problems)))
     return tasks
 
@@ -396,8 +586,12 @@ def iter_folder_samples(root: str, entries: list[dict]) -> Iterator[RawSample]:
 # --------------------------------------------------------------------------- the part worker
 def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> PartRecord:
     kind = task.payload[0]
-    if kind == "tar":
-        samples = iter_tar_samples(task.payload[1])
+    if kind == "webdataset":
+        samples = iter_tar_samples(task.payload[1], task.payload[2])
+    elif kind == "parquet":
+        samples = iter_i2d_parquet_samples(task.payload[1])
+    elif kind == "files":
+        samples = iter_i2d_files_samples(task.payload[1], task.payload[2])
     elif kind == "folder":
         samples = iter_folder_samples(task.payload[1], task.payload[2])
     else:  # rows of the captions file that could not be read at all
@@ -406,7 +600,7 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
         return writer.write_part(task.name, table=schemas.IMAGES.empty_table(), rejects=rejects,
                                  rows_in=len(rejects), source_digest=task.source_digest,
                                  metrics={"rejected_by_reason": dict(Counter(r["reason"] for r in rejects))})
-    shard_rel = f"{writer.prefix}/parts/{task.name}.tar"
+    shard_rel = shard_name(task.name)
     rows: list[dict] = []
     rejects: list[dict] = []
     seen: set[str] = set()
@@ -443,7 +637,8 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
                 reason, _, detail = (problem or "caption-empty").partition(": ")
                 reject(reason, detail or "every caption is empty after normalisation", "caption")
                 continue
-            image, bad = validate_image(raw.image, cfg)
+            meta = _meta_fields(raw.meta) if raw.meta else {}
+            image, bad = validate_image(raw.image, cfg, (meta.get("original_width"), meta.get("original_height")))
             if bad:
                 reject(bad[0], bad[1], "image")
                 continue
@@ -453,8 +648,12 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
             ext = "jpg" if image["format"] == "jpeg" else image["format"]
             rows.append({"key": raw.key, "captions": caps, "width": image["width"], "height": image["height"],
                          "format": image["format"], "sha256": hashlib.sha256(image["bytes"]).hexdigest(),
-                         "shard": shard_rel, "source": raw.source})
-            yield {"__key__": raw.key, ext: image["bytes"], "json": {"captions": caps, "source": raw.source}}
+                         "shard": shard_rel, "source": raw.source, **meta})
+            # `.txt` holds the first caption as img2dataset writes it, so `to_tuple("jpg", "txt")` works;
+            # `.json` has every caption and the source's metadata.
+            described = {k: v for k, v in meta.items() if v is not None}
+            yield {"__key__": raw.key, ext: image["bytes"], "txt": caps[0],
+                   "json": {"captions": caps, "source": raw.source, **described}}
 
     def table() -> pa.Table:
         return pa.Table.from_pylist(rows, schema=schemas.IMAGES)
@@ -466,16 +665,29 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
                              rows_in=lambda: rows_in[0], source_digest=task.source_digest, metrics=metrics)
 
 
-def ingest(store: Store, cfg: IngestConfig, *, source: str | None = None, executor=None, progress=None) -> StageResult:
-    """Ingest a source into a new (or the existing identical) `images` version."""
+def plan(src: str | list[str], cfg: IngestConfig) -> tuple[list[PartTask], list[dict]]:
+    """The parts of one ingest over one or several sources, and what each source was (for the manifest)."""
+    tasks: list[PartTask] = []
+    described = []
+    for fs, path, url in expand_sources(src):
+        fmt = detect_format(fs, path) if cfg.format == "auto" else cfg.format
+        tasks += folder_tasks(fs, path, cfg) if fmt == "folder" else i2d_tasks(fs, path, fmt)
+        described.append({"source": url, "format": fmt})
+    return tasks, described
+
+
+def ingest(store: Store, cfg: IngestConfig, *, source: str | list[str] | None = None, executor=None,
+           progress=None) -> StageResult:
+    """Ingest one or several sources into a new (or the existing identical) `images` version."""
     src = source or cfg.source
     if not src:
         raise SourceError("no ingest source: pass SRC or set ingest.source in the config")
-    fmt = detect_format(src, cfg)
-    tasks = tar_tasks(src) if fmt == "webdataset" else folder_tasks(src, cfg)
-    config = section_dict(cfg) | {"source": src, "format": fmt}
-    # The version is determined by the config and the exact source content (part digests); parts made
-    # from unchanged input under the same config are shared with earlier versions.
+    tasks, described = plan(src, cfg)
+    # The version is determined by the config and the sources' content (part names and content digests), not by
+    # how the sources were spelt; parts made from unchanged input under the same config are shared with earlier
+    # versions. The sources as given are recorded in the manifest.
+    config = section_dict(cfg) | {"source": None}
     writer = store.begin(STAGE, code_version=STAGE_VERSION, config=config, parents=[],
-                         input_digest=digest([t.source_digest for t in tasks]))
-    return run_stage(writer, tasks, lambda w, t: ingest_part(w, t, cfg), executor=executor, progress=progress)
+                         input_digest=digest([[t.name, t.source_digest] for t in tasks]))
+    return run_stage(writer, tasks, lambda w, t: ingest_part(w, t, cfg), executor=executor, progress=progress,
+                     extra={"sources": described})

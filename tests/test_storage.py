@@ -21,9 +21,9 @@ ROOT = HERE.parent
 
 def images_table(keys):
     n = len(keys)
-    return pa.Table.from_pydict({"key": keys, "captions": [["a cat"]] * n, "width": [4] * n, "height": [4] * n,
-                                 "format": ["png"] * n, "sha256": ["x"] * n, "shard": ["s"] * n,
-                                 "source": ["t"] * n}, schema=schemas.IMAGES)
+    given = {"key": keys, "captions": [["a cat"]] * n, "width": [4] * n, "height": [4] * n, "format": ["png"] * n,
+             "sha256": ["x"] * n, "shard": ["s"] * n, "source": ["t"] * n}
+    return pa.Table.from_pydict({f.name: given.get(f.name, [None] * n) for f in schemas.IMAGES}, schema=schemas.IMAGES)
 
 
 def write_simple(store, config=None, parts=2, parents=()):
@@ -107,7 +107,7 @@ def test_verify_catches_a_flipped_byte(any_store):
     assert len(problems) == 1 and target["path"] in problems[0] and "sha256" in problems[0]
 
 
-def test_incremental_parts_are_shared_not_copied(tmp_path):
+def test_incremental_parts_are_linked_into_the_new_version_not_rewritten(tmp_path):
     store = Store(str(tmp_path))
     from tasks.stage import PartTask, run_stage
 
@@ -120,9 +120,15 @@ def test_incremental_parts_are_shared_not_copied(tmp_path):
     r2 = run_stage(store.begin("images", code_version="t", config={}, input_digest="2"),
                    tasks + [PartTask("part-c", "dc")], process)
     assert (r2.parts_written, r2.parts_reused) == (1, 2)
-    old = {f["path"] for f in r1.version.files()}
-    assert old <= {f["path"] for f in r2.version.files()}
+    # The new folder holds every part (outside readers glob it), the reused ones as hard links: no new bytes.
+    old = {f["path"].rsplit("/", 1)[-1]: f for f in r1.version.files()}
+    new = {f["path"].rsplit("/", 1)[-1]: f for f in r2.version.files()}
+    assert all(f["path"].startswith(r2.version.ref + "/") for f in new.values())
+    for name, f in old.items():
+        assert new[name]["sha256"] == f["sha256"]
+        assert os.stat(store.abs(new[name]["path"])).st_ino == os.stat(store.abs(f["path"])).st_ino
     assert r2.version.read_table().num_rows == 6
+    assert r2.version.verify() == [] and r1.version.verify() == []
     r3 = run_stage(store.begin("images", code_version="t", config={}, input_digest="2"), tasks, process)
     assert r3.status == "reused" and not r3.did_work
 
