@@ -278,9 +278,13 @@ def _url(fs, path: str) -> str:
     return path if proto in ("file", "local") else f"{proto}://{path}"
 
 
+def _folder_tag(fs, folder: str) -> str:
+    return digest(_url(fs, folder), 8)
+
+
 def _part_name(fs, folder: str, stem: str) -> str:
     """Stable and distinct across sources: the shard's stem plus a digest of the folder it sits in."""
-    return f"part-{digest(_url(fs, folder), 8)}-{make_key(stem)}"
+    return f"part-{_folder_tag(fs, folder)}-{make_key(stem)}"
 
 
 def i2d_tasks(fs, path: str, fmt: str) -> list[PartTask]:
@@ -310,7 +314,8 @@ def i2d_tasks(fs, path: str, fmt: str) -> list[PartTask]:
         files += [p for p in (sidecar, stats) if p]
         tasks.append(PartTask(name=_part_name(fs, folder, stem),
                               source_digest=_content_digest(fs, files, folder + "/"),
-                              payload=(fmt, _url(fs, data), _url(fs, sidecar) if sidecar else None)))
+                              payload=(fmt, _url(fs, data), _url(fs, sidecar) if sidecar else None,
+                                       _folder_tag(fs, folder))))
     if not tasks:
         raise SourceError(f"no img2dataset {fmt} shards found at {_url(fs, path)}")
     return tasks
@@ -586,6 +591,9 @@ def iter_folder_samples(root: str, entries: list[dict]) -> Iterator[RawSample]:
 # --------------------------------------------------------------------------- the part worker
 def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> PartRecord:
     kind = task.payload[0]
+    # img2dataset numbers keys per run (0000000, 0000001, ...): prefixed with the tag of the folder they came
+    # from, keys of two runs never collide, and a key never changes when other sources join the ingest.
+    namespace = task.payload[3] if kind in ("webdataset", "parquet", "files") else None
     if kind == "webdataset":
         samples = iter_tar_samples(task.payload[1], task.payload[2])
     elif kind == "parquet":
@@ -610,6 +618,8 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
     def accepted() -> Iterator[dict]:
         for raw in samples:
             rows_in[0] += 1
+            if namespace:
+                raw.key = f"{namespace}_{raw.key}"
 
             def reject(reason: str, detail: str, field: str) -> None:
                 rejects.append({"key": raw.key, "reason": reason, "detail": detail, "source": raw.source,

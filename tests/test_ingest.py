@@ -147,10 +147,13 @@ def test_webdataset_source_as_img2dataset_writes_it(tmp_path):
     write_tar_source(src / "00001.tar", [("000000003", {"webp": image_bytes(fmt="WEBP"), "txt": b"a webp"})])
     store = Store(str(tmp_path / "store"))
     v = ingest(store, IngestConfig(), source=str(src)).version
-    rows = {r["key"]: r for r in v.read_table().to_pylist()}
+    # Keys are the source's, behind the tag of the folder they came from (two sources never collide).
+    tags = {r["key"].split("_", 1)[0] for r in v.read_table().to_pylist() + v.rejects().to_pylist()}
+    assert len(tags) == 1 and all(p.name.startswith(f"part-{next(iter(tags))}-") for p in v.parts)
+    rows = {r["key"].split("_", 1)[1]: r for r in v.read_table().to_pylist()}
     assert rows["000000000"]["captions"] == ["a red square"] and rows["000000001"]["captions"] == ["from json"]
     assert rows["000000003"]["format"] == "webp"
-    assert rejects_by_key(v)["000000002"]["reason"] == "missing-image"
+    assert {k.split("_", 1)[1]: r for k, r in rejects_by_key(v).items()}["000000002"]["reason"] == "missing-image"
     assert v.manifest["rows_in"] == 4 and len(v.parts) == 2
 
 
