@@ -39,7 +39,10 @@ class IngestConfig(Section):
     max_pixels: int = Field(89_478_485, ge=1)   # decompression-bomb limit (PIL's default)
     max_caption_chars: int = Field(1000, ge=1)
     max_captions: int = Field(16, ge=1)
-    jpeg_quality: int = Field(95, ge=50, le=100)
+    jpeg_quality: int = Field(95, ge=50, le=100)     # also the WebP quality when image_format is webp
+    # The one format images are stored in (other formats are re-encoded; jpeg as img2dataset does by default),
+    # so every shard member has the same name for outside readers; "keep" stores jpeg/png/webp as they came.
+    image_format: Literal["jpeg", "png", "webp", "keep"] = "jpeg"
 
 
 class ModelConfig(Section):

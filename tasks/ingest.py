@@ -176,15 +176,26 @@ def validate_image(data: bytes, cfg: IngestConfig, original_size: tuple[int, int
         converted.append(f"mode-{img.mode}")
         img = _to_rgb(img)
     stored_fmt = STORED_FORMATS.get(fmt or "")
-    if stored_fmt and not any(c != "exif-ignored" for c in converted) and not getattr(img, "is_animated", False):
+    # One stored format per version (image_format) gives every sample the same WebDataset member name, which
+    # webdataset's to_tuple and Hugging Face's webdataset loader need; "keep" stores each format as it came.
+    wanted = stored_fmt if cfg.image_format == "keep" else cfg.image_format
+    if (stored_fmt and stored_fmt == wanted and not any(c != "exif-ignored" for c in converted)
+            and not getattr(img, "is_animated", False)):
         out = data
     else:
         if getattr(img, "is_animated", False):
             converted.append("first-frame")
-        stored_fmt = "jpeg" if fmt == "JPEG" else "png"
+        if cfg.image_format != "keep":
+            stored_fmt = cfg.image_format
+            if STORED_FORMATS.get(fmt or "") != stored_fmt:
+                converted.append(f"reencoded-{stored_fmt}")
+        else:
+            stored_fmt = "jpeg" if fmt == "JPEG" else "png"
         buf = io.BytesIO()
         if stored_fmt == "jpeg":
             img.save(buf, "JPEG", quality=cfg.jpeg_quality)
+        elif stored_fmt == "webp":
+            img.save(buf, "WEBP", quality=cfg.jpeg_quality)
         else:
             img.save(buf, "PNG", optimize=False)
         out = buf.getvalue()

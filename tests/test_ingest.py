@@ -146,7 +146,7 @@ def test_webdataset_source_as_img2dataset_writes_it(tmp_path):
     ])
     write_tar_source(src / "00001.tar", [("000000003", {"webp": image_bytes(fmt="WEBP"), "txt": b"a webp"})])
     store = Store(str(tmp_path / "store"))
-    v = ingest(store, IngestConfig(), source=str(src)).version
+    v = ingest(store, IngestConfig(image_format="keep"), source=str(src)).version
     # Keys are the source's, behind the tag of the folder they came from (two sources never collide).
     tags = {r["key"].split("_", 1)[0] for r in v.read_table().to_pylist() + v.rejects().to_pylist()}
     assert len(tags) == 1 and all(p.name.startswith(f"part-{next(iter(tags))}-") for p in v.parts)
