@@ -235,8 +235,7 @@ def expand_sources(src: str | list[str]) -> list[tuple[fsspec.AbstractFileSystem
         for pattern in braceexpand(spec):
             fs, path = fsspec.core.url_to_fs(pattern)
             if any(c in path for c in "*?["):
-                matched += [_canonical(pattern.replace(path, p) if "://" not in pattern else
-                                       f"{pattern.split('://', 1)[0]}://{p}") for p in sorted(fs.glob(path))]
+                matched += [_canonical(_url(fs, p)) for p in sorted(fs.glob(path))]
             elif fs.exists(path):
                 matched.append(_canonical(pattern))
             elif "{" in spec or len(specs) > 1:
