@@ -29,6 +29,7 @@ IMAGES = pa.schema([
     pa.field("sha256", pa.string()),         # of the stored image bytes
     pa.field("shard", pa.string()),          # the tar holding `<key>.<ext>`, relative to the version folder
     pa.field("source", pa.string()),         # where the sample came from (file / tar member)
+    pa.field("source_key", pa.string()),     # the key as the source named it (img2dataset's, before its folder tag)
     # What img2dataset recorded (null for other sources):
     pa.field("url", pa.string()),
     pa.field("original_width", pa.int32()),  # before img2dataset resized it (size checks use these)

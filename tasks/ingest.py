@@ -628,6 +628,7 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
     def accepted() -> Iterator[dict]:
         for raw in samples:
             rows_in[0] += 1
+            source_key = raw.key
             if namespace:
                 raw.key = f"{namespace}_{raw.key}"
 
@@ -668,7 +669,7 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
             ext = "jpg" if image["format"] == "jpeg" else image["format"]
             rows.append({"key": raw.key, "captions": caps, "width": image["width"], "height": image["height"],
                          "format": image["format"], "sha256": hashlib.sha256(image["bytes"]).hexdigest(),
-                         "shard": shard_rel, "source": raw.source, **meta})
+                         "shard": shard_rel, "source": raw.source, "source_key": source_key, **meta})
             # `.txt` holds the first caption as img2dataset writes it, so `to_tuple("jpg", "txt")` works;
             # `.json` has every caption and the source's metadata.
             described = {k: v for k, v in meta.items() if v is not None}

@@ -243,3 +243,17 @@ def test_png_is_reencoded_to_the_version_format_and_counted(i2d, tmp_path):
     assert v.manifest["metrics"]["converted"]["reencoded-jpeg"] == 2      # the png and the webp
     img = Image.open(io.BytesIO(next(s for s in v.iter_samples() if s["__key__"].endswith("0000001"))["jpg"]))
     assert img.format == "JPEG" and img.size == (80, 80)
+
+
+def test_cli_ingests_several_sources(i2d, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    store = tmp_path / "store"
+    out = CliRunner().invoke(app, ["--store", str(store), "--engine", "local", "ingest",
+                                   str(i2d / "resized" / "webdataset"), str(i2d / "resized" / "files")])
+    assert out.exit_code == 0, out.output
+    v = Store(str(store)).open("images")
+    assert len(v.parts) == 2 and v.manifest["rows_out"] == 10
+    assert [s["format"] for s in v.manifest["sources"]] == ["files", "webdataset"]
