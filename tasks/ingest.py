@@ -339,7 +339,7 @@ def _meta_fields(meta: dict) -> dict:
         except (TypeError, ValueError):
             return None
 
-    extra = {k: v for k, v in meta.items() if k not in I2D_FIELDS and not k.startswith("__")}
+    extra = {k: v for k, v in meta.items() if k not in I2D_FIELDS and k != "captions" and not k.startswith("__")}
     exif = meta.get("exif")
     return {"url": meta.get("url"), "original_width": as_int(meta.get("original_width")),
             "original_height": as_int(meta.get("original_height")),

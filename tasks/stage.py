@@ -82,8 +82,12 @@ def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callabl
         if writer.part_done(task.name):
             resumed += 1
         elif task.source_digest in reusable and reusable[task.source_digest].name == task.name:
-            writer.reuse_part(reusable[task.source_digest])
-            reused += 1
+            try:
+                writer.reuse_part(reusable[task.source_digest])
+                reused += 1
+            except FileNotFoundError as exc:  # the earlier version lost the file (removed by hand, collected)
+                log.warning("%s: part %s cannot be shared (%s); making it again", writer.stage, task.name, exc)
+                todo.append(task)
         else:
             todo.append(task)
     total = len(todo)

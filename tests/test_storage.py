@@ -260,3 +260,64 @@ def test_model_versions_hold_files(tmp_path):
     assert v.verify() == []
     with pytest.raises(StoreError, match="invalid"):
         store.begin("models/x", code_version="t", config={}).write_files("m", {"../evil": b"x"})
+
+
+def test_a_reused_part_whose_file_is_gone_is_made_again(tmp_path):
+    store = Store(str(tmp_path))
+    from tasks.stage import PartTask, run_stage
+
+    def process(w, t):
+        return w.write_part(t.name, table=images_table([f"{t.name}_{i}" for i in range(2)]), rows_in=2,
+                            source_digest=t.source_digest)
+
+    r1 = run_stage(store.begin("images", code_version="t", config={}, input_digest="1"),
+                   [PartTask("part-a", "da")], process)
+    os.remove(store.abs(r1.version.files("table")[0]["path"]))
+    r2 = run_stage(store.begin("images", code_version="t", config={}, input_digest="2"),
+                   [PartTask("part-a", "da"), PartTask("part-b", "db")], process)
+    assert (r2.parts_written, r2.parts_reused) == (2, 0)
+    assert r2.version.verify() == [] and r2.version.read_table().num_rows == 4
+
+
+def test_reuse_copies_where_hard_links_are_refused(tmp_path, monkeypatch):
+    import errno
+
+    store = Store(str(tmp_path))
+    from tasks.stage import PartTask, run_stage
+
+    def process(w, t):
+        return w.write_part(t.name, table=images_table([f"{t.name}_{i}" for i in range(2)]), rows_in=2,
+                            samples=[{"__key__": f"{t.name}_0", "png": b"x"}], source_digest=t.source_digest)
+
+    r1 = run_stage(store.begin("images", code_version="t", config={}, input_digest="1"),
+                   [PartTask("part-a", "da")], process)
+
+    def refuse(*a, **k):
+        raise OSError(errno.EXDEV, "cross-device link")
+
+    monkeypatch.setattr(os, "link", refuse)
+    r2 = run_stage(store.begin("images", code_version="t", config={}, input_digest="2"),
+                   [PartTask("part-a", "da"), PartTask("part-b", "db")], process)
+    assert r2.parts_reused == 1 and r2.version.verify() == []
+    old, new = r1.version.files("shard")[0], r2.version.files("shard")[0]
+    assert new["path"] == f"{r2.version.ref}/shards/part-a.tar" and new["sha256"] == old["sha256"]
+    assert os.stat(store.abs(new["path"])).st_ino != os.stat(store.abs(old["path"])).st_ino
+    assert not any((tmp_path / "_tmp").glob("*/*"))   # nothing left behind
+
+
+def test_every_version_folder_is_whole_on_any_store(any_store):
+    """The folder of an incremental version lists all its parts, on a local store and on S3 (server-side copy)."""
+    from tasks.stage import PartTask, run_stage
+
+    def process(w, t):
+        return w.write_part(t.name, table=images_table([f"{t.name}_{i}" for i in range(2)]), rows_in=2,
+                            samples=[{"__key__": f"{t.name}_0", "png": b"x"}], source_digest=t.source_digest)
+
+    run_stage(any_store.begin("images", code_version="t", config={}, input_digest="1"),
+              [PartTask("part-a", "da")], process)
+    v = run_stage(any_store.begin("images", code_version="t", config={}, input_digest="2"),
+                  [PartTask("part-a", "da"), PartTask("part-b", "db")], process).version
+    listed = sorted(p.rsplit("/", 1)[-1] for p in any_store.fs.ls(any_store.abs(f"{v.ref}/parts"), detail=False))
+    shards = sorted(p.rsplit("/", 1)[-1] for p in any_store.fs.ls(any_store.abs(f"{v.ref}/shards"), detail=False))
+    assert listed == ["part-a.parquet", "part-b.parquet"] and shards == ["part-a.tar", "part-b.tar"]
+    assert v.verify() == [] and v.read_table().num_rows == 4
