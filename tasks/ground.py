@@ -34,7 +34,7 @@ class GroundConfig:
     crop_min_size: int = 32        # a crop smaller than this (px) on a side is grown around its centre
     crop_format: str = "jpg"       # "jpg" | "png"
     jpeg_quality: int = 90
-    shard: str = ""                # store-relative crop tar path written into every region row
+    shard: str = ""                # the crop tar, relative to the version folder, written into every region row
 
     def validate(self) -> None:
         if self.top_n < 1:
