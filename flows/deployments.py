@@ -53,8 +53,7 @@ def store_resource_id(store: Store) -> str:
 def new_samples(version: Version) -> int:
     """Rows out of the parts this version wrote itself (in this run or a resumed one), not of the
     parts it shares with earlier versions: those samples were announced when they were new."""
-    own = f"{version.stage}/{version.id}/"
-    return sum(p.rows_out for p in version.parts if p.files and all(f["path"].startswith(own) for f in p.files))
+    return sum(p.rows_out for p in version.parts if p.files and not p.shared_from)
 
 
 def emit_images_committed(store: Store, version: Version, new_samples: int, threshold: int,

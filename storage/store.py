@@ -85,6 +85,7 @@ class PartRecord:
     source_digest: str | None = None   # identity of the input this part was made from
     config_digest: str | None = None   # identity of the code + config that made it
     metrics: dict = field(default_factory=dict)
+    shared_from: str | None = None     # `stage/version` that first wrote this part, when this version links it
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -525,13 +526,15 @@ class VersionWriter:
         version's folder (no bytes copied on a local store; a server-side copy on object stores), so the
         folder alone holds the whole version for outside readers."""
         files = []
+        origin = record.shared_from
         for f in record.files:
+            origin = origin or f["path"][: len(f["path"]) - len(_version_relative(f["path"], self.stage)) - 1]
             rel = f"{self.prefix}/{_version_relative(f['path'], self.stage)}"
             if rel != f["path"]:
                 retry_io(lambda: self.placement.link_into_place(f["path"], rel, f["bytes"], f["sha256"]),
                          f"linking {f['path']} into {self.prefix}")
             files.append(dict(f, path=rel))
-        record = PartRecord.from_json(dict(record.to_json(), files=files))
+        record = PartRecord.from_json(dict(record.to_json(), files=files, shared_from=origin))
         self._records[record.name] = record
         self.reused_parts += 1
         return record

@@ -321,3 +321,17 @@ def test_every_version_folder_is_whole_on_any_store(any_store):
     shards = sorted(p.rsplit("/", 1)[-1] for p in any_store.fs.ls(any_store.abs(f"{v.ref}/shards"), detail=False))
     assert listed == ["part-a.parquet", "part-b.parquet"] and shards == ["part-a.tar", "part-b.tar"]
     assert v.verify() == [] and v.read_table().num_rows == 4
+
+
+def test_a_linked_part_names_the_version_that_wrote_it(tmp_path):
+    store = Store(str(tmp_path))
+    from tasks.stage import PartTask, run_stage
+
+    def process(w, t):
+        return w.write_part(t.name, table=images_table([f"{t.name}_0"]), rows_in=1, source_digest=t.source_digest)
+
+    versions = [run_stage(store.begin("images", code_version="t", config={}, input_digest=str(n)),
+                          [PartTask(f"part-{i}", f"d{i}") for i in range(n)], process).version for n in (1, 2, 3)]
+    by_name = {p.name: p for p in versions[2].parts}
+    assert by_name["part-0"].shared_from == versions[0].ref     # through versions[1], still the writer
+    assert by_name["part-1"].shared_from == versions[1].ref and by_name["part-2"].shared_from is None
