@@ -456,7 +456,7 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter) -> Iterator
                     continue
                 if kind == "no-ext":
                     yield RawSample(make_key(info.name), f"{source}:{shown(info.name)}", None, None, None,
-                                    ("member-without-extension", f"tar member {shown(info.name)!r} has no extension, "
+                                    ("member-without-extension", f"tar member '{shown(info.name)}' has no extension, "
                                      f"so it belongs to no sample (a NUL byte in a name cuts it there)", "member"),
                                     claims_key=False)
                     continue
@@ -666,7 +666,7 @@ def folder_tasks(src: str, cfg: IngestConfig) -> list[PartTask]:
             info = present.get(name, {})
             problem = listed.sample_problems.get(name)
             if name != shown(name):  # a file name that is not UTF-8: it can be neither stored nor matched
-                problem = ("file-name-not-utf8", f"file name {shown(name)!r} is not valid UTF-8; rename it", "file")
+                problem = ("file-name-not-utf8", f"file name '{shown(name)}' is not valid UTF-8; rename it", "file")
             elif name in present and info.get("size", 0) > cfg.max_image_bytes:
                 problem = ("file-too-large", f"{name} is {info['size']} bytes, over ingest.max_image_bytes "
                                              f"({cfg.max_image_bytes})", "image")
