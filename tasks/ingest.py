@@ -104,12 +104,12 @@ def json_captions(meta: Any) -> tuple[list[str] | None, tuple[str, str] | None]:
     its "caption" or "captions", a string or a list of strings. Returns (captions, (reason, detail))."""
     if not isinstance(meta, dict):
         return None, ("bad-caption-json", f"the JSON is a {_describe(meta)}, not an object")
-    for name in ("caption", "captions"):
-        if meta.get(name) not in (None, "", []):
-            value = meta[name]
-            break
-    else:
+    present = [n for n in ("caption", "captions") if meta.get(n) is not None]
+    if not present:
         return None, None
+    # The first field that holds something; an empty one is kept (the sample is rejected caption-empty).
+    name = next((n for n in present if meta[n] not in ("", [])), present[0])
+    value = meta[name]
     captions = [value] if isinstance(value, str) else value
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
         return None, ("bad-caption-type", f'"{name}" is a {_describe(value)}; a caption is a string or a list '

@@ -75,7 +75,7 @@ def corpus() -> list[tuple[str, bytes | None, object, str]]:
         ("ok2.png", png, ["a red box on grass", "a square"], "used"),
         ("zero.jpg", b"", RED_SQUARE, "empty-file"),
         ("truncated.jpg", good[: len(good) // 2], RED_SQUARE, "decode-error"),
-        ("truncated.png", png[: len(png) // 2], RED_SQUARE, "decode-error"),
+        ("truncated-png.png", png[: len(png) // 2], RED_SQUARE, "decode-error"),  # own key: not a duplicate
         ("wrongext.jpg", png, RED_SQUARE, "used"),                      # a PNG named .jpg decodes as PNG
         ("page.jpg", b"<!DOCTYPE html><html><body>404</body></html>", RED_SQUARE, "not-an-image"),
         ("random.png", bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)), RED_SQUARE,
