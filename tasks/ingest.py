@@ -11,7 +11,10 @@ byte limits, Pillow only ever sees the formats we accept, and keys are unique wi
 """
 from __future__ import annotations
 
+import bz2
+import contextlib
 import csv
+import gzip
 import hashlib
 import io
 import json
@@ -351,6 +354,19 @@ class _Spool:
         self.file.close()
 
 
+def _decompressed(fh, url: str):
+    """The tar bytes of a (possibly compressed) tar file: the codec's own buffered reader, which skips
+    a huge member far faster than tarfile's stream mode does."""
+    lower = url.lower()
+    if lower.endswith((".tar.gz", ".tgz")):
+        return gzip.GzipFile(fileobj=fh, mode="rb")
+    if lower.endswith((".tar.bz2", ".tbz2")):
+        return bz2.BZ2File(fh, mode="rb")
+    if lower.endswith((".tar.xz", ".txz")):
+        return lzma.LZMAFile(fh, mode="rb")
+    return contextlib.nullcontext(fh)
+
+
 def _member_kind(info: tarfile.TarInfo) -> str | None:
     """None for a member that belongs to no sample (a folder, OS metadata), else 'file', 'other' or
     'no-ext'."""
@@ -372,13 +388,13 @@ def tar_sample_keys(url: str) -> dict[str, str]:
     source = url.rsplit("/", 1)[-1]
     keys: dict[str, str] = {}
     try:
-        with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r:*") as tar:
+        with fsspec.open(url, "rb") as fh, _decompressed(fh, url) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             for info in tar:  # random access: member data is seeked over, not read (uncompressed tars)
                 tar.members = []
                 if _member_kind(info) in ("file", "other"):
                     stem, _ = _split_member(info.name)
                     keys.setdefault(make_key(stem), f"{source}:{shown(stem)}")
-    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError):
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, gzip.BadGzipFile):
         pass  # a damaged tar: the part reports it; the keys before the damage are claimed
     return keys
 
@@ -447,7 +463,7 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter) -> Iterator
         group.data[ext] = spool.put(data) if group.stem in pending else data
 
     try:
-        with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+        with fsspec.open(url, "rb") as fh, _decompressed(fh, url) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
             for info in tar:
                 kind = _member_kind(info)
                 if kind is None:
@@ -471,7 +487,7 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter) -> Iterator
                         yield from close(current)
                     current = _Group(stem)
                     add(current, info, ext, tar)
-    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as exc:
         # A damaged tar: complete samples before the damage are kept; the one in progress is lost.
         cut = ("source-truncated", f"tar ends mid-sample: {type(exc).__name__}: {exc}", "tar")
         if current is not None:
@@ -744,9 +760,10 @@ def claim_keys(store: Store, tasks: list[PartTask], reusable: dict[str, PartReco
             if not keys.keys() & claimed.keys():   # else it is made again below, with its clashes rejected
                 claimed.update(keys)
                 planned[task.name] = task
-    for task in samples:
-        if task.name in planned:
-            continue
+    new = [t for t in samples if t.name not in planned]
+    for i, task in enumerate(new):
+        if not claimed and i == len(new) - 1:
+            break  # nothing before it to clash with, nothing after it to claim for: no header scan
         keys = _task_keys(task)
         taken = {k: claimed[k] for k in sorted(keys) if k in claimed}
         for key, source in keys.items():
