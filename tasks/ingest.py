@@ -54,6 +54,9 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz
 # longer ones keep a readable head and end in a digest of the whole source name, so they stay unique.
 MAX_KEY_CHARS = 160
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
+# Rejects in these fields are not samples (a damaged tar's marker, a member that belongs to no sample, a
+# captions row whose file is absent or unnameable): they claim no key. Every other sample read does.
+UNCLAIMED_FIELDS = ("tar", "member", "file")
 
 # We enforce our own pixel limit before decoding; PIL's global one would raise a warning or error first.
 Image.MAX_IMAGE_PIXELS = None
@@ -73,7 +76,10 @@ class RawSample:
     image_ext: str | None
     captions: list[bytes | str] | None
     problem: tuple[str, str, str] | None = None   # (reason, detail, field) found while reading the source
-    claims_key: bool = True                       # False for rejects that are not a sample (a damaged tar's tail)
+
+    @property
+    def claims_key(self) -> bool:
+        return self.problem is None or self.problem[2] not in UNCLAIMED_FIELDS
 
 
 # --------------------------------------------------------------------------- keys and captions
@@ -473,8 +479,7 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter) -> Iterator
                 if kind == "no-ext":
                     yield RawSample(make_key(info.name), f"{source}:{shown(info.name)}", None, None, None,
                                     ("member-without-extension", f"tar member '{shown(info.name)}' has no extension, "
-                                     f"so it belongs to no sample (a NUL byte in a name cuts it there)", "member"),
-                                    claims_key=False)
+                                     f"so it belongs to no sample (a NUL byte in a name cuts it there)", "member"))
                     continue
                 stem, ext = _split_member(info.name)
                 if current is not None and stem == current.stem:
@@ -496,8 +501,7 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter) -> Iterator
             yield sample(group, None if group.complete() else cut)
         if current is None and not pending:
             yield RawSample(make_key(f"{source}-damaged"), source, None, None, None,
-                            ("source-truncated", f"tar is damaged: {type(exc).__name__}: {exc}", "tar"),
-                            claims_key=False)
+                            ("source-truncated", f"tar is damaged: {type(exc).__name__}: {exc}", "tar"))
         spool.close()
         return
     if current is not None:
@@ -509,7 +513,7 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter) -> Iterator
         # tarfile reads a cut-off archive as if it ended early: say so instead of leaving a silent gap.
         yield RawSample(make_key(f"{source}-tail"), source, None, None, None,
                         ("source-truncated", "the tar has no end-of-archive marker: it was cut off after the "
-                                             "samples that were read; re-fetch the shard", "tar"), claims_key=False)
+                                             "samples that were read; re-fetch the shard", "tar"))
 
 
 def _tar_has_end_marker(url: str) -> bool:
@@ -709,7 +713,7 @@ def iter_folder_samples(root: str, entries: list[dict], cfg: IngestConfig) -> It
             continue
         if not entry["exists"]:
             yield RawSample(key, source, None, None, captions,
-                            ("missing-image", f"{name} is listed in the captions file but not in the folder", "image"))
+                            ("missing-image", f"{name} is listed in the captions file but not in the folder", "file"))
             continue
         with fsspec.open(f"{root}/{name}", "rb") as fh:
             data = fh.read(cfg.max_image_bytes + 1)
@@ -730,7 +734,7 @@ def _part_keys(store: Store, record: PartRecord) -> dict[str, str]:
             with store.fs.open(store.abs(f["path"]), "rb") as fh:
                 rows = pq.read_table(fh, columns=columns).to_pylist()
             for row in rows:
-                if row.get("field") not in ("tar", "member"):  # a damaged tar's marker is not a sample
+                if row.get("field") not in UNCLAIMED_FIELDS:
                     keys.setdefault(row["key"], row["source"])
     return keys
 
@@ -740,7 +744,7 @@ def _task_keys(task: PartTask) -> dict[str, str]:
         return tar_sample_keys(task.payload[1])
     keys: dict[str, str] = {}
     for entry in task.payload[2]:
-        if entry["exists"] and not entry["problem"]:
+        if entry["exists"] and not (entry["problem"] and entry["problem"][2] in UNCLAIMED_FIELDS):
             keys.setdefault(folder_key(entry["file"]), entry["file"])
     return keys
 
@@ -803,16 +807,17 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
                 rejects.append({"key": raw.key, "reason": reason, "detail": detail, "source": raw.source,
                                 "field": field})
 
+            if raw.claims_key:  # the first sample with a key keeps it, whatever becomes of it
+                first = taken.get(raw.key) or seen.get(raw.key)
+                if first is not None:
+                    where = "an earlier part" if raw.key in taken else "this part"
+                    reject("duplicate-key", f"key {raw.key} is already taken by {first} ({where}); this sample "
+                                            f"({raw.source}) is dropped", "key")
+                    continue
+                seen[raw.key] = raw.source
             if raw.problem:
                 reject(*raw.problem)
                 continue
-            first = taken.get(raw.key) or seen.get(raw.key)
-            if first is not None:
-                where = "an earlier part" if raw.key in taken else "this part"
-                reject("duplicate-key", f"key {raw.key} is already taken by {first} ({where}); this sample "
-                                        f"({raw.source}) is dropped", "key")
-                continue
-            seen[raw.key] = raw.source
             if raw.image is None:
                 reject("missing-image", "no image member for this key", "image")
                 continue
