@@ -418,11 +418,9 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter) -> Iterator
     spool = _Spool(cfg.spool_bytes)
     current: _Group | None = None
     pending: dict[str, _Group] = {}     # samples that may get more members later, by stem
-    done: set[str] = set()
     out_of_order = False
 
     def sample(group: _Group, problem: tuple[str, str, str] | None = None) -> RawSample:
-        done.add(group.stem)
         value = {e: (spool.get(v) if isinstance(v, tuple) else v) for e, v in group.data.items()}
         image_ext = next((e for e in IMAGE_EXTS if e in value), None)
         captions, caption_problem = None, None
@@ -431,8 +429,8 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter) -> Iterator
         elif "json" in value:
             try:
                 captions, bad = json_captions(json.loads(value["json"].decode("utf-8", "surrogateescape")))
-            except ValueError as exc:
-                bad = ("bad-caption-json", f"{group.stem}.json is not valid JSON: {exc}")
+            except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
+                bad = ("bad-caption-json", f"not valid JSON: {type(exc).__name__}: {exc}"[:300])
             if bad:
                 caption_problem = (bad[0], f"{shown(group.stem)}.json: {bad[1]}", "json")
         if image_ext is None and any(e for e in group.exts if e in IMAGE_EXTS) and not group.problem:
@@ -632,8 +630,9 @@ def read_captions_file(path: str, cfg: IngestConfig) -> CaptionsFile:
                 try:
                     # surrogateescape keeps invalid bytes; json_captions rejects them, per image.
                     obj = json.loads(line.decode("utf-8", "surrogateescape"))
-                except ValueError as exc:
-                    out.row_problems.append((where, "bad-captions-row", f"invalid JSON: {exc}"))
+                except (ValueError, RecursionError) as exc:
+                    out.row_problems.append((where, "bad-captions-row", f"invalid JSON: {type(exc).__name__}: "
+                                                                        f"{exc}"[:300]))
                     continue
                 if not isinstance(obj, dict) or not isinstance(obj.get("file"), str) or not obj["file"]:
                     out.row_problems.append((where, "bad-captions-row",

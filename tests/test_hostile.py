@@ -369,6 +369,22 @@ def test_a_bad_caption_field_costs_its_sample(tmp_path, caption, reason):
     assert "captions.jsonl:2" in bad["detail"] and reconciles(v)
 
 
+def test_json_nested_past_the_parser_costs_one_sample(tmp_path):
+    deep = b"[" * 200_000 + b"]" * 200_000
+    tar = tar_with(tmp_path / "tar" / "0.tar", [("good.jpg", JPEG), ("good.txt", b"a dog"),
+                                                ("deep.jpg", JPEG), ("deep.json", deep)])
+    v = ingest_source(tmp_path, tar, store="s1")
+    assert keys_of(v) == ["good"] and rejects_of(v)["deep"]["reason"] == "bad-caption-json"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(JPEG)
+    (folder / "captions.jsonl").write_bytes(json.dumps({"file": "good.jpg", "caption": "a dog"}).encode()
+                                            + b"\n" + deep + b"\n")
+    v = ingest_source(tmp_path, folder, store="s2")
+    assert keys_of(v) == ["good"] and rejects_of(v)["captions_jsonl_2"]["reason"] == "bad-captions-row"
+    assert reconciles(v)
+
+
 def test_folder_source_names_and_csv_rows_cost_only_themselves(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
