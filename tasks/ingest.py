@@ -76,6 +76,7 @@ class RawSample:
     image_ext: str | None
     captions: list[bytes | str] | None
     problem: tuple[str, str, str] | None = None   # (reason, detail, field) found while reading the source
+    origin: str | None = None                     # where its captions come from ("captions.jsonl:12"), for rejects
 
     @property
     def claims_key(self) -> bool:
@@ -705,22 +706,23 @@ def iter_folder_samples(root: str, entries: list[dict], cfg: IngestConfig) -> It
     for entry in entries:
         name = entry["file"]
         key = folder_key(name)
-        source = f"{name} ({entry['where']})" if entry.get("where") else name
+        source, origin = name, entry.get("where")
         captions = entry["captions"]
         if entry["problem"]:
-            yield RawSample(key, source, None, None, captions, tuple(entry["problem"]))
+            yield RawSample(key, source, None, None, captions, tuple(entry["problem"]), origin)
             continue
         if not entry["exists"]:
             yield RawSample(key, source, None, None, captions,
-                            ("missing-image", f"{name} is listed in the captions file but not in the folder", "file"))
+                            ("missing-image", f"{name} is listed in the captions file but not in the folder", "file"),
+                            origin)
             continue
         with fsspec.open(f"{root}/{name}", "rb") as fh:
             data = fh.read(cfg.max_image_bytes + 1)
         if len(data) > cfg.max_image_bytes:  # it grew since the listing
             yield RawSample(key, source, None, None, captions, (
-                "file-too-large", f"{name} is over ingest.max_image_bytes ({cfg.max_image_bytes})", "image"))
+                "file-too-large", f"{name} is over ingest.max_image_bytes ({cfg.max_image_bytes})", "image"), origin)
             continue
-        yield RawSample(key, source, data, name.rsplit(".", 1)[-1].lower(), captions)
+        yield RawSample(key, source, data, name.rsplit(".", 1)[-1].lower(), captions, origin=origin)
 
 
 # --------------------------------------------------------------------------- unique keys across parts
@@ -803,7 +805,8 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
             rows_in[0] += 1
 
             def reject(reason: str, detail: str, field: str) -> None:
-                rejects.append({"key": raw.key, "reason": reason, "detail": detail, "source": raw.source,
+                source = f"{raw.source} ({raw.origin})" if raw.origin else raw.source
+                rejects.append({"key": raw.key, "reason": reason, "detail": detail, "source": source,
                                 "field": field})
 
             if raw.claims_key:  # the first sample with a key keeps it, whatever becomes of it
