@@ -536,3 +536,19 @@ def test_incremental_ingest_keeps_the_keys_it_extends(tmp_path):
     assert ingest(store, IngestConfig(), source=str(src)).status == "reused"
     assert first.version.read_table().to_pylist() == [r for r in grown.version.read_table().to_pylist()
                                                      if r["source"].startswith("b.tar")]
+
+
+def test_folder_keys_are_unique_across_parts_and_missing_files_take_none(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("x.jpg", "x.png", "y.png", "z.jpg"):
+        (src / name).write_bytes(JPEG)
+    (src / "captions.jsonl").write_text("".join(json.dumps({"file": n, "caption": f"a {n}"}) + "\n"
+                                                for n in ("x.jpg", "x.png", "y.jpg", "y.png", "z.jpg")))
+    v = ingest_source(tmp_path, src, part_size=1)               # part_size 1: every file is a part of its own
+    assert len(v.parts) == 5 and reconciles(v)
+    rows = {r["key"]: r["captions"] for r in v.read_table().to_pylist()}
+    assert rows == {"x": ["a x.jpg"], "y": ["a y.png"], "z": ["a z.jpg"]}
+    rejects = v.rejects().to_pylist()
+    assert sorted((r["key"], r["reason"]) for r in rejects) == [("x", "duplicate-key"), ("y", "missing-image")]
+    assert next(r for r in rejects if r["reason"] == "duplicate-key")["source"].startswith("x.png")
