@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -38,6 +38,21 @@ class IngestConfig(Section):
     max_caption_chars: int = Field(1000, ge=1)
     max_captions: int = Field(16, ge=1)
     jpeg_quality: int = Field(95, ge=50, le=100)
+    # Read limits: nothing a source holds is read past these, so one hostile member costs one sample.
+    max_image_bytes: int = Field(64 * 2**20, ge=1024)      # an image file or tar member
+    max_caption_bytes: int = Field(4 * 2**20, ge=1024)     # a .txt/.json member, a JSONL line, a CSV record
+    spool_bytes: int = Field(64 * 2**20, ge=0)             # members of out-of-order tars held in memory before
+                                                           # they spill to a local temporary file
+
+    @model_validator(mode="after")
+    def _relations(self):
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) is over ingest.max_side ({self.max_side}): no image could pass; "
+                             f"lower min_side or raise max_side")
+        if self.min_side * self.min_side > self.max_pixels:
+            raise ValueError(f"max_pixels ({self.max_pixels}) is under ingest.min_side squared ({self.min_side ** 2}): "
+                             f"no image could pass")
+        return self
 
 
 class ModelConfig(Section):
@@ -101,6 +116,12 @@ class GenerateConfig(Section):
     threshold: float | None = Field(None, gt=0, lt=1)   # override the model's per-class thresholds
     device: str = "auto"
 
+    @model_validator(mode="after")
+    def _relations(self):
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length ({self.min_length}) is over generate.max_length ({self.max_length})")
+        return self
+
 
 class DetectorSection(Section):
     """Grounding DINO (see ram_model/detector.py)."""
@@ -117,6 +138,12 @@ class DetectorSection(Section):
     local_files_only: bool = True
     gd_config_file: str | None = None       # groundingdino-py backend only
     gd_text_encoder: str | None = None
+
+    @model_validator(mode="after")
+    def _relations(self):
+        if self.shortest_edge > self.longest_edge:
+            raise ValueError(f"shortest_edge ({self.shortest_edge}) is over ground.detector.longest_edge ({self.longest_edge})")
+        return self
 
 
 class GroundSection(Section):
@@ -205,7 +232,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.field=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': {key.strip()} is not a valid YAML value "
+                          f"({getattr(exc, 'problem', None) or type(exc).__name__})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> EngineConfig:
@@ -213,25 +244,47 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     source = Path(path) if path else DEFAULT_CONFIG
     data: dict = {}
     if path is not None or source.exists():
-        try:
-            data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {source} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {source} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {source} must hold a mapping of sections, not {type(data).__name__}")
+        data = _read_yaml(source)
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
     try:
         return EngineConfig.model_validate(data)
     except ValidationError as exc:
+        # One line per problem, each naming the file and the field.
         problems = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            problems.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
-        raise ConfigError(f"invalid config {source}:\n" + "\n".join(problems)) from None
+            msg = err["msg"].removeprefix("Value error, ")
+            field, sep, rest = msg.partition(" ")
+            if err["type"] == "value_error" and sep and field.isidentifier():  # a relation check names its field
+                problems.append(f"invalid config {source}: {loc}.{field} {rest}")
+                continue
+            got = "" if err["type"] == "value_error" else f" (got {err.get('input')!r})"
+            problems.append(f"invalid config {source}: {loc}: {msg}{got}")
+        raise ConfigError("\n".join(problems)) from None
+
+
+def _read_yaml(source: Path) -> dict:
+    """The config file as a mapping; every way it can be unreadable is one line naming the file."""
+    if source.is_dir():
+        raise ConfigError(f"config file {source} is a directory; pass the path of a YAML file")
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {source} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {source} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {source} cannot be read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = " ".join(str(p) for p in (getattr(exc, "problem", None), getattr(exc, "context", None)) if p)
+        raise ConfigError(f"config file {source} is not valid YAML{where}: {what or type(exc).__name__}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {source} must hold a mapping of sections, not {type(data).__name__}")
+    return data
 
 
 def section_dict(section: BaseModel) -> dict:

@@ -6,25 +6,33 @@ Sources:
     files are cut into parts at content-defined boundaries, so adding files changes only the parts they land in.
 
 Every sample is either written (image bytes in a WebDataset shard + a row in the Parquet index) or
-rejected with a reason; counts reconcile per part.
+rejected with a reason; counts reconcile per part. Nothing a source holds is read past the config's
+byte limits, Pillow only ever sees the formats we accept, and keys are unique within a version.
 """
 from __future__ import annotations
 
+import bz2
+import contextlib
 import csv
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import re
 import tarfile
 import unicodedata
 import warnings
+import zlib
 from collections import Counter
-from dataclasses import dataclass
-from typing import Iterator
+import tempfile
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageFile, ImageOps
 
 from storage import PartRecord, Store, VersionWriter, schemas
@@ -34,13 +42,25 @@ from .config import IngestConfig, section_dict
 from .stage import PartTask, StageResult, run_stage
 
 STAGE = "images"
-STAGE_VERSION = "ingest-1"
+STAGE_VERSION = "ingest-2"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+CAPTION_EXTS = ("txt", "json")
+# Pillow picks its decoder from the content: it is only ever offered these (an EPS file named .jpg must
+# never reach Ghostscript). Multi-picture camera JPEGs (MPO) open through the JPEG plugin.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 STORED_FORMATS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+# Keys are file-name material downstream (crop keys add `_t<id>_<rank>`, webdataset extracts `<key>.<ext>`):
+# longer ones keep a readable head and end in a digest of the whole source name, so they stay unique.
+MAX_KEY_CHARS = 160
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
+# Rejects in these fields are not samples (a damaged tar's marker, a member that belongs to no sample, a
+# captions row whose file is absent or unnameable): they claim no key. Every other sample read does.
+UNCLAIMED_FIELDS = ("tar", "member", "file")
 
 # We enforce our own pixel limit before decoding; PIL's global one would raise a warning or error first.
 Image.MAX_IMAGE_PIXELS = None
+Image.init()  # register every plugin, so that `formats=ACCEPTED_FORMATS` can name them (and only them)
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
@@ -56,13 +76,58 @@ class RawSample:
     image_ext: str | None
     captions: list[bytes | str] | None
     problem: tuple[str, str, str] | None = None   # (reason, detail, field) found while reading the source
+    origin: str | None = None                     # where its captions come from ("captions.jsonl:12"), for rejects
+
+    @property
+    def claims_key(self) -> bool:
+        return self.problem is None or self.problem[2] not in UNCLAIMED_FIELDS
 
 
 # --------------------------------------------------------------------------- keys and captions
 def make_key(text: str) -> str:
-    """A store key from a source name: letters, digits, '_' and '-' only (no '.' or '/')."""
+    """A store key from a source name: letters, digits, '_' and '-' only (no '.' or '/'), at most
+    MAX_KEY_CHARS long (a longer one is cut and ends in a digest of the whole name)."""
     key = _KEY_BAD.sub("_", text).strip("_")
-    return key or "_" + hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    name_digest = hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()
+    if not key:
+        return "_" + name_digest[:12]
+    if len(key) > MAX_KEY_CHARS:
+        key = key[: MAX_KEY_CHARS - 17].rstrip("_") + "_" + name_digest[:16]
+    return key
+
+
+def shown(name: str) -> str:
+    """A source name as it can be stored and printed: undecodable bytes become \\udcXX escapes."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {json.dumps(value, default=str)[:60]}"
+
+
+def json_captions(meta: Any) -> tuple[list[str] | None, tuple[str, str] | None]:
+    """Captions from a decoded JSON object (a tar's .json sidecar or a captions.jsonl row):
+    its "caption" or "captions", a string or a list of strings. Returns (captions, (reason, detail))."""
+    if not isinstance(meta, dict):
+        return None, ("bad-caption-json", f"the JSON is a {_describe(meta)}, not an object")
+    present = [n for n in ("caption", "captions") if meta.get(n) is not None]
+    if not present:
+        return None, None
+    # The first field that holds something; an empty one is kept (the sample is rejected caption-empty).
+    name = next((n for n in present if meta[n] not in ("", [])), present[0])
+    value = meta[name]
+    captions = [value] if isinstance(value, str) else value
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        return None, ("bad-caption-type", f'"{name}" is a {_describe(value)}; a caption is a string or a list '
+                                          f"of strings")
+    if any(_has_lone_surrogate(c) for c in captions):
+        return None, ("caption-not-utf8", f'"{name}" holds a lone surrogate (an invalid byte, or a \\udXXX JSON '
+                                          f"escape that is half a character)")
+    return captions, None
 
 
 _CONTROL = {c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)} | {0x7F}
@@ -131,14 +196,15 @@ def validate_image(data: bytes, cfg: IngestConfig) -> tuple[dict | None, tuple[s
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
             fmt = img.format
             width, height = img.size
     except Exception as exc:  # PIL raises many types for non-images
         if sniff_format(data):
             return None, ("decode-error", f"{sniff_format(data)} header but the data does not decode "
                                           f"(truncated or corrupt): {type(exc).__name__}: {exc}"[:300])
-        return None, ("not-an-image", f"no known image header ({data[:8]!r}); is it HTML or text?"[:300])
+        return None, ("not-an-image", f"no accepted image header ({data[:8]!r}); accepted: "
+                                      f"{', '.join(ACCEPTED_FORMATS)}; is it HTML, text or another format?"[:300])
     if width * height > cfg.max_pixels:
         return None, ("decompression-bomb", f"{width}x{height} = {width * height} pixels > max_pixels {cfg.max_pixels}")
     if min(width, height) < cfg.min_side:
@@ -153,6 +219,12 @@ def validate_image(data: bytes, cfg: IngestConfig) -> tuple[dict | None, tuple[s
             img.load()  # full decode: truncated and corrupt data fail here
     except Exception as exc:
         return None, ("decode-error", f"{fmt or 'image'} does not decode: {type(exc).__name__}: {exc}"[:300])
+    if img.mode == "F":
+        # A float image with NaN or infinity has no defined pixels there; scaling it would give black.
+        arr = np.asarray(img)
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            return None, ("invalid-pixels", f"float {fmt or 'image'} has {bad} of {arr.size} pixels NaN or infinite")
     converted = []
     try:
         rotated = ImageOps.exif_transpose(img)
@@ -182,34 +254,47 @@ def validate_image(data: bytes, cfg: IngestConfig) -> tuple[dict | None, tuple[s
 
 
 # --------------------------------------------------------------------------- sources
+def is_tar(path: str) -> bool:
+    return path.lower().endswith(TAR_SUFFIXES)
+
+
+def _compressed(path: str) -> bool:
+    return not path.lower().endswith(".tar")
+
+
 def detect_format(src: str, cfg: IngestConfig) -> str:
     if cfg.format != "auto":
         return cfg.format
     fs, path = fsspec.core.url_to_fs(src)
-    if path.endswith(".tar") or "{" in path or "*" in path:
+    if is_tar(path) or "{" in path or "*" in path:
         return "webdataset"
     if not fs.exists(path):
         raise SourceError(f"ingest source {src} does not exist; set ingest.source to a tar, a folder of tars, "
                           f"or an image folder with captions.jsonl / captions.csv")
-    if fs.isdir(path) and any(p.endswith(".tar") for p in fs.ls(path, detail=False)):
+    if fs.isdir(path) and any(is_tar(p) for p in fs.find(path)):
         return "webdataset"
     return "folder"
 
 
-def list_tars(src: str) -> list[str]:
+def list_tars(src: str) -> list[tuple[str, str]]:
+    """(url, name relative to the source) of every tar of a source: a tar, a pattern, or a folder
+    searched recursively; compressed tars (.tar.gz, .tgz, .tar.bz2, .tar.xz) included."""
     fs, path = fsspec.core.url_to_fs(src)
     proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+    root = None
     if "{" in path or "*" in path:
         from braceexpand import braceexpand
 
         paths = sorted({p for pattern in braceexpand(path) for p in fs.glob(pattern)})
     elif fs.isdir(path):
-        paths = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
+        root = path.rstrip("/")
+        paths = sorted(p for p in fs.find(root) if is_tar(p) and not _os_metadata(p[len(root) + 1:]))
     else:
         paths = [path]
     if not paths:
-        raise SourceError(f"no .tar shards found at {src}")
-    return [p if proto in ("file", "local") else f"{proto}://{p}" for p in paths]
+        raise SourceError(f"no tar shards (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz) found at {src}")
+    return [(p if proto in ("file", "local") else f"{proto}://{p}", p[len(root) + 1:] if root else p.rsplit("/", 1)[-1])
+            for p in paths]
 
 
 def _file_identity(url: str) -> str:
@@ -219,68 +304,211 @@ def _file_identity(url: str) -> str:
                                                                        info.get("LastModified") or "")})
 
 
+def _tar_stem(name: str) -> str:
+    lower = name.lower()
+    return name[: len(name) - len(next(s for s in TAR_SUFFIXES if lower.endswith(s)))]
+
+
 def tar_tasks(src: str) -> list[PartTask]:
-    tasks = []
-    for url in list_tars(src):
-        stem = url.rstrip("/").rsplit("/", 1)[-1][:-4]
-        tasks.append(PartTask(name=f"part-{make_key(stem)}", source_digest=_file_identity(url), payload=("tar", url)))
+    tasks, names = [], set()
+    for url, rel in list_tars(src):
+        name = f"part-{make_key(_tar_stem(rel))}"
+        if name in names:  # `a/x.tar` and `a_x.tar`, or `x.tar` and `x.tgz`: same stem
+            name = f"part-{make_key(_tar_stem(rel))}-{digest(rel, 8)}"
+        names.add(name)
+        tasks.append(PartTask(name=name, source_digest=_file_identity(url), payload=("tar", url, {})))
     return tasks
 
 
-def iter_tar_samples(url: str) -> Iterator[RawSample]:
-    """Group tar members by key (basename up to the first dot), img2dataset style."""
-    source = url.rsplit("/", 1)[-1]
-    current: str | None = None
-    members: dict[str, bytes] = {}
+def _os_metadata(name: str) -> bool:
+    """macOS AppleDouble (`._x.jpg`, `__MACOSX/`), `.DS_Store` and other hidden files: never samples."""
+    parts = name.split("/")
+    return any(p == "__MACOSX" for p in parts[:-1]) or parts[-1].startswith(".")
 
-    def flush() -> RawSample | None:
-        if current is None:
-            return None
-        key = make_key(current)
-        image_ext = next((e for e in IMAGE_EXTS if e in members), None)
-        captions: list[bytes | str] | None = None
-        if "txt" in members:
-            captions = [members["txt"]]
-        elif "json" in members:
+
+@dataclass
+class _Group:
+    """The members of one tar sample read so far: only what ingest uses is kept (one image, captions)."""
+
+    stem: str
+    exts: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)      # ext -> bytes, or (offset, size) in the spool
+    problem: tuple[str, str, str] | None = None
+
+    def complete(self) -> bool:
+        return any(e in self.data for e in IMAGE_EXTS) and any(e in self.data for e in CAPTION_EXTS)
+
+
+class _Spool:
+    """Members of samples still waiting for the rest of their members (an out-of-order tar): in memory up
+    to `max_memory` bytes, then in a local temporary file, so memory stays bounded whatever the order."""
+
+    def __init__(self, max_memory: int):
+        self.file = tempfile.SpooledTemporaryFile(max_size=max_memory)
+        self.end = 0
+
+    def put(self, data: bytes) -> tuple[int, int]:
+        self.file.seek(self.end)
+        self.file.write(data)
+        self.end += len(data)
+        return self.end - len(data), len(data)
+
+    def get(self, ref: tuple[int, int]) -> bytes:
+        self.file.seek(ref[0])
+        return self.file.read(ref[1])
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _decompressed(fh, url: str):
+    """The tar bytes of a (possibly compressed) tar file: the codec's own buffered reader, which skips
+    a huge member far faster than tarfile's stream mode does."""
+    lower = url.lower()
+    if lower.endswith((".tar.gz", ".tgz")):
+        return gzip.GzipFile(fileobj=fh, mode="rb")
+    if lower.endswith((".tar.bz2", ".tbz2")):
+        return bz2.BZ2File(fh, mode="rb")
+    if lower.endswith((".tar.xz", ".txz")):
+        return lzma.LZMAFile(fh, mode="rb")
+    return contextlib.nullcontext(fh)
+
+
+def _member_kind(info: tarfile.TarInfo) -> str | None:
+    """None for a member that belongs to no sample (a folder, OS metadata), else 'file', 'other' or
+    'no-ext'."""
+    base = info.name.rsplit("/", 1)[-1]
+    if info.isdir() or _os_metadata(info.name):
+        return None
+    if "." not in base or not base.split(".", 1)[1]:
+        return "no-ext"
+    return "file" if info.isfile() else "other"
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    base = name.rsplit("/", 1)[-1]
+    return name[: len(name) - len(base)] + base.split(".", 1)[0], base.split(".", 1)[1].lower()
+
+
+def tar_sample_keys(url: str) -> dict[str, str]:
+    """The keys of the samples a tar holds (read from its headers only), each with its first source."""
+    source = url.rsplit("/", 1)[-1]
+    keys: dict[str, str] = {}
+    try:
+        with fsspec.open(url, "rb") as fh, _decompressed(fh, url) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            for info in tar:  # random access: member data is seeked over, not read (uncompressed tars)
+                tar.members = []
+                if _member_kind(info) in ("file", "other"):
+                    stem, _ = _split_member(info.name)
+                    keys.setdefault(make_key(stem), f"{source}:{shown(stem)}")
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, gzip.BadGzipFile):
+        pass  # a damaged tar: the part reports it; the keys before the damage are claimed
+    return keys
+
+
+def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter) -> Iterator[RawSample]:
+    """Group tar members into samples by key (member name up to the basename's first dot).
+
+    img2dataset writes a sample's members next to each other, and such tars stream with one sample in
+    memory. A tar grouped otherwise (`tar cf x.tar *.jpg *.txt`) still gives every sample once: samples
+    missing members wait in a spool (bounded memory) and come out at the end. Only what ingest uses is
+    read (one image, the .txt and .json), each member bounded by the config's byte limits; other members
+    are skipped unread. OS metadata (`._x.jpg`, `__MACOSX/`) is skipped and counted in metrics.
+    """
+    source = url.rsplit("/", 1)[-1]
+    spool = _Spool(cfg.spool_bytes)
+    current: _Group | None = None
+    pending: dict[str, _Group] = {}     # samples that may get more members later, by stem
+    out_of_order = False
+
+    def sample(group: _Group, problem: tuple[str, str, str] | None = None) -> RawSample:
+        value = {e: (spool.get(v) if isinstance(v, tuple) else v) for e, v in group.data.items()}
+        image_ext = next((e for e in IMAGE_EXTS if e in value), None)
+        captions, caption_problem = None, None
+        if "txt" in value:
+            captions = [value["txt"]]
+        elif "json" in value:
             try:
-                meta = json.loads(members["json"].decode("utf-8"))
-                cap = meta.get("caption") or meta.get("captions")
-                captions = [cap] if isinstance(cap, str) else list(cap) if cap else None
-            except (UnicodeDecodeError, ValueError, AttributeError):
-                captions = None
-        return RawSample(key, f"{source}:{current}", members.get(image_ext) if image_ext else None, image_ext, captions)
+                captions, bad = json_captions(json.loads(value["json"].decode("utf-8", "surrogateescape")))
+            except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
+                bad = ("bad-caption-json", f"not valid JSON: {type(exc).__name__}: {exc}"[:300])
+            if bad:
+                caption_problem = (bad[0], f"{shown(group.stem)}.json: {bad[1]}", "json")
+        if image_ext is None and any(e for e in group.exts if e in IMAGE_EXTS) and not group.problem:
+            problem = problem or ("member-not-a-file", f"the image member of {shown(group.stem)} is a link or "
+                                                      f"device; links are never followed", "image")
+        return RawSample(make_key(group.stem), f"{source}:{shown(group.stem)}", value.get(image_ext) if image_ext
+                         else None, image_ext, captions, problem or group.problem or caption_problem)
+
+    def close(group: _Group) -> Iterator[RawSample]:
+        if group.complete() and not out_of_order:
+            yield sample(group)
+        else:  # it may get its missing members later: wait, in the spool
+            group.data = {e: (spool.put(v) if isinstance(v, bytes) else v) for e, v in group.data.items()}
+            pending[group.stem] = group
+
+    def add(group: _Group, info: tarfile.TarInfo, ext: str, tar: tarfile.TarFile) -> None:
+        group.exts.append(ext)
+        if not info.isfile():
+            return
+        limit = cfg.max_image_bytes if ext in IMAGE_EXTS else cfg.max_caption_bytes if ext in CAPTION_EXTS else None
+        if limit is None or ext in group.data or (ext in IMAGE_EXTS and any(
+                e in group.data for e in IMAGE_EXTS[: IMAGE_EXTS.index(ext)])):
+            return  # not used by ingest (or a preferred image is there already): skipped unread
+        if info.size > limit:
+            group.problem = group.problem or (
+                "member-too-large", f"{shown(info.name)} is {info.size} bytes, over ingest."
+                f"{'max_image_bytes' if ext in IMAGE_EXTS else 'max_caption_bytes'} ({limit})", ext)
+            return
+        extracted = tar.extractfile(info)
+        data = extracted.read(limit + 1) if extracted else b""
+        if ext in IMAGE_EXTS:
+            for other in [e for e in group.data if e in IMAGE_EXTS]:
+                del group.data[other]   # a less preferred image read earlier
+        group.data[ext] = spool.put(data) if group.stem in pending else data
 
     try:
-        with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+        with fsspec.open(url, "rb") as fh, _decompressed(fh, url) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
             for info in tar:
-                if not info.isfile():
+                kind = _member_kind(info)
+                if kind is None:
+                    if not info.isdir():
+                        counters["ignored_os_metadata_members"] += 1
                     continue
-                base = info.name.rsplit("/", 1)[-1]
-                if "." not in base:
+                if kind == "no-ext":
+                    yield RawSample(make_key(info.name), f"{source}:{shown(info.name)}", None, None, None,
+                                    ("member-without-extension", f"tar member '{shown(info.name)}' has no extension, "
+                                     f"so it belongs to no sample (a NUL byte in a name cuts it there)", "member"))
                     continue
-                stem = info.name[: len(info.name) - len(base)] + base.split(".", 1)[0]
-                ext = base.split(".", 1)[1].lower()
-                if stem != current:
-                    sample = flush()
-                    if sample:
-                        yield sample
-                    current, members = stem, {}
-                extracted = tar.extractfile(info)
-                members[ext] = extracted.read() if extracted else b""
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        # A damaged tar: the samples before the damage were yielded; the one in progress is lost.
-        sample = flush()
-        if sample:
-            sample.problem = ("source-truncated", f"tar ends mid-sample: {type(exc).__name__}: {exc}", "tar")
-            yield sample
-        else:
+                stem, ext = _split_member(info.name)
+                if current is not None and stem == current.stem:
+                    add(current, info, ext, tar)
+                elif stem in pending:
+                    out_of_order = True
+                    add(pending[stem], info, ext, tar)
+                else:
+                    if current is not None:
+                        yield from close(current)
+                    current = _Group(stem)
+                    add(current, info, ext, tar)
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as exc:
+        # A damaged tar: complete samples before the damage are kept; the one in progress is lost.
+        cut = ("source-truncated", f"tar ends mid-sample: {type(exc).__name__}: {exc}", "tar")
+        if current is not None:
+            yield sample(current, cut)
+        for group in pending.values():
+            yield sample(group, None if group.complete() else cut)
+        if current is None and not pending:
             yield RawSample(make_key(f"{source}-damaged"), source, None, None, None,
                             ("source-truncated", f"tar is damaged: {type(exc).__name__}: {exc}", "tar"))
+        spool.close()
         return
-    sample = flush()
-    if sample:
-        yield sample
-    if not _tar_has_end_marker(url):
+    if current is not None:
+        yield from close(current)
+    for group in pending.values():
+        yield sample(group)
+    spool.close()
+    if not _compressed(url) and not _tar_has_end_marker(url):
         # tarfile reads a cut-off archive as if it ended early: say so instead of leaving a silent gap.
         yield RawSample(make_key(f"{source}-tail"), source, None, None, None,
                         ("source-truncated", "the tar has no end-of-archive marker: it was cut off after the "
@@ -297,46 +525,133 @@ def _tar_has_end_marker(url: str) -> bool:
         return fh.read(1024) == bytes(1024)
 
 
-def read_captions_file(path: str) -> tuple[dict[str, list[bytes]], list[tuple[str, str, str]]]:
-    """Captions per file name, plus rows that could not be read: (where, reason, detail)."""
-    captions: dict[str, list[bytes]] = {}
-    problems = []
-    is_csv = path.lower().endswith(".csv")
+def _bounded_lines(fh, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, line with its newline or None when over `limit` bytes, count of '"' in it).
+    Memory is bounded by `limit` whatever the file holds."""
+    buf, lineno, skipping, quotes = b"", 0, False, 0
+    while True:
+        chunk = fh.read(1 << 16)
+        buf += chunk
+        pos = 0
+        while (nl := buf.find(b"\n", pos)) >= 0:
+            line, pos = buf[pos:nl + 1], nl + 1
+            lineno += 1
+            yield (lineno, None, quotes + line.count(b'"')) if skipping else (
+                lineno, line if len(line) <= limit else None, line.count(b'"'))
+            skipping, quotes = False, 0
+        buf = buf[pos:]
+        if len(buf) > limit:  # a line longer than the limit: count its quotes, keep none of it
+            skipping, quotes, buf = True, quotes + buf.count(b'"'), b""
+        if not chunk:
+            if buf or skipping:
+                lineno += 1
+                yield (lineno, None if skipping else buf, quotes + buf.count(b'"'))
+            return
+
+
+@dataclass
+class CaptionsFile:
+    """What a captions file says: captions per file name, where each name's first row is, the first
+    problem with a name's rows (it rejects that sample), and rows that name no file at all."""
+
+    captions: dict[str, list[str]] = field(default_factory=dict)
+    where: dict[str, str] = field(default_factory=dict)
+    sample_problems: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    row_problems: list[tuple[str, str, str]] = field(default_factory=list)    # (where, reason, detail)
+
+    def add(self, name: str, where: str, captions: list, problem: tuple[str, str, str] | None) -> None:
+        self.where.setdefault(name, where)
+        self.captions.setdefault(name, []).extend(captions)
+        if problem and name not in self.sample_problems:
+            self.sample_problems[name] = (problem[0], f"{where}: {problem[1]}", problem[2])
+
+
+def _csv_records(lines: Iterator[tuple[int, bytes | None, int]]) -> Iterator[tuple[int, int, bytes | None]]:
+    """(first line, last line, record or None when too large): a quoted field may span lines."""
+    start, parts, odd, too_big = None, [], 0, False
+    for lineno, line, quotes in lines:
+        start = start or lineno
+        too_big = too_big or line is None
+        if not too_big:
+            parts.append(line)
+        odd ^= quotes & 1
+        if not odd:
+            yield start, lineno, None if too_big else b"".join(parts)
+            start, parts, too_big = None, [], False
+    if start is not None:
+        yield start, -1, None if too_big else b"".join(parts)   # -1: an unterminated quoted field
+
+
+def read_captions_file(path: str, cfg: IngestConfig) -> CaptionsFile:
+    """Read a captions.jsonl / captions.csv as a stream, each row bounded by ingest.max_caption_bytes.
+    A bad row costs its own sample (or, when it names no file, itself), with the file and line."""
+    out = CaptionsFile()
+    fname = path.rsplit("/", 1)[-1]
+    limit = cfg.max_caption_bytes
     with fsspec.open(path, "rb") as fh:
-        lines = fh.read().split(b"\n")
-    for lineno, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        where = f"{path.rsplit('/', 1)[-1]}:{lineno}"
-        if is_csv:
-            # Parse on latin-1 so bytes survive as they are; captions are decoded (strictly) later.
-            row = next(csv.reader([raw.decode("latin-1")]))
-            if lineno == 1 and row and row[0].strip().lower() in ("file", "filename", "path", "image"):
-                continue
-            if len(row) < 1 or not row[0].strip():
-                problems.append((where, "bad-captions-row", "CSV row has no file name in column 1"))
-                continue
-            name = row[0].strip().encode("latin-1").decode("utf-8", "replace")
-            captions.setdefault(name, []).extend(c.encode("latin-1") for c in row[1:])
+        lines = _bounded_lines(fh, limit)
+        if path.lower().endswith(".csv"):
+            csv.field_size_limit(max(csv.field_size_limit(), limit))
+            for first, last, record in _csv_records(lines):
+                where = f"{fname}:{first}" if last in (first, -1) else f"{fname}:{first}-{last}"
+                if last == -1:
+                    out.row_problems.append((where, "bad-captions-row", "a quoted field is never closed"))
+                    continue
+                if record is None:
+                    out.row_problems.append((where, "captions-row-too-large",
+                                             f"the row is over ingest.max_caption_bytes ({limit}); it was skipped"))
+                    continue
+                if not record.strip():
+                    continue
+                try:  # parsed on latin-1 so bytes survive as they are; captions are decoded strictly below
+                    row = next(csv.reader(io.StringIO(record.decode("latin-1"), newline="")))
+                except (csv.Error, StopIteration) as exc:
+                    out.row_problems.append((where, "bad-captions-row", f"not a CSV row: {exc}"))
+                    continue
+                if first == 1 and row and row[0].strip().lower() in ("file", "filename", "path", "image"):
+                    continue
+                if not row or not row[0].strip():
+                    out.row_problems.append((where, "bad-captions-row", "CSV row has no file name in column 1"))
+                    continue
+                name = row[0].strip().encode("latin-1").decode("utf-8", "surrogateescape")
+                try:
+                    out.add(name, where, [c.encode("latin-1").decode("utf-8") for c in row[1:]], None)
+                except UnicodeDecodeError as exc:
+                    out.add(name, where, [], ("caption-not-utf8", f"invalid UTF-8 byte at {exc.start} of a "
+                                                                  f"caption", "caption"))
         else:
-            try:
-                # surrogateescape keeps invalid bytes; the caption is rejected for them later, per image.
-                obj = json.loads(raw.decode("utf-8", "surrogateescape"))
-            except ValueError as exc:
-                problems.append((where, "bad-captions-row", f"invalid JSON: {exc}"))
-                continue
-            if not isinstance(obj, dict) or not isinstance(obj.get("file"), str):
-                problems.append((where, "bad-captions-row", 'a JSONL row needs "file" and "caption"/"captions"'))
-                continue
-            caps = obj.get("captions", obj.get("caption"))
-            caps = [caps] if isinstance(caps, str) else [c for c in (caps or []) if isinstance(c, str)]
-            captions.setdefault(obj["file"], []).extend(c.encode("utf-8", "surrogateescape") for c in caps)
-    return captions, problems
+            for lineno, line, _ in lines:
+                where = f"{fname}:{lineno}"
+                if line is None:
+                    out.row_problems.append((where, "captions-row-too-large",
+                                             f"the line is over ingest.max_caption_bytes ({limit}); it was skipped"))
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    # surrogateescape keeps invalid bytes; json_captions rejects them, per image.
+                    obj = json.loads(line.decode("utf-8", "surrogateescape"))
+                except (ValueError, RecursionError) as exc:
+                    out.row_problems.append((where, "bad-captions-row", f"invalid JSON: {type(exc).__name__}: "
+                                                                        f"{exc}"[:300]))
+                    continue
+                if not isinstance(obj, dict) or not isinstance(obj.get("file"), str) or not obj["file"]:
+                    out.row_problems.append((where, "bad-captions-row",
+                                             'a JSONL row is an object with "file" and "caption"/"captions"'))
+                    continue
+                caps, bad = json_captions(obj)
+                out.add(obj["file"], where, caps or [], bad and (bad[0], bad[1], "caption"))
+    return out
 
 
 def _chunk_boundary(name: str, part_size: int) -> bool:
     h = int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big")
     return h % part_size == 0
+
+
+def folder_key(name: str) -> str:
+    """The key of a folder source's file: its path without the extension."""
+    return make_key(name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name)
 
 
 def folder_tasks(src: str, cfg: IngestConfig) -> list[PartTask]:
@@ -352,10 +667,11 @@ def folder_tasks(src: str, cfg: IngestConfig) -> list[PartTask]:
     if captions_path is None:
         raise SourceError(f"image folder {src} has no captions.jsonl or captions.csv; set ingest.captions_file")
     captions_url = captions_path if "://" in captions_path or proto in ("file", "local") else f"{proto}://{captions_path}"
-    captions, problems = read_captions_file(captions_url)
-    present = {p[len(root) + 1:] for p in fs.find(root) if not p.rsplit("/", 1)[-1].startswith(".")}
+    listed = read_captions_file(captions_url, cfg)
+    found = fs.find(root, detail=True)
+    present = {p[len(root) + 1:]: info for p, info in found.items() if not _os_metadata(p[len(root) + 1:])}
     images = {f for f in present if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS}
-    names = sorted(images | set(captions))
+    names = sorted(images | set(listed.captions), key=lambda n: n.encode("utf-8", "surrogateescape"))
     # Content-defined parts: a boundary after each name whose hash hits; capped at 4x part_size.
     chunks: list[list[str]] = [[]]
     for name in names:
@@ -367,39 +683,111 @@ def folder_tasks(src: str, cfg: IngestConfig) -> list[PartTask]:
     for chunk in chunks:
         entries = []
         for name in chunk:
-            entries.append({"file": name, "exists": name in present, "captions": captions.get(name)})
-        infos = [fs.info(f"{root}/{e['file']}") if e["exists"] else {} for e in entries]
-        ident = digest([[e["file"], i.get("size"), str(i.get("mtime", "")), [c.hex() for c in e["captions"] or []]]
-                        for e, i in zip(entries, infos)])
-        tasks.append(PartTask(name=f"part-{digest(chunk[0], 12)}", source_digest=ident,
+            info = present.get(name, {})
+            problem = listed.sample_problems.get(name)
+            if name != shown(name):  # a file name that is not UTF-8: it can be neither stored nor matched
+                problem = ("file-name-not-utf8", f"file name '{shown(name)}' is not valid UTF-8; rename it", "file")
+            elif name in present and info.get("size", 0) > cfg.max_image_bytes:
+                problem = ("file-too-large", f"{name} is {info['size']} bytes, over ingest.max_image_bytes "
+                                             f"({cfg.max_image_bytes})", "image")
+            entries.append({"file": shown(name), "exists": name in present, "size": info.get("size"),
+                            "mtime": str(info.get("mtime", "")), "where": listed.where.get(name),
+                            "captions": listed.captions.get(name), "problem": problem})
+        tasks.append(PartTask(name=f"part-{digest(shown(chunk[0]), 12)}", source_digest=digest(entries),
                               payload=("folder", f"{proto}://{root}" if proto not in ("file", "local") else root,
-                                       entries)))
-    if problems:
-        tasks.append(PartTask(name="part-captions-file-rows", source_digest=digest(problems),
-                              payload=("problems", captions_url, problems)))
+                                       entries, {})))
+    if listed.row_problems:
+        tasks.append(PartTask(name="part-captions-file-rows", source_digest=digest(listed.row_problems),
+                              payload=("problems", captions_url, listed.row_problems, {})))
     return tasks
 
 
-def iter_folder_samples(root: str, entries: list[dict]) -> Iterator[RawSample]:
+def iter_folder_samples(root: str, entries: list[dict], cfg: IngestConfig) -> Iterator[RawSample]:
     for entry in entries:
         name = entry["file"]
-        key = make_key(name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name)
+        key = folder_key(name)
+        source, origin = name, entry.get("where")
+        captions = entry["captions"]
+        if entry["problem"]:
+            yield RawSample(key, source, None, None, captions, tuple(entry["problem"]), origin)
+            continue
         if not entry["exists"]:
-            yield RawSample(key, name, None, None, entry["captions"],
-                            ("missing-image", f"{name} is listed in the captions file but not in the folder", "image"))
+            yield RawSample(key, source, None, None, captions,
+                            ("missing-image", f"{name} is listed in the captions file but not in the folder", "file"),
+                            origin)
             continue
         with fsspec.open(f"{root}/{name}", "rb") as fh:
-            data = fh.read()
-        yield RawSample(key, name, data, name.rsplit(".", 1)[-1].lower(), entry["captions"])
+            data = fh.read(cfg.max_image_bytes + 1)
+        if len(data) > cfg.max_image_bytes:  # it grew since the listing
+            yield RawSample(key, source, None, None, captions, (
+                "file-too-large", f"{name} is over ingest.max_image_bytes ({cfg.max_image_bytes})", "image"), origin)
+            continue
+        yield RawSample(key, source, data, name.rsplit(".", 1)[-1].lower(), captions, origin=origin)
+
+
+# --------------------------------------------------------------------------- unique keys across parts
+def _part_keys(store: Store, record: PartRecord) -> dict[str, str]:
+    """The sample keys an ingest part already holds (rows and rejected samples), with their sources."""
+    keys: dict[str, str] = {}
+    for f in record.files:
+        if f["kind"] in ("table", "rejects"):
+            columns = ["key", "source"] + (["field"] if f["kind"] == "rejects" else [])
+            with store.fs.open(store.abs(f["path"]), "rb") as fh:
+                rows = pq.read_table(fh, columns=columns).to_pylist()
+            for row in rows:
+                if row.get("field") not in UNCLAIMED_FIELDS:
+                    keys.setdefault(row["key"], row["source"])
+    return keys
+
+
+def _task_keys(task: PartTask) -> dict[str, str]:
+    if task.payload[0] == "tar":
+        return tar_sample_keys(task.payload[1])
+    keys: dict[str, str] = {}
+    for entry in task.payload[2]:
+        if entry["exists"] and not (entry["problem"] and entry["problem"][2] in UNCLAIMED_FIELDS):
+            keys.setdefault(folder_key(entry["file"]), entry["file"])
+    return keys
+
+
+def claim_keys(store: Store, tasks: list[PartTask], reusable: dict[str, PartRecord]) -> list[PartTask]:
+    """Make keys unique within the version. Parts an earlier version already holds claim their keys
+    first (an incremental ingest never changes what it extends), then new parts in order; a part gets
+    the keys claimed before it in its payload (it rejects those samples, naming both sources) and in
+    its source digest (so it is reused only with the same claims)."""
+    claimed: dict[str, str] = {}
+    planned: dict[str, PartTask] = {}
+    samples = [t for t in tasks if t.payload[0] != "problems"]
+    for task in samples:
+        record = reusable.get(task.source_digest)
+        if record is not None and record.name == task.name:
+            keys = _part_keys(store, record)
+            if not keys.keys() & claimed.keys():   # else it is made again below, with its clashes rejected
+                claimed.update(keys)
+                planned[task.name] = task
+    new = [t for t in samples if t.name not in planned]
+    for i, task in enumerate(new):
+        if not claimed and i == len(new) - 1:
+            break  # nothing before it to clash with, nothing after it to claim for: no header scan
+        keys = _task_keys(task)
+        taken = {k: claimed[k] for k in sorted(keys) if k in claimed}
+        for key, source in keys.items():
+            claimed.setdefault(key, source)
+        if taken:
+            task = replace(task, source_digest=digest([task.source_digest, taken]),
+                           payload=task.payload[:-1] + (taken,))
+        planned[task.name] = task
+    return [planned.get(t.name, t) for t in tasks]
 
 
 # --------------------------------------------------------------------------- the part worker
 def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> PartRecord:
-    kind = task.payload[0]
+    kind, taken = task.payload[0], task.payload[-1]   # taken: keys earlier parts hold -> their source
+    counters: Counter = Counter()
     if kind == "tar":
-        samples = iter_tar_samples(task.payload[1])
+        samples = iter_tar_samples(task.payload[1], cfg, counters)
     elif kind == "folder":
-        samples = iter_folder_samples(task.payload[1], task.payload[2])
+        samples = iter_folder_samples(task.payload[1], task.payload[2], cfg)
     else:  # rows of the captions file that could not be read at all
         rejects = [{"key": make_key(where), "reason": reason, "detail": detail, "source": where, "field": "captions"}
                    for where, reason, detail in task.payload[2]]
@@ -409,8 +797,7 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
     shard_rel = f"{writer.prefix}/parts/{task.name}.tar"
     rows: list[dict] = []
     rejects: list[dict] = []
-    seen: set[str] = set()
-    counters: Counter = Counter()
+    seen: dict[str, str] = {}   # key -> source of the first sample with it in this part
     rows_in = [0]
 
     def accepted() -> Iterator[dict]:
@@ -418,14 +805,20 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
             rows_in[0] += 1
 
             def reject(reason: str, detail: str, field: str) -> None:
-                rejects.append({"key": raw.key, "reason": reason, "detail": detail, "source": raw.source,
+                source = f"{raw.source} ({raw.origin})" if raw.origin else raw.source
+                rejects.append({"key": raw.key, "reason": reason, "detail": detail, "source": source,
                                 "field": field})
 
+            if raw.claims_key:  # the first sample with a key keeps it, whatever becomes of it
+                first = taken.get(raw.key) or seen.get(raw.key)
+                if first is not None:
+                    where = "an earlier part" if raw.key in taken else "this part"
+                    reject("duplicate-key", f"key {raw.key} is already taken by {first} ({where}); this sample "
+                                            f"({raw.source}) is dropped", "key")
+                    continue
+                seen[raw.key] = raw.source
             if raw.problem:
                 reject(*raw.problem)
-                continue
-            if raw.key in seen:
-                reject("duplicate-key", f"key {raw.key} appears more than once in this part", "key")
                 continue
             if raw.image is None:
                 reject("missing-image", "no image member for this key", "image")
@@ -447,7 +840,6 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
             if bad:
                 reject(bad[0], bad[1], "image")
                 continue
-            seen.add(raw.key)
             counters.update(image["converted"])
             counters[f"format_{image['format']}"] += 1
             ext = "jpg" if image["format"] == "jpeg" else image["format"]
@@ -460,7 +852,9 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
         return pa.Table.from_pylist(rows, schema=schemas.IMAGES)
 
     def metrics() -> dict:
-        return {"converted": dict(counters), "rejected_by_reason": dict(Counter(r["reason"] for r in rejects))}
+        ignored = {k: v for k, v in counters.items() if k.startswith("ignored_")}
+        converted = {k: v for k, v in counters.items() if k not in ignored}
+        return {"converted": converted, "rejected_by_reason": dict(Counter(r["reason"] for r in rejects))} | ignored
 
     return writer.write_part(task.name, samples=accepted(), table=table, rejects=lambda: rejects,
                              rows_in=lambda: rows_in[0], source_digest=task.source_digest, metrics=metrics)
@@ -474,6 +868,9 @@ def ingest(store: Store, cfg: IngestConfig, *, source: str | None = None, execut
     fmt = detect_format(src, cfg)
     tasks = tar_tasks(src) if fmt == "webdataset" else folder_tasks(src, cfg)
     config = section_dict(cfg) | {"source": src, "format": fmt}
+    # Which parts earlier versions already hold depends on code and config only, not on this input.
+    reusable = store.begin(STAGE, code_version=STAGE_VERSION, config=config, parents=[]).reusable_parts()
+    tasks = claim_keys(store, tasks, reusable)
     # The version is determined by the config and the exact source content (part digests); parts made
     # from unchanged input under the same config are shared with earlier versions.
     writer = store.begin(STAGE, code_version=STAGE_VERSION, config=config, parents=[],
