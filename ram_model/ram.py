@@ -446,7 +446,8 @@ class RAM(nn.Module):
     def caption(self, images: torch.Tensor, tags: Sequence[Sequence[str]] | None = None, num_beams: int = 3,
                 max_length: int = 30, min_length: int = 10, repetition_penalty: float = 1.0) -> list[str]:
         """Captions conditioned on tags (predicted ones when `tags` is None). Beam search by default,
-        greedy with num_beams=1. Lengths count the prompt tokens, as in the reference (HF generate)."""
+        greedy with num_beams=1. `max_length` / `min_length` count the prompt tokens, as in the reference (HF
+        generate); beam scores are normalised by the generated length only, as HF does."""
         self._require_caption()
         images = self._prep(images)
         with self._autocast(images.device):
@@ -478,6 +479,7 @@ class RAM(nn.Module):
         seqs = prompt.expand(B * K, -1).clone()
         caches = [dict() for _ in self.text_decoder.bert.encoder.layer]
         logits = self.text_decoder(seqs, encoder_hidden_states=enc, caches=caches)[:, -1].float()
+        P = prompt.shape[1]  # beam scores are normalised by the generated length, prompt excluded (as HF)
         beam_scores = torch.zeros(B, K, device=dev)
         beam_scores[:, 1:] = -1e9  # start with one live beam per image
         beam_scores = beam_scores.view(-1)
@@ -518,7 +520,7 @@ class RAM(nn.Module):
                         # length-normalised like HF (length_penalty 1.0); only top-K ranks may finish
                         if rank < K:
                             hyp = torch.cat([seqs[b * K + src], seqs.new_tensor([eos])])
-                            finished[b].append((s / hyp.numel(), hyp))
+                            finished[b].append((s / (hyp.numel() - P), hyp))
                         continue
                     new_scores[b, n], new_src[b, n], new_tok[b, n] = s, src, t
                     n += 1
@@ -526,7 +528,7 @@ class RAM(nn.Module):
                         break
                 finished[b].sort(key=lambda x: -x[0])
                 finished[b] = finished[b][:K]
-                if len(finished[b]) >= K and finished[b][-1][0] >= new_scores[b].max().item() / (cur + 1):
+                if len(finished[b]) >= K and finished[b][-1][0] >= new_scores[b].max().item() / (cur + 1 - P):
                     done[b] = True
             rows = (torch.arange(B, device=dev)[:, None] * K + new_src).view(-1)
             seqs = torch.cat([seqs[rows], new_tok.view(-1, 1)], 1)
@@ -541,7 +543,7 @@ class RAM(nn.Module):
         for b in range(B):
             if not done[b]:  # out of length: live beams compete with finished ones
                 for k in range(K):
-                    finished[b].append((beam_scores[b * K + k].item() / seqs.shape[1], seqs[b * K + k]))
+                    finished[b].append((beam_scores[b * K + k].item() / (seqs.shape[1] - P), seqs[b * K + k]))
             finished[b].sort(key=lambda x: -x[0])
         best = [finished[b][0][1] for b in range(B)]
         L = max(len(s) for s in best)
