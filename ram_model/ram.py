@@ -211,6 +211,45 @@ class RAM(nn.Module):
             if thresholds is not None:
                 self.class_threshold.copy_(torch.as_tensor(thresholds, dtype=torch.float32))
 
+    @classmethod
+    def without_init(cls, config: RAMConfig, device="cpu", tags: Sequence[str] | None = None, thresholds=None,
+                     tokenizer=None) -> "RAM":
+        """The model with uninitialised weights, for loading a checkpoint that sets every parameter next: built
+        on the meta device and then allocated on `device`, so no random init is computed only to be
+        overwritten (trunc_normal_ over ~360M values at swin_l). Derived buffers and thresholds are set."""
+        with torch.device("meta"):
+            model = cls(config, tags=tags, tokenizer=tokenizer)
+        # to_empty() gives every module its own new tensor: note the tied parameters to tie them again
+        places: dict[int, list[tuple[nn.Module, str]]] = {}
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    places.setdefault(id(p), []).append((module, name))
+        model.to_empty(device=device)
+        for (first, first_name), *others in places.values():
+            for module, name in others:
+                setattr(module, name, getattr(first, first_name))
+        model._reset_derived_buffers()
+        if thresholds is not None:
+            with torch.no_grad():
+                model.class_threshold.copy_(torch.as_tensor(thresholds, dtype=torch.float32))
+        return model
+
+    def _reset_derived_buffers(self) -> None:
+        """Recompute every non-persistent buffer (what checkpoint files do not hold) after to_empty()."""
+        from .bert import BertEmbeddings
+        from .swin import SwinBlock, WindowAttention, relative_position_index, shifted_window_mask
+
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, WindowAttention):
+                    m.relative_position_index.copy_(relative_position_index(m.window))
+                elif isinstance(m, SwinBlock) and m.attn_mask is not None:
+                    m.attn_mask.copy_(shifted_window_mask(m.resolution, m.resolution, m.window, m.shift))
+                elif isinstance(m, BertEmbeddings):
+                    m.position_ids.copy_(torch.arange(m.position_ids.shape[1]).unsqueeze(0))
+            self.class_threshold.fill_(self.config.default_threshold)
+
     # construction helpers -----------------------------------------------------------------------------
     def _per_tag(self) -> int:
         return self.config.descriptions_per_tag if self.config.variant == "ram_plus" else 1

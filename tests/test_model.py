@@ -395,3 +395,52 @@ def test_beam_search_matches_transformers_when_beams_end_early(tokenizer):
                 assert a == b
                 ended_early += len(b) < max_length
     assert ended_early >= 6  # the case this test is about: most beams end before the limit
+
+
+def test_loading_skips_the_random_init_and_keeps_derived_buffers(tiny, tmp_path, monkeypatch):
+    """load_official and from_pretrained build on the meta device: no init runs (it would be overwritten),
+    yet every derived buffer equals a normally built model's and the outputs are the same."""
+    tiny.save_pretrained(tmp_path / "own")
+    torch.save({"model": official_state_dict(tiny)}, tmp_path / "ckpt.pth")
+
+    def guard(init):
+        def no_init(tensor, *a, **k):   # on the meta device an init costs nothing
+            if tensor.device.type != "meta":
+                raise AssertionError("a random init ran while loading a checkpoint")
+            return init(tensor, *a, **k)
+        return no_init
+
+    for name in ("trunc_normal_", "normal_", "uniform_", "kaiming_uniform_"):
+        monkeypatch.setattr(torch.nn.init, name, guard(getattr(torch.nn.init, name)))
+    loaded = [RAM.from_pretrained(tmp_path / "own").eval(),
+              load_official(tmp_path / "ckpt.pth", tags=TAGS, thresholds=tiny.class_threshold.tolist(),
+                            tokenizer=tiny.tokenizer, config=tiny.config).eval()]
+    monkeypatch.undo()
+    ref_buffers = dict(tiny.named_buffers())
+    x = torch.randn(2, 3, 64, 64)
+    for model in loaded:
+        buffers = dict(model.named_buffers())
+        assert buffers.keys() == ref_buffers.keys()
+        for k, v in ref_buffers.items():
+            assert torch.equal(buffers[k], v), k
+        assert torch.equal(model.tag_probs(x), tiny.tag_probs(x))
+        assert model.text_decoder.cls.predictions.decoder.weight is model.text_decoder.bert.embeddings.word_embeddings.weight
+        assert model.tagging_head.encoder.layer[0].intermediate is model.tag_encoder.encoder.layer[0].intermediate
+
+
+def test_official_checkpoint_gets_the_reference_thresholds_by_default(tmp_path):
+    """Like the reference, a 4,585-tag RAM checkpoint loaded without tags/thresholds gets RAM's tag list
+    and per-class thresholds, not 0.68 everywhere; explicit files still win."""
+    from ram_model.labels import LabelSystem
+
+    ref = LabelSystem.default()
+    src = RAM(RAMConfig.tiny(num_tags=len(ref), vocab_size=50, with_caption=False))
+    torch.save({"model": official_state_dict(src)}, tmp_path / "ram.pth")
+    cfg = RAMConfig.tiny(num_tags=len(ref), vocab_size=50, with_caption=False)
+    got = load_official(tmp_path / "ram.pth", config=cfg)
+    assert got.tags == ref.tags
+    assert torch.allclose(got.class_threshold, torch.tensor(ref.thresholds))
+    assert len(set(got.class_threshold.tolist())) > 10      # per class, not one value
+    (tmp_path / "thr.txt").write_text("\n".join(["0.5"] * len(ref)))
+    own = load_official(tmp_path / "ram.pth", config=cfg, thresholds=tmp_path / "thr.txt")
+    assert torch.all(own.class_threshold == 0.5)
