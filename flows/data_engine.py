@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from pathlib import Path
 
 from prefect import flow
 from prefect.context import FlowRunContext
 
 from storage import StoreError, Version
 from tasks.config import EngineConfig
+from tasks.models import import_official
 from tasks.stage import StageResult
 
 from .runtime import gpu_stage, open_store, prefect_executor, publish
@@ -91,7 +93,12 @@ def data_engine_flow(cfg: EngineConfig, from_stage: str | None = None, until_sta
 
     baseline = cfg.generate.baseline
     baseline_stage = f"models/{cfg.generate.baseline_name}"
-    if baseline is None and store.versions(baseline_stage):
+    if baseline is not None and Path(baseline).is_file():
+        # an official checkpoint: imported once as models/<baseline_name> with its tag list, thresholds and
+        # tokenizer, so workers on any host load it from the store and lineage names it
+        baseline = stage_version("baseline", baseline_stage, import_official, store, baseline, cfg.model,
+                                 cfg.generate.baseline_name).ref
+    elif baseline is None and store.versions(baseline_stage):
         # The baseline stays fixed as data grows: generation of old parts is reused, not redone.
         baseline = store.versions(baseline_stage)[-1].ref
         if wanted("baseline"):

@@ -152,21 +152,8 @@ def load_official(path_or_state_dict, variant: str = "auto", config: RAMConfig |
     if not config.has_caption:
         skipped = [k for k in sd if k.startswith(("tag_encoder.", "text_decoder."))]
         sd = {k: v for k, v in sd.items() if k not in skipped}
-    for k, v in list(sd.items()):
-        if k.endswith("relative_position_bias_table") and k in own and v.shape != own[k].shape:
-            window = int(round(own[k].shape[0] ** 0.5) + 1) // 2
-            sd[k] = interpolate_relative_position_bias(v, window)
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    mismatched = sorted(k for k in set(sd) & set(own) if tuple(sd[k].shape) != tuple(own[k].shape))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} model keys not in the checkpoint, e.g. {missing[:5]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} checkpoint keys unknown to the model, e.g. {unexpected[:5]}")
-    if mismatched:
-        problems.append("shape mismatches: " + ", ".join(f"{k} file {tuple(sd[k].shape)} vs model "
-                                                          f"{tuple(own[k].shape)}" for k in mismatched[:5]))
+    fit_window_tables(sd, own)
+    problems, mismatched = state_dict_problems(sd, own)
     if problems:
         msg = (f"load_official ({config.variant}, swin embed {config.swin.embed_dim}): " + "; ".join(problems) +
                ". Check the variant (ram / ram_plus / tag2text), vit and tag count.")
@@ -185,6 +172,31 @@ def load_official(path_or_state_dict, variant: str = "auto", config: RAMConfig |
             raise ValueError(f"load_official: {vals.numel()} thresholds for {config.num_tags} tags")
         model.class_threshold.copy_(vals)
     return model
+
+
+def fit_window_tables(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
+    """Resize the file's relative-position tables to the model's window (in place)."""
+    for k, v in list(sd.items()):
+        if k.endswith("relative_position_bias_table") and k in own and v.shape != own[k].shape:
+            window = int(round(own[k].shape[0] ** 0.5) + 1) // 2
+            sd[k] = interpolate_relative_position_bias(v, window)
+
+
+def state_dict_problems(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """What keeps a file's tensors from filling a model (missing, unknown, other shapes), and the mismatched keys.
+    `own` may live on the meta device (a check without memory)."""
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mismatched = sorted(k for k in set(sd) & set(own) if tuple(sd[k].shape) != tuple(own[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} model keys not in the checkpoint, e.g. {missing[:5]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} checkpoint keys unknown to the model, e.g. {unexpected[:5]}")
+    if mismatched:
+        problems.append("shape mismatches: " + ", ".join(f"{k} file {tuple(sd[k].shape)} vs model "
+                                                          f"{tuple(own[k].shape)}" for k in mismatched[:5]))
+    return problems, mismatched
 
 
 def read_checkpoint(path, map_location="cpu") -> dict:
