@@ -110,11 +110,40 @@ def _tokenizer(cfg: EngineConfig, vocab_size: int, report: CheckReport) -> None:
     except Exception as e:
         report.bad("model.tokenizer", cfg.model.tokenizer, f"{e}")
         return
-    if len(tok) != vocab_size:
+    if vocab_size is not None and len(tok) != vocab_size:
         report.bad("model.tokenizer", cfg.model.tokenizer, f"{len(tok)} token ids but the checkpoint's caption "
                    f"branch has {vocab_size}; use bert-base-uncased's vocabulary (30,522 + [DEC] [ENC])")
     else:
         report.ok.append(f"model.tokenizer {cfg.model.tokenizer}: {len(tok)} ids, matches the caption branch")
+
+
+def check_official_files(cfg: EngineConfig, report: CheckReport):
+    """The tag list, Chinese names and thresholds that go with an official checkpoint; the label system or None."""
+    from ram_model.labels import LabelSystem
+
+    from .models import _packaged
+
+    m = cfg.model
+    for name in ("tag_list", "tag_list_chinese", "thresholds"):
+        value = getattr(m, name)
+        if value and not Path(value).is_file():
+            report.bad(f"model.{name}", value, "no such file; copy it from the reference repository's ram/data/ "
+                       "(or unset it to use RAM's packaged copy)")
+            return None
+    if m.tag_list and not m.thresholds:
+        report.bad("model.thresholds", "(not set)", "a tag list of its own needs its per-class thresholds "
+                   "(ram_tag_list_threshold.txt); without them every tag gets 0.68")
+    try:
+        tag_list = m.tag_list or _packaged("ram_tag_list.txt")
+        thresholds = m.thresholds or (None if m.tag_list else _packaged("ram_tag_list_threshold.txt"))
+        labels = LabelSystem.from_files(tag_list, thresholds=thresholds, chinese=m.tag_list_chinese)
+    except (OSError, ValueError) as e:
+        report.bad("model.tag_list / model.thresholds / model.tag_list_chinese",
+                   m.tag_list or m.thresholds or m.tag_list_chinese, f"{e}")
+        return None
+    report.ok.append(f"model.tag_list {m.tag_list or '(RAM, packaged)'}: {len(labels)} tags"
+                     + (", Chinese names" if labels.chinese else "") + ", per-class thresholds")
+    return labels
 
 
 def check_official_checkpoint(path: str, cfg: EngineConfig, report: CheckReport, field_: str):
@@ -130,17 +159,9 @@ def check_official_checkpoint(path: str, cfg: EngineConfig, report: CheckReport,
     from .models import _packaged
 
     m = cfg.model
-    try:
-        tag_list = m.tag_list or _packaged("ram_tag_list.txt")
-        thresholds = m.thresholds or (None if m.tag_list else _packaged("ram_tag_list_threshold.txt"))
-        labels = LabelSystem.from_files(tag_list, thresholds=thresholds, chinese=m.tag_list_chinese)
-    except (OSError, ValueError) as e:
-        report.bad("model.tag_list / model.thresholds / model.tag_list_chinese",
-                   m.tag_list or m.thresholds or m.tag_list_chinese, f"{e}")
+    labels = check_official_files(cfg, report)
+    if labels is None:
         return None
-    if m.tag_list and not m.thresholds:
-        report.bad("model.thresholds", "(not set)", "a tag list of its own needs its per-class thresholds "
-                   "(ram_tag_list_threshold.txt); without them every tag gets 0.68")
     try:
         ckpt = read_checkpoint(path)
     except Exception as e:
@@ -201,6 +222,10 @@ def check_model_ref(ref: str, cfg: EngineConfig, report: CheckReport, field_: st
         return (p / "tags.txt").read_text(encoding="utf-8").split("\n")
     report.bad(field_, ref, "no such file or folder; give the official checkpoint (.pth), a folder written by "
                "save_pretrained, or a models/<name> ref")
+    if ref.endswith((".pth", ".pt")):
+        check_official_files(cfg, report)
+        if cfg.generate.caption and cfg.model.preset != "ram_plus":
+            _tokenizer(cfg, None, report)
     return None
 
 
