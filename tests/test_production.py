@@ -163,3 +163,16 @@ def test_official_baseline_is_imported_once_with_its_files(toy_files, tmp_path):
     assert torch.allclose(model.class_threshold, torch.tensor(ref.thresholds))
     assert len(model.get_tokenizer()) == 30524 and model.get_tokenizer().convert_tokens_to_ids("[ENC]") == 30523
     assert not again.version.verify()
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_on_cpu_quick():
+    """benchmarks/gpu.py is the one prepared GPU script; CI proves it runs (toy sizes on CPU)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--quick",
+                           "--threads", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    for what in ("tagging", "Grounding DINO", "training step"):
+        assert any(what in line and "images/s" in line for line in lines) or what == "tagging", what
+    assert sum("batch" in line and "of bound" in line for line in lines) == 5   # 3 tagging + 2 detector batches
+    assert lines[-1].startswith("RAM tagging at the largest batch:") and "of the physical bound" in lines[-1]
