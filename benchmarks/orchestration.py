@@ -97,9 +97,10 @@ def main() -> None:
         server, api, ready = start_server(work / "prefect-home")
         print(f"prefect server start-up: {ready:.1f} s (paid once per deployment, not per run)")
         try:
-            os.environ["PREFECT_API_URL"] = api
-            os.environ["PREFECT_HOME"] = str(work / "prefect-home")
-            prefect = run_loop(work / "prefect", "prefect", args)
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            with temporary_settings({PREFECT_API_URL: api}):  # settings are read at import: env is too late
+                prefect = run_loop(work / "prefect", "prefect", args)
         finally:
             server.terminate()
             server.wait(timeout=60)
