@@ -52,6 +52,15 @@ def get_config() -> EngineConfig:
     return load_config(state.config_path, overrides)
 
 
+def announce_config() -> None:
+    """Say which config a long-running command uses (never a silent fallback to the demo's)."""
+    from tasks.config import resolve_config
+
+    how = "given" if state.config_path else "default: the demo config; production runs pass -c production"
+    console.print(f"config: {resolve_config(state.config_path)} ({how})"
+                  + (f", overrides: {' '.join(state.overrides)}" if state.overrides else ""))
+
+
 def get_store(cfg: EngineConfig | None = None) -> Store:
     cfg = cfg or get_config()
     return Store(cfg.store.url, **cfg.store.storage_options)
@@ -118,6 +127,7 @@ def run(from_stage: Optional[str] = typer.Option(None, "--from", help="First sta
     train, evaluate."""
     from flows.data_engine import data_engine_flow
 
+    announce_config()
     cfg = get_config()
     kwargs = dict(from_stage=from_stage, until_stage=until_stage, source=source)
     if state.engine == "prefect":
@@ -190,7 +200,27 @@ def serve() -> None:
     (needs PREFECT_API_URL: a running Prefect server)."""
     from flows.deployments import serve_command
 
+    announce_config()
     serve_command(get_config())
+
+
+@app.command()
+def check(serve_: bool = typer.Option(False, "--serve", help="Also check the Prefect API that `serve` needs.")) -> None:
+    """Open every component the config names (store, source, label system, models, detector, embedder,
+    task runner) and print one line per problem with the config field, the path and what to do; exit 1
+    on any problem."""
+    from tasks.check import check_config
+
+    announce_config()
+    report = check_config(get_config(), serve=serve_)
+    for line in report.ok:
+        out.print(f"[green]ok[/]      {line}", soft_wrap=True)
+    for problem in report.problems:
+        console.print(f"[red]PROBLEM[/] {problem.line()}", soft_wrap=True)
+    if report.problems:
+        console.print(f"{len(report.problems)} problem(s): fix them before a run")
+        raise typer.Exit(1)
+    out.print("the configuration is ready")
 
 
 labels_app = typer.Typer(help="Label systems (tag lists with synonyms and thresholds).", no_args_is_help=True)

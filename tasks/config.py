@@ -10,7 +10,32 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_CONFIG_NAME = "demo"
+
+
+def packaged_configs() -> dict[str, Path]:
+    """The configs shipped with the package (the `configs` package: a checkout, a wheel or the image), by name."""
+    from importlib import resources
+
+    root = resources.files("configs")
+    return {p.name[:-5]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_config(name_or_path: str | Path | None) -> Path:
+    """The config file: an existing path, else the name of a shipped config (`production`, `demo`, with or
+    without `.yaml`); None: the shipped demo config."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_CONFIG_NAME
+    path = Path(name_or_path)
+    if path.exists():  # a file, or a directory that _read_yaml reports as such
+        return path
+    shipped = packaged_configs()
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if str(path.parent) == "." and name in shipped:
+        return shipped[name]
+    raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a shipped config; shipped: "
+                      f"{', '.join(sorted(shipped))} (ram-engine -c NAME), or give the path of a YAML file")
+
 
 
 class ConfigError(ValueError):
@@ -56,13 +81,17 @@ class IngestConfig(Section):
 
 
 class ModelConfig(Section):
-    """The architecture of a model trained from scratch (ignored when fine-tuning from `train.init`)."""
+    """The architecture of a model trained from scratch (ignored when fine-tuning from `train.init`), and the
+    files that go with an official RAM / RAM++ / Tag2Text checkpoint (.pth) named by `generate.baseline`."""
 
     preset: Literal["tiny", "ram", "ram_plus", "tag2text"] = "tiny"
     vit: Literal["swin_b", "swin_l"] = "swin_l"
-    image_size: int = Field(64, ge=32)
+    image_size: int = Field(64, ge=32)      # also the input size an official checkpoint is loaded at (384)
     with_caption: bool = True
     tokenizer: str | None = None            # bert-base-uncased folder / hub id; None: WordPiece trained on captions
+    tag_list: str | None = None             # official checkpoint's tag list (ram_tag_list.txt); None: RAM's, packaged
+    tag_list_chinese: str | None = None     # its Chinese names (ram_tag_list_chinese.txt); None: RAM's, packaged
+    thresholds: str | None = None           # its per-class thresholds (ram_tag_list_threshold.txt); None: RAM's
     tokenizer_vocab_size: int = Field(1000, ge=100)
     clip: str | None = None                 # CLIP folder / hub id for label embeddings; None: fixed random rows
     default_threshold: float = Field(0.68, gt=0, lt=1)
@@ -240,11 +269,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> EngineConfig:
-    """Load and validate the config (the demo config when no path is given)."""
-    source = Path(path) if path else DEFAULT_CONFIG
-    data: dict = {}
-    if path is not None or source.exists():
-        data = _read_yaml(source)
+    """Load and validate the config: a file, or a shipped config's name (the demo config when none is given)."""
+    source = resolve_config(path)
+    data = _read_yaml(source)
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(data, key, value)

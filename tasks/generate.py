@@ -139,9 +139,11 @@ def generate(store: Store, cfg: GenerateConfig, parse_cfg: ParseConfig, images: 
     parser = get_parser(parse_cfg)
     tasks = parts_of(images, {"parsed": parsed}, salt=ident)
 
+    del model  # loaded here to fail before any part; part work loads its own copy once per worker process
+
     def process(w: VersionWriter, task: PartTask) -> PartRecord:
         with torch.inference_mode():
-            return generate_part(w, task, images=images, parsed=parsed, model=model, labels=labels,
-                                 parser=parser, cfg=cfg)
+            return generate_part(w, task, images=images, parsed=parsed, labels=labels, parser=parser, cfg=cfg,
+                                 model=load_model(store, baseline, device=cfg.device))
 
     return run_stage(writer, tasks, process, executor=executor, progress=progress)

@@ -319,10 +319,11 @@ def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progre
                              batch_size=det.batch_size, device=str(resolve_device(det.device)),
                              local_files_only=det.local_files_only, gd_config_file=det.gd_config_file,
                              gd_text_encoder=det.gd_text_encoder)
-    detector = worker_cached(f"detector|{det_cfg}", lambda: load_detector(det_cfg))
     tasks = parts_of(images, {"generated": generated}, salt=digest([config, sorted(categories.items())]))
 
     def process(w, task):
+        # loaded once per worker process, here: a loaded model is never shipped to a worker
+        detector = worker_cached(f"detector|{det_cfg}", lambda: load_detector(det_cfg))
         part, gen_part = task.payload["part"], task.payload["generated"]
         gen = (generated.read_file(next(f["path"] for f in gen_part.files if f["kind"] == "table"),
                                    columns=["key", "tag_ids"]) if gen_part else pa.table(
