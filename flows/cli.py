@@ -28,6 +28,7 @@ class State:
     overrides: list[str] = []
     store_url: Optional[str] = None
     engine: str = "prefect"
+    debug: bool = False
 
 
 state = State()
@@ -39,8 +40,10 @@ def main_options(
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a field: section.field=value (repeatable)."),
     store: Optional[str] = typer.Option(None, "--store", help="Store URL (overrides store.url)."),
     engine: str = typer.Option("prefect", "--engine", help="prefect: run as Prefect flows; local: run inline."),
+    debug: bool = typer.Option(False, "--debug", help="Print the full traceback of an error."),
 ) -> None:
     state.config_path, state.overrides, state.store_url, state.engine = config, list(set_), store, engine
+    state.debug = debug
     if engine not in ("prefect", "local"):
         raise typer.BadParameter("--engine must be 'prefect' or 'local'")
 
@@ -91,8 +94,10 @@ def ingest(src: Optional[str] = typer.Argument(None, help="Source: tar, folder o
     with progress_bar() as update:
         if state.engine == "prefect":
             from flows.ingest import ingest_flow
+            from flows.temp_server import temporary_server
 
-            result = ingest_flow(cfg, source=src, progress=update)
+            with temporary_server():
+                result = ingest_flow(cfg, source=src, progress=update)
         else:
             from tasks.ingest import ingest as run
 
@@ -121,7 +126,10 @@ def run(from_stage: Optional[str] = typer.Option(None, "--from", help="First sta
     cfg = get_config()
     kwargs = dict(from_stage=from_stage, until_stage=until_stage, source=source)
     if state.engine == "prefect":
-        results = data_engine_flow(cfg, **kwargs)
+        from flows.temp_server import temporary_server
+
+        with temporary_server():
+            results = data_engine_flow(cfg, **kwargs)
     else:
         with progress_bar() as update:
             results = data_engine_flow.fn(cfg, progress=update, **kwargs)
@@ -269,17 +277,26 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
 
 
 @app.command()
-def verify(target: str = typer.Argument(..., help="STAGE@VERSION")) -> None:
-    """Check every file of a version against the sha256 in its manifest."""
-    stage, ref = parse_ref(target)
-    v = get_store().open(stage, ref)
-    problems = v.verify()
-    if problems:
+def verify(target: Optional[str] = typer.Argument(None, help="STAGE@VERSION; every version when omitted")) -> None:
+    """Check every file of a version against the sha256 in its manifest (without a target: every version,
+    and every manifest and ref file of the store)."""
+    store = get_store()
+    damaged = [] if target else store.damaged()
+    versions = [store.open(*parse_ref(target))] if target else [v for s in store.stages() for v in store.versions(s)]
+    failed = len(damaged)
+    for problem in damaged:
+        console.print(f"[red]DAMAGED[/] {problem}")
+    for v in versions:
+        problems = v.verify()
+        failed += bool(problems)
         for p in problems:
             console.print(f"[red]CORRUPT[/] {p}")
-        console.print(f"{stage}@{v.id}: {len(problems)} of {len(v.files())} files fail verification")
+        if problems:
+            console.print(f"{v.stage}@{v.id}: {len(problems)} of {len(v.files())} files fail verification")
+        else:
+            out.print(f"{v.stage}@{v.id}: all {len(v.files())} files match their checksums")
+    if failed:
         raise typer.Exit(1)
-    out.print(f"{stage}@{v.id}: all {len(v.files())} files match their checksums")
 
 
 @app.command()
@@ -338,10 +355,17 @@ def main() -> None:
         logging.getLogger(name).setLevel(os.environ.get("RAM_ENGINE_LOG", "INFO"))
     # Prefect's temporary local server can take a while to start on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.temp_server import quiet_prefect
+    from tasks.stage import StageError
+
+    quiet_prefect()
     try:
         app()
-    except (ConfigError, StoreError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, StoreError, StageError, ValueError, FileNotFoundError) as exc:
+        if state.debug:
+            raise
         console.print(f"[red]error:[/] {exc}")
+        console.print("(the full traceback: rerun with --debug)")
         sys.exit(2)
 
 

@@ -38,6 +38,7 @@ from PIL import Image, ImageFile, ImageOps
 from storage import PartRecord, Store, VersionWriter, schemas
 from storage.store import digest
 
+from .code_version import code_version
 from .config import IngestConfig, section_dict
 from .stage import PartTask, StageResult, run_stage
 
@@ -873,6 +874,6 @@ def ingest(store: Store, cfg: IngestConfig, *, source: str | None = None, execut
     tasks = claim_keys(store, tasks, reusable)
     # The version is determined by the config and the exact source content (part digests); parts made
     # from unchanged input under the same config are shared with earlier versions.
-    writer = store.begin(STAGE, code_version=STAGE_VERSION, config=config, parents=[],
+    writer = store.begin(STAGE, code_version=code_version(__name__, STAGE_VERSION), config=config, parents=[],
                          input_digest=digest([t.source_digest for t in tasks]))
     return run_stage(writer, tasks, lambda w, t: ingest_part(w, t, cfg), executor=executor, progress=progress)
