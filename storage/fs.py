@@ -13,7 +13,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -131,12 +131,14 @@ class Placement:
         return f"{self.root}/{rel}"
 
     @contextmanager
-    def atomic_open(self, rel: str, replace: bool = False) -> Iterator[HashingWriter]:
+    def atomic_open(self, rel: str, replace: bool = False,
+                    replace_if: Callable[[], bool] | None = None) -> Iterator[HashingWriter]:
         """Yield a hashing writer; on success the file appears at `rel` whole, on error nowhere.
 
         Without `replace`, a file already at `rel` is never changed: the same bytes (another writer of
         the same version got there first) are left alone, other bytes raise CommittedFileConflict.
-        `replace` overwrites whatever is there (refs, in-part checkpoints)."""
+        `replace` overwrites whatever is there (refs, in-part checkpoints); `replace_if`, asked only when
+        other bytes are in place, may allow it (a part's files that no record or manifest names yet)."""
         tmp = f"{self.tmp_root}/{uuid.uuid4().hex}"
         final = self.abs(rel)
         self.lease.start()  # before the temporary folder exists: others judge the folder by the lease
@@ -151,8 +153,12 @@ class Placement:
         if replace:
             self.move_into_place(tmp, final)
         elif not self._place_new(tmp, final):
-            self._remove_quietly(tmp)
-            if not self._holds(final, writer.size, writer.sha256):
+            if self._holds(final, writer.size, writer.sha256):
+                self._remove_quietly(tmp)
+            elif replace_if is not None and replace_if():
+                self.move_into_place(tmp, final)
+            else:
+                self._remove_quietly(tmp)
                 raise CommittedFileConflict(
                     f"{rel} is already in place with other bytes than this run made ({writer.size} bytes, sha256 "
                     f"{writer.sha256[:12]}…); it is left unchanged. Another run wrote it: use its result.")

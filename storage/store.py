@@ -273,7 +273,13 @@ class Store:
             log.warning("%s; using the newest committed version instead", exc)
             target = None
         if target is not None:
-            manifest = self.read_manifest(stage, target)
+            try:
+                manifest = self.read_manifest(stage, target)
+            except CorruptMetadata as exc:
+                if ref != "latest":
+                    raise
+                log.warning("%s; using the newest readable version instead", exc)
+                manifest = None
             if manifest is not None:
                 return Version(self, manifest)
         if ref == "latest":
@@ -610,7 +616,9 @@ class VersionWriter:
             except (FileNotFoundError, OSError):
                 pass
 
-    def _claim_holder(self, folder: str) -> str | None:
+    def _claim_holder(self, folder: str, others_only: bool = False) -> str | None:
+        """The live writer that holds the claims in `folder` (with `others_only`: the oldest live claimant
+        other than this writer)."""
         try:
             entries = self.store.fs.ls(self.store.abs(folder), detail=True)
         except FileNotFoundError:
@@ -627,7 +635,8 @@ class VersionWriter:
                 except (FileNotFoundError, OSError):
                     pass
                 continue
-            live.append((_store_time(entry), owner))
+            if not (others_only and owner == self.placement.owner):
+                live.append((_store_time(entry), owner))
         return min(live)[1] if live else None
 
     def has_record(self, name: str) -> bool:
@@ -673,22 +682,22 @@ class VersionWriter:
         files: list[dict] = []
         rows_out = 0
         if samples is not None:
-            info, n = self._write_shard(f"{self.prefix}/parts/{name}.tar", samples)
+            info, n = self._write_shard(f"{self.prefix}/parts/{name}.tar", samples, name)
             files.append({"path": info.path, "kind": "shard", "rows": n, "bytes": info.bytes, "sha256": info.sha256})
         if callable(table):  # built while the samples streamed into the shard
             table = table()
         if callable(rejects):
             rejects = rejects()
         if table is not None:
-            info, rows_out = self._write_parquet(f"{self.prefix}/parts/{name}.parquet", table, self.schema)
+            info, rows_out = self._write_parquet(f"{self.prefix}/parts/{name}.parquet", table, self.schema, name)
             files.append({"path": info.path, "kind": "table", "rows": rows_out, "bytes": info.bytes,
                           "sha256": info.sha256})
         for kind, (schema, extra) in sorted((extra_tables or {}).items()):
-            info, n = self._write_parquet(f"{self.prefix}/{kind}/{name}.parquet", extra, schema)
+            info, n = self._write_parquet(f"{self.prefix}/{kind}/{name}.parquet", extra, schema, name)
             files.append({"path": info.path, "kind": kind, "rows": n, "bytes": info.bytes, "sha256": info.sha256})
         reject_table = _rejects_table(rejects)
         if reject_table.num_rows:
-            info, _ = self._write_parquet(f"{self.prefix}/_rejects/{name}.parquet", reject_table, schemas.REJECTS)
+            info, _ = self._write_parquet(f"{self.prefix}/_rejects/{name}.parquet", reject_table, schemas.REJECTS, name)
             files.append({"path": info.path, "kind": "rejects", "rows": reject_table.num_rows, "bytes": info.bytes,
                           "sha256": info.sha256})
         if callable(rows_in):
@@ -739,7 +748,7 @@ class VersionWriter:
                 raise StoreError(f"file name {fname!r} is invalid: relative path whose parts do not start "
                                  f"with '.' or '_'")
             rel = f"{self.prefix}/files/{fname}"
-            with self.placement.atomic_open(rel) as sink:
+            with self.placement.atomic_open(rel, replace_if=self._unclaimed_leftover(name)) as sink:
                 if isinstance(value, bytes):
                     sink.write(value)
                 else:
@@ -762,9 +771,17 @@ class VersionWriter:
         self._records[record.name] = record
         self.reused_parts += 1
 
-    def _write_parquet(self, rel: str, table, schema: pa.Schema) -> tuple[FileInfo, int]:
+    def _unclaimed_leftover(self, name: str) -> Callable[[], bool]:
+        """For a part file found in place with other bytes: whether it may be replaced. Only when neither
+        a part record nor the manifest names it: the leftover of a run that died before recording it (this
+        run holds the part's claim, and no other live writer claims it). A recorded or committed file is
+        never replaced."""
+        return lambda: (self._stored_record(name) is None and self.committed is None
+                        and self._claim_holder(f"{self.prefix}/_claims/{name}", others_only=True) is None)
+
+    def _write_parquet(self, rel: str, table, schema: pa.Schema, part: str) -> tuple[FileInfo, int]:
         rows = 0
-        with self.placement.atomic_open(rel) as sink:
+        with self.placement.atomic_open(rel, replace_if=self._unclaimed_leftover(part)) as sink:
             writer = pq.ParquetWriter(sink, schema, compression="zstd", write_statistics=True)
             try:
                 batches = table.to_batches() if isinstance(table, pa.Table) else table
@@ -781,8 +798,8 @@ class VersionWriter:
                 writer.close()
         return sink.info, rows
 
-    def _write_shard(self, rel: str, samples: Iterable[dict]) -> tuple[FileInfo, int]:
-        with self.placement.atomic_open(rel) as sink:
+    def _write_shard(self, rel: str, samples: Iterable[dict], part: str) -> tuple[FileInfo, int]:
+        with self.placement.atomic_open(rel, replace_if=self._unclaimed_leftover(part)) as sink:
             n = write_tar(sink, samples)
         return sink.info, n
 

@@ -35,10 +35,25 @@ def source_digest(module: str, packages: tuple[str, ...] = PROJECT_PACKAGES) -> 
 
 
 def module_file(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+    """The source file of a project module, found without importing it (imports would load torch)."""
+    path = _find_file(name)
+    if path is None:
         raise ImportError(f"code_version: cannot find the source of module {name}")
-    return Path(spec.origin)
+    return path
+
+
+def _find_file(name: str) -> Path | None:
+    top, *rest = name.split(".")
+    spec = importlib.util.find_spec(top)  # top-level packages only: their __init__ files are light
+    if spec is None or not spec.origin:
+        return None
+    if not rest:
+        return Path(spec.origin)
+    base = Path(spec.origin).parent.joinpath(*rest)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def read_source(path: Path) -> str:
@@ -78,14 +93,12 @@ def _imports(tree: ast.AST, name: str, is_package: bool, packages: tuple[str, ..
             found.append(base)
             for alias in node.names:  # `from storage import schemas`: a submodule, when there is one
                 candidate = f"{base}.{alias.name}"
-                try:
-                    if importlib.util.find_spec(candidate) is not None:
-                        found.append(candidate)
-                except (ImportError, ValueError):
-                    pass
+                if _find_file(candidate) is not None:
+                    found.append(candidate)
     return [m for m in found if m]
 
 
+@functools.lru_cache(maxsize=256)
 def _normal_form(source: str) -> str:
     """The syntax tree without docstrings: comments and layout never reach it."""
     tree = ast.parse(source)

@@ -32,7 +32,8 @@ def make_version(store: Store, names=("a", "b"), digest_of=lambda n: f"src-{n}",
         return w.write_part(task.name, table=clean_table(ord(task.name[0]), rows), samples=samples, rows_in=rows,
                             source_digest=task.source_digest)
 
-    writer = store.begin("clean", code_version="t", config=config or {"n": len(names)}, parents=["generated/x"])
+    writer = store.begin("clean", code_version="t", config=config or {"n": len(names)}, parents=["generated/x"],
+                         input_digest=",".join(names))
     return run_stage(writer, [PartTask(n, digest_of(n)) for n in names], process)
 
 
@@ -203,7 +204,7 @@ def test_a_code_change_never_reuses_old_outputs(tmp_path, monkeypatch):
         cv.source_digest.cache_clear()
     assert new.version.id != old.version.id
     assert new.version.manifest["code_version"] != old.version.manifest["code_version"]
-    assert new.parts_written == 2 and new.parts_reused == 0
+    assert new.parts_written == len(old.version.parts) and new.parts_reused == 0
 
 
 # ---------------------------------------------------------------- 3. deleted versions
@@ -249,6 +250,7 @@ def _tmp_owners(store: Store) -> set[str]:
 
 def _foreign_writer(store: Store, owner: str, **lease) -> None:
     put_whole(store.fs, lease_path(store.root, owner), json.dumps({"owner": owner} | lease).encode())
+    store.fs.makedirs(store.abs(f"_tmp/{owner}"), exist_ok=True)
     store.fs.pipe_file(store.abs(f"_tmp/{owner}/abc"), b"half a file")
 
 
@@ -277,6 +279,7 @@ def test_liveness_across_hosts_and_pid_namespaces(any_store):
                     pid=_dead_pid(), expires=far)
     # this machine, a process that died (SIGKILL): gone at once, lease time left or not
     _foreign_writer(any_store, "killed-here", **me, pid=_dead_pid(), start="1", expires=far)
+    any_store.fs.makedirs(any_store.abs("_tmp/no-lease-at-all"), exist_ok=True)
     any_store.fs.pipe_file(any_store.abs("_tmp/no-lease-at-all/x"), b"x")
     removed = Placement(any_store.fs, any_store.root).remove_abandoned()
     assert set(removed) >= {"other-host-gone", "killed-here", "no-lease-at-all"}
@@ -376,7 +379,9 @@ def test_damaged_metadata_is_named_and_the_rest_of_the_store_works(tmp_path, kin
 def test_a_torn_part_record_is_made_again(tmp_path):
     store = Store(str(tmp_path / "store"))
     w = store.begin("clean", code_version="t", config={"n": 2}, parents=["generated/x"])
-    w.write_part("a", table=clean_table(1), rows_in=20, source_digest="src-a")
+    # what a run that died before its record left: the part's files, and a torn record
+    w.write_part("a", table=clean_table(ord("a")), rows_in=20, source_digest="src-a",
+                 samples=({"__key__": f"sa_{j}", "png": bytes([j]) * 300} for j in range(20)))
     rel = store.abs(f"{w.prefix}/_parts/a.json")
     store.fs.pipe_file(rel, store.fs.cat_file(rel)[:40])  # torn
     w.close()
