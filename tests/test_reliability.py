@@ -85,8 +85,9 @@ def reference(world, tmp_path_factory):
     return hashes(Store(cfg.store.url))
 
 
-def run_child(cfg, stage: str, point: str, cache: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent), RAM_ENGINE_CACHE=str(cache), RAM_ENGINE_THREADS="1")
+def run_child(cfg, stage: str, point: str, cache: Path, **env_extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent), RAM_ENGINE_CACHE=str(cache), RAM_ENGINE_THREADS="1",
+               **env_extra)
     return subprocess.Popen([sys.executable, str(HERE / "crash_proc.py"), cfg.model_dump_json(), stage, point],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -157,13 +158,14 @@ def inside(store: Store, stage: str) -> bool:
     return not store.versions(stage) and any(store.fs.glob(p) for p in pattern)
 
 
-def run_staggered(cfg, stage: str, cache: Path) -> list[dict]:
+def run_staggered(cfg, stage: str, cache: Path, pause_s: float = 6.0) -> list[dict]:
     """The second loop starts while the first is inside `stage` (it pauses there after every part and
     in-part checkpoint): the second finds half-made parts and in-part checkpoints of a live writer."""
     import time
 
     store = Store(cfg.store.url, **cfg.store.storage_options)
-    first = run_child(cfg, stage, "slow", cache)
+    # The pause outlasts the second run's start-up, so that it reaches `stage` while the first is inside.
+    first = run_child(cfg, stage, "slow", cache, RAM_TEST_PAUSE_S=str(pause_s))
     deadline = time.monotonic() + 900
     while not inside(store, stage) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
