@@ -94,10 +94,10 @@ def ingest(src: Optional[str] = typer.Argument(None, help="Source: tar, folder o
     with progress_bar() as update:
         if state.engine == "prefect":
             from flows.ingest import ingest_flow
-            from flows.temp_server import temporary_server
+            from flows.temp_server import ensure_server
 
-            with temporary_server():
-                result = ingest_flow(cfg, source=src, progress=update)
+            ensure_server()
+            result = ingest_flow(cfg, source=src, progress=update)
         else:
             from tasks.ingest import ingest as run
 
@@ -126,10 +126,10 @@ def run(from_stage: Optional[str] = typer.Option(None, "--from", help="First sta
     cfg = get_config()
     kwargs = dict(from_stage=from_stage, until_stage=until_stage, source=source)
     if state.engine == "prefect":
-        from flows.temp_server import temporary_server
+        from flows.temp_server import ensure_server
 
-        with temporary_server():
-            results = data_engine_flow(cfg, **kwargs)
+        ensure_server()
+        results = data_engine_flow(cfg, **kwargs)
     else:
         with progress_bar() as update:
             results = data_engine_flow.fn(cfg, progress=update, **kwargs)

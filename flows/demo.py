@@ -140,10 +140,10 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
     from .data_engine import data_engine_flow
 
     if engine == "prefect":
-        from .temp_server import temporary_server
+        from .temp_server import ensure_server
 
-        with temporary_server():
-            results = data_engine_flow(cfg)
+        ensure_server()
+        results = data_engine_flow(cfg)
     else:
         results = data_engine_flow.fn(cfg)
     say("[4/4] rendering the report")

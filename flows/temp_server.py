@@ -5,10 +5,11 @@ SIGKILLed run never exits, so that server would run on. The engine starts the se
 the child watches its parent and stops when the parent is gone, however it died. Analytics are off
 wherever the engine starts Prefect (no "Failed to send telemetry" on machines without network).
 
-    python -m flows.temp_server PARENT_PID PORT      (the child; started by `temporary_server`)
+    python -m flows.temp_server PARENT_PID PORT      (the child; started by `ensure_server`)
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -16,8 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from typing import Iterator
 
 log = logging.getLogger("ram_engine")
 
@@ -36,36 +35,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def temporary_server(timeout_s: float | None = None) -> Iterator[str | None]:
-    """Run the body against a temporary Prefect server that cannot outlive this process. Yields its API
-    URL, or None when PREFECT_API_URL already names a server (then nothing is started)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+_server: subprocess.Popen | None = None
+
+
+def ensure_server(timeout_s: float | None = None) -> str | None:
+    """Point this process at a temporary Prefect server that cannot outlive it, started once per process.
+    Returns its API URL, or None when PREFECT_API_URL already names a server (then nothing is started).
+
+    It is stopped at exit, after Prefect's own exit handlers have sent their last logs and events to it
+    (exit handlers run last-registered first, and this one is registered before any flow runs)."""
+    global _server
+    from prefect.settings import PREFECT_API_URL
 
     quiet_prefect()
-    if PREFECT_API_URL.value():
-        yield None
-        return
+    if _server is None and PREFECT_API_URL.value():
+        return None
+    if _server is not None:
+        return os.environ["PREFECT_API_URL"]
     timeout_s = timeout_s or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
     port = _free_port()
     env = dict(os.environ, PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1", **QUIET_PREFECT)
     proc = subprocess.Popen([sys.executable, "-m", "flows.temp_server", str(os.getpid()), str(port)], env=env)
     url = f"http://127.0.0.1:{port}/api"
-    previous = os.environ.get("PREFECT_API_URL")
     try:
         _wait_healthy(proc, url, timeout_s)
-        log.info("temporary Prefect server on %s (pid %d)", url, proc.pid)
-        os.environ["PREFECT_API_URL"] = url  # for worker processes (Dask, torchrun) started from here
-        with temporary_settings({PREFECT_API_URL: url}):
-            yield url
-    finally:
-        os.environ.pop("PREFECT_API_URL") if previous is None else os.environ.update(PREFECT_API_URL=previous)
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    except BaseException:
+        _stop(proc)
+        raise
+    _server = proc
+    atexit.register(_stop, proc)
+    log.info("temporary Prefect server on %s (pid %d); it stops with this process", url, proc.pid)
+    # The environment reaches worker processes (Dask, torchrun); the setting, this process's client.
+    os.environ["PREFECT_API_URL"] = url
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
+    return url
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> None:

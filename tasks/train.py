@@ -66,8 +66,9 @@ def label_rows(labels: Version, images: Version) -> list[tuple[str, pa.Table]]:
         rows = pa.table({"key": [keys[i] for i in keep],
                          "tag_ids": pa.array([sorted(tags[keys[i]]) for i in keep], pa.list_(pa.int32())),
                          "captions": pa.array([captions[i] for i in keep], pa.list_(pa.string()))})
-        shard = next(f["path"] for f in part.files if f["kind"] == "shard")
-        out.append((images.store.full_url(shard), rows))
+        shard = next(f for f in part.files if f["kind"] == "shard")
+        images.check_inputs([shard])  # the trainer streams it by URL: stop here if it changed
+        out.append((images.store.full_url(shard["path"]), rows))
     return out
 
 

@@ -442,8 +442,9 @@ def test_a_killed_run_leaves_no_prefect_server(tmp_path):
     import subprocess
     import sys
 
-    script = ("import os, time\nfrom flows.temp_server import temporary_server\n"
-              "with temporary_server(timeout_s=300) as url:\n    print(url, flush=True)\n    time.sleep(600)\n")
+    script = ("import time\nfrom prefect.settings import PREFECT_API_URL\nfrom flows.temp_server import ensure_server\n"
+              "url = ensure_server(timeout_s=300)\nassert PREFECT_API_URL.value() == url\n"
+              "print(url, flush=True)\ntime.sleep(600)\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(os.path.dirname(os.path.dirname(__file__))))
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
