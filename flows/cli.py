@@ -82,6 +82,26 @@ def print_result(result) -> None:
               f"out {s['rows_out']} + rejected {s['rows_rejected']}")
 
 
+class ShortErrors(logging.Filter):
+    """On the console, a failed Prefect task or flow logs its message without the traceback (the Prefect
+    UI keeps it: the API handler runs first, on the flow-run loggers); --debug keeps tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and not state.debug:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def prefect_engine() -> None:
+    """Before running flows: a server that dies with this run, and short errors on the console."""
+    from flows.temp_server import ensure_server
+
+    ensure_server()
+    for handler in logging.getLogger().handlers + logging.getLogger("prefect").handlers:  # Prefect's console
+        if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, ShortErrors) for f in handler.filters):
+            handler.addFilter(ShortErrors())
+
+
 def parse_ref(text: str) -> tuple[str, str]:
     stage, _, ref = text.partition("@")
     return stage, ref or "latest"
@@ -94,9 +114,7 @@ def ingest(src: Optional[str] = typer.Argument(None, help="Source: tar, folder o
     with progress_bar() as update:
         if state.engine == "prefect":
             from flows.ingest import ingest_flow
-            from flows.temp_server import ensure_server
-
-            ensure_server()
+            prefect_engine()
             result = ingest_flow(cfg, source=src, progress=update)
         else:
             from tasks.ingest import ingest as run
@@ -126,9 +144,7 @@ def run(from_stage: Optional[str] = typer.Option(None, "--from", help="First sta
     cfg = get_config()
     kwargs = dict(from_stage=from_stage, until_stage=until_stage, source=source)
     if state.engine == "prefect":
-        from flows.temp_server import ensure_server
-
-        ensure_server()
+        prefect_engine()
         results = data_engine_flow(cfg, **kwargs)
     else:
         with progress_bar() as update:

@@ -477,3 +477,27 @@ def _state(pid: int) -> str | None:
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+def test_prefect_console_errors_are_short_unless_debug(monkeypatch):
+    import io
+    import logging
+
+    import flows.cli as cli
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(cli.ShortErrors())
+    logger = logging.getLogger("test-short-errors")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for debug in (False, True):
+            monkeypatch.setattr(cli.state, "debug", debug)
+            try:
+                raise StageError("clean: part p1 stopped: the reason")
+            except StageError:
+                logger.exception("Task run failed with exception")
+            assert ("Traceback" in stream.getvalue()) is debug
+    finally:
+        logger.removeHandler(handler)
