@@ -407,7 +407,10 @@ class Version:
                               f"problem; recreate the version (remove its folder and rerun) or restore the files.")
 
     def _entry(self, rel: str) -> dict | None:
-        return next((f for f in self.files() if f["path"] == rel), None)
+        by_path = self.__dict__.get("_by_path")
+        if by_path is None:
+            by_path = self.__dict__["_by_path"] = {f["path"]: f for f in self.files()}
+        return by_path.get(rel)
 
     def iter_batches(self, kind: str = "table", columns: list[str] | None = None,
                      batch_size: int = 65536) -> Iterator[pa.RecordBatch]:

@@ -144,14 +144,6 @@ def check_consistent(store: Store, reference) -> None:
     assert leftovers(store) == []
 
 
-def test_two_loops_at_once_end_with_one_consistent_set(world, reference, tmp_path):
-    root, w = world
-    cfg = loop_config(root, w, str(tmp_path / "store"))
-    a, b = run_concurrently(cfg, tmp_path / "cache")
-    assert a == b  # both runs ended on the same versions
-    check_consistent(Store(cfg.store.url), reference)
-
-
 def inside(store: Store, stage: str) -> bool:
     """Whether a run is inside `stage`: a part recorded or an in-part checkpoint made, nothing committed."""
     pattern = [f"{store.root}/{stage}/*/_parts/*.json", f"{store.root}/{stage}/*/_progress/*/*.keys.json"]
@@ -190,7 +182,7 @@ def test_a_loop_started_while_another_grounds_adopts_its_parts(world, reference,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["images", "generated", "regions", "embeddings", "clean"])
+@pytest.mark.parametrize("stage", ["images", "generated", "clean"])
 def test_loops_started_at_every_stage_of_another_stay_consistent(world, reference, stage, tmp_path):
     root, w = world
     cfg = loop_config(root, w, str(tmp_path / "store"))
@@ -200,8 +192,9 @@ def test_loops_started_at_every_stage_of_another_stay_consistent(world, referenc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("round_", range(3))
-def test_two_loops_at_once_repeated(world, reference, round_, tmp_path):
+@pytest.mark.parametrize("round_", range(2))
+def test_two_loops_at_once_end_with_one_consistent_set(world, reference, round_, tmp_path):
+    """Both loops started together, repeated (the default run has the staggered case above)."""
     root, w = world
     cfg = loop_config(root, w, str(tmp_path / "store"))
     a, b = run_concurrently(cfg, tmp_path / "cache")
