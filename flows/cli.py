@@ -326,6 +326,16 @@ def ref(target: str = typer.Argument(..., help="STAGE@VERSION to point at"),
     out.print(f"{stage}@{name} -> {v.id}")
 
 
+@app.command()
+def delete(target: str = typer.Argument(..., help="STAGE@VERSION")) -> None:
+    """Delete a version; files that other versions reuse stay, so no other version breaks."""
+    stage, ref_ = parse_ref(target)
+    store = get_store()
+    v = store.open(stage, ref_)
+    removed, kept = store.delete_version(stage, v.id)
+    out.print(f"{stage}@{v.id} deleted: {removed} files removed, {kept} kept (other versions use them)")
+
+
 @app.command("lineage")
 def lineage_command(target: str = typer.Argument(..., help="STAGE@VERSION")) -> None:
     """The versions a version was made from, down to the source."""

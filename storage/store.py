@@ -307,6 +307,33 @@ class Store:
         manifest = self.read_manifest(stage, vid)
         return Version(self, manifest) if manifest is not None else None
 
+    def delete_version(self, stage: str, vid: str) -> tuple[int, int]:
+        """Delete a committed version without breaking any other: its manifest goes first (readers stop
+        seeing it), then every file of its folder that no other version's manifest lists; files that
+        newer versions reuse stay. Refs naming it are removed. Returns (files removed, files kept)."""
+        version = self.find(stage, vid)
+        if version is None:
+            raise VersionNotFound(f"no committed version {stage}@{vid} in {self.url}")
+        referenced = {f["path"] for s in self._stage_folders() for v in self.versions(s) if v.ref != version.ref
+                      for f in v.files()}
+        self.fs.rm(self.abs(f"{stage}/{vid}/{MANIFEST}"))
+        for name, target in self.refs(stage).items():
+            if target == vid:
+                self.fs.rm(self.abs(f"_refs/{stage}/{name}.json"))
+        removed = kept = 0
+        prefix = f"{self.root}/{stage}/{vid}/"
+        for path in self.fs.find(self.abs(f"{stage}/{vid}")):
+            rel = f"{stage}/{vid}/{path[len(prefix):]}"
+            if rel in referenced:
+                kept += 1
+            else:
+                self.fs.rm(path)
+                removed += 1
+        remaining = self.versions(stage)
+        if remaining and self.get_ref(stage, "latest") is None:
+            self.set_ref(stage, "latest", remaining[-1].id)
+        return removed, kept
+
     # ----- refs
     def set_ref(self, stage: str, name: str, vid: str) -> None:
         """Point a named ref at a committed version. Written whole by an atomic move: never torn."""

@@ -221,6 +221,26 @@ def test_a_deleted_version_never_breaks_a_newer_one(any_store):
     assert any_store.check_files(v2.files()) and not any_store.check_files(r3.version.files())
 
 
+def test_delete_keeps_the_files_newer_versions_reuse(any_store):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    v1 = make_version(any_store, names=("a", "b"), config={"run": 1}).version
+    v2 = make_version(any_store, names=("a", "c"), config={"run": 1}).version
+    assert v2.manifest["parts_reused"] == 1  # part a lives in v1's folder
+    if any_store.url.startswith("s3://"):
+        removed, kept = any_store.delete_version("clean", v1.id)
+        assert (removed, kept) == (4, 2)  # b's files, both part records; a's files kept
+    else:
+        result = CliRunner().invoke(app, ["--store", any_store.url, "delete", f"clean@{v1.id}"])
+        assert result.exit_code == 0 and "4 files removed, 2 kept" in result.output
+    assert [v.id for v in any_store.versions("clean")] == [v2.id]
+    assert v2.verify() == [] and any_store.open("clean").id == v2.id
+    r3 = make_version(any_store, names=("a", "b", "c"), config={"run": 1})
+    assert r3.parts_reused == 2 and r3.version.verify() == []
+
+
 def test_check_files_names_missing_and_resized_files(any_store):
     v = make_version(any_store).version
     table, shard = v.files("table")[0], v.files("shard")[1]
