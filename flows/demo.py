@@ -139,6 +139,9 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
     from .data_engine import data_engine_flow
 
     if engine == "prefect":
+        from .temp_server import ensure_server
+
+        ensure_server()
         results = data_engine_flow(cfg)
     else:
         results = data_engine_flow.fn(cfg)

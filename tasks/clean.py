@@ -29,6 +29,8 @@ from storage.shards import decode_image
 from storage.store import digest
 from tasks.ground import OBJECT, localisable_tags
 
+from .code_version import code_version
+
 OUTLIER, BASELINE_DISAGREES, NO_BOX = "outlier", "baseline-disagrees", "no-box"
 
 CROP_RESULTS = pa.schema([
@@ -392,7 +394,7 @@ def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progre
     mv = model_version(store, baseline_ref)
     ident = model_digest(mv, baseline_ref)
     config = section_dict(cfg.embedder) | {"baseline": ident, "baseline_check": cfg.baseline_check}
-    writer = store.begin(EMBED_STAGE, code_version=EMBED_VERSION, config=config,
+    writer = store.begin(EMBED_STAGE, code_version=code_version(__name__, EMBED_VERSION), config=config,
                          parents=[regions] + ([mv] if mv else []))
     if writer.committed is not None:
         return StageResult(writer.committed, "reused")
@@ -467,7 +469,7 @@ def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref
     from .stage import StageResult, parts_of, run_stage
 
     config = section_dict(cfg)
-    writer = store.begin(STAGE, code_version=STAGE_VERSION, config=config,
+    writer = store.begin(STAGE, code_version=code_version(__name__, STAGE_VERSION), config=config,
                          parents=[generated, regions, embeddings, parsed])
     if writer.committed is not None:
         return StageResult(writer.committed, "reused")

@@ -38,6 +38,7 @@ from PIL import Image, ImageFile, ImageOps
 from storage import PartRecord, Store, VersionWriter, schemas
 from storage.store import digest
 
+from .code_version import code_version
 from .config import IngestConfig, section_dict
 from .stage import PartTask, StageResult, run_stage
 
@@ -869,10 +870,11 @@ def ingest(store: Store, cfg: IngestConfig, *, source: str | None = None, execut
     tasks = tar_tasks(src) if fmt == "webdataset" else folder_tasks(src, cfg)
     config = section_dict(cfg) | {"source": src, "format": fmt}
     # Which parts earlier versions already hold depends on code and config only, not on this input.
-    reusable = store.begin(STAGE, code_version=STAGE_VERSION, config=config, parents=[]).reusable_parts()
+    this_code = code_version(__name__, STAGE_VERSION)
+    reusable = store.begin(STAGE, code_version=this_code, config=config, parents=[]).reusable_parts()
     tasks = claim_keys(store, tasks, reusable)
     # The version is determined by the config and the exact source content (part digests); parts made
     # from unchanged input under the same config are shared with earlier versions.
-    writer = store.begin(STAGE, code_version=STAGE_VERSION, config=config, parents=[],
+    writer = store.begin(STAGE, code_version=this_code, config=config, parents=[],
                          input_digest=digest([t.source_digest for t in tasks]))
     return run_stage(writer, tasks, lambda w, t: ingest_part(w, t, cfg), executor=executor, progress=progress)
