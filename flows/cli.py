@@ -28,6 +28,7 @@ class State:
     overrides: list[str] = []
     store_url: Optional[str] = None
     engine: str = "prefect"
+    debug: bool = False
 
 
 state = State()
@@ -39,8 +40,10 @@ def main_options(
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a field: section.field=value (repeatable)."),
     store: Optional[str] = typer.Option(None, "--store", help="Store URL (overrides store.url)."),
     engine: str = typer.Option("prefect", "--engine", help="prefect: run as Prefect flows; local: run inline."),
+    debug: bool = typer.Option(False, "--debug", help="Print the full traceback of an error."),
 ) -> None:
     state.config_path, state.overrides, state.store_url, state.engine = config, list(set_), store, engine
+    state.debug = debug
     if engine not in ("prefect", "local"):
         raise typer.BadParameter("--engine must be 'prefect' or 'local'")
 
@@ -50,6 +53,15 @@ def get_config() -> EngineConfig:
     if state.store_url:
         overrides.append(f"store.url={state.store_url}")
     return load_config(state.config_path, overrides)
+
+
+def announce_config() -> None:
+    """Say which config a long-running command uses (never a silent fallback to the demo's)."""
+    from tasks.config import resolve_config
+
+    how = "given" if state.config_path else "default: the demo config; production runs pass -c production"
+    console.print(f"config: {resolve_config(state.config_path)} ({how})"
+                  + (f", overrides: {' '.join(state.overrides)}" if state.overrides else ""))
 
 
 def get_store(cfg: EngineConfig | None = None) -> Store:
@@ -79,6 +91,26 @@ def print_result(result) -> None:
               f"out {s['rows_out']} + rejected {s['rows_rejected']}")
 
 
+class ShortErrors(logging.Filter):
+    """On the console, a failed Prefect task or flow logs its message without the traceback (the Prefect
+    UI keeps it: the API handler runs first, on the flow-run loggers); --debug keeps tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and not state.debug:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def prefect_engine() -> None:
+    """Before running flows: a server that dies with this run, and short errors on the console."""
+    from flows.temp_server import ensure_server
+
+    ensure_server()
+    for handler in logging.getLogger().handlers + logging.getLogger("prefect").handlers:  # Prefect's console
+        if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, ShortErrors) for f in handler.filters):
+            handler.addFilter(ShortErrors())
+
+
 def parse_ref(text: str) -> tuple[str, str]:
     stage, _, ref = text.partition("@")
     return stage, ref or "latest"
@@ -94,7 +126,7 @@ def ingest(src: Optional[List[str]] = typer.Argument(
     with progress_bar() as update:
         if state.engine == "prefect":
             from flows.ingest import ingest_flow
-
+            prefect_engine()
             result = ingest_flow(cfg, source=src, progress=update)
         else:
             from tasks.ingest import ingest as run
@@ -121,9 +153,11 @@ def run(from_stage: Optional[str] = typer.Option(None, "--from", help="First sta
     train, evaluate."""
     from flows.data_engine import data_engine_flow
 
+    announce_config()
     cfg = get_config()
     kwargs = dict(from_stage=from_stage, until_stage=until_stage, source=source)
     if state.engine == "prefect":
+        prefect_engine()
         results = data_engine_flow(cfg, **kwargs)
     else:
         with progress_bar() as update:
@@ -193,7 +227,27 @@ def serve() -> None:
     (needs PREFECT_API_URL: a running Prefect server)."""
     from flows.deployments import serve_command
 
+    announce_config()
     serve_command(get_config())
+
+
+@app.command()
+def check(serve_: bool = typer.Option(False, "--serve", help="Also check the Prefect API that `serve` needs.")) -> None:
+    """Open every component the config names (store, source, label system, models, detector, embedder,
+    task runner) and print one line per problem with the config field, the path and what to do; exit 1
+    on any problem."""
+    from tasks.check import check_config
+
+    announce_config()
+    report = check_config(get_config(), serve=serve_)
+    for line in report.ok:
+        out.print(f"[green]ok[/]      {line}", soft_wrap=True)
+    for problem in report.problems:
+        console.print(f"[red]PROBLEM[/] {problem.line()}", soft_wrap=True)
+    if report.problems:
+        console.print(f"{len(report.problems)} problem(s): fix them before a run")
+        raise typer.Exit(1)
+    out.print("the configuration is ready")
 
 
 labels_app = typer.Typer(help="Label systems (tag lists with synonyms and thresholds).", no_args_is_help=True)
@@ -272,17 +326,26 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
 
 
 @app.command()
-def verify(target: str = typer.Argument(..., help="STAGE@VERSION")) -> None:
-    """Check every file of a version against the sha256 in its manifest."""
-    stage, ref = parse_ref(target)
-    v = get_store().open(stage, ref)
-    problems = v.verify()
-    if problems:
+def verify(target: Optional[str] = typer.Argument(None, help="STAGE@VERSION; every version when omitted")) -> None:
+    """Check every file of a version against the sha256 in its manifest (without a target: every version,
+    and every manifest and ref file of the store)."""
+    store = get_store()
+    damaged = [] if target else store.damaged()
+    versions = [store.open(*parse_ref(target))] if target else [v for s in store.stages() for v in store.versions(s)]
+    failed = len(damaged)
+    for problem in damaged:
+        console.print(f"[red]DAMAGED[/] {problem}")
+    for v in versions:
+        problems = v.verify()
+        failed += bool(problems)
         for p in problems:
             console.print(f"[red]CORRUPT[/] {p}")
-        console.print(f"{stage}@{v.id}: {len(problems)} of {len(v.files())} files fail verification")
+        if problems:
+            console.print(f"{v.stage}@{v.id}: {len(problems)} of {len(v.files())} files fail verification")
+        else:
+            out.print(f"{v.stage}@{v.id}: all {len(v.files())} files match their checksums")
+    if failed:
         raise typer.Exit(1)
-    out.print(f"{stage}@{v.id}: all {len(v.files())} files match their checksums")
 
 
 @app.command()
@@ -294,6 +357,16 @@ def ref(target: str = typer.Argument(..., help="STAGE@VERSION to point at"),
     v = store.open(stage, version_ref)
     store.set_ref(stage, name, v.id)
     out.print(f"{stage}@{name} -> {v.id}")
+
+
+@app.command()
+def delete(target: str = typer.Argument(..., help="STAGE@VERSION")) -> None:
+    """Delete a version; files that other versions reuse stay, so no other version breaks."""
+    stage, ref_ = parse_ref(target)
+    store = get_store()
+    v = store.open(stage, ref_)
+    removed, kept = store.delete_version(stage, v.id)
+    out.print(f"{stage}@{v.id} deleted: {removed} files removed, {kept} kept (other versions use them)")
 
 
 @app.command("lineage")
@@ -341,10 +414,17 @@ def main() -> None:
         logging.getLogger(name).setLevel(os.environ.get("RAM_ENGINE_LOG", "INFO"))
     # Prefect's temporary local server can take a while to start on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.temp_server import quiet_prefect
+    from tasks.stage import StageError
+
+    quiet_prefect()
     try:
         app()
-    except (ConfigError, StoreError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, StoreError, StageError, ValueError, FileNotFoundError) as exc:
+        if state.debug:
+            raise
         console.print(f"[red]error:[/] {exc}")
+        console.print("(the full traceback: rerun with --debug)")
         sys.exit(2)
 
 

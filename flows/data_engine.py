@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from pathlib import Path
 
 from prefect import flow
 from prefect.context import FlowRunContext
 
 from storage import StoreError, Version
 from tasks.config import EngineConfig
+from tasks.models import import_official
 from tasks.stage import StageResult
 
+from .runners import make_task_runner, shared_cluster
 from .runtime import gpu_stage, open_store, prefect_executor, publish
 
 log = logging.getLogger("ram_engine")
@@ -30,13 +33,14 @@ def _check(name: str | None, what: str) -> None:
         raise ValueError(f"{what} {name!r} is not a stage; stages: {', '.join(STAGES)}")
 
 
-def _run(stage: str, fn, *args, **kwargs) -> StageResult:
-    """Run a stage function as a Prefect subflow named after the stage (inline outside a flow run,
-    as with `--engine local`), and publish its artifact."""
+def _run(stage: str, cfg: EngineConfig, fn, *args, **kwargs) -> StageResult:
+    """Run a stage function as a Prefect subflow named after the stage, its part tasks on the configured
+    task runner (inline outside a flow run, as with `--engine local`), and publish its artifact."""
     if FlowRunContext.get() is None:
         result = fn(*args, **kwargs)
     else:
-        result = flow(name=stage, log_prints=True, validate_parameters=False)(fn)(*args, **kwargs)
+        result = flow(name=stage, log_prints=True, validate_parameters=False,
+                      task_runner=make_task_runner(cfg))(fn)(*args, **kwargs)
     publish(result)
     log.info("%s: %s %s", stage, result.status, result.version.ref)
     return result
@@ -47,6 +51,13 @@ def data_engine_flow(cfg: EngineConfig, from_stage: str | None = None, until_sta
                      source: str | None = None, images_version: str | None = None,
                      progress=None) -> dict[str, StageResult]:
     """Run the loop; returns {stage: StageResult} for the stages that ran or were reused."""
+    if FlowRunContext.get() is None:  # --engine local: no task runner
+        return _loop(cfg, from_stage, until_stage, source, images_version, progress)
+    with shared_cluster(cfg) as run_cfg:
+        return _loop(run_cfg, from_stage, until_stage, source, images_version, progress)
+
+
+def _loop(cfg: EngineConfig, from_stage, until_stage, source, images_version, progress) -> dict[str, StageResult]:
     from tasks import clean, evaluate, generate, ground, parse, train
 
     from .ingest import ingest_and_announce
@@ -70,7 +81,7 @@ def data_engine_flow(cfg: EngineConfig, from_stage: str | None = None, until_sta
             raise StoreError(f"the loop starts at {from_stage}, but {exc}") from None
 
     if wanted("ingest"):
-        results["ingest"] = _run("ingest", ingest_and_announce, cfg, source=source, progress=progress)
+        results["ingest"] = _run("ingest", cfg, ingest_and_announce, cfg, source=source, progress=progress)
         images = results["ingest"].version
     else:
         images = store.open("images", images_version) if images_version else latest("images")
@@ -81,7 +92,7 @@ def data_engine_flow(cfg: EngineConfig, from_stage: str | None = None, until_sta
         if not wanted(name):
             return latest(stage)
         with gpu_stage(cfg) if gpu else nullcontext():
-            results[name] = _run(name, fn, *args, **kwargs)
+            results[name] = _run(name, cfg, fn, *args, **kwargs)
         return results[name].version
 
     parsed = stage_version("parse", "parsed", parse.parse_stage, store, cfg.parse, images,
@@ -91,7 +102,12 @@ def data_engine_flow(cfg: EngineConfig, from_stage: str | None = None, until_sta
 
     baseline = cfg.generate.baseline
     baseline_stage = f"models/{cfg.generate.baseline_name}"
-    if baseline is None and store.versions(baseline_stage):
+    if baseline is not None and Path(baseline).is_file():
+        # an official checkpoint: imported once as models/<baseline_name> with its tag list, thresholds and
+        # tokenizer, so workers on any host load it from the store and lineage names it
+        baseline = stage_version("baseline", baseline_stage, import_official, store, baseline, cfg.model,
+                                 cfg.generate.baseline_name).ref
+    elif baseline is None and store.versions(baseline_stage):
         # The baseline stays fixed as data grows: generation of old parts is reused, not redone.
         baseline = store.versions(baseline_stage)[-1].ref
         if wanted("baseline"):

@@ -15,7 +15,6 @@ from tasks.config import EngineConfig, load_config
 
 log = logging.getLogger("ram_engine")
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def world_samples_for_detector(world, limit: int) -> list[dict]:
@@ -107,7 +106,7 @@ def prepare_detector(world, out: Path, steps: int, time_limit_s: float, seed: in
 def demo_config(out: Path, world, detector: Path, config_path: str | None, overrides: list[str]) -> EngineConfig:
     base = [f"store.url={out / 'store'}", f"ingest.source={world.source}", f"parse.labels={world.tag_list}",
             f"evaluate.ground_truth={world.ground_truth}", f"ground.detector.model={detector}"]
-    return load_config(config_path or DEMO_CONFIG, base + list(overrides))
+    return load_config(config_path or "demo", base + list(overrides))
 
 
 def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engine: str = "prefect",
@@ -140,6 +139,9 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
     from .data_engine import data_engine_flow
 
     if engine == "prefect":
+        from .temp_server import ensure_server
+
+        ensure_server()
         results = data_engine_flow(cfg)
     else:
         results = data_engine_flow.fn(cfg)

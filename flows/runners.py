@@ -73,6 +73,27 @@ def make_task_runner(cfg: EngineConfig | OrchestrationConfig):
                             "(use threads, dask or ray)")
 
 
+@contextmanager
+def shared_cluster(cfg: EngineConfig) -> Iterator[EngineConfig]:
+    """For a loop of stage subflows on Dask without an address: one LocalCluster for the whole loop (each
+    subflow would otherwise start its own, and reload its models in new worker processes). Yields the
+    config to run with: `dask_address` set to that cluster; any other config as it is."""
+    oc = cfg.orchestration
+    if oc.task_runner != "dask" or oc.dask_address:
+        yield cfg
+        return
+    try:
+        from distributed import LocalCluster
+    except ImportError as exc:
+        raise RunnerConfigError("orchestration.task_runner=dask needs prefect-dask: pip install "
+                                f"'ram-data-engine[dask]' ({exc})") from None
+    with LocalCluster(n_workers=default_workers(oc), threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster:
+        log.info("Dask: %d worker processes at %s", default_workers(oc), cluster.scheduler_address)
+        yield cfg.model_copy(update={"orchestration": oc.model_copy(update={"dask_address":
+                                                                            cluster.scheduler_address})})
+
+
 def with_task_runner(flow: Flow, cfg: EngineConfig | OrchestrationConfig) -> Flow:
     """A copy of `flow` that runs its tasks on the configured runner."""
     return flow.with_options(task_runner=make_task_runner(cfg))

@@ -129,10 +129,7 @@ def load_official(path_or_state_dict, variant: str = "auto", config: RAMConfig |
     if isinstance(path_or_state_dict, dict):
         ckpt = path_or_state_dict
     else:
-        try:
-            ckpt = torch.load(path_or_state_dict, map_location=map_location, weights_only=True)
-        except Exception as e:
-            raise RuntimeError(f"load_official: cannot read {path_or_state_dict} as a torch checkpoint: {e}") from e
+        ckpt = read_checkpoint(path_or_state_dict, map_location)
     sd = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict) else ckpt
     sd = {rename_official_key(k): v for k, v in sd.items() if not is_derived(k)}
     tag_list = _read_lines(tags)
@@ -140,16 +137,54 @@ def load_official(path_or_state_dict, variant: str = "auto", config: RAMConfig |
         config = infer_config(sd, variant, image_size, num_tags=len(tag_list) if tag_list else None)
     elif variant != "auto" and config.variant != variant:
         raise ValueError(f"load_official: variant {variant!r} but config.variant {config.variant!r}")
-    model = RAM(config, tags=tag_list, tokenizer=tokenizer)
+    thr = _read_lines(thresholds)
+    if tag_list is None and thr is None and config.variant in ("ram", "ram_plus"):
+        # the reference always applies its tag list and per-class threshold file to its own checkpoints
+        tag_list, thr = reference_tags_and_thresholds(config.num_tags)
+    # Built without a random init when every weight comes from the file (the init would be overwritten).
+    skeleton_keys = _state_keys(config, tag_list, tokenizer)
+    if skeleton_keys <= set(sd):
+        model = RAM.without_init(config, device=map_location, tags=tag_list, tokenizer=tokenizer)
+    else:
+        model = RAM(config, tags=tag_list, tokenizer=tokenizer).to(map_location)
     own = model.state_dict()
     skipped = []
     if not config.has_caption:
         skipped = [k for k in sd if k.startswith(("tag_encoder.", "text_decoder."))]
         sd = {k: v for k, v in sd.items() if k not in skipped}
+    fit_window_tables(sd, own)
+    problems, mismatched = state_dict_problems(sd, own)
+    if problems:
+        msg = (f"load_official ({config.variant}, swin embed {config.swin.embed_dim}): " + "; ".join(problems) +
+               ". Check the variant (ram / ram_plus / tag2text), vit and tag count.")
+        if strict:
+            raise ValueError(msg)
+        log.warning(msg)
+    with torch.no_grad():
+        model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in mismatched}, strict=False)
+    if skipped:
+        log.info("load_official: skipped %d caption-branch tensors (model built without caption branch)", len(skipped))
+    if thr is None and config.variant == "tag2text":
+        model.class_threshold.copy_(tag2text_default_thresholds(model.tags))
+    if thr is not None:
+        vals = torch.tensor([float(x) for x in thr if str(x).strip() != ""])
+        if vals.numel() != config.num_tags:
+            raise ValueError(f"load_official: {vals.numel()} thresholds for {config.num_tags} tags")
+        model.class_threshold.copy_(vals)
+    return model
+
+
+def fit_window_tables(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
+    """Resize the file's relative-position tables to the model's window (in place)."""
     for k, v in list(sd.items()):
         if k.endswith("relative_position_bias_table") and k in own and v.shape != own[k].shape:
             window = int(round(own[k].shape[0] ** 0.5) + 1) // 2
             sd[k] = interpolate_relative_position_bias(v, window)
+
+
+def state_dict_problems(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """What keeps a file's tensors from filling a model (missing, unknown, other shapes), and the mismatched keys.
+    `own` may live on the meta device (a check without memory)."""
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     mismatched = sorted(k for k in set(sd) & set(own) if tuple(sd[k].shape) != tuple(own[k].shape))
@@ -161,25 +196,40 @@ def load_official(path_or_state_dict, variant: str = "auto", config: RAMConfig |
     if mismatched:
         problems.append("shape mismatches: " + ", ".join(f"{k} file {tuple(sd[k].shape)} vs model "
                                                           f"{tuple(own[k].shape)}" for k in mismatched[:5]))
-    if problems:
-        msg = (f"load_official ({config.variant}, swin embed {config.swin.embed_dim}): " + "; ".join(problems) +
-               ". Check the variant (ram / ram_plus / tag2text), vit and tag count.")
-        if strict:
-            raise ValueError(msg)
-        log.warning(msg)
-    with torch.no_grad():
-        model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in mismatched}, strict=False)
-    if skipped:
-        log.info("load_official: skipped %d caption-branch tensors (model built without caption branch)", len(skipped))
-    thr = _read_lines(thresholds)
-    if thr is None and config.variant == "tag2text":
-        model.class_threshold.copy_(tag2text_default_thresholds(model.tags))
-    if thr is not None:
-        vals = torch.tensor([float(x) for x in thr if str(x).strip() != ""])
-        if vals.numel() != config.num_tags:
-            raise ValueError(f"load_official: {vals.numel()} thresholds for {config.num_tags} tags")
-        model.class_threshold.copy_(vals)
-    return model
+    return problems, mismatched
+
+
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """A torch checkpoint's dict; memory-mapped when the file allows it (a 3 GB RAM .pth is not read
+    into memory twice)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):  # legacy (non-zip) files cannot be mapped: read them whole
+            raise RuntimeError(f"load_official: cannot read {path} as a torch checkpoint: {e}") from e
+    except Exception as e:
+        raise RuntimeError(f"load_official: cannot read {path} as a torch checkpoint: {e}") from e
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"load_official: cannot read {path} as a torch checkpoint: {e}") from e
+
+
+def reference_tags_and_thresholds(num_tags: int) -> tuple[list[str] | None, list[str] | None]:
+    """RAM's packaged tag list and per-class thresholds when a checkpoint has its 4,585 tags, else (None, None)."""
+    from .labels import LabelSystem
+
+    ref = LabelSystem.default()
+    if num_tags != len(ref):
+        return None, None
+    log.info("load_official: RAM's reference tag list and per-class thresholds (ram_model/data)")
+    return list(ref.tags), [repr(x) for x in ref.thresholds]
+
+
+def _state_keys(config: RAMConfig, tags, tokenizer) -> set[str]:
+    """The parameter names a model of `config` holds (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        return set(RAM(config, tags=tags, tokenizer=tokenizer).state_dict())
 
 
 TAG2TEXT_THRESHOLD = 0.68
@@ -246,6 +296,7 @@ def from_pretrained(directory: str | Path, map_location="cpu") -> RAM:
         from transformers import BertTokenizerFast
 
         tokenizer = BertTokenizerFast.from_pretrained(str(d / "tokenizer"))
-    model = RAM(config, tags=tags, thresholds=thresholds, tokenizer=tokenizer)
-    missing, unexpected = load_model(model, str(d / "model.safetensors"), strict=True, device=str(map_location))
-    return model.to(map_location)
+    # no random init: every weight is in the file (load_model is strict)
+    model = RAM.without_init(config, device=map_location, tags=tags, thresholds=thresholds, tokenizer=tokenizer)
+    load_model(model, str(d / "model.safetensors"), strict=True, device=str(map_location))
+    return model

@@ -211,6 +211,45 @@ class RAM(nn.Module):
             if thresholds is not None:
                 self.class_threshold.copy_(torch.as_tensor(thresholds, dtype=torch.float32))
 
+    @classmethod
+    def without_init(cls, config: RAMConfig, device="cpu", tags: Sequence[str] | None = None, thresholds=None,
+                     tokenizer=None) -> "RAM":
+        """The model with uninitialised weights, for loading a checkpoint that sets every parameter next: built
+        on the meta device and then allocated on `device`, so no random init is computed only to be
+        overwritten (trunc_normal_ over ~360M values at swin_l). Derived buffers and thresholds are set."""
+        with torch.device("meta"):
+            model = cls(config, tags=tags, tokenizer=tokenizer)
+        # to_empty() gives every module its own new tensor: note the tied parameters to tie them again
+        places: dict[int, list[tuple[nn.Module, str]]] = {}
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    places.setdefault(id(p), []).append((module, name))
+        model.to_empty(device=device)
+        for (first, first_name), *others in places.values():
+            for module, name in others:
+                setattr(module, name, getattr(first, first_name))
+        model._reset_derived_buffers()
+        if thresholds is not None:
+            with torch.no_grad():
+                model.class_threshold.copy_(torch.as_tensor(thresholds, dtype=torch.float32))
+        return model
+
+    def _reset_derived_buffers(self) -> None:
+        """Recompute every non-persistent buffer (what checkpoint files do not hold) after to_empty()."""
+        from .bert import BertEmbeddings
+        from .swin import SwinBlock, WindowAttention, relative_position_index, shifted_window_mask
+
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, WindowAttention):
+                    m.relative_position_index.copy_(relative_position_index(m.window))
+                elif isinstance(m, SwinBlock) and m.attn_mask is not None:
+                    m.attn_mask.copy_(shifted_window_mask(m.resolution, m.resolution, m.window, m.shift))
+                elif isinstance(m, BertEmbeddings):
+                    m.position_ids.copy_(torch.arange(m.position_ids.shape[1]).unsqueeze(0))
+            self.class_threshold.fill_(self.config.default_threshold)
+
     # construction helpers -----------------------------------------------------------------------------
     def _per_tag(self) -> int:
         return self.config.descriptions_per_tag if self.config.variant == "ram_plus" else 1
@@ -446,7 +485,8 @@ class RAM(nn.Module):
     def caption(self, images: torch.Tensor, tags: Sequence[Sequence[str]] | None = None, num_beams: int = 3,
                 max_length: int = 30, min_length: int = 10, repetition_penalty: float = 1.0) -> list[str]:
         """Captions conditioned on tags (predicted ones when `tags` is None). Beam search by default,
-        greedy with num_beams=1. Lengths count the prompt tokens, as in the reference (HF generate)."""
+        greedy with num_beams=1. `max_length` / `min_length` count the prompt tokens, as in the reference (HF
+        generate); beam scores are normalised by the generated length only, as HF does."""
         self._require_caption()
         images = self._prep(images)
         with self._autocast(images.device):
@@ -478,6 +518,7 @@ class RAM(nn.Module):
         seqs = prompt.expand(B * K, -1).clone()
         caches = [dict() for _ in self.text_decoder.bert.encoder.layer]
         logits = self.text_decoder(seqs, encoder_hidden_states=enc, caches=caches)[:, -1].float()
+        P = prompt.shape[1]  # beam scores are normalised by the generated length, prompt excluded (as HF)
         beam_scores = torch.zeros(B, K, device=dev)
         beam_scores[:, 1:] = -1e9  # start with one live beam per image
         beam_scores = beam_scores.view(-1)
@@ -518,7 +559,7 @@ class RAM(nn.Module):
                         # length-normalised like HF (length_penalty 1.0); only top-K ranks may finish
                         if rank < K:
                             hyp = torch.cat([seqs[b * K + src], seqs.new_tensor([eos])])
-                            finished[b].append((s / hyp.numel(), hyp))
+                            finished[b].append((s / (hyp.numel() - P), hyp))
                         continue
                     new_scores[b, n], new_src[b, n], new_tok[b, n] = s, src, t
                     n += 1
@@ -526,7 +567,7 @@ class RAM(nn.Module):
                         break
                 finished[b].sort(key=lambda x: -x[0])
                 finished[b] = finished[b][:K]
-                if len(finished[b]) >= K and finished[b][-1][0] >= new_scores[b].max().item() / (cur + 1):
+                if len(finished[b]) >= K and finished[b][-1][0] >= new_scores[b].max().item() / (cur + 1 - P):
                     done[b] = True
             rows = (torch.arange(B, device=dev)[:, None] * K + new_src).view(-1)
             seqs = torch.cat([seqs[rows], new_tok.view(-1, 1)], 1)
@@ -541,7 +582,7 @@ class RAM(nn.Module):
         for b in range(B):
             if not done[b]:  # out of length: live beams compete with finished ones
                 for k in range(K):
-                    finished[b].append((beam_scores[b * K + k].item() / seqs.shape[1], seqs[b * K + k]))
+                    finished[b].append((beam_scores[b * K + k].item() / (seqs.shape[1] - P), seqs[b * K + k]))
             finished[b].sort(key=lambda x: -x[0])
         best = [finished[b][0][1] for b in range(B)]
         L = max(len(s) for s in best)

@@ -9,20 +9,19 @@ import errno
 import hashlib
 import logging
 import os
-import socket
 import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from .leases import LEASE_DIR, WriterLease, new_owner, owner_alive
+
 TMP_DIR = "_tmp"
-# A temporary folder from another host is only considered abandoned after this long.
-FOREIGN_TMP_TTL_S = 6 * 3600
 
 
 log = logging.getLogger("ram_engine")
@@ -33,6 +32,10 @@ PERSISTENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errn
 
 class StoreIOError(RuntimeError):
     """A store operation failed after its retries; the message names the path."""
+
+
+class CommittedFileConflict(RuntimeError):
+    """A write would change a file that is already in place with other bytes: committed files never change."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -111,49 +114,34 @@ class HashingWriter:
         return self._hash.hexdigest()
 
 
-def _tmp_owner() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _owner_alive(name: str) -> bool:
-    """Whether the writer that owns temporary folder `name` may still be running."""
-    host, _, rest = name.partition("-")
-    try:
-        pid = int(rest.split("-")[0])
-    except ValueError:
-        return False
-    if host != socket.gethostname():
-        return True  # cannot see other hosts' processes; age decides instead
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Placement:
     """Writes files into a temporary folder and moves each into place whole."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str):
         self.fs = fs
         self.root = root
-        self.owner = _tmp_owner()
+        self.owner = new_owner()
         self.tmp_root = f"{root}/{TMP_DIR}/{self.owner}"
+        self.lease = WriterLease(fs, root, self.owner)
+
+    def __getstate__(self):
+        raise TypeError("a Placement belongs to one process (its lease and temporary folder); make a new one")
 
     def abs(self, rel: str) -> str:
         return f"{self.root}/{rel}"
 
     @contextmanager
-    def atomic_open(self, rel: str, replace: bool = False) -> Iterator[HashingWriter]:
+    def atomic_open(self, rel: str, replace: bool = False,
+                    replace_if: Callable[[], bool] | None = None) -> Iterator[HashingWriter]:
         """Yield a hashing writer; on success the file appears at `rel` whole, on error nowhere.
 
-        A version's files are determined by its id, so when `rel` already holds exactly these bytes
-        (another writer of the same version got there first) it is left alone; `replace` overwrites
-        whatever is there (refs)."""
+        Without `replace`, a file already at `rel` is never changed: the same bytes (another writer of
+        the same version got there first) are left alone, other bytes raise CommittedFileConflict.
+        `replace` overwrites whatever is there (refs, in-part checkpoints); `replace_if`, asked only when
+        other bytes are in place, may allow it (a part's files that no record or manifest names yet)."""
         tmp = f"{self.tmp_root}/{uuid.uuid4().hex}"
         final = self.abs(rel)
+        self.lease.start()  # before the temporary folder exists: others judge the folder by the lease
         self.fs.makedirs(self.tmp_root, exist_ok=True)
         try:
             with self.fs.open(tmp, "wb") as raw:
@@ -162,11 +150,41 @@ class Placement:
         except BaseException:
             self._remove_quietly(tmp)
             raise
-        if not replace and self._holds(final, writer.size, writer.sha256):
-            self._remove_quietly(tmp)
-        else:
+        if replace:
             self.move_into_place(tmp, final)
+        elif not self._place_new(tmp, final):
+            if self._holds(final, writer.size, writer.sha256):
+                self._remove_quietly(tmp)
+            elif replace_if is not None and replace_if():
+                self.move_into_place(tmp, final)
+            else:
+                self._remove_quietly(tmp)
+                raise CommittedFileConflict(
+                    f"{rel} is already in place with other bytes than this run made ({writer.size} bytes, sha256 "
+                    f"{writer.sha256[:12]}…); it is left unchanged. Another run wrote it: use its result.")
         writer.info = FileInfo(rel, writer.size, writer.sha256)  # type: ignore[attr-defined]
+
+    def _place_new(self, tmp: str, final: str) -> bool:
+        """Move tmp to final unless final exists; False when it did. Atomic on a local filesystem
+        (a hard link fails on an existing name); check-then-move on object stores."""
+        parent = final.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        if isinstance(self.fs, LocalFileSystem):
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links on this filesystem
+                if os.path.exists(final):
+                    return False
+                os.replace(tmp, final)
+                return True
+            os.unlink(tmp)
+            return True
+        if self.fs.exists(final):
+            return False
+        self.fs.mv(tmp, final)
+        return True
 
     def _holds(self, path: str, size: int, sha: str) -> bool:
         try:
@@ -193,55 +211,75 @@ class Placement:
             self.fs.mv(tmp, final)
 
     def link_into_place(self, src_rel: str, rel: str, size: int, sha: str) -> None:
-        """Make `rel` hold the bytes of the committed file `src_rel` (size and sha256 known): a hard link on
-        a local store, a copy where links are refused (another device, a filesystem without them), a
-        server-side copy on object stores. Whole or nowhere, like every placement."""
+        """Make `rel` hold the bytes of the committed file `src_rel` (size and sha256 known): a hard link
+        straight to the final name on a local store, a copy where links are refused (another device, a
+        filesystem without them), a server-side copy on object stores. Like every placement it appears whole
+        or nowhere and never changes a file in place: the same bytes already at `rel` are left alone, other
+        bytes raise CommittedFileConflict. A missing `src_rel` raises FileNotFoundError."""
         final, src = self.abs(rel), self.abs(src_rel)
-        if self._holds(final, size, sha):
-            return
+        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        tmp = None
         if isinstance(self.fs, LocalFileSystem):
-            self.fs.makedirs(self.tmp_root, exist_ok=True)
-            tmp = f"{self.tmp_root}/{uuid.uuid4().hex}"
             try:
-                os.link(src, tmp)
+                os.link(src, final)
+                return
+            except FileExistsError:
+                placed = False
             except OSError as exc:
                 if exc.errno == errno.ENOENT:
                     raise
-                self.fs.copy(src, tmp)   # EXDEV, EPERM, EMLINK: no link here, so a copy
-            self.move_into_place(tmp, final)
+                tmp = self._copy_to_tmp(src)   # EXDEV, EPERM, EMLINK: no link here, so a copy
+                placed = self._place_new(tmp, final)
         elif _is_object_store(self.fs):
-            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.copy(src, final)     # an object appears whole: no temporary name needed
+            placed = not self.fs.exists(final)
+            if placed:
+                self.fs.copy(src, final)   # server-side; an object appears whole
         else:
-            self.fs.makedirs(self.tmp_root, exist_ok=True)
-            tmp = f"{self.tmp_root}/{uuid.uuid4().hex}"
+            tmp = self._copy_to_tmp(src)
+            placed = self._place_new(tmp, final)
+        if placed:
+            return
+        if tmp is not None:
+            self._remove_quietly(tmp)
+        if not self._holds(final, size, sha):
+            raise CommittedFileConflict(
+                f"{rel} is already in place with other bytes than {src_rel} ({size} bytes, sha256 {sha[:12]}…); "
+                f"it is left unchanged. Another run wrote it: use its result.")
+
+    def _copy_to_tmp(self, src: str) -> str:
+        self.lease.start()  # before the temporary folder exists: others judge the folder by the lease
+        self.fs.makedirs(self.tmp_root, exist_ok=True)
+        tmp = f"{self.tmp_root}/{uuid.uuid4().hex}"
+        try:
             self.fs.copy(src, tmp)
-            self.move_into_place(tmp, final)
+        except BaseException:
+            self._remove_quietly(tmp)
+            raise
+        return tmp
 
     def cleanup(self) -> None:
-        """Remove this writer's temporary folder."""
+        """Remove this writer's temporary folder, then its lease."""
         self._remove_quietly(self.tmp_root)
+        self.lease.stop()
 
     def remove_abandoned(self) -> list[str]:
-        """Remove temporary folders of writers that are gone (crashed runs). Returns what was removed."""
-        base = f"{self.root}/{TMP_DIR}"
+        """Remove temporary folders and leases of writers that are gone (crashed runs, on this host or any
+        other). Returns the owners removed."""
         removed = []
-        try:
-            entries = self.fs.ls(base, detail=True)
-        except FileNotFoundError:
-            return removed
-        now = time.time()
-        for entry in entries:
-            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            if name == self.owner:
+        for base, suffix in ((f"{self.root}/{TMP_DIR}", ""), (f"{self.root}/{LEASE_DIR}", ".json")):
+            try:
+                entries = self.fs.ls(base, detail=False)
+            except FileNotFoundError:
                 continue
-            stale = not _owner_alive(name)
-            mtime = _mtime(entry)
-            if not stale and mtime is not None and now - mtime > FOREIGN_TMP_TTL_S:
-                stale = True
-            if stale:
-                self._remove_quietly(entry["name"])
-                removed.append(name)
+            for entry in entries:
+                name = entry.rstrip("/").rsplit("/", 1)[-1]
+                if name.startswith(".") or not name.endswith(suffix):
+                    continue
+                owner = name[: len(name) - len(suffix)]
+                if owner == self.owner or owner_alive(self.fs, self.root, owner):
+                    continue
+                self._remove_quietly(entry)
+                removed.append(owner)
         return removed
 
     def _remove_quietly(self, path: str) -> None:
@@ -257,20 +295,6 @@ _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "memory"}
 def _is_object_store(fs) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return bool(_OBJECT_STORES.intersection(protocols))
-
-
-def _mtime(entry: dict) -> float | None:
-    for key in ("mtime", "LastModified", "last_modified", "created"):
-        value = entry.get(key)
-        if value is None:
-            continue
-        if hasattr(value, "timestamp"):
-            return value.timestamp()
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            continue
-    return None
 
 
 def sha256_of(fs, path: str, chunk: int = 1 << 20) -> tuple[int, str]:

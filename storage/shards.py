@@ -2,7 +2,8 @@
 
 A sample is a dict: `__key__` plus one entry per extension (`jpg`, `png`, `txt`, `json`, ...).
 Member order, mtimes and owners are fixed, so the same samples always give the same bytes
-(a rerun after a crash must be byte-identical).
+(a rerun after a crash must be byte-identical). Shards are POSIX (PAX) tars: a member name longer than
+USTAR's 100 characters gets a PAX header, so any key works; shorter names give plain USTAR headers.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _member_order(sample: dict) -> list[str]:
 def write_tar(fileobj, samples: Iterable[dict]) -> int:
     """Write samples into an uncompressed tar stream. Returns the number of samples."""
     count = 0
-    with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for sample in samples:
             key = sample.get("__key__")
             if not key or "." in key or "/" in key:

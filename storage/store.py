@@ -7,8 +7,13 @@ Layout under the store root (any fsspec URL):
     <stage>/<version>/shards/<part>.tar       a part's WebDataset shard (optional)
     <stage>/<version>/_rejects/<part>.parquet a part's rejected rows
     <stage>/<version>/_parts/<part>.json      a part's completion record (for resume)
+    <stage>/<version>/_claims/<part>/<owner>.json  who is making a part now (removed at commit)
     _refs/<stage>/<name>.json                 named refs: latest, prod, ...
-    _tmp/<host>-<pid>-<id>/                   writers' temporary files
+    _tmp/<owner>/                             a writer's temporary files
+    _leases/<owner>.json                      a writer's lease: alive while renewed (storage/leases.py)
+
+A committed file never changes: a write that finds other bytes in place raises CommittedFileConflict,
+and a run that finds a part finished by another run adopts it. Reads check files against the manifest.
 
 Every version folder is self-contained: a part an earlier version made is hard-linked into the
 new folder (copied where the filesystem has no links, server-side on object stores), so the
@@ -24,9 +29,12 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
+import re
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -34,8 +42,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import schemas
-from .fs import FileInfo, Placement, open_fs, retry_io, sha256_of
+from .fs import CommittedFileConflict, FileInfo, Placement, open_fs, retry_io, sha256_of
+from .leases import owner_alive, put_whole
 from .shards import iter_tar, read_member, webdataset_pipeline, write_tar
+
+log = logging.getLogger("ram_engine")
 
 MANIFEST = "_manifest.json"
 FORMAT_VERSION = 1
@@ -48,6 +59,20 @@ class StoreError(RuntimeError):
 
 class VersionNotFound(StoreError):
     pass
+
+
+class CorruptMetadata(StoreError):
+    """A manifest, ref or part record that cannot be read; the message names the file."""
+
+
+class CorruptFile(StoreError):
+    """A committed file that does not match its manifest (changed, truncated or missing)."""
+
+
+# Stage names (`images`, `models/ram`) and version ids / ref names: no way out of the store.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MANIFEST_KEYS = ("stage", "version", "parents", "parts", "files", "created", "rows_in", "rows_out",
+                 "rows_rejected", "schema_ipc", "code_version", "config_digest")
 
 
 def canonical_json(value: Any) -> str:
@@ -127,10 +152,77 @@ class Store:
             data = retry_io(read, f"reading {rel}")
         except FileNotFoundError:
             return None
-        return json.loads(data.decode("utf-8"))
+        try:
+            value = json.loads(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CorruptMetadata(f"{self.full_url(rel)} is not valid JSON ({len(data)} bytes: {exc}); it was "
+                                  f"damaged or truncated. The rest of the store is usable; restore or remove "
+                                  f"this file.") from None
+        if not isinstance(value, dict):
+            raise CorruptMetadata(f"{self.full_url(rel)} holds a JSON {type(value).__name__}, not an object; "
+                                  f"restore or remove this file.")
+        return value
 
-    # ----- listing and opening
-    def stages(self) -> list[str]:
+    def read_manifest(self, stage: str, vid: str) -> dict | None:
+        """The manifest of stage/vid, checked: None when there is none, CorruptMetadata (naming the file
+        and the field) when it is damaged."""
+        check_stage_name(stage)
+        check_version_name(vid)
+        rel = f"{stage}/{vid}/{MANIFEST}"
+        manifest = self._read_json(rel)
+        if manifest is None:
+            return None
+        missing = [k for k in MANIFEST_KEYS if k not in manifest]
+        if missing:
+            raise CorruptMetadata(f"{self.full_url(rel)} lacks {', '.join(missing)}: not a whole manifest; "
+                                  f"restore it, or remove the version folder {stage}/{vid}")
+        if manifest["stage"] != stage or manifest["version"] != vid:
+            raise CorruptMetadata(f"{self.full_url(rel)} says it is {manifest['stage']}@{manifest['version']}, "
+                                  f"but it lies in {stage}/{vid}")
+        for f in manifest["files"]:
+            path = f.get("path", "") if isinstance(f, dict) else ""
+            if not path.startswith(f"{stage}/") or any(seg in ("", ".", "..") for seg in path.split("/")):
+                raise CorruptMetadata(f"{self.full_url(rel)} lists file {path!r} outside {stage}/: refused")
+        return manifest
+
+    def damaged(self) -> list[str]:
+        """Every manifest and ref file that cannot be read, each with its problem (for `verify`)."""
+        problems = []
+        for stage in self._stage_folders():
+            for vid in self._version_folders(stage):
+                try:
+                    self.read_manifest(stage, vid)
+                except StoreError as exc:
+                    problems.append(str(exc))
+            for name in self._ref_names(stage):
+                try:
+                    self.get_ref(stage, name)
+                except StoreError as exc:
+                    problems.append(str(exc))
+        return problems
+
+    def check_files(self, files: list[dict], checksum: bool = False) -> list[str]:
+        """What is wrong with these manifest entries: a file missing or of another size (or, with
+        `checksum`, another sha256). One listing per folder, so cheap on object stores too."""
+        problems, sizes = [], {}
+        for f in files:
+            folder = f["path"].rsplit("/", 1)[0]
+            if folder not in sizes:
+                try:
+                    sizes[folder] = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size")
+                                     for e in self.fs.ls(self.abs(folder), detail=True)}
+                except FileNotFoundError:
+                    sizes[folder] = {}
+            size = sizes[folder].get(f["path"].rsplit("/", 1)[-1])
+            if size is None:
+                problems.append(f"{f['path']}: missing")
+            elif size != f["bytes"]:
+                problems.append(f"{f['path']}: {size} bytes, manifest says {f['bytes']}")
+            elif checksum and sha256_of(self.fs, self.abs(f["path"]))[1] != f["sha256"]:
+                problems.append(f"{f['path']}: sha256 does not match the manifest's {f['sha256'][:12]}…")
+        return problems
+
+    def _stage_folders(self) -> list[str]:
         try:
             entries = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
@@ -140,18 +232,37 @@ class Store:
             names.remove("models")
             names += sorted(f"models/{e.rstrip('/').rsplit('/', 1)[-1]}"
                             for e in self.fs.ls(self.abs("models"), detail=False))
-        return [n for n in names if not n.startswith("_") and self.versions(n)]
+        return [n for n in names if not n.startswith(("_", ".")) and all(_NAME.match(s) for s in n.split("/"))]
 
-    def versions(self, stage: str) -> list["Version"]:
-        """Committed versions of a stage, oldest first. A folder without a manifest is not a version."""
+    def _version_folders(self, stage: str) -> list[str]:
         try:
             entries = self.fs.ls(self.abs(stage), detail=False)
         except FileNotFoundError:
             return []
+        return [v for v in (e.rstrip("/").rsplit("/", 1)[-1] for e in entries) if _NAME.match(v)]
+
+    def _ref_names(self, stage: str) -> list[str]:
+        try:
+            entries = self.fs.ls(self.abs(f"_refs/{stage}"), detail=False)
+        except FileNotFoundError:
+            return []
+        return [e.rsplit("/", 1)[-1][:-5] for e in entries if e.endswith(".json")
+                and not e.rsplit("/", 1)[-1].startswith(".")]
+
+    # ----- listing and opening
+    def stages(self) -> list[str]:
+        return [n for n in self._stage_folders() if self.versions(n)]
+
+    def versions(self, stage: str) -> list["Version"]:
+        """Committed versions of a stage, oldest first. A folder without a manifest is not a version;
+        one with a damaged manifest is skipped with a warning (`verify` reports it)."""
         found = []
-        for entry in entries:
-            vid = entry.rstrip("/").rsplit("/", 1)[-1]
-            manifest = self._read_json(f"{stage}/{vid}/{MANIFEST}")
+        for vid in self._version_folders(stage):
+            try:
+                manifest = self.read_manifest(stage, vid)
+            except StoreError as exc:
+                log.warning("skipping %s/%s: %s", stage, vid, exc)
+                continue
             if manifest is not None:
                 found.append(Version(self, manifest))
         found.sort(key=lambda v: (v.manifest["created"], v.id))
@@ -161,12 +272,26 @@ class Store:
         """Open a committed version by full id, unique prefix, or ref name (`latest`, `prod`, ...)."""
         if "@" in stage and ref == "latest":
             stage, ref = stage.split("@", 1)
-        manifest = self._read_json(f"{stage}/{ref}/{MANIFEST}") if ref else None
+        check_stage_name(stage)
+        check_version_name(ref)
+        manifest = self.read_manifest(stage, ref)
         if manifest is not None:
             return Version(self, manifest)
-        target = self.get_ref(stage, ref)
+        try:
+            target = self.get_ref(stage, ref)
+        except CorruptMetadata as exc:
+            if ref != "latest":
+                raise
+            log.warning("%s; using the newest committed version instead", exc)
+            target = None
         if target is not None:
-            manifest = self._read_json(f"{stage}/{target}/{MANIFEST}")
+            try:
+                manifest = self.read_manifest(stage, target)
+            except CorruptMetadata as exc:
+                if ref != "latest":
+                    raise
+                log.warning("%s; using the newest readable version instead", exc)
+                manifest = None
             if manifest is not None:
                 return Version(self, manifest)
         if ref == "latest":
@@ -191,8 +316,35 @@ class Store:
         return self.open(stage, vid)
 
     def find(self, stage: str, vid: str) -> "Version | None":
-        manifest = self._read_json(f"{stage}/{vid}/{MANIFEST}")
+        manifest = self.read_manifest(stage, vid)
         return Version(self, manifest) if manifest is not None else None
+
+    def delete_version(self, stage: str, vid: str) -> tuple[int, int]:
+        """Delete a committed version without breaking any other: its manifest goes first (readers stop
+        seeing it), then every file of its folder that no other version's manifest lists; files that
+        newer versions reuse stay. Refs naming it are removed. Returns (files removed, files kept)."""
+        version = self.find(stage, vid)
+        if version is None:
+            raise VersionNotFound(f"no committed version {stage}@{vid} in {self.url}")
+        referenced = {f["path"] for s in self._stage_folders() for v in self.versions(s) if v.ref != version.ref
+                      for f in v.files()}
+        self.fs.rm(self.abs(f"{stage}/{vid}/{MANIFEST}"))
+        for name, target in self.refs(stage).items():
+            if target == vid:
+                self.fs.rm(self.abs(f"_refs/{stage}/{name}.json"))
+        removed = kept = 0
+        prefix = f"{self.root}/{stage}/{vid}/"
+        for path in self.fs.find(self.abs(f"{stage}/{vid}")):
+            rel = f"{stage}/{vid}/{path[len(prefix):]}"
+            if rel in referenced:
+                kept += 1
+            else:
+                self.fs.rm(path)
+                removed += 1
+        remaining = self.versions(stage)
+        if remaining and self.get_ref(stage, "latest") is None:
+            self.set_ref(stage, "latest", remaining[-1].id)
+        return removed, kept
 
     # ----- refs
     def set_ref(self, stage: str, name: str, vid: str) -> None:
@@ -209,21 +361,28 @@ class Store:
             placement.cleanup()
 
     def get_ref(self, stage: str, name: str) -> str | None:
-        data = self._read_json(f"_refs/{stage}/{name}.json")
-        return data["version"] if data else None
+        check_stage_name(stage)
+        check_version_name(name)
+        rel = f"_refs/{stage}/{name}.json"
+        data = self._read_json(rel)
+        if data is None:
+            return None
+        vid = data.get("version")
+        if not isinstance(vid, str) or not _NAME.match(vid):
+            raise CorruptMetadata(f"{self.full_url(rel)} names no valid version ({vid!r}); set the ref again "
+                                  f"with `ram-engine ref {stage}@VERSION {name}`")
+        return vid
 
     def refs(self, stage: str) -> dict[str, str]:
-        try:
-            entries = self.fs.ls(self.abs(f"_refs/{stage}"), detail=False)
-        except FileNotFoundError:
-            return {}
         out = {}
-        for entry in entries:
-            name = entry.rsplit("/", 1)[-1]
-            if name.endswith(".json"):
-                vid = self.get_ref(stage, name[:-5])
-                if vid:
-                    out[name[:-5]] = vid
+        for name in self._ref_names(stage):
+            try:
+                vid = self.get_ref(stage, name)
+            except CorruptMetadata as exc:
+                log.warning("skipping ref %s: %s", name, exc)
+                continue
+            if vid:
+                out[name] = vid
         return out
 
     # ----- writing
@@ -273,11 +432,29 @@ class Version:
         return [f for p in self.manifest["parts"] for f in p["files"] if kind is None or f["kind"] == kind]
 
     def shard_urls(self) -> list[str]:
-        return [self.store.full_url(f["path"]) for f in self.files("shard")]
+        shards = self.files("shard")
+        self.check_inputs(shards)
+        return [self.store.full_url(f["path"]) for f in shards]
+
+    def check_inputs(self, files: list[dict]) -> None:
+        """Stop with the file named when an input file is missing or not the size its manifest says
+        (a stage must never build on a changed input). Reads of whole files also check the sha256."""
+        problems = self.store.check_files(files)
+        if problems:
+            raise CorruptFile(f"{self.ref}: {'; '.join(problems[:5])}. A committed file changed or went missing: "
+                              f"nothing was built on it. `ram-engine verify {self.stage}@{self.id}` lists every "
+                              f"problem; recreate the version (remove its folder and rerun) or restore the files.")
+
+    def _entry(self, rel: str) -> dict | None:
+        by_path = self.__dict__.get("_by_path")
+        if by_path is None:
+            by_path = self.__dict__["_by_path"] = {f["path"]: f for f in self.files()}
+        return by_path.get(rel)
 
     def iter_batches(self, kind: str = "table", columns: list[str] | None = None,
                      batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
         """Stream record batches part by part; memory stays bounded by one batch."""
+        self.check_inputs(self.files(kind))
         for f in self.files(kind):
             fh = retry_io(lambda: self.store.fs.open(self.store.abs(f["path"]), "rb"), f"opening {f['path']}")
             with fh:
@@ -293,11 +470,24 @@ class Version:
                     yield part, self.read_file(f["path"], columns=columns)
 
     def read_file(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        """One Parquet file of this version, checked against its manifest entry (size and sha256)."""
+        entry = self._entry(rel)
+
         def read():
             with self.store.fs.open(self.store.abs(rel), "rb") as fh:
-                return pq.read_table(fh, columns=columns)
+                return fh.read()
 
-        return retry_io(read, f"reading {rel}")
+        try:
+            data = retry_io(read, f"reading {rel}")
+        except FileNotFoundError:
+            raise CorruptFile(f"{self.ref}: {rel} is missing. `ram-engine verify {self.stage}@{self.id}` lists "
+                              f"every problem; recreate the version or restore the file.") from None
+        if entry is not None and (len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]):
+            raise CorruptFile(f"{self.ref}: {rel} is {len(data)} bytes (sha256 {hashlib.sha256(data).hexdigest()[:12]}…) "
+                              f"but its manifest says {entry['bytes']} bytes (sha256 {entry['sha256'][:12]}…): it "
+                              f"changed after commit, and nothing was built on it. `ram-engine verify "
+                              f"{self.stage}@{self.id}` lists every problem.")
+        return pq.read_table(pa.BufferReader(data), columns=columns)
 
     def read_table(self, kind: str = "table", columns: list[str] | None = None) -> pa.Table:
         """The whole table of this version (for inspection and small data)."""
@@ -315,7 +505,9 @@ class Version:
     def iter_samples(self) -> Iterator[dict]:
         """Stream WebDataset samples of every shard, in order."""
         shards = self.files("shard")
-        return iter_tar(self.store.fs, [self.store.abs(f["path"]) for f in shards], self.shard_urls())
+        self.check_inputs(shards)
+        return iter_tar(self.store.fs, [self.store.abs(f["path"]) for f in shards],
+                        [self.store.full_url(f["path"]) for f in shards])
 
     def download(self, local_dir: str) -> str:
         """Copy this version's named files (kind `file`) into a local folder (cached: skipped when the
@@ -338,6 +530,7 @@ class Version:
     def iter_part_samples(self, part: PartRecord) -> Iterator[dict]:
         """Stream the WebDataset samples of one part's shard."""
         shards = [f for f in part.files if f["kind"] == "shard"]
+        self.check_inputs(shards)
         return iter_tar(self.store.fs, [self.store.abs(f["path"]) for f in shards],
                         [self.store.full_url(f["path"]) for f in shards])
 
@@ -354,15 +547,7 @@ class Version:
         for f in self.files():
             if progress:
                 progress(f["path"])
-            try:
-                size, sha = sha256_of(self.store.fs, self.store.abs(f["path"]))
-            except FileNotFoundError:
-                problems.append(f"{f['path']}: missing")
-                continue
-            if size != f["bytes"]:
-                problems.append(f"{f['path']}: {size} bytes, manifest says {f['bytes']}")
-            elif sha != f["sha256"]:
-                problems.append(f"{f['path']}: sha256 {sha[:12]}… does not match the manifest's {f['sha256'][:12]}…")
+            problems += self.store.check_files([f], checksum=True)
         return problems
 
 
@@ -391,6 +576,10 @@ class VersionWriter:
         self._placement: Placement | None = None
         self._started = time.monotonic()
 
+    def __getstate__(self):
+        # A copy in another process (a Dask or Ray worker) writes through a placement of its own.
+        return self.__dict__ | {"_placement": None}
+
     # ----- state
     @property
     def committed(self) -> Version | None:
@@ -407,20 +596,90 @@ class VersionWriter:
         """Whether a previous run of this version finished part `name` (its files intact)."""
         if name in self._records:
             return True
-        data = self.store._read_json(f"{self.prefix}/_parts/{name}.json")
-        if data is None:
+        record = self._stored_record(name)
+        if record is None:
             return False
-        record = PartRecord.from_json(data)
-        if verify:
-            for f in record.files:
-                try:
-                    size, sha = sha256_of(self.store.fs, self.store.abs(f["path"]))
-                except FileNotFoundError:
-                    return False
-                if size != f["bytes"] or sha != f["sha256"]:
-                    return False
+        if verify and self.store.check_files(record.files, checksum=True):
+            return False
         self._records[name] = record
         return True
+
+    def _stored_record(self, name: str) -> PartRecord | None:
+        rel = f"{self.prefix}/_parts/{name}.json"
+        try:
+            data = self.store._read_json(rel)
+        except CorruptMetadata as exc:
+            # Not committed yet (the manifest holds committed records), so safe to redo: remove it.
+            log.warning("%s; the part will be made again", exc)
+            if self.committed is None:
+                self.store.fs.rm(self.store.abs(rel))
+            return None
+        if data is None:
+            return None
+        try:
+            return PartRecord.from_json(data)
+        except TypeError as exc:
+            log.warning("%s is not a part record (%s); the part will be made again", rel, exc)
+            if self.committed is None:
+                self.store.fs.rm(self.store.abs(rel))
+            return None
+
+    @contextmanager
+    def claim(self, name: str, poll_s: float = 1.0) -> Iterator[PartRecord | None]:
+        """Hold part `name` while this writer makes it, so that its in-part checkpoints belong to one
+        writer. Yields None when this writer is to make the part, or the record another writer finished
+        meanwhile (adopt it). A claim whose writer is gone (leases.py) is taken over.
+
+        The holder is the oldest live claim (store time, then owner id); on object stores two claims in
+        the same second may both proceed, which costs work but no bytes: committed files never change."""
+        _check_name(name)
+        placement = self.placement
+        placement.lease.start()
+        folder = f"{self.prefix}/_claims/{name}"
+        mine = self.store.abs(f"{folder}/{placement.owner}.json")
+        put_whole(self.store.fs, mine, canonical_json({"owner": placement.owner, "at": _now()}).encode())
+        try:
+            outcome, since = None, time.monotonic()
+            while True:
+                if self._stored_record(name) is not None and self.part_done(name):
+                    outcome = self.record(name)
+                    break
+                holder = self._claim_holder(folder)
+                if holder in (None, placement.owner):
+                    break
+                if time.monotonic() - since > 60:
+                    log.info("%s part %s: waiting for writer %s, which is making it", self.stage, name, holder)
+                    since = time.monotonic()
+                time.sleep(poll_s)
+            yield outcome
+        finally:
+            try:
+                self.store.fs.rm(mine)
+            except (FileNotFoundError, OSError):
+                pass
+
+    def _claim_holder(self, folder: str, others_only: bool = False) -> str | None:
+        """The live writer that holds the claims in `folder` (with `others_only`: the oldest live claimant
+        other than this writer)."""
+        try:
+            entries = self.store.fs.ls(self.store.abs(folder), detail=True)
+        except FileNotFoundError:
+            return None
+        live = []
+        for entry in entries:
+            fname = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if not fname.endswith(".json") or fname.startswith("."):
+                continue
+            owner = fname[:-5]
+            if owner != self.placement.owner and not owner_alive(self.store.fs, self.store.root, owner):
+                try:
+                    self.store.fs.rm(entry["name"])  # a claim file belongs to one owner: no live claim is hit
+                except (FileNotFoundError, OSError):
+                    pass
+                continue
+            if not (others_only and owner == self.placement.owner):
+                live.append((_store_time(entry), owner))
+        return min(live)[1] if live else None
 
     def has_record(self, name: str) -> bool:
         return name in self._records
@@ -430,12 +689,19 @@ class VersionWriter:
 
     def reusable_parts(self) -> dict[str, PartRecord]:
         """Parts that committed versions of this stage made with the same code and config,
-        by source digest: incremental runs reference them instead of recomputing."""
+        by source digest: incremental runs reference them instead of recomputing. A part whose files
+        are missing or changed (an older version was deleted) is not reusable: it is made again."""
         found: dict[str, PartRecord] = {}
         for version in self.store.versions(self.stage):
             for part in version.parts:
-                if part.config_digest == self.config_digest and part.source_digest:
-                    found.setdefault(part.source_digest, part)
+                if part.config_digest != self.config_digest or not part.source_digest or part.source_digest in found:
+                    continue
+                problems = self.store.check_files(part.files)
+                if problems:
+                    log.warning("%s part %s of %s cannot be reused (%s); it will be made again", self.stage,
+                                part.name, version.ref, "; ".join(problems[:3]))
+                    continue
+                found[part.source_digest] = part
         return found
 
     # ----- writing parts
@@ -452,25 +718,28 @@ class VersionWriter:
         into the shard (a stage that builds its index while writing pixels).
         """
         _check_name(name)
+        finished = self._finished_by_another(name)
+        if finished is not None:
+            return finished
         files: list[dict] = []
         rows_out = 0
         if samples is not None:
-            info, n = self._write_shard(f"{self.prefix}/{shard_name(name)}", samples)
+            info, n = self._write_shard(f"{self.prefix}/{shard_name(name)}", samples, name)
             files.append({"path": info.path, "kind": "shard", "rows": n, "bytes": info.bytes, "sha256": info.sha256})
         if callable(table):  # built while the samples streamed into the shard
             table = table()
         if callable(rejects):
             rejects = rejects()
         if table is not None:
-            info, rows_out = self._write_parquet(f"{self.prefix}/parts/{name}.parquet", table, self.schema)
+            info, rows_out = self._write_parquet(f"{self.prefix}/parts/{name}.parquet", table, self.schema, name)
             files.append({"path": info.path, "kind": "table", "rows": rows_out, "bytes": info.bytes,
                           "sha256": info.sha256})
         for kind, (schema, extra) in sorted((extra_tables or {}).items()):
-            info, n = self._write_parquet(f"{self.prefix}/{kind}/{name}.parquet", extra, schema)
+            info, n = self._write_parquet(f"{self.prefix}/{kind}/{name}.parquet", extra, schema, name)
             files.append({"path": info.path, "kind": kind, "rows": n, "bytes": info.bytes, "sha256": info.sha256})
         reject_table = _rejects_table(rejects)
         if reject_table.num_rows:
-            info, _ = self._write_parquet(f"{self.prefix}/_rejects/{name}.parquet", reject_table, schemas.REJECTS)
+            info, _ = self._write_parquet(f"{self.prefix}/_rejects/{name}.parquet", reject_table, schemas.REJECTS, name)
             files.append({"path": info.path, "kind": "rejects", "rows": reject_table.num_rows, "bytes": info.bytes,
                           "sha256": info.sha256})
         if callable(rows_in):
@@ -486,7 +755,24 @@ class VersionWriter:
         record = PartRecord(name=name, files=files, rows_in=rows_in, rows_out=rows_out,
                             rows_rejected=reject_table.num_rows, source_digest=source_digest,
                             config_digest=self.config_digest, metrics=metrics)
-        self.placement.put_bytes(f"{self.prefix}/_parts/{name}.json", canonical_json(record.to_json()).encode())
+        return self._place_record(record)
+
+    def _finished_by_another(self, name: str) -> PartRecord | None:
+        """The record of part `name` when another writer of this version finished it: adopt, never rewrite."""
+        if name not in self._records and self._stored_record(name) is not None and self.part_done(name):
+            log.info("%s part %s was finished by another run; using its files", self.stage, name)
+            return self._records[name]
+        return None
+
+    def _place_record(self, record: PartRecord) -> PartRecord:
+        try:
+            self.placement.put_bytes(f"{self.prefix}/_parts/{record.name}.json",
+                                     canonical_json(record.to_json()).encode())
+        except CommittedFileConflict:  # the same files, recorded first by another writer (other metrics)
+            finished = self._finished_by_another(record.name)
+            if finished is None:
+                raise
+            return finished
         self.adopt_part(record)
         return record
 
@@ -495,13 +781,16 @@ class VersionWriter:
         """Write a part made of named files (a model's weights, config, tag list): each moved into place
         whole, recorded with its checksum. Values are bytes or local file paths."""
         _check_name(name)
+        finished = self._finished_by_another(name)
+        if finished is not None:
+            return finished
         entries = []
         for fname, value in sorted(files.items()):
             if any(not seg or seg.startswith((".", "_")) for seg in fname.split("/")):
                 raise StoreError(f"file name {fname!r} is invalid: relative path whose parts do not start "
                                  f"with '.' or '_'")
             rel = f"{self.prefix}/files/{fname}"
-            with self.placement.atomic_open(rel) as sink:
+            with self.placement.atomic_open(rel, replace_if=self._unclaimed_leftover(name)) as sink:
                 if isinstance(value, bytes):
                     sink.write(value)
                 else:
@@ -512,9 +801,7 @@ class VersionWriter:
                             "sha256": sink.info.sha256})
         record = PartRecord(name=name, files=entries, rows_in=rows_in, rows_out=rows_in, rows_rejected=0,
                             source_digest=source_digest, config_digest=self.config_digest, metrics=dict(metrics or {}))
-        self.placement.put_bytes(f"{self.prefix}/_parts/{name}.json", canonical_json(record.to_json()).encode())
-        self.adopt_part(record)
-        return record
+        return self._place_record(record)
 
     def adopt_part(self, record: PartRecord) -> None:
         """Take in a part that another worker wrote for this version (parallel runs)."""
@@ -539,9 +826,17 @@ class VersionWriter:
         self.reused_parts += 1
         return record
 
-    def _write_parquet(self, rel: str, table, schema: pa.Schema) -> tuple[FileInfo, int]:
+    def _unclaimed_leftover(self, name: str) -> Callable[[], bool]:
+        """For a part file found in place with other bytes: whether it may be replaced. Only when neither
+        a part record nor the manifest names it: the leftover of a run that died before recording it (this
+        run holds the part's claim, and no other live writer claims it). A recorded or committed file is
+        never replaced."""
+        return lambda: (self._stored_record(name) is None and self.committed is None
+                        and self._claim_holder(f"{self.prefix}/_claims/{name}", others_only=True) is None)
+
+    def _write_parquet(self, rel: str, table, schema: pa.Schema, part: str) -> tuple[FileInfo, int]:
         rows = 0
-        with self.placement.atomic_open(rel) as sink:
+        with self.placement.atomic_open(rel, replace_if=self._unclaimed_leftover(part)) as sink:
             writer = pq.ParquetWriter(sink, schema, compression="zstd", write_statistics=True)
             try:
                 batches = table.to_batches() if isinstance(table, pa.Table) else table
@@ -558,8 +853,8 @@ class VersionWriter:
                 writer.close()
         return sink.info, rows
 
-    def _write_shard(self, rel: str, samples: Iterable[dict]) -> tuple[FileInfo, int]:
-        with self.placement.atomic_open(rel) as sink:
+    def _write_shard(self, rel: str, samples: Iterable[dict], part: str) -> tuple[FileInfo, int]:
+        with self.placement.atomic_open(rel, replace_if=self._unclaimed_leftover(part)) as sink:
             n = write_tar(sink, samples)
         return sink.info, n
 
@@ -603,10 +898,18 @@ class VersionWriter:
         }
         if extra:
             manifest.update(extra)
-        self.placement.put_bytes(f"{self.prefix}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True,
-                                                                         default=str).encode())
+        try:
+            self.placement.put_bytes(f"{self.prefix}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True,
+                                                                             default=str).encode())
+        except CommittedFileConflict:  # another run committed this version first: its manifest stands
+            self.close()
+            return self.store.find(self.stage, self.id)
         version = self.store.find(self.stage, self.id)
         assert version is not None
+        try:  # claims only matter until the commit
+            self.store.fs.rm(self.store.abs(f"{self.prefix}/_claims"), recursive=True)
+        except (FileNotFoundError, OSError):
+            pass
         self.store.set_ref(self.stage, "latest", self.id)
         self.close()
         return version
@@ -643,3 +946,29 @@ def _check_name(name: str) -> None:
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
+
+
+def check_stage_name(stage: str) -> None:
+    if not stage or not all(_NAME.match(seg) for seg in stage.split("/")) or stage.count("/") > 1:
+        raise StoreError(f"{stage!r} is not a stage name (e.g. images, models/ram): references stay inside the store")
+
+
+def check_version_name(name: str) -> None:
+    if not name or not _NAME.match(name) or ".." in name:
+        raise StoreError(f"{name!r} is not a version id, prefix or ref name (letters, digits, '_', '-', '.'): "
+                         f"references stay inside the store")
+
+
+def _store_time(entry: dict) -> float:
+    """A listing entry's modification time as the store's clock gives it (0 when it gives none)."""
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        value = entry.get(key)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return value.timestamp()
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            continue
+    return 0.0

@@ -29,6 +29,8 @@ from storage.shards import decode_image
 from storage.store import digest
 from tasks.ground import OBJECT, localisable_tags
 
+from .code_version import code_version
+
 OUTLIER, BASELINE_DISAGREES, NO_BOX = "outlier", "baseline-disagrees", "no-box"
 
 CROP_RESULTS = pa.schema([
@@ -392,7 +394,7 @@ def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progre
     mv = model_version(store, baseline_ref)
     ident = model_digest(mv, baseline_ref)
     config = section_dict(cfg.embedder) | {"baseline": ident, "baseline_check": cfg.baseline_check}
-    writer = store.begin(EMBED_STAGE, code_version=EMBED_VERSION, config=config,
+    writer = store.begin(EMBED_STAGE, code_version=code_version(__name__, EMBED_VERSION), config=config,
                          parents=[regions] + ([mv] if mv else []))
     if writer.committed is not None:
         return StageResult(writer.committed, "reused")
@@ -402,22 +404,29 @@ def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progre
                           image_size=cfg.embedder.image_size or model.config.swin.image_size,
                           pool=cfg.embedder.pool, batch_size=cfg.embedder.batch_size, device=device,
                           local_files_only=cfg.embedder.local_files_only)
-    embedder = worker_cached(f"embedder|{ecfg}|{ident}", lambda: build_embedder(
-        ecfg, baseline_encoder=lambda x: model.encode_image(x)))
     from ram_model.transforms import ImageTransform
 
-    transform = ImageTransform(model.config.swin.image_size)
+    image_size = model.config.swin.image_size
     labels = load_labels(store, labels_version(store, regions))
     # the baseline's tag list may differ from the label system's: match by name
     label_to_model = {int(lab): m for m, lab in enumerate(model_to_label_ids(model, labels)) if lab >= 0}
+    del model  # part work loads its own copy, once per worker process (a model is never shipped to a worker)
 
-    def baseline(imgs):
+    def worker_models():
+        baseline_model = load_model(store, baseline_ref, device=device)
+        embedder = worker_cached(f"embedder|{ecfg}|{ident}", lambda: build_embedder(
+            ecfg, baseline_encoder=lambda x: baseline_model.encode_image(x)))
+        return baseline_model, embedder
+
+    def baseline(baseline_model, imgs):
+        transform = ImageTransform(image_size)
         with torch.inference_mode():
-            return model.tag_probs(torch.stack([transform(im) for im in imgs])).cpu().numpy()
+            return baseline_model.tag_probs(torch.stack([transform(im) for im in imgs])).cpu().numpy()
 
     def process(w, task):
         part = task.payload["part"]
         table = regions.read_file(next(f["path"] for f in part.files if f["kind"] == "table"))
+        baseline_model, embedder = worker_models()
         crops = _crop_images(regions, part)
         keys, tids, cks = (table.column(c).to_pylist() for c in ("key", "tag_id", "crop_key"))
         rows, rejects = {"key": [], "tag_id": [], "crop_key": [], "embedding": [], "baseline_score": []}, []
@@ -429,7 +438,7 @@ def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progre
             idx = present[s: s + ecfg.batch_size]
             imgs = [crops[cks[i]] for i in idx]
             emb = embedder(imgs)
-            probs = baseline(imgs) if cfg.baseline_check else None
+            probs = baseline(baseline_model, imgs) if cfg.baseline_check else None
             for j, i in enumerate(idx):
                 rows["key"].append(keys[i])
                 rows["tag_id"].append(tids[i])
@@ -460,7 +469,7 @@ def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref
     from .stage import StageResult, parts_of, run_stage
 
     config = section_dict(cfg)
-    writer = store.begin(STAGE, code_version=STAGE_VERSION, config=config,
+    writer = store.begin(STAGE, code_version=code_version(__name__, STAGE_VERSION), config=config,
                          parents=[generated, regions, embeddings, parsed])
     if writer.committed is not None:
         return StageResult(writer.committed, "reused")

@@ -8,9 +8,34 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_CONFIG_NAME = "demo"
+
+
+def packaged_configs() -> dict[str, Path]:
+    """The configs shipped with the package (the `configs` package: a checkout, a wheel or the image), by name."""
+    from importlib import resources
+
+    root = resources.files("configs")
+    return {p.name[:-5]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_config(name_or_path: str | Path | None) -> Path:
+    """The config file: an existing path, else the name of a shipped config (`production`, `demo`, with or
+    without `.yaml`); None: the shipped demo config."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_CONFIG_NAME
+    path = Path(name_or_path)
+    if path.exists():  # a file, or a directory that _read_yaml reports as such
+        return path
+    shipped = packaged_configs()
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if str(path.parent) == "." and name in shipped:
+        return shipped[name]
+    raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a shipped config; shipped: "
+                      f"{', '.join(sorted(shipped))} (ram-engine -c NAME), or give the path of a YAML file")
+
 
 
 class ConfigError(ValueError):
@@ -43,16 +68,35 @@ class IngestConfig(Section):
     # The one format images are stored in (other formats are re-encoded; jpeg as img2dataset does by default),
     # so every shard member has the same name for outside readers; "keep" stores jpeg/png/webp as they came.
     image_format: Literal["jpeg", "png", "webp", "keep"] = "jpeg"
+    # Read limits: nothing a source holds is read past these, so one hostile member costs one sample.
+    max_image_bytes: int = Field(64 * 2**20, ge=1024)      # an image file or tar member
+    max_caption_bytes: int = Field(4 * 2**20, ge=1024)     # a .txt/.json member, a JSONL line, a CSV record
+    spool_bytes: int = Field(64 * 2**20, ge=0)             # members of out-of-order tars held in memory before
+                                                           # they spill to a local temporary file
+
+    @model_validator(mode="after")
+    def _relations(self):
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) is over ingest.max_side ({self.max_side}): no image could pass; "
+                             f"lower min_side or raise max_side")
+        if self.min_side * self.min_side > self.max_pixels:
+            raise ValueError(f"max_pixels ({self.max_pixels}) is under ingest.min_side squared ({self.min_side ** 2}): "
+                             f"no image could pass")
+        return self
 
 
 class ModelConfig(Section):
-    """The architecture of a model trained from scratch (ignored when fine-tuning from `train.init`)."""
+    """The architecture of a model trained from scratch (ignored when fine-tuning from `train.init`), and the
+    files that go with an official RAM / RAM++ / Tag2Text checkpoint (.pth) named by `generate.baseline`."""
 
     preset: Literal["tiny", "ram", "ram_plus", "tag2text"] = "tiny"
     vit: Literal["swin_b", "swin_l"] = "swin_l"
-    image_size: int = Field(64, ge=32)
+    image_size: int = Field(64, ge=32)      # also the input size an official checkpoint is loaded at (384)
     with_caption: bool = True
     tokenizer: str | None = None            # bert-base-uncased folder / hub id; None: WordPiece trained on captions
+    tag_list: str | None = None             # official checkpoint's tag list (ram_tag_list.txt); None: RAM's, packaged
+    tag_list_chinese: str | None = None     # its Chinese names (ram_tag_list_chinese.txt); None: RAM's, packaged
+    thresholds: str | None = None           # its per-class thresholds (ram_tag_list_threshold.txt); None: RAM's
     tokenizer_vocab_size: int = Field(1000, ge=100)
     clip: str | None = None                 # CLIP folder / hub id for label embeddings; None: fixed random rows
     default_threshold: float = Field(0.68, gt=0, lt=1)
@@ -106,6 +150,12 @@ class GenerateConfig(Section):
     threshold: float | None = Field(None, gt=0, lt=1)   # override the model's per-class thresholds
     device: str = "auto"
 
+    @model_validator(mode="after")
+    def _relations(self):
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length ({self.min_length}) is over generate.max_length ({self.max_length})")
+        return self
+
 
 class DetectorSection(Section):
     """Grounding DINO (see ram_model/detector.py)."""
@@ -122,6 +172,12 @@ class DetectorSection(Section):
     local_files_only: bool = True
     gd_config_file: str | None = None       # groundingdino-py backend only
     gd_text_encoder: str | None = None
+
+    @model_validator(mode="after")
+    def _relations(self):
+        if self.shortest_edge > self.longest_edge:
+            raise ValueError(f"shortest_edge ({self.shortest_edge}) is over ground.detector.longest_edge ({self.longest_edge})")
+        return self
 
 
 class GroundSection(Section):
@@ -210,33 +266,57 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.field=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': {key.strip()} is not a valid YAML value "
+                          f"({getattr(exc, 'problem', None) or type(exc).__name__})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> EngineConfig:
-    """Load and validate the config (the demo config when no path is given)."""
-    source = Path(path) if path else DEFAULT_CONFIG
-    data: dict = {}
-    if path is not None or source.exists():
-        try:
-            data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {source} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {source} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {source} must hold a mapping of sections, not {type(data).__name__}")
+    """Load and validate the config: a file, or a shipped config's name (the demo config when none is given)."""
+    source = resolve_config(path)
+    data = _read_yaml(source)
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
     try:
         return EngineConfig.model_validate(data)
     except ValidationError as exc:
+        # One line per problem, each naming the file and the field.
         problems = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            problems.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
-        raise ConfigError(f"invalid config {source}:\n" + "\n".join(problems)) from None
+            msg = err["msg"].removeprefix("Value error, ")
+            field, sep, rest = msg.partition(" ")
+            if err["type"] == "value_error" and sep and field.isidentifier():  # a relation check names its field
+                problems.append(f"invalid config {source}: {loc}.{field} {rest}")
+                continue
+            got = "" if err["type"] == "value_error" else f" (got {err.get('input')!r})"
+            problems.append(f"invalid config {source}: {loc}: {msg}{got}")
+        raise ConfigError("\n".join(problems)) from None
+
+
+def _read_yaml(source: Path) -> dict:
+    """The config file as a mapping; every way it can be unreadable is one line naming the file."""
+    if source.is_dir():
+        raise ConfigError(f"config file {source} is a directory; pass the path of a YAML file")
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {source} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {source} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {source} cannot be read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = " ".join(str(p) for p in (getattr(exc, "problem", None), getattr(exc, "context", None)) if p)
+        raise ConfigError(f"config file {source} is not valid YAML{where}: {what or type(exc).__name__}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {source} must hold a mapping of sections, not {type(data).__name__}")
+    return data
 
 
 def section_dict(section: BaseModel) -> dict:

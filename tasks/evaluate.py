@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .code_version import code_version
+
 Labels = Mapping[str, Iterable[str]]
 
 
@@ -373,7 +375,7 @@ def evaluate_stage(store, cfg, images, label_versions: Mapping[str, object], mod
     config = section_dict(cfg) | {"truth": [str(truth_path.resolve()), stat.st_size, int(stat.st_mtime)],
                                   "stages": list(label_versions), "models": {n: (v.ref if v else r) for (n, r), v in
                                                                              zip(models.items(), model_versions.values())}}
-    writer = store.begin(STAGE, code_version=STAGE_VERSION, config=config, parents=parents)
+    writer = store.begin(STAGE, code_version=code_version(__name__, STAGE_VERSION), config=config, parents=parents)
     if writer.committed is not None:
         return StageResult(writer.committed, "reused")
     first = next(iter(label_versions.values()))

@@ -18,6 +18,7 @@ from PIL import Image
 from storage import PartRecord, Store, StoreError, Version, VersionWriter, schemas
 from storage.shards import decode_image
 
+from .code_version import code_version
 from .config import GenerateConfig, ParseConfig, section_dict
 from .inspect import labels_version
 from .labels import load_labels
@@ -130,7 +131,7 @@ def generate(store: Store, cfg: GenerateConfig, parse_cfg: ParseConfig, images: 
     mv = model_version(store, baseline)
     ident = model_digest(mv, baseline)
     parents = [images, parsed] + ([mv] if mv else [])
-    writer = store.begin(STAGE, code_version=STAGE_VERSION, parents=parents,
+    writer = store.begin(STAGE, code_version=code_version(__name__, STAGE_VERSION), parents=parents,
                          config=section_dict(cfg) | {"baseline": ident, "parse": section_dict(parse_cfg)})
     if writer.committed is not None:
         return StageResult(writer.committed, "reused")
@@ -139,9 +140,11 @@ def generate(store: Store, cfg: GenerateConfig, parse_cfg: ParseConfig, images: 
     parser = get_parser(parse_cfg)
     tasks = parts_of(images, {"parsed": parsed}, salt=ident)
 
+    del model  # loaded here to fail before any part; part work loads its own copy once per worker process
+
     def process(w: VersionWriter, task: PartTask) -> PartRecord:
         with torch.inference_mode():
-            return generate_part(w, task, images=images, parsed=parsed, model=model, labels=labels,
-                                 parser=parser, cfg=cfg)
+            return generate_part(w, task, images=images, parsed=parsed, labels=labels, parser=parser, cfg=cfg,
+                                 model=load_model(store, baseline, device=cfg.device))
 
     return run_stage(writer, tasks, process, executor=executor, progress=progress)

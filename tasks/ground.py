@@ -22,6 +22,8 @@ from storage.schemas import REGIONS
 from storage.shards import decode_image
 from storage.store import canonical_json, digest, shard_name
 
+from .code_version import code_version
+
 OBJECT, ATTRIBUTE, ACTION, UNKNOWN = "object", "attribute", "action", "unknown"
 
 
@@ -307,7 +309,7 @@ def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progre
     lv = labels_version(store, parsed)
     labels = load_labels(store, lv)
     config = section_dict(cfg)
-    writer = store.begin(STAGE, code_version=STAGE_VERSION, config=config, parents=[images, generated, parsed])
+    writer = store.begin(STAGE, code_version=code_version(__name__, STAGE_VERSION), config=config, parents=[images, generated, parsed])
     if writer.committed is not None:
         return StageResult(writer.committed, "reused")
     categories = tag_categories(parsed, labels, SCENE_NOUNS)
@@ -319,10 +321,11 @@ def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progre
                              batch_size=det.batch_size, device=str(resolve_device(det.device)),
                              local_files_only=det.local_files_only, gd_config_file=det.gd_config_file,
                              gd_text_encoder=det.gd_text_encoder)
-    detector = worker_cached(f"detector|{det_cfg}", lambda: load_detector(det_cfg))
     tasks = parts_of(images, {"generated": generated}, salt=digest([config, sorted(categories.items())]))
 
     def process(w, task):
+        # loaded once per worker process, here: a loaded model is never shipped to a worker
+        detector = worker_cached(f"detector|{det_cfg}", lambda: load_detector(det_cfg))
         part, gen_part = task.payload["part"], task.payload["generated"]
         gen = (generated.read_file(next(f["path"] for f in gen_part.files if f["kind"] == "table"),
                                    columns=["key", "tag_ids"]) if gen_part else pa.table(
@@ -331,20 +334,28 @@ def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progre
         gcfg = GroundConfig(localisable=tuple(cfg.localisable), top_n=cfg.top_n, batch_size=cfg.batch_size,
                             crop_padding=cfg.crop_padding, crop_min_size=cfg.crop_min_size,
                             crop_format=cfg.crop_format, jpeg_quality=cfg.jpeg_quality, shard=shard_rel)
+        # In-part checkpoints belong to the writer holding this part's claim (tasks/stage.py): one at a time.
         progress_dir = f"{w.prefix}/_progress/{task.name}"
         done_tables, done_rejects, done_keys = _load_progress(store, progress_dir)
 
         def checkpoint(batch_table, crops, keys, rejects):
             name = digest(keys)
             # crops first, then the table that names them, then the keys marker: the marker proves the batch whole
-            w.placement.put_bytes(f"{progress_dir}/{name}.tar", _tar_bytes(crops))
-            w.placement.put_bytes(f"{progress_dir}/{name}.parquet", _parquet_bytes(batch_table))
-            w.placement.put_bytes(f"{progress_dir}/{name}.rejects.json", canonical_json(rejects).encode())
-            w.placement.put_bytes(f"{progress_dir}/{name}.keys.json", canonical_json(keys).encode())
+            # replace: a batch redone after a crash overwrites its unmarked leftovers (never committed files)
+            w.placement.put_bytes(f"{progress_dir}/{name}.tar", _tar_bytes(crops), replace=True)
+            w.placement.put_bytes(f"{progress_dir}/{name}.parquet", _parquet_bytes(batch_table), replace=True)
+            w.placement.put_bytes(f"{progress_dir}/{name}.rejects.json", canonical_json(rejects).encode(),
+                                  replace=True)
+            w.placement.put_bytes(f"{progress_dir}/{name}.keys.json", canonical_json(keys).encode(), replace=True)
 
         ground_part(gen, ShardImages(images, part), detector, gcfg, tag_names, categories, done_keys=done_keys,
                     checkpoint=checkpoint, keep_crops=False, source=part.name)
-        tables, rejects, batch_names = _load_progress(store, progress_dir, with_names=True)
+        tables, rejects, covered, batch_names = _load_progress(store, progress_dir, with_names=True)
+        missing = set(gen.column("key").to_pylist()) - covered
+        if missing:  # never assemble a part from some of its checkpoints
+            raise RuntimeError(f"ground part {task.name}: in-part checkpoints in {progress_dir} cover "
+                               f"{len(covered)} keys, {len(missing)} are missing (e.g. {sorted(missing)[0]}); "
+                               f"another run removed them")
         # Assemble in key order: the same part whether or not the run was interrupted.
         order = {k: i for i, k in enumerate(gen.column("key").to_pylist())}
         table = pa.concat_tables(tables) if tables else regions_table([])
@@ -404,7 +415,7 @@ def _load_progress(store, progress_dir: str, with_names: bool = False):
         rejects.extend(json.loads(store.fs.cat_file(base + ".rejects.json")))
         keys.update(json.loads(store.fs.cat_file(base + ".keys.json")))
     if with_names:
-        return tables, rejects, names
+        return tables, rejects, keys, names
     return tables, rejects, keys
 
 

@@ -16,6 +16,7 @@ from ram_model.labels import TAG_LIST_FILE, LabelSystem, build_label_system, def
 from storage import Store, StoreError, Version
 from storage.store import digest
 
+from .code_version import code_version
 from .models import cache_dir, worker_cached
 
 STAGE = "labels"
@@ -40,7 +41,7 @@ def register_labels(store: Store, labels: LabelSystem, parents: list[Version] = 
     with tempfile.TemporaryDirectory() as tmp:
         labels.save(tmp)
         files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
-    writer = store.begin(STAGE, code_version=STAGE_VERSION,
+    writer = store.begin(STAGE, code_version=code_version(__name__, STAGE_VERSION),
                          config={"content": digest({k: v.hex() for k, v in files.items()}), "note": note},
                          parents=list(parents))
     committed = writer.committed

@@ -90,6 +90,7 @@ def load_model(store: Store, ref: str, device: str = "auto", tags_file: str | No
         elif Path(ref).is_dir():
             model = from_pretrained(ref, map_location=dev)
         elif Path(ref).is_file():
+            # an official checkpoint outside the store: RAM's packaged tag list and thresholds by default
             model = load_official(ref, tags=tags_file, thresholds=thresholds_file, map_location=dev)
         else:
             raise StoreError(f"model {ref!r} is neither a store ref (models/<name>[@version]), a folder written "
@@ -113,3 +114,62 @@ def model_digest(version: Version | None, ref: str) -> str:
         st = p.stat()
         return hashlib.sha256(f"{p.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
     return ref
+
+
+def official_files(model_cfg) -> dict[str, str | None]:
+    """The files that go with an official checkpoint, by config field (None: RAM's packaged reference files)."""
+    return {"model.tag_list": model_cfg.tag_list, "model.tag_list_chinese": model_cfg.tag_list_chinese,
+            "model.thresholds": model_cfg.thresholds, "model.tokenizer": model_cfg.tokenizer}
+
+
+def load_official_with_files(path: str, model_cfg, device: str = "cpu"):
+    """An official .pth with its tag list, Chinese names (checked against the list), per-class thresholds
+    and caption tokenizer as the config names them; RAM's packaged files where a field is empty."""
+    from ram_model.checkpoint import load_official
+    from ram_model.labels import LabelSystem
+    from ram_model.tokenizer import load_tokenizer
+
+    tag_list = model_cfg.tag_list or _packaged("ram_tag_list.txt")
+    # RAM's per-class thresholds go with RAM's tag list; a tag list of one's own needs its own thresholds
+    thresholds = model_cfg.thresholds or (None if model_cfg.tag_list else _packaged("ram_tag_list_threshold.txt"))
+    labels = LabelSystem.from_files(tag_list, thresholds=thresholds, chinese=model_cfg.tag_list_chinese)
+    tags = list(labels.tags)
+    thresholds = labels.thresholds if thresholds else None
+    tokenizer = load_tokenizer(model_cfg.tokenizer) if model_cfg.tokenizer else None
+    return load_official(path, tags=tags, thresholds=thresholds, tokenizer=tokenizer,
+                         image_size=model_cfg.image_size, map_location=resolve_device(device))
+
+
+def _packaged(name: str) -> str:
+    from importlib import resources
+
+    return str(resources.files("ram_model.data") / name)
+
+
+def import_official(store: Store, path: str, model_cfg, name: str):
+    """An official checkpoint as a model version `models/<name>` (our format, with its tag list, thresholds
+    and tokenizer), so every stage and worker loads it from the store and lineage names it. Imported once:
+    the same file and companion files find the committed version."""
+    import shutil
+    import tempfile
+
+    from .stage import StageResult
+
+    files = {k: model_digest(None, v) if v else None for k, v in official_files(model_cfg).items()}
+    config = {"source": model_digest(None, path), "files": files, "image_size": model_cfg.image_size}
+    writer = store.begin(f"models/{name}", code_version="import-official-1", config=config)
+    if writer.committed is not None:
+        return StageResult(writer.committed, "reused")
+    log.info("importing official checkpoint %s as models/%s", path, name)
+    model = load_official_with_files(path, model_cfg)
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir()))
+    try:
+        model.save_pretrained(tmp)
+        del model
+        out = {str(p.relative_to(tmp)): str(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        writer.write_files("model", out, metrics={"source": os.path.basename(path)})
+        version = writer.commit(metrics={"imported_from": os.path.basename(path)})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return StageResult(version, "written", parts_written=1)

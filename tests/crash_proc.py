@@ -4,7 +4,8 @@
 
 POINT: before-part (a stage's first part is about to be written), mid-file (a file is half written),
 mid-part (a part's files are in place, its record is not), before-manifest (all parts are whole,
-the manifest is not written). STAGE is a store stage (images, parsed, models/baseline, generated,
+the manifest is not written), slow (runs to the end, pausing after each part record or in-part checkpoint
+of STAGE, so that a second run can start while this one is inside the stage). STAGE is a store stage (images, parsed, models/baseline, generated,
 regions, embeddings, clean, models/ram, evaluate) or "none" to run to the end.
 """
 import json
@@ -35,6 +36,18 @@ def main(config_json: str, stage: str, point: str) -> None:
 
     if point == "none":
         pass
+    elif point == "slow":
+        import time
+
+        original_put = sfs.Placement.put_bytes
+
+        def slow_put(self, rel, data, **kwargs):
+            info = original_put(self, rel, data, **kwargs)
+            if rel.startswith(prefix) and ("/_parts/" in rel or rel.endswith(".keys.json")):
+                time.sleep(float(os.environ.get("RAM_TEST_PAUSE_S", "1.5")))
+            return info
+
+        sfs.Placement.put_bytes = slow_put
     elif point == "before-part":
         for name in ("write_part", "write_files"):
             original = getattr(sstore.VersionWriter, name)

@@ -78,6 +78,22 @@ def cli_commands() -> set[str]:
     return set(typer.main.get_command(app).commands)
 
 
+def engine_invocations(service: dict) -> list[list[str]]:
+    """The `ram-engine` argument lists a service runs: its command under the image's entrypoint, or each
+    `ram-engine …` of an `sh -c` script (e.g. `check && exec … serve`)."""
+    import shlex
+
+    if service.get("entrypoint") in (["sh", "-c"], ["/bin/sh", "-c"]):
+        runs = []
+        for part in " ".join(service["command"]).split("&&"):
+            words = shlex.split(part)
+            words = words[1:] if words and words[0] == "exec" else words
+            assert words and words[0] == "ram-engine", f"the script runs {part!r}, not ram-engine"
+            runs.append(words[1:])
+        return runs
+    return [list(service["command"])]
+
+
 def test_compose_services_call_existing_cli_commands_and_configs():
     from tasks.config import load_config
 
@@ -86,24 +102,25 @@ def test_compose_services_call_existing_cli_commands_and_configs():
     assert ours, "no service runs the engine image"
     for name, service in ours.items():
         assert (ROOT / "docker" / service["build"]["context"] / service["build"]["dockerfile"]).resolve().exists()
-        command = list(service["command"])
-        words, i = [], 0
-        while i < len(command):  # the first word that is not a global option or its value is the command
-            if command[i] in ("--config", "-c", "--set", "-s", "--store", "--engine"):
-                i += 2
-            else:
-                words.append(command[i])
-                i += 1
-        assert words and words[0] in cli_commands(), (
-            f"compose service {name} runs `ram-engine {words[0] if words else ''}`, which flows.cli does not "
-            f"define (commands: {sorted(cli_commands())})")
-        if "--config" in command:
-            path = command[command.index("--config") + 1]
-            assert path.startswith("/app/"), "configs are copied to /app/configs in the image"
-            cfg = load_config(ROOT / path.removeprefix("/app/"))
-            assert cfg.store.url.startswith("s3://")
-            endpoint = cfg.store.storage_options["client_kwargs"]["endpoint_url"]
-            assert endpoint.split("//")[1].split(":")[0] in services, f"{endpoint} is not a compose service"
+        for command in engine_invocations(service):
+            words, i = [], 0
+            while i < len(command):  # the first word that is not a global option or its value is the command
+                if command[i] in ("--config", "-c", "--set", "-s", "--store", "--engine"):
+                    i += 2
+                else:
+                    words.append(command[i])
+                    i += 1
+            assert words and words[0] in cli_commands(), (
+                f"compose service {name} runs `ram-engine {words[0] if words else ''}`, which flows.cli does not "
+                f"define (commands: {sorted(cli_commands())})")
+            option = next((o for o in ("--config", "-c") if o in command), None)
+            if option:
+                given = command[command.index(option) + 1]
+                # a shipped config's name, or its path in the image
+                cfg = load_config(ROOT / given.removeprefix("/app/") if given.startswith("/app/") else given)
+                assert cfg.store.url.startswith("s3://")
+                endpoint = cfg.store.storage_options["client_kwargs"]["endpoint_url"]
+                assert endpoint.split("//")[1].split(":")[0] in services, f"{endpoint} is not a compose service"
         env = service["environment"]
         assert env["PREFECT_API_URL"].startswith("http://prefect-server:")
         assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env)

@@ -1,10 +1,15 @@
-"""Hostile inputs: 30 kinds of bad image and caption. Each is used correctly or rejected with its
-reason, nothing crashes, and counts reconcile in every stage of the loop."""
+"""Hostile inputs: bad images and captions through the whole loop (each used correctly or rejected
+with its reason, nothing crashes, counts reconcile in every stage), then one test per class of
+hostile source: name limits, container bombs, bad fields, silent losses, untrusted decoders,
+contradictory configuration and duplicate keys across parts."""
 from __future__ import annotations
 
+import csv
 import io
 import json
+import os
 import struct
+import tarfile
 import zlib
 from pathlib import Path
 
@@ -14,7 +19,10 @@ from PIL import Image
 
 from flows.data_engine import data_engine_flow
 from storage import Store
-from tasks.config import load_config
+from storage.shards import write_tar
+from tasks.config import ConfigError, IngestConfig, load_config
+from tasks.ground import crop_key
+from tasks.ingest import MAX_KEY_CHARS, folder_key, ingest, make_key, validate_image
 
 RED_SQUARE = "a red square on the grass"
 
@@ -40,6 +48,14 @@ def png_bomb(width=20000, height=20000) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\x00" * 4096)) + chunk(b"IEND", b""))
 
 
+# A PostScript program named .jpg: Pillow would hand it to Ghostscript where `gs` exists.
+EPS_PROGRAM = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n0 0 moveto 64 64 lineto stroke\nshowpage\n"
+
+
+def float_tiff(value: float, size=(64, 48)) -> bytes:
+    return encode(Image.fromarray(np.full((size[1], size[0]), value, np.float32), "F"), "TIFF")
+
+
 def corpus() -> list[tuple[str, bytes | None, object, str]]:
     """(file name, image bytes or None when absent, captions, expected: 'used' or the reject reason)."""
     good = encode(scene(0), "JPEG")
@@ -59,7 +75,7 @@ def corpus() -> list[tuple[str, bytes | None, object, str]]:
         ("ok2.png", png, ["a red box on grass", "a square"], "used"),
         ("zero.jpg", b"", RED_SQUARE, "empty-file"),
         ("truncated.jpg", good[: len(good) // 2], RED_SQUARE, "decode-error"),
-        ("truncated.png", png[: len(png) // 2], RED_SQUARE, "decode-error"),
+        ("truncated-png.png", png[: len(png) // 2], RED_SQUARE, "decode-error"),  # own key: not a duplicate
         ("wrongext.jpg", png, RED_SQUARE, "used"),                      # a PNG named .jpg decodes as PNG
         ("page.jpg", b"<!DOCTYPE html><html><body>404</body></html>", RED_SQUARE, "not-an-image"),
         ("random.png", bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)), RED_SQUARE,
@@ -89,6 +105,12 @@ def corpus() -> list[tuple[str, bytes | None, object, str]]:
         ("mixed.jpg", encode(scene(15), "JPEG"), ["a red square on the grass", "красный квадрат на траве"], "used"),
         ("dup.jpg", encode(scene(16), "JPEG"), RED_SQUARE, "used"),
         ("dup.png", encode(scene(17), "PNG"), RED_SQUARE, "duplicate-key"),       # the same key as dup.jpg
+        # Keys over USTAR's 100 characters: the crop key (`_t<id>_<rank>`) must pass ground too.
+        ("k" * 94 + ".jpg", encode(scene(18), "JPEG"), RED_SQUARE, "used"),
+        ("l" * 200 + ".jpg", encode(scene(19), "JPEG"), RED_SQUARE, "used"),
+        ("/".join(["nested-folder-level"] * 6) + "/deep.jpg", encode(scene(20), "JPEG"), RED_SQUARE, "used"),
+        ("floatnan.tif", float_tiff(np.nan), RED_SQUARE, "invalid-pixels"),
+        ("program.jpg", EPS_PROGRAM, RED_SQUARE, "not-an-image"),
     ]
 
 
@@ -97,6 +119,7 @@ def write_source(root: Path) -> Path:
     lines = []
     for name, data, captions, _ in corpus():
         if data is not None:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
             (root / name).write_bytes(data)
         if captions is None:
             continue
@@ -141,7 +164,7 @@ def test_each_input_is_used_or_rejected_with_its_reason(hostile_run):
     used = {r["key"]: r for r in images.read_table().to_pylist()}
     rejects = {r["key"]: r for r in images.rejects().to_pylist()}
     for name, _, _, expected in corpus():
-        key = name.rsplit(".", 1)[0]
+        key = folder_key(name)
         if expected == "used":
             assert key in used, f"{name} should be used; rejected: {rejects.get(key)}"
         else:
@@ -159,6 +182,13 @@ def test_each_input_is_used_or_rejected_with_its_reason(hostile_run):
     # The non-Latin caption is rejected by the parse stage with its reason; its Latin sibling is parsed.
     parsed_rejects = {(r["key"], r["field"]): r["reason"] for r in results["parse"].version.rejects().to_pylist()}
     assert parsed_rejects.get(("mixed", "captions[1]")) == "non-latin-script"
+    # Long keys went through every stage: bounded, and their crops (key + `_t<id>_<rank>`) were written.
+    long_keys = {folder_key(name) for name, *_ in corpus() if len(folder_key(name)) >= 94}
+    assert len(long_keys) == 3 and all(len(k) <= MAX_KEY_CHARS for k in long_keys)
+    for stage in ("parse", "generate"):
+        assert long_keys <= set(results[stage].version.read_table(columns=["key"]).column("key").to_pylist()), stage
+    crop_keys = {s["__key__"] for s in Store(cfg.store.url).open("regions").iter_samples()}
+    assert any(len(k) > 100 for k in crop_keys), "no crop of a long key was written"
 
 
 def test_counts_reconcile_in_every_stage(hostile_run):
@@ -169,3 +199,356 @@ def test_counts_reconcile_in_every_stage(hostile_run):
     store = Store(cfg.store.url)
     assert results["ingest"].version.manifest["rows_in"] == len(corpus()) + 12
     assert store.open("clean").manifest["rows_in"] == results["generate"].version.manifest["rows_out"]
+
+
+# ============================================================================ hostile sources, by class
+# Each class below used to cost more than one sample (a part, the whole ingest, memory, or samples
+# lost without a count); each test holds the filed examples and cases of our own.
+def tar_with(path: Path, members: list[tuple[str, bytes]], mode: str = "w") -> Path:
+    """A tar holding exactly these members, in this order (a sample's members need not be adjacent)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, mode, format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def ingest_source(tmp_path: Path, source: Path, store: str = "store", **cfg):
+    return ingest(Store(str(tmp_path / store)), IngestConfig(**cfg), source=str(source)).version
+
+
+def reconciles(version) -> bool:
+    m = version.manifest
+    return m["rows_in"] == m["rows_out"] + m["rows_rejected"]
+
+
+def keys_of(version) -> list[str]:
+    return version.read_table(columns=["key"]).column("key").to_pylist()
+
+
+def rejects_of(version) -> dict[str, dict]:
+    return {r["key"]: r for r in version.rejects().to_pylist()}
+
+
+JPEG = encode(scene(50), "JPEG")
+
+
+# ---- 1. name limits ---------------------------------------------------------------------------------
+def test_keys_of_any_length_work_and_outside_readers_see_them_whole(tmp_path):
+    import webdataset as wds
+
+    names = ["a" * 94, "b" * 120, "c" * 400, "c" * 399 + "d",                    # c*: same head, distinct keys
+             "/".join(["folder"] * 30) + "/img", "ünïcödé-" + "x" * 100]
+    members = [(f"{n}.{ext}", data) for n in names for ext, data in (("jpg", JPEG), ("txt", RED_SQUARE.encode()))]
+    v = ingest_source(tmp_path, tar_with(tmp_path / "src" / "long.tar", members))
+    keys = keys_of(v)
+    assert len(keys) == len(names) == len(set(keys)) and v.manifest["rows_rejected"] == 0
+    assert all(len(k) <= MAX_KEY_CHARS for k in keys) and "a" * 94 in keys and "b" * 120 in keys
+    assert make_key("c" * 400) != make_key("c" * 399 + "d")       # cut keys end in a digest of the whole name
+    # The crop keys ground derives (`<key>_t<id>_<rank>`) pass the shard writer; outside readers see
+    # every member name whole (PAX headers), and webdataset groups them back into samples.
+    crops = [{"__key__": crop_key(k, 4585, 12), "jpg": JPEG} for k in keys]
+    shard = tmp_path / "crops.tar"
+    with open(shard, "wb") as fh:
+        write_tar(fh, crops)
+    with tarfile.open(shard) as tar:
+        assert sorted(tar.getnames()) == sorted(f"{c['__key__']}.jpg" for c in crops)
+    seen = [s["__key__"] for s in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False)]
+    assert sorted(seen) == sorted(c["__key__"] for c in crops)
+    assert max(len(k) for k in seen) > 100
+    with open(v.store.abs(v.files("shard")[0]["path"]), "rb") as fh, tarfile.open(fileobj=fh) as tar:
+        assert {n.rsplit(".", 1)[0] for n in tar.getnames()} == set(keys)
+
+
+def test_short_keys_keep_their_exact_shard_bytes():
+    """PAX headers appear only where USTAR cannot hold the name: old shards stay byte-identical."""
+    ustar, pax = io.BytesIO(), io.BytesIO()
+    with tarfile.open(fileobj=ustar, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("k.txt")
+        info.size, info.mode = 1, 0o444
+        tar.addfile(info, io.BytesIO(b"x"))
+    write_tar(pax, [{"__key__": "k", "txt": b"x"}])
+    assert pax.getvalue() == ustar.getvalue()
+
+
+# ---- 2. container bombs -------------------------------------------------------------------------------
+class Zeros(io.RawIOBase):
+    """`n` zero bytes as a stream, never all in memory."""
+
+    def __init__(self, n: int):
+        self.left = n
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        k = min(len(b), self.left)
+        b[:k] = bytes(k)
+        self.left -= k
+        return k
+
+
+def gz_bomb(path: Path, member_bytes: int, extra: list[tuple[str, bytes]] = ()) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        for name, data in extra:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("bomb.jpg")
+        info.size = member_bytes
+        tar.addfile(info, io.BufferedReader(Zeros(member_bytes)))
+        for name, data in [("bomb.txt", RED_SQUARE.encode())]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_container_bombs_cost_one_sample_and_bounded_memory(tmp_path):
+    import tracemalloc
+
+    src = tmp_path / "src"
+    gz_bomb(src / "bomb.tar.gz", 48 * 2**20, extra=[("ok.jpg", JPEG), ("ok.txt", RED_SQUARE.encode())])
+    tar_with(src / "sub" / "dir" / "nested.tar", [("n.jpg", JPEG), ("n.txt", RED_SQUARE.encode()),
+                                                  ("bigcap.jpg", JPEG), ("bigcap.txt", b"word " * 300_000)])
+    tar_with(src / "z.tgz", [("t.jpg", JPEG), ("t.txt", b"from a tgz")], mode="w:gz")
+    tar_with(src / "y.tar.xz", [("x.jpg", JPEG), ("x.txt", b"from an xz tar")], mode="w:xz")
+    tar_with(src / "w.tar.bz2", [("w.jpg", JPEG), ("w.txt", b"from a bz2 tar")], mode="w:bz2")
+    tracemalloc.start()
+    v = ingest_source(tmp_path, src, max_image_bytes=2**20, max_caption_bytes=2**20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 * 2**20, f"peak traced memory {peak} bytes for a 48 MiB member"
+    assert sorted(keys_of(v)) == ["n", "ok", "t", "w", "x"]     # compressed and nested tars are read
+    rejects = rejects_of(v)
+    assert rejects["bomb"]["reason"] == "member-too-large" and "max_image_bytes" in rejects["bomb"]["detail"]
+    assert rejects["bigcap"]["reason"] == "member-too-large" and "max_caption_bytes" in rejects["bigcap"]["detail"]
+    assert reconciles(v) and v.manifest["rows_in"] == 7
+
+
+def test_oversized_folder_files_and_caption_rows_are_rejected_unread(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok.jpg").write_bytes(JPEG)
+    (src / "huge.jpg").write_bytes(JPEG + bytes(3 * 2**20))
+    (src / "captions.jsonl").write_text("\n".join(
+        [json.dumps({"file": "ok.jpg", "caption": RED_SQUARE}), json.dumps({"file": "huge.jpg", "caption": "x"}),
+         json.dumps({"file": "gone.jpg", "caption": "y" * 3 * 2**20})]) + "\n")
+    v = ingest_source(tmp_path, src, max_image_bytes=2**20, max_caption_bytes=2**20)
+    rejects = rejects_of(v)
+    assert keys_of(v) == ["ok"] and rejects["huge"]["reason"] == "file-too-large"
+    assert rejects["captions_jsonl_3"]["reason"] == "captions-row-too-large"
+    assert reconciles(v)
+
+
+# ---- 3. one bad field costs one sample ------------------------------------------------------------
+@pytest.mark.parametrize("caption,reason", [
+    (7, "bad-caption-type"), ([1, 2], "bad-caption-type"), ({"en": "a dog"}, "bad-caption-type"),
+    (["a dog", None], "bad-caption-type"), (True, "bad-caption-type"), ("caf\ud800", "caption-not-utf8")])
+def test_a_bad_caption_field_costs_its_sample(tmp_path, caption, reason):
+    """In a tar's JSON sidecar and in captions.jsonl alike: the sample is rejected with file, line and
+    field; every other sample is used."""
+    sidecar = json.dumps({"caption": caption}).encode()
+    tar = tar_with(tmp_path / "tar" / "00000.tar", [("good.jpg", JPEG), ("good.json", b'{"caption": "a dog"}'),
+                                                    ("bad.jpg", JPEG), ("bad.json", sidecar)])
+    v = ingest_source(tmp_path, tar, store="s1")
+    assert keys_of(v) == ["good"] and rejects_of(v)["bad"]["reason"] == reason
+    assert rejects_of(v)["bad"]["field"] == "json" and "bad.json" in rejects_of(v)["bad"]["detail"]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(JPEG)
+    (folder / "bad.jpg").write_bytes(JPEG)
+    (folder / "captions.jsonl").write_text(json.dumps({"file": "good.jpg", "caption": "a dog"}) + "\n"
+                                           + json.dumps({"file": "bad.jpg", "caption": caption}) + "\n")
+    v = ingest_source(tmp_path, folder, store="s2")
+    bad = rejects_of(v)["bad"]
+    assert keys_of(v) == ["good"] and bad["reason"] == reason and bad["field"] == "caption"
+    assert "captions.jsonl:2" in bad["detail"] and reconciles(v)
+
+
+def test_json_nested_past_the_parser_costs_one_sample(tmp_path):
+    deep = b"[" * 200_000 + b"]" * 200_000
+    tar = tar_with(tmp_path / "tar" / "0.tar", [("good.jpg", JPEG), ("good.txt", b"a dog"),
+                                                ("deep.jpg", JPEG), ("deep.json", deep)])
+    v = ingest_source(tmp_path, tar, store="s1")
+    assert keys_of(v) == ["good"] and rejects_of(v)["deep"]["reason"] == "bad-caption-json"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(JPEG)
+    (folder / "captions.jsonl").write_bytes(json.dumps({"file": "good.jpg", "caption": "a dog"}).encode()
+                                            + b"\n" + deep + b"\n")
+    v = ingest_source(tmp_path, folder, store="s2")
+    assert keys_of(v) == ["good"] and rejects_of(v)["captions_jsonl_2"]["reason"] == "bad-captions-row"
+    assert reconciles(v)
+
+
+def test_folder_source_names_and_csv_rows_cost_only_themselves(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        (src / name).write_bytes(JPEG)
+    os.makedirs(os.fsencode(src / "sub"), exist_ok=True)
+    with open(os.fsencode(src) + b"/sub/caf\xe9.jpg", "wb") as fh:   # a Latin-1 file name: not UTF-8
+        fh.write(JPEG)
+    long_caption = "a long caption " * 14_000                          # 210 KB: over csv's 128 KiB default
+    with open(src / "captions.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "caption"])
+        w.writerow(["a.jpg", "a red square\non two lines, \"quoted\""])   # a quoted multi-line caption
+        w.writerow(["b.jpg", long_caption])
+        w.writerow(["c.jpg", "a third caption", "and a second one"])
+        fh.write('d.jpg,"never closed\n')
+    v = ingest_source(tmp_path, src)
+    rows = {r["key"]: r for r in v.read_table().to_pylist()}
+    assert rows["a"]["captions"] == ['a red square on two lines, "quoted"']     # not cut at its first line
+    assert rows["b"]["captions"][0].startswith("a long caption") and len(rows["b"]["captions"][0]) <= 1000
+    assert rows["c"]["captions"] == ["a third caption", "and a second one"]
+    rejects = rejects_of(v)
+    latin = next(r for r in rejects.values() if r["reason"] == "file-name-not-utf8")
+    assert "caf\\udce9.jpg" in latin["detail"] and latin["field"] == "file"
+    assert any(r["reason"] == "bad-captions-row" and "captions.csv:6" in r["source"] for r in rejects.values())
+    assert rejects["d"]["reason"] == "missing-caption"
+    assert reconciles(v)
+
+
+# ---- 4. silent losses -----------------------------------------------------------------------------
+def test_tar_layouts_lose_no_sample_and_count_each_once(tmp_path):
+    n = 6
+    by_ext = ([(f"{i}.jpg", JPEG) for i in range(n)] + [(f"{i}.txt", f"caption {i}".encode()) for i in range(n)]
+              + [(f"{i}.json", b'{"url": "x"}') for i in range(n)])                # tar cf x.tar *.jpg *.txt *.json
+    apple = [m for i in range(n) for m in ((f"._{i}.jpg", b"\x00\x05\x16\x07AppleDouble"), (f"{i}.jpg", JPEG),
+                                           (f"._{i}.txt", b"\x00\x05\x16\x07"), (f"{i}.txt", b"a thing"))]
+    apple += [("__MACOSX/._stray.jpg", b"x"), (".DS_Store", b"x")]
+    cases = {"by-extension": (by_ext, n, 0), "appledouble": (apple, n, 0),
+             "no-extension": ([("0.jpg", JPEG), ("0.txt", b"a"), ("README", b"x"), ("trailing.", b"y")], 1, 2)}
+    for name, (members, out, rejected) in cases.items():
+        for spool in (0, 2**20):           # spilled to disk at once, or held in memory
+            v = ingest_source(tmp_path, tar_with(tmp_path / name / "x.tar", members), store=f"{name}{spool}",
+                              spool_bytes=spool)
+            m = v.manifest
+            assert (m["rows_out"], m["rows_rejected"], m["rows_in"]) == (out, rejected, out + rejected), name
+            assert len(set(keys_of(v))) == out, name
+    rows = {r["key"]: r for r in v.read_table().to_pylist()}
+    assert set(rows) == {"0"}
+    assert {r["reason"] for r in rejects_of(v).values()} == {"member-without-extension"}
+
+
+def test_a_nul_in_a_member_name_is_counted_not_lost(tmp_path):
+    path = tar_with(tmp_path / "src" / "x.tar", [("good.jpg", JPEG), ("good.txt", b"a"), ("cutXjpg.jpg", JPEG)])
+    data = bytearray(path.read_bytes())
+    at = data.find(b"cutXjpg.jpg")
+    data[at + 3] = 0                                           # the name now reads "cut" (NUL-cut)
+    header = data[at:at + 512]
+    header[148:156] = b" " * 8
+    header[148:155] = f"{sum(header):06o}\0".encode()          # a valid checksum for the edited header
+    data[at:at + 512] = header
+    path.write_bytes(bytes(data))
+    v = ingest_source(tmp_path, path)
+    assert keys_of(v) == ["good"] and v.manifest["rows_in"] == 2 and reconciles(v)
+    assert rejects_of(v)["cut"]["reason"] == "member-without-extension"
+
+
+# ---- 5. decoders reached by untrusted bytes ---------------------------------------------------------
+def test_only_accepted_formats_reach_a_decoder(tmp_path, monkeypatch):
+    """An EPS program named .jpg never reaches Ghostscript (a stub `gs` proves it), and a float TIFF
+    of NaNs is rejected instead of becoming a black image."""
+    bin_dir, marker = tmp_path / "bin", tmp_path / "gs-was-run"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    ico, ppm = io.BytesIO(), io.BytesIO()
+    scene(1).save(ico, "ICO")
+    scene(2).save(ppm, "PPM")
+    cfg = IngestConfig()
+    for data in (EPS_PROGRAM, b"\xc5\xd0\xd3\xc6" + EPS_PROGRAM, ico.getvalue(), ppm.getvalue()):
+        out, problem = validate_image(data, cfg)
+        assert out is None and problem[0] == "not-an-image", problem
+    assert not marker.exists()
+    for value in (np.nan, np.inf):
+        out, problem = validate_image(float_tiff(value), cfg)
+        assert out is None and problem[0] == "invalid-pixels"
+    out, problem = validate_image(float_tiff(0.5), cfg)                 # finite floats are still used
+    assert problem is None and out["width"] == 64
+
+
+# ---- 6. contradictory or hostile configuration ------------------------------------------------------
+@pytest.mark.parametrize("overrides,field", [
+    (["ingest.min_side=2000", "ingest.max_side=1000"], "ingest.min_side"),
+    (["ingest.min_side=100", "ingest.max_pixels=5000"], "ingest.max_pixels"),
+    (["generate.min_length=40", "generate.max_length=10"], "generate.min_length"),
+    (["ground.detector.shortest_edge=900", "ground.detector.longest_edge=800"], "ground.detector.shortest_edge"),
+    (["ingest.max_image_bytes=10"], "ingest.max_image_bytes"),
+    (["ingest.min_side=[1,"], "ingest.min_side")])
+def test_contradictory_config_is_one_line_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, overrides)
+    assert "\n" not in str(exc.value) and field in str(exc.value)
+
+
+def test_unreadable_config_files_are_one_line_errors(tmp_path):
+    bad = {"a-directory": None, "open.yaml": b"ingest: {min_side: [1, 2\n", "latin1.yaml": b"ingest: {source: caf\xe9}\n",
+           "list.yaml": b"- 1\n- 2\n", "tabs.yaml": b"ingest:\n\tsource: x\n"}
+    for name, content in bad.items():
+        path = tmp_path / name
+        path.mkdir() if content is None else path.write_bytes(content)
+        with pytest.raises(ConfigError) as exc:
+            load_config(path)
+        assert "\n" not in str(exc.value) and str(path) in str(exc.value), name
+
+
+# ---- 7. duplicate keys across parts -----------------------------------------------------------------
+def sample_tar(path: Path, keys: list[str], caption: str) -> Path:
+    return tar_with(path, [m for k in keys for m in ((f"{k}.jpg", JPEG), (f"{k}.txt", caption.encode()))])
+
+
+def test_duplicate_keys_across_parts_are_rejected_naming_both_sources(tmp_path):
+    src = tmp_path / "src"
+    sample_tar(src / "a.tar", [f"{i:04d}" for i in range(6)], "from a")
+    sample_tar(src / "b.tar", [f"{i:04d}" for i in range(3, 9)], "from b")
+    runs = [ingest_source(tmp_path, src, store=f"store{i}") for i in range(2)]
+    for v in runs:
+        rows = {r["key"]: r for r in v.read_table().to_pylist()}
+        assert len(rows) == len(keys_of(v)) == 9 and reconciles(v)
+        assert rows["0004"]["captions"] == ["from a"] and rows["0008"]["captions"] == ["from b"]
+        dup = rejects_of(v)["0004"]
+        assert dup["reason"] == "duplicate-key" and "a.tar:0004" in dup["detail"] and dup["source"] == "b.tar:0004"
+    assert runs[0].id == runs[1].id and runs[0].rejects().to_pylist() == runs[1].rejects().to_pylist()
+
+
+def test_incremental_ingest_keeps_the_keys_it_extends(tmp_path):
+    """New data that sorts before the old and reuses its keys is what gets rejected; the old parts
+    are referenced as they are."""
+    src = tmp_path / "src"
+    sample_tar(src / "b.tar", ["k1", "k2"], "old")
+    store = Store(str(tmp_path / "store"))
+    first = ingest(store, IngestConfig(), source=str(src))
+    sample_tar(src / "a.tar", ["k2", "k3"], "new")
+    grown = ingest(store, IngestConfig(), source=str(src))
+    assert grown.parts_reused == 1 and grown.parts_written == 1
+    rows = {r["key"]: r["captions"] for r in grown.version.read_table().to_pylist()}
+    assert rows == {"k1": ["old"], "k2": ["old"], "k3": ["new"]}
+    dup = rejects_of(grown.version)["k2"]
+    assert dup["reason"] == "duplicate-key" and "b.tar:k2" in dup["detail"] and reconciles(grown.version)
+    assert ingest(store, IngestConfig(), source=str(src)).status == "reused"
+    assert first.version.read_table().to_pylist() == [r for r in grown.version.read_table().to_pylist()
+                                                     if r["source"].startswith("b.tar")]
+
+
+def test_folder_keys_are_unique_across_parts_and_missing_files_take_none(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("x.jpg", "x.png", "y.png", "z.jpg"):
+        (src / name).write_bytes(JPEG)
+    (src / "captions.jsonl").write_text("".join(json.dumps({"file": n, "caption": f"a {n}"}) + "\n"
+                                                for n in ("x.jpg", "x.png", "y.jpg", "y.png", "z.jpg")))
+    v = ingest_source(tmp_path, src, part_size=1)               # part_size 1: every file is a part of its own
+    assert len(v.parts) == 5 and reconciles(v)
+    rows = {r["key"]: r["captions"] for r in v.read_table().to_pylist()}
+    assert rows == {"x": ["a x.jpg"], "y": ["a y.png"], "z": ["a z.jpg"]}
+    rejects = v.rejects().to_pylist()
+    assert sorted((r["key"], r["reason"]) for r in rejects) == [("x", "duplicate-key"), ("y", "missing-image")]
+    assert next(r for r in rejects if r["reason"] == "duplicate-key")["source"].startswith("x.png")

@@ -257,3 +257,55 @@ def test_cli_ingests_several_sources(i2d, tmp_path):
     v = Store(str(store)).open("images")
     assert len(v.parts) == 2 and v.manifest["rows_out"] == 10
     assert [s["format"] for s in v.manifest["sources"]] == ["files", "webdataset"]
+
+
+# --------------------------------------------------------------------------- 5. img2dataset under the ingest limits
+def test_img2dataset_keys_are_unique_across_its_shards(i2d, tmp_path):
+    """Two shards of one img2dataset folder that repeat keys (a re-run written into the same folder): the
+    cross-part key claims cover every format, so the second shard's samples are rejected naming the first."""
+    for fmt in FORMATS:
+        src = tmp_path / fmt
+        shutil.copytree(i2d / "resized" / fmt, src)
+        for name in os.listdir(src):
+            if name.startswith("00000"):
+                target = src / name.replace("00000", "00001", 1)
+                (shutil.copytree if (src / name).is_dir() else shutil.copy)(src / name, target)
+        v = ingest(Store(str(tmp_path / f"store-{fmt}")), IngestConfig(), source=str(src)).version
+        keys = v.read_table().column("key").to_pylist()
+        assert len(keys) == len(set(keys)) == 5, fmt
+        dups = [r for r in v.rejects().to_pylist() if r["reason"] == "duplicate-key"]
+        assert len(dups) == 8 and all("00000" in d["detail"] and d["source"].startswith("00001") for d in dups), fmt
+        assert v.manifest["rows_in"] == v.manifest["rows_out"] + v.manifest["rows_rejected"] == 16, fmt
+
+
+@pytest.mark.parametrize("fmt", ("parquet", "files"))
+def test_an_oversized_img2dataset_image_costs_its_sample(i2d, tmp_path, fmt):
+    """The byte limits hold for img2dataset's parquet cells and files as for tar members."""
+    v = ingest(Store(str(tmp_path)), IngestConfig(max_image_bytes=2048), source=str(i2d / "resized" / fmt)).version
+    rows = _by_source_key(v.read_table().to_pylist())
+    rejects = _by_source_key(v.rejects().to_pylist())
+    big = {k for k, r in rejects.items() if r["reason"] == "member-too-large"}
+    assert big and not big & set(rows) and all("max_image_bytes" in rejects[k]["detail"] for k in big)
+    assert len(rows) + len(big) == 5 and v.manifest["rows_in"] == 8
+
+
+def test_hostile_metadata_fields_cost_nothing(tmp_path):
+    """Sizes that are no int32, a URL that is an object: the metadata columns get null or JSON, the sample
+    is used, and the part is not lost."""
+    import tarfile
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, "JPEG")
+    meta = {"caption": "a red square", "url": {"not": "a string"}, "original_width": 2**40,
+            "original_height": -5, "status": ["success"]}
+    src = tmp_path / "src"
+    src.mkdir()
+    with tarfile.open(src / "00000.tar", "w") as tar:
+        for name, data in (("k.jpg", buf.getvalue()), ("k.json", json.dumps(meta).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    v = ingest(Store(str(tmp_path / "store")), IngestConfig(), source=str(src)).version
+    [row] = v.read_table().to_pylist()
+    assert row["captions"] == ["a red square"] and row["url"] == '{"not": "a string"}'
+    assert row["original_width"] is None and row["original_height"] is None and row["status"] == '["success"]'

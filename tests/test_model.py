@@ -337,3 +337,110 @@ def test_transform_and_errors(tiny):
         tiny.tag_probs(torch.randn(1, 3, 96, 96))
     with pytest.raises(ValueError, match="tag_targets"):
         tiny.training_losses(torch.randn(1, 3, 64, 64), torch.zeros(1, 3))
+
+
+def _transformers_beam_search(model, states, prompt, num_beams, max_length, min_length):
+    """transformers' own beam search (GenerationMixin, no cache) over the same text decoder: the
+    reference's decoding (BLIP calls HF generate)."""
+    from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutput
+
+    class DecoderForGeneration(PreTrainedModel, GenerationMixin):
+        config_class = PretrainedConfig
+
+        def __init__(self, config, decoder):
+            super().__init__(config)
+            self.decoder = decoder
+
+        def forward(self, input_ids, encoder_hidden_states=None, **_):
+            return CausalLMOutput(logits=self.decoder(input_ids, encoder_hidden_states=encoder_hidden_states))
+
+        def prepare_inputs_for_generation(self, input_ids, encoder_hidden_states=None, **_):
+            return {"input_ids": input_ids, "encoder_hidden_states": encoder_hidden_states}
+
+    tok = model.get_tokenizer()
+    hf = DecoderForGeneration(PretrainedConfig(is_decoder=True, vocab_size=len(tok)), model.text_decoder).eval()
+    return hf.generate(input_ids=prompt.expand(states.shape[0], -1), encoder_hidden_states=states,
+                       num_beams=num_beams, max_length=max_length, min_length=min_length, do_sample=False,
+                       early_stopping=False, length_penalty=1.0, use_cache=False,
+                       eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+
+
+def _up_to_eos(ids: list[int], eos: int, pad: int) -> list[int]:
+    """A sequence up to its first end-of-sentence token (padding after it differs between implementations)."""
+    return ids[: ids.index(eos) + 1] if eos in ids else [t for t in ids if t != pad]
+
+
+def test_beam_search_matches_transformers_when_beams_end_early(tokenizer):
+    """The default captioning (num_beams=3) must pick the reference's beam: scores normalised by the
+    generated length only (not the prompt), in the finish, the early-stop bound and at the length limit.
+    The end-of-sentence logit is raised so that beams end at different lengths, well before the limit."""
+    torch.manual_seed(3)
+    model = RAM(RAMConfig.tiny(num_tags=len(TAGS), vocab_size=len(tokenizer)), tags=TAGS, tokenizer=tokenizer).eval()
+    eos = tokenizer.sep_token_id
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[eos] += 3.0
+    prompt = tokenizer(model.config.prompt, return_tensors="pt").input_ids[:, :-1]
+    prompt[:, 0] = tokenizer.convert_tokens_to_ids("[DEC]")
+    x = torch.randn(12, 3, 64, 64)
+    tag_lists = [[TAGS[i % len(TAGS)], TAGS[(3 * i + 1) % len(TAGS)]] for i in range(12)]
+    ended_early = 0
+    with torch.inference_mode():
+        states = model._tag_states(model.encode_image(x), tag_lists)
+        for num_beams, max_length, min_length in ((3, 20, 5), (3, 14, 1), (4, 20, 6)):
+            ours = model.generate(states, num_beams=num_beams, max_length=max_length, min_length=min_length)
+            ref = _transformers_beam_search(model, states, prompt, num_beams, max_length, min_length)
+            for a, b in zip(ours.tolist(), ref.tolist()):
+                a, b = _up_to_eos(a, eos, tokenizer.pad_token_id), _up_to_eos(b, eos, tokenizer.pad_token_id)
+                assert a == b
+                ended_early += len(b) < max_length
+    assert ended_early >= 6  # the case this test is about: most beams end before the limit
+
+
+def test_loading_skips_the_random_init_and_keeps_derived_buffers(tiny, tmp_path, monkeypatch):
+    """load_official and from_pretrained build on the meta device: no init runs (it would be overwritten),
+    yet every derived buffer equals a normally built model's and the outputs are the same."""
+    tiny.save_pretrained(tmp_path / "own")
+    torch.save({"model": official_state_dict(tiny)}, tmp_path / "ckpt.pth")
+
+    def guard(init):
+        def no_init(tensor, *a, **k):   # on the meta device an init costs nothing
+            if tensor.device.type != "meta":
+                raise AssertionError("a random init ran while loading a checkpoint")
+            return init(tensor, *a, **k)
+        return no_init
+
+    for name in ("trunc_normal_", "normal_", "uniform_", "kaiming_uniform_"):
+        monkeypatch.setattr(torch.nn.init, name, guard(getattr(torch.nn.init, name)))
+    loaded = [RAM.from_pretrained(tmp_path / "own").eval(),
+              load_official(tmp_path / "ckpt.pth", tags=TAGS, thresholds=tiny.class_threshold.tolist(),
+                            tokenizer=tiny.tokenizer, config=tiny.config).eval()]
+    monkeypatch.undo()
+    ref_buffers = dict(tiny.named_buffers())
+    x = torch.randn(2, 3, 64, 64)
+    for model in loaded:
+        buffers = dict(model.named_buffers())
+        assert buffers.keys() == ref_buffers.keys()
+        for k, v in ref_buffers.items():
+            assert torch.equal(buffers[k], v), k
+        assert torch.equal(model.tag_probs(x), tiny.tag_probs(x))
+        assert model.text_decoder.cls.predictions.decoder.weight is model.text_decoder.bert.embeddings.word_embeddings.weight
+        assert model.tagging_head.encoder.layer[0].intermediate is model.tag_encoder.encoder.layer[0].intermediate
+
+
+def test_official_checkpoint_gets_the_reference_thresholds_by_default(tmp_path):
+    """Like the reference, a 4,585-tag RAM checkpoint loaded without tags/thresholds gets RAM's tag list
+    and per-class thresholds, not 0.68 everywhere; explicit files still win."""
+    from ram_model.labels import LabelSystem
+
+    ref = LabelSystem.default()
+    src = RAM(RAMConfig.tiny(num_tags=len(ref), vocab_size=50, with_caption=False))
+    torch.save({"model": official_state_dict(src)}, tmp_path / "ram.pth")
+    cfg = RAMConfig.tiny(num_tags=len(ref), vocab_size=50, with_caption=False)
+    got = load_official(tmp_path / "ram.pth", config=cfg)
+    assert got.tags == ref.tags
+    assert torch.allclose(got.class_threshold, torch.tensor(ref.thresholds))
+    assert len(set(got.class_threshold.tolist())) > 10      # per class, not one value
+    (tmp_path / "thr.txt").write_text("\n".join(["0.5"] * len(ref)))
+    own = load_official(tmp_path / "ram.pth", config=cfg, thresholds=tmp_path / "thr.txt")
+    assert torch.all(own.class_threshold == 0.5)

@@ -65,7 +65,7 @@ def leftovers(store: Store) -> list[str]:
     found = []
     for path in store.fs.find(store.root):
         rel = path[len(store.root) + 1:]
-        if rel.startswith("_tmp/") or "/_progress/" in rel:
+        if rel.startswith(("_tmp/", "_leases/")) or "/_progress/" in rel or "/_claims/" in rel:
             found.append(rel)
     return found
 
@@ -85,8 +85,9 @@ def reference(world, tmp_path_factory):
     return hashes(Store(cfg.store.url))
 
 
-def run_child(cfg, stage: str, point: str, cache: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent), RAM_ENGINE_CACHE=str(cache), RAM_ENGINE_THREADS="1")
+def run_child(cfg, stage: str, point: str, cache: Path, **env_extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent), RAM_ENGINE_CACHE=str(cache), RAM_ENGINE_THREADS="1",
+               **env_extra)
     return subprocess.Popen([sys.executable, str(HERE / "crash_proc.py"), cfg.model_dump_json(), stage, point],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -133,17 +134,72 @@ def run_concurrently(cfg, cache: Path) -> list[dict]:
     return outs
 
 
-def test_two_loops_at_once_end_with_one_consistent_set(world, reference, tmp_path):
+def check_consistent(store: Store, reference) -> None:
+    assert hashes(store) == reference  # one version per stage, the same bytes as a lone run
+    for stage in STORE_STAGES + ("labels",):
+        for version in store.versions(stage):
+            assert version.verify() == [], f"{version.ref} does not match its manifest"
+    for stage in STORE_STAGES:
+        assert store.get_ref(stage, "latest") == store.open(stage).id
+    assert leftovers(store) == []
+
+
+def inside(store: Store, stage: str) -> bool:
+    """Whether a run is inside `stage`: a part recorded or an in-part checkpoint made, nothing committed."""
+    pattern = [f"{store.root}/{stage}/*/_parts/*.json", f"{store.root}/{stage}/*/_progress/*/*.keys.json"]
+    return not store.versions(stage) and any(store.fs.glob(p) for p in pattern)
+
+
+def run_staggered(cfg, stage: str, cache: Path, pause_s: float = 6.0) -> list[dict]:
+    """The second loop starts while the first is inside `stage` (it pauses there after every part and
+    in-part checkpoint): the second finds half-made parts and in-part checkpoints of a live writer."""
+    import time
+
+    store = Store(cfg.store.url, **cfg.store.storage_options)
+    # The pause outlasts the second run's start-up, so that it reaches `stage` while the first is inside.
+    first = run_child(cfg, stage, "slow", cache, RAM_TEST_PAUSE_S=str(pause_s))
+    deadline = time.monotonic() + 900
+    while not inside(store, stage) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.poll() is None, f"the first run ended before it was inside {stage}: {first.stderr.read()[-3000:]}"
+    second = run_child(cfg, "none", "none", cache)
+    outs = []
+    for p in (first, second):
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    return outs
+
+
+def test_a_loop_started_while_another_grounds_adopts_its_parts(world, reference, tmp_path):
+    """Issue 12: the second run must not rebuild a ground part from the first run's in-part checkpoints
+    and overwrite the committed files: it waits for the part, adopts it, and every version verifies."""
+    root, w = world
+    cfg = loop_config(root, w, str(tmp_path / "store"))
+    a, b = run_staggered(cfg, "regions", tmp_path / "cache")
+    assert a == b
+    check_consistent(Store(cfg.store.url), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["images", "generated", "clean"])
+def test_loops_started_at_every_stage_of_another_stay_consistent(world, reference, stage, tmp_path):
+    root, w = world
+    cfg = loop_config(root, w, str(tmp_path / "store"))
+    a, b = run_staggered(cfg, stage, tmp_path / "cache")
+    assert a == b
+    check_consistent(Store(cfg.store.url), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("round_", range(2))
+def test_two_loops_at_once_end_with_one_consistent_set(world, reference, round_, tmp_path):
+    """Both loops started together, repeated (the default run has the staggered case above)."""
     root, w = world
     cfg = loop_config(root, w, str(tmp_path / "store"))
     a, b = run_concurrently(cfg, tmp_path / "cache")
-    assert a == b  # both runs ended on the same versions
-    store = Store(cfg.store.url)
-    assert hashes(store) == reference  # one version per stage, the same bytes as a lone run
-    for stage in STORE_STAGES:
-        assert store.open(stage).verify() == []
-        assert store.get_ref(stage, "latest") == store.open(stage).id
-    assert leftovers(store) == []
+    assert a == b
+    check_consistent(Store(cfg.store.url), reference)
 
 
 @pytest.mark.s3

@@ -132,7 +132,10 @@ def test_train_stage_writes_a_model_version(base, tmp_path, monkeypatch):
 
     model = load_model(store, v.ref)
     assert model.tags == Path(world.tag_list).read_text().split()
-    assert not (tmp_path / "cache" / "train" / cfg.train.name / v.id).exists()  # checkpoints cleaned up
+    from tasks.train import train_work_dir
+
+    work = train_work_dir(store, cfg.train.name, v.id)
+    assert work.parent.exists() and not work.exists()  # checkpoints cleaned up
 
 
 def test_generate_stage_reconciles_and_names_a_missing_shard(base, tmp_path, monkeypatch):
@@ -157,3 +160,27 @@ def test_generate_stage_reconciles_and_names_a_missing_shard(base, tmp_path, mon
             generate(store, gen_cfg.model_copy(update={"threshold": 0.5}), cfg.parse, images, parsed, baseline.ref)
     finally:
         store.fs.mv(store.abs(shard) + ".moved", store.abs(shard))
+
+
+def test_training_never_writes_storage_options_to_disk(base, tmp_path, monkeypatch):
+    """A config's storage options may hold keys: the trainer's job.json and cache never contain them."""
+    import tasks.train as train_mod
+
+    monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
+    _, world, cfg, store, images, parsed = base
+    secret = "SECRET-KEY-d41d8cd98f00"
+    keyed = Store(store.url, secret_access_key=secret)
+    seen = {}
+    original = train_mod.run_training
+
+    def spy(job_path, storage_options=None):
+        original(job_path, storage_options)
+        seen["options"] = storage_options
+        seen["files"] = {str(p): p.read_bytes() for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+
+    monkeypatch.setattr(train_mod, "run_training", spy)
+    cfg2 = cfg.train.model_copy(update={"steps": 2})
+    train_mod.train_stage(keyed, cfg.model, cfg2, parsed, images)
+    assert seen["options"] == {"secret_access_key": secret}  # handed over in memory
+    assert any(p.endswith("job.json") for p in seen["files"])
+    assert [p for p, data in seen["files"].items() if secret.encode() in data] == []
