@@ -177,8 +177,35 @@ def demo(out_dir: str = typer.Option("ram-demo", "--out", help="Folder for the w
     if ev is not None:
         out.print("[bold]Data-engine ablation against the planted truth[/]")
         out.print(ev.version.manifest["metrics"]["markdown"])
+        out.print("[bold]Cleaning: removed tags against the truth, per reason[/]")
+        out.print(ev.version.manifest["metrics"].get("cleaning_removal_markdown", ""))
+    if summary.get("ablation") is not None:
+        out.print("[bold]Ablation: held-out mAP / P / R / F1 of a model per label version, mean ± std over seeds[/]")
+        out.print(summary["ablation"].manifest["metrics"]["markdown"])
     out.print(f"store: {summary['store']}\nreport: {summary['report']}\n"
               f"total {summary['seconds'] / 60:.1f} min")
+
+
+@app.command()
+def ablate(versions: list[str] = typer.Argument(None, help="Label versions STAGE@VERSION (default: "
+                                                             "ablation.versions, else the latest clean version's "
+                                                             "parsed, generated and clean)"),
+           images: Optional[str] = typer.Option(None, help="images@VERSION (default: the labels' own)."),
+           truth: Optional[str] = typer.Option(None, help="Ground truth (default: evaluate.ground_truth).")) -> None:
+    """The data-engine ablation: one model per label version and seed (same budget and architecture),
+    scored on held-out keys against a ground truth; commits an `ablation` version and prints the table."""
+    from flows.ablation import ablation_flow
+
+    cfg = get_config()
+    if truth:
+        cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"ground_truth": truth})})
+    store = get_store(cfg)
+    refs = [store.open(*parse_ref(v)).ref for v in versions or []] or None
+    images_ref = store.open(*parse_ref(images)).ref if images else None
+    run_flow = ablation_flow if state.engine == "prefect" else ablation_flow.fn
+    result = run_flow(cfg, versions=refs, images=images_ref, say=out.print)
+    print_result(result)
+    out.print(result.version.manifest["metrics"]["markdown"])
 
 
 @app.command("demo-detector")

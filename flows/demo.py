@@ -127,15 +127,15 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
         if world.config.get("n_images") != n_images or world.config.get("seed") != seed:
             raise FileNotFoundError
     except (FileNotFoundError, ValueError):
-        say(f"[1/4] generating a world of {n_images} images with known truth in {world_dir}")
+        say(f"[1/5] generating a world of {n_images} images with known truth in {world_dir}")
         world = generate_world(world_dir, n_images, seed=seed, fmt="webdataset", overwrite=True)
     say(f"      caption labels vs truth (planted noise): {_noise_line(world)}")
-    say("[2/4] the tiny Grounding DINO (the shipped checkpoint, or trained now on the world's boxes)")
+    say("[2/5] the tiny Grounding DINO (the shipped checkpoint, or trained now on the world's boxes)")
     det_dir, det = prepare_detector(world, out, detector_steps, detector_minutes * 60, seed, say=say)
     say(f"      {det_dir}: {det['train'].get('steps')} training steps, held-out recall@1 "
         f"{det['heldout'].get('recall_at_1', 0):.2f}")
     cfg = demo_config(out, world, det_dir, config_path, list(overrides))
-    say(f"[3/4] running the data-engine loop ({engine}); the store is {cfg.store.url}")
+    say(f"[3/5] running the data-engine loop ({engine}); the store is {cfg.store.url}")
     from .data_engine import data_engine_flow
 
     if engine == "prefect":
@@ -145,20 +145,28 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
         results = data_engine_flow(cfg)
     else:
         results = data_engine_flow.fn(cfg)
-    say("[4/4] rendering the report")
-    from tasks.report import build_report
     from storage import Store
 
+    from .ablation import ablation_flow
+
     store = Store(cfg.store.url)
+    say(f"[4/5] the ablation: a model per label version (parsed, parsed+generated, cleaned) x "
+        f"{len(cfg.ablation.seeds)} seeds, {cfg.ablation.steps or cfg.train.steps} steps each")
+    results["ablation"] = (ablation_flow if engine == "prefect" else ablation_flow.fn)(cfg, say=say)
+    ablation = results["ablation"].version
+    say("[5/5] rendering the report")
+    from tasks.report import build_report
+
     last = results.get("evaluate") or results[list(results)[-1]]
     notes = [f"The detector is a tiny Grounding DINO (about 2M parameters) trained for "
              f"{det['train'].get('steps')} steps on true boxes of generated scenes (world seed "
              f"{det.get('world_seed')}); on held-out scenes its best box overlaps the true one (IoU >= 0.5) for "
              f"{det['heldout'].get('recall_at_1', 0):.0%} of the objects. It stands in for a pretrained "
              f"Grounding DINO."]
-    report = build_report(store, last.version, out / "report", truth_path=str(world.ground_truth), notes=notes)
+    report = build_report(store, last.version, out / "report", truth_path=str(world.ground_truth), notes=notes,
+                          ablation=ablation)
     return {"results": results, "report": str(report), "store": cfg.store.url, "seconds": time.perf_counter() - t0,
-            "detector": det, "world": world}
+            "detector": det, "world": world, "ablation": ablation}
 
 
 def _noise_line(world) -> str:

@@ -371,7 +371,7 @@ def build_clean(generated: pa.Table, regions: pa.Table, crop_results: pa.Table |
 # ---------------------------------------------------------------- the stages over the store
 
 EMBED_STAGE, EMBED_VERSION = "embeddings", "embed-1"
-STAGE, STAGE_VERSION = "clean", "clean-1"
+STAGE, STAGE_VERSION = "clean", "clean-2"   # 2: tag types declared by the label system
 
 
 def _crop_images(version, part) -> dict[str, Image.Image]:
@@ -465,7 +465,6 @@ def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref
     from .inspect import labels_version
     from .labels import load_labels
     from .models import load_model
-    from .parse import SCENE_NOUNS
     from .stage import StageResult, parts_of, run_stage
 
     config = section_dict(cfg)
@@ -474,7 +473,7 @@ def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref
     if writer.committed is not None:
         return StageResult(writer.committed, "reused")
     labels = load_labels(store, labels_version(store, parsed))
-    categories = tag_categories(parsed, labels, SCENE_NOUNS)
+    categories = tag_categories(labels)
     ccfg = CleanConfig(outlier_fraction=cfg.outlier_fraction, k=cfg.k, k_max=cfg.k_max,
                        crops_per_cluster=cfg.crops_per_cluster, min_crops=cfg.min_crops, algorithm=cfg.algorithm,
                        max_iter=cfg.max_iter, tol=cfg.tol, seed_sample=cfg.seed_sample, fit_sample=cfg.fit_sample,

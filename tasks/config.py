@@ -177,7 +177,7 @@ class DetectorSection(Section):
 
 class GroundSection(Section):
     detector: DetectorSection = Field(default_factory=DetectorSection)
-    localisable: list[Literal["object", "attribute", "action", "unknown"]] = ["object"]
+    localisable: list[Literal["object", "scene", "attribute", "action", "unknown"]] = ["object"]
     top_n: int = Field(1, ge=1)             # boxes kept per (image, tag)
     batch_size: int = Field(8, ge=1)        # images per detector call and per in-part checkpoint
     crop_padding: float = Field(0.1, ge=0)
@@ -212,7 +212,7 @@ class CleanSection(Section):
     minibatch_size: int = Field(4096, ge=1)
     baseline_check: bool = True             # remove (image, tag) pairs whose crops the baseline does not tag
     keep_no_box: bool = True                # keep localisable tags the detector found no box for
-    localisable: list[Literal["object", "attribute", "action", "unknown"]] = ["object"]
+    localisable: list[Literal["object", "scene", "attribute", "action", "unknown"]] = ["object"]
     seed: int = 0
 
 
@@ -220,6 +220,16 @@ class EvaluateSection(Section):
     ground_truth: str | None = None         # demo jsonl, OpenImages csv (path,tag,...), Parquet (key, tags)
     format: Literal["auto", "demo", "parquet", "openimages"] = "auto"
     batch_size: int = Field(32, ge=1)
+
+
+class AblationSection(Section):
+    """The data-engine ablation: one model per label version, same budget, architecture and seeds."""
+
+    versions: list[str] = Field(default_factory=list)   # label versions (parsed@v, generated@v, clean@v, any
+                                            # with tag_ids); empty: the latest parsed, generated and clean
+    seeds: list[int] = Field([0, 1, 2], min_length=2)   # one model per seed and version: mean +- std over seeds
+    steps: int | None = Field(None, ge=1)   # training steps per model (None: train.steps)
+    init: str | None = None                 # start of every model (None: from scratch, the model section)
 
 
 class OrchestrationConfig(Section):
@@ -244,6 +254,7 @@ class EngineConfig(Section):
     clean: CleanSection = Field(default_factory=CleanSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    ablation: AblationSection = Field(default_factory=AblationSection)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
 
