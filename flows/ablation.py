@@ -13,7 +13,7 @@ from .runtime import gpu_stage, open_store, publish
 
 @flow(name="ablation", log_prints=True, validate_parameters=False)
 def ablation_flow(cfg: EngineConfig, versions: list[str] | None = None, images: str | None = None,
-                  progress=None, say=print) -> StageResult:
+                  progress=None, say=None) -> StageResult:
     """`versions`: label versions as stage/version refs (default: ablation.versions, else the latest clean
     version's parsed, generated and clean); `images`: their images version (default: the one the
     first label version was made from), as a stage/version ref."""
@@ -25,7 +25,7 @@ def ablation_flow(cfg: EngineConfig, versions: list[str] | None = None, images: 
         images_version = _images_of(store, next(iter(label_versions.values())))
     with gpu_stage(cfg):
         result = ablation_stage(store, cfg.model, cfg.train, cfg.evaluate, cfg.ablation, images_version,
-                                label_versions, progress=progress, say=say)
+                                label_versions, progress=progress, say=say or print)
     publish(result)
     return result
 

@@ -245,7 +245,7 @@ def test_ablate_trains_a_model_per_label_version_and_seed(engine_store, tmp_path
     assert {p.split("/")[0] for p in version.parents} == {"images", "parsed", "clean"}
     # the two models trained before the crash were reused, not trained again
     assert sorted(v.id for v in store.versions("models/ablation-parsed")) == \
-        sorted({r["model"].split("@")[-1] for r in m["per_seed"] if r["labels"] == "parsed"})
+        sorted({r["model"].split("/")[-1] for r in m["per_seed"] if r["labels"] == "parsed"})
     again = runner.invoke(app, args + ["ablate", *refs])
     assert again.exit_code == 0 and "reused" in again.output and len(store.versions("ablation")) == 1
     # the report carries the table and the plot
