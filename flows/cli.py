@@ -224,6 +224,20 @@ def demo_detector(out_dir: str = typer.Option("flows/demo_assets/detector", "--o
     out.print(json.dumps({k: v for k, v in meta.items() if k != "categories"}, indent=1, default=float))
 
 
+@app.command("demo-embedder")
+def demo_embedder(out_dir: str = typer.Option("flows/demo_assets/embedder", "--out"),
+                  steps: int = typer.Option(600, help="Training steps."),
+                  minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes."),
+                  images: int = typer.Option(2000, help="Images in the embedder's training world."),
+                  seed: int = typer.Option(1000, help="Seed of that world (the demo's is 0).")) -> None:
+    """Train the demo's crop embedder (its stand-in for CLIP) on true object crops of another world."""
+    from flows.demo import train_demo_embedder
+
+    meta = train_demo_embedder(Path(out_dir), n_images=images, seed=seed, steps=steps,
+                               time_limit_s=minutes * 60 if minutes else None, say=out.print)
+    out.print(json.dumps({k: v for k, v in meta.items() if k != "categories"}, indent=1, default=float))
+
+
 @app.command()
 def report(target: Optional[str] = typer.Argument(None, help="STAGE[@VERSION] (default: the latest evaluate, "
                                                               "else clean)"),

@@ -95,6 +95,7 @@ class ModelConfig(Section):
     tokenizer_vocab_size: int = Field(1000, ge=100)
     clip: str | None = None                 # CLIP folder / hub id for label embeddings; None: fixed random rows
     default_threshold: float = Field(0.68, gt=0, lt=1)
+    max_pool_head: bool = False             # RAM / RAM++: add a per-tag read-out of the max over image tokens
 
 
 class TrainConfig(Section):
@@ -187,8 +188,9 @@ class GroundSection(Section):
 
 
 class EmbedderSection(Section):
-    kind: Literal["baseline", "clip"] = "baseline"   # the baseline's image encoder, or CLIP's image tower
-    model: str | None = None                # clip: local folder or hub id
+    kind: Literal["baseline", "clip", "conv"] = "baseline"   # the baseline's image encoder, CLIP's image tower,
+                                            # or a shipped ConvCropEncoder (the demo's stand-in for CLIP)
+    model: str | None = None                # clip: local folder or hub id; conv: its folder
     image_size: int | None = Field(None, ge=8)   # None: the baseline's input size
     pool: Literal["first", "mean"] = "first"
     batch_size: int = Field(64, ge=1)
