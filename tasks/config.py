@@ -213,6 +213,8 @@ class CleanSection(Section):
     minibatch_threshold: int = Field(200_000, ge=1)
     minibatch_size: int = Field(4096, ge=1)
     baseline_check: bool = True             # remove (image, tag) pairs whose crops the baseline does not tag
+    baseline_min_ap: float = Field(0.0, ge=0, le=1)   # ...only for tags the baseline has learned: held-out AP
+                                            # at least this (its model version's per-tag metrics); 0: every tag
     keep_no_box: bool = True                # keep localisable tags the detector found no box for
     localisable: list[Literal["object", "scene", "attribute", "action", "unknown"]] = ["object"]
     seed: int = 0
