@@ -212,3 +212,17 @@ def test_conv_crop_embedder_trains_saves_and_loads_as_an_embedder(tmp_path):
     (tmp_path / "clip" / "config.json").write_text('{"architecture": "CLIPVisionModel"}')
     with pytest.raises(ValueError, match="not a conv-crop-encoder"):
         build_embedder(EmbedderConfig(kind="conv", model=str(tmp_path / "clip")))
+
+
+def test_the_baseline_vetoes_only_tags_it_has_learned(monkeypatch):
+    import tasks.models as models
+    from tasks.clean import baseline_unlearned_tags
+
+    class Version:
+        manifest = {"per_tag_metrics": {"ball": {"ap": 0.3}, "red": {"ap": 0.9}, "sky": {"ap": 0.5}}}
+
+    monkeypatch.setattr(models, "model_version", lambda store, ref: Version())
+    assert baseline_unlearned_tags(None, "models/baseline@x", 0.5) == {"ball"}
+    assert baseline_unlearned_tags(None, "models/baseline@x", 0.0) == set()       # the paper's rule: every tag
+    monkeypatch.setattr(models, "model_version", lambda store, ref: None)         # an official checkpoint
+    assert baseline_unlearned_tags(None, "/ckpt.pth", 0.5) == set()
