@@ -43,7 +43,7 @@ from .config import IngestConfig, section_dict
 from .stage import PartTask, StageResult, run_stage
 
 STAGE = "images"
-STAGE_VERSION = "ingest-2"
+STAGE_VERSION = "ingest-3"  # 3: every caption of a sample (json list, or one per .txt line)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 CAPTION_EXTS = ("txt", "json")
 # Pillow picks its decoder from the content: it is only ever offered these (an EPS file named .jpg must
@@ -407,6 +407,12 @@ def tar_sample_keys(url: str) -> dict[str, str]:
     return keys
 
 
+def txt_captions(data: bytes) -> list[bytes]:
+    """A .txt member's captions, one a line; a blank one stays one (empty) caption, rejected as caption-empty."""
+    lines = [line for line in data.splitlines() if line.strip()]
+    return lines or [data]
+
+
 def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter) -> Iterator[RawSample]:
     """Group tar members into samples by key (member name up to the basename's first dot).
 
@@ -426,13 +432,22 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter) -> Iterator
         value = {e: (spool.get(v) if isinstance(v, tuple) else v) for e, v in group.data.items()}
         image_ext = next((e for e in IMAGE_EXTS if e in value), None)
         captions, caption_problem = None, None
-        if "txt" in value:
-            captions = [value["txt"]]
-        elif "json" in value:
+        # Every caption the sample gives: the sidecar's "captions" list, else the .txt one caption a line
+        # (img2dataset writes one), else the sidecar's "caption".
+        meta, bad = None, None
+        if "json" in value:
             try:
-                captions, bad = json_captions(json.loads(value["json"].decode("utf-8", "surrogateescape")))
+                meta = json.loads(value["json"].decode("utf-8", "surrogateescape"))
             except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
                 bad = ("bad-caption-json", f"not valid JSON: {type(exc).__name__}: {exc}"[:300])
+        listed = meta.get("captions") if isinstance(meta, dict) else None
+        if isinstance(listed, list) and listed and json_captions({"captions": listed})[1] is None:
+            captions = list(listed)
+        elif "txt" in value:
+            captions = txt_captions(value["txt"])
+        elif "json" in value:
+            if bad is None:
+                captions, bad = json_captions(meta)
             if bad:
                 caption_problem = (bad[0], f"{shown(group.stem)}.json: {bad[1]}", "json")
         if image_ext is None and any(e for e in group.exts if e in IMAGE_EXTS) and not group.problem:
