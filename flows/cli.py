@@ -180,8 +180,35 @@ def demo(out_dir: str = typer.Option("ram-demo", "--out", help="Folder for the w
     if ev is not None:
         out.print("[bold]Data-engine ablation against the planted truth[/]")
         out.print(ev.version.manifest["metrics"]["markdown"])
+        out.print("[bold]Cleaning: removed tags against the truth, per reason[/]")
+        out.print(ev.version.manifest["metrics"].get("cleaning_removal_markdown", ""))
+    if summary.get("ablation") is not None:
+        out.print("[bold]Ablation: held-out mAP / P / R / F1 of a model per label version, mean ± std over seeds[/]")
+        out.print(summary["ablation"].manifest["metrics"]["markdown"])
     out.print(f"store: {summary['store']}\nreport: {summary['report']}\n"
               f"total {summary['seconds'] / 60:.1f} min")
+
+
+@app.command()
+def ablate(versions: list[str] = typer.Argument(None, help="Label versions STAGE@VERSION (default: "
+                                                             "ablation.versions, else the latest clean version's "
+                                                             "parsed, generated and clean)"),
+           images: Optional[str] = typer.Option(None, help="images@VERSION (default: the labels' own)."),
+           truth: Optional[str] = typer.Option(None, help="Ground truth (default: evaluate.ground_truth).")) -> None:
+    """The data-engine ablation: one model per label version and seed (same budget and architecture),
+    scored on held-out keys against a ground truth; commits an `ablation` version and prints the table."""
+    from flows.ablation import ablation_flow
+
+    cfg = get_config()
+    if truth:
+        cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"ground_truth": truth})})
+    store = get_store(cfg)
+    refs = [store.open(*parse_ref(v)).ref for v in versions or []] or None
+    images_ref = store.open(*parse_ref(images)).ref if images else None
+    run_flow = ablation_flow if state.engine == "prefect" else ablation_flow.fn
+    result = run_flow(cfg, versions=refs, images=images_ref, say=out.print)
+    print_result(result)
+    out.print(result.version.manifest["metrics"]["markdown"])
 
 
 @app.command("demo-detector")
@@ -197,6 +224,20 @@ def demo_detector(out_dir: str = typer.Option("flows/demo_assets/detector", "--o
     meta = train_demo_detector(Path(out_dir), n_images=images, seed=seed, steps=steps,
                                time_limit_s=minutes * 60 if minutes else None,
                                init=Path(init) if init else None, say=out.print)
+    out.print(json.dumps({k: v for k, v in meta.items() if k != "categories"}, indent=1, default=float))
+
+
+@app.command("demo-embedder")
+def demo_embedder(out_dir: str = typer.Option("flows/demo_assets/embedder", "--out"),
+                  steps: int = typer.Option(600, help="Training steps."),
+                  minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes."),
+                  images: int = typer.Option(2000, help="Images in the embedder's training world."),
+                  seed: int = typer.Option(1000, help="Seed of that world (the demo's is 0).")) -> None:
+    """Train the demo's crop embedder (its stand-in for CLIP) on true object crops of another world."""
+    from flows.demo import train_demo_embedder
+
+    meta = train_demo_embedder(Path(out_dir), n_images=images, seed=seed, steps=steps,
+                               time_limit_s=minutes * 60 if minutes else None, say=out.print)
     out.print(json.dumps({k: v for k, v in meta.items() if k != "categories"}, indent=1, default=float))
 
 

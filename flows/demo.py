@@ -103,9 +103,81 @@ def prepare_detector(world, out: Path, steps: int, time_limit_s: float, seed: in
                                        say=say)
 
 
-def demo_config(out: Path, world, detector: Path, config_path: str | None, overrides: list[str]) -> EngineConfig:
+SHIPPED_EMBEDDER = Path(__file__).resolve().parent / "demo_assets" / "embedder"
+EMBEDDER_META = "demo_embedder.json"
+
+
+def world_crops(world, limit: int, padding: float = 0.1, min_size: int = 32) -> tuple[list, list[int], list[str]]:
+    """Crops of every true object box of a world (cut as the ground stage cuts them) and their category."""
+    from tasks.ground import cut_crop
+
+    crops, labels = [], []
+    samples = world_samples_for_detector(world, limit=limit)
+    for s in samples:
+        for box, label in zip(s["boxes"], s["labels"]):
+            crops.append(cut_crop(s["image"], box, padding, min_size))
+            labels.append(label)
+    return crops, labels, samples[0]["tags"] if samples else []
+
+
+def train_demo_embedder(folder: Path, *, world=None, n_images: int = 2000, seed: int = 1000, steps: int = 1500,
+                        time_limit_s: float | None = None, say=print) -> dict:
+    """Train the demo's crop embedder, a small conv net, on the true object crops of a generated world
+    (another seed than the demo's), so that crops of one shape embed together, and save it with its
+    held-out nearest-centroid accuracy. This is the command that made flows/demo_assets/embedder: the
+    demo's stand-in for a pretrained CLIP image tower (`clean.embedder.kind: conv`)."""
+    import tempfile
+
+    import torch
+
+    from ram_model.embedder import (ConvCropEncoder, EmbedderConfig, EncoderEmbedder, nearest_centroid_accuracy,
+                                    train_crop_embedder)
+    from tasks.demo_world import generate_world
+
+    torch.set_num_threads(1)
+    if world is None:
+        world = generate_world(Path(tempfile.mkdtemp(prefix="embedder-world-")), n_images, seed=seed,
+                               fmt="webdataset")
+    crops, labels, categories = world_crops(world, limit=100_000)
+    n_held = max(1, len(crops) // 10)
+    say(f"training the tiny crop embedder: {len(crops) - n_held} crops of {len(categories)} categories, "
+        f"up to {steps} steps")
+    torch.manual_seed(seed)
+    model = ConvCropEncoder()
+    info = train_crop_embedder(model, crops[:-n_held], labels[:-n_held], len(categories), steps=steps, seed=seed,
+                               time_limit_s=time_limit_s, log=say)
+    embed = EncoderEmbedder(model, EmbedderConfig(image_size=model.image_size, batch_size=128))
+    accuracy = nearest_centroid_accuracy(embed(crops[-n_held:]), labels[-n_held:], embed(crops[:-n_held]),
+                                         labels[:-n_held])
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    meta = {"train": info, "heldout": {"nearest_centroid_accuracy": accuracy, "crops": n_held},
+            "crops": len(crops) - n_held, "world_seed": world.config.get("seed"), "categories": categories}
+    (Path(folder) / EMBEDDER_META).write_text(json.dumps(meta, indent=1, default=float))
+    return meta
+
+
+def prepare_embedder(world, out: Path, steps: int, time_limit_s: float, seed: int, say=print) -> tuple[Path, dict]:
+    """The demo's crop embedder: the shipped one when it knows the world's categories, else one trained
+    now on the world's true crops within the time limit (once; reused when present)."""
+    categories = json.loads(Path(world.tag_groups).read_text())["category"]
+    for folder in (SHIPPED_EMBEDDER, out / "embedder"):
+        meta_path = folder / EMBEDDER_META
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("categories") == categories:
+                return folder, meta
+    folder = out / "embedder"
+    return folder, train_demo_embedder(folder, world=world, steps=steps, time_limit_s=time_limit_s, seed=seed,
+                                       say=say)
+
+
+def demo_config(out: Path, world, detector: Path, config_path: str | None, overrides: list[str],
+                embedder: Path | None = None) -> EngineConfig:
     base = [f"store.url={out / 'store'}", f"ingest.source={world.source}", f"parse.labels={world.tag_list}",
             f"evaluate.ground_truth={world.ground_truth}", f"ground.detector.model={detector}"]
+    if embedder is not None:   # the shipped stand-in for CLIP's pretrained image tower
+        base += ["clean.embedder.kind=conv", f"clean.embedder.model={embedder}"]
     return load_config(config_path or "demo", base + list(overrides))
 
 
@@ -127,15 +199,18 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
         if world.config.get("n_images") != n_images or world.config.get("seed") != seed:
             raise FileNotFoundError
     except (FileNotFoundError, ValueError):
-        say(f"[1/4] generating a world of {n_images} images with known truth in {world_dir}")
+        say(f"[1/5] generating a world of {n_images} images with known truth in {world_dir}")
         world = generate_world(world_dir, n_images, seed=seed, fmt="webdataset", overwrite=True)
     say(f"      caption labels vs truth (planted noise): {_noise_line(world)}")
-    say("[2/4] the tiny Grounding DINO (the shipped checkpoint, or trained now on the world's boxes)")
+    say("[2/5] the tiny Grounding DINO (the shipped checkpoint, or trained now on the world's boxes)")
     det_dir, det = prepare_detector(world, out, detector_steps, detector_minutes * 60, seed, say=say)
     say(f"      {det_dir}: {det['train'].get('steps')} training steps, held-out recall@1 "
         f"{det['heldout'].get('recall_at_1', 0):.2f}")
-    cfg = demo_config(out, world, det_dir, config_path, list(overrides))
-    say(f"[3/4] running the data-engine loop ({engine}); the store is {cfg.store.url}")
+    emb_dir, emb = prepare_embedder(world, out, 1500, detector_minutes * 60, seed, say=say)
+    say(f"      {emb_dir}: a small conv crop embedder, {emb['train'].get('steps')} training steps, held-out "
+        f"nearest-centroid accuracy {emb['heldout'].get('nearest_centroid_accuracy', 0):.2f}")
+    cfg = demo_config(out, world, det_dir, config_path, list(overrides), embedder=emb_dir)
+    say(f"[3/5] running the data-engine loop ({engine}); the store is {cfg.store.url}")
     from .data_engine import data_engine_flow
 
     if engine == "prefect":
@@ -145,20 +220,28 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
         results = data_engine_flow(cfg)
     else:
         results = data_engine_flow.fn(cfg)
-    say("[4/4] rendering the report")
-    from tasks.report import build_report
     from storage import Store
 
+    from .ablation import ablation_flow
+
     store = Store(cfg.store.url)
+    say(f"[4/5] the ablation: a model per label version (parsed, parsed+generated, cleaned) x "
+        f"{len(cfg.ablation.seeds)} seeds, {cfg.ablation.steps or cfg.train.steps} steps each")
+    results["ablation"] = (ablation_flow if engine == "prefect" else ablation_flow.fn)(cfg, say=say)
+    ablation = results["ablation"].version
+    say("[5/5] rendering the report")
+    from tasks.report import build_report
+
     last = results.get("evaluate") or results[list(results)[-1]]
     notes = [f"The detector is a tiny Grounding DINO (about 2M parameters) trained for "
              f"{det['train'].get('steps')} steps on true boxes of generated scenes (world seed "
              f"{det.get('world_seed')}); on held-out scenes its best box overlaps the true one (IoU >= 0.5) for "
              f"{det['heldout'].get('recall_at_1', 0):.0%} of the objects. It stands in for a pretrained "
              f"Grounding DINO."]
-    report = build_report(store, last.version, out / "report", truth_path=str(world.ground_truth), notes=notes)
+    report = build_report(store, last.version, out / "report", truth_path=str(world.ground_truth), notes=notes,
+                          ablation=ablation)
     return {"results": results, "report": str(report), "store": cfg.store.url, "seconds": time.perf_counter() - t0,
-            "detector": det, "world": world}
+            "detector": det, "world": world, "ablation": ablation}
 
 
 def _noise_line(world) -> str:

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -29,8 +30,8 @@ class CropEmbedder(Protocol):
 
 @dataclass
 class EmbedderConfig:
-    kind: str = "baseline"            # "baseline" (the tagger's image encoder) | "clip"
-    model: str | None = None          # clip: local folder or hub id
+    kind: str = "baseline"            # "baseline" (the tagger's image encoder) | "clip" | "conv"
+    model: str | None = None          # clip: local folder or hub id; conv: a ConvCropEncoder folder
     image_size: int = 224             # baseline: input size of the encoder
     pool: str = "first"               # baseline: "first" token (RAM's pooled token) | "mean" over tokens
     batch_size: int = 32
@@ -38,12 +39,12 @@ class EmbedderConfig:
     local_files_only: bool = True
 
     def validate(self) -> None:
-        if self.kind not in ("baseline", "clip"):
-            raise ValueError(f"EmbedderConfig.kind must be 'baseline' or 'clip', got {self.kind!r}")
+        if self.kind not in ("baseline", "clip", "conv"):
+            raise ValueError(f"EmbedderConfig.kind must be 'baseline', 'clip' or 'conv', got {self.kind!r}")
         if self.pool not in ("first", "mean"):
             raise ValueError(f"EmbedderConfig.pool must be 'first' or 'mean', got {self.pool!r}")
-        if self.kind == "clip" and not self.model:
-            raise ValueError("EmbedderConfig.model must name a CLIP folder or hub id when kind is 'clip'")
+        if self.kind in ("clip", "conv") and not self.model:
+            raise ValueError(f"EmbedderConfig.model must name a folder (or a CLIP hub id) when kind is {self.kind!r}")
         if self.batch_size < 1 or self.image_size < 8:
             raise ValueError("EmbedderConfig.batch_size must be >= 1 and image_size >= 8")
 
@@ -127,7 +128,132 @@ def build_embedder(cfg: EmbedderConfig, baseline_encoder: torch.nn.Module | None
     cfg.validate()
     if cfg.kind == "clip":
         return ClipEmbedder(cfg)
+    if cfg.kind == "conv":   # a shipped ConvCropEncoder: embeds at its own input size
+        import dataclasses
+
+        encoder = ConvCropEncoder.from_pretrained(cfg.model)
+        return EncoderEmbedder(encoder, dataclasses.replace(cfg, image_size=encoder.image_size))
     if baseline_encoder is None:
         raise ValueError("embedder.kind is 'baseline' but no baseline image encoder was given; pass the tagger's "
                          "encoder or set embedder.kind: clip with embedder.model")
     return EncoderEmbedder(baseline_encoder, cfg)
+
+
+# ---------------------------------------------------------------- a small pretrained stand-in for CLIP
+
+CONV_CONFIG_FILE = "config.json"
+CONV_WEIGHTS_FILE = "model.safetensors"
+CONV_ARCHITECTURE = "conv-crop-encoder"
+
+
+class ConvCropEncoder(torch.nn.Module):
+    """A small conv net mapping crops [N, 3, S, S] to embeddings [N, D]: conv-BN-ReLU blocks with 2x2
+    max-pooling, then a global max pool (a shape is where its edges respond most) and a linear map.
+    The offline demo's stand-in for CLIP's pretrained image tower (`clean.embedder.kind: conv`),
+    trained once by `ram-engine demo-embedder` on another generated world and shipped."""
+
+    def __init__(self, image_size: int = 48, channels: Sequence[int] = (32, 64, 96, 128), dim: int = 64):
+        super().__init__()
+        self.config = {"architecture": CONV_ARCHITECTURE, "image_size": int(image_size),
+                       "channels": [int(c) for c in channels], "dim": int(dim)}
+        blocks, cin = [], 3
+        for c in channels:
+            blocks += [torch.nn.Conv2d(cin, c, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c),
+                       torch.nn.ReLU(inplace=True), torch.nn.MaxPool2d(2)]
+            cin = c
+        self.features = torch.nn.Sequential(*blocks)
+        self.proj = torch.nn.Linear(cin, dim)
+
+    @property
+    def image_size(self) -> int:
+        return self.config["image_size"]
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.features(pixels).amax(dim=(2, 3)))
+
+    def save_pretrained(self, folder) -> None:
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  str(folder / CONV_WEIGHTS_FILE))
+        (folder / CONV_CONFIG_FILE).write_text(json.dumps(self.config, indent=1))
+
+    @classmethod
+    def from_pretrained(cls, folder) -> "ConvCropEncoder":
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        try:
+            config = json.loads((folder / CONV_CONFIG_FILE).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"embedder.model {folder}: no {CONV_CONFIG_FILE}; train one with "
+                                    f"`ram-engine demo-embedder --out {folder}`") from None
+        if config.get("architecture") != CONV_ARCHITECTURE:
+            raise ValueError(f"embedder.model {folder}: {CONV_CONFIG_FILE} is not a {CONV_ARCHITECTURE} "
+                             f"(architecture {config.get('architecture')!r})")
+        model = cls(config["image_size"], config["channels"], config["dim"])
+        model.load_state_dict(load_file(str(folder / CONV_WEIGHTS_FILE)))
+        return model.eval()
+
+
+def train_crop_embedder(model: ConvCropEncoder, crops: Sequence[Image.Image], labels: Sequence[int],
+                        num_classes: int, *, steps: int = 1500, batch_size: int = 64, lr: float = 2e-3,
+                        seed: int = 0, time_limit_s: float | None = None, log_every: int = 250, log=print) -> dict:
+    """Train a crop encoder so that crops of one class embed close together: a cosine classifier over
+    the L2-normalised embedding (the geometry the cleaning stage clusters in). Light augmentation:
+    flips and a random crop of 80-100 % of each side."""
+    import time
+
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    size = model.image_size
+    classifier = torch.nn.Linear(model.config["dim"], num_classes, bias=False)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(classifier.parameters()), lr=lr, weight_decay=0.05)
+    y_all = torch.as_tensor(list(labels), dtype=torch.long)
+    model.train()
+    t0, done, losses = time.perf_counter(), 0, []
+
+    def augment(im: Image.Image) -> Image.Image:
+        w, h = im.size
+        cw, ch = max(1, int(w * rng.uniform(0.8, 1.0))), max(1, int(h * rng.uniform(0.8, 1.0)))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        im = im.crop((x0, y0, x0 + cw, y0 + ch))
+        return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else im
+
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = rng.integers(0, len(crops), batch_size)
+        emb = torch.nn.functional.normalize(model(to_pixels([augment(crops[i]) for i in idx], size)), dim=-1)
+        logits = 10.0 * emb @ torch.nn.functional.normalize(classifier.weight, dim=-1).t()
+        loss = torch.nn.functional.cross_entropy(logits, y_all[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        done = step + 1
+        if log_every and done % log_every == 0:
+            log(f"  embedder step {done}/{steps}: loss {np.mean(losses[-log_every:]):.3f}")
+        if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
+            break
+    model.eval()
+    return {"steps": done, "seconds": time.perf_counter() - t0, "final_loss": float(np.mean(losses[-50:]))}
+
+
+def nearest_centroid_accuracy(embeddings: np.ndarray, labels: Sequence[int], train: np.ndarray,
+                              train_labels: Sequence[int]) -> float:
+    """Share of embeddings whose nearest class centroid (cosine, from `train`) is their own class."""
+    y, ty = np.asarray(labels), np.asarray(train_labels)
+    classes = sorted(set(ty.tolist()))
+    cent = np.stack([train[ty == c].mean(0) for c in classes])
+    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+    pred = np.asarray(classes)[np.argmax(embeddings @ cent.T, axis=1)]
+    return float((pred == y).mean()) if len(y) else 0.0

@@ -33,6 +33,13 @@ TAG_LIST_FILE = "tag_list.txt"
 CHINESE_FILE = "tag_list_chinese.txt"
 THRESHOLD_FILE = "tag_list_threshold.txt"
 SYNONYMS_FILE = "synonyms.txt"
+TYPES_FILE = "tag_types.txt"
+
+# A tag's type decides what the engine does with it: objects are grounded and cleaned by their
+# regions; scenes, attributes and actions have no box of their own. Declared by the label system
+# (one line per tag in tag_types.txt), so it never changes with the corpus.
+OBJECT, SCENE, ATTRIBUTE, ACTION, UNKNOWN = "object", "scene", "attribute", "action", "unknown"
+TAG_TYPES = (OBJECT, SCENE, ATTRIBUTE, ACTION, UNKNOWN)
 
 # Irregular plurals (and a few -ing forms) that suffix rules get wrong.
 IRREGULAR_FORMS = {
@@ -111,7 +118,7 @@ class LabelSystem:
 
     def __init__(self, tags: list[str], synonyms: dict[str, str] | None = None,
                  thresholds: list[float] | None = None, chinese: list[str] | None = None,
-                 source: str | None = None):
+                 source: str | None = None, types: list[str] | None = None):
         where = f" ({source})" if source else ""
         if not tags:
             raise ValueError(f"labels: the tag list is empty{where}")
@@ -139,6 +146,15 @@ class LabelSystem:
         if chinese is not None and len(chinese) != n:
             raise ValueError(f"labels: {len(chinese)} Chinese names for {n} tags{where}")
         self.chinese = [c.strip() for c in chinese] if chinese is not None else None
+        if types is not None:
+            types = [t.strip().lower() for t in types]
+            if len(types) != n:
+                raise ValueError(f"labels: {len(types)} tag types for {n} tags{where}")
+            bad = [i for i, t in enumerate(types) if t not in TAG_TYPES]
+            if bad:
+                raise ValueError(f"labels: tag type on line {bad[0] + 1} is {types[bad[0]]!r} (tag "
+                                 f"{self.tags[bad[0]]!r}); use one of {', '.join(TAG_TYPES)}{where}")
+        self.types = types
         self.synonyms: dict[str, int] = {}
         for surface, target in (synonyms or {}).items():
             s, t = normalize(surface), normalize(target)
@@ -155,7 +171,7 @@ class LabelSystem:
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def from_files(cls, tag_list, synonyms=None, thresholds=None, chinese=None) -> "LabelSystem":
+    def from_files(cls, tag_list, synonyms=None, thresholds=None, chinese=None, types=None) -> "LabelSystem":
         tags = _read_lines(tag_list, "tag list")
         syn = read_synonyms(synonyms) if synonyms is not None else None
         thr = None
@@ -167,7 +183,8 @@ class LabelSystem:
                 except ValueError:
                     raise ValueError(f"labels: {thresholds}:{no}: not a number: {x!r}") from None
         zh = _read_lines(chinese, "Chinese names") if chinese is not None else None
-        return cls(tags, synonyms=syn, thresholds=thr, chinese=zh, source=str(tag_list))
+        ty = _read_lines(types, "tag types") if types is not None else None
+        return cls(tags, synonyms=syn, thresholds=thr, chinese=zh, source=str(tag_list), types=ty)
 
     @classmethod
     def from_dir(cls, path) -> "LabelSystem":
@@ -177,7 +194,7 @@ class LabelSystem:
         if not (p / TAG_LIST_FILE).exists():
             raise FileNotFoundError(f"labels: {p} has no {TAG_LIST_FILE}")
         return cls.from_files(p / TAG_LIST_FILE, synonyms=opt(SYNONYMS_FILE),
-                              thresholds=opt(THRESHOLD_FILE), chinese=opt(CHINESE_FILE))
+                              thresholds=opt(THRESHOLD_FILE), chinese=opt(CHINESE_FILE), types=opt(TYPES_FILE))
 
     @classmethod
     def default(cls) -> "LabelSystem":
@@ -203,6 +220,8 @@ class LabelSystem:
             write(THRESHOLD_FILE, [repr(x) for x in self.thresholds])
         if self.chinese is not None:
             write(CHINESE_FILE, self.chinese)
+        if self.types is not None:
+            write(TYPES_FILE, self.types)
         if self.synonyms:
             write(SYNONYMS_FILE, ["# surface<TAB>tag; see ram_model/labels.py"]
                   + [f"{s}\t{self.tags[i]}" for s, i in sorted(self.synonyms.items())])
@@ -283,10 +302,21 @@ class LabelSystem:
     def names(self, ids) -> list[str]:
         return [self.tags[i] for i in ids]
 
+    def with_types(self, types: list[str]) -> "LabelSystem":
+        """The same system with these tag types declared (one per tag, in id order)."""
+        out = LabelSystem(self.tags, thresholds=self.thresholds if self.has_thresholds else None,
+                          chinese=self.chinese, types=types)
+        out.synonyms = dict(self.synonyms)
+        return out
+
+    def type_of(self, i: int) -> str:
+        """The declared type of tag id `i` ("unknown" when the system declares none)."""
+        return self.types[i] if self.types is not None else UNKNOWN
+
     def __repr__(self) -> str:
         return (f"LabelSystem({len(self.tags)} tags, {len(self.synonyms)} synonyms, "
                 f"thresholds={'per-class' if self.has_thresholds else DEFAULT_THRESHOLD}, "
-                f"chinese={self.chinese is not None})")
+                f"chinese={self.chinese is not None}, types={self.types is not None})")
 
 
 def default_synonyms() -> dict[str, str]:
@@ -296,13 +326,15 @@ def default_synonyms() -> dict[str, str]:
 
 
 def build_label_system(tag_counts: Counter, top_k: int, synonyms: dict[str, str] | None = None,
-                       min_count: int = 1) -> LabelSystem:
+                       min_count: int = 1, type_counts: dict[str, Counter] | None = None) -> LabelSystem:
     """Build a label system from parsed tag frequencies, as RAM did.
 
     Counts are merged onto one canonical name per synonym group (synonyms: {surface: canonical}),
     then the `top_k` most frequent
     canonical tags with at least `min_count` occurrences are kept, most frequent first (ties by
     name), so ids are ranks. Synonyms whose canonical tag is kept stay in the system.
+    `type_counts` ({tag: Counter of types}) declares each kept tag's type once, here, by majority
+    (ties by TAG_TYPES order); from then on the type is the system's, whatever data comes later.
     """
     if top_k < 1:
         raise ValueError(f"labels: top_k must be >= 1, got {top_k}")
@@ -326,4 +358,12 @@ def build_label_system(tag_counts: Counter, top_k: int, synonyms: dict[str, str]
         raise ValueError("labels: no tag reaches min_count; nothing to build a label system from")
     keep = set(kept)
     out_syn = {s: c for s, c in syn.items() if c in keep and s not in keep}
-    return LabelSystem(kept, synonyms=out_syn)
+    types = None
+    if type_counts is not None:
+        merged: dict[str, Counter] = {}
+        for tag, c in type_counts.items():
+            k = normalize(tag)
+            merged.setdefault(syn.get(k, k), Counter()).update(c)
+        types = [min(merged[k].items(), key=lambda kv: (-kv[1], TAG_TYPES.index(kv[0])))[0]
+                 if merged.get(k) else UNKNOWN for k in kept]
+    return LabelSystem(kept, synonyms=out_syn, types=types)

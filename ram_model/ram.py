@@ -70,6 +70,11 @@ class RAMConfig:
     cpu_autocast_bf16: bool = False      # measured in benchmarks/model.py; see docs/model.md
     channels_last: bool = False
     init_std: float = 0.02               # Linear/Embedding init (BERT's initializer_range)
+    # An extra per-tag linear read-out of the global max over the image tokens, added to the head's
+    # logits (not in RAM's checkpoints). A small encoder trained from scratch learns shapes through it:
+    # the max keeps where a part responds most, which average-pooled features and a tiny
+    # cross-attention head wash out (docs/model.md).
+    max_pool_head: bool = False
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -83,6 +88,8 @@ class RAMConfig:
             self.text = BertConfig(**self.text)
         if self.variant == "ram_plus" and self.text is not None:
             raise ValueError("RAMConfig: RAM++ has no caption branch; set text=None")
+        if self.max_pool_head and self.variant == "tag2text":
+            raise ValueError("RAMConfig.max_pool_head is for RAM and RAM++ (their image tokens are label_dim wide)")
         if self.variant == "tag2text" and self.text is None:
             raise ValueError("RAMConfig: Tag2Text needs its caption branch (text config)")
         # what the tagging head's cross-attention reads
@@ -187,6 +194,8 @@ class RAM(nn.Module):
             self.fc = nn.Linear(H, 1)
             if c.variant == "ram_plus":
                 self.reweight_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            if c.max_pool_head:
+                self.max_pool_fc = nn.Linear(c.label_dim, c.num_tags)
         self.tagging_head = BertModel(c.head, with_embeddings=False, self_attention=False, cross_attention=True)
         if c.has_caption:
             te_cfg = dataclasses.replace(c.text, encoder_width=vision_width if c.variant == "tag2text" else c.label_dim)
@@ -343,6 +352,14 @@ class RAM(nn.Module):
                                     "given); build them with build_label_embeddings() for open-vocabulary use",
                                     N - len(keep))
                 self.label_embed = nn.Parameter(emb.to(dev, self.label_embed.dtype), requires_grad=False)
+                if c.max_pool_head:   # kept tags keep their read-out rows; new ones start at zero
+                    new_fc = nn.Linear(c.label_dim, N).to(dev)
+                    nn.init.zeros_(new_fc.weight)
+                    nn.init.zeros_(new_fc.bias)
+                    for j, i in keep:
+                        new_fc.weight[j] = self.max_pool_fc.weight[i]
+                        new_fc.bias[j] = self.max_pool_fc.bias[i]
+                    self.max_pool_fc = new_fc
             thr = torch.full((N,), c.default_threshold)
             for j, i in keep:
                 thr[j] = self.class_threshold[i]
@@ -380,7 +397,10 @@ class RAM(nn.Module):
         q = self.label_queries(image_embeds) if queries is None else queries
         h = self.tagging_head(inputs_embeds=q, encoder_hidden_states=image_embeds)
         logits = self.fc(h)
-        return logits.squeeze(-1) if logits.ndim == 3 else logits
+        logits = logits.squeeze(-1) if logits.ndim == 3 else logits
+        if self.config.max_pool_head:
+            logits = logits + self.max_pool_fc(image_embeds[:, 1:].amax(dim=1))
+        return logits
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Tag logits (B, N)."""

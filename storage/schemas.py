@@ -113,6 +113,16 @@ EVALUATION = pa.schema([
     pa.field("value", pa.float64()),
 ])
 
+# ablation: one row per (label version, seed, metric) of the models trained per label version.
+ABLATION = pa.schema([
+    pa.field("labels", pa.string(), nullable=False),      # the label version's name (parsed, cleaned, ...)
+    pa.field("labels_ref", pa.string(), nullable=False),  # stage@version it names
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("model", pa.string(), nullable=False),       # the model version trained on it with this seed
+    pa.field("metric", pa.string(), nullable=False),      # mAP, precision, recall, f1, <tag type>_<metric>
+    pa.field("value", pa.float64()),
+])
+
 STAGE_SCHEMAS: dict[str, pa.Schema] = {
     "images": IMAGES,
     "parsed": PARSED,
@@ -121,6 +131,7 @@ STAGE_SCHEMAS: dict[str, pa.Schema] = {
     "embeddings": EMBEDDINGS,
     "clean": CLEAN,
     "evaluate": EVALUATION,
+    "ablation": ABLATION,
 }
 
 # Versions made of files only, no table: models (`models/<name>`: weights, config, tag list) and

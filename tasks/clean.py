@@ -371,7 +371,7 @@ def build_clean(generated: pa.Table, regions: pa.Table, crop_results: pa.Table |
 # ---------------------------------------------------------------- the stages over the store
 
 EMBED_STAGE, EMBED_VERSION = "embeddings", "embed-1"
-STAGE, STAGE_VERSION = "clean", "clean-1"
+STAGE, STAGE_VERSION = "clean", "clean-3"   # 2: declared tag types; 3: baseline_min_ap
 
 
 def _crop_images(version, part) -> dict[str, Image.Image]:
@@ -454,6 +454,19 @@ def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progre
     return run_stage(writer, parts_of(regions, salt=digest(config)), process, executor=executor, progress=progress)
 
 
+def baseline_unlearned_tags(store, baseline_ref: str, min_ap: float) -> set[str]:
+    """Tags whose held-out AP (recorded in the baseline's model version) is below `min_ap`: the
+    baseline's opinion of their crops is no better than chance, so it must not veto them. A baseline
+    without recorded per-tag metrics (e.g. an official checkpoint) is trusted on every tag."""
+    from .models import model_version
+
+    if min_ap <= 0:
+        return set()
+    version = model_version(store, baseline_ref)
+    per_tag = (version.manifest.get("per_tag_metrics") or {}) if version is not None else {}
+    return {tag for tag, m in per_tag.items() if m.get("ap", 1.0) < min_ap}
+
+
 def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref: str, *, progress=None):
     """The `clean` version: per key the kept tags and the removed ones with their reasons, per crop its
     cluster and distance. Clustering is global per tag (all parts), one tag in memory at a time."""
@@ -465,7 +478,6 @@ def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref
     from .inspect import labels_version
     from .labels import load_labels
     from .models import load_model
-    from .parse import SCENE_NOUNS
     from .stage import StageResult, parts_of, run_stage
 
     config = section_dict(cfg)
@@ -474,7 +486,7 @@ def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref
     if writer.committed is not None:
         return StageResult(writer.committed, "reused")
     labels = load_labels(store, labels_version(store, parsed))
-    categories = tag_categories(parsed, labels, SCENE_NOUNS)
+    categories = tag_categories(labels)
     ccfg = CleanConfig(outlier_fraction=cfg.outlier_fraction, k=cfg.k, k_max=cfg.k_max,
                        crops_per_cluster=cfg.crops_per_cluster, min_crops=cfg.min_crops, algorithm=cfg.algorithm,
                        max_iter=cfg.max_iter, tol=cfg.tol, seed_sample=cfg.seed_sample, fit_sample=cfg.fit_sample,
@@ -489,8 +501,10 @@ def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref
 
         model = load_model(store, baseline_ref)
         model_thr = model.class_threshold.cpu().numpy()
+        unlearned = baseline_unlearned_tags(store, baseline_ref, cfg.baseline_min_ap)
         for m, lab in enumerate(model_to_label_ids(model, labels)):
-            if lab >= 0 and model_thr[m] < 1.0:  # a disabled class (threshold 1.0) has no opinion to disagree with
+            # a disabled class (threshold 1.0), or one the baseline has not learned, has no opinion to disagree with
+            if lab >= 0 and model_thr[m] < 1.0 and model.tags[m] not in unlearned:
                 thresholds[lab] = model_thr[m]
     tmp = Path(tempfile.mkdtemp(prefix="ram-clean-"))
     try:

@@ -100,6 +100,7 @@ class ModelConfig(Section):
     tokenizer_vocab_size: int = Field(1000, ge=100)
     clip: str | None = None                 # CLIP folder / hub id for label embeddings; None: fixed random rows
     default_threshold: float = Field(0.68, gt=0, lt=1)
+    max_pool_head: bool = False             # RAM / RAM++: add a per-tag read-out of the max over image tokens
 
 
 class TrainConfig(Section):
@@ -182,7 +183,7 @@ class DetectorSection(Section):
 
 class GroundSection(Section):
     detector: DetectorSection = Field(default_factory=DetectorSection)
-    localisable: list[Literal["object", "attribute", "action", "unknown"]] = ["object"]
+    localisable: list[Literal["object", "scene", "attribute", "action", "unknown"]] = ["object"]
     top_n: int = Field(1, ge=1)             # boxes kept per (image, tag)
     batch_size: int = Field(8, ge=1)        # images per detector call and per in-part checkpoint
     crop_padding: float = Field(0.1, ge=0)
@@ -192,8 +193,9 @@ class GroundSection(Section):
 
 
 class EmbedderSection(Section):
-    kind: Literal["baseline", "clip"] = "baseline"   # the baseline's image encoder, or CLIP's image tower
-    model: str | None = None                # clip: local folder or hub id
+    kind: Literal["baseline", "clip", "conv"] = "baseline"   # the baseline's image encoder, CLIP's image tower,
+                                            # or a shipped ConvCropEncoder (the demo's stand-in for CLIP)
+    model: str | None = None                # clip: local folder or hub id; conv: its folder
     image_size: int | None = Field(None, ge=8)   # None: the baseline's input size
     pool: Literal["first", "mean"] = "first"
     batch_size: int = Field(64, ge=1)
@@ -216,8 +218,10 @@ class CleanSection(Section):
     minibatch_threshold: int = Field(200_000, ge=1)
     minibatch_size: int = Field(4096, ge=1)
     baseline_check: bool = True             # remove (image, tag) pairs whose crops the baseline does not tag
+    baseline_min_ap: float = Field(0.0, ge=0, le=1)   # ...only for tags the baseline has learned: held-out AP
+                                            # at least this (its model version's per-tag metrics); 0: every tag
     keep_no_box: bool = True                # keep localisable tags the detector found no box for
-    localisable: list[Literal["object", "attribute", "action", "unknown"]] = ["object"]
+    localisable: list[Literal["object", "scene", "attribute", "action", "unknown"]] = ["object"]
     seed: int = 0
 
 
@@ -225,6 +229,16 @@ class EvaluateSection(Section):
     ground_truth: str | None = None         # demo jsonl, OpenImages csv (path,tag,...), Parquet (key, tags)
     format: Literal["auto", "demo", "parquet", "openimages"] = "auto"
     batch_size: int = Field(32, ge=1)
+
+
+class AblationSection(Section):
+    """The data-engine ablation: one model per label version, same budget, architecture and seeds."""
+
+    versions: list[str] = Field(default_factory=list)   # label versions (parsed@v, generated@v, clean@v, any
+                                            # with tag_ids); empty: the latest parsed, generated and clean
+    seeds: list[int] = Field([0, 1, 2], min_length=2)   # one model per seed and version: mean +- std over seeds
+    steps: int | None = Field(None, ge=1)   # training steps per model (None: train.steps)
+    init: str | None = None                 # start of every model (None: from scratch, the model section)
 
 
 class OrchestrationConfig(Section):
@@ -249,6 +263,7 @@ class EngineConfig(Section):
     clean: CleanSection = Field(default_factory=CleanSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    ablation: AblationSection = Field(default_factory=AblationSection)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
 

@@ -15,7 +15,8 @@ Output layout under `out_dir`:
       fmt="folder":      images/<key>.jpg + captions.jsonl ({"file", "captions"} per line)
       fmt="webdataset":  00000.tar ... as img2dataset writes them (<key>.jpg, <key>.txt, <key>.json)
                          plus 00000.parquet and 00000_stats.json per shard
-    tags/          tag_list.txt (the demo's label system, one tag a line), tag_groups.json
+    tags/          tag_list.txt (the demo's label system, one tag a line), tag_types.txt (object /
+                   attribute / scene per tag, declared), tag_groups.json
     truth/         ground_truth.jsonl, noise.json (planted noise, measured)
     world.json     written last: the config and the paths above (WorldInfo)
 
@@ -37,6 +38,8 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ram_model.labels import ATTRIBUTE, OBJECT, SCENE, TYPES_FILE
 
 # ---------------------------------------------------------------------------------------------
 # The vocabulary. Every name below is a line of RAM's ram_tag_list.txt.
@@ -545,6 +548,9 @@ def generate_world(out_dir: str | Path, n_images: int, seed: int = 0, fmt: str =
     tag_list.write_text("\n".join([*cats, *cols, *scns]) + "\n")
     tag_groups = tags_dir / "tag_groups.json"
     tag_groups.write_text(json.dumps({"category": cats, "colour": cols, "scene": scns}, indent=1))
+    # the label system declares each tag's type: shapes are objects (grounded), colours attributes
+    (tags_dir / TYPES_FILE).write_text("\n".join([OBJECT] * len(cats) + [ATTRIBUTE] * len(cols)
+                                                 + [SCENE] * len(scns)) + "\n")
 
     # Corrupt samples are spread evenly and chosen by the seed too.
     corrupt_rng = np.random.default_rng([seed, 1 << 20])

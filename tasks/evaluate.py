@@ -265,6 +265,59 @@ def ablation_table(stage_labels: Mapping[str, Labels], truth: Labels, keys: Iter
     return rows
 
 
+REMOVAL_REASONS = ("outlier", "baseline-disagrees", "no-box")
+
+
+def removal_quality(removed: Mapping[str, Iterable[tuple[str, str]]], cleaning_input: Labels, truth: Labels,
+                    localisable: Iterable[str], keys: Iterable[str] | None = None) -> list[dict]:
+    """How well cleaning removed wrong tags, per reason and over all ("all").
+
+    `removed`: {key: [(tag, reason), ...]} what cleaning removed; `cleaning_input`: {key: tags} what it
+    was given (kept + removed); `localisable`: the tags cleaning can judge (objects). Scored over the
+    truth's keys (or `keys`). Removal precision: the share of removed (key, tag) pairs that are wrong
+    (not in the truth); recall: the share of wrong localisable input pairs that were removed.
+    Random removal scores a precision equal to the input's wrong share (`base_rate`).
+    """
+    keys = [k for k in (truth.keys() if keys is None else keys) if k in truth]
+    loc = set(localisable)
+    wrong_loc = wrong_all = n_loc = 0
+    removed_by: dict[str, list[bool]] = {r: [] for r in REMOVAL_REASONS}
+    for k in keys:
+        true = truth[k]
+        for t in set(cleaning_input.get(k, ())):
+            wrong_all += t not in true
+            if t in loc:
+                n_loc += 1
+                wrong_loc += t not in true
+        for t, reason in removed.get(k, ()):
+            removed_by.setdefault(reason, []).append(t not in true)
+    rows = []
+    every = [w for flags in removed_by.values() for w in flags]
+    for reason, flags in [("all", every), *removed_by.items()]:
+        n, wrong = len(flags), sum(flags)
+        rows.append({"reason": reason, "removed": n, "removed_wrong": wrong,
+                     "removal_precision": wrong / n if n else 0.0,
+                     "removal_recall": wrong / wrong_loc if wrong_loc else 0.0,
+                     "wrong_localisable_in": wrong_loc,
+                     "base_rate": wrong_loc / n_loc if n_loc else 0.0})
+    return rows
+
+
+def cleaning_removals(clean_version, labels) -> tuple[dict[str, list[tuple[str, str]]], dict[str, set[str]]]:
+    """From a `clean` version: ({key: [(removed tag, reason)]}, {key: cleaning input tags = kept + removed})."""
+    removed: dict[str, list[tuple[str, str]]] = {}
+    given: dict[str, set[str]] = {}
+    for batch in clean_version.iter_batches(columns=["key", "tag_ids", "removed_tag_ids", "removed_reasons"]):
+        cols = batch.to_pydict()
+        for key, kept, gone, why in zip(cols["key"], cols["tag_ids"], cols["removed_tag_ids"],
+                                        cols["removed_reasons"]):
+            pairs = [(labels.name(t), r) for t, r in zip(gone or [], why or [])]
+            removed.setdefault(key, []).extend(pairs)
+            given.setdefault(key, set()).update(labels.name(t) for t in (kept or []))
+            given[key].update(t for t, _ in pairs)
+    return removed, given
+
+
 def _cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
@@ -297,7 +350,7 @@ def evaluation_table(rows: Sequence[Mapping], metrics: Sequence[str] = ("precisi
 # The stage over the store: label quality of every stage and the models' quality, one version.
 
 STAGE = "evaluate"
-STAGE_VERSION = "evaluate-1"
+STAGE_VERSION = "evaluate-2"   # 2: cleaning removal precision / recall per reason
 
 
 def key_tag_names(version, labels) -> dict[str, set[str]]:
@@ -404,8 +457,18 @@ def evaluate_stage(store, cfg, images, label_versions: Mapping[str, object], mod
                            "precision": q["precision"], "recall": q["recall"], "f1": q["f1"], "mAP": q["mAP"],
                            "tp": q["tp"], "fp": q["fp"], "fn": q["fn"]})
     all_rows = rows + model_rows
-    table = evaluation_table(all_rows, metrics=("precision", "recall", "f1", "labels_per_key", "mAP", "n_keys"))
+    removal = []
+    for v in label_versions.values():
+        if v.stage == "clean":   # what cleaning removed, judged against the truth, per reason
+            removed, given = cleaning_removals(v, labels)
+            localisable = [labels.name(i) for i in range(len(labels)) if labels.type_of(i) == "object"]
+            removal = removal_quality(removed, given, truth, localisable, keys=keys)
+    table = evaluation_table(all_rows + [{"stage": f"cleaning:{r['reason']}", **r} for r in removal],
+                             metrics=("precision", "recall", "f1", "labels_per_key", "mAP", "n_keys",
+                                      "removal_precision", "removal_recall", "removed", "base_rate"))
     writer.write_part("evaluation", table=table, rows_in=table.num_rows)
     markdown = rows_to_markdown(all_rows)
-    version = writer.commit(metrics={"ablation": all_rows, "markdown": markdown, "truth_keys": len(keys)})
+    version = writer.commit(metrics={"ablation": all_rows, "markdown": markdown, "truth_keys": len(keys),
+                                     "cleaning_removal": removal,
+                                     "cleaning_removal_markdown": rows_to_markdown(removal)})
     return StageResult(version, "written", parts_written=1)

@@ -4,8 +4,10 @@ Input part: rows with `key` and `tag_ids` (the generated stage's union of captio
 Output: regions rows (storage.schemas.REGIONS, one per kept box), crop samples for a WebDataset
 shard ({"__key__": crop_key, "jpg"/"png": bytes}), rejects and metrics.
 
-Only localisable tags are grounded: by default the tags parsed as objects. Attributes and actions
-(and tags of unknown category) have no box of their own and are not cleaned by regions.
+Only localisable tags are grounded: by default the tags the label system declares objects
+(ram_model.labels: tag_types.txt). Scenes, attributes and actions (and tags of unknown type) have no
+box of their own and are not cleaned by regions. The types belong to the labels version, never to a
+vote over the corpus, so new data neither changes what is grounded nor re-grounds old parts.
 """
 from __future__ import annotations
 
@@ -18,13 +20,12 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 import pyarrow as pa
 from PIL import Image
 
+from ram_model.labels import OBJECT, TAG_TYPES, UNKNOWN
 from storage.schemas import REGIONS
 from storage.shards import decode_image
 from storage.store import canonical_json, digest, shard_name
 
 from .code_version import code_version
-
-OBJECT, ATTRIBUTE, ACTION, UNKNOWN = "object", "attribute", "action", "unknown"
 
 
 @dataclass
@@ -47,9 +48,9 @@ class GroundConfig:
             raise ValueError("ground.crop_padding must be >= 0 and ground.crop_min_size >= 1")
         if self.crop_format not in ("jpg", "png"):
             raise ValueError(f"ground.crop_format must be 'jpg' or 'png', got {self.crop_format!r}")
-        bad = set(self.localisable) - {OBJECT, ATTRIBUTE, ACTION, UNKNOWN}
+        bad = set(self.localisable) - set(TAG_TYPES)
         if bad:
-            raise ValueError(f"ground.localisable has unknown categories {sorted(bad)}; use object/attribute/action/unknown")
+            raise ValueError(f"ground.localisable has unknown tag types {sorted(bad)}; use {'/'.join(TAG_TYPES)}")
 
 
 class Region(NamedTuple):
@@ -62,42 +63,9 @@ class Region(NamedTuple):
 
 # ---------------------------------------------------------------- categories
 
-def categories_from_parsed(parsed: pa.Table, overrides: Mapping[int, str] | None = None) -> dict[int, str]:
-    """Category per tag id from the parsed table: a tag found in a row's `objects` column counts as an
-    object there, in `attributes` as an attribute, in `actions` as an action; the majority over rows wins.
-    `overrides` (a per-tag category map, e.g. from the tag list) takes precedence."""
-    votes: dict[int, Counter] = defaultdict(Counter)
-    cols = parsed.select(["tags", "tag_ids", "objects", "attributes", "actions"]).to_pydict()
-    for tags, ids, objs, attrs, acts in zip(cols["tags"], cols["tag_ids"], cols["objects"], cols["attributes"], cols["actions"]):
-        sets = {OBJECT: _words(objs), ATTRIBUTE: _words(attrs), ACTION: _words(acts)}
-        for tag, tid in zip(tags or [], ids or []):
-            t = tag.lower()
-            for cat, words in sets.items():
-                if t in words:
-                    votes[tid][cat] += 1
-                    break
-            else:
-                votes[tid][UNKNOWN] += 1
-    cats = {tid: c.most_common(1)[0][0] for tid, c in votes.items()}
-    if overrides:
-        cats.update({int(k): v for k, v in overrides.items()})
-    return cats
-
-
-def _words(items: Iterable[str] | None) -> set[str]:
-    # a parsed phrase ("red car") counts as a whole and as its last word (the head noun / the verb)
-    out = set()
-    for p in items or []:
-        p = p.lower().strip()
-        out.add(p)
-        if p:
-            out.add(p.split()[-1])
-    return out
-
-
 def localisable_tags(tag_ids: Iterable[int], categories: Mapping[int, str],
                      localisable: Sequence[str] = (OBJECT,)) -> list[int]:
-    """The tag ids whose category is localisable (ids absent from `categories` count as unknown)."""
+    """The tag ids whose type is localisable (ids absent from `categories` count as unknown)."""
     return [int(t) for t in dict.fromkeys(tag_ids) if categories.get(int(t), UNKNOWN) in localisable]
 
 
@@ -250,7 +218,7 @@ def ground_part(table: pa.Table, image_loader: Callable[[str], Image.Image], det
 # ---------------------------------------------------------------- the stage over the store
 
 STAGE = "regions"
-STAGE_VERSION = "ground-2"   # 2: crop shards in shards/, `shard` relative to the version folder
+STAGE_VERSION = "ground-3"   # 2: tag types declared by the label system; 3: crop shards in shards/
 
 
 class ShardImages:
@@ -274,20 +242,13 @@ class ShardImages:
         raise KeyError(f"{key} is not in the shard of part {self.part.name}")
 
 
-def tag_categories(parsed_version, labels, scene_nouns: Iterable[str]) -> dict[int, str]:
-    """Category of every tag id seen in a parsed version: scene (a scene noun), object, attribute or
-    action (the column the parser put it in, majority over captions). Tags never parsed are unknown."""
-    votes: dict[int, Counter] = defaultdict(Counter)
-    scenes = {s.lower() for s in scene_nouns}
-    for batch in parsed_version.iter_batches(columns=["objects", "attributes", "actions"]):
-        cols = batch.to_pydict()
-        for objs, attrs, acts in zip(cols["objects"], cols["attributes"], cols["actions"]):
-            for cat, words in ((OBJECT, objs), (ATTRIBUTE, attrs), (ACTION, acts)):
-                for word in words or []:
-                    ids, _ = labels.map([word])
-                    for tid in ids:
-                        votes[tid]["scene" if cat == OBJECT and word.lower() in scenes else cat] += 1
-    return {tid: c.most_common(1)[0][0] for tid, c in votes.items()}
+def tag_categories(labels) -> dict[int, str]:
+    """Type of every tag id as the label system declares it (object, scene, attribute, action): fixed by
+    the labels version, so new data never changes what is grounded nor the reuse key of old parts."""
+    if labels.types is None:
+        raise ValueError("the label system declares no tag types (tag_types.txt); parse declares them when it "
+                         "registers a label system, so re-run parse with this code")
+    return {i: labels.type_of(i) for i in range(len(labels))}
 
 
 def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progress=None):
@@ -301,7 +262,6 @@ def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progre
     from .inspect import labels_version
     from .labels import load_labels
     from .models import resolve_device, worker_cached
-    from .parse import SCENE_NOUNS
     from .stage import StageResult, parts_of, run_stage
 
     if not cfg.detector.model:
@@ -312,7 +272,7 @@ def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progre
     writer = store.begin(STAGE, code_version=code_version(__name__, STAGE_VERSION), config=config, parents=[images, generated, parsed])
     if writer.committed is not None:
         return StageResult(writer.committed, "reused")
-    categories = tag_categories(parsed, labels, SCENE_NOUNS)
+    categories = tag_categories(labels)
     tag_names = dict(enumerate(labels.tags))
     det = cfg.detector
     det_cfg = DetectorConfig(model=det.model, backend=det.backend, box_threshold=det.box_threshold,

@@ -48,7 +48,7 @@ from .config import IngestConfig, section_dict
 from .stage import PartTask, StageResult, run_stage
 
 STAGE = "images"
-STAGE_VERSION = "ingest-3"   # 3: img2dataset formats and metadata columns, .txt member, shards/ folder
+STAGE_VERSION = "ingest-4"   # 3: every caption of a sample; 4: img2dataset formats and metadata, shards/
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 CAPTION_EXTS = ("txt", "json")
 # Pillow picks its decoder from the content: it is only ever offered these (an EPS file named .jpg must
@@ -592,6 +592,26 @@ def tar_sample_keys(url: str) -> dict[str, str]:
     return keys
 
 
+def _sample_captions(meta: Any, txt: bytes | None, has_json: bool, bad: tuple[str, str] | None
+                     ) -> tuple[list | None, tuple[str, str] | None]:
+    """A sample's captions from its decoded .json (`meta`) and .txt: the json's "captions" list, else the
+    .txt one caption a line, else the json's "caption". Returns (captions, (reason, detail) of the json)."""
+    listed = meta.get("captions") if isinstance(meta, dict) else None
+    if isinstance(listed, list) and listed and json_captions({"captions": listed})[1] is None:
+        return list(listed), None
+    if txt is not None:
+        return txt_captions(txt), None
+    if has_json:
+        return json_captions(meta) if bad is None else (None, bad)
+    return None, None
+
+
+def txt_captions(data: bytes) -> list[bytes]:
+    """A .txt member's captions, one a line; a blank one stays one (empty) caption, rejected as caption-empty."""
+    lines = [line for line in data.splitlines() if line.strip()]
+    return lines or [data]
+
+
 def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter, sidecar_url: str | None = None
                      ) -> Iterator[RawSample]:
     """Group tar members into samples by key (member name up to the basename's first dot); then the samples
@@ -616,23 +636,22 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter, sidecar_url
         image_ext = next((e for e in IMAGE_EXTS if e in value), None)
         base = group.stem.rsplit("/", 1)[-1]
         seen.add(base)
-        meta, captions, caption_problem = None, None, None
-        if "json" in value:   # the captions (when there is no .txt) and img2dataset's metadata
+        captions, caption_problem = None, None
+        # Every caption the sample gives: the sidecar's "captions" list, else the .txt one caption a line
+        # (img2dataset writes one), else the sidecar's "caption", else the caption img2dataset's metadata
+        # table recorded. The sidecar (or that table's row) is also the sample's metadata.
+        meta, bad = None, None
+        if "json" in value:
             try:
-                obj = json.loads(value["json"].decode("utf-8", "surrogateescape"))
+                meta = json.loads(value["json"].decode("utf-8", "surrogateescape"))
             except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
                 bad = ("bad-caption-json", f"not valid JSON: {type(exc).__name__}: {exc}"[:300])
-            else:
-                meta = obj if isinstance(obj, dict) else None
-                captions, bad = json_captions(obj)
-            if bad and "txt" not in value:
-                caption_problem = (bad[0], f"{shown(group.stem)}.json: {bad[1]}", "json")
-        if meta is None:
-            meta = sidecar.get(base)
-        if "txt" in value:
-            captions = [value["txt"]]
-        elif captions is None and caption_problem is None and "json" not in value and meta is not None:
-            captions, bad = json_captions(meta)   # the caption img2dataset's metadata table recorded
+        captions, bad = _sample_captions(meta, value.get("txt"), "json" in value, bad)
+        if bad:
+            caption_problem = (bad[0], f"{shown(group.stem)}.json: {bad[1]}", "json")
+        meta = meta if isinstance(meta, dict) else sidecar.get(base)
+        if captions is None and caption_problem is None and "json" not in value and meta is not None:
+            captions, bad = json_captions(meta)
             if bad:
                 caption_problem = (bad[0], f"{source} metadata row {shown(base)}: {bad[1]}", "caption")
         if image_ext is None and any(e for e in group.exts if e in IMAGE_EXTS) and not group.problem:
@@ -793,19 +812,19 @@ def iter_i2d_files_samples(url: str, sidecar_url: str | None, cfg: IngestConfig)
                                       f"{'max_image_bytes' if ext == image_ext else 'max_caption_bytes'} ({limit})", ext)
                 continue
             members[ext] = data
-        meta = None
+        meta, bad = None, None
         if "json" in members:
             try:
-                obj = json.loads(members["json"].decode("utf-8", "surrogateescape"))
-                meta = obj if isinstance(obj, dict) else None
-            except (ValueError, RecursionError):
-                meta = None
-        meta = meta if meta is not None else sidecar.get(stem)
-        if "txt" in members:
-            captions = [members["txt"]]
-        else:
-            captions, bad = _bounded_captions(meta, f"{where} metadata", cfg)
-            problem = problem or bad
+                meta = json.loads(members["json"].decode("utf-8", "surrogateescape"))
+            except (ValueError, RecursionError) as exc:
+                bad = ("bad-caption-json", f"not valid JSON: {type(exc).__name__}: {exc}"[:300])
+        captions, bad = _sample_captions(meta, members.get("txt"), "json" in members, bad)
+        if bad:
+            problem = problem or (bad[0], f"{where}.json: {bad[1]}", "json")
+        meta = meta if isinstance(meta, dict) else sidecar.get(stem)
+        if captions is None and problem is None and "json" not in members:
+            captions, bad = _bounded_captions(meta, f"{where} metadata", cfg)   # the metadata table's caption
+            problem = bad
         yield RawSample(make_key(stem), where, members.get(image_ext) if image_ext else None, image_ext,
                         captions, problem, meta=meta)
     yield from _failed_samples(sidecar, shard, set(by_key))

@@ -1106,10 +1106,14 @@ def parse_stage(store, cfg, images, *, executor=None, progress=None):
     from storage.store import digest
 
     from .config import section_dict
-    from .labels import register_labels, resolve_label_system
+    from .labels import declare_tag_types, register_labels, resolve_label_system
+    from .models import worker_cached
     from .stage import parts_of, run_stage
 
     labels = resolve_label_system(cfg.labels)
+    if labels.types is None:   # declared once per tag list (not per corpus), then stored with the labels
+        labels = worker_cached(f"typed-labels|{cfg.labels}|{len(labels)}",
+                               lambda: declare_tag_types(labels, get_parser(cfg)))
     labels_version = register_labels(store, labels)
     config = section_dict(cfg) | {"labels": labels_version.id}
     writer = store.begin(STAGE, code_version=code_version(__name__, STAGE_VERSION), config=config, parents=[images, labels_version])

@@ -75,6 +75,8 @@ class ReportData:
     samples: list[SampleView] = field(default_factory=list)
     crops_by_tag: dict[str, list[CropView]] = field(default_factory=dict)
     evaluation: list[dict[str, Any]] = field(default_factory=list)            # e.g. evaluate.ablation_table rows
+    cleaning_removal: list[dict[str, Any]] = field(default_factory=list)      # evaluate.removal_quality rows
+    ablation: list[dict[str, Any]] = field(default_factory=list)              # tasks.ablation.summarise rows
     notes: list[str] = field(default_factory=list)
     created: str = ""
 
@@ -333,6 +335,7 @@ def render_report(report_data: ReportData, out_dir: str | Path, *, max_hist_tags
     # Evaluation.
     body.append("<h2 id=\"evaluation\">Evaluation</h2>")
     body.append(_table(data.evaluation, "evaluation"))
+    body += data_engine_sections(data, out)
 
     page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(data.title)}</title><style>{_CSS}</style></head><body>"
@@ -346,6 +349,55 @@ def render_report(report_data: ReportData, out_dir: str | Path, *, max_hist_tags
     return out / "index.html"
 
 
+def ablation_chart(rows: Sequence[Mapping[str, Any]], width: int = 640, row: int = 26) -> Image.Image:
+    """mAP mean per label version as bars with a ±1 std whisker (the ablation's plot)."""
+    font, title_font = _font(12), _font(14)
+    items = [(str(r["labels"]), float(r.get("mAP_mean", 0.0)), float(r.get("mAP_std", 0.0))) for r in rows]
+    label_w = min(width // 3, 16 + max([int(font.getlength(lbl)) for lbl, _, _ in items] + [40]))
+    img = Image.new("RGB", (width, 34 + row * max(1, len(items)) + 8), "white")
+    d = ImageDraw.Draw(img)
+    d.text((8, 8), "Held-out mAP per label version (mean ± std over seeds)", fill=(20, 20, 20), font=title_font)
+    bar_w = width - label_w - 110
+    for i, (label, mean, std) in enumerate(items):
+        y = 34 + i * row
+        d.text((label_w - 8 - font.getlength(label), y + 5), label, fill=(30, 30, 30), font=font)
+        d.rectangle((label_w, y + 3, label_w + max(1, int(bar_w * mean)), y + row - 5), fill=(70, 140, 90))
+        lo, hi = label_w + int(bar_w * max(0.0, mean - std)), label_w + int(bar_w * min(1.0, mean + std))
+        mid = y + row // 2 - 1
+        d.line((lo, mid, hi, mid), fill=(20, 20, 20), width=2)
+        d.line((lo, y + 6, lo, y + row - 8), fill=(20, 20, 20), width=2)
+        d.line((hi, y + 6, hi, y + row - 8), fill=(20, 20, 20), width=2)
+        d.text((label_w + int(bar_w * min(1.0, mean + std)) + 8, y + 5), f"{mean:.3f} ± {std:.3f}",
+               fill=(60, 60, 60), font=font)
+    return img
+
+
+def data_engine_sections(data: ReportData, out: Path) -> list[str]:
+    """Does the engine earn its keep: cleaning's removal precision / recall per reason, and the
+    ablation (models trained per label version) as a table and a plot."""
+    body: list[str] = []
+    if data.cleaning_removal:
+        body.append('<h2 id="cleaning-removal">Cleaning: removed tags against the truth</h2>')
+        body.append('<p class="legend">Removal precision: share of removed (image, tag) pairs that are wrong; '
+                    "recall: share of the wrong localisable pairs that were removed; base rate: the wrong share "
+                    "of the localisable pairs cleaning was given (what random removal would score).</p>")
+        body.append(_table(data.cleaning_removal, "cleaning-removal"))
+    if data.ablation:
+        body.append('<h2 id="ablation">Ablation: a model per label version</h2>')
+        rows = []
+        for r in data.ablation:
+            row = {"labels": r["labels"], "version": r.get("labels_ref", ""), "seeds": r.get("seeds", "")}
+            for m in [k[: -len("_mean")] for k in r if k.endswith("_mean")]:
+                row[m] = f"{r[m + '_mean']:.3f} ± {r.get(m + '_std', 0.0):.3f}"
+            if "mAP_gain" in r:
+                row["mAP gain"] = f"{r['mAP_gain']:+.3f}" + (" (> 2 std)" if r.get("gain_over_2std") else "")
+            rows.append(row)
+        body.append(_table(rows, "ablation"))
+        ablation_chart(data.ablation).save(out / "figures" / "ablation.png")
+        body.append('<img src="figures/ablation.png" alt="held-out mAP per label version">')
+    return body
+
+
 # ---------------------------------------------------------------------------------------------
 # Filling a report from the store: a version and its lineage.
 
@@ -353,8 +405,9 @@ LABEL_STAGES = ("parsed", "generated", "clean")
 
 
 def build_report(store, version, out_dir: str | Path, *, truth_path: str | None = None, notes: Sequence[str] = (),
-                 n_samples: int = 8, crop_tags: int = 4) -> Path:
-    """Render the report of `version` and every version in its lineage into `out_dir`."""
+                 n_samples: int = 8, crop_tags: int = 4, ablation=None) -> Path:
+    """Render the report of `version` and every version in its lineage into `out_dir` (with an
+    `ablation` version, its table and plot too)."""
     from collections import Counter
 
     from storage.shards import image_member
@@ -433,13 +486,15 @@ def build_report(store, version, out_dir: str | Path, *, truth_path: str | None 
             wrong = (tag not in truth[r["key"]]) if truth and r["key"] in truth else None
             crops_by_tag.setdefault(tag, []).append(CropView(key=r["crop_key"], image=image_member(sample), cluster=r["cluster"],
                                                              outlier=r["outlier"], distance=r["distance"], wrong=wrong))
-    evaluation = []
+    evaluation, removal = [], []
     ev = by_stage.get("evaluate")
     if ev is not None:
         evaluation = [{k: v for k, v in row.items()} for row in ev.manifest["metrics"].get("ablation", [])]
+        removal = list(ev.manifest["metrics"].get("cleaning_removal", []))
     data = ReportData(title=f"RAM data engine: {version.stage}@{version.id}", stages=stages,
                       tag_histograms=histograms, samples=samples, crops_by_tag=crops_by_tag, evaluation=evaluation,
-                      notes=list(notes))
+                      notes=list(notes), cleaning_removal=removal,
+                      ablation=list(ablation.manifest["metrics"]["summary"]) if ablation is not None else [])
     return render_report(data, out_dir)
 
 

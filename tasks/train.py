@@ -95,7 +95,7 @@ def _build_model(cfg: ModelConfig, tags: list[str], thresholds: list[float] | No
         tokenizer = (load_tokenizer(cfg.tokenizer) if cfg.tokenizer else
                      train_wordpiece_tokenizer(captions + tags, vocab_size=cfg.tokenizer_vocab_size))
     vocab = len(tokenizer) if tokenizer is not None else 1000
-    kw = {"default_threshold": cfg.default_threshold}
+    kw = {"default_threshold": cfg.default_threshold, "max_pool_head": cfg.max_pool_head}
     if cfg.preset == "tiny":
         rc = RAMConfig.tiny(num_tags=len(tags), vocab_size=vocab, image_size=cfg.image_size,
                             with_caption=tokenizer is not None, **kw)

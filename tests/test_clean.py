@@ -171,3 +171,58 @@ def test_clip_embedder_and_config_errors():
         build_embedder(EmbedderConfig(kind="clip"))
     with pytest.raises(OSError, match="local_files_only"):
         build_embedder(EmbedderConfig(kind="clip", model="/nonexistent/clip"))
+
+
+def _shape_crop(kind: str, rng) -> Image.Image:
+    from PIL import ImageDraw
+
+    im = Image.new("RGB", (40, 40), (240, 240, 240))
+    d = ImageDraw.Draw(im)
+    colour = tuple(int(v) for v in rng.integers(0, 160, 3))
+    a, b = int(rng.integers(4, 10)), int(rng.integers(30, 36))
+    if kind == "ball":
+        d.ellipse((a, a, b, b), fill=colour)
+    else:
+        d.polygon([(a, b), ((a + b) // 2, a), (b, b)], fill=colour)
+    return im
+
+
+def test_conv_crop_embedder_trains_saves_and_loads_as_an_embedder(tmp_path):
+    """The demo's stand-in for CLIP: trained on labelled crops, shipped as a folder, used by kind 'conv'."""
+    from ram_model.embedder import ConvCropEncoder, nearest_centroid_accuracy, train_crop_embedder
+
+    rng = np.random.default_rng(0)
+    kinds = ["ball", "triangle"]
+    labels = [i % 2 for i in range(120)]
+    crops = [_shape_crop(kinds[y], rng) for y in labels]
+    torch.manual_seed(0)
+    model = ConvCropEncoder(image_size=32, channels=(8, 16), dim=16)
+    info = train_crop_embedder(model, crops[:100], labels[:100], 2, steps=60, batch_size=32, log_every=0)
+    assert info["steps"] == 60
+    model.save_pretrained(tmp_path / "emb")
+    embedder = build_embedder(EmbedderConfig(kind="conv", model=str(tmp_path / "emb"), image_size=224))
+    train_emb, held_emb = embedder(crops[:100]), embedder(crops[100:])
+    assert held_emb.shape == (20, 16) and np.allclose(np.linalg.norm(held_emb, axis=1), 1, atol=1e-5)
+    assert nearest_centroid_accuracy(held_emb, labels[100:], train_emb, labels[:100]) >= 0.9
+    with pytest.raises(FileNotFoundError, match="demo-embedder"):
+        build_embedder(EmbedderConfig(kind="conv", model=str(tmp_path / "nothing")))
+    with pytest.raises(ValueError, match="must name a folder"):
+        build_embedder(EmbedderConfig(kind="conv"))
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text('{"architecture": "CLIPVisionModel"}')
+    with pytest.raises(ValueError, match="not a conv-crop-encoder"):
+        build_embedder(EmbedderConfig(kind="conv", model=str(tmp_path / "clip")))
+
+
+def test_the_baseline_vetoes_only_tags_it_has_learned(monkeypatch):
+    import tasks.models as models
+    from tasks.clean import baseline_unlearned_tags
+
+    class Version:
+        manifest = {"per_tag_metrics": {"ball": {"ap": 0.3}, "red": {"ap": 0.9}, "sky": {"ap": 0.5}}}
+
+    monkeypatch.setattr(models, "model_version", lambda store, ref: Version())
+    assert baseline_unlearned_tags(None, "models/baseline@x", 0.5) == {"ball"}
+    assert baseline_unlearned_tags(None, "models/baseline@x", 0.0) == set()       # the paper's rule: every tag
+    monkeypatch.setattr(models, "model_version", lambda store, ref: None)         # an official checkpoint
+    assert baseline_unlearned_tags(None, "/ckpt.pth", 0.5) == set()

@@ -29,13 +29,16 @@ def world_and_detector(tmp_path_factory):
 
 
 def engine_config(root: Path, world, **extra):
-    overrides = [f"store.url={root / 'store'}", f"ingest.source={world.source}", f"parse.labels={world.tag_list}",
+    return load_config(None, engine_overrides(root, world, **extra))
+
+
+def engine_overrides(root: Path, world, **extra) -> list[str]:
+    return [f"store.url={root / 'store'}", f"ingest.source={world.source}", f"parse.labels={world.tag_list}",
                  f"evaluate.ground_truth={world.ground_truth}", f"ground.detector.model={root / 'detector'}",
                  "ground.detector.box_threshold=0.05", "ground.detector.text_threshold=0.05",
                  "ingest.part_size=10", "train.steps=4", "generate.baseline_steps=null", "train.batch_size=8", "train.warmup_steps=1",
                  "train.checkpoint_every_steps=2", "train.holdout_fraction=0.25", "generate.max_length=12",
                  "clean.min_crops=4"] + [f"{k}={v}" for k, v in extra.items()]
-    return load_config(None, overrides)
 
 
 def test_whole_loop_then_rerun_then_new_data(world_and_detector, monkeypatch, tmp_path):
@@ -192,3 +195,85 @@ def test_retrain_flow_runs_the_loop_over_the_announced_version(engine_store, pre
     assert "ingest" not in out and list(out)[0] == "parse"
     assert out["parse"].version.parents[0] == images.ref
     assert all(r.status == "reused" for r in out.values())  # nothing new: every version is reused
+
+
+def test_ablate_trains_a_model_per_label_version_and_seed(engine_store, tmp_path, monkeypatch):
+    """`ram-engine ablate` on a run with a ground truth: models per (version, seed), scored on held-out
+    keys, an `ablation` version with per-seed rows and mean ± std; a crashed run resumes; a rerun reuses."""
+    import tasks.train as train
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    cfg, results, world = engine_store
+    root = Path(cfg.store.url).parent
+    store = Store(cfg.store.url)
+    refs = ["parsed", f"clean@{results['clean'].version.id[:8]}"]   # latest, and a version prefix
+    args = ["--engine", "local"] + [a for o in engine_overrides(root, world, **{"store.url": cfg.store.url})
+                                    for a in ("--set", o)]
+    args += ["--set", "ablation.seeds=[0, 1]", "--set", "ablation.steps=2"]
+    runner = CliRunner(env={"COLUMNS": "250"})
+
+    real_train, calls = train.train_stage, []
+
+    def crash_on_third(*a, **k):
+        calls.append(a[2].seed)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash in the third training")
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(train, "train_stage", crash_on_third)
+    crashed = runner.invoke(app, args + ["ablate", *refs])
+    monkeypatch.setattr(train, "train_stage", real_train)
+    assert crashed.exit_code != 0 and "simulated crash" in str(crashed.exception)
+    assert store.versions("ablation") == [] and len(store.versions("models/ablation-parsed")) == 2
+    out = runner.invoke(app, args + ["ablate", *refs])
+    assert out.exit_code == 0, out.output + str(out.exception)
+    version = store.versions("ablation")[-1]
+    m = version.manifest["metrics"]
+    assert [(r["labels"], r["seed"]) for r in m["per_seed"]] == [("parsed", 0), ("parsed", 1), ("cleaned", 0),
+                                                                 ("cleaned", 1)]
+    assert len(store.versions("models/ablation-parsed")) == 2 and len(store.versions("models/ablation-cleaned")) == 2
+    for row in m["per_seed"]:
+        assert 0 <= row["mAP"] <= 1 and {"object_f1", "attribute_f1", "scene_f1"} <= set(row)
+    assert [r["labels"] for r in m["summary"]] == ["parsed", "cleaned"]
+    assert "mAP_std" in m["summary"][0] and "mAP_gain" in m["summary"][1]
+    assert "| parsed | 2 |" in out.output                            # the printed table
+    table = version.read_table()
+    assert table.num_rows == len([k for r in m["per_seed"] for k in r if k not in ("labels", "labels_ref", "seed",
+                                                                                   "model")])
+    assert {p.split("/")[0] for p in version.parents} == {"images", "parsed", "clean"}
+    # the two models trained before the crash were reused, not trained again
+    assert sorted(v.id for v in store.versions("models/ablation-parsed")) == \
+        sorted({r["model"].split("/")[-1] for r in m["per_seed"] if r["labels"] == "parsed"})
+    again = runner.invoke(app, args + ["ablate", *refs])
+    assert again.exit_code == 0 and "reused" in again.output and len(store.versions("ablation")) == 1
+    # the report carries the table and the plot
+    from tasks.report import build_report
+
+    index = build_report(store, results["evaluate"].version, tmp_path / "report",
+                         truth_path=str(world.ground_truth), ablation=version)
+    html = index.read_text()
+    assert 'id="ablation"' in html and "figures/ablation.png" in html and (tmp_path / "report" / "figures" /
+                                                                            "ablation.png").stat().st_size > 0
+    assert 'id="cleaning-removal"' in html and "baseline-disagrees" in html
+
+
+def test_ablate_says_what_is_missing(engine_store, tmp_path):
+    from tasks.ablation import ablation_stage
+
+    cfg, results, world = engine_store
+    store = Store(cfg.store.url)
+    images, parsed = results["ingest"].version, results["parse"].version
+    no_truth = cfg.evaluate.model_copy(update={"ground_truth": None})
+    with pytest.raises(Exception, match="evaluate.ground_truth"):
+        ablation_stage(store, cfg.model, cfg.train, no_truth, cfg.ablation, images, {"parsed": parsed})
+    foreign = tmp_path / "truth.jsonl"
+    foreign.write_text('{"key": "not-a-key", "tags": ["ball"]}\n')
+    with pytest.raises(Exception, match="no held-out key"):
+        ablation_stage(store, cfg.model, cfg.train, cfg.evaluate.model_copy(update={"ground_truth": str(foreign)}),
+                       cfg.ablation, images, {"parsed": parsed})
+    with pytest.raises(Exception, match="no labels version"):
+        ablation_stage(store, cfg.model, cfg.train, cfg.evaluate, cfg.ablation, images, {"images": images})
+    with pytest.raises(Exception, match="no label versions"):
+        ablation_stage(store, cfg.model, cfg.train, cfg.evaluate, cfg.ablation, images, {})

@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw
 
 from ram_model.detector import build_tiny_detector
 from storage.schemas import PARSED, REGIONS
-from tasks.ground import (GroundConfig, categories_from_parsed, crop_key, cut_crop, ground_batch, ground_part,
+from tasks.ground import (GroundConfig, tag_categories, crop_key, cut_crop, ground_batch, ground_part,
                           localisable_tags)
 
 torch.set_num_threads(1)
@@ -45,18 +45,16 @@ def _loader(bad=()):
     return load
 
 
-def test_categories_and_localisable():
-    parsed = pa.Table.from_pylist([
-        {"key": "a", "caption_index": 0, "caption": "a red dog running", "objects": ["red dog"], "attributes": ["red"],
-         "actions": ["run"], "relations": [], "quantities": [], "tags": ["dog", "red", "run"], "tag_ids": [0, 2, 3],
-         "unknown_tags": []},
-        {"key": "b", "caption_index": 0, "caption": "a dog", "objects": ["dog"], "attributes": [], "actions": [],
-         "relations": [], "quantities": [], "tags": ["dog", "blue"], "tag_ids": [0, 9], "unknown_tags": []},
-    ], schema=PARSED)
-    cats = categories_from_parsed(parsed, overrides={9: "attribute"})
-    assert cats == {0: "object", 2: "attribute", 3: "action", 9: "attribute"}
+def test_declared_types_and_localisable():
+    from ram_model.labels import LabelSystem
+
+    labels = LabelSystem(["dog", "grass", "red", "run"], types=["object", "scene", "attribute", "action"])
+    cats = tag_categories(labels)
+    assert cats == {0: "object", 1: "scene", 2: "attribute", 3: "action"}
     assert localisable_tags([3, 0, 2, 0, 7], cats) == [0]
     assert localisable_tags([3, 0, 2], cats, ("object", "action")) == [3, 0]
+    with pytest.raises(ValueError, match="declares no tag types"):
+        tag_categories(LabelSystem(["dog"]))
 
 
 def test_cut_crop_padding_and_min_size():

@@ -202,3 +202,51 @@ def test_ingest_into_s3(s3_store_url, folder_source):
     v = ingest(store, IngestConfig(part_size=4), source=str(folder_source)).version
     assert v.manifest["rows_out"] == 5 and v.verify() == []
     assert len(list(v.iter_samples())) == 5
+
+
+def test_every_caption_of_a_sample_is_read(tmp_path):
+    """Regression: a multi-caption sample used to arrive as one run-on caption (the whole .txt)."""
+    src = tmp_path / "shards"
+    src.mkdir()
+    write_tar_source(src / "00000.tar", [
+        # img2dataset's layout: one caption in .txt, the same in the sidecar's `caption`
+        ("000000000", {"jpg": image_bytes(), "txt": b"a red ball on the sand",
+                       "json": b'{"url": "x", "caption": "a red ball on the sand"}'}),
+        # the demo's layout: one caption a line in .txt, the list in the sidecar's `captions`
+        ("000000001", {"jpg": image_bytes(), "txt": b"a boat in the sea\nthe sand with a red flag\n",
+                       "json": b'{"caption": "a boat in the sea", "captions": ["a boat in the sea", '
+                               b'"the sand with a red flag"]}'}),
+        # lines of .txt without a sidecar list (CRLF too)
+        ("000000002", {"jpg": image_bytes(), "txt": b"first caption\r\n\r\nsecond caption"}),
+        # a hostile sidecar list (not strings) falls back to the .txt lines
+        ("000000003", {"jpg": image_bytes(), "txt": b"one\ntwo", "json": b'{"captions": [1, {"a": 2}]}'}),
+        # the sidecar's list wins over a .txt that disagrees with it
+        ("000000004", {"jpg": image_bytes(), "txt": b"stale", "json": b'{"captions": ["x y", "z w"]}'}),
+        ("000000005", {"jpg": image_bytes(), "txt": b"  \n \n"}),
+    ])
+    v = ingest(Store(str(tmp_path / "store")), IngestConfig(), source=str(src)).version
+    rows = {r["key"]: r["captions"] for r in v.read_table().to_pylist()}
+    assert rows["000000000"] == ["a red ball on the sand"]
+    assert rows["000000001"] == ["a boat in the sea", "the sand with a red flag"]
+    assert rows["000000002"] == ["first caption", "second caption"]
+    assert rows["000000003"] == ["one", "two"]
+    assert rows["000000004"] == ["x y", "z w"]
+    assert rejects_by_key(v)["000000005"]["reason"] == "caption-empty"
+
+
+def test_demo_world_captions_arrive_one_by_one(tmp_path):
+    from tasks.demo_world import generate_world
+
+    world = generate_world(tmp_path / "world", 12, seed=3, fmt="webdataset", captions_per_image=(2, 3))
+    truth = {}
+    with open(world.ground_truth) as f:
+        for line in f:
+            row = json.loads(line)
+            truth[row["key"]] = row["captions"]
+    v = ingest(Store(str(tmp_path / "store")), IngestConfig(), source=str(world.source)).version
+    # The world is img2dataset output, so keys carry its folder tag; its own keys are in source_key.
+    rows = {r["source_key"]: r["captions"] for r in v.read_table().to_pylist()}
+    assert rows.keys() == truth.keys()
+    for key, caps in truth.items():
+        assert len(rows[key]) == len(caps) >= 2
+        assert [c.lower().rstrip(".") for c in rows[key]] == [c.lower().rstrip(".") for c in caps]

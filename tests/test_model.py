@@ -444,3 +444,24 @@ def test_official_checkpoint_gets_the_reference_thresholds_by_default(tmp_path):
     (tmp_path / "thr.txt").write_text("\n".join(["0.5"] * len(ref)))
     own = load_official(tmp_path / "ram.pth", config=cfg, thresholds=tmp_path / "thr.txt")
     assert torch.all(own.class_threshold == 0.5)
+
+
+def test_max_pool_head_reads_the_strongest_token(tmp_path):
+    from ram_model.checkpoint import from_pretrained
+
+    torch.manual_seed(0)
+    model = RAM(RAMConfig.tiny(num_tags=3, with_caption=False, max_pool_head=True), tags=["a", "b", "c"]).eval()
+    images = torch.randn(2, 3, 64, 64)
+    embeds = model.encode_image(images)
+    plain = model.fc(model.tagging_head(inputs_embeds=model.label_queries(embeds),
+                                        encoder_hidden_states=embeds)).squeeze(-1)
+    want = plain + model.max_pool_fc(embeds[:, 1:].amax(dim=1))
+    assert torch.allclose(model(images), want, atol=1e-5)
+    model.save_pretrained(tmp_path / "m")
+    assert torch.allclose(from_pretrained(tmp_path / "m")(images), want, atol=1e-5)
+    kept = model.max_pool_fc.weight[1].clone()
+    model.set_tags(["b", "new"])
+    assert torch.equal(model.max_pool_fc.weight[0], kept) and not model.max_pool_fc.weight[1].any()
+    assert model(images).shape == (2, 2)
+    with pytest.raises(ValueError, match="max_pool_head is for RAM"):
+        RAMConfig.tiny(num_tags=3, variant="tag2text", max_pool_head=True)

@@ -184,3 +184,35 @@ def test_training_never_writes_storage_options_to_disk(base, tmp_path, monkeypat
     assert seen["options"] == {"secret_access_key": secret}  # handed over in memory
     assert any(p.endswith("job.json") for p in seen["files"])
     assert [p for p, data in seen["files"].items() if secret.encode() in data] == []
+
+
+def test_a_new_tar_makes_ground_write_one_part(base, tmp_path):
+    """Tag types are the label system's: a new tar whose captions use a colour as a noun ("an orange")
+    neither makes that colour an object nor re-grounds the parts already grounded."""
+    import shutil
+
+    from tasks.ground import ground_stage
+    from tests.fixtures import image_bytes
+    from tests.test_ingest import write_tar_source
+
+    root, world, cfg, _, _, _ = base
+    src = tmp_path / "source"
+    src.mkdir()
+    for tar in sorted(Path(world.source).glob("*.tar")):
+        shutil.copy(tar, src / tar.name)
+    store = Store(str(tmp_path / "store"))
+    images = ingest(store, cfg.ingest, source=str(src)).version
+    parsed = parse_stage(store, cfg.parse, images).version
+    first = ground_stage(store, cfg.ground, images, caption_generated(store, images, parsed), parsed)
+    assert first.parts_written == len(images.parts) == 3
+    # the new tar: a majority of "orange" used as a noun, which a vote over the corpus turned into an object
+    write_tar_source(src / "00009.tar", [
+        (f"00009{i:04d}", {"jpg": image_bytes(size=(128, 128), color=(250, 140, 0)),
+                           "txt": b"an orange on the sand\nthe oranges on the grass"}) for i in range(40)])
+    images2 = ingest(store, cfg.ingest, source=str(src)).version
+    parsed2 = parse_stage(store, cfg.parse, images2).version
+    assert [p for p in parsed2.parents if p.startswith("labels/")] == \
+        [p for p in parsed.parents if p.startswith("labels/")]
+    second = ground_stage(store, cfg.ground, images2, caption_generated(store, images2, parsed2), parsed2)
+    assert second.parts_written == 1 and second.parts_reused == 3
+    assert "orange" not in set(second.version.read_table().column("tag").to_pylist())

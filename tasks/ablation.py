@@ -1,0 +1,210 @@
+"""The data-engine ablation on the user's own data (RAM's paper, "data engine" table).
+
+    label versions (parsed, parsed+generated, cleaned, or any list with tag_ids) x seeds
+        ─► one model each: same architecture, budget and seeds (the train stage; each a model version)
+        ─► scored on held-out keys against a ground truth (mAP, micro P/R/F1, per tag type)
+        ─► an `ablation` version: per-seed rows, and mean ± std over seeds per label version
+
+Every model is an ordinary `models/ablation-<label stage>` version, so a crashed ablation resumes by
+reusing the models already trained, and a rerun over the same inputs reuses the committed version.
+Models are judged on the keys no model was trained on (`train.holdout_fraction`, by key hash: the
+same keys for every label version) that have ground truth.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from typing import Callable, Mapping
+
+import numpy as np
+import pyarrow as pa
+
+from storage import Store, StoreError, Version
+from storage.schemas import ABLATION
+
+from .stage import StageResult
+
+log = logging.getLogger("ram_engine")
+
+STAGE = "ablation"
+STAGE_VERSION = "ablation-1"
+METRICS = ("mAP", "precision", "recall", "f1")
+
+
+def model_name(label_name: str) -> str:
+    """`models/<name>` of the ablation models of one label version (a stable, path-safe name)."""
+    return "ablation-" + re.sub(r"[^a-z0-9]+", "-", label_name.lower()).strip("-")
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0.0 for a single value)."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def group_quality(scores: np.ndarray, truth_mh: np.ndarray, thresholds: np.ndarray, tags: list[str],
+                  groups: Mapping[str, list[str]]) -> dict[str, dict]:
+    """model_quality restricted to each group's tags (e.g. the label system's tag types)."""
+    from .evaluate import model_quality
+
+    out = {}
+    for group, members in groups.items():
+        cols = [i for i, t in enumerate(tags) if t in set(members)]
+        if cols:
+            q = model_quality(scores[:, cols], truth_mh[:, cols], thresholds[cols])
+            out[group] = {m: q[m] for m in METRICS}
+    return out
+
+
+def summarise(per_seed: list[dict], baseline: str | None = None) -> list[dict]:
+    """Per label version: mean ± std over seeds of every metric, and the mAP gain over `baseline`
+    (the first version by default) with whether it exceeds two standard deviations of either side."""
+    names = list(dict.fromkeys(r["labels"] for r in per_seed))
+    baseline = baseline or (names[0] if names else None)
+    metric_names = [m for m in per_seed[0] if m not in ("labels", "labels_ref", "seed", "model")] if per_seed else []
+    rows = []
+    for name in names:
+        runs = [r for r in per_seed if r["labels"] == name]
+        row = {"labels": name, "labels_ref": runs[0]["labels_ref"], "seeds": len(runs)}
+        for m in metric_names:
+            vals = [r[m] for r in runs if r.get(m) is not None and not math.isnan(r[m])]
+            if vals:
+                row[f"{m}_mean"], row[f"{m}_std"] = mean_std(vals)
+        rows.append(row)
+    base = next((r for r in rows if r["labels"] == baseline), None)
+    for row in rows:
+        if base is not None and row is not base and "mAP_mean" in row:
+            gain = row["mAP_mean"] - base["mAP_mean"]
+            row["mAP_gain"] = gain
+            row["gain_over_2std"] = bool(gain > 2 * max(row["mAP_std"], base["mAP_std"]))
+    return rows
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """The ablation table: label version, then mean ± std over seeds of mAP, P, R, F1 and per-group F1."""
+    if not rows:
+        return ""
+    groups = [k[: -len("_f1_mean")] for k in rows[0] if k.endswith("_f1_mean") and k != "f1_mean"]
+    head = ["labels", "seeds", *METRICS, *(f"{g} F1" for g in groups), "mAP gain > 2 std"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["labels"], str(r["seeds"])]
+        for m in [*METRICS, *(f"{g}_f1" for g in groups)]:
+            cells.append(f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}" if f"{m}_mean" in r else "")
+        cells.append("" if "mAP_gain" not in r else f"{r['mAP_gain']:+.3f} ({'yes' if r['gain_over_2std'] else 'no'})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def ablation_stage(store: Store, model_cfg, train_cfg, evaluate_cfg, cfg, images: Version,
+                   label_versions: Mapping[str, Version], *, progress: Callable[[str, int, int], None] | None = None,
+                   say: Callable[[str], None] = log.info) -> StageResult:
+    """Train one model per (label version, seed) with the same budget and architecture, score each on
+    held-out keys against `evaluate_cfg.ground_truth`, and commit the `ablation` version."""
+    from pathlib import Path
+
+    from .config import section_dict
+    from .evaluate import load_ground_truth, model_quality, multi_hot, normalise_truth, rekey_truth, score_model
+    from .inspect import labels_version
+    from .labels import load_labels
+    from .train import is_holdout, train_stage
+
+    if not label_versions:
+        raise StoreError("ablation: no label versions given (ablation.versions, or run the loop first)")
+    if not evaluate_cfg.ground_truth:
+        raise StoreError("ablation needs a ground truth: set evaluate.ground_truth (demo jsonl, OpenImages csv or "
+                         "Parquet with key and tags)")
+    truth_path = Path(evaluate_cfg.ground_truth)
+    if not truth_path.is_file():
+        raise StoreError(f"evaluate.ground_truth {truth_path} does not exist")
+    lvs = {name: labels_version(store, v) for name, v in label_versions.items()}
+    missing = [v.ref for name, v in label_versions.items() if lvs[name] is None]
+    if missing:
+        raise StoreError(f"ablation: {', '.join(missing)} has no labels version in its lineage (not a label version "
+                         f"with tag_ids?); give parsed, generated or clean versions")
+    if len({lv.id for lv in lvs.values()}) != 1:
+        raise StoreError("ablation: the label versions use different label systems "
+                         f"({', '.join(sorted({lv.ref for lv in lvs.values()}))}); models would not be comparable")
+    labels = load_labels(store, next(iter(lvs.values())))
+    budget = train_cfg.model_copy(update={"steps": cfg.steps or train_cfg.steps, "init": cfg.init,
+                                          "fine_tune_latest": False})
+    stat = truth_path.stat()
+    config = {"ablation": section_dict(cfg), "model": section_dict(model_cfg), "train": section_dict(budget),
+              "evaluate": section_dict(evaluate_cfg),
+              "truth": [str(truth_path.resolve()), stat.st_size, int(stat.st_mtime)],
+              "labels": {name: v.ref for name, v in label_versions.items()}}
+    writer = store.begin(STAGE, code_version=STAGE_VERSION, config=config,
+                         parents=[images, *label_versions.values()])
+    if writer.committed is not None:
+        return StageResult(writer.committed, "reused")
+    truth = rekey_truth(normalise_truth(load_ground_truth(truth_path, evaluate_cfg.format), labels), images)
+    image_keys = set(images.read_table(columns=["key"]).column(0).to_pylist())
+    held = {k for k in truth if k in image_keys and is_holdout(k, budget.holdout_fraction)}
+    if not held:
+        raise StoreError(f"ablation: no held-out key of {images.ref} has ground truth in {truth_path} "
+                         f"(train.holdout_fraction {budget.holdout_fraction}); the truth must cover the data")
+    groups: dict[str, list[str]] = {}
+    for i, tag in enumerate(labels.tags):
+        groups.setdefault(labels.type_of(i), []).append(tag)
+    per_seed, records, models = [], [], []
+    total = len(label_versions) * len(cfg.seeds)
+    for name, lv in label_versions.items():
+        for seed in cfg.seeds:
+            t0 = time.perf_counter()
+            run_cfg = budget.model_copy(update={"name": model_name(name), "seed": seed})
+            result = train_stage(store, model_cfg, run_cfg, lv, images)
+            models.append(result.version)
+            order, scores, model = score_model(store, result.version.ref, images, held, evaluate_cfg.batch_size)
+            tags = list(model.tags)
+            thresholds = model.class_threshold.cpu().numpy()
+            truth_mh = multi_hot(truth, order, tags)
+            q = model_quality(scores, truth_mh, thresholds, tags)
+            row = {"labels": name, "labels_ref": lv.ref, "seed": seed, "model": result.version.ref,
+                   **{m: float(q[m]) for m in METRICS}}
+            for group, gq in group_quality(scores, truth_mh, thresholds, tags, groups).items():
+                row.update({f"{group}_{m}": float(v) for m, v in gq.items()})
+            per_seed.append(row)
+            records += [{"labels": name, "labels_ref": lv.ref, "seed": seed, "model": row["model"], "metric": m,
+                         "value": v} for m, v in row.items() if m not in ("labels", "labels_ref", "seed", "model")]
+            say(f"      ablation {len(per_seed)}/{total}: {name} seed {seed}: mAP {q['mAP']:.3f} F1 {q['f1']:.3f} "
+                f"({result.status}, {time.perf_counter() - t0:.0f} s)")
+            if progress is not None:
+                progress(STAGE, len(per_seed), total)
+    summary = summarise(per_seed)
+    table = pa.Table.from_pylist(records, schema=ABLATION)
+    writer.write_part("ablation", table=table, rows_in=table.num_rows)
+    version = writer.commit(metrics={"summary": summary, "per_seed": per_seed, "markdown": summary_markdown(summary),
+                                     "heldout_keys": len(held), "models": [m.ref for m in models]})
+    return StageResult(version, "written", parts_written=1)
+
+
+def latest_label_versions(store: Store, refs: list[str] | None = None) -> dict[str, Version]:
+    """The label versions to compare: the given refs (stage@version; names are their stages), or the
+    latest clean version's lineage: its parsed, generated and clean versions."""
+    from .inspect import lineage
+
+    if refs:
+        out = {}
+        for ref in refs:
+            v = store.open_ref(ref)
+            out[_display_name(v.stage, out)] = v
+        return out
+    if not store.versions("clean"):
+        raise StoreError("ablation: no clean version in the store; run the loop first or give label versions")
+    clean = store.versions("clean")[-1]
+    found = {v.stage: v for _, v, _ in lineage(store, clean) if v is not None}
+    out = {}
+    for stage, name in (("parsed", "parsed"), ("generated", "parsed+generated"), ("clean", "cleaned")):
+        if stage in found:
+            out[name] = found[stage]
+    return out
+
+
+def _display_name(stage: str, taken: Mapping[str, Version]) -> str:
+    name = {"generated": "parsed+generated", "clean": "cleaned"}.get(stage, stage)
+    n, base = 2, name
+    while name in taken:
+        name, n = f"{base}#{n}", n + 1
+    return name
