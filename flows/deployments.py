@@ -3,9 +3,9 @@
 * `ram-data-engine` runs `flows.data_engine:data_engine_flow` on `orchestration.schedule_cron`.
 * `ram-retrain` runs `flows.train:retrain_flow` when the event `ram.images.committed` arrives for this
   store (resource id `ram.store.<digest of the store URL>`).
-* `emit_images_committed` sends that event after ingest commits a version with at least
-  `orchestration.retrain_min_new_samples` new samples. A Prefect trigger cannot compare payload values,
-  so the threshold is applied here, by the emitter.
+* `emit_images_committed` sends that event after ingest commits a version with new samples. The
+  retrain flow applies `orchestration.retrain_min_new_samples` of the config it is served with (one
+  setting, where the deployment runs), counting the samples new since its latest model's images.
 
 `serve(cfg)` registers both deployments and runs their flow runs in this process (`prefect.serve`);
 call it under `if __name__ == "__main__":` (or through `ram-engine serve`), since Prefect starts each
@@ -55,6 +55,23 @@ def new_samples(version: Version) -> int:
     parts it shares with earlier versions: those samples were announced when they were new."""
     own = f"{version.stage}/{version.id}/"
     return sum(p.rows_out for p in version.parts if p.files and all(f["path"].startswith(own) for f in p.files))
+
+
+def samples_since_last_training(store: Store, images: Version, model_stage: str) -> tuple[int, str | None]:
+    """(keys of `images` that the latest `model_stage` version was not trained on, that version's images
+    ref or None when there is no model yet). Counted by key, so it accumulates across images versions."""
+    models = store.versions(model_stage)
+    if not models:
+        return images.manifest["rows_out"], None
+    trained = next((p for p in models[-1].parents if p.startswith("images/")), None)
+    old = store.find("images", trained.rpartition("/")[2]) if trained else None
+    if old is None:
+        return images.manifest["rows_out"], None
+    if old.id == images.id:
+        return 0, old.ref
+    seen = set(old.read_table(columns=["key"]).column(0).to_pylist())
+    keys = images.read_table(columns=["key"]).column(0).to_pylist()
+    return sum(k not in seen for k in keys), old.ref
 
 
 def emit_images_committed(store: Store, version: Version, new_samples: int, threshold: int,
@@ -142,8 +159,8 @@ def build_deployments(cfg: EngineConfig, *, loop_flow: str | Flow = LOOP_FLOW, r
                            description=f"The data-engine loop over {cfg.store.url}, on '{oc.schedule_cron}'."),
         retrain.to_deployment(name=retrain_name, parameters=params, triggers=[retrain_trigger(cfg, retrain, event=event)],
                               concurrency_limit=1, tags=["ram", "retrain"],
-                              description=f"Retrain when {event} reports >= {oc.retrain_min_new_samples} new "
-                                          f"samples in {cfg.store.url}."),
+                              description=f"Retrain when {event} arrives for {cfg.store.url} and at least "
+                                          f"{oc.retrain_min_new_samples} samples are new since the last training."),
     ]
 
 

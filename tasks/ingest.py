@@ -16,6 +16,7 @@ import contextlib
 import csv
 import gzip
 import hashlib
+import os
 import io
 import json
 import lzma
@@ -883,7 +884,8 @@ def ingest(store: Store, cfg: IngestConfig, *, source: str | None = None, execut
         raise SourceError("no ingest source: pass SRC or set ingest.source in the config")
     fmt = detect_format(src, cfg)
     tasks = tar_tasks(src) if fmt == "webdataset" else folder_tasks(src, cfg)
-    config = section_dict(cfg) | {"source": src, "format": fmt}
+    # A local source enters the identity as an absolute path: "./src" and "/abs/src" are the same data.
+    config = section_dict(cfg) | {"source": src if "://" in src else os.path.abspath(src), "format": fmt}
     # Which parts earlier versions already hold depends on code and config only, not on this input.
     this_code = code_version(__name__, STAGE_VERSION)
     reusable = store.begin(STAGE, code_version=this_code, config=config, parents=[]).reusable_parts()
