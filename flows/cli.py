@@ -19,8 +19,10 @@ from tasks.config import ConfigError, EngineConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="The RAM data engine: versioned stages from captions to a retrained tagger.")
-console = Console(stderr=True)
-out = Console()
+# Output that is not a terminal (a pipe, a file, CI logs) is not cut at 80 columns: paths and version
+# ids stay whole on one line. A terminal keeps its own width.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 250)
+out = Console(width=None if sys.stdout.isatty() else 250)
 
 
 class State:
@@ -64,9 +66,16 @@ def announce_config() -> None:
                   + (f", overrides: {' '.join(state.overrides)}" if state.overrides else ""))
 
 
-def get_store(cfg: EngineConfig | None = None) -> Store:
+def get_store(cfg: EngineConfig | None = None, *, must_exist: bool = False) -> Store:
+    """The configured store; `must_exist` (inspection commands) stops with an error naming the URL when
+    nothing is there, instead of showing an empty store."""
     cfg = cfg or get_config()
-    return Store(cfg.store.url, **cfg.store.storage_options)
+    store = Store(cfg.store.url, **cfg.store.storage_options)
+    if must_exist and not store.fs.exists(store.root):
+        where = f" (config {state.config_path})" if state.config_path else ""
+        raise StoreError(f"no store at {store.full_url('').rstrip('/')}{where}: check store.url or --store, "
+                         f"or run `ram-engine run` / `ram-engine demo` to create one")
+    return store
 
 
 @contextmanager
@@ -77,8 +86,8 @@ def progress_bar():
         ids: dict[str, int] = {}
 
         def update(stage: str, done: int, total: int) -> None:
-            if stage not in ids:
-                ids[stage] = bar.add_task(f"{stage} parts", total=total)
+            if stage not in ids:  # "<stage>" counts parts, "<stage> training" counts steps
+                ids[stage] = bar.add_task(stage if stage.endswith(" training") else f"{stage} parts", total=total)
             bar.update(ids[stage], completed=done, total=total)
 
         yield update
@@ -156,11 +165,11 @@ def run(from_stage: Optional[str] = typer.Option(None, "--from", help="First sta
     announce_config()
     cfg = get_config()
     kwargs = dict(from_stage=from_stage, until_stage=until_stage, source=source)
-    if state.engine == "prefect":
-        prefect_engine()
-        results = data_engine_flow(cfg, **kwargs)
-    else:
-        with progress_bar() as update:
+    with progress_bar() as update:
+        if state.engine == "prefect":
+            prefect_engine()
+            results = data_engine_flow(cfg, progress=update, **kwargs)
+        else:
             results = data_engine_flow.fn(cfg, progress=update, **kwargs)
     print_results(results)
 
@@ -168,13 +177,20 @@ def run(from_stage: Optional[str] = typer.Option(None, "--from", help="First sta
 @app.command()
 def demo(out_dir: str = typer.Option("ram-demo", "--out", help="Folder for the world, detector, store, report."),
          images: int = typer.Option(600, help="Images in the generated world."),
-         seed: int = typer.Option(0, help="World seed.")) -> None:
+         seed: int = typer.Option(0, help="World seed."),
+         world_only: bool = typer.Option(False, "--world-only", help="Only generate (or grow, with more --images) "
+                                         "the world and write the config beside the store; run nothing.")) -> None:
     """The offline demo: a generated world with known truth, the whole loop with tiny models on CPU,
     the evaluation against the truth, and an HTML report."""
     from flows.demo import run_demo
 
-    summary = run_demo(out_dir, n_images=images, seed=seed, engine=state.engine, config_path=state.config_path,
-                       overrides=state.overrides, say=out.print)
+    with progress_bar() as update:
+        summary = run_demo(out_dir, n_images=images, seed=seed, engine=state.engine, config_path=state.config_path,
+                           overrides=state.overrides, say=out.print, world_only=world_only, progress=update)
+    if world_only:
+        out.print(f"world of {images} images: {summary['world'].source}\nconfig: {summary['config']}\n"
+                  f"next: ram-engine -c {summary['config']} ingest")
+        return
     print_results(summary["results"])
     ev = summary["results"].get("evaluate")
     if ev is not None:
@@ -185,7 +201,7 @@ def demo(out_dir: str = typer.Option("ram-demo", "--out", help="Folder for the w
     if summary.get("ablation") is not None:
         out.print("[bold]Ablation: held-out mAP / P / R / F1 of a model per label version, mean ± std over seeds[/]")
         out.print(summary["ablation"].manifest["metrics"]["markdown"])
-    out.print(f"store: {summary['store']}\nreport: {summary['report']}\n"
+    out.print(f"store: {summary['store']}\nconfig: {summary['config']}\nreport: {summary['report']}\n"
               f"total {summary['seconds'] / 60:.1f} min")
 
 
@@ -259,6 +275,11 @@ def report(target: Optional[str] = typer.Argument(None, help="STAGE[@VERSION] (d
         if version is None:
             raise StoreError(f"no evaluate or clean version in {store.url}; name a version: ram-engine report STAGE@V")
     path = build_report(store, version, out_dir, truth_path=truth or cfg.evaluate.ground_truth)
+    if state.engine == "prefect":
+        from flows.runtime import publish_report
+
+        if publish_report(path, version):
+            out.print("linked from the Prefect artifact ram-report")
     out.print(f"report: {path}")
 
 
@@ -317,8 +338,15 @@ def labels_build(parsed: str = typer.Argument(..., help="PARSED_VERSION: parsed@
 @app.command("ls")
 def list_versions(stage: Optional[str] = typer.Argument(None, help="Stage to list; all stages when omitted.")) -> None:
     """List committed versions."""
-    store = get_store()
-    stages = [stage] if stage else store.stages()
+    from tasks.inspect import STAGE_OUTPUTS
+
+    store = get_store(must_exist=True)
+    found = store.stages()
+    if stage and stage not in found:
+        raise StoreError(f"no committed version of {stage!r} in {store.url}; stages there: {', '.join(found) or '(none)'}")
+    # The loop's order (images first, evaluate last), then anything else by name.
+    order = [s for s in STAGE_OUTPUTS if s in found] + [s for s in found if s not in STAGE_OUTPUTS]
+    stages = [stage] if stage else order
     table = Table("stage", "version", "created", "rows in", "out", "rejected", "parents", "refs")
     table.columns[1].no_wrap = True
     for name in stages:
@@ -336,8 +364,12 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
          rows: int = typer.Option(5, help="Sample rows to print."),
          as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON.")) -> None:
     """Manifest summary, counts, schema and sample rows of a version."""
+    from tasks.inspect import display_metrics, format_value, tag_names_for, with_tag_names
+    from tasks.evaluate import ablation_columns
+
     stage, ref = parse_ref(target)
-    v = get_store().open(stage, ref)
+    store = get_store(must_exist=True)
+    v = store.open(stage, ref)
     m = v.manifest
     if as_json:
         out.print_json(json.dumps({k: val for k, val in m.items() if k != "schema_ipc"}))
@@ -348,17 +380,28 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
               f"{len(m['parts'])} parts ({m['parts_written']} written, {m['parts_reused']} shared with earlier "
               f"versions), {len(m['files'])} files, {sum(f['bytes'] for f in m['files'])} bytes")
     out.print("[bold]schema[/]\n" + m["schema"])
+    out.print(f"path: {store.full_url(f'{v.stage}/{v.id}')}")
     if m.get("metrics"):
-        out.print("[bold]metrics[/]")
-        for key, value in m["metrics"].items():
-            if isinstance(value, dict):
-                value = ", ".join(f"{k}: {n}" for k, n in list(value.items())[:10])
-            out.print(f"  {key}: {value}")
+        out.print("[bold]metrics[/] (counters: most frequent first)")
+        for key, kind, value in display_metrics(store, v, top=10):
+            if kind == "counter":
+                value = ", ".join(f"{k}: {format_value(n)}" for k, n in value)
+            elif kind == "table":
+                cols = ablation_columns(value)
+                t = Table(*cols)
+                for r in value:
+                    t.add_row(*(format_value(r.get(c, "")) for c in cols))
+                out.print(f"  {key}:")
+                out.print(t)
+                continue
+            out.print(f"  {key}: {value}", markup=False, highlight=False)
     if rows:
         table = v.read_table().slice(0, rows)
-        out.print("[bold]sample rows[/]")
+        names = tag_names_for(store, v) if any(c in table.column_names for c in ("tag_ids", "tag_id")) else None
+        out.print("[bold]sample rows[/]" + (" (tag ids with their names)" if names else ""))
         for row in table.to_pylist():
-            out.print("  " + json.dumps(row, ensure_ascii=False, default=str)[:400])
+            out.print("  " + json.dumps(_shortened(with_tag_names(row, names)), ensure_ascii=False, default=str),
+                      markup=False, highlight=False, soft_wrap=True)  # one row, one line
         rejects = v.rejects().slice(0, rows)
         if rejects.num_rows:
             out.print("[bold]sample rejects[/]")
@@ -366,11 +409,25 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
                 out.print(f"  {row['key']}: {row['reason']} ({row['field']}) {row['detail'] or ''}"[:300])
 
 
+def _shortened(value, max_items: int = 20, max_chars: int = 160):
+    """A row for the screen: long strings and lists cut (marked with …), so each row stays valid JSON."""
+    if isinstance(value, dict):
+        return {k: _shortened(v, max_items, max_chars) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [_shortened(v, max_items, max_chars) for v in value[:max_items]]
+        return items + [f"… {len(value) - max_items} more"] if len(value) > max_items else items
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, str) and len(value) > max_chars:
+        return value[:max_chars] + "…"
+    return value
+
+
 @app.command()
 def verify(target: Optional[str] = typer.Argument(None, help="STAGE@VERSION; every version when omitted")) -> None:
     """Check every file of a version against the sha256 in its manifest (without a target: every version,
     and every manifest and ref file of the store)."""
-    store = get_store()
+    store = get_store(must_exist=True)
     damaged = [] if target else store.damaged()
     versions = [store.open(*parse_ref(target))] if target else [v for s in store.stages() for v in store.versions(s)]
     failed = len(damaged)
@@ -394,7 +451,7 @@ def ref(target: str = typer.Argument(..., help="STAGE@VERSION to point at"),
         name: str = typer.Argument(..., help="Ref name, e.g. prod")) -> None:
     """Point a named ref (e.g. `prod`) at a committed version."""
     stage, version_ref = parse_ref(target)
-    store = get_store()
+    store = get_store(must_exist=True)
     v = store.open(stage, version_ref)
     store.set_ref(stage, name, v.id)
     out.print(f"{stage}@{name} -> {v.id}")
@@ -416,7 +473,7 @@ def lineage_command(target: str = typer.Argument(..., help="STAGE@VERSION")) -> 
     from tasks.inspect import lineage
 
     stage, version_ref = parse_ref(target)
-    store = get_store()
+    store = get_store(must_exist=True)
     for depth, v, ref_text in lineage(store, store.open(stage, version_ref)):
         detail = ""
         if v is not None:
@@ -431,7 +488,7 @@ def diff_command(a: str = typer.Argument(..., help="STAGE@A"), b: str = typer.Ar
     """Tags added or removed from A to B, per tag, with counts of keys."""
     from tasks.inspect import diff_tags, tag_names_for
 
-    store = get_store()
+    store = get_store(must_exist=True)
     va, vb = store.open(*parse_ref(a)), store.open(*parse_ref(b))
     d = diff_tags(va, vb)
     names = tag_names_for(store, vb) or tag_names_for(store, va)

@@ -18,10 +18,11 @@ from prefect.context import FlowRunContext
 from storage import StoreError, Version
 from tasks.config import EngineConfig
 from tasks.models import import_official
+from tasks.progress import apply_torch_threads
 from tasks.stage import StageResult
 
-from .runners import make_task_runner, shared_cluster
-from .runtime import gpu_stage, open_store, prefect_executor, publish
+from .runners import default_workers, make_task_runner, shared_cluster
+from .runtime import as_config, gpu_stage, open_store, prefect_executor, publish, stage_progress
 
 log = logging.getLogger("ram_engine")
 
@@ -62,6 +63,7 @@ def _loop(cfg: EngineConfig, from_stage, until_stage, source, images_version, pr
 
     from .ingest import ingest_and_announce
 
+    cfg = as_config(cfg)  # a served run passes the config as JSON
     _check(from_stage, "--from")
     _check(until_stage, "--until")
     start = STAGES.index(from_stage) if from_stage else 0
@@ -70,6 +72,7 @@ def _loop(cfg: EngineConfig, from_stage, until_stage, source, images_version, pr
         raise ValueError(f"--from {from_stage} comes after --until {until_stage}")
     store = open_store(cfg)
     results: dict[str, StageResult] = {}
+    progress = stage_progress(progress)  # log lines with rate and ETA, the UI's bar, and the caller's
 
     def wanted(stage: str) -> bool:
         return start <= STAGES.index(stage) <= stop
@@ -91,6 +94,9 @@ def _loop(cfg: EngineConfig, from_stage, until_stage, source, images_version, pr
     def stage_version(name: str, stage: str, fn, *args, gpu: bool = False, **kwargs) -> Version:
         if not wanted(name):
             return latest(stage)
+        # Training is one process (or nproc_per_node); part stages run max_workers parts at once.
+        workers = cfg.train.nproc_per_node if name in ("baseline", "train") else default_workers(cfg.orchestration)
+        apply_torch_threads(cfg.orchestration.torch_threads, workers)
         with gpu_stage(cfg) if gpu else nullcontext():
             results[name] = _run(name, cfg, fn, *args, **kwargs)
         return results[name].version
@@ -112,6 +118,7 @@ def _loop(cfg: EngineConfig, from_stage, until_stage, source, images_version, pr
         baseline = store.versions(baseline_stage)[-1].ref
         if wanted("baseline"):
             results["baseline"] = StageResult(store.open_ref(baseline), "reused")
+            publish(results["baseline"])  # its artifact shows in every run, not only the one that trained it
     elif baseline is None:  # no baseline yet: train one on the parsed labels
         baseline_cfg = cfg.train.model_copy(update={"name": cfg.generate.baseline_name, "init": None,
                                                     "fine_tune_latest": False,

@@ -181,15 +181,46 @@ def demo_config(out: Path, world, detector: Path, config_path: str | None, overr
     return load_config(config_path or "demo", base + list(overrides))
 
 
+CONFIG_NAME = "ram-engine.yaml"
+
+
+def write_demo_config(out: Path, cfg: EngineConfig) -> Path:
+    """The demo's whole resolved config beside its store, paths relative to it (tasks.config resolves
+    them against the file's folder): `ram-engine -c <out>/ram-engine.yaml run|serve|ingest` works from
+    any working directory and finds the same store, source, labels, truth and detector."""
+    import os
+
+    import yaml
+
+    from tasks.config import PATH_FIELDS, MAYBE_PATH_FIELDS
+
+    data = cfg.model_dump(mode="json")
+    for dotted in PATH_FIELDS + MAYBE_PATH_FIELDS:
+        *sections, name = dotted.split(".")
+        node = data
+        for section in sections:
+            node = node[section]
+        value = node.get(name)
+        if isinstance(value, str) and Path(value).is_absolute() and (dotted in PATH_FIELDS or Path(value).exists()):
+            rel = os.path.relpath(value, out)
+            node[name] = rel if not rel.startswith("..") else value  # outside the folder: keep absolute
+    path = out / CONFIG_NAME
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text("# Written by `ram-engine demo`: the demo's resolved config. Relative paths are relative to\n"
+                   "# this file. Use it with: ram-engine -c <this file> run | ingest | serve | ls | show ...\n"
+                   + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engine: str = "prefect",
              config_path: str | None = None, overrides: list[str] = (), detector_steps: int = 2000,
-             detector_minutes: float = 2.5, say=print) -> dict:
-    """Generate the world, train the detector, run the loop, evaluate and render the report."""
-    import torch
-
+             detector_minutes: float = 2.5, say=print, world_only: bool = False, progress=None) -> dict:
+    """Generate the world, train the detector, run the loop, evaluate and render the report.
+    `world_only`: generate (or grow: the first images of a bigger world are the same) the world and
+    write the config beside the store, but run nothing; ingesting it is the next step."""
     from tasks.demo_world import WorldInfo, generate_world
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -210,6 +241,13 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
     say(f"      {emb_dir}: a small conv crop embedder, {emb['train'].get('steps')} training steps, held-out "
         f"nearest-centroid accuracy {emb['heldout'].get('nearest_centroid_accuracy', 0):.2f}")
     cfg = demo_config(out, world, det_dir, config_path, list(overrides), embedder=emb_dir)
+    config_file = out / CONFIG_NAME
+    if not (world_only and config_file.exists()):  # growing the world keeps the config (and any edit to it)
+        write_demo_config(out, cfg)
+    say(f"      config: {config_file} (ram-engine -c {config_file} run | ingest | serve)")
+    if world_only:
+        return {"results": {}, "report": None, "store": cfg.store.url, "seconds": time.perf_counter() - t0,
+                "detector": det, "world": world, "config": str(config_file)}
     say(f"[3/5] running the data-engine loop ({engine}); the store is {cfg.store.url}")
     from .data_engine import data_engine_flow
 
@@ -217,9 +255,9 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
         from .temp_server import ensure_server
 
         ensure_server()
-        results = data_engine_flow(cfg)
+        results = data_engine_flow(cfg, progress=progress)
     else:
-        results = data_engine_flow.fn(cfg)
+        results = data_engine_flow.fn(cfg, progress=progress)
     from storage import Store
 
     from .ablation import ablation_flow
@@ -240,8 +278,12 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
              f"Grounding DINO."]
     report = build_report(store, last.version, out / "report", truth_path=str(world.ground_truth), notes=notes,
                           ablation=ablation)
+    if engine == "prefect":
+        from .runtime import publish_report
+
+        publish_report(report, last.version)
     return {"results": results, "report": str(report), "store": cfg.store.url, "seconds": time.perf_counter() - t0,
-            "detector": det, "world": world, "ablation": ablation}
+            "detector": det, "world": world, "ablation": ablation, "config": str(config_file)}
 
 
 def _noise_line(world) -> str:

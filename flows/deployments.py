@@ -3,9 +3,9 @@
 * `ram-data-engine` runs `flows.data_engine:data_engine_flow` on `orchestration.schedule_cron`.
 * `ram-retrain` runs `flows.train:retrain_flow` when the event `ram.images.committed` arrives for this
   store (resource id `ram.store.<digest of the store URL>`).
-* `emit_images_committed` sends that event after ingest commits a version with at least
-  `orchestration.retrain_min_new_samples` new samples. A Prefect trigger cannot compare payload values,
-  so the threshold is applied here, by the emitter.
+* `emit_images_committed` sends that event after ingest commits a version with new samples. The
+  retrain flow applies `orchestration.retrain_min_new_samples` of the config it is served with (one
+  setting, where the deployment runs), counting the samples new since its latest model's images.
 
 `serve(cfg)` registers both deployments and runs their flow runs in this process (`prefect.serve`);
 call it under `if __name__ == "__main__":` (or through `ram-engine serve`), since Prefect starts each
@@ -54,6 +54,31 @@ def new_samples(version: Version) -> int:
     """Rows out of the parts this version wrote itself (in this run or a resumed one), not of the
     parts it shares with earlier versions: those samples were announced when they were new."""
     return sum(p.rows_out for p in version.parts if p.files and not p.shared_from)
+
+
+def samples_since_last_training(store: Store, images: Version, model_stage: str) -> tuple[int, str | None]:
+    """(samples of `images` that the latest `model_stage` version was not trained on, that version's images
+    ref or None when there is no model yet). Counted by sample, so it accumulates across images versions: a
+    sample was trained on when its key was, or when the same source key with the same image bytes was (an
+    img2dataset folder that moved gets new folder-tagged keys, not new samples)."""
+    models = store.versions(model_stage)
+    if not models:
+        return images.manifest["rows_out"], None
+    trained = next((p for p in models[-1].parents if p.startswith("images/")), None)
+    old = store.find("images", trained.rpartition("/")[2]) if trained else None
+    if old is None:
+        return images.manifest["rows_out"], None
+    if old.id == images.id:
+        return 0, old.ref
+    def rows(v: Version) -> list[dict]:   # versions from before the source_key column have keys only
+        columns = [c for c in ("key", "source_key", "sha256") if c in v.schema.names]
+        return [{"source_key": None, "sha256": None} | r for r in v.read_table(columns=columns).to_pylist()]
+
+    trained_rows = rows(old)
+    seen = {r["key"] for r in trained_rows}
+    seen_content = {(r["source_key"], r["sha256"]) for r in trained_rows if r["source_key"] is not None}
+    return sum(r["key"] not in seen and (r["source_key"] is None or (r["source_key"], r["sha256"]) not in seen_content)
+               for r in rows(images)), old.ref
 
 
 def emit_images_committed(store: Store, version: Version, new_samples: int, threshold: int,
@@ -141,8 +166,8 @@ def build_deployments(cfg: EngineConfig, *, loop_flow: str | Flow = LOOP_FLOW, r
                            description=f"The data-engine loop over {cfg.store.url}, on '{oc.schedule_cron}'."),
         retrain.to_deployment(name=retrain_name, parameters=params, triggers=[retrain_trigger(cfg, retrain, event=event)],
                               concurrency_limit=1, tags=["ram", "retrain"],
-                              description=f"Retrain when {event} reports >= {oc.retrain_min_new_samples} new "
-                                          f"samples in {cfg.store.url}."),
+                              description=f"Retrain when {event} arrives for {cfg.store.url} and at least "
+                                          f"{oc.retrain_min_new_samples} samples are new since the last training."),
     ]
 
 

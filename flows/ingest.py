@@ -7,23 +7,24 @@ from tasks.config import EngineConfig
 from tasks.ingest import STAGE, ingest
 from tasks.stage import StageResult
 
-from .runtime import open_store, prefect_executor, publish
+from .runtime import as_config, open_store, prefect_executor, publish, stage_progress
 
 
 def ingest_and_announce(cfg: EngineConfig, source: str | None = None, progress=None) -> StageResult:
-    """Ingest; a new commit emits `ram.images.committed` with its new samples (deployments retrain on it)."""
+    """Ingest; a new commit with new samples emits `ram.images.committed` (the served retrain deployment
+    decides, with its own `orchestration.retrain_min_new_samples`, whether enough is new to retrain)."""
     from .deployments import emit_images_committed, new_samples
 
     store = open_store(cfg)
-    result = ingest(store, cfg.ingest, source=source, executor=prefect_executor(STAGE), progress=progress)
+    result = ingest(store, cfg.ingest, source=source, executor=prefect_executor(STAGE),
+                    progress=stage_progress(progress))
     if result.status == "written":
-        emit_images_committed(store, result.version, new_samples(result.version),
-                              cfg.orchestration.retrain_min_new_samples)
+        emit_images_committed(store, result.version, new_samples(result.version), threshold=1)
     return result
 
 
 @flow(name="ingest", log_prints=True, validate_parameters=False)
 def ingest_flow(cfg: EngineConfig, source: str | None = None, progress=None) -> StageResult:
-    result = ingest_and_announce(cfg, source, progress)
+    result = ingest_and_announce(as_config(cfg), source, progress)
     publish(result)
     return result

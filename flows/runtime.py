@@ -6,8 +6,10 @@ what the UI shows.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Callable, Sequence
 
 from prefect import task
@@ -21,6 +23,82 @@ from tasks.stage import PartTask, StageResult
 
 log = logging.getLogger("ram_engine")
 
+OUR_LOGGERS = ("ram_engine", "ram_model")
+
+
+def route_logs_to_prefect() -> None:
+    """Send our loggers' lines to the Prefect API of the current flow or task run (the UI's run logs),
+    and to the console where nothing else prints them (a served run's subprocess). Idempotent; called
+    when the flows are imported, which is also how a served or worker run loads them."""
+    from prefect.logging.handlers import APILogHandler
+
+    class RunLogHandler(APILogHandler):
+        """Forwards only inside a run: work outside one (tests, the CLI's local engine) stays quiet."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            from prefect.context import FlowRunContext, TaskRunContext
+
+            if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+                super().emit(record)
+
+    level = os.environ.get("RAM_ENGINE_LOG", "INFO")
+    for name in OUR_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(level)
+        if not any(type(h).__name__ == "RunLogHandler" for h in logger.handlers):
+            logger.addHandler(RunLogHandler())
+        if not logging.getLogger().handlers and not any(isinstance(h, logging.StreamHandler) and
+                                                        type(h).__name__ != "RunLogHandler" for h in logger.handlers):
+            console = logging.StreamHandler()
+            console.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
+            logger.addHandler(console)
+
+
+class StageProgress:
+    """The progress callback the flows hand to stages: a log line with rate and ETA (tasks.progress), a
+    Prefect progress artifact per stage in the current flow run, and the caller's own callback (the
+    CLI's bar), whichever engine runs the stage."""
+
+    def __init__(self, forward: Callable[[str, int, int], None] | None = None):
+        from tasks.progress import ProgressLog
+
+        self.forward = forward
+        self.parts, self.steps = ProgressLog(unit="parts"), ProgressLog(unit="steps")
+        self.artifacts: dict[str, object] = {}
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        # Stages report parts; trainers report "<stage> training" steps (tasks.train._step_progress).
+        logged = (self.steps if what.endswith(" training") else self.parts)(what, done, total)
+        if logged is not None:
+            self._artifact(what, done, total, logged)
+        if self.forward is not None:
+            self.forward(what, done, total)
+
+    def _artifact(self, what: str, done: int, total: int, line: str) -> None:
+        if FlowRunContext.get() is None or not total:
+            return
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        pct = 100.0 * done / total
+        try:
+            if what not in self.artifacts:
+                self.artifacts[what] = create_progress_artifact(pct, key=artifact_key(what) + "-progress",
+                                                                description=line)
+            else:
+                update_progress_artifact(self.artifacts[what], pct, description=line)
+        except Exception as exc:  # the UI's bar is a nicety: a failing API call never stops the work
+            log.debug("progress artifact for %s: %s", what, exc)
+
+
+def stage_progress(forward=None) -> StageProgress:
+    return forward if isinstance(forward, StageProgress) else StageProgress(forward)
+
+
+def artifact_key(name: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) for a stage name."""
+    return "ram-" + re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+
 # Transient I/O is retried inside the part work itself (tasks.stage.run_stage), the same under every engine.
 def gpu_stage(cfg: EngineConfig):
     """Hold a GPU slot (one GPU stage per device across workers) when a GPU is in use; nothing on CPU."""
@@ -29,6 +107,12 @@ def gpu_stage(cfg: EngineConfig):
     from .runners import gpu_slot
 
     return gpu_slot(cfg) if torch.cuda.is_available() else nullcontext()
+
+
+def as_config(cfg: EngineConfig | dict) -> EngineConfig:
+    """The config a flow was given: flows that skip parameter validation (to accept callables such as
+    the CLI's progress bar) receive plain JSON from a deployment run, validated here."""
+    return cfg if isinstance(cfg, EngineConfig) else EngineConfig.model_validate(cfg)
 
 
 def open_store(cfg: EngineConfig) -> Store:
@@ -53,25 +137,62 @@ def prefect_executor(stage: str) -> Callable[[Callable[[PartTask], PartRecord], 
 
 
 def publish(result: StageResult, report_path: str | None = None) -> None:
-    """A markdown artifact per stage under a stable key, so its history shows in the Prefect UI."""
+    """A markdown artifact per stage under a stable key, so its history shows in the Prefect UI: counts,
+    where the version lives, its metrics (counters ranked, tag ids named, tables as tables) and the
+    report when one was written."""
     if FlowRunContext.get() is None:
         return
-    m = result.version.manifest
+    create_markdown_artifact(markdown=version_markdown(result, report_path), key=artifact_key(result.version.stage),
+                             description=f"{result.version.stage} version {result.version.id}")
+
+
+def publish_report(report_path: str | Path, version) -> bool:
+    """A `ram-report` artifact linking the HTML report of `version` (and where the version lives), when
+    a Prefect API is configured or a run is active; True when published. Never fails the caller."""
+    from prefect.context import TaskRunContext
+    from prefect.settings import get_current_settings
+
+    if not (get_current_settings().api.url or FlowRunContext.get() or TaskRunContext.get()):
+        return False  # no server to keep it: a temporary one would start just for this
+    uri = Path(report_path).resolve().as_uri()
+    try:
+        create_markdown_artifact(
+            key="ram-report", description=f"report of {version.stage}@{version.id}",
+            markdown=f"## report of {version.stage}@{version.id}\n\n[{uri}]({uri})\n\n"
+                     f"store path: `{version.store.full_url(f'{version.stage}/{version.id}')}`\n")
+    except Exception as exc:  # a report stays useful without its link in the UI
+        log.warning("could not publish the report link to Prefect: %s: %s", type(exc).__name__, exc)
+        return False
+    return True
+
+
+def version_markdown(result: StageResult, report_path: str | None = None) -> str:
+    from tasks.evaluate import ablation_columns
+    from tasks.inspect import display_metrics, format_value
+
+    v = result.version
+    m = v.manifest
     lines = [f"## {m['stage']} @ {m['version']}", "",
              "| rows in | rows out | rejected | parts written | resumed | reused | status |",
              "|---|---|---|---|---|---|---|",
              f"| {m['rows_in']} | {m['rows_out']} | {m['rows_rejected']} | {result.parts_written} | "
              f"{result.parts_resumed} | {result.parts_reused} | {result.status} |", "",
+             f"store path: `{v.store.full_url(f'{v.stage}/{v.id}')}`", "",
              f"parents: {', '.join(m['parents']) or '(none)'}", ""]
-    metrics = m.get("metrics") or {}
-    for name, value in metrics.items():
-        if isinstance(value, dict):
-            top = list(value.items())[:15]
-            lines += [f"**{name}**: " + ", ".join(f"{k} ({v})" for k, v in top), ""]
+    for name, kind, value in display_metrics(v.store, v):
+        if kind == "counter":
+            lines += [f"**{name}** (most frequent first): " + ", ".join(f"{k} ({format_value(n)})" for k, n in value), ""]
+        elif kind == "table":
+            cols = ablation_columns(value)
+            lines += ["", f"**{name}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(format_value(r.get(c, "")).replace("|", "\\|") for c in cols) + " |"
+                      for r in value]
+            lines.append("")
         else:
             lines.append(f"- {name}: {value}")
     if report_path:
-        lines += ["", f"report: {report_path}"]
-    key = "ram-" + re.sub(r"[^a-z0-9-]+", "-", m["stage"].lower())  # Prefect keys: lowercase, digits, dashes
-    create_markdown_artifact(markdown="\n".join(lines), key=key,
-                             description=f"{m['stage']} version {m['version']}")
+        lines += ["", f"report: [{report_path}]({Path(report_path).resolve().as_uri() if '://' not in report_path else report_path})"]
+    return "\n".join(lines)
+
+
+route_logs_to_prefect()  # on import: how the CLI, `serve` and a worker's flow-run process all load the flows

@@ -78,6 +78,7 @@ class TrainConfig:
     lr_scales: tuple[tuple[str, float], ...] = ()   # (parameter-name regex, lr multiplier), first match wins
     find_unused_parameters: bool = True      # RAM's caption branch is idle when no captions are given
     log_every_steps: int = 1
+    log_every_seconds: float | None = 30.0   # also log when this long has passed (slow steps still report)
 
     def __post_init__(self):
         def bad(name, why):
@@ -545,6 +546,7 @@ class Trainer:
                                  resumed_from, step, epoch, consumed)
             last_loss, last_ckpt = None, resumed_from
             t_report, n_report = time.perf_counter(), 0
+            t_run, step_run = t_report, step     # rate and ETA over this run (a resume starts afresh)
             checked_size = cfg.image_size is None
             while step < self.total_steps:
                 self.stream.set_epoch(epoch)
@@ -578,12 +580,17 @@ class Trainer:
                     if step % cfg.checkpoint_every_steps == 0 or step == self.total_steps:
                         ckpt = self._save(step, epoch, consumed)
                         last_ckpt = ckpt or last_ckpt
-                    if d.is_main and (step % cfg.log_every_steps == 0 or step == self.total_steps):
-                        now = time.perf_counter()
+                    now = time.perf_counter()
+                    due = (step % cfg.log_every_steps == 0 or step == self.total_steps
+                           or (cfg.log_every_seconds is not None and now - t_report >= cfg.log_every_seconds))
+                    if d.is_main and due:
                         sps = n_report / max(now - t_report, 1e-9)
                         t_report, n_report = now, 0
-                        log.info("step %d/%d epoch %d loss %.4f lr %.3g %.1f samples/s",
-                                 step, self.total_steps, epoch, loss, lr, sps)
+                        steps_per_s = (step - step_run) / max(now - t_run, 1e-9)
+                        eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else float("nan")
+                        log.info("step %d/%d (%.0f %%) epoch %d loss %.4f lr %.3g %.1f samples/s, %.3g steps/s, "
+                                 "ETA %s", step, self.total_steps, 100 * step / self.total_steps, epoch, loss, lr,
+                                 sps, steps_per_s, format_duration(eta))
                         if self.progress is not None:
                             self.progress(TrainProgress(step, self.total_steps, epoch, loss, comps,
                                                         lr, sps, gnorm, ckpt))
@@ -595,6 +602,14 @@ class Trainer:
         finally:
             if d.owns_group and dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def format_duration(seconds: float) -> str:
+    """h:mm:ss ("?" for nan: no rate measured yet)."""
+    if seconds != seconds:
+        return "?"
+    s = max(0, int(round(seconds)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def train(model: nn.Module, dataset_factory: Callable[..., Any], cfg: TrainConfig,

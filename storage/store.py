@@ -404,6 +404,10 @@ class Version:
     store: Store
     manifest: dict
 
+    def __repr__(self) -> str:  # the manifest is long: name the version, not its contents
+        m = self.manifest
+        return f"Version({self.ref!r}, rows_out={m.get('rows_out')}, parts={len(m.get('parts', []))})"
+
     @property
     def id(self) -> str:
         return self.manifest["version"]

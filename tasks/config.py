@@ -244,11 +244,13 @@ class AblationSection(Section):
 class OrchestrationConfig(Section):
     task_runner: Literal["threads", "dask", "ray"] = "threads"
     max_workers: int | None = Field(None, ge=1)       # threads / local Dask workers / local Ray CPUs; None: CPU count
+    torch_threads: int | None = Field(None, ge=1)     # torch threads per process; None: idle cores / workers
     dask_address: str | None = None                   # tcp://scheduler:8786; None: a LocalCluster of processes
     ray_address: str | None = None                    # ray://head:10001; None: a local Ray instance
     schedule_cron: str = "0 3 * * *"                  # the scheduled data-engine loop
     timezone: str = "UTC"
-    retrain_min_new_samples: int = Field(1000, ge=0)  # emit `ram.images.committed` at >= this many new samples
+    retrain_min_new_samples: int = Field(1000, ge=0)  # the served retrain runs once this many samples are new
+                                                      # since the images its latest model was trained on
     gpu_concurrency_limit: int = Field(1, ge=1)       # GPU stage slots at once (one per device)
     gpu_limit_name: str = Field("ram-gpu", min_length=1)
 
@@ -265,6 +267,38 @@ class EngineConfig(Section):
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     ablation: AblationSection = Field(default_factory=AblationSection)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+
+# Fields that name files. In a config file, a relative value is relative to the file's folder (a config
+# left beside a store works from any working directory). PATH_FIELDS are always paths; MAYBE_PATH_FIELDS
+# may also be a hub id, a store ref or a built-in name, and are resolved only when they start with ./ or
+# ../ or name something that exists there. Overrides (--set) stay relative to the working directory.
+PATH_FIELDS = ("store.url", "ingest.source", "ingest.captions_file", "evaluate.ground_truth")
+MAYBE_PATH_FIELDS = ("parse.labels", "ground.detector.model", "ground.detector.gd_config_file",
+                     "ground.detector.gd_text_encoder", "model.tokenizer", "model.clip", "clean.embedder.model")
+# (generate.baseline and train.init usually name store refs such as models/baseline: never touched.)
+
+
+def resolve_paths(data: dict, base: Path) -> dict:
+    """`data` (a config mapping) with relative file paths made absolute against `base`."""
+    def resolve(value: Any, always: bool) -> Any:
+        if isinstance(value, list):   # ingest.source may list several sources
+            return [resolve(v, always) for v in value]
+        if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
+            return value
+        candidate = base / value
+        if always or value.startswith(("./", "../")) or candidate.exists():
+            return str(candidate.resolve())
+        return value
+
+    for dotted, always in [(f, True) for f in PATH_FIELDS] + [(f, False) for f in MAYBE_PATH_FIELDS]:
+        *sections, name = dotted.split(".")
+        node = data
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node:
+            node[name] = resolve(node[name], always)
+    return data
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -292,6 +326,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load and validate the config: a file, or a shipped config's name (the demo config when none is given)."""
     source = resolve_config(path)
     data = _read_yaml(source)
+    shipped = {p.resolve() for p in packaged_configs().values()}
+    if source.resolve() not in shipped:  # shipped templates: their paths are the caller's working directory
+        data = resolve_paths(data, source.resolve().parent)
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(data, key, value)

@@ -324,13 +324,23 @@ def _cell(v) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
+def ablation_columns(rows: Sequence[Mapping]) -> list[str]:
+    """The columns of ablation rows in reading order: stage first, the quality figures, then the counts
+    and any extra column. Rows read back from a manifest have their keys sorted, so order is not kept."""
+    present: list[str] = []
+    for r in rows:
+        present += [c for c in r if c not in present]
+    lead = ["stage", "n_keys", "labels_per_key", "precision", "recall", "f1", "mAP"]
+    counts = ["tp", "fp", "fn"]
+    first = [c for c in lead if c in present]
+    return first + sorted(c for c in present if c not in lead + counts) + [c for c in counts if c in present]
+
+
 def rows_to_markdown(rows: Sequence[Mapping]) -> str:
-    """A GitHub markdown table of rows (the union of their keys, first-seen order, as columns)."""
+    """A GitHub markdown table of ablation rows (columns in `ablation_columns` order, floats to 3 places)."""
     if not rows:
         return ""
-    cols: list[str] = []
-    for r in rows:
-        cols += [c for c in r if c not in cols]
+    cols = ablation_columns(rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |")

@@ -3,21 +3,28 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 from storage import Store, StoreError, Version
 
+# The versions the loop writes, in loop order (listings and reports follow it).
+STAGE_OUTPUTS = ("images", "labels", "parsed", "models/baseline", "generated", "regions", "embeddings", "clean",
+                 "models/ram", "evaluate")
+
 
 def lineage(store: Store, version: Version) -> Iterator[tuple[int, Version | None, str]]:
-    """Depth-first walk of a version's parents: (depth, version or None if missing, ref)."""
+    """Depth-first walk of a version's parents: (depth, version or None if missing, ref). Each version
+    appears once; a version's parents already walked are named together on one line (version None)."""
     seen: set[str] = set()
 
     def walk(v: Version, depth: int):
         yield depth, v, v.ref
+        repeated = [p for p in v.parents if p in seen]
+        if repeated:
+            yield depth + 1, None, ", ".join(repeated) + " (shown above)"
         for parent in v.parents:
             stage, _, vid = parent.rpartition("/")
             if parent in seen:
-                yield depth + 1, store.find(stage, vid), parent + " (shown above)"
                 continue
             seen.add(parent)
             found = store.find(stage, vid)
@@ -27,6 +34,25 @@ def lineage(store: Store, version: Version) -> Iterator[tuple[int, Version | Non
                 yield from walk(found, depth + 1)
 
     yield from walk(version, 0)
+
+
+def nearest_versions(store: Store, version: Version) -> dict[str, Version]:
+    """Per stage, the version of it closest to `version` in its lineage (breadth first): the images,
+    parsed, … versions `version` was made from, not older ones deeper in the lineage (a fine-tuned
+    model's parents reach back to the data of every earlier training)."""
+    found: dict[str, Version] = {}
+    queue, seen = [version], {version.ref}
+    while queue:
+        v = queue.pop(0)
+        found.setdefault(v.stage, v)
+        for parent in v.parents:
+            if parent not in seen:
+                seen.add(parent)
+                stage, _, vid = parent.rpartition("/")
+                p = store.find(stage, vid)
+                if p is not None:
+                    queue.append(p)
+    return found
 
 
 def key_tags(version: Version) -> dict[str, set[int]]:
@@ -80,3 +106,62 @@ def tag_names_for(store: Store, version: Version) -> list[str] | None:
 
     labels = labels_version(store, version)
     return list(load_labels(store, labels).tags) if labels is not None else None
+
+
+# --------------------------------------------------------------------------- display (show, artifacts)
+TAG_ID_COLUMNS = ("tag_ids", "parsed_tag_ids", "predicted_tag_ids", "generated_tag_ids", "removed_tag_ids")
+
+
+def ranked(counter: dict) -> list[tuple[str, Any]]:
+    """A counter's items, largest count first (manifests store dicts with sorted keys, so the order
+    they were saved in is lost)."""
+    return sorted(counter.items(), key=lambda kv: (-kv[1] if isinstance(kv[1], (int, float)) else 0, str(kv[0])))
+
+
+def display_metrics(store: Store, version: Version, top: int = 15) -> list[tuple[str, str, Any]]:
+    """A version's metrics ready to show: (name, kind, value) where kind is "counter" (a ranked list of
+    (label, count), tag ids named), "table" (rows, e.g. the ablation) or "value" (floats rounded)."""
+    metrics = version.manifest.get("metrics") or {}
+    names = None
+    out: list[tuple[str, str, Any]] = []
+    for name, value in metrics.items():
+        if name == "markdown":  # the ablation again, pre-rendered: shown from its rows instead
+            continue
+        if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
+            items = ranked(value)[:top]
+            if all(str(k).lstrip("-").isdigit() for k, _ in items) and name.startswith(("tag", "top", "removed")):
+                names = names if names is not None else (tag_names_for(store, version) or [])
+                items = [(_tag_name(names, int(k)), v) for k, v in items]
+            out.append((name, "counter", items))
+        elif isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+            out.append((name, "table", value))
+        elif isinstance(value, dict):
+            out.append((name, "value", ", ".join(f"{k}: {format_value(v)}" for k, v in list(value.items())[:top])))
+        else:
+            out.append((name, "value", format_value(value)))
+    return out
+
+
+def format_value(value: Any) -> str:
+    """Floats to 3 decimals (tiny ones to 2 significant digits), as the markdown tables print them."""
+    if isinstance(value, float):
+        return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:.2g}"
+    return str(value)
+
+
+def _tag_name(names: list[str], tag_id: int) -> str:
+    return names[tag_id] if 0 <= tag_id < len(names) else f"#{tag_id}"
+
+
+def with_tag_names(row: dict, names: list[str] | None) -> dict:
+    """A row with a `<column>:names` list beside every tag-id column (ids stay: they are the data)."""
+    if not names:
+        return row
+    out = {}
+    for key, value in row.items():
+        out[key] = value
+        if key in TAG_ID_COLUMNS and isinstance(value, list):
+            out[key.replace("_ids", "s")] = [_tag_name(names, int(i)) for i in value]
+        elif key == "tag_id" and isinstance(value, int) and "tag" not in row:
+            out["tag"] = _tag_name(names, value)
+    return out

@@ -52,6 +52,7 @@ class SampleView:
     boxes: list[BoxView] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     truth: list[str] | None = None                 # known in the demo: marks tags that are wrong
+    removed_reasons: dict[str, str] = field(default_factory=dict)   # tag -> why cleaning removed it
 
     def __post_init__(self) -> None:
         self.boxes = [b if isinstance(b, BoxView) else BoxView(**b) for b in self.boxes]
@@ -77,6 +78,8 @@ class ReportData:
     evaluation: list[dict[str, Any]] = field(default_factory=list)            # e.g. evaluate.ablation_table rows
     cleaning_removal: list[dict[str, Any]] = field(default_factory=list)      # evaluate.removal_quality rows
     ablation: list[dict[str, Any]] = field(default_factory=list)              # tasks.ablation.summarise rows
+    # tag -> {"added": n, "<reason>": n, ...}: what generation added and cleaning removed, per reason
+    tag_changes: dict[str, dict[str, int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     created: str = ""
 
@@ -131,6 +134,56 @@ def bar_chart(items: Sequence[tuple[str, float]], title: str, value_fmt: str = "
         w = int(bar_w * float(value) / vmax)
         d.rectangle((label_w, y + 2, label_w + max(w, 1), y + row - 3), fill=colour or tag_colour(str(label)))
         d.text((label_w + w + 6, y + 2), value_fmt.format(value), fill=(60, 60, 60), font=font)
+    return img
+
+
+REASON_COLOURS = {"outlier": (214, 39, 40), "baseline-disagrees": (240, 128, 128), "no-box": (150, 60, 60)}
+
+
+def _by_change(changes: Mapping[str, Mapping[str, int]]) -> list[tuple[str, Mapping[str, int]]]:
+    return sorted(changes.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
+
+
+def change_chart(changes: Mapping[str, Mapping[str, int]], width: int = 720, row: int = 18,
+                 max_tags: int = 40) -> Image.Image:
+    """Per tag (most changed first): removals by reason as bars to the left of a centre line, additions
+    to the right, with their counts."""
+    items = _by_change(changes)[:max_tags]
+    font, title_font = _font(12), _font(14)
+    label_w = min(width // 4, 16 + max([int(font.getlength(t)) for t, _ in items] + [40]))
+    reasons = sorted({r for _, c in items for r in c if r != "added"})
+    legend_h = 20
+    img = Image.new("RGB", (width, 34 + legend_h + row * max(1, len(items)) + 8), "white")
+    d = ImageDraw.Draw(img)
+    d.text((8, 8), "Tags added by generation (right) and removed by cleaning (left)", fill=(20, 20, 20),
+           font=title_font)
+    x = 8
+    for name, colour in [("added", (44, 160, 44))] + [(r, REASON_COLOURS.get(r, (120, 0, 0))) for r in reasons]:
+        d.rectangle((x, 34, x + 10, 44), fill=colour)
+        d.text((x + 14, 32), name, fill=(40, 40, 40), font=font)
+        x += 24 + int(font.getlength(name))
+    half = (width - label_w - 16) // 2
+    centre = label_w + half
+    vmax = max([max(c.get("added", 0), sum(v for k, v in c.items() if k != "added")) for _, c in items] + [1])
+    for i, (tag, c) in enumerate(items):
+        y = 34 + legend_h + i * row
+        d.text((label_w - 8 - font.getlength(tag[:30]), y + 2), tag[:30], fill=(30, 30, 30), font=font)
+        left = centre
+        for r in reasons:
+            w = int((half - 40) * c.get(r, 0) / vmax)
+            if w:
+                d.rectangle((left - w, y + 2, left, y + row - 3), fill=REASON_COLOURS.get(r, (120, 0, 0)))
+                left -= w
+        removed = sum(c.get(r, 0) for r in reasons)
+        if removed:
+            text = f"-{removed}"
+            d.text((left - 4 - font.getlength(text), y + 2), text, fill=(120, 0, 0), font=font)
+        w = int((half - 40) * c.get("added", 0) / vmax)
+        if w:
+            d.rectangle((centre, y + 2, centre + w, y + row - 3), fill=(44, 160, 44))
+        if c.get("added"):
+            d.text((centre + w + 4, y + 2), f"+{c['added']}", fill=(0, 90, 0), font=font)
+    d.line((centre, 34 + legend_h, centre, img.height - 4), fill=(90, 90, 90))
     return img
 
 
@@ -192,14 +245,14 @@ del.removed{background:#fbdede;color:#a00000}.wrong{box-shadow:inset 0 -2px 0 #e
 .crops{display:flex;flex-wrap:wrap;gap:6px;align-items:flex-start}.cluster{border:1px solid #ddd;
 padding:4px;margin:4px}.crop{display:inline-block;text-align:center;font-size:.75em;margin:2px}
 .crop img{border:3px solid #9c9}.crop.outlier img{border-color:#d22}.crop.wrong-label span.badge{color:#d22}
-.legend{font-size:.9em;color:#555}.figures{display:flex;flex-wrap:wrap;gap:12px}ul.notes li{margin:4px 0}
+.legend{font-size:.9em;color:#555}.reason{font-size:.8em;color:#a00000}.figures{display:flex;flex-wrap:wrap;gap:12px}ul.notes li{margin:4px 0}
 """
 
 
-def _table(rows: Sequence[Mapping[str, Any]], css_class: str = "") -> str:
+def _table(rows: Sequence[Mapping[str, Any]], css_class: str = "", columns: Sequence[str] | None = None) -> str:
     if not rows:
         return "<p>(none)</p>"
-    cols: list[str] = []
+    cols: list[str] = list(columns or [])
     for r in rows:
         cols += [c for c in r if c not in cols]
     out = [f'<table class="{_e(css_class)}"><thead><tr>' + "".join(f"<th>{_e(c)}</th>" for c in cols)
@@ -215,8 +268,10 @@ def _table(rows: Sequence[Mapping[str, Any]], css_class: str = "") -> str:
     return "".join(out)
 
 
-def _tag_diff(prev: list[str] | None, cur: list[str], truth: set[str] | None) -> str:
-    """Tags of a stage against the previous stage: kept plain, added green '+', removed struck red."""
+def _tag_diff(prev: list[str] | None, cur: list[str], truth: set[str] | None,
+              reasons: Mapping[str, str] | None = None) -> str:
+    """Tags of a stage against the previous stage: kept plain, added green '+', removed struck red
+    (with the reason cleaning gave, when known)."""
     def span(t: str, kind: str) -> str:
         wrong = truth is not None and t not in truth
         cls = f"tag {kind}" + (" wrong" if wrong and kind != "removed" else "")
@@ -224,7 +279,9 @@ def _tag_diff(prev: list[str] | None, cur: list[str], truth: set[str] | None) ->
         if kind == "added":
             return f'<ins class="{cls}"{title}>+{_e(t)}</ins>'
         if kind == "removed":
-            return f'<del class="{cls}">{_e(t)}</del>'
+            why = (reasons or {}).get(t)
+            note = f' <span class="reason">({_e(why)})</span>' if why else ""
+            return f'<del class="{cls}" title="{_e(why or "removed")}">{_e(t)}</del>{note}'
         return f'<span class="{cls}"{title}>{_e(t)}</span>'
     if prev is None:
         return "".join(span(t, "kept") for t in cur)
@@ -243,9 +300,62 @@ def render_report(report_data: ReportData, out_dir: str | Path, *, max_hist_tags
         (out / sub).mkdir(parents=True, exist_ok=True)
     body: list[str] = [f"<h1>{_e(data.title)}</h1>", f"<p class=\"legend\">Created {_e(data.created)}</p>"]
 
+    # What matters most first: how good the labels and models are, then what each stage changed.
+    from .evaluate import ablation_columns
+
+    body.append("<h2 id=\"evaluation\">Evaluation</h2>")
+    if data.evaluation:
+        body.append("<p class=\"legend\">Label quality of each stage's labels, and each model's on held-out "
+                    "keys, against the ground truth.</p>")
+    body.append(_table(data.evaluation, "evaluation", columns=ablation_columns(data.evaluation))
+                if data.evaluation else "<p>(no evaluate version in this lineage: set evaluate.ground_truth)</p>")
+    body += data_engine_sections(data, out)   # cleaning's removals against the truth, the ablation
+
+    body.append("<h2 id=\"changes\">Tags added and removed, per tag</h2>")
+    if data.tag_changes:
+        fig = change_chart(data.tag_changes)
+        fig.save(out / "figures" / "tag_changes.png")
+        reasons = sorted({r for c in data.tag_changes.values() for r in c if r != "added"})
+        body.append("<p class=\"legend\">Per tag: keys the generation stage added it to (green, right) and "
+                    "keys the cleaning stage removed it from, by reason (red shades, left).</p>"
+                    '<img src="figures/tag_changes.png" alt="tags added and removed per tag">')
+        rows = [{"tag": t, "added": c.get("added", 0), **{f"removed: {r}": c.get(r, 0) for r in reasons},
+                 "net": c.get("added", 0) - sum(c.get(r, 0) for r in reasons)}
+                for t, c in _by_change(data.tag_changes)]
+        body.append(_table(rows, "changes"))
+    else:
+        body.append("<p>(no generated and clean versions in this lineage)</p>")
+
     if data.notes:
         body.append("<h2 id=\"notes\">Notes</h2><ul class=\"notes\">"
                     + "".join(f"<li>{_e(n)}</li>" for n in data.notes) + "</ul>")
+
+    # Samples.
+    body.append("<h2 id=\"samples\">Samples</h2><p class=\"legend\">Samples where a stage changed the tags, "
+                "each kind of change shown. Per stage against the stage before: "
+                "<ins class=\"tag added\">+added</ins> <del class=\"tag removed\">removed</del> "
+                "<span class=\"reason\">(why cleaning removed it)</span> "
+                "<span class=\"tag wrong\">not in the ground truth</span> (where the truth is known).</p>")
+    for i, s in enumerate(data.samples):
+        img, ok = _decode(s.image)
+        if ok:
+            img = draw_boxes(img, s.boxes)
+        name = f"samples/{i:04d}.png"
+        img.save(out / name)
+        truth = set(s.truth) if s.truth is not None else None
+        trs, prev = [], None
+        for stage, tags in s.tags_by_stage.items():
+            # Only cleaning removes tags, so a removed tag's reason is the one the clean version stored.
+            trs.append(f"<tr><th>{_e(stage)}</th><td>{_tag_diff(prev, list(tags), truth, s.removed_reasons)}</td></tr>")
+            prev = list(tags)
+        if s.truth is not None:
+            trs.append("<tr><th>ground truth</th><td>" + "".join(f'<span class="tag">{_e(t)}</span>'
+                                                                  for t in s.truth) + "</td></tr>")
+        caps = "".join(f"<li>{_e(c)}</li>" for c in s.captions)
+        body.append(f'<div class="sample" id="{_e("sample-" + s.key)}"><img src="{name}" '
+                    f'alt="{_e("sample " + s.key)}" width="{img.width}" height="{img.height}"><div>'
+                    f"<h3>{_e(s.key)}</h3><ul class=\"captions\">{caps}</ul>"
+                    f"<table class=\"tags\">{''.join(trs)}</table></div></div>")
 
     # Stages.
     body.append("<h2 id=\"stages\">Stages</h2>")
@@ -275,30 +385,6 @@ def render_report(report_data: ReportData, out_dir: str | Path, *, max_hist_tags
         fig.save(out / name)
         figs.append(f'<img src="{name}" alt="{_e("tag histogram " + stage)}">')
     body.append(f'<div class="figures">{"".join(figs)}</div>')
-
-    # Samples.
-    body.append("<h2 id=\"samples\">Samples</h2><p class=\"legend\">Per stage against the stage before: "
-                "<ins class=\"tag added\">+added</ins> <del class=\"tag removed\">removed</del> "
-                "<span class=\"tag wrong\">not in the ground truth</span> (where the truth is known).</p>")
-    for i, s in enumerate(data.samples):
-        img, ok = _decode(s.image)
-        if ok:
-            img = draw_boxes(img, s.boxes)
-        name = f"samples/{i:04d}.png"
-        img.save(out / name)
-        truth = set(s.truth) if s.truth is not None else None
-        trs, prev = [], None
-        for stage, tags in s.tags_by_stage.items():
-            trs.append(f"<tr><th>{_e(stage)}</th><td>{_tag_diff(prev, list(tags), truth)}</td></tr>")
-            prev = list(tags)
-        if s.truth is not None:
-            trs.append("<tr><th>ground truth</th><td>" + "".join(f'<span class="tag">{_e(t)}</span>'
-                                                                  for t in s.truth) + "</td></tr>")
-        caps = "".join(f"<li>{_e(c)}</li>" for c in s.captions)
-        body.append(f'<div class="sample" id="{_e("sample-" + s.key)}"><img src="{name}" '
-                    f'alt="{_e("sample " + s.key)}" width="{img.width}" height="{img.height}"><div>'
-                    f"<h3>{_e(s.key)}</h3><ul class=\"captions\">{caps}</ul>"
-                    f"<table class=\"tags\">{''.join(trs)}</table></div></div>")
 
     # Crops.
     body.append("<h2 id=\"crops\">Crops per tag, by cluster</h2><p class=\"legend\">Red frame: an outlier "
@@ -331,11 +417,6 @@ def render_report(report_data: ReportData, out_dir: str | Path, *, max_hist_tags
             head = "no cluster" if cluster is None else f"cluster {cluster}"
             body.append(f'<div class="cluster"><div class="legend">{_e(head)}</div>{"".join(items)}</div>')
         body.append("</div>")
-
-    # Evaluation.
-    body.append("<h2 id=\"evaluation\">Evaluation</h2>")
-    body.append(_table(data.evaluation, "evaluation"))
-    body += data_engine_sections(data, out)
 
     page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(data.title)}</title><style>{_CSS}</style></head><body>"
@@ -405,7 +486,7 @@ LABEL_STAGES = ("parsed", "generated", "clean")
 
 
 def build_report(store, version, out_dir: str | Path, *, truth_path: str | None = None, notes: Sequence[str] = (),
-                 n_samples: int = 8, crop_tags: int = 4, ablation=None) -> Path:
+                 n_samples: int = 8, crop_tags: int | None = None, ablation=None) -> Path:
     """Render the report of `version` and every version in its lineage into `out_dir` (with an
     `ablation` version, its table and plot too)."""
     from collections import Counter
@@ -413,15 +494,11 @@ def build_report(store, version, out_dir: str | Path, *, truth_path: str | None 
     from storage.shards import image_member
 
     from .evaluate import load_ground_truth, normalise_truth, rekey_truth
-    from .inspect import key_tags, labels_version, lineage
+    from .inspect import STAGE_OUTPUTS, key_tags, labels_version, nearest_versions
     from .labels import load_labels
 
-    by_stage: dict[str, Any] = {}
-    for _, v, _ in lineage(store, version):
-        if v is not None and v.stage not in by_stage:
-            by_stage[v.stage] = v
-    order = ["images", "labels", "parsed", "models/baseline", "generated", "regions", "embeddings", "clean"]
-    order += [s for s in by_stage if s not in order]
+    by_stage = nearest_versions(store, version)
+    order = [s for s in STAGE_OUTPUTS if s in by_stage] + [s for s in by_stage if s not in STAGE_OUTPUTS]
     stages = []
     for name in order:
         v = by_stage.get(name)
@@ -453,11 +530,11 @@ def build_report(store, version, out_dir: str | Path, *, truth_path: str | None 
     if regions is not None:
         for row in regions.read_table(columns=["key", "tag", "box", "score"]).to_pylist():
             boxes.setdefault(row["key"], []).append(BoxView(row["tag"], tuple(row["box"]), row["score"]))
+    removed_reasons = _removal_reasons(by_stage.get("clean"), labels)
+    tag_changes = _tag_changes(tags_by_stage, removed_reasons)
     samples = []
     if images is not None:
-        changed = [k for k in tags_by_stage.get("clean", {}) if tags_by_stage["clean"][k] !=
-                   tags_by_stage.get("parsed", {}).get(k)]
-        wanted = (changed + list(tags_by_stage.get("parsed", {})))[: n_samples]
+        wanted = pick_changed_samples(tags_by_stage, removed_reasons, n_samples)
         captions = {r["key"]: r["captions"] for r in images.read_table(columns=["key", "captions"]).to_pylist()
                     if r["key"] in wanted}
         for sample in images.iter_samples():
@@ -467,7 +544,8 @@ def build_report(store, version, out_dir: str | Path, *, truth_path: str | None 
             samples.append(SampleView(key=key, image=image_member(sample),
                                       tags_by_stage={s: sorted(t.get(key, ())) for s, t in tags_by_stage.items()},
                                       boxes=boxes.get(key, []), captions=captions.get(key, []),
-                                      truth=sorted(truth[key]) if truth and key in truth else None))
+                                      truth=sorted(truth[key]) if truth and key in truth else None,
+                                      removed_reasons=removed_reasons.get(key, {})))
             if len(samples) == len(wanted):
                 break
         samples.sort(key=lambda s: wanted.index(s.key))
@@ -476,7 +554,7 @@ def build_report(store, version, out_dir: str | Path, *, truth_path: str | None 
     if clean is not None and regions is not None:
         crop_rows = clean.read_table("crops").to_pylist()
         counts = Counter(r["tag_id"] for r in crop_rows if r["cluster"] >= 0)
-        chosen = {t for t, _ in counts.most_common(crop_tags)}
+        chosen = {t for t, _ in counts.most_common(crop_tags)}  # every clustered tag unless limited
         rows = {r["crop_key"]: r for r in crop_rows if r["tag_id"] in chosen}
         for sample in regions.iter_samples():
             r = rows.get(sample["__key__"])
@@ -493,9 +571,64 @@ def build_report(store, version, out_dir: str | Path, *, truth_path: str | None 
         removal = list(ev.manifest["metrics"].get("cleaning_removal", []))
     data = ReportData(title=f"RAM data engine: {version.stage}@{version.id}", stages=stages,
                       tag_histograms=histograms, samples=samples, crops_by_tag=crops_by_tag, evaluation=evaluation,
-                      notes=list(notes), cleaning_removal=removal,
+                      notes=list(notes), cleaning_removal=removal, tag_changes=tag_changes,
                       ablation=list(ablation.manifest["metrics"]["summary"]) if ablation is not None else [])
     return render_report(data, out_dir)
+
+
+def _removal_reasons(clean, labels) -> dict[str, dict[str, str]]:
+    """key -> {tag name: reason} for every tag the clean version removed (stored beside the kept tags)."""
+    if clean is None or labels is None:
+        return {}
+    out: dict[str, dict[str, str]] = {}
+    for batch in clean.iter_batches(columns=["key", "removed_tag_ids", "removed_reasons"]):
+        for key, ids, reasons in zip(*(batch.column(i).to_pylist() for i in range(3))):
+            if ids:
+                out.setdefault(key, {}).update({labels.name(i): r for i, r in zip(ids, reasons or [])})
+    return out
+
+
+def _tag_changes(tags_by_stage: Mapping[str, Mapping[str, set[str]]],
+                 removed_reasons: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, int]]:
+    """tag -> {"added": keys generation added it to, "<reason>": keys cleaning removed it from}."""
+    from collections import Counter, defaultdict
+
+    changes: dict[str, Counter] = defaultdict(Counter)
+    parsed, generated = tags_by_stage.get("parsed", {}), tags_by_stage.get("generated", {})
+    for key, tags in generated.items():
+        for t in tags - parsed.get(key, set()):
+            changes[t]["added"] += 1
+    for key, removed in removed_reasons.items():
+        for t, reason in removed.items():
+            changes[t][reason] += 1
+    return {t: dict(c) for t, c in changes.items()}
+
+
+def pick_changed_samples(tags_by_stage: Mapping[str, Mapping[str, set[str]]],
+                         removed_reasons: Mapping[str, Mapping[str, str]], n: int) -> list[str]:
+    """Up to `n` keys that show what the stages did: taken in turn from keys where generation added a tag
+    and keys where cleaning removed one for each reason (so every kind of change appears), the keys with
+    the most changes first; unchanged keys only when too few changed."""
+    parsed, generated = tags_by_stage.get("parsed", {}), tags_by_stage.get("generated", {})
+    kinds: dict[str, list[tuple[int, str]]] = {}
+    for key in sorted(set(parsed) | set(generated) | set(removed_reasons)):
+        added = len(generated.get(key, set()) - parsed.get(key, set()))
+        removed = removed_reasons.get(key, {})
+        n_changes = added + len(removed)
+        if added:
+            kinds.setdefault("added", []).append((-n_changes, key))
+        for reason in set(removed.values()):
+            kinds.setdefault(reason, []).append((-n_changes, key))
+    queues = [sorted(v) for _, v in sorted(kinds.items())]
+    picked: list[str] = []
+    while len(picked) < n and any(queues):
+        for q in queues:
+            while q and q[0][1] in picked:
+                q.pop(0)
+            if q and len(picked) < n:
+                picked.append(q.pop(0)[1])
+    rest = [k for k in parsed if k not in picked]
+    return picked + rest[: n - len(picked)]
 
 
 def _stage_note(manifest: dict) -> str:

@@ -124,6 +124,8 @@ def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callabl
                 f"{writer.stage}: part {task.name} failed: {type(exc).__name__}: {exc}. Nothing was committed; "
                 f"parts already finished are kept, and running the stage again resumes from them.") from exc
 
+    if progress and total:
+        progress(writer.stage, 0, total)  # the clock of the rate and ETA starts here, not at the first part
     try:
         records = (executor or sequential)(work, todo)
     except BaseException:

@@ -124,7 +124,7 @@ def _batch_to_inputs(model, caption_loss: bool):
     return convert
 
 
-def run_training(job_path: str, storage_options: dict | None = None) -> None:
+def run_training(job_path: str, storage_options: dict | None = None, progress: Callable | None = None) -> None:
     """The training loop of a prepared job (job.json): in process, or in each torchrun worker. The store's
     storage options come as an argument, or in a torchrun worker from its environment (never a file)."""
     import torch
@@ -148,7 +148,7 @@ def run_training(job_path: str, storage_options: dict | None = None) -> None:
     loop = LoopConfig(**job["loop"])
     result = train(model, factory, loop, job["work_dir"], resume=True,
                    batch_to_inputs=_batch_to_inputs(model, caption_loss),
-                   progress=None)
+                   progress=progress)
     if int(os.environ.get("RANK", "0")) == 0:
         out = Path(job["out_dir"])
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".final-"))
@@ -256,7 +256,7 @@ def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: 
         committed = writer.committed
         if committed is not None:
             return StageResult(committed, "reused")
-        return _train_locked(store, model_cfg, cfg, labels, images, init, label_system, writer, work)
+        return _train_locked(store, model_cfg, cfg, labels, images, init, label_system, writer, work, progress)
 
 
 def train_work_dir(store: Store, name: str, vid: str) -> Path:
@@ -278,7 +278,7 @@ def _exclusive(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, writer, work):
+def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, writer, work, progress=None):
     stage = writer.stage
     tags = list(label_system.tags)
     parts = label_rows(labels, images)
@@ -316,14 +316,15 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, wri
                     "max_grad_norm": cfg.max_grad_norm,
                     "total_steps": cfg.steps, "batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps,
                     "checkpoint_every_steps": cfg.checkpoint_every_steps, "seed": cfg.seed, "device": cfg.device,
-                    "image_size": image_size, "log_every_steps": max(1, cfg.steps // 10)}}
+                    "image_size": image_size, "log_every_steps": max(1, cfg.steps // 100)}}
     job_path = work / "job.json"
     job_path.write_text(json.dumps(job, indent=1))
     if not (out_dir / "train_result.json").exists():
         if cfg.nproc_per_node > 1:
             _torchrun(job_path, cfg.nproc_per_node, store.storage_options)
         else:
-            run_training(str(job_path), store.storage_options)
+            run_training(str(job_path), store.storage_options,
+                         progress=progress and _step_progress(progress, stage))
     from ram_model.checkpoint import from_pretrained
 
     trained = from_pretrained(out_dir, map_location=resolve_device(cfg.device)).eval()
@@ -345,6 +346,13 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, wri
                             extra={"per_tag_metrics": metrics.get("per_tag", {})})
     shutil.rmtree(work, ignore_errors=True)
     return StageResult(version, "written", parts_written=1)
+
+
+def _step_progress(progress: Callable, stage: str) -> Callable:
+    """Training steps reported through the stage progress callback as "<stage> training" (done, total)."""
+    def report(p) -> None:
+        progress(f"{stage} training", p.step, p.total_steps)
+    return report
 
 
 def _torchrun(job_path: Path, nproc: int, storage_options: dict) -> None:

@@ -3,6 +3,7 @@ a rerun does no work, and new data is processed alone."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -83,6 +84,14 @@ def test_whole_loop_then_rerun_then_new_data(world_and_detector, monkeypatch, tm
     assert third["baseline"].status == "reused"  # the baseline stays fixed as data grows
     assert third["train"].version.parents[-1] == first["train"].version.ref  # fine-tuned from the latest model
     assert len(store.versions("images")) == 2
+    # The report of the new evaluation shows the versions it was made from, not the older ones its
+    # fine-tuned model's lineage also reaches (a mix showed no samples at all).
+    from tasks.report import build_report
+
+    page = build_report(store, third["evaluate"].version, tmp_path / "report").read_text()
+    for step in ("ingest", "parse", "generate", "clean"):
+        assert third[step].version.id in page and first[step].version.id not in page, step
+    assert page.count('class="sample"') == 8
 
 
 def test_from_and_until_run_part_of_the_loop(world_and_detector, monkeypatch, tmp_path):
@@ -118,6 +127,39 @@ def test_loop_runs_as_prefect_flows_with_artifacts(world_and_detector, prefect_a
     keys = asyncio.run(artifact_keys())
     assert {"ram-images", "ram-parsed", "ram-models-baseline", "ram-generated", "ram-regions", "ram-clean",
             "ram-models-ram", "ram-evaluate"} <= keys
+    assert {"ram-images-progress", "ram-parsed-progress", "ram-models-baseline-training-progress"} <= keys
+
+    # A rerun reuses everything, and still publishes the baseline it reused.
+    again = data_engine_flow(cfg)
+    assert again["baseline"].status == "reused"
+
+    async def artifacts(key):
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+    assert len(asyncio.run(artifacts("ram-models-baseline"))) >= 2
+    evaluate = asyncio.run(artifacts("ram-evaluate"))[0].data
+    assert "| stage | n_keys | labels_per_key | precision | recall | f1 |" in evaluate, evaluate
+    assert "[{" not in evaluate and "- markdown" not in evaluate
+    assert not re.search(r"\d\.\d{5,}", evaluate), "floats are rounded"
+    assert f"store path: `{Store(cfg.store.url).full_url('evaluate/')}" in evaluate
+    parsed = asyncio.run(artifacts("ram-parsed"))[0].data
+    top = re.search(r"\*\*top_tags\*\* \(most frequent first\): (.*)", parsed).group(1)
+    counts = [int(n) for n in re.findall(r"\((\d+)\)", top)]
+    assert counts == sorted(counts, reverse=True) and len(counts) > 1
+    # The report is linked from the UI, with the store path of the version it shows.
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.runtime import publish_report
+
+    page = tmp_path / "report" / "index.html"
+    assert publish_report(page, results["evaluate"].version)
+    link = asyncio.run(artifacts("ram-report"))[0].data
+    assert page.resolve().as_uri() in link and "evaluate/" in link
+    with temporary_settings({PREFECT_API_URL: None}):
+        assert not publish_report(page, results["evaluate"].version)  # no server: nothing to keep it
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +197,59 @@ def test_cli_inspects_versions(engine_store):
     assert bad.exit_code != 0 and "ingest.part_size" in str(bad.exception or bad.output)
 
 
+def test_inspection_output_tells_the_truth(engine_store, tmp_path):
+    """ls in loop order and an error for a missing store; show ranks counters by count and names tag ids;
+    lineage lists each version once; a Version's repr is one short line."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    cfg, results, _ = engine_store
+    runner = CliRunner()
+    store = ["--store", cfg.store.url]
+    out = runner.invoke(app, store + ["ls"])
+    first_seen = []
+    for line in out.output.splitlines():
+        name = line.split("│")[1].strip() if "│" in line else ""
+        if name and name != "stage" and name not in first_seen:
+            first_seen.append(name)
+    assert first_seen == ["images", "labels", "parsed", "models/baseline", "generated", "regions", "embeddings",
+                          "clean", "models/ram", "evaluate"]
+    assert all(len(line) <= 250 for line in out.output.splitlines())
+    # A store that does not exist is an error that names it, not an empty table.
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-such-store"
+    proc = subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", "--store", str(missing), "ls"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and f"no store at {missing}" in proc.stderr.replace("\n", "")
+    assert not missing.exists()
+
+    parsed = results["parse"].version
+    out = runner.invoke(app, store + ["show", f"parsed@{parsed.id}", "--rows", "0"])
+    line = next(l for l in out.output.splitlines() if l.strip().startswith("top_tags:"))
+    counts = [int(n) for n in re.findall(r": (\d+)", line.split("top_tags:", 1)[1])]
+    assert counts == sorted(counts, reverse=True) and len(counts) > 1
+    true_top = max(parsed.manifest["metrics"]["top_tags"].items(), key=lambda kv: kv[1])
+    assert f"{true_top[0]}: {true_top[1]}" in line.split(",")[0]
+    for stage, version in (("generated", results["generate"].version), ("clean", results["clean"].version)):
+        out = runner.invoke(app, store + ["show", f"{stage}@{version.id}", "--rows", "3"])
+        rows = [json.loads(l) for l in out.output.splitlines() if l.startswith("  {")]
+        assert rows and all("tags" in r and len(r["tags"]) == len(r["tag_ids"]) for r in rows), out.output
+        assert all(isinstance(t, str) and not t.startswith("#") for r in rows for t in r["tags"])
+
+    clean = results["clean"].version
+    out = runner.invoke(app, store + ["lineage", f"clean@{clean.id}"])
+    nodes = [l.strip().lstrip("└─ ").split()[0] for l in out.output.splitlines() if "(shown above)" not in l]
+    assert len(nodes) == len(set(nodes)), out.output
+    assert sum("(shown above)" in l for l in out.output.splitlines()) <= len(nodes)
+    assert repr(clean) == f"Version('{clean.ref}', rows_out={clean.manifest['rows_out']}, " \
+                          f"parts={len(clean.manifest['parts'])})"
+
+
 def test_labels_build_from_a_parsed_version(engine_store):
     from tasks.labels import build_labels, load_labels
 
@@ -183,15 +278,29 @@ def test_report_from_the_store(engine_store, tmp_path):
     assert "parsed+generated" in html and "cleaned" in html  # the evaluation table
     pngs = list((tmp_path / "report").rglob("*.png"))
     assert len(pngs) >= 5
+    # It leads with the evaluation and the per-tag changes; removed tags carry their stored reason.
+    assert html.index('id="evaluation"') < html.index('id="changes"') < html.index('id="samples"')
+    assert "figures/tag_changes.png" in html and 'class="changes"' in html
+    metrics = results["clean"].version.manifest["metrics"]
+    for reason in ("outlier", "baseline-disagrees", "no-box"):
+        assert (f'<span class="reason">({reason})</span>' in html) == (metrics.get(reason, 0) > 0), reason
+    # Crops of every clustered tag, not only the first few.
+    crops = results["clean"].version.read_table("crops").to_pylist()
+    clustered = {r["tag_id"] for r in crops if r["cluster"] >= 0}
+    assert html.split('id="crops"')[1].count("<h3>") == len(clustered)
 
 
 def test_retrain_flow_runs_the_loop_over_the_announced_version(engine_store, prefect_api):
     """What the deployment trigger runs: the loop from parse on, over the version the event named."""
     from flows.train import retrain_flow
 
-    cfg, results, _ = engine_store
+    cfg, results, world = engine_store
     images = results["ingest"].version
-    out = retrain_flow(cfg, images_version=images.id, new_samples=images.manifest["rows_out"])
+    # The served config's threshold decides: nothing is new since models/ram was trained on these images.
+    assert retrain_flow(cfg, images_version=images.id, new_samples=images.manifest["rows_out"]) == {}
+    eager = cfg.model_copy(update={"orchestration": cfg.orchestration.model_copy(
+        update={"retrain_min_new_samples": 0})})
+    out = retrain_flow(eager, images_version=images.id, new_samples=images.manifest["rows_out"])
     assert "ingest" not in out and list(out)[0] == "parse"
     assert out["parse"].version.parents[0] == images.ref
     assert all(r.status == "reused" for r in out.values())  # nothing new: every version is reused
@@ -277,3 +386,28 @@ def test_ablate_says_what_is_missing(engine_store, tmp_path):
         ablation_stage(store, cfg.model, cfg.train, cfg.evaluate, cfg.ablation, images, {"images": images})
     with pytest.raises(Exception, match="no label versions"):
         ablation_stage(store, cfg.model, cfg.train, cfg.evaluate, cfg.ablation, images, {})
+
+
+def test_new_samples_accumulate_until_the_served_threshold(engine_store, tmp_path):
+    """Samples are counted against the images the latest model was trained on, so versions below the
+    threshold add up instead of being forgotten."""
+    from flows.deployments import samples_since_last_training
+    from tasks.ingest import ingest
+
+    cfg, results, world = engine_store
+    store = Store(cfg.store.url)
+    trained_on = results["ingest"].version
+    assert samples_since_last_training(store, trained_on, "models/ram") == (0, trained_on.ref)
+    src = tmp_path / "source"
+    shutil.copytree(world.source, src)
+    counts = []
+    n0 = len(list(src.glob("*.tar"))) * PER_SHARD  # (an earlier test may have grown the shared world)
+    assert n0 == trained_on.manifest["rows_out"]
+    for n in (n0 + PER_SHARD, n0 + 2 * PER_SHARD):  # two growths of one shard each
+        grown = generate_world(tmp_path / f"world-{n}", n, seed=3, fmt="webdataset", samples_per_shard=PER_SHARD,
+                               captions_per_image=(1, 2))
+        shutil.copy(grown.shards[-1], src / grown.shards[-1].name)
+        version = ingest(store, cfg.ingest, source=str(src)).version
+        counts.append(samples_since_last_training(store, version, "models/ram"))
+    assert counts == [(PER_SHARD, trained_on.ref), (2 * PER_SHARD, trained_on.ref)]
+    assert samples_since_last_training(store, version, "models/never-trained") == (version.manifest["rows_out"], None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -83,17 +84,17 @@ def test_resource_id_is_the_same_from_any_working_directory(tmp_path, monkeypatc
     assert store_resource_id(Store(str(tmp_path / "other"))) != a
 
 
-def test_ingest_flow_emits_only_at_or_above_the_threshold(prefect_api, tmp_path, sent):
+def test_ingest_flow_announces_every_new_version_whatever_its_own_threshold(prefect_api, tmp_path, sent):
+    """The threshold is the served deployment's (flows.train.retrain_flow applies it): ingest's own
+    config cannot silence the event, or a threshold set on `serve` would do nothing."""
     from flows.ingest import ingest_flow
 
     src = source(tmp_path / "src", 4)
-    ingest_flow(config(tmp_path, orchestration__retrain_min_new_samples=5), source=str(src))
-    assert sent == [], "4 new samples < 5: no event"
-    ingest_flow(config(tmp_path, orchestration__retrain_min_new_samples=5), source=str(src))
-    assert sent == [], "an already committed version is not new"
-    result = ingest_flow(config(tmp_path / "b", orchestration__retrain_min_new_samples=4), source=str(src))
+    result = ingest_flow(config(tmp_path, orchestration__retrain_min_new_samples=5000), source=str(src))
     assert [e["payload"]["version"] for e in sent] == [result.version.id]
     assert sent[0]["payload"]["new_samples"] == 4
+    ingest_flow(config(tmp_path, orchestration__retrain_min_new_samples=5000), source=str(src))
+    assert len(sent) == 1, "an already committed version is not new"
 
 
 def test_bad_cron_and_missing_server_are_config_errors(tmp_path, monkeypatch):
@@ -178,6 +179,35 @@ def test_served_retrain_deployment_runs_when_ingest_commits(prefect_api, tmp_pat
             assert run.parameters["cfg"]["store"]["url"] == cfg.store.url
             print(f"deployments registered {registered:.1f}s after serve started; retrain run finished "
                   f"{triggered:.1f}s after ingest began")
+
+            # A run of the served loop deployment: our stage logs and progress, with rate and ETA, reach
+            # the run's logs in the Prefect API (the UI's log tab), a progress artifact and the console.
+            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+            from prefect.deployments import run_deployment
+
+            served = run_deployment(f"ingest/{LOOP_DEPLOYMENT}", timeout=120, parameters={
+                "cfg": cfg.model_dump(mode="json"), "source": str(source(tmp_path / "src2", 6))})
+            assert served.state.is_completed(), f"served ingest ended {served.state.type}: {served.state.message}"
+
+            DONE = re.compile(r"images: (\d+)/\1 parts \(100 %\), [0-9.e+-]+ parts/s, ETA 0:00:00$")
+
+            def run_logs():
+                logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[served.id])))
+                messages = [entry.message for entry in logs]
+                return messages if any(DONE.match(m) for m in messages) else None
+
+            messages = _wait("our log lines in the run's Prefect logs", run_logs, 30)
+            progress = [m for m in messages if m.startswith("images: ")]
+            assert re.fullmatch(r"images: 0/\d+ parts \(0 %\), ETA: measuring", progress[0]), messages
+            assert DONE.match(progress[-1]), progress
+            assert any("emitted ram.images.committed" in m for m in messages), messages
+            artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[served.id])))
+            bars = [a for a in artifacts if a.type == "progress"]
+            assert bars and float(bars[0].data) == 100.0, [(a.key, a.type, a.data) for a in artifacts]
+            summary = next(a for a in artifacts if a.key == "ram-images")
+            assert "store path: `" in summary.data and "/images/" in summary.data
+            console = (tmp_path / "serve.log").read_text()
+            assert re.search(r"images: \d+/\d+ parts \(100 %\), .* ETA 0:00:00", console), console[-3000:]
     finally:
         server.terminate()
         try:

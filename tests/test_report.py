@@ -31,7 +31,12 @@ window.addEventListener('load', () => {
     eval_rows: [...document.querySelectorAll('table.evaluation tbody tr')].map(r => r.cells[0].textContent),
     stage_rows: [...document.querySelectorAll('table.stages tbody tr')].map(r => r.cells[0].textContent),
     outliers: document.querySelectorAll('.crop.outlier').length,
-    headings: q('h3'), notes: q('ul.notes li'),
+    headings: q('h3'), notes: q('ul.notes li'), sections: [...document.querySelectorAll('h2')].map(h => h.id),
+    reasons: q('.sample .reason'), removed_titles: [...document.querySelectorAll('.sample del.removed')].map(
+      d => d.getAttribute('title')),
+    changes: [...document.querySelectorAll('table.changes tbody tr')].map(r => [...r.cells].map(c => c.textContent)),
+    change_head: [...document.querySelectorAll('table.changes thead th')].map(c => c.textContent),
+    eval_head: [...document.querySelectorAll('table.evaluation thead th')].map(c => c.textContent),
   };
   const pre = document.createElement('pre');
   pre.id = 'probe';
@@ -82,12 +87,15 @@ def report_data(tmp_path_factory) -> tuple[ReportData, dict]:
     generated = {k: sorted(set(parsed[k]) | truth[k]) for k in parsed}
     cleaned = {k: sorted(set(v) & truth[k]) for k, v in generated.items()}
     samples, crops = [], {}
+    reasons = {k: {t: ("outlier" if i % 2 else "baseline-disagrees")
+                   for i, t in enumerate(sorted(set(generated[k]) - set(cleaned[k])))} for k in generated}
     for r in rows[:6]:
         data = (info.source / r["file"]).read_bytes()
         samples.append(SampleView(key=r["key"], image=data, captions=r["captions"], truth=r["tags"],
                                   tags_by_stage={"parsed": parsed[r["key"]], "generated": generated[r["key"]],
                                                  "cleaned": cleaned[r["key"]]},
-                                  boxes=[BoxView(o["category"], tuple(o["box"]), 0.9) for o in r["objects"]]))
+                                  boxes=[BoxView(o["category"], tuple(o["box"]), 0.9) for o in r["objects"]],
+                                  removed_reasons=reasons[r["key"]]))
         img = Image.open(io.BytesIO(data))
         for j, o in enumerate(r["objects"]):
             crops.setdefault(o["category"], []).append(CropView(
@@ -112,8 +120,9 @@ def report_data(tmp_path_factory) -> tuple[ReportData, dict]:
                  "seconds": 1.25, "note": EVIL}],
         tag_histograms=hist, samples=samples, crops_by_tag=crops,
         evaluation=ablation_table(stages_labels, truth),
-        notes=["the detector is a tiny random one", EVIL])
-    return data, {"cleaned": cleaned, "parsed": parsed, "generated": generated}
+        notes=["the detector is a tiny random one", EVIL],
+        tag_changes={"circle": {"added": 5, "outlier": 2}, "red": {"added": 1, "no-box": 9}, EVIL: {"added": 1}})
+    return data, {"cleaned": cleaned, "parsed": parsed, "generated": generated, "reasons": reasons}
 
 
 def test_report_files_and_escaping(report_data, tmp_path):
@@ -134,7 +143,7 @@ def test_report_renders_in_chromium(report_data, tmp_path, chromium):
     index = render_report(data, tmp_path / "report")
     status = chromium(index)
     n_crops = sum(len(v) for v in data.crops_by_tag.values())
-    n_images = 1 + len(data.tag_histograms) + len(data.samples) + n_crops
+    n_images = 2 + len(data.tag_histograms) + len(data.samples) + n_crops   # + timings + tag changes
     assert len(status["images"]) == n_images
     assert all(i["ok"] and i["w"] > 0 for i in status["images"]), [i for i in status["images"] if not i["ok"]]
     assert status["scripts"] == 1   # only the probe: markup in the data stayed text
@@ -154,6 +163,15 @@ def test_report_renders_in_chromium(report_data, tmp_path, chromium):
     assert status["outliers"] == sum(c.outlier for v in data.crops_by_tag.values() for c in v)
     assert EVIL in status["headings"] and EVIL in status["notes"]
     assert "the detector is a tiny random one" in status["notes"]
+    # The page leads with the evaluation (stage first, then the quality figures) and what changed per tag.
+    assert status["sections"][:2] == ["evaluation", "changes"]
+    assert status["eval_head"][:7] == ["stage", "n_keys", "labels_per_key", "precision", "recall", "f1", "tp"]
+    assert status["change_head"] == ["tag", "added", "removed: no-box", "removed: outlier", "net"]
+    assert status["changes"][0] == ["red", "1", "9", "0", "-8"] and status["changes"][1] == ["circle", "5", "0", "2", "3"]
+    # Each removed tag says why cleaning removed it.
+    expect = [labels["reasons"][s.key][t] for s in data.samples[:6] for t in sorted(
+        set(labels["generated"][s.key]) - set(labels["cleaned"][s.key]))]
+    assert sorted(status["reasons"]) == sorted(f"({r})" for r in expect) and expect
 
 
 def test_bar_chart_draws_bars():
@@ -167,5 +185,22 @@ def test_bar_chart_draws_bars():
 def test_empty_report_still_renders(tmp_path):
     index = render_report(ReportData(title="nothing yet"), tmp_path / "empty")
     page = index.read_text()
-    assert "<title>nothing yet</title>" in page and page.count("(none)") == 4
+    assert "<title>nothing yet</title>" in page and page.count("(none)") == 3
+    assert "no evaluate version in this lineage" in page and "no generated and clean versions" in page
     assert not list((tmp_path / "empty" / "figures").iterdir())
+
+
+def test_changed_samples_show_every_kind_of_change():
+    from tasks.report import pick_changed_samples
+
+    parsed = {f"k{i}": {"cat"} for i in range(10)}
+    generated = {k: set(v) for k, v in parsed.items()}
+    generated["k1"] |= {"dog"}
+    generated["k2"] |= {"dog", "red", "sky"}          # the most added: first of its kind
+    removed = {"k3": {"cat": "outlier"}, "k4": {"cat": "no-box"}, "k5": {"cat": "baseline-disagrees"},
+               "k6": {"cat": "outlier"}}
+    picked = pick_changed_samples({"parsed": parsed, "generated": generated}, removed, 4)
+    assert picked == ["k2", "k5", "k4", "k3"]  # one per kind (added, then each reason), most changes first
+    assert pick_changed_samples({"parsed": parsed, "generated": generated}, removed, 8)[:6] == \
+        ["k2", "k5", "k4", "k3", "k1", "k6"]
+    assert len(pick_changed_samples({"parsed": parsed}, {}, 3)) == 3   # nothing changed: still samples

@@ -173,8 +173,8 @@ def test_training_never_writes_storage_options_to_disk(base, tmp_path, monkeypat
     seen = {}
     original = train_mod.run_training
 
-    def spy(job_path, storage_options=None):
-        original(job_path, storage_options)
+    def spy(job_path, storage_options=None, progress=None):
+        original(job_path, storage_options, progress=progress)
         seen["options"] = storage_options
         seen["files"] = {str(p): p.read_bytes() for p in (tmp_path / "cache").rglob("*") if p.is_file()}
 
