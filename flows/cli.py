@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -126,8 +126,11 @@ def parse_ref(text: str) -> tuple[str, str]:
 
 
 @app.command()
-def ingest(src: Optional[str] = typer.Argument(None, help="Source: tar, folder of tars, or image folder.")) -> None:
-    """Ingest a source into a new `images` version."""
+def ingest(src: Optional[List[str]] = typer.Argument(
+        None, help="Sources: tars, img2dataset output folders (webdataset, parquet, files), image folders; "
+                   "brace patterns and globs too.")) -> None:
+    """Ingest one or several sources into a new `images` version."""
+    src = list(src) if src else None
     cfg = get_config()
     with progress_bar() as update:
         if state.engine == "prefect":

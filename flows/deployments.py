@@ -53,13 +53,14 @@ def store_resource_id(store: Store) -> str:
 def new_samples(version: Version) -> int:
     """Rows out of the parts this version wrote itself (in this run or a resumed one), not of the
     parts it shares with earlier versions: those samples were announced when they were new."""
-    own = f"{version.stage}/{version.id}/"
-    return sum(p.rows_out for p in version.parts if p.files and all(f["path"].startswith(own) for f in p.files))
+    return sum(p.rows_out for p in version.parts if p.files and not p.shared_from)
 
 
 def samples_since_last_training(store: Store, images: Version, model_stage: str) -> tuple[int, str | None]:
-    """(keys of `images` that the latest `model_stage` version was not trained on, that version's images
-    ref or None when there is no model yet). Counted by key, so it accumulates across images versions."""
+    """(samples of `images` that the latest `model_stage` version was not trained on, that version's images
+    ref or None when there is no model yet). Counted by sample, so it accumulates across images versions: a
+    sample was trained on when its key was, or when the same source key with the same image bytes was (an
+    img2dataset folder that moved gets new folder-tagged keys, not new samples)."""
     models = store.versions(model_stage)
     if not models:
         return images.manifest["rows_out"], None
@@ -69,9 +70,15 @@ def samples_since_last_training(store: Store, images: Version, model_stage: str)
         return images.manifest["rows_out"], None
     if old.id == images.id:
         return 0, old.ref
-    seen = set(old.read_table(columns=["key"]).column(0).to_pylist())
-    keys = images.read_table(columns=["key"]).column(0).to_pylist()
-    return sum(k not in seen for k in keys), old.ref
+    def rows(v: Version) -> list[dict]:   # versions from before the source_key column have keys only
+        columns = [c for c in ("key", "source_key", "sha256") if c in v.schema.names]
+        return [{"source_key": None, "sha256": None} | r for r in v.read_table(columns=columns).to_pylist()]
+
+    trained_rows = rows(old)
+    seen = {r["key"] for r in trained_rows}
+    seen_content = {(r["source_key"], r["sha256"]) for r in trained_rows if r["source_key"] is not None}
+    return sum(r["key"] not in seen and (r["source_key"] is None or (r["source_key"], r["sha256"]) not in seen_content)
+               for r in rows(images)), old.ref
 
 
 def emit_images_committed(store: Store, version: Version, new_samples: int, threshold: int,

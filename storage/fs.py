@@ -210,6 +210,53 @@ class Placement:
         else:
             self.fs.mv(tmp, final)
 
+    def link_into_place(self, src_rel: str, rel: str, size: int, sha: str) -> None:
+        """Make `rel` hold the bytes of the committed file `src_rel` (size and sha256 known): a hard link
+        straight to the final name on a local store, a copy where links are refused (another device, a
+        filesystem without them), a server-side copy on object stores. Like every placement it appears whole
+        or nowhere and never changes a file in place: the same bytes already at `rel` are left alone, other
+        bytes raise CommittedFileConflict. A missing `src_rel` raises FileNotFoundError."""
+        final, src = self.abs(rel), self.abs(src_rel)
+        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        tmp = None
+        if isinstance(self.fs, LocalFileSystem):
+            try:
+                os.link(src, final)
+                return
+            except FileExistsError:
+                placed = False
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    raise
+                tmp = self._copy_to_tmp(src)   # EXDEV, EPERM, EMLINK: no link here, so a copy
+                placed = self._place_new(tmp, final)
+        elif _is_object_store(self.fs):
+            placed = not self.fs.exists(final)
+            if placed:
+                self.fs.copy(src, final)   # server-side; an object appears whole
+        else:
+            tmp = self._copy_to_tmp(src)
+            placed = self._place_new(tmp, final)
+        if placed:
+            return
+        if tmp is not None:
+            self._remove_quietly(tmp)
+        if not self._holds(final, size, sha):
+            raise CommittedFileConflict(
+                f"{rel} is already in place with other bytes than {src_rel} ({size} bytes, sha256 {sha[:12]}…); "
+                f"it is left unchanged. Another run wrote it: use its result.")
+
+    def _copy_to_tmp(self, src: str) -> str:
+        self.lease.start()  # before the temporary folder exists: others judge the folder by the lease
+        self.fs.makedirs(self.tmp_root, exist_ok=True)
+        tmp = f"{self.tmp_root}/{uuid.uuid4().hex}"
+        try:
+            self.fs.copy(src, tmp)
+        except BaseException:
+            self._remove_quietly(tmp)
+            raise
+        return tmp
+
     def cleanup(self) -> None:
         """Remove this writer's temporary folder, then its lease."""
         self._remove_quietly(self.tmp_root)
@@ -240,6 +287,14 @@ class Placement:
             self.fs.rm(path, recursive=True)
         except (FileNotFoundError, OSError):
             pass
+
+
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "memory"}
+
+
+def _is_object_store(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return bool(_OBJECT_STORES.intersection(protocols))
 
 
 def sha256_of(fs, path: str, chunk: int = 1 << 20) -> tuple[int, str]:

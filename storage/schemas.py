@@ -27,8 +27,17 @@ IMAGES = pa.schema([
     pa.field("height", pa.int32()),
     pa.field("format", pa.string()),         # format of the stored bytes: jpeg / png / webp
     pa.field("sha256", pa.string()),         # of the stored image bytes
-    pa.field("shard", pa.string()),          # store-relative path of the tar holding `<key>.<ext>`
+    pa.field("shard", pa.string()),          # the tar holding `<key>.<ext>`, relative to the version folder
     pa.field("source", pa.string()),         # where the sample came from (file / tar member)
+    pa.field("source_key", pa.string()),     # the key as the source named it (img2dataset's, before its folder tag)
+    # What img2dataset recorded (null for other sources):
+    pa.field("url", pa.string()),
+    pa.field("original_width", pa.int32()),  # before img2dataset resized it (size checks use these)
+    pa.field("original_height", pa.int32()),
+    pa.field("exif", pa.string()),           # JSON, as img2dataset extracted it
+    pa.field("source_sha256", pa.string()),  # of the bytes img2dataset downloaded
+    pa.field("status", pa.string()),         # img2dataset's status ("success" for every stored row)
+    pa.field("extra", pa.string()),          # JSON of its --save_additional_columns
 ])
 
 # parsed: one row per (key, caption).
@@ -66,7 +75,7 @@ REGIONS = pa.schema([
     pa.field("box", pa.list_(pa.float32(), 4)),     # x0, y0, x1, y1 in source pixels
     pa.field("score", pa.float32()),                # detector score
     pa.field("crop_key", pa.string()),              # WebDataset key of the crop
-    pa.field("shard", pa.string()),                 # store-relative path of the crop tar
+    pa.field("shard", pa.string()),                 # the crop tar, relative to the version folder
 ])
 
 # clean: one row per key: the labels that survived and the ones removed, with reasons.

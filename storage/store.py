@@ -3,8 +3,8 @@
 Layout under the store root (any fsspec URL):
 
     <stage>/<version>/_manifest.json          the commit point, written last
-    <stage>/<version>/parts/<part>.parquet    a part's table
-    <stage>/<version>/parts/<part>.tar        a part's WebDataset shard (optional)
+    <stage>/<version>/parts/<part>.parquet    a part's table (only tables: any Parquet reader can take the folder)
+    <stage>/<version>/shards/<part>.tar       a part's WebDataset shard (optional)
     <stage>/<version>/_rejects/<part>.parquet a part's rejected rows
     <stage>/<version>/_parts/<part>.json      a part's completion record (for resume)
     <stage>/<version>/_claims/<part>/<owner>.json  who is making a part now (removed at commit)
@@ -14,6 +14,11 @@ Layout under the store root (any fsspec URL):
 
 A committed file never changes: a write that finds other bytes in place raises CommittedFileConflict,
 and a run that finds a part finished by another run adopts it. Reads check files against the manifest.
+
+Every version folder is self-contained: a part an earlier version made is hard-linked into the
+new folder (copied where the filesystem has no links, server-side on object stores), so the
+obvious glob of any outside reader (`<version>/parts/*.parquet`, `<version>/shards/*.tar`) sees the
+whole version and nothing else. The manifest stays the commit point and lists every file.
 
 A version id is derived from (stage, code version, resolved config, parent ids), so the same
 inputs always land in the same folder: a rerun finds the committed manifest and does nothing,
@@ -78,6 +83,12 @@ def digest(value: Any, length: int = ID_LEN) -> str:
     return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()[:length]
 
 
+def shard_name(part: str) -> str:
+    """Where a part's WebDataset shard lives, relative to its version folder (the `shard` column's value:
+    it stays true in every version the part is linked into)."""
+    return f"shards/{part}.tar"
+
+
 def version_id(stage: str, code_version: str, config: dict, parents: list[str], input_digest: str | None = None) -> str:
     """The id of the version these inputs produce. Parents are `stage/version` strings; `input_digest`
     identifies an external input (the ingest source's content)."""
@@ -99,6 +110,7 @@ class PartRecord:
     source_digest: str | None = None   # identity of the input this part was made from
     config_digest: str | None = None   # identity of the code + config that made it
     metrics: dict = field(default_factory=dict)
+    shared_from: str | None = None     # `stage/version` that first wrote this part, when this version links it
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -716,7 +728,7 @@ class VersionWriter:
         files: list[dict] = []
         rows_out = 0
         if samples is not None:
-            info, n = self._write_shard(f"{self.prefix}/parts/{name}.tar", samples, name)
+            info, n = self._write_shard(f"{self.prefix}/{shard_name(name)}", samples, name)
             files.append({"path": info.path, "kind": "shard", "rows": n, "bytes": info.bytes, "sha256": info.sha256})
         if callable(table):  # built while the samples streamed into the shard
             table = table()
@@ -800,10 +812,23 @@ class VersionWriter:
         self._records[record.name] = record
         self.written_parts += 1
 
-    def reuse_part(self, record: PartRecord) -> None:
-        """Reference a part that an earlier version wrote (incremental runs): no bytes are copied."""
+    def reuse_part(self, record: PartRecord) -> PartRecord:
+        """Take in a part that an earlier version wrote (incremental runs): its files are linked into this
+        version's folder (no bytes copied on a local store; a server-side copy on object stores), so the
+        folder alone holds the whole version for outside readers."""
+        files = []
+        origin = record.shared_from
+        for f in record.files:
+            origin = origin or f["path"][: len(f["path"]) - len(_version_relative(f["path"], self.stage)) - 1]
+            rel = f"{self.prefix}/{_version_relative(f['path'], self.stage)}"
+            if rel != f["path"]:
+                retry_io(lambda: self.placement.link_into_place(f["path"], rel, f["bytes"], f["sha256"]),
+                         f"linking {f['path']} into {self.prefix}")
+            files.append(dict(f, path=rel))
+        record = PartRecord.from_json(dict(record.to_json(), files=files, shared_from=origin))
         self._records[record.name] = record
         self.reused_parts += 1
+        return record
 
     def _unclaimed_leftover(self, name: str) -> Callable[[], bool]:
         """For a part file found in place with other bytes: whether it may be replaced. Only when neither
@@ -908,6 +933,13 @@ def _rejects_table(rejects) -> pa.Table:
         if not r.get("key") or not r.get("reason"):
             raise StoreError(f"a reject row needs a key and a reason, got {r!r}")
     return pa.Table.from_pydict(cols, schema=schemas.REJECTS)
+
+
+def _version_relative(path: str, stage: str) -> str:
+    """`parts/x.parquet` from `<stage>/<version>/parts/x.parquet` (stage names may hold a '/')."""
+    if not path.startswith(stage + "/"):
+        raise StoreError(f"file {path!r} is not inside stage {stage!r}: a part can only be shared within its stage")
+    return path[len(stage) + 1:].split("/", 1)[1]
 
 
 def _check_name(name: str) -> None:

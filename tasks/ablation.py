@@ -106,7 +106,7 @@ def ablation_stage(store: Store, model_cfg, train_cfg, evaluate_cfg, cfg, images
     from pathlib import Path
 
     from .config import section_dict
-    from .evaluate import load_ground_truth, model_quality, multi_hot, normalise_truth, score_model
+    from .evaluate import load_ground_truth, model_quality, multi_hot, normalise_truth, rekey_truth, score_model
     from .inspect import labels_version
     from .labels import load_labels
     from .train import is_holdout, train_stage
@@ -139,7 +139,7 @@ def ablation_stage(store: Store, model_cfg, train_cfg, evaluate_cfg, cfg, images
                          parents=[images, *label_versions.values()])
     if writer.committed is not None:
         return StageResult(writer.committed, "reused")
-    truth = normalise_truth(load_ground_truth(truth_path, evaluate_cfg.format), labels)
+    truth = rekey_truth(normalise_truth(load_ground_truth(truth_path, evaluate_cfg.format), labels), images)
     image_keys = set(images.read_table(columns=["key"]).column(0).to_pylist())
     held = {k for k in truth if k in image_keys and is_holdout(k, budget.holdout_fraction)}
     if not held:

@@ -60,22 +60,21 @@ def check_store(cfg: EngineConfig, report: CheckReport) -> None:
 
 
 def check_source(cfg: EngineConfig, report: CheckReport) -> None:
-    import fsspec
+    from .ingest import SourceError, expand_sources
 
     src = cfg.ingest.source
     if not src:
         report.ok.append("ingest.source: not set (give the source to `ram-engine run --source` or `ingest SRC`)")
         return
     try:
-        fs, path = fsspec.core.url_to_fs(src)
-        found = "{" in path or "*" in path or fs.exists(path)
+        found = expand_sources(src)   # every source of a list, brace pattern or glob, as ingest reads them
+    except SourceError as e:
+        report.bad("ingest.source", src, str(e))
+        return
     except Exception as e:
         report.bad("ingest.source", src, f"cannot open ({type(e).__name__}: {e})")
         return
-    if not found:
-        report.bad("ingest.source", src, "does not exist; set it to a tar, a folder of tars or an image folder")
-    else:
-        report.ok.append(f"ingest.source {src}: found")
+    report.ok.append(f"ingest.source {src}: found ({len(found)} path{'s' if len(found) != 1 else ''})")
 
 
 def check_labels(cfg: EngineConfig, report: CheckReport):

@@ -52,8 +52,10 @@ class StoreConfig(Section):
 
 
 class IngestConfig(Section):
-    source: str | None = None             # tar file / folder of tars / image folder
-    format: Literal["auto", "webdataset", "folder"] = "auto"
+    # a tar / an img2dataset output folder (webdataset, parquet or files) / an image folder, or a list of them;
+    # each may be a brace pattern or a glob
+    source: str | list[str] | None = None
+    format: Literal["auto", "webdataset", "parquet", "files", "folder"] = "auto"
     captions_file: str | None = None      # for folders: JSONL or CSV; default: captions.jsonl / captions.csv inside
     part_size: int = Field(1000, ge=1)    # expected samples per part (content-defined boundaries)
     min_side: int = Field(16, ge=1)
@@ -62,7 +64,10 @@ class IngestConfig(Section):
     max_pixels: int = Field(89_478_485, ge=1)   # decompression-bomb limit (PIL's default)
     max_caption_chars: int = Field(1000, ge=1)
     max_captions: int = Field(16, ge=1)
-    jpeg_quality: int = Field(95, ge=50, le=100)
+    jpeg_quality: int = Field(95, ge=50, le=100)     # also the WebP quality when image_format is webp
+    # The one format images are stored in (other formats are re-encoded; jpeg as img2dataset does by default),
+    # so every shard member has the same name for outside readers; "keep" stores jpeg/png/webp as they came.
+    image_format: Literal["jpeg", "png", "webp", "keep"] = "jpeg"
     # Read limits: nothing a source holds is read past these, so one hostile member costs one sample.
     max_image_bytes: int = Field(64 * 2**20, ge=1024)      # an image file or tar member
     max_caption_bytes: int = Field(4 * 2**20, ge=1024)     # a .txt/.json member, a JSONL line, a CSV record
@@ -277,6 +282,8 @@ MAYBE_PATH_FIELDS = ("parse.labels", "ground.detector.model", "ground.detector.g
 def resolve_paths(data: dict, base: Path) -> dict:
     """`data` (a config mapping) with relative file paths made absolute against `base`."""
     def resolve(value: Any, always: bool) -> Any:
+        if isinstance(value, list):   # ingest.source may list several sources
+            return [resolve(v, always) for v in value]
         if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
             return value
         candidate = base / value

@@ -12,6 +12,7 @@ averages over all (key, tag) pairs; a ratio with a zero denominator is reported 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -53,6 +54,17 @@ def load_ground_truth(path: str | Path, fmt: str = "auto", key_fn: Callable[[str
             raise ValueError(f"{path}: key {k!r} appears twice (after key_fn); ground truth needs unique keys")
         out[k] = {t for t in tags if vocab is None or t in vocab}
     return out
+
+
+def rekey_truth(truth: dict[str, set[str]], images) -> dict[str, set[str]]:
+    """Ground truth keyed by the source's own keys (img2dataset's, before ingest tagged them with their
+    folder) is matched to store keys through the images table's `source_key`, where that is unambiguous."""
+    table = images.read_table(columns=["key", "source_key"])
+    keys, source_keys = table.column("key").to_pylist(), table.column("source_key").to_pylist()
+    counts = Counter(source_keys)
+    known = set(keys)
+    alias = {s: k for k, s in zip(keys, source_keys) if s is not None and counts[s] == 1 and s not in known}
+    return {alias.get(k, k): tags for k, tags in truth.items()}
 
 
 def _read_demo(path: Path) -> list[tuple[str, list[str]]]:
@@ -431,7 +443,7 @@ def evaluate_stage(store, cfg, images, label_versions: Mapping[str, object], mod
         return StageResult(writer.committed, "reused")
     first = next(iter(label_versions.values()))
     labels = load_labels(store, labels_version(store, first))
-    truth = normalise_truth(load_ground_truth(truth_path, cfg.format), labels)
+    truth = rekey_truth(normalise_truth(load_ground_truth(truth_path, cfg.format), labels), images)
     keys = [k for k in truth if k in set(images.read_table(columns=["key"]).column(0).to_pylist())]
     if not keys:
         raise StoreError(f"no key of {truth_path} is in {images.ref}: the ground truth does not belong to this data")

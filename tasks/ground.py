@@ -23,7 +23,7 @@ from PIL import Image
 from ram_model.labels import OBJECT, TAG_TYPES, UNKNOWN
 from storage.schemas import REGIONS
 from storage.shards import decode_image
-from storage.store import canonical_json, digest
+from storage.store import canonical_json, digest, shard_name
 
 from .code_version import code_version
 
@@ -37,7 +37,7 @@ class GroundConfig:
     crop_min_size: int = 32        # a crop smaller than this (px) on a side is grown around its centre
     crop_format: str = "jpg"       # "jpg" | "png"
     jpeg_quality: int = 90
-    shard: str = ""                # store-relative crop tar path written into every region row
+    shard: str = ""                # the crop tar, relative to the version folder, written into every region row
 
     def validate(self) -> None:
         if self.top_n < 1:
@@ -218,7 +218,7 @@ def ground_part(table: pa.Table, image_loader: Callable[[str], Image.Image], det
 # ---------------------------------------------------------------- the stage over the store
 
 STAGE = "regions"
-STAGE_VERSION = "ground-2"   # 2: tag types declared by the label system
+STAGE_VERSION = "ground-3"   # 2: tag types declared by the label system; 3: crop shards in shards/
 
 
 class ShardImages:
@@ -290,7 +290,7 @@ def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progre
         gen = (generated.read_file(next(f["path"] for f in gen_part.files if f["kind"] == "table"),
                                    columns=["key", "tag_ids"]) if gen_part else pa.table(
             {"key": pa.array([], pa.string()), "tag_ids": pa.array([], pa.list_(pa.int32()))}))
-        shard_rel = f"{w.prefix}/parts/{task.name}.tar"
+        shard_rel = shard_name(task.name)
         gcfg = GroundConfig(localisable=tuple(cfg.localisable), top_n=cfg.top_n, batch_size=cfg.batch_size,
                             crop_padding=cfg.crop_padding, crop_min_size=cfg.crop_min_size,
                             crop_format=cfg.crop_format, jpeg_quality=cfg.jpeg_quality, shard=shard_rel)

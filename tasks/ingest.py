@@ -1,7 +1,10 @@
 """Ingest: validated pixels and normalised captions from a source into an `images` version.
 
-Sources:
+Sources (one or several per ingest; each a path, a brace pattern or a glob):
   * WebDataset tars as img2dataset writes them (`<key>.jpg|png|webp` + `.txt` + `.json`); one part per tar.
+  * img2dataset's other output formats: `parquet` (image bytes in a column) and `files`
+    (`00000/<key>.jpg` + `.txt` + `.json`); its per-shard metadata (`00000.parquet`) fills the metadata
+    columns, and the samples it failed to fetch are rejected with its own error message.
   * A folder of images with a captions file (JSONL: {"file", "caption"|"captions"}; CSV: file,caption[,caption...]);
     files are cut into parts at content-defined boundaries, so adding files changes only the parts they land in.
 
@@ -16,10 +19,10 @@ import contextlib
 import csv
 import gzip
 import hashlib
-import os
 import io
 import json
 import lzma
+import os
 import re
 import tarfile
 import unicodedata
@@ -37,14 +40,15 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageFile, ImageOps
 
 from storage import PartRecord, Store, VersionWriter, schemas
-from storage.store import digest
+from storage.fs import sha256_of
+from storage.store import digest, shard_name
 
 from .code_version import code_version
 from .config import IngestConfig, section_dict
 from .stage import PartTask, StageResult, run_stage
 
 STAGE = "images"
-STAGE_VERSION = "ingest-3"  # 3: every caption of a sample (json list, or one per .txt line)
+STAGE_VERSION = "ingest-4"   # 3: every caption of a sample; 4: img2dataset formats and metadata, shards/
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 CAPTION_EXTS = ("txt", "json")
 # Pillow picks its decoder from the content: it is only ever offered these (an EPS file named .jpg must
@@ -79,6 +83,7 @@ class RawSample:
     captions: list[bytes | str] | None
     problem: tuple[str, str, str] | None = None   # (reason, detail, field) found while reading the source
     origin: str | None = None                     # where its captions come from ("captions.jsonl:12"), for rejects
+    meta: dict | None = None                      # img2dataset's metadata of the sample (url, sizes, exif, ...)
 
     @property
     def claims_key(self) -> bool:
@@ -191,8 +196,13 @@ def sniff_format(data: bytes) -> str | None:
     return next((fmt for magic, fmt in _MAGIC if data.startswith(magic)), None)
 
 
-def validate_image(data: bytes, cfg: IngestConfig) -> tuple[dict | None, tuple[str, str] | None]:
-    """Decode and check one image. Returns ({bytes, format, width, height, converted}, None) or (None, (reason, detail))."""
+def validate_image(data: bytes, cfg: IngestConfig, original_size: tuple[int, int] | None = None
+                   ) -> tuple[dict | None, tuple[str, str] | None]:
+    """Decode and check one image. Returns ({bytes, format, width, height, converted}, None) or (None, (reason, detail)).
+
+    `original_size` is the size before a downloader resized the image (img2dataset's original_width/height):
+    the minimum side and the aspect ratio are judged on it, so a 1x1 image blown up to 256x256 is still too small.
+    The pixel and side limits guard decoding, so they apply to the bytes at hand."""
     if not data:
         return None, ("empty-file", "zero bytes")
     try:
@@ -209,12 +219,15 @@ def validate_image(data: bytes, cfg: IngestConfig) -> tuple[dict | None, tuple[s
                                       f"{', '.join(ACCEPTED_FORMATS)}; is it HTML, text or another format?"[:300])
     if width * height > cfg.max_pixels:
         return None, ("decompression-bomb", f"{width}x{height} = {width * height} pixels > max_pixels {cfg.max_pixels}")
-    if min(width, height) < cfg.min_side:
-        return None, ("too-small", f"{width}x{height}: a side is under min_side {cfg.min_side}")
+    ow, oh = original_size if original_size and all(original_size) else (width, height)
+    size_note = f"{ow}x{oh}" + (f" (original size; stored resized to {width}x{height})" if (ow, oh) != (width, height)
+                                 else "")
+    if min(ow, oh) < cfg.min_side:
+        return None, ("too-small", f"{size_note}: a side is under min_side {cfg.min_side}")
     if max(width, height) > cfg.max_side:
         return None, ("too-large", f"{width}x{height}: a side is over max_side {cfg.max_side}")
-    if max(width, height) / min(width, height) > cfg.max_aspect_ratio:
-        return None, ("bad-aspect-ratio", f"{width}x{height}: aspect over max_aspect_ratio {cfg.max_aspect_ratio}")
+    if max(ow, oh) / min(ow, oh) > cfg.max_aspect_ratio:
+        return None, ("bad-aspect-ratio", f"{size_note}: aspect over max_aspect_ratio {cfg.max_aspect_ratio}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -239,15 +252,26 @@ def validate_image(data: bytes, cfg: IngestConfig) -> tuple[dict | None, tuple[s
         converted.append(f"mode-{img.mode}")
         img = _to_rgb(img)
     stored_fmt = STORED_FORMATS.get(fmt or "")
-    if stored_fmt and not any(c != "exif-ignored" for c in converted) and not getattr(img, "is_animated", False):
+    # One stored format per version (image_format) gives every sample the same WebDataset member name, which
+    # webdataset's to_tuple and Hugging Face's webdataset loader need; "keep" stores each format as it came.
+    wanted = stored_fmt if cfg.image_format == "keep" else cfg.image_format
+    if (stored_fmt and stored_fmt == wanted and not any(c != "exif-ignored" for c in converted)
+            and not getattr(img, "is_animated", False)):
         out = data
     else:
         if getattr(img, "is_animated", False):
             converted.append("first-frame")
-        stored_fmt = "jpeg" if fmt == "JPEG" else "png"
+        if cfg.image_format != "keep":
+            stored_fmt = cfg.image_format
+            if STORED_FORMATS.get(fmt or "") != stored_fmt:
+                converted.append(f"reencoded-{stored_fmt}")
+        else:
+            stored_fmt = "jpeg" if fmt == "JPEG" else "png"
         buf = io.BytesIO()
         if stored_fmt == "jpeg":
             img.save(buf, "JPEG", quality=cfg.jpeg_quality)
+        elif stored_fmt == "webp":
+            img.save(buf, "WEBP", quality=cfg.jpeg_quality)
         else:
             img.save(buf, "PNG", optimize=False)
         out = buf.getvalue()
@@ -256,6 +280,13 @@ def validate_image(data: bytes, cfg: IngestConfig) -> tuple[dict | None, tuple[s
 
 
 # --------------------------------------------------------------------------- sources
+# img2dataset's own metadata fields (its per-sample .json, its per-shard .parquet); any other field is one of
+# its --save_additional_columns and lands in the `extra` column.
+I2D_FIELDS = {"key", "url", "caption", "status", "error_message", "width", "height", "original_width",
+              "original_height", "exif", "sha256", "md5"}
+_SHARD_ID = re.compile(r"^\d+$")
+
+
 def is_tar(path: str) -> bool:
     return path.lower().endswith(TAR_SUFFIXES)
 
@@ -264,46 +295,95 @@ def _compressed(path: str) -> bool:
     return not path.lower().endswith(".tar")
 
 
-def detect_format(src: str, cfg: IngestConfig) -> str:
-    if cfg.format != "auto":
-        return cfg.format
-    fs, path = fsspec.core.url_to_fs(src)
-    if is_tar(path) or "{" in path or "*" in path:
+def _url(fs, path: str) -> str:
+    proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+    return path if proto in ("file", "local") else f"{proto}://{path}"
+
+
+def _canonical(spec: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
+    """(fs, path, url) of a source however it is spelt (relative, absolute, file://): local paths are resolved,
+    so the same files always get the same part names."""
+    fs, path = fsspec.core.url_to_fs(spec)
+    proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+    if proto in ("file", "local"):
+        path = os.path.realpath(path)
+        return fs, path, path
+    return fs, path.rstrip("/"), f"{proto}://{path.rstrip('/')}"
+
+
+def expand_sources(src: str | list[str]) -> list[tuple[fsspec.AbstractFileSystem, str, str]]:
+    """Every source path named by `src`: one or several specs, each maybe a brace pattern or a glob."""
+    from braceexpand import braceexpand
+
+    specs = [src] if isinstance(src, str) else list(src)
+    if not specs:
+        raise SourceError("no ingest source: ingest.source is an empty list")
+    found: dict[str, tuple] = {}
+    for spec in specs:
+        matched = []
+        for pattern in braceexpand(spec):
+            fs, path = fsspec.core.url_to_fs(pattern)
+            if any(c in path for c in "*?["):
+                matched += [_canonical(_url(fs, p)) for p in sorted(fs.glob(path))]
+            elif fs.exists(path):
+                matched.append(_canonical(pattern))
+            elif "{" in spec or len(specs) > 1:
+                raise SourceError(f"ingest source {pattern} (from {spec}) does not exist")
+        if not matched:
+            raise SourceError(f"ingest source {spec} does not exist or matches nothing; set ingest.source to a tar, "
+                              f"a folder of tars, an img2dataset output folder (webdataset, parquet or files format), "
+                              f"an image folder with captions.jsonl / captions.csv, or a list or brace pattern of these")
+        for entry in matched:
+            found.setdefault(entry[2], entry)
+    return [found[u] for u in sorted(found)]
+
+
+def detect_format(fs, path: str) -> str:
+    """What one source path holds: `webdataset` (a tar, or a folder with tars at any depth), `parquet`
+    (img2dataset parquet output: image bytes in a column), `files` (img2dataset files output: 00000/<key>.jpg
+    + .txt + .json) or `folder` (images with a captions file)."""
+    if not fs.isdir(path):
+        if is_tar(path):
+            return "webdataset"
+        if path.endswith(".parquet"):
+            return "parquet"
+        raise SourceError(f"ingest source {_url(fs, path)} is neither a tar (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz), "
+                          f"an img2dataset .parquet, nor a folder")
+    names = {e.rstrip("/").rsplit("/", 1)[-1]: e for e in fs.ls(path, detail=False)}
+    if any(is_tar(n) for n in names):
         return "webdataset"
-    if not fs.exists(path):
-        raise SourceError(f"ingest source {src} does not exist; set ingest.source to a tar, a folder of tars, "
-                          f"or an image folder with captions.jsonl / captions.csv")
-    if fs.isdir(path) and any(is_tar(p) for p in fs.find(path)):
+    if any(_SHARD_ID.match(n) and fs.isdir(e) for n, e in names.items()):
+        return "files"
+    if any(n.endswith(".parquet") and _SHARD_ID.match(n[:-8]) for n in names):
+        return "parquet"
+    root = path.rstrip("/")
+    if any(is_tar(p) and not _os_metadata(p[len(root) + 1:]) for p in fs.find(root)):
         return "webdataset"
     return "folder"
 
 
-def list_tars(src: str) -> list[tuple[str, str]]:
-    """(url, name relative to the source) of every tar of a source: a tar, a pattern, or a folder
-    searched recursively; compressed tars (.tar.gz, .tgz, .tar.bz2, .tar.xz) included."""
-    fs, path = fsspec.core.url_to_fs(src)
-    proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
-    root = None
-    if "{" in path or "*" in path:
-        from braceexpand import braceexpand
-
-        paths = sorted({p for pattern in braceexpand(path) for p in fs.glob(pattern)})
-    elif fs.isdir(path):
-        root = path.rstrip("/")
-        paths = sorted(p for p in fs.find(root) if is_tar(p) and not _os_metadata(p[len(root) + 1:]))
-    else:
-        paths = [path]
-    if not paths:
-        raise SourceError(f"no tar shards (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz) found at {src}")
-    return [(p if proto in ("file", "local") else f"{proto}://{p}", p[len(root) + 1:] if root else p.rsplit("/", 1)[-1])
-            for p in paths]
+def _image_column(schema: pa.Schema) -> str | None:
+    """The column that holds img2dataset's image bytes (named after its encode format)."""
+    for name in ("jpg", "png", "webp", "jpeg"):
+        if name in schema.names and (pa.types.is_binary(schema.field(name).type)
+                                     or pa.types.is_large_binary(schema.field(name).type)):
+            return name
+    return None
 
 
-def _file_identity(url: str) -> str:
-    fs, path = fsspec.core.url_to_fs(url)
-    info = fs.info(path)
-    return digest({"path": url, "size": info.get("size"), "mtime": str(info.get("mtime") or info.get("ETag") or
-                                                                       info.get("LastModified") or "")})
+def _content_digest(fs, paths: list[str], root: str) -> str:
+    """A part's source identity: names (relative to its source folder) and sha256 of every file it reads,
+    so the same content gets the same identity wherever it lies and however it is spelt."""
+    return digest([[p[len(root):], sha256_of(fs, p)[1]] for p in sorted(paths)])
+
+
+def _folder_tag(fs, folder: str) -> str:
+    return digest(_url(fs, folder), 8)
+
+
+def _part_name(fs, folder: str, stem: str) -> str:
+    """Stable and distinct across sources: the shard's stem plus a digest of the folder it sits in."""
+    return f"part-{_folder_tag(fs, folder)}-{make_key(stem)}"
 
 
 def _tar_stem(name: str) -> str:
@@ -311,15 +391,119 @@ def _tar_stem(name: str) -> str:
     return name[: len(name) - len(next(s for s in TAR_SUFFIXES if lower.endswith(s)))]
 
 
-def tar_tasks(src: str) -> list[PartTask]:
+def tar_tasks(fs, path: str) -> list[PartTask]:
+    """One part per tar of a webdataset source: a tar, or a folder searched recursively (compressed tars
+    included, OS metadata skipped). img2dataset's per-shard metadata (`<stem>.parquet`, `<stem>_stats.json`
+    beside a tar) goes with it; a source that has it is img2dataset output, whose per-run sample numbers
+    are namespaced by the source folder's tag (two runs never collide; other tars keep their own keys)."""
+    if fs.isdir(path):
+        root = path.rstrip("/")
+        listing = set(fs.find(root))
+        tars = sorted(p for p in listing if is_tar(p) and not _os_metadata(p[len(root) + 1:]))
+    else:
+        root, tars = path.rsplit("/", 1)[0], [path]
+        listing = {p for p in (f"{_tar_stem(path)}.parquet", f"{_tar_stem(path)}_stats.json") if fs.exists(p)}
+    if not tars:
+        raise SourceError(f"no tar shards (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz) found at {_url(fs, path)}")
+    companions = {t: [p for p in (f"{_tar_stem(t)}.parquet", f"{_tar_stem(t)}_stats.json") if p in listing]
+                  for t in tars}
+    namespace = _folder_tag(fs, root) if any(companions.values()) else None
     tasks, names = [], set()
-    for url, rel in list_tars(src):
-        name = f"part-{make_key(_tar_stem(rel))}"
+    for tar in tars:
+        rel = tar[len(root) + 1:]
+        name = _part_name(fs, root, _tar_stem(rel))
         if name in names:  # `a/x.tar` and `a_x.tar`, or `x.tar` and `x.tgz`: same stem
-            name = f"part-{make_key(_tar_stem(rel))}-{digest(rel, 8)}"
+            name = f"{name}-{digest(rel, 8)}"
         names.add(name)
-        tasks.append(PartTask(name=name, source_digest=_file_identity(url), payload=("tar", url, {})))
+        sidecar = next((p for p in companions[tar] if p.endswith(".parquet")), None)
+        tasks.append(PartTask(name=name, source_digest=_content_digest(fs, [tar] + companions[tar], root + "/"),
+                              payload=("webdataset", _url(fs, tar), _url(fs, sidecar) if sidecar else None,
+                                       namespace, {})))
     return tasks
+
+
+def i2d_tasks(fs, path: str, fmt: str) -> list[PartTask]:
+    """One part per shard of img2dataset's parquet or files output (with its metadata .parquet and stats)."""
+    if fs.isdir(path):
+        folder, entries = path.rstrip("/"), sorted(e.rstrip("/") for e in fs.ls(path, detail=False))
+    else:
+        folder, entries = path.rsplit("/", 1)[0], [path]
+    names = {e.rsplit("/", 1)[-1] for e in fs.ls(folder, detail=False)}
+    tasks = []
+    for entry in entries:
+        base = entry.rsplit("/", 1)[-1]
+        if fmt == "parquet" and base.endswith(".parquet") and (_SHARD_ID.match(base[:-8]) or not fs.isdir(path)):
+            stem, data = base[:-8], entry
+        elif fmt == "files" and _SHARD_ID.match(base) and fs.isdir(entry):
+            stem, data = base, entry
+        else:
+            continue
+        sidecar = f"{folder}/{stem}.parquet" if fmt == "files" and f"{stem}.parquet" in names else None
+        stats = f"{folder}/{stem}_stats.json" if f"{stem}_stats.json" in names else None
+        files = [data] if fmt != "files" else [p for p in fs.find(data) if not _os_metadata(p[len(data) + 1:])]
+        files += [p for p in (sidecar, stats) if p]
+        tasks.append(PartTask(name=_part_name(fs, folder, stem),
+                              source_digest=_content_digest(fs, files, folder + "/"),
+                              payload=(fmt, _url(fs, data), _url(fs, sidecar) if sidecar else None,
+                                       _folder_tag(fs, folder), {})))
+    if not tasks:
+        raise SourceError(f"no img2dataset {fmt} shards found at {_url(fs, path)}")
+    return tasks
+
+
+def _namespaced(namespace: str | None, key: str) -> str:
+    return make_key(f"{namespace}_{key}") if namespace else key
+
+
+def _meta_fields(meta: dict) -> dict:
+    """img2dataset's metadata for one sample as columns of the images table."""
+    def as_int(v):   # a side length: a positive int32, else unknown (a hostile .json must not break the part)
+        try:
+            n = int(v) if v is not None and not isinstance(v, bool) else None
+        except (TypeError, ValueError, OverflowError):
+            return None
+        return n if n is not None and 0 < n < 2**31 else None
+
+    extra = {k: v for k, v in meta.items() if k not in I2D_FIELDS and k != "captions" and not k.startswith("__")}
+    exif = meta.get("exif")
+    text = lambda v: v if isinstance(v, str) or v is None else json.dumps(v, sort_keys=True, default=str)  # noqa: E731
+    return {"url": text(meta.get("url")), "original_width": as_int(meta.get("original_width")),
+            "original_height": as_int(meta.get("original_height")), "exif": text(exif),
+            "source_sha256": text(meta.get("sha256")), "status": text(meta.get("status")),
+            "extra": json.dumps(extra, sort_keys=True, ensure_ascii=False, default=str) if extra else None}
+
+
+def _read_sidecar(url: str | None) -> dict[str, dict]:
+    """img2dataset's per-shard metadata table, by key ({} without one). One row per sample of the shard,
+    so it is as large as the shard's sample count, not as any member."""
+    if not url:
+        return {}
+    with fsspec.open(url, "rb") as fh:
+        rows = pq.read_table(fh).to_pylist()
+    return {str(r.get("key")): r for r in rows if r.get("key") is not None}
+
+
+def _failed_sample(key: str, row: dict, source: str) -> RawSample:
+    """A sample img2dataset could not fetch: a reject with img2dataset's own error message."""
+    return RawSample(make_key(key), f"{source}:{shown(key)}", None, None, None,
+                     (f"img2dataset-{row['status']}".replace("_", "-"),
+                      f"{row.get('error_message') or 'no message'} (url {row.get('url')})"[:300], "url"), meta=row)
+
+
+def _failed_samples(sidecar: dict[str, dict], source: str, seen: set[str]) -> Iterator[RawSample]:
+    for key, row in sidecar.items():
+        if key not in seen and row.get("status") not in (None, "success"):
+            yield _failed_sample(key, row, source)
+
+
+def _sidecar_keys(url: str | None, source: str) -> dict[str, str]:
+    """The keys of the failed samples a metadata table lists (they are rejected, so they hold their key)."""
+    if not url:
+        return {}
+    with fsspec.open(url, "rb") as fh:
+        rows = pq.read_table(fh, columns=["key", "status"]).to_pylist()
+    return {make_key(str(r["key"])): f"{source}:{shown(str(r['key']))}" for r in rows
+            if r.get("key") is not None and r.get("status") not in (None, "success")}
 
 
 def _os_metadata(name: str) -> bool:
@@ -408,14 +592,30 @@ def tar_sample_keys(url: str) -> dict[str, str]:
     return keys
 
 
+def _sample_captions(meta: Any, txt: bytes | None, has_json: bool, bad: tuple[str, str] | None
+                     ) -> tuple[list | None, tuple[str, str] | None]:
+    """A sample's captions from its decoded .json (`meta`) and .txt: the json's "captions" list, else the
+    .txt one caption a line, else the json's "caption". Returns (captions, (reason, detail) of the json)."""
+    listed = meta.get("captions") if isinstance(meta, dict) else None
+    if isinstance(listed, list) and listed and json_captions({"captions": listed})[1] is None:
+        return list(listed), None
+    if txt is not None:
+        return txt_captions(txt), None
+    if has_json:
+        return json_captions(meta) if bad is None else (None, bad)
+    return None, None
+
+
 def txt_captions(data: bytes) -> list[bytes]:
     """A .txt member's captions, one a line; a blank one stays one (empty) caption, rejected as caption-empty."""
     lines = [line for line in data.splitlines() if line.strip()]
     return lines or [data]
 
 
-def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter) -> Iterator[RawSample]:
-    """Group tar members into samples by key (member name up to the basename's first dot).
+def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter, sidecar_url: str | None = None
+                     ) -> Iterator[RawSample]:
+    """Group tar members into samples by key (member name up to the basename's first dot); then the samples
+    img2dataset's metadata table (`sidecar_url`) marks failed, each a reject with its error message.
 
     img2dataset writes a sample's members next to each other, and such tars stream with one sample in
     memory. A tar grouped otherwise (`tar cf x.tar *.jpg *.txt`) still gives every sample once: samples
@@ -424,6 +624,8 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter) -> Iterator
     are skipped unread. OS metadata (`._x.jpg`, `__MACOSX/`) is skipped and counted in metrics.
     """
     source = url.rsplit("/", 1)[-1]
+    sidecar = _read_sidecar(sidecar_url)
+    seen: set[str] = set()              # stems read (their failed rows in the sidecar are not samples again)
     spool = _Spool(cfg.spool_bytes)
     current: _Group | None = None
     pending: dict[str, _Group] = {}     # samples that may get more members later, by stem
@@ -432,30 +634,31 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter) -> Iterator
     def sample(group: _Group, problem: tuple[str, str, str] | None = None) -> RawSample:
         value = {e: (spool.get(v) if isinstance(v, tuple) else v) for e, v in group.data.items()}
         image_ext = next((e for e in IMAGE_EXTS if e in value), None)
+        base = group.stem.rsplit("/", 1)[-1]
+        seen.add(base)
         captions, caption_problem = None, None
         # Every caption the sample gives: the sidecar's "captions" list, else the .txt one caption a line
-        # (img2dataset writes one), else the sidecar's "caption".
+        # (img2dataset writes one), else the sidecar's "caption", else the caption img2dataset's metadata
+        # table recorded. The sidecar (or that table's row) is also the sample's metadata.
         meta, bad = None, None
         if "json" in value:
             try:
                 meta = json.loads(value["json"].decode("utf-8", "surrogateescape"))
             except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
                 bad = ("bad-caption-json", f"not valid JSON: {type(exc).__name__}: {exc}"[:300])
-        listed = meta.get("captions") if isinstance(meta, dict) else None
-        if isinstance(listed, list) and listed and json_captions({"captions": listed})[1] is None:
-            captions = list(listed)
-        elif "txt" in value:
-            captions = txt_captions(value["txt"])
-        elif "json" in value:
-            if bad is None:
-                captions, bad = json_captions(meta)
+        captions, bad = _sample_captions(meta, value.get("txt"), "json" in value, bad)
+        if bad:
+            caption_problem = (bad[0], f"{shown(group.stem)}.json: {bad[1]}", "json")
+        meta = meta if isinstance(meta, dict) else sidecar.get(base)
+        if captions is None and caption_problem is None and "json" not in value and meta is not None:
+            captions, bad = json_captions(meta)
             if bad:
-                caption_problem = (bad[0], f"{shown(group.stem)}.json: {bad[1]}", "json")
+                caption_problem = (bad[0], f"{source} metadata row {shown(base)}: {bad[1]}", "caption")
         if image_ext is None and any(e for e in group.exts if e in IMAGE_EXTS) and not group.problem:
             problem = problem or ("member-not-a-file", f"the image member of {shown(group.stem)} is a link or "
                                                       f"device; links are never followed", "image")
         return RawSample(make_key(group.stem), f"{source}:{shown(group.stem)}", value.get(image_ext) if image_ext
-                         else None, image_ext, captions, problem or group.problem or caption_problem)
+                         else None, image_ext, captions, problem or group.problem or caption_problem, meta=meta)
 
     def close(group: _Group) -> Iterator[RawSample]:
         if group.complete() and not out_of_order:
@@ -519,6 +722,7 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter) -> Iterator
             yield RawSample(make_key(f"{source}-damaged"), source, None, None, None,
                             ("source-truncated", f"tar is damaged: {type(exc).__name__}: {exc}", "tar"))
         spool.close()
+        yield from _failed_samples(sidecar, source, seen)
         return
     if current is not None:
         yield from close(current)
@@ -530,6 +734,100 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter) -> Iterator
         yield RawSample(make_key(f"{source}-tail"), source, None, None, None,
                         ("source-truncated", "the tar has no end-of-archive marker: it was cut off after the "
                                              "samples that were read; re-fetch the shard", "tar"))
+    yield from _failed_samples(sidecar, source, seen)
+
+
+def _bounded_captions(value: Any, where: str, cfg: IngestConfig) -> tuple[list | None, tuple[str, str, str] | None]:
+    """Captions of an img2dataset metadata row (its "caption"), each bounded by ingest.max_caption_bytes."""
+    if not isinstance(value, dict):
+        return None, None
+    captions, bad = json_captions(value)
+    if bad:
+        return None, (bad[0], f"{where}: {bad[1]}", "caption")
+    if captions and any(len(c.encode("utf-8", "surrogatepass")) > cfg.max_caption_bytes for c in captions):
+        return None, ("member-too-large", f"{where}: a caption is over ingest.max_caption_bytes "
+                                          f"({cfg.max_caption_bytes})", "caption")
+    return captions, None
+
+
+def iter_i2d_parquet_samples(url: str, cfg: IngestConfig) -> Iterator[RawSample]:
+    """img2dataset's parquet output format: one row per sample, the image bytes in a column. Rows are read
+    in small batches; an image over ingest.max_image_bytes costs its sample."""
+    source = url.rsplit("/", 1)[-1]
+    with fsspec.open(url, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        column = _image_column(pf.schema_arrow)
+        if column is None:
+            raise SourceError(f"{url}: no image column (jpg / png / webp of binary type): is it img2dataset's "
+                              f"parquet output format? Its columns are {pf.schema_arrow.names}")
+        for batch in pf.iter_batches(batch_size=32):
+            for row in batch.to_pylist():
+                name = str(row.get("key"))
+                image = row.pop(column, None)
+                if row.get("status") not in (None, "success"):
+                    yield _failed_sample(name, row, source)
+                    continue
+                where = f"{source}:{shown(name)}"
+                if image is not None and len(image) > cfg.max_image_bytes:
+                    yield RawSample(make_key(name), where, None, None, None, (
+                        "member-too-large", f"{where}: the {column} cell is {len(image)} bytes, over "
+                                            f"ingest.max_image_bytes ({cfg.max_image_bytes})", column), meta=row)
+                    continue
+                captions, problem = _bounded_captions(row, where, cfg)
+                yield RawSample(make_key(name), where, image, column if image else None, captions, problem, meta=row)
+
+
+def _read_bounded(fs, path: str, limit: int) -> bytes | None:
+    """A file's bytes, or None when it is over `limit` (read no further than limit + 1)."""
+    with fs.open(path, "rb") as fh:
+        data = fh.read(limit + 1)
+    return None if len(data) > limit else data
+
+
+def iter_i2d_files_samples(url: str, sidecar_url: str | None, cfg: IngestConfig) -> Iterator[RawSample]:
+    """img2dataset's files output format: `<shard>/<key>.jpg` + `.txt` + `.json`, each read bounded by the
+    config's byte limits; OS metadata is skipped."""
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    shard = root.rsplit("/", 1)[-1]
+    sidecar = _read_sidecar(sidecar_url)
+    by_key: dict[str, dict[str, str]] = {}
+    for path in sorted(fs.find(root)):
+        rel = path[len(root) + 1:]
+        base = rel.rsplit("/", 1)[-1]
+        if _os_metadata(rel) or "." not in base:
+            continue
+        stem, ext = base.split(".", 1)
+        by_key.setdefault(stem, {})[ext.lower()] = path
+    for stem, files in by_key.items():
+        where = f"{shard}/{shown(stem)}"
+        image_ext = next((e for e in IMAGE_EXTS if e in files), None)
+        members: dict[str, bytes] = {}
+        problem = None
+        for ext in [e for e in (image_ext, "txt", "json") if e and e in files]:
+            limit = cfg.max_image_bytes if ext == image_ext else cfg.max_caption_bytes
+            data = _read_bounded(fs, files[ext], limit)
+            if data is None:
+                problem = problem or ("member-too-large", f"{where}.{ext} is over ingest."
+                                      f"{'max_image_bytes' if ext == image_ext else 'max_caption_bytes'} ({limit})", ext)
+                continue
+            members[ext] = data
+        meta, bad = None, None
+        if "json" in members:
+            try:
+                meta = json.loads(members["json"].decode("utf-8", "surrogateescape"))
+            except (ValueError, RecursionError) as exc:
+                bad = ("bad-caption-json", f"not valid JSON: {type(exc).__name__}: {exc}"[:300])
+        captions, bad = _sample_captions(meta, members.get("txt"), "json" in members, bad)
+        if bad:
+            problem = problem or (bad[0], f"{where}.json: {bad[1]}", "json")
+        meta = meta if isinstance(meta, dict) else sidecar.get(stem)
+        if captions is None and problem is None and "json" not in members:
+            captions, bad = _bounded_captions(meta, f"{where} metadata", cfg)   # the metadata table's caption
+            problem = bad
+        yield RawSample(make_key(stem), where, members.get(image_ext) if image_ext else None, image_ext,
+                        captions, problem, meta=meta)
+    yield from _failed_samples(sidecar, shard, set(by_key))
 
 
 def _tar_has_end_marker(url: str) -> bool:
@@ -671,9 +969,9 @@ def folder_key(name: str) -> str:
     return make_key(name.rsplit(".", 1)[0] if "." in name.rsplit("/", 1)[-1] else name)
 
 
-def folder_tasks(src: str, cfg: IngestConfig) -> list[PartTask]:
-    fs, root = fsspec.core.url_to_fs(src)
+def folder_tasks(fs, root: str, cfg: IngestConfig) -> list[PartTask]:
     root = root.rstrip("/")
+    src = _url(fs, root)
     proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
     captions_path = cfg.captions_file
     if captions_path is None:
@@ -707,14 +1005,15 @@ def folder_tasks(src: str, cfg: IngestConfig) -> list[PartTask]:
             elif name in present and info.get("size", 0) > cfg.max_image_bytes:
                 problem = ("file-too-large", f"{name} is {info['size']} bytes, over ingest.max_image_bytes "
                                              f"({cfg.max_image_bytes})", "image")
+            # The part's identity is its content (file names, image bytes, captions), whatever the folder is called.
+            sha = sha256_of(fs, f"{root}/{name}")[1] if name in present and problem is None else None
             entries.append({"file": shown(name), "exists": name in present, "size": info.get("size"),
-                            "mtime": str(info.get("mtime", "")), "where": listed.where.get(name),
+                            "sha256": sha, "where": listed.where.get(name),
                             "captions": listed.captions.get(name), "problem": problem})
-        tasks.append(PartTask(name=f"part-{digest(shown(chunk[0]), 12)}", source_digest=digest(entries),
-                              payload=("folder", f"{proto}://{root}" if proto not in ("file", "local") else root,
-                                       entries, {})))
+        tasks.append(PartTask(name=_part_name(fs, root, digest(shown(chunk[0]), 12)), source_digest=digest(entries),
+                              payload=("folder", src, entries, {})))
     if listed.row_problems:
-        tasks.append(PartTask(name="part-captions-file-rows", source_digest=digest(listed.row_problems),
+        tasks.append(PartTask(name=_part_name(fs, root, "captions-file-rows"), source_digest=digest(listed.row_problems),
                               payload=("problems", captions_url, listed.row_problems, {})))
     return tasks
 
@@ -757,9 +1056,34 @@ def _part_keys(store: Store, record: PartRecord) -> dict[str, str]:
     return keys
 
 
+def _i2d_keys(kind: str, url: str, sidecar_url: str | None) -> dict[str, str]:
+    """The keys of an img2dataset shard's samples, fetched or failed (its names only, no pixels read)."""
+    source = url.rsplit("/", 1)[-1]
+    if kind == "webdataset":
+        keys = tar_sample_keys(url)
+    elif kind == "parquet":
+        with fsspec.open(url, "rb") as fh:
+            names = pq.read_table(fh, columns=["key"]).column("key").to_pylist()
+        keys = {make_key(str(k)): f"{source}:{shown(str(k))}" for k in names}
+    else:  # files: <shard>/<key>.<ext>
+        fs, root = fsspec.core.url_to_fs(url)
+        root = root.rstrip("/")
+        keys = {}
+        for path in sorted(fs.find(root)):
+            rel = path[len(root) + 1:]
+            base = rel.rsplit("/", 1)[-1]
+            if not _os_metadata(rel) and "." in base:
+                keys.setdefault(make_key(base.split(".", 1)[0]), f"{source}/{shown(base.split('.', 1)[0])}")
+    for key, where in _sidecar_keys(sidecar_url if kind != "parquet" else None, source).items():
+        keys.setdefault(key, where)
+    return keys
+
+
 def _task_keys(task: PartTask) -> dict[str, str]:
-    if task.payload[0] == "tar":
-        return tar_sample_keys(task.payload[1])
+    kind = task.payload[0]
+    if kind in ("webdataset", "parquet", "files"):
+        namespace = task.payload[3]
+        return {_namespaced(namespace, k): where for k, where in _i2d_keys(kind, task.payload[1], task.payload[2]).items()}
     keys: dict[str, str] = {}
     for entry in task.payload[2]:
         if entry["exists"] and not (entry["problem"] and entry["problem"][2] in UNCLAIMED_FIELDS):
@@ -801,8 +1125,15 @@ def claim_keys(store: Store, tasks: list[PartTask], reusable: dict[str, PartReco
 def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> PartRecord:
     kind, taken = task.payload[0], task.payload[-1]   # taken: keys earlier parts hold -> their source
     counters: Counter = Counter()
-    if kind == "tar":
-        samples = iter_tar_samples(task.payload[1], cfg, counters)
+    # img2dataset numbers keys per run (0000000, 0000001, ...): prefixed with the tag of the folder they came
+    # from, keys of two runs never collide, and a key never changes when other sources join the ingest.
+    namespace = task.payload[3] if kind in ("webdataset", "parquet", "files") else None
+    if kind == "webdataset":
+        samples = iter_tar_samples(task.payload[1], cfg, counters, task.payload[2])
+    elif kind == "parquet":
+        samples = iter_i2d_parquet_samples(task.payload[1], cfg)
+    elif kind == "files":
+        samples = iter_i2d_files_samples(task.payload[1], task.payload[2], cfg)
     elif kind == "folder":
         samples = iter_folder_samples(task.payload[1], task.payload[2], cfg)
     else:  # rows of the captions file that could not be read at all
@@ -811,7 +1142,7 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
         return writer.write_part(task.name, table=schemas.IMAGES.empty_table(), rejects=rejects,
                                  rows_in=len(rejects), source_digest=task.source_digest,
                                  metrics={"rejected_by_reason": dict(Counter(r["reason"] for r in rejects))})
-    shard_rel = f"{writer.prefix}/parts/{task.name}.tar"
+    shard_rel = shard_name(task.name)   # relative to the version folder: true in every version it is linked into
     rows: list[dict] = []
     rejects: list[dict] = []
     seen: dict[str, str] = {}   # key -> source of the first sample with it in this part
@@ -820,6 +1151,8 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
     def accepted() -> Iterator[dict]:
         for raw in samples:
             rows_in[0] += 1
+            source_key = raw.key
+            raw.key = _namespaced(namespace, raw.key)
 
             def reject(reason: str, detail: str, field: str) -> None:
                 source = f"{raw.source} ({raw.origin})" if raw.origin else raw.source
@@ -853,7 +1186,8 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
                 reason, _, detail = (problem or "caption-empty").partition(": ")
                 reject(reason, detail or "every caption is empty after normalisation", "caption")
                 continue
-            image, bad = validate_image(raw.image, cfg)
+            meta = _meta_fields(raw.meta) if raw.meta else {}
+            image, bad = validate_image(raw.image, cfg, (meta.get("original_width"), meta.get("original_height")))
             if bad:
                 reject(bad[0], bad[1], "image")
                 continue
@@ -862,8 +1196,12 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
             ext = "jpg" if image["format"] == "jpeg" else image["format"]
             rows.append({"key": raw.key, "captions": caps, "width": image["width"], "height": image["height"],
                          "format": image["format"], "sha256": hashlib.sha256(image["bytes"]).hexdigest(),
-                         "shard": shard_rel, "source": raw.source})
-            yield {"__key__": raw.key, ext: image["bytes"], "json": {"captions": caps, "source": raw.source}}
+                         "shard": shard_rel, "source": raw.source, "source_key": source_key, **meta})
+            # `.txt` holds the first caption as img2dataset writes it, so `to_tuple("jpg", "txt")` works;
+            # `.json` has every caption and the source's metadata.
+            described = {k: v for k, v in meta.items() if v is not None}
+            yield {"__key__": raw.key, ext: image["bytes"], "txt": caps[0],
+                   "json": {"captions": caps, "source": raw.source, **described}}
 
     def table() -> pa.Table:
         return pa.Table.from_pylist(rows, schema=schemas.IMAGES)
@@ -877,21 +1215,44 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
                              rows_in=lambda: rows_in[0], source_digest=task.source_digest, metrics=metrics)
 
 
-def ingest(store: Store, cfg: IngestConfig, *, source: str | None = None, executor=None, progress=None) -> StageResult:
-    """Ingest a source into a new (or the existing identical) `images` version."""
+def plan(src: str | list[str], cfg: IngestConfig) -> tuple[list[PartTask], list[dict]]:
+    """The parts of one ingest over one or several sources, and what each source was (for the manifest)."""
+    tasks: list[PartTask] = []
+    described = []
+    for fs, path, url in expand_sources(src):
+        fmt = detect_format(fs, path) if cfg.format == "auto" else cfg.format
+        if fmt == "folder":
+            tasks += folder_tasks(fs, path, cfg)
+        elif fmt == "webdataset":
+            tasks += tar_tasks(fs, path)
+        else:
+            tasks += i2d_tasks(fs, path, fmt)
+        described.append({"source": url, "format": fmt})
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise SourceError(f"ingest sources overlap: parts {dupes[:5]} are named by more than one source; "
+                          f"name each file once in ingest.source")
+    return tasks, described
+
+
+def ingest(store: Store, cfg: IngestConfig, *, source: str | list[str] | None = None, executor=None,
+           progress=None) -> StageResult:
+    """Ingest one or several sources into a new (or the existing identical) `images` version."""
     src = source or cfg.source
     if not src:
         raise SourceError("no ingest source: pass SRC or set ingest.source in the config")
-    fmt = detect_format(src, cfg)
-    tasks = tar_tasks(src) if fmt == "webdataset" else folder_tasks(src, cfg)
-    # A local source enters the identity as an absolute path: "./src" and "/abs/src" are the same data.
-    config = section_dict(cfg) | {"source": src if "://" in src else os.path.abspath(src), "format": fmt}
+    tasks, described = plan(src, cfg)
+    # The version is determined by the config and the sources' content (part names and content digests), not by
+    # how the sources were spelt; the sources as given are recorded in the manifest.
+    config = section_dict(cfg) | {"source": None}
     # Which parts earlier versions already hold depends on code and config only, not on this input.
     this_code = code_version(__name__, STAGE_VERSION)
     reusable = store.begin(STAGE, code_version=this_code, config=config, parents=[]).reusable_parts()
     tasks = claim_keys(store, tasks, reusable)
-    # The version is determined by the config and the exact source content (part digests); parts made
-    # from unchanged input under the same config are shared with earlier versions.
+    # Parts made from unchanged input under the same config (and the same key claims) are shared with
+    # earlier versions.
     writer = store.begin(STAGE, code_version=this_code, config=config, parents=[],
-                         input_digest=digest([t.source_digest for t in tasks]))
-    return run_stage(writer, tasks, lambda w, t: ingest_part(w, t, cfg), executor=executor, progress=progress)
+                         input_digest=digest([[t.name, t.source_digest] for t in tasks]))
+    return run_stage(writer, tasks, lambda w, t: ingest_part(w, t, cfg), executor=executor, progress=progress,
+                     extra={"sources": described})

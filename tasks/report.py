@@ -493,7 +493,7 @@ def build_report(store, version, out_dir: str | Path, *, truth_path: str | None 
 
     from storage.shards import image_member
 
-    from .evaluate import load_ground_truth, normalise_truth
+    from .evaluate import load_ground_truth, normalise_truth, rekey_truth
     from .inspect import STAGE_OUTPUTS, key_tags, labels_version, nearest_versions
     from .labels import load_labels
 
@@ -520,9 +520,11 @@ def build_report(store, version, out_dir: str | Path, *, truth_path: str | None 
         tags_by_stage[stage] = per_key
         histograms[stage] = dict(Counter(t for tags in per_key.values() for t in tags).most_common())
     truth = None
+    images = by_stage.get("images")
     if truth_path and labels is not None:
         truth = normalise_truth(load_ground_truth(truth_path), labels)
-    images = by_stage.get("images")
+        if images is not None:
+            truth = rekey_truth(truth, images)
     regions = by_stage.get("regions")
     boxes: dict[str, list[BoxView]] = {}
     if regions is not None:

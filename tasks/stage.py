@@ -63,11 +63,12 @@ def sequential(fn: Callable[[PartTask], PartRecord], tasks: Sequence[PartTask]) 
 
 def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callable[[VersionWriter, PartTask], PartRecord],
               *, executor: Executor | None = None, summarize: Callable[[list[PartRecord]], dict] | None = None,
-              progress: Callable[[str, int, int], None] | None = None, part_attempts: int = 4) -> StageResult:
+              progress: Callable[[str, int, int], None] | None = None, part_attempts: int = 4,
+              extra: dict | None = None) -> StageResult:
     """Run `process(writer, task)` for each part not already available, then commit.
 
     `process` must call `writer.write_part(task.name, ..., source_digest=task.source_digest)` and return
-    its record.
+    its record. `extra` goes into the manifest as it is (e.g. the sources an ingest read).
     """
     committed = writer.committed
     if committed is not None:
@@ -83,8 +84,15 @@ def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callabl
         if writer.part_done(task.name):
             resumed += 1
         elif task.source_digest in reusable and reusable[task.source_digest].name == task.name:
-            writer.reuse_part(reusable[task.source_digest])
-            reused += 1
+            try:
+                writer.reuse_part(reusable[task.source_digest])
+                reused += 1
+            except (FileNotFoundError, CommittedFileConflict) as exc:
+                # The earlier version lost the file (removed by hand, collected), or this version's folder
+                # holds other bytes under the part's name (an interrupted run's unrecorded leftover): the part
+                # is made under its claim, where a leftover is replaced and a recorded file never is.
+                log.warning("%s: part %s cannot be shared (%s); making it again", writer.stage, task.name, exc)
+                todo.append(task)
         else:
             todo.append(task)
     total = len(todo)
@@ -128,7 +136,7 @@ def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callabl
             writer.adopt_part(record)
     all_records = [writer.record(n) for n in names]
     metrics = summarize(all_records) if summarize else merge_metrics(all_records)
-    version = writer.commit(metrics=metrics, part_order=names)
+    version = writer.commit(metrics=metrics, part_order=names, extra=extra)
     return StageResult(version, "written", parts_written=len(todo), parts_resumed=resumed, parts_reused=reused)
 
 

@@ -145,12 +145,18 @@ def test_webdataset_source_as_img2dataset_writes_it(tmp_path):
         ("000000002", {"txt": b"no image here"}),
     ])
     write_tar_source(src / "00001.tar", [("000000003", {"webp": image_bytes(fmt="WEBP"), "txt": b"a webp"})])
+    for shard in ("00000", "00001"):   # img2dataset writes its stats beside every shard: this is its output
+        (src / f"{shard}_stats.json").write_text('{"count": 1}')
     store = Store(str(tmp_path / "store"))
-    v = ingest(store, IngestConfig(), source=str(src)).version
-    rows = {r["key"]: r for r in v.read_table().to_pylist()}
+    v = ingest(store, IngestConfig(image_format="keep"), source=str(src)).version
+    # Keys are img2dataset's, behind the tag of the folder they came from (two of its runs never collide);
+    # tars that are not img2dataset output keep their own keys (tests/test_hostile.py).
+    tags = {r["key"].split("_", 1)[0] for r in v.read_table().to_pylist() + v.rejects().to_pylist()}
+    assert len(tags) == 1 and all(p.name.startswith(f"part-{next(iter(tags))}-") for p in v.parts)
+    rows = {r["key"].split("_", 1)[1]: r for r in v.read_table().to_pylist()}
     assert rows["000000000"]["captions"] == ["a red square"] and rows["000000001"]["captions"] == ["from json"]
     assert rows["000000003"]["format"] == "webp"
-    assert rejects_by_key(v)["000000002"]["reason"] == "missing-image"
+    assert {k.split("_", 1)[1]: r for k, r in rejects_by_key(v).items()}["000000002"]["reason"] == "missing-image"
     assert v.manifest["rows_in"] == 4 and len(v.parts) == 2
 
 
@@ -238,7 +244,8 @@ def test_demo_world_captions_arrive_one_by_one(tmp_path):
             row = json.loads(line)
             truth[row["key"]] = row["captions"]
     v = ingest(Store(str(tmp_path / "store")), IngestConfig(), source=str(world.source)).version
-    rows = {r["key"]: r["captions"] for r in v.read_table().to_pylist()}
+    # The world is img2dataset output, so keys carry its folder tag; its own keys are in source_key.
+    rows = {r["source_key"]: r["captions"] for r in v.read_table().to_pylist()}
     assert rows.keys() == truth.keys()
     for key, caps in truth.items():
         assert len(rows[key]) == len(caps) >= 2

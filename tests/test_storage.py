@@ -21,9 +21,9 @@ ROOT = HERE.parent
 
 def images_table(keys):
     n = len(keys)
-    return pa.Table.from_pydict({"key": keys, "captions": [["a cat"]] * n, "width": [4] * n, "height": [4] * n,
-                                 "format": ["png"] * n, "sha256": ["x"] * n, "shard": ["s"] * n,
-                                 "source": ["t"] * n}, schema=schemas.IMAGES)
+    given = {"key": keys, "captions": [["a cat"]] * n, "width": [4] * n, "height": [4] * n, "format": ["png"] * n,
+             "sha256": ["x"] * n, "shard": ["s"] * n, "source": ["t"] * n}
+    return pa.Table.from_pydict({f.name: given.get(f.name, [None] * n) for f in schemas.IMAGES}, schema=schemas.IMAGES)
 
 
 def write_simple(store, config=None, parts=2, parents=()):
@@ -107,7 +107,7 @@ def test_verify_catches_a_flipped_byte(any_store):
     assert len(problems) == 1 and target["path"] in problems[0] and "sha256" in problems[0]
 
 
-def test_incremental_parts_are_shared_not_copied(tmp_path):
+def test_incremental_parts_are_linked_into_the_new_version_not_rewritten(tmp_path):
     store = Store(str(tmp_path))
     from tasks.stage import PartTask, run_stage
 
@@ -120,9 +120,15 @@ def test_incremental_parts_are_shared_not_copied(tmp_path):
     r2 = run_stage(store.begin("images", code_version="t", config={}, input_digest="2"),
                    tasks + [PartTask("part-c", "dc")], process)
     assert (r2.parts_written, r2.parts_reused) == (1, 2)
-    old = {f["path"] for f in r1.version.files()}
-    assert old <= {f["path"] for f in r2.version.files()}
+    # The new folder holds every part (outside readers glob it), the reused ones as hard links: no new bytes.
+    old = {f["path"].rsplit("/", 1)[-1]: f for f in r1.version.files()}
+    new = {f["path"].rsplit("/", 1)[-1]: f for f in r2.version.files()}
+    assert all(f["path"].startswith(r2.version.ref + "/") for f in new.values())
+    for name, f in old.items():
+        assert new[name]["sha256"] == f["sha256"]
+        assert os.stat(store.abs(new[name]["path"])).st_ino == os.stat(store.abs(f["path"])).st_ino
     assert r2.version.read_table().num_rows == 6
+    assert r2.version.verify() == [] and r1.version.verify() == []
     r3 = run_stage(store.begin("images", code_version="t", config={}, input_digest="2"), tasks, process)
     assert r3.status == "reused" and not r3.did_work
 
@@ -254,3 +260,78 @@ def test_model_versions_hold_files(tmp_path):
     assert v.verify() == []
     with pytest.raises(StoreError, match="invalid"):
         store.begin("models/x", code_version="t", config={}).write_files("m", {"../evil": b"x"})
+
+
+def test_a_reused_part_whose_file_is_gone_is_made_again(tmp_path):
+    store = Store(str(tmp_path))
+    from tasks.stage import PartTask, run_stage
+
+    def process(w, t):
+        return w.write_part(t.name, table=images_table([f"{t.name}_{i}" for i in range(2)]), rows_in=2,
+                            source_digest=t.source_digest)
+
+    r1 = run_stage(store.begin("images", code_version="t", config={}, input_digest="1"),
+                   [PartTask("part-a", "da")], process)
+    os.remove(store.abs(r1.version.files("table")[0]["path"]))
+    r2 = run_stage(store.begin("images", code_version="t", config={}, input_digest="2"),
+                   [PartTask("part-a", "da"), PartTask("part-b", "db")], process)
+    assert (r2.parts_written, r2.parts_reused) == (2, 0)
+    assert r2.version.verify() == [] and r2.version.read_table().num_rows == 4
+
+
+def test_reuse_copies_where_hard_links_are_refused(tmp_path, monkeypatch):
+    import errno
+
+    store = Store(str(tmp_path))
+    from tasks.stage import PartTask, run_stage
+
+    def process(w, t):
+        return w.write_part(t.name, table=images_table([f"{t.name}_{i}" for i in range(2)]), rows_in=2,
+                            samples=[{"__key__": f"{t.name}_0", "png": b"x"}], source_digest=t.source_digest)
+
+    r1 = run_stage(store.begin("images", code_version="t", config={}, input_digest="1"),
+                   [PartTask("part-a", "da")], process)
+
+    def refuse(*a, **k):
+        raise OSError(errno.EXDEV, "cross-device link")
+
+    monkeypatch.setattr(os, "link", refuse)
+    r2 = run_stage(store.begin("images", code_version="t", config={}, input_digest="2"),
+                   [PartTask("part-a", "da"), PartTask("part-b", "db")], process)
+    assert r2.parts_reused == 1 and r2.version.verify() == []
+    old, new = r1.version.files("shard")[0], r2.version.files("shard")[0]
+    assert new["path"] == f"{r2.version.ref}/shards/part-a.tar" and new["sha256"] == old["sha256"]
+    assert os.stat(store.abs(new["path"])).st_ino != os.stat(store.abs(old["path"])).st_ino
+    assert not any((tmp_path / "_tmp").glob("*/*"))   # nothing left behind
+
+
+def test_every_version_folder_is_whole_on_any_store(any_store):
+    """The folder of an incremental version lists all its parts, on a local store and on S3 (server-side copy)."""
+    from tasks.stage import PartTask, run_stage
+
+    def process(w, t):
+        return w.write_part(t.name, table=images_table([f"{t.name}_{i}" for i in range(2)]), rows_in=2,
+                            samples=[{"__key__": f"{t.name}_0", "png": b"x"}], source_digest=t.source_digest)
+
+    run_stage(any_store.begin("images", code_version="t", config={}, input_digest="1"),
+              [PartTask("part-a", "da")], process)
+    v = run_stage(any_store.begin("images", code_version="t", config={}, input_digest="2"),
+                  [PartTask("part-a", "da"), PartTask("part-b", "db")], process).version
+    listed = sorted(p.rsplit("/", 1)[-1] for p in any_store.fs.ls(any_store.abs(f"{v.ref}/parts"), detail=False))
+    shards = sorted(p.rsplit("/", 1)[-1] for p in any_store.fs.ls(any_store.abs(f"{v.ref}/shards"), detail=False))
+    assert listed == ["part-a.parquet", "part-b.parquet"] and shards == ["part-a.tar", "part-b.tar"]
+    assert v.verify() == [] and v.read_table().num_rows == 4
+
+
+def test_a_linked_part_names_the_version_that_wrote_it(tmp_path):
+    store = Store(str(tmp_path))
+    from tasks.stage import PartTask, run_stage
+
+    def process(w, t):
+        return w.write_part(t.name, table=images_table([f"{t.name}_0"]), rows_in=1, source_digest=t.source_digest)
+
+    versions = [run_stage(store.begin("images", code_version="t", config={}, input_digest=str(n)),
+                          [PartTask(f"part-{i}", f"d{i}") for i in range(n)], process).version for n in (1, 2, 3)]
+    by_name = {p.name: p for p in versions[2].parts}
+    assert by_name["part-0"].shared_from == versions[0].ref     # through versions[1], still the writer
+    assert by_name["part-1"].shared_from == versions[1].ref and by_name["part-2"].shared_from is None

@@ -57,6 +57,26 @@ def test_a_committed_file_is_never_overwritten(any_store):
     assert hashes(any_store.open("clean", v.id)) == before and v.verify() == []
 
 
+def test_linking_a_reused_part_never_overwrites(any_store):
+    """A reused part is linked straight to its final name (a server-side copy on S3): the same bytes already
+    there are left alone, other bytes are refused and stay as they are."""
+    v = make_version(any_store).version
+    src = v.files("table")[0]
+    placement = Placement(any_store.fs, any_store.root)
+    try:
+        placement.link_into_place(src["path"], "clean/other/parts/a.parquet", src["bytes"], src["sha256"])
+        placement.link_into_place(src["path"], "clean/other/parts/a.parquet", src["bytes"], src["sha256"])
+        placement.put_bytes("clean/other/parts/b.parquet", b"other bytes")
+        with pytest.raises(CommittedFileConflict, match="clean/other/parts/b.parquet"):
+            placement.link_into_place(src["path"], "clean/other/parts/b.parquet", src["bytes"], src["sha256"])
+    finally:
+        placement.cleanup()
+    assert any_store.fs.cat_file(any_store.abs("clean/other/parts/b.parquet")) == b"other bytes"
+    assert any_store.fs.cat_file(any_store.abs("clean/other/parts/a.parquet")) == \
+        any_store.fs.cat_file(any_store.abs(src["path"]))
+    assert v.verify() == []
+
+
 def test_a_run_that_finds_a_part_finished_by_another_adopts_it(tmp_path):
     """The slower of two runs of one version makes a part with other bytes (e.g. from partial in-part
     checkpoints): the part the faster run recorded stands, byte for byte."""
@@ -211,13 +231,15 @@ def test_a_code_change_never_reuses_old_outputs(tmp_path, monkeypatch):
 
 def test_a_deleted_version_never_breaks_a_newer_one(any_store):
     v1 = make_version(any_store, names=("a", "b"), config={"run": 1}).version
-    # the same config, more input: parts a and b are referenced from v1, not copied
+    # the same config, more input: parts a and b are linked from v1 into v2's folder, not recomputed
     v2 = make_version(any_store, names=("a", "b", "c"), config={"run": 1}).version
     assert v2.manifest["parts_reused"] == 2
     any_store.fs.rm(any_store.abs(f"clean/{v1.id}"), recursive=True)  # a user deletes the older version
+    assert v2.verify() == []                    # v2's folder holds every file of v2: nothing of it was lost
+    any_store.fs.rm(any_store.abs(v2.files("table")[0]["path"]))      # ... and then one of v2's files
     r3 = make_version(any_store, names=("a", "b", "c", "d"), config={"run": 1})
     assert r3.version.verify() == []  # nothing references the deleted files
-    assert r3.parts_reused == 1 and r3.parts_written == 3  # c (from v2) reused; a, b made again
+    assert r3.parts_reused == 2 and r3.parts_written == 2  # b, c (from v2) reused; a made again, d new
     assert any_store.check_files(v2.files()) and not any_store.check_files(r3.version.files())
 
 
@@ -228,13 +250,13 @@ def test_delete_keeps_the_files_newer_versions_reuse(any_store):
 
     v1 = make_version(any_store, names=("a", "b"), config={"run": 1}).version
     v2 = make_version(any_store, names=("a", "c"), config={"run": 1}).version
-    assert v2.manifest["parts_reused"] == 1  # part a lives in v1's folder
+    assert v2.manifest["parts_reused"] == 1  # part a is linked into v2's folder: v2 lists none of v1's files
     if any_store.url.startswith("s3://"):
         removed, kept = any_store.delete_version("clean", v1.id)
-        assert (removed, kept) == (4, 2)  # b's files, both part records; a's files kept
+        assert (removed, kept) == (6, 0)  # a's and b's files, both part records; v2 keeps its own link of a
     else:
         result = CliRunner().invoke(app, ["--store", any_store.url, "delete", f"clean@{v1.id}"])
-        assert result.exit_code == 0 and "4 files removed, 2 kept" in result.output
+        assert result.exit_code == 0 and "6 files removed, 0 kept" in result.output
     assert [v.id for v in any_store.versions("clean")] == [v2.id]
     assert v2.verify() == [] and any_store.open("clean").id == v2.id
     r3 = make_version(any_store, names=("a", "b", "c"), config={"run": 1})
