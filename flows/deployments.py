@@ -90,6 +90,11 @@ def emit_images_committed(store: Store, version: Version, new_samples: int, thre
         return None
     from prefect.events import emit_event
 
+    from .runtime import prefect_api_available
+
+    if not prefect_api_available():
+        log.info("images@%s: no Prefect API configured: no %s event", version.id, event)
+        return None
     m = version.manifest
     sent = emit_event(
         event=event,

@@ -146,13 +146,20 @@ def publish(result: StageResult, report_path: str | None = None) -> None:
                              description=f"{result.version.stage} version {result.version.id}")
 
 
-def publish_report(report_path: str | Path, version) -> bool:
-    """A `ram-report` artifact linking the HTML report of `version` (and where the version lives), when
-    a Prefect API is configured or a run is active; True when published. Never fails the caller."""
+def prefect_api_available() -> bool:
+    """A Prefect API is configured or a run is active. Otherwise any Prefect API call (an event, an
+    artifact) makes Prefect start a temporary server of its own that outlives a killed process and
+    keeps its output pipes open, so work outside Prefect (`--engine local`, tests) must not call it."""
     from prefect.context import TaskRunContext
     from prefect.settings import get_current_settings
 
-    if not (get_current_settings().api.url or FlowRunContext.get() or TaskRunContext.get()):
+    return bool(get_current_settings().api.url or FlowRunContext.get() or TaskRunContext.get())
+
+
+def publish_report(report_path: str | Path, version) -> bool:
+    """A `ram-report` artifact linking the HTML report of `version` (and where the version lives), when
+    a Prefect API is configured or a run is active; True when published. Never fails the caller."""
+    if not prefect_api_available():
         return False  # no server to keep it: a temporary one would start just for this
     uri = Path(report_path).resolve().as_uri()
     try:

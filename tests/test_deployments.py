@@ -46,9 +46,28 @@ def sent(monkeypatch):
     """Record events instead of sending them."""
     import prefect.events
 
+    import flows.runtime
+
     calls = []
     monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: calls.append(kw) or kw)
+    monkeypatch.setattr(flows.runtime, "prefect_api_available", lambda: True)  # as if a server were configured
     return calls
+
+
+def test_no_event_and_no_temporary_server_without_a_prefect_api(tmp_path, monkeypatch):
+    """Outside Prefect (--engine local, no PREFECT_API_URL) an emitted event would make Prefect start a
+    temporary server of its own that outlives a killed run and holds its output pipes: nothing is sent."""
+    import prefect.events
+
+    import flows.runtime
+    from tasks.ingest import ingest
+
+    monkeypatch.setattr(flows.runtime, "prefect_api_available", lambda: False)
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: pytest.fail("an event was sent"))
+    cfg = config(tmp_path)
+    store = Store(cfg.store.url)
+    first = ingest(store, cfg.ingest, source=str(source(tmp_path / "src", 3))).version
+    assert emit_images_committed(store, first, 3, threshold=1) is None
 
 
 def test_emitter_applies_the_threshold_and_counts_only_new_parts(tmp_path, sent):
