@@ -135,8 +135,10 @@ def ingest(src: Optional[List[str]] = typer.Argument(
     with progress_bar() as update:
         if state.engine == "prefect":
             from flows.ingest import ingest_flow
+            from flows.runtime import console_progress
             prefect_engine()
-            result = ingest_flow(cfg, source=src, progress=update)
+            with console_progress(update):
+                result = ingest_flow(cfg, source=src)
         else:
             from tasks.ingest import ingest as run
 
@@ -167,8 +169,10 @@ def run(from_stage: Optional[str] = typer.Option(None, "--from", help="First sta
     kwargs = dict(from_stage=from_stage, until_stage=until_stage, source=source)
     with progress_bar() as update:
         if state.engine == "prefect":
+            from flows.runtime import console_progress
             prefect_engine()
-            results = data_engine_flow(cfg, progress=update, **kwargs)
+            with console_progress(update):
+                results = data_engine_flow(cfg, **kwargs)
         else:
             results = data_engine_flow.fn(cfg, progress=update, **kwargs)
     print_results(results)

@@ -255,7 +255,10 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
         from .temp_server import ensure_server
 
         ensure_server()
-        results = data_engine_flow(cfg, progress=progress)
+        from .runtime import console_progress
+
+        with console_progress(progress):
+            results = data_engine_flow(cfg)
     else:
         results = data_engine_flow.fn(cfg, progress=progress)
     from storage import Store

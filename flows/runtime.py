@@ -8,9 +8,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -19,7 +19,7 @@ from prefect.context import FlowRunContext
 
 from storage import PartRecord, Store
 from tasks.config import EngineConfig
-from tasks.stage import PartTask, StageResult
+from tasks.stage import Executor, PartTask, StageResult
 
 log = logging.getLogger("ram_engine")
 
@@ -55,6 +55,24 @@ def route_logs_to_prefect() -> None:
             logger.addHandler(console)
 
 
+_console_progress: list[Callable[[str, int, int], None]] = []
+
+
+@contextmanager
+def console_progress(callback: Callable[[str, int, int], None] | None):
+    """Feed this process's progress bar (the CLI's) from every stage that runs here. Never pass a bar as a
+    flow parameter: a flow's parameters travel in its run context to Dask and Ray workers, and a bar
+    (locks, a terminal) cannot be pickled."""
+    if callback is None:
+        yield
+        return
+    _console_progress.append(callback)
+    try:
+        yield
+    finally:
+        _console_progress.remove(callback)
+
+
 class StageProgress:
     """The progress callback the flows hand to stages: a log line with rate and ETA (tasks.progress), a
     Prefect progress artifact per stage in the current flow run, and the caller's own callback (the
@@ -63,9 +81,14 @@ class StageProgress:
     def __init__(self, forward: Callable[[str, int, int], None] | None = None):
         from tasks.progress import ProgressLog
 
-        self.forward = forward
+        self.forward = forward if forward is not None else (_console_progress[-1] if _console_progress else None)
         self.parts, self.steps = ProgressLog(unit="parts"), ProgressLog(unit="steps")
         self.artifacts: dict[str, object] = {}
+
+    def __reduce__(self):
+        # A subflow's parameters (this object among them) travel in its run context to Dask/Ray workers:
+        # there it arrives fresh, without the caller's bar and artifacts, which cannot be pickled.
+        return (StageProgress, ())
 
     def __call__(self, what: str, done: int, total: int) -> None:
         # Stages report parts; trainers report "<stage> training" steps (tasks.train._step_progress).
@@ -124,14 +147,15 @@ def run_part(fn: Callable[[PartTask], PartRecord], part: PartTask) -> PartRecord
     return fn(part)
 
 
-def prefect_executor(stage: str) -> Callable[[Callable[[PartTask], PartRecord], Sequence[PartTask]], list[PartRecord]]:
-    """Map part work onto Prefect tasks in the current flow's task runner (threads, Dask, Ray)."""
+def prefect_executor(stage: str) -> Executor:
+    """Map part work onto Prefect tasks in the current flow's task runner (threads, Dask, Ray); every part
+    is submitted at once, and the records are yielded in order as they complete."""
 
     def execute(fn, parts):
         if FlowRunContext.get() is None:  # called outside a flow: run inline
-            return [fn(p) for p in parts]
+            return (fn(p) for p in parts)
         futures = [run_part.with_options(task_run_name=f"{stage}:{p.name}").submit(fn, p) for p in parts]
-        return [f.result() for f in futures]
+        return (f.result() for f in futures)
 
     return execute
 

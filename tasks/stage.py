@@ -9,7 +9,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from storage import PartRecord, Version, VersionWriter, digest
 from storage.fs import CommittedFileConflict, retry_io
@@ -54,11 +54,13 @@ class StageResult:
                 "rows_rejected": m["rows_rejected"]}
 
 
-Executor = Callable[[Callable[[PartTask], PartRecord], Sequence[PartTask]], list[PartRecord]]
+# An executor runs the part function over the parts, possibly in other processes (Dask, Ray), and yields
+# each part's record in order as it completes, so progress is reported here, in the caller's process.
+Executor = Callable[[Callable[[PartTask], PartRecord], Sequence[PartTask]], Iterable[PartRecord]]
 
 
-def sequential(fn: Callable[[PartTask], PartRecord], tasks: Sequence[PartTask]) -> list[PartRecord]:
-    return [fn(t) for t in tasks]
+def sequential(fn: Callable[[PartTask], PartRecord], tasks: Sequence[PartTask]) -> Iterator[PartRecord]:
+    return (fn(t) for t in tasks)
 
 
 def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callable[[VersionWriter, PartTask], PartRecord],
@@ -96,16 +98,13 @@ def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callabl
         else:
             todo.append(task)
     total = len(todo)
-    done = [0]
 
     def work(task: PartTask) -> PartRecord:
+        # Runs where the executor puts it (another process on Dask/Ray): it must not hold the progress
+        # callback (a CLI bar, Prefect artifacts), which cannot be pickled and would report nowhere there.
         # One writer makes a part at a time (its claim); a part another run finished is adopted.
         with writer.claim(task.name) as finished:
-            record = finished if finished is not None else make(task)
-        done[0] += 1
-        if progress:
-            progress(writer.stage, done[0], total)
-        return record
+            return finished if finished is not None else make(task)
 
     def make(task: PartTask) -> PartRecord:
         # A part is atomic (files moved into place whole, then its record), so a retry is safe.
@@ -126,8 +125,12 @@ def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callabl
 
     if progress and total:
         progress(writer.stage, 0, total)  # the clock of the rate and ETA starts here, not at the first part
+    records: list[PartRecord] = []
     try:
-        records = (executor or sequential)(work, todo)
+        for record in (executor or sequential)(work, todo):
+            records.append(record)
+            if progress:
+                progress(writer.stage, len(records), total)
     except BaseException:
         writer.close()  # remove this run's temporary files; finished parts stay for the rerun
         raise
