@@ -88,19 +88,23 @@ def train_demo_detector(folder: Path, *, world=None, n_images: int = 2000, seed:
     return meta
 
 
-def prepare_detector(world, out: Path, steps: int, time_limit_s: float, seed: int, say=print) -> tuple[Path, dict]:
-    """The demo's detector: the shipped checkpoint when it knows the world's categories, else one trained
-    now on the world's boxes within the time limit (once; reused when present)."""
+def _shipped_or_trained(world, shipped: Path, local: Path, meta_name: str, train) -> tuple[Path, dict]:
+    """A demo stand-in: the shipped one when it knows the world's categories, else the one trained for this
+    output folder earlier, else `train(local)` now (once; reused when present)."""
     categories = json.loads(Path(world.tag_groups).read_text())["category"]
-    for folder in (SHIPPED_DETECTOR, out / "detector"):
-        meta_path = folder / DETECTOR_META
+    for folder in (shipped, local):
+        meta_path = folder / meta_name
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             if meta.get("categories") == categories:
                 return folder, meta
-    folder = out / "detector"
-    return folder, train_demo_detector(folder, world=world, steps=steps, time_limit_s=time_limit_s, seed=seed,
-                                       say=say)
+    return local, train(local)
+
+
+def prepare_detector(world, out: Path, steps: int, time_limit_s: float, seed: int, say=print) -> tuple[Path, dict]:
+    """The demo's detector: shipped, or trained now on the world's boxes within the time limit."""
+    return _shipped_or_trained(world, SHIPPED_DETECTOR, out / "detector", DETECTOR_META, lambda folder: train_demo_detector(
+        folder, world=world, steps=steps, time_limit_s=time_limit_s, seed=seed, say=say))
 
 
 SHIPPED_EMBEDDER = Path(__file__).resolve().parent / "demo_assets" / "embedder"
@@ -158,18 +162,9 @@ def train_demo_embedder(folder: Path, *, world=None, n_images: int = 2000, seed:
 
 
 def prepare_embedder(world, out: Path, steps: int, time_limit_s: float, seed: int, say=print) -> tuple[Path, dict]:
-    """The demo's crop embedder: the shipped one when it knows the world's categories, else one trained
-    now on the world's true crops within the time limit (once; reused when present)."""
-    categories = json.loads(Path(world.tag_groups).read_text())["category"]
-    for folder in (SHIPPED_EMBEDDER, out / "embedder"):
-        meta_path = folder / EMBEDDER_META
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("categories") == categories:
-                return folder, meta
-    folder = out / "embedder"
-    return folder, train_demo_embedder(folder, world=world, steps=steps, time_limit_s=time_limit_s, seed=seed,
-                                       say=say)
+    """The demo's crop embedder: shipped, or trained now on the world's true crops within the time limit."""
+    return _shipped_or_trained(world, SHIPPED_EMBEDDER, out / "embedder", EMBEDDER_META, lambda folder: train_demo_embedder(
+        folder, world=world, steps=steps, time_limit_s=time_limit_s, seed=seed, say=say))
 
 
 def demo_config(out: Path, world, detector: Path, config_path: str | None, overrides: list[str],

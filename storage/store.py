@@ -279,21 +279,14 @@ class Store:
             return Version(self, manifest)
         try:
             target = self.get_ref(stage, ref)
-        except CorruptMetadata as exc:
+            manifest = self.read_manifest(stage, target) if target is not None else None
+        except CorruptMetadata as exc:  # a damaged ref or its target: `latest` falls back to the listing below
             if ref != "latest":
                 raise
-            log.warning("%s; using the newest committed version instead", exc)
-            target = None
-        if target is not None:
-            try:
-                manifest = self.read_manifest(stage, target)
-            except CorruptMetadata as exc:
-                if ref != "latest":
-                    raise
-                log.warning("%s; using the newest readable version instead", exc)
-                manifest = None
-            if manifest is not None:
-                return Version(self, manifest)
+            log.warning("%s; using the newest readable version instead", exc)
+            manifest = None
+        if manifest is not None:
+            return Version(self, manifest)
         if ref == "latest":
             versions = self.versions(stage)
             if versions:

@@ -103,22 +103,16 @@ def ablation_stage(store: Store, model_cfg, train_cfg, evaluate_cfg, cfg, images
                    say: Callable[[str], None] = log.info) -> StageResult:
     """Train one model per (label version, seed) with the same budget and architecture, score each on
     held-out keys against `evaluate_cfg.ground_truth`, and commit the `ablation` version."""
-    from pathlib import Path
-
     from .config import section_dict
-    from .evaluate import load_ground_truth, model_quality, multi_hot, normalise_truth, rekey_truth, score_model
+    from .evaluate import (ground_truth_path, load_ground_truth, model_quality, multi_hot, normalise_truth,
+                           rekey_truth, score_model)
     from .inspect import labels_version
     from .labels import load_labels
     from .train import is_holdout, train_stage
 
     if not label_versions:
         raise StoreError("ablation: no label versions given (ablation.versions, or run the loop first)")
-    if not evaluate_cfg.ground_truth:
-        raise StoreError("ablation needs a ground truth: set evaluate.ground_truth (demo jsonl, OpenImages csv or "
-                         "Parquet with key and tags)")
-    truth_path = Path(evaluate_cfg.ground_truth)
-    if not truth_path.is_file():
-        raise StoreError(f"evaluate.ground_truth {truth_path} does not exist")
+    truth_path = ground_truth_path(evaluate_cfg, "ablation needs a ground truth")
     lvs = {name: labels_version(store, v) for name, v in label_versions.items()}
     missing = [v.ref for name, v in label_versions.items() if lvs[name] is None]
     if missing:

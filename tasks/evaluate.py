@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from storage import StoreError
+
 from .code_version import code_version
 
 Labels = Mapping[str, Iterable[str]]
@@ -414,10 +416,20 @@ def score_model(store, model_ref: str, images, keys: set[str], batch_size: int =
     return out_keys, (np.concatenate(scores) if scores else np.zeros((0, len(model.tags)))), model
 
 
+def ground_truth_path(cfg, missing: str) -> Path:
+    """The evaluate section's ground-truth file; `missing` opens the error when none is set."""
+    if not cfg.ground_truth:
+        raise StoreError(f"{missing}: give a ground-truth file in evaluate.ground_truth (demo jsonl, OpenImages "
+                         "csv or Parquet with key and tags)")
+    path = Path(cfg.ground_truth)
+    if not path.is_file():
+        raise StoreError(f"evaluate.ground_truth {path} does not exist")
+    return path
+
+
 def evaluate_stage(store, cfg, images, label_versions: Mapping[str, object], models: Mapping[str, str]):
     """The `evaluate` version: per labelled stage its precision / recall / F1 against the ground truth,
     and per model its mAP and precision / recall on held-out keys (those no model was trained on)."""
-    from storage import StoreError
 
     from .config import section_dict
     from .inspect import labels_version
@@ -426,12 +438,7 @@ def evaluate_stage(store, cfg, images, label_versions: Mapping[str, object], mod
     from .stage import StageResult
     from .train import is_holdout
 
-    if not cfg.ground_truth:
-        raise StoreError("evaluate.ground_truth is not set: give a ground-truth file (demo jsonl, OpenImages "
-                         "csv or Parquet with key and tags)")
-    truth_path = Path(cfg.ground_truth)
-    if not truth_path.exists():
-        raise StoreError(f"evaluate.ground_truth {truth_path} does not exist")
+    truth_path = ground_truth_path(cfg, "evaluate.ground_truth is not set")
     model_versions = {name: model_version(store, ref) for name, ref in models.items()}
     parents = [images] + list(label_versions.values()) + [v for v in model_versions.values() if v is not None]
     stat = truth_path.stat()
