@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .data_stream import make_loader
+from .metrics import tagging_metrics
 
 log = logging.getLogger(__name__)
 
@@ -623,54 +624,6 @@ def train(model: nn.Module, dataset_factory: Callable[..., Any], cfg: TrainConfi
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation
-
-def tagging_metrics(scores: np.ndarray, targets: np.ndarray,
-                    thresholds: float | Sequence[float] | np.ndarray) -> dict:
-    """Multi-label tagging metrics. A tag is predicted when score > threshold (strict, as RAM).
-
-    mAP: macro mean of per-class average precision over classes with >= 1 positive.
-    precision / recall / f1: micro-averaged over all (sample, class) decisions.
-    macro_precision / macro_recall: over classes present in targets (a class never predicted
-    counts precision 0). Per-class lists use None where undefined.
-    """
-    from sklearn.metrics import average_precision_score
-
-    scores = np.asarray(scores, dtype=np.float64)
-    targets = np.asarray(targets) > 0.5
-    if scores.ndim != 2 or scores.shape != targets.shape:
-        raise ValueError(f"tagging_metrics: scores {scores.shape} and targets {targets.shape} "
-                         "must both be [N, num_tags]")
-    n, c = scores.shape
-    thr = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (c,)) \
-        if np.ndim(thresholds) == 0 else np.asarray(thresholds, dtype=np.float64)
-    if thr.shape != (c,):
-        raise ValueError(f"tagging_metrics: {thr.shape[0]} thresholds for {c} tags")
-    pred = scores > thr[None, :]
-    tp = (pred & targets).sum(0)
-    npred = pred.sum(0)
-    npos = targets.sum(0)
-    present = npos > 0
-    ap = [float(average_precision_score(targets[:, j], scores[:, j])) if present[j] else None
-          for j in range(c)]
-    prec = [float(tp[j] / npred[j]) if npred[j] else None for j in range(c)]
-    rec = [float(tp[j] / npos[j]) if npos[j] else None for j in range(c)]
-    TP, P, T = int(tp.sum()), int(npred.sum()), int(npos.sum())
-    precision = TP / P if P else 0.0
-    recall = TP / T if T else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    pres_idx = np.flatnonzero(present)
-    return {
-        "num_samples": n,
-        "num_tags": c,
-        "num_tags_present": int(present.sum()),
-        "mAP": float(np.mean([ap[j] for j in pres_idx])) if len(pres_idx) else None,
-        "precision": precision, "recall": recall, "f1": f1,
-        "macro_precision": float(np.mean([prec[j] or 0.0 for j in pres_idx])) if len(pres_idx) else None,
-        "macro_recall": float(np.mean([rec[j] for j in pres_idx])) if len(pres_idx) else None,
-        "per_class": {"ap": ap, "precision": prec, "recall": rec,
-                      "positives": npos.tolist(), "predicted": npred.tolist(), "true_positives": tp.tolist()},
-    }
-
 
 @torch.no_grad()
 def evaluate_tagging(model: nn.Module, dataset: Iterable | torch.utils.data.Dataset,

@@ -627,7 +627,7 @@ def generate_world(out_dir: str | Path, n_images: int, seed: int = 0, fmt: str =
 
 def _noise_summary(c: _NoiseCounts, truth_rows: list[dict], groups: dict[str, list[str]],
                    corrupt: dict[str, str]) -> dict:
-    from tasks.evaluate import label_quality  # evaluate imports nothing from here; kept local to stay light
+    from ram_model.metrics import label_quality
 
     def rate(a: int, b: int) -> float:
         return round(a / b, 4) if b else 0.0

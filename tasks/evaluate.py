@@ -6,8 +6,8 @@ Ground truth comes in two formats:
 - the OpenImages format of the reference repository's `*_annots.txt`: `path,tag,tag,...` per
   line (tags may contain spaces; a line with a path alone is an image without tags).
 
-Labels are compared as sets of tag strings per sample key. Precision, recall and F1 are micro
-averages over all (key, tag) pairs; a ratio with a zero denominator is reported as 0.0.
+Labels are compared as sets of tag strings per sample key; the metrics themselves (label quality,
+AP, mAP) are `ram_model.metrics`, the one implementation the training loop uses too.
 """
 from __future__ import annotations
 
@@ -18,11 +18,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ram_model.metrics import Labels, label_quality, tagging_metrics
 from storage import StoreError
 
 from .code_version import code_version
-
-Labels = Mapping[str, Iterable[str]]
 
 
 def load_ground_truth(path: str | Path, fmt: str = "auto", key_fn: Callable[[str], str] | None = None,
@@ -116,59 +115,6 @@ def _read_openimages(path: Path) -> list[tuple[str, list[str]]]:
 
 # ---------------------------------------------------------------------------------------------
 
-def _prf(tp: int, fp: int, fn: int) -> dict:
-    p = tp / (tp + fp) if tp + fp else 0.0
-    r = tp / (tp + fn) if tp + fn else 0.0
-    f = 2 * p * r / (p + r) if p + r else 0.0
-    return {"precision": p, "recall": r, "f1": f, "tp": tp, "fp": fp, "fn": fn}
-
-
-def label_quality(pred: Labels, truth: Labels, keys: Iterable[str] | None = None,
-                  groups: Mapping[str, Iterable[str]] | None = None) -> dict:
-    """Micro precision / recall / F1 of predicted tag sets against the truth.
-
-    Evaluated over `keys` (default: every key of the truth); a key without a prediction counts as
-    an empty prediction. Prediction keys outside the truth are not scored; their number is
-    reported as `keys_without_truth`. Returns precision, recall, f1, tp, fp, fn, n_keys,
-    keys_without_truth, labels_per_key (mean predicted tags), per_tag {tag: {..., support}},
-    macro_f1 (over tags with support or predictions), and per_group {group: micro scores}
-    when `groups` ({name: tags}) is given.
-    """
-    keys = list(truth.keys()) if keys is None else list(keys)
-    missing = [k for k in keys if k not in truth]
-    if missing:
-        raise KeyError(f"label_quality: {len(missing)} keys have no ground truth, e.g. {missing[:3]}")
-    per: dict[str, list[int]] = {}
-    n_pred = 0
-    for k in keys:
-        t = set(truth[k])
-        p = set(pred.get(k, ()))
-        n_pred += len(p)
-        for tag in p | t:
-            c = per.setdefault(tag, [0, 0, 0])
-            if tag in p and tag in t:
-                c[0] += 1
-            elif tag in p:
-                c[1] += 1
-            else:
-                c[2] += 1
-    tp = sum(c[0] for c in per.values())
-    fp = sum(c[1] for c in per.values())
-    fn = sum(c[2] for c in per.values())
-    out = _prf(tp, fp, fn)
-    out["n_keys"] = len(keys)
-    out["keys_without_truth"] = sum(1 for k in pred if k not in truth)
-    out["labels_per_key"] = n_pred / len(keys) if keys else 0.0
-    out["per_tag"] = {tag: {**_prf(*c), "support": c[0] + c[2]} for tag, c in sorted(per.items())}
-    out["macro_f1"] = float(np.mean([v["f1"] for v in out["per_tag"].values()])) if per else 0.0
-    if groups is not None:
-        out["per_group"] = {}
-        for name, tags in groups.items():
-            cs = [per.get(t, [0, 0, 0]) for t in tags]
-            out["per_group"][name] = _prf(sum(c[0] for c in cs), sum(c[1] for c in cs), sum(c[2] for c in cs))
-    return out
-
-
 def multi_hot(labels: Labels, keys: Sequence[str], tags: Sequence[str]) -> np.ndarray:
     """[len(keys), len(tags)] 0/1 matrix; tags outside `tags` are ignored, missing keys are all 0."""
     index = {t: j for j, t in enumerate(tags)}
@@ -178,68 +124,6 @@ def multi_hot(labels: Labels, keys: Sequence[str], tags: Sequence[str]) -> np.nd
             j = index.get(t)
             if j is not None:
                 out[i, j] = 1
-    return out
-
-
-def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
-    """AP of one class: sum over distinct score thresholds of (recall step x precision).
-
-    Tied scores are one threshold, so the result does not depend on the order of ties (the
-    definition scikit-learn's average_precision_score uses). Without ties it is the mean of the
-    precision at each positive's rank, as the reference batch_inference computes mAP.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    positives = np.asarray(positives).astype(bool)
-    n_pos = int(positives.sum())
-    if n_pos == 0:
-        raise ValueError("average_precision: the class has no positives; AP is undefined")
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], positives[order]
-    tp = np.cumsum(y)
-    # The last index of each group of equal scores: the cut points of the thresholds.
-    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
-    tp_at = tp[last]
-    precision = tp_at / (last + 1)
-    recall_step = np.diff(np.r_[0, tp_at]) / n_pos
-    return float(np.sum(recall_step * precision))
-
-
-def model_quality(scores: np.ndarray, truth_multi_hot: np.ndarray, thresholds: float | Sequence[float] | np.ndarray,
-                  tags: Sequence[str] | None = None) -> dict:
-    """mAP over classes that have positives, and micro precision / recall / F1 at `thresholds`.
-
-    scores: [N, T] sigmoid scores; truth_multi_hot: [N, T] 0/1; thresholds: one float or one per
-    class. A tag is predicted when its score is above its threshold (strictly, as RAM's model does).
-    Returns mAP, precision, recall, f1, tp, fp, fn, n_classes_with_positives, ap (list, NaN for a
-    class without positives) and ap_by_tag when `tags` is given.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    truth = np.asarray(truth_multi_hot)
-    if scores.ndim != 2 or truth.shape != scores.shape:
-        raise ValueError(f"model_quality: scores and truth must both be [N, T]; got {scores.shape} and {truth.shape}")
-    if not np.isin(truth, (0, 1)).all():
-        raise ValueError("model_quality: truth_multi_hot must hold only 0 and 1")
-    truth = truth.astype(bool)
-    thr = np.asarray(thresholds, dtype=np.float64)
-    if thr.ndim == 0:
-        thr = np.full(scores.shape[1], float(thr))
-    if thr.shape != (scores.shape[1],):
-        raise ValueError(f"model_quality: thresholds must be one float or {scores.shape[1]} values, got {thr.shape}")
-    if tags is not None and len(tags) != scores.shape[1]:
-        raise ValueError(f"model_quality: {len(tags)} tag names for {scores.shape[1]} score columns")
-    ap = [average_precision(scores[:, j], truth[:, j]) if truth[:, j].any() else float("nan")
-          for j in range(scores.shape[1])]
-    valid = [a for a in ap if not np.isnan(a)]
-    pred = scores > thr[None, :]
-    tp = int((pred & truth).sum())
-    fp = int((pred & ~truth).sum())
-    fn = int((~pred & truth).sum())
-    out = _prf(tp, fp, fn)
-    out["mAP"] = float(np.mean(valid)) if valid else 0.0
-    out["n_classes_with_positives"] = len(valid)
-    out["ap"] = ap
-    if tags is not None:
-        out["ap_by_tag"] = dict(zip(tags, ap))
     return out
 
 
@@ -354,7 +238,9 @@ def evaluation_table(rows: Sequence[Mapping], metrics: Sequence[str] = ("precisi
     """Ablation rows as an Arrow table in the `evaluate` stage schema (stage, metric, value)."""
     import pyarrow as pa
     from storage.schemas import EVALUATION
-    recs = [{"stage": r["stage"], "metric": m, "value": float(r[m])} for r in rows for m in metrics if m in r]
+    # An undefined metric (mAP without positives) is left out rather than written as a number.
+    recs = [{"stage": r["stage"], "metric": m, "value": float(r[m])} for r in rows for m in metrics
+            if r.get(m) is not None]
     return pa.Table.from_pylist(recs, schema=EVALUATION)
 
 
@@ -466,7 +352,7 @@ def evaluate_stage(store, cfg, images, label_versions: Mapping[str, object], mod
         order, scores, model = score_model(store, ref, images, held, cfg.batch_size)
         tags = list(model.tags)
         truth_mh = multi_hot(truth, order, tags)
-        q = model_quality(scores, truth_mh, model.class_threshold.cpu().numpy(), tags)
+        q = tagging_metrics(scores, truth_mh, model.class_threshold.cpu().numpy(), tags)
         predicted = {k: {tags[j] for j in np.flatnonzero(scores[i] > model.class_threshold.cpu().numpy())}
                      for i, k in enumerate(order)}
         lq = label_quality(predicted, truth, keys=order)

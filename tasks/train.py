@@ -25,6 +25,8 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from ram_model.metrics import best_f1_thresholds
 from storage import Store, StoreError, Version, digest
 
 from .code_version import code_version
@@ -181,22 +183,8 @@ def calibrate_thresholds(model, shards: list, storage_options: dict, image_size:
             targets.append(batch["tag_targets"].numpy() > 0.5)
             if sum(len(p) for p in probs) >= max_samples:
                 break
-    p, t = np.concatenate(probs), np.concatenate(targets)
-    thresholds = model.class_threshold.cpu().numpy().astype(float).copy()
-    for j in range(p.shape[1]):
-        if not t[:, j].any():
-            continue
-        pred = p[:, j][None, :] > grid[:, None]                      # [thresholds, samples]
-        tp = (pred & t[:, j][None, :]).sum(1)
-        f1 = 2 * tp / np.maximum(pred.sum(1) + t[:, j].sum(), 1)
-        precise = tp >= min_precision * np.maximum(pred.sum(1), 1)
-        precise &= pred.sum(1) > 0
-        if not precise.any():
-            thresholds[j] = 1.0
-            continue
-        f1 = np.where(precise, f1, -1.0)
-        thresholds[j] = float(grid[len(grid) - 1 - np.argmax(f1[::-1])])   # ties: the higher threshold
-    return thresholds.tolist()
+    return best_f1_thresholds(np.concatenate(probs), np.concatenate(targets),
+                              model.class_threshold.cpu().numpy().astype(float), grid, min_precision)
 
 
 def evaluate_model(model, holdout: list, storage_options: dict, image_size: int) -> dict:

@@ -10,8 +10,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.evaluate import (ABLATION_COLUMNS, ablation_table, average_precision, evaluation_table,
-                            label_quality, load_ground_truth, model_quality, multi_hot, rows_to_markdown)
+from ram_model.metrics import average_precision, label_quality, tagging_metrics
+from tasks.evaluate import (ABLATION_COLUMNS, ablation_table, evaluation_table, load_ground_truth, multi_hot,
+                            rows_to_markdown)
 
 TRUTH = {"a": {"cat"}, "b": {"car", "tree"}, "c": {"sky"}}
 PRED = {"a": {"cat", "dog"}, "b": {"car"}, "c": set(), "z": {"cat"}}
@@ -41,41 +42,49 @@ def test_label_quality_subset_of_keys_and_errors():
     assert empty["precision"] == empty["recall"] == empty["f1"] == 0.0
 
 
-def test_model_quality_by_hand():
+def test_tagging_metrics_by_hand():
     scores = np.array([[0.9, 0.9, 0.9], [0.8, 0.8, 0.8], [0.7, 0.7, 0.7], [0.6, 0.6, 0.6]])
     truth = np.array([[1, 0, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]])
-    q = model_quality(scores, truth, 0.75, tags=["x", "y", "z"])
+    q = tagging_metrics(scores, truth, 0.75, tags=["x", "y", "z"])
     # class x: positives at ranks 1 and 3 -> (1/1 + 2/3) / 2; class y: rank 4 -> 1/4; z has no positives.
-    assert q["ap"][0] == pytest.approx(5 / 6) and q["ap"][1] == pytest.approx(0.25) and np.isnan(q["ap"][2])
-    assert q["mAP"] == pytest.approx((5 / 6 + 0.25) / 2) and q["n_classes_with_positives"] == 2
+    assert q["per_class"]["ap"][0] == pytest.approx(5 / 6) and q["per_class"]["ap"][1] == pytest.approx(0.25) and q["per_class"]["ap"][2] is None
+    assert q["mAP"] == pytest.approx((5 / 6 + 0.25) / 2) and q["num_tags_present"] == 2
     # Above 0.75: rows 0 and 1 for every class -> tp 1 (x row 0), fp 5, fn 2 (x row 2, y row 3).
     assert (q["tp"], q["fp"], q["fn"]) == (1, 5, 2)
     assert q["precision"] == pytest.approx(1 / 6) and q["recall"] == pytest.approx(1 / 3)
-    per_class = model_quality(scores, truth, [0.95, 0.55, 2.0])
+    per_class = tagging_metrics(scores, truth, [0.95, 0.55, 2.0])
     # x: nothing above 0.95 (fn 2); y: every row above 0.55 (tp 1, fp 3); z: nothing above 2.
     assert (per_class["tp"], per_class["fp"], per_class["fn"]) == (1, 3, 2)
     assert q["ap_by_tag"]["y"] == pytest.approx(0.25)
     # Strictly above the threshold, as RAM's model predicts.
-    assert model_quality(scores, truth, 0.9)["tp"] == 0
+    assert tagging_metrics(scores, truth, 0.9)["tp"] == 0
 
 
-def test_average_precision_matches_scikit_learn_with_ties():
-    from sklearn.metrics import average_precision_score
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        y = rng.random(60) < 0.3
-        y[0] = True
-        s = np.round(rng.random(60), 1)    # many ties
-        assert average_precision(s, y) == pytest.approx(average_precision_score(y, s))
+def test_average_precision_counts_ties_as_one_threshold():
+    # Positives at ranks 1 and 3 of distinct scores: (1/1 + 2/3) / 2.
+    assert average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx(5 / 6)
+    # Rows 2 and 3 tie: one cut with precision 2/3 whatever the order of the tied rows.
+    assert average_precision([0.9, 0.7, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx(5 / 6)
+    assert average_precision([0.9, 0.7, 0.7, 0.6], [1, 1, 0, 0]) == pytest.approx((1 + 2 / 3) / 2)
+    with pytest.raises(ValueError, match="no positives"):
+        average_precision([0.5, 0.4], [0, 0])
 
 
-def test_model_quality_rejects_bad_shapes():
+def test_undefined_map_is_none_and_left_out_of_the_table():
+    q = tagging_metrics(np.array([[0.9], [0.1]]), np.array([[0], [0]]), 0.5)
+    assert q["mAP"] is None and q["per_class"]["ap"] == [None] and q["fp"] == 1
+    table = evaluation_table([{"stage": "model:m", "precision": 0.0, "mAP": q["mAP"]}],
+                             metrics=("precision", "mAP"))
+    assert table.column("metric").to_pylist() == ["precision"]
+
+
+def test_tagging_metrics_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"\[N, T\]"):
-        model_quality(np.zeros((3, 2)), np.zeros((3, 3)), 0.5)
+        tagging_metrics(np.zeros((3, 2)), np.zeros((3, 3)), 0.5)
     with pytest.raises(ValueError, match="thresholds"):
-        model_quality(np.zeros((3, 2)), np.zeros((3, 2)), [0.5, 0.5, 0.5])
+        tagging_metrics(np.zeros((3, 2)), np.zeros((3, 2)), [0.5, 0.5, 0.5])
     with pytest.raises(ValueError, match="only 0 and 1"):
-        model_quality(np.zeros((3, 2)), np.full((3, 2), 2), 0.5)
+        tagging_metrics(np.zeros((3, 2)), np.full((3, 2), 2), 0.5)
 
 
 def test_multi_hot():
@@ -136,3 +145,13 @@ def test_demo_json_and_parquet_formats(tmp_path: Path):
         load_ground_truth(tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="fmt must be"):
         load_ground_truth(jl, fmt="csv")
+
+
+def test_best_f1_thresholds_by_hand():
+    from ram_model.metrics import best_f1_thresholds
+    scores = np.array([[0.9, 0.5, 0.9], [0.8, 0.5, 0.9], [0.3, 0.5, 0.1], [0.2, 0.5, 0.9]])
+    targets = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 0, 0]])
+    thr = best_f1_thresholds(scores, targets, current=[0.6, 0.7, 0.6], grid=np.array([0.1, 0.5, 0.85]),
+                             min_precision=0.5)
+    # class 0: F1 2/3, 1, 2/3 -> 0.5; class 1 has no positive: kept; class 2: never precise -> disabled.
+    assert thr == [0.5, 0.7, 1.0]

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ram_model.data_stream import ShardStream
+from ram_model.metrics import tagging_metrics
 from ram_model.train import (TrainConfig, _resolve_amp, evaluate_tagging, list_checkpoints, lr_at,
-                             parameter_groups, tagging_metrics, train)
+                             parameter_groups, train)
 from tests.test_train_helpers import NUM_TAGS, make_model, stream_factory, write_shards
 
 torch.set_num_threads(1)
