@@ -474,7 +474,7 @@ def delete(target: str = typer.Argument(..., help="STAGE@VERSION")) -> None:
 @app.command("lineage")
 def lineage_command(target: str = typer.Argument(..., help="STAGE@VERSION")) -> None:
     """The versions a version was made from, down to the source."""
-    from tasks.inspect import lineage
+    from tasks.lineage import lineage
 
     stage, version_ref = parse_ref(target)
     store = get_store(must_exist=True)
@@ -490,7 +490,7 @@ def lineage_command(target: str = typer.Argument(..., help="STAGE@VERSION")) -> 
 def diff_command(a: str = typer.Argument(..., help="STAGE@A"), b: str = typer.Argument(..., help="STAGE@B"),
                  top: int = typer.Option(30, help="Tags to show.")) -> None:
     """Tags added or removed from A to B, per tag, with counts of keys."""
-    from tasks.inspect import diff_tags, tag_names_for
+    from tasks.lineage import diff_tags, tag_names_for
 
     store = get_store(must_exist=True)
     va, vb = store.open(*parse_ref(a)), store.open(*parse_ref(b))

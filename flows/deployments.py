@@ -1,7 +1,7 @@
 """Deployments: the scheduled data-engine loop, and retraining triggered by new images.
 
 * `ram-data-engine` runs `flows.data_engine:data_engine_flow` on `orchestration.schedule_cron`.
-* `ram-retrain` runs `flows.train:retrain_flow` when the event `ram.images.committed` arrives for this
+* `ram-retrain` runs `flows.retrain:retrain_flow` when the event `ram.images.committed` arrives for this
   store (resource id `ram.store.<digest of the store URL>`).
 * `emit_images_committed` sends that event after ingest commits a version with new samples. The
   retrain flow applies `orchestration.retrain_min_new_samples` of the config it is served with (one
@@ -28,7 +28,7 @@ log = logging.getLogger("ram_engine")
 
 EVENT_IMAGES_COMMITTED = "ram.images.committed"
 LOOP_FLOW = "flows.data_engine:data_engine_flow"
-RETRAIN_FLOW = "flows.train:retrain_flow"
+RETRAIN_FLOW = "flows.retrain:retrain_flow"
 LOOP_DEPLOYMENT = "ram-data-engine"
 RETRAIN_DEPLOYMENT = "ram-retrain"
 

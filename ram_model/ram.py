@@ -672,17 +672,6 @@ class RAM(nn.Module):
         """Parameters with requires_grad (label_embed of RAM/RAM++ stays frozen), shared ones once."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    # own format --------------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> None:
-        """model.safetensors + config.json + tags.txt + thresholds.txt (+ tokenizer/ if one is attached)."""
-        from .checkpoint import save_pretrained
-        save_pretrained(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "RAM":
-        from .checkpoint import from_pretrained
-        return from_pretrained(directory, map_location)
-
 
 def config_json(config: RAMConfig) -> str:
     return json.dumps(config.to_dict(), indent=2)

@@ -386,7 +386,7 @@ def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progre
 
     from .config import section_dict
     from .generate import model_to_label_ids
-    from .inspect import labels_version
+    from .lineage import labels_version
     from .labels import load_labels
     from .models import load_model, model_digest, model_version, resolve_device, worker_cached
     from .stage import StageResult, parts_of, run_stage
@@ -475,7 +475,7 @@ def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref
 
     from .config import section_dict
     from .ground import tag_categories
-    from .inspect import labels_version
+    from .lineage import labels_version
     from .labels import load_labels
     from .models import load_model
     from .stage import StageResult, parts_of, run_stage

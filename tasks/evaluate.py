@@ -253,7 +253,7 @@ STAGE_VERSION = "evaluate-2"   # 2: cleaning removal precision / recall per reas
 
 def key_tag_names(version, labels) -> dict[str, set[str]]:
     """Tag names per key of a version with `tag_ids` (unioned over a key's rows)."""
-    from .inspect import key_tags
+    from .lineage import key_tags
 
     return {k: {labels.name(i) for i in ids} for k, ids in key_tags(version).items()}
 
@@ -318,7 +318,7 @@ def evaluate_stage(store, cfg, images, label_versions: Mapping[str, object], mod
     and per model its mAP and precision / recall on held-out keys (those no model was trained on)."""
 
     from .config import section_dict
-    from .inspect import labels_version
+    from .lineage import labels_version
     from .labels import load_labels
     from .models import model_version
     from .stage import StageResult

@@ -20,7 +20,7 @@ from storage.shards import decode_image
 
 from .code_version import code_version
 from .config import GenerateConfig, ParseConfig, section_dict
-from .inspect import labels_version
+from .lineage import labels_version
 from .labels import load_labels
 from .models import load_model, model_digest, model_version
 from .parse import get_parser, parse_captions

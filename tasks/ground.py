@@ -259,7 +259,7 @@ def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progre
     from ram_model.detector import DetectorConfig, load_detector
 
     from .config import section_dict
-    from .inspect import labels_version
+    from .lineage import labels_version
     from .labels import load_labels
     from .models import resolve_device, worker_cached
     from .stage import StageResult, parts_of, run_stage

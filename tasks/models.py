@@ -1,7 +1,7 @@
 """Models for the stages: build from config, load from the store, cache once per worker process.
 
 A model is named in config as a store ref (`models/baseline@latest`), a local folder written by
-`RAM.save_pretrained`, or an official RAM / RAM++ / Tag2Text `.pth` checkpoint.
+`ram_model.checkpoint.save_pretrained`, or an official RAM / RAM++ / Tag2Text `.pth` checkpoint.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from ram_model.checkpoint import from_pretrained, load_official, save_pretrained
 from storage import Store, StoreError, Version
 
 log = logging.getLogger("ram_engine")
@@ -78,7 +79,6 @@ def local_model_dir(version: Version) -> str:
 def load_model(store: Store, ref: str, device: str = "auto", tags_file: str | None = None,
                thresholds_file: str | None = None):
     """Load a RAM model named by a store ref, a save_pretrained folder or an official checkpoint; cached."""
-    from ram_model.checkpoint import from_pretrained, load_official
 
     version = model_version(store, ref)
     key = f"{store.url}|{version.ref if version else os.path.abspath(ref)}|{device}"
@@ -125,7 +125,6 @@ def official_files(model_cfg) -> dict[str, str | None]:
 def load_official_with_files(path: str, model_cfg, device: str = "cpu"):
     """An official .pth with its tag list, Chinese names (checked against the list), per-class thresholds
     and caption tokenizer as the config names them; RAM's packaged files where a field is empty."""
-    from ram_model.checkpoint import load_official
     from ram_model.labels import LabelSystem
     from ram_model.tokenizer import load_tokenizer
 
@@ -165,7 +164,7 @@ def import_official(store: Store, path: str, model_cfg, name: str):
     cache_dir().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir()))
     try:
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         del model
         out = {str(p.relative_to(tmp)): str(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         writer.write_files("model", out, metrics={"source": os.path.basename(path)})

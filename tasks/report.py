@@ -494,7 +494,7 @@ def build_report(store, version, out_dir: str | Path, *, truth_path: str | None 
     from storage.shards import image_member
 
     from .evaluate import load_ground_truth, normalise_truth, rekey_truth
-    from .inspect import STAGE_OUTPUTS, key_tags, labels_version, nearest_versions
+    from .lineage import STAGE_OUTPUTS, key_tags, labels_version, nearest_versions
     from .labels import load_labels
 
     by_stage = nearest_versions(store, version)

@@ -31,7 +31,7 @@ from storage import Store, StoreError, Version, digest
 
 from .code_version import code_version
 from .config import ModelConfig, TrainConfig, section_dict
-from .inspect import labels_version
+from .lineage import labels_version
 from .labels import load_labels
 from .models import cache_dir, load_model, model_digest, model_version, resolve_device
 from .stage import StageResult
@@ -134,8 +134,8 @@ def run_training(job_path: str, storage_options: dict | None = None, progress: C
     from ram_model.checkpoint import from_pretrained, save_pretrained
     from ram_model.data_stream import ShardStream
     from ram_model.transforms import ImageTransform
-    from ram_model.train import TrainConfig as LoopConfig
-    from ram_model.train import train
+    from ram_model.trainer import LoopConfig
+    from ram_model.trainer import train
 
     job = json.loads(Path(job_path).read_text())
     torch.set_num_threads(max(1, int(os.environ.get("RAM_ENGINE_THREADS", torch.get_num_threads()))))
@@ -190,7 +190,7 @@ def calibrate_thresholds(model, shards: list, storage_options: dict, image_size:
 def evaluate_model(model, holdout: list, storage_options: dict, image_size: int) -> dict:
     from ram_model.data_stream import ShardStream
     from ram_model.transforms import ImageTransform
-    from ram_model.train import evaluate_tagging
+    from ram_model.trainer import evaluate_tagging
 
     if not holdout:
         return {}
@@ -267,6 +267,8 @@ def _exclusive(path: Path):
 
 
 def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, writer, work, progress=None):
+    from ram_model.checkpoint import save_pretrained
+
     stage = writer.stage
     tags = list(label_system.tags)
     parts = label_rows(labels, images)
@@ -292,7 +294,7 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, wri
             torch.manual_seed(cfg.seed)  # the initial weights are part of what the version id promises
             model = _build_model(model_cfg, tags, thresholds, captions)
         tmp = Path(tempfile.mkdtemp(dir=work))
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         tmp.rename(init_dir)
     image_size = json.loads((init_dir / "config.json").read_text())["swin"]["image_size"]
     out_dir = work / "final"

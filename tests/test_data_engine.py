@@ -292,7 +292,7 @@ def test_report_from_the_store(engine_store, tmp_path):
 
 def test_retrain_flow_runs_the_loop_over_the_announced_version(engine_store, prefect_api):
     """What the deployment trigger runs: the loop from parse on, over the version the event named."""
-    from flows.train import retrain_flow
+    from flows.retrain import retrain_flow
 
     cfg, results, world = engine_store
     images = results["ingest"].version

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @flow(name="retrain-probe")
 def retrain_probe(cfg: EngineConfig, images_version: str | None = None, new_samples: int | None = None) -> dict:
-    """Stands in for flows.train:retrain_flow: records what the trigger passed."""
+    """Stands in for flows.retrain:retrain_flow: records what the trigger passed."""
     return {"store": cfg.store.url, "images_version": images_version, "new_samples": new_samples}
 
 
@@ -104,7 +104,7 @@ def test_resource_id_is_the_same_from_any_working_directory(tmp_path, monkeypatc
 
 
 def test_ingest_flow_announces_every_new_version_whatever_its_own_threshold(prefect_api, tmp_path, sent):
-    """The threshold is the served deployment's (flows.train.retrain_flow applies it): ingest's own
+    """The threshold is the served deployment's (flows.retrain.retrain_flow applies it): ingest's own
     config cannot silence the event, or a threshold set on `serve` would do nothing."""
     from flows.ingest import ingest_flow
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ram_model.checkpoint import load_official, official_state_dict
+from ram_model.checkpoint import from_pretrained, load_official, official_state_dict, save_pretrained
 from ram_model.label_embeddings import build_label_embeddings
 from ram_model.losses import asymmetric_loss
 from ram_model.ram import RAM, RAMConfig
@@ -311,10 +311,10 @@ def test_caption_branch_memorises_captions():
 # (f) save / load ---------------------------------------------------------------------------------------
 def test_save_from_pretrained_identical(tmp_path, tiny):
     tiny.class_threshold.copy_(torch.linspace(0.3, 0.7, len(TAGS)))
-    tiny.save_pretrained(tmp_path / "m")
+    save_pretrained(tiny, tmp_path / "m")
     assert {p.name for p in (tmp_path / "m").iterdir()} >= {"model.safetensors", "config.json", "tags.txt",
                                                              "thresholds.txt", "tokenizer"}
-    back = RAM.from_pretrained(tmp_path / "m")
+    back = from_pretrained(tmp_path / "m")
     x = torch.randn(2, 3, 64, 64)
     assert back.tags == TAGS
     assert torch.equal(back.class_threshold, tiny.class_threshold)
@@ -400,7 +400,7 @@ def test_beam_search_matches_transformers_when_beams_end_early(tokenizer):
 def test_loading_skips_the_random_init_and_keeps_derived_buffers(tiny, tmp_path, monkeypatch):
     """load_official and from_pretrained build on the meta device: no init runs (it would be overwritten),
     yet every derived buffer equals a normally built model's and the outputs are the same."""
-    tiny.save_pretrained(tmp_path / "own")
+    save_pretrained(tiny, tmp_path / "own")
     torch.save({"model": official_state_dict(tiny)}, tmp_path / "ckpt.pth")
 
     def guard(init):
@@ -412,7 +412,7 @@ def test_loading_skips_the_random_init_and_keeps_derived_buffers(tiny, tmp_path,
 
     for name in ("trunc_normal_", "normal_", "uniform_", "kaiming_uniform_"):
         monkeypatch.setattr(torch.nn.init, name, guard(getattr(torch.nn.init, name)))
-    loaded = [RAM.from_pretrained(tmp_path / "own").eval(),
+    loaded = [from_pretrained(tmp_path / "own").eval(),
               load_official(tmp_path / "ckpt.pth", tags=TAGS, thresholds=tiny.class_threshold.tolist(),
                             tokenizer=tiny.tokenizer, config=tiny.config).eval()]
     monkeypatch.undo()

@@ -37,7 +37,7 @@ def base(tmp_path_factory):
 
 def caption_generated(store: Store, images, parsed):
     """A `generated` version whose labels are the caption labels (no model): the ground stage's input."""
-    from tasks.inspect import key_tags
+    from tasks.lineage import key_tags
     from tasks.stage import PartTask, parts_of, run_stage
 
     tags = key_tags(parsed)

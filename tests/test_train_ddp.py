@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ram_model.train import TrainConfig, list_checkpoints, train
+from ram_model.trainer import LoopConfig, list_checkpoints, train
 from tests.test_train_helpers import ddp_worker, make_model, stream_factory, write_shards
 
 torch.set_num_threads(1)
@@ -27,7 +27,7 @@ def test_ddp_two_processes_follow_single_process(tmp_path):
 
     single = make_model(seed=0)
     single_losses = []
-    train(single, stream_factory(shards), TrainConfig(batch_size=8, **common), tmp_path / "single",
+    train(single, stream_factory(shards), LoopConfig(batch_size=8, **common), tmp_path / "single",
           progress=lambda p: single_losses.append(p.loss))
 
     results = tmp_path / "results"

@@ -133,10 +133,10 @@ def ddp_worker(rank: int, world: int, port: int, shards, out_dir: str, cfg_kwarg
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from ram_model.train import TrainConfig, train
+    from ram_model.trainer import LoopConfig, train
     model = make_model(seed=0)
     losses = []
-    train(model, stream_factory(shards), TrainConfig(**cfg_kwargs), out_dir,
+    train(model, stream_factory(shards), LoopConfig(**cfg_kwargs), out_dir,
           progress=lambda p: losses.append(p.loss))
     torch.save({"losses": losses, "state": model.state_dict()},
                os.path.join(result_dir, f"rank{rank}.pt"))

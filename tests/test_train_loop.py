@@ -1,4 +1,4 @@
-"""ram_model.train: schedule, resume bit-exactness, accumulation, param groups, evaluation."""
+"""ram_model.trainer: schedule, resume bit-exactness, accumulation, param groups, evaluation."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import torch
 
 from ram_model.data_stream import ShardStream
 from ram_model.metrics import tagging_metrics
-from ram_model.train import (TrainConfig, _resolve_amp, evaluate_tagging, list_checkpoints, lr_at,
+from ram_model.trainer import (LoopConfig, _resolve_amp, evaluate_tagging, list_checkpoints, lr_at,
                              parameter_groups, train)
 from tests.test_train_helpers import NUM_TAGS, make_model, stream_factory, write_shards
 
@@ -25,7 +25,7 @@ def _cfg(**kw):
     base = dict(lr=3e-2, warmup_steps=2, total_steps=9, batch_size=4, checkpoint_every_steps=2,
                 max_grad_norm=1.0, seed=11, image_size=16)
     base.update(kw)
-    return TrainConfig(**base)
+    return LoopConfig(**base)
 
 
 class _Crash(Exception):
@@ -48,7 +48,7 @@ def _run(shards, out, cfg, crash_at=None, dropout=0.2):
 
 
 def test_lr_schedule_values():
-    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, total_steps=10, schedule="cosine")
+    cfg = LoopConfig(lr=1.0, min_lr=0.1, warmup_steps=4, total_steps=10, schedule="cosine")
     got = [lr_at(s, cfg, 10) for s in range(10)]
     assert got[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     # decay towards min_lr at step total_steps: the last step (9) still has lr > min_lr
@@ -56,10 +56,10 @@ def test_lr_schedule_values():
     assert got[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
     assert all(a > b for a, b in zip(got[4:], got[5:])) and got[9] > 0.1
     assert lr_at(10, cfg, 10) == pytest.approx(0.1) and lr_at(50, cfg, 10) == pytest.approx(0.1)
-    lin = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, total_steps=10, schedule="linear")
+    lin = LoopConfig(lr=1.0, min_lr=0.1, warmup_steps=4, total_steps=10, schedule="linear")
     assert lr_at(6, lin, 10) == pytest.approx(1.0 - 0.9 * 2 / 6)
     assert lr_at(9, lin, 10) == pytest.approx(0.25)
-    const = TrainConfig(lr=1.0, warmup_steps=0, total_steps=10, schedule="constant")
+    const = LoopConfig(lr=1.0, warmup_steps=0, total_steps=10, schedule="constant")
     assert [lr_at(s, const, 10) for s in (0, 9)] == [1.0, 1.0]
 
 
@@ -141,11 +141,11 @@ def test_amp_resolution_and_bf16_on_cpu(shards, tmp_path):
 
 def test_config_errors():
     with pytest.raises(ValueError, match="exactly one of total_steps or epochs"):
-        TrainConfig()
-    with pytest.raises(ValueError, match="TrainConfig.schedule"):
-        TrainConfig(total_steps=1, schedule="step")
-    with pytest.raises(ValueError, match="TrainConfig.amp"):
-        TrainConfig(total_steps=1, amp="fp8")
+        LoopConfig()
+    with pytest.raises(ValueError, match="LoopConfig.schedule"):
+        LoopConfig(total_steps=1, schedule="step")
+    with pytest.raises(ValueError, match="LoopConfig.amp"):
+        LoopConfig(total_steps=1, amp="fp8")
 
 
 def test_tagging_metrics_known_values():

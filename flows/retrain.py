@@ -1,4 +1,4 @@
-"""The train flow: a model version from a labelled version (parsed or clean) and its images."""
+"""The retrain flow, run by the `ram-retrain` deployment when a new `images` version is announced."""
 from __future__ import annotations
 
 import logging
@@ -6,24 +6,12 @@ import logging
 from prefect import flow
 
 from tasks.config import EngineConfig
-from tasks.stage import StageResult
-from tasks.train import train_stage
 
-from .runtime import gpu_stage, open_store, publish, stage_progress
+from .data_engine import data_engine_flow
+from .deployments import samples_since_last_training
+from .runtime import open_store
 
 log = logging.getLogger("ram_engine")
-
-
-@flow(name="train", log_prints=True)
-def train_flow(cfg: EngineConfig, labels: str, images: str, name: str | None = None,
-               init: str | None = None) -> StageResult:
-    store = open_store(cfg)
-    train_cfg = cfg.train if name is None else cfg.train.model_copy(update={"name": name})
-    with gpu_stage(cfg):
-        result = train_stage(store, cfg.model, train_cfg, store.open_ref(labels),
-                             store.open_ref(images), init=init, progress=stage_progress())
-    publish(result)
-    return result
 
 
 @flow(name="retrain", log_prints=True)
@@ -33,9 +21,6 @@ def retrain_flow(cfg: EngineConfig, images_version: str | None = None, new_sampl
     new since the images the latest `models/<train.name>` was trained on, the loop from parse on over
     that version (the latest when not given), fine-tuning from the latest model. Below it, nothing runs
     and the samples count again with the next version (they accumulate)."""
-    from .data_engine import data_engine_flow
-    from .deployments import samples_since_last_training
-
     store = open_store(cfg)
     images = store.open("images", images_version or "latest")
     pending, trained_on = samples_since_last_training(store, images, f"models/{cfg.train.name}")

@@ -45,7 +45,7 @@ _CKPT_RE = re.compile(r"^step_(\d{8,})\.pt$")
 
 
 @dataclass
-class TrainConfig:
+class LoopConfig:
     """Training hyper-parameters. Give exactly one of total_steps / epochs.
 
     batch_size is per rank and per micro-batch: one optimizer step sees
@@ -83,9 +83,9 @@ class TrainConfig:
 
     def __post_init__(self):
         def bad(name, why):
-            raise ValueError(f"TrainConfig.{name}: {why} (got {getattr(self, name)!r})")
+            raise ValueError(f"LoopConfig.{name}: {why} (got {getattr(self, name)!r})")
         if (self.total_steps is None) == (self.epochs is None):
-            raise ValueError("TrainConfig: give exactly one of total_steps or epochs "
+            raise ValueError("LoopConfig: give exactly one of total_steps or epochs "
                              f"(got total_steps={self.total_steps!r}, epochs={self.epochs!r})")
         if self.total_steps is not None and self.total_steps <= 0:
             bad("total_steps", "must be > 0")
@@ -121,7 +121,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+def lr_at(step: int, cfg: LoopConfig, total_steps: int) -> float:
     """Learning rate of optimizer step `step` (0-based).
 
     Warm-up rises linearly to cfg.lr, reached at step warmup_steps - 1 (step 0 already moves:
@@ -184,7 +184,7 @@ def _setup_distributed(device_pref: str) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() and device_pref != "cpu"
     if device_pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("TrainConfig.device='cuda' but CUDA is not available")
+        raise RuntimeError("LoopConfig.device='cuda' but CUDA is not available")
     if world <= 1:
         return _Dist(device=torch.device("cuda" if use_cuda else "cpu"))
     for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -213,7 +213,7 @@ def _resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("TrainConfig.amp='fp16' needs CUDA; use 'bf16' or 'off' on CPU")
+        raise ValueError("LoopConfig.amp='fp16' needs CUDA; use 'bf16' or 'off' on CPU")
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
@@ -262,7 +262,7 @@ def parameter_groups(model: nn.Module, weight_decay: float,
             group["lr"] = lr * scale
         groups.append(group)
     if not groups:
-        raise ValueError("the model has no trainable parameters (check TrainConfig.frozen_patterns)")
+        raise ValueError("the model has no trainable parameters (check LoopConfig.frozen_patterns)")
     return groups
 
 
@@ -357,7 +357,7 @@ class Trainer:
     `samples_per_rank()`; e.g. functools.partial(ShardStream, shards, num_tags, transform).
     """
 
-    def __init__(self, model: nn.Module, dataset_factory: Callable[..., Any], cfg: TrainConfig,
+    def __init__(self, model: nn.Module, dataset_factory: Callable[..., Any], cfg: LoopConfig,
                  out_dir: str | os.PathLike, *,
                  batch_to_inputs: Callable[[dict, torch.device], dict] | None = None,
                  progress: Callable[[TrainProgress], Any] | None = None):
@@ -393,7 +393,7 @@ class Trainer:
                                            batch_size=cfg.batch_size, seed=cfg.seed)
         if getattr(self.stream, "batch_size", cfg.batch_size) != cfg.batch_size:
             raise ValueError(f"dataset_factory returned a stream with batch_size="
-                             f"{self.stream.batch_size}, TrainConfig.batch_size={cfg.batch_size}")
+                             f"{self.stream.batch_size}, LoopConfig.batch_size={cfg.batch_size}")
         self.global_batch = cfg.batch_size * d.world_size
         self.steps_per_epoch = None
         if hasattr(self.stream, "samples_per_rank"):
@@ -402,7 +402,7 @@ class Trainer:
             self.total_steps = cfg.total_steps
         else:
             if self.steps_per_epoch is None:
-                raise ValueError("TrainConfig.epochs needs a stream with samples_per_rank(); "
+                raise ValueError("LoopConfig.epochs needs a stream with samples_per_rank(); "
                                  "set total_steps instead")
             self.total_steps = cfg.epochs * self.steps_per_epoch
         if self.steps_per_epoch == 0:
@@ -568,7 +568,7 @@ class Trainer:
                     if not checked_size:
                         hw = tuple(micro[0]["image"].shape[-2:])
                         if hw != (cfg.image_size, cfg.image_size):
-                            raise ValueError(f"the stream yields images of {hw}, TrainConfig."
+                            raise ValueError(f"the stream yields images of {hw}, LoopConfig."
                                              f"image_size={cfg.image_size}: fix the transform or config")
                         checked_size = True
                     lr = self.optimizer.param_groups[0]["lr"]
@@ -613,7 +613,7 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def train(model: nn.Module, dataset_factory: Callable[..., Any], cfg: TrainConfig,
+def train(model: nn.Module, dataset_factory: Callable[..., Any], cfg: LoopConfig,
           out_dir: str | os.PathLike, resume: bool = True,
           progress: Callable[[TrainProgress], Any] | None = None, *,
           batch_to_inputs: Callable[[dict, torch.device], dict] | None = None) -> TrainResult:
