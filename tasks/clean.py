@@ -260,25 +260,35 @@ def cluster_outliers(store: EmbeddingStore, cfg: CleanConfig, tags: Iterable[int
 
 # ---------------------------------------------------------------- embeddings and baseline scores of crops
 
-def embed_and_score(regions: pa.Table, crop_loader: Callable[[str], Image.Image], embedder, store: EmbeddingStore,
-                    baseline: Callable[[Sequence[Image.Image]], np.ndarray] | None = None,
-                    batch_size: int = 64) -> dict[str, float]:
-    """Embed every crop of a regions part into the store and, with a baseline (images -> [N, num_tags]
-    probabilities), score each crop for its own tag. Returns {crop_key: baseline score}."""
-    keys = regions.column("crop_key").to_pylist()
-    tids = regions.column("tag_id").to_pylist()
-    scores: dict[str, float] = {}
-    for s in range(0, len(keys), batch_size):
-        ck, tt = keys[s: s + batch_size], tids[s: s + batch_size]
-        imgs = [crop_loader(k) for k in ck]
-        store.add(tt, ck, embedder(imgs))
-        if baseline is not None:
-            p = np.asarray(baseline(imgs))
-            if p.ndim != 2 or len(p) != len(imgs) or max(tt) >= p.shape[1]:
-                raise ValueError(f"baseline returned shape {p.shape} for {len(imgs)} crops; expected [N, num_tags] "
-                                 f"covering tag id {max(tt)}")
-            scores.update({k: float(p[i, t]) for i, (k, t) in enumerate(zip(ck, tt))})
-    return scores
+def embed_part(regions: pa.Table, crops: Mapping[str, Image.Image], embedder,
+               baseline: Callable[[Sequence[Image.Image]], np.ndarray] | None, label_to_model: Mapping[int, int],
+               batch_size: int, source: str) -> tuple[pa.Table, list[dict]]:
+    """One regions part to its `embeddings` rows: each crop's embedding and, with a baseline (images ->
+    [N, model tags] probabilities), the baseline's score for the crop's own tag (label id -> model column
+    by `label_to_model`; None where the model lacks the tag). A crop missing from `crops` is a reject."""
+    keys, tids, cks = (regions.column(c).to_pylist() for c in ("key", "tag_id", "crop_key"))
+    rows: dict[str, list] = {"key": [], "tag_id": [], "crop_key": [], "embedding": [], "baseline_score": []}
+    present = [i for i, ck in enumerate(cks) if ck in crops]
+    rejects = [{"key": keys[i], "reason": "missing-crop", "detail": f"crop {cks[i]} is not in the shard",
+                "source": source, "field": "crop"} for i in sorted(set(range(len(cks))) - set(present))]
+    for s in range(0, len(present), batch_size):
+        idx = present[s: s + batch_size]
+        imgs = [crops[cks[i]] for i in idx]
+        emb = embedder(imgs)
+        probs = np.asarray(baseline(imgs)) if baseline is not None else None
+        if probs is not None and (probs.ndim != 2 or len(probs) != len(imgs)):
+            raise ValueError(f"baseline returned shape {probs.shape} for {len(imgs)} crops; expected [N, num_tags]")
+        for j, i in enumerate(idx):
+            rows["key"].append(keys[i])
+            rows["tag_id"].append(tids[i])
+            rows["crop_key"].append(cks[i])
+            rows["embedding"].append(emb[j].astype(np.float32))
+            m = label_to_model.get(tids[i])
+            rows["baseline_score"].append(float(probs[j, m]) if probs is not None and m is not None else None)
+    table = pa.table({k: rows[k] for k in ("key", "tag_id", "crop_key")} | {
+        "embedding": pa.array(rows["embedding"], pa.list_(pa.float32())),
+        "baseline_score": pa.array(rows["baseline_score"], pa.float32())}).cast(EMBEDDINGS)
+    return table, rejects
 
 
 def baseline_disagrees(regions: pa.Table, scores: Mapping[str, float], thresholds: Sequence[float] | np.ndarray
@@ -427,29 +437,10 @@ def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progre
         part = task.payload["part"]
         table = regions.read_file(next(f["path"] for f in part.files if f["kind"] == "table"))
         baseline_model, embedder = worker_models()
-        crops = _crop_images(regions, part)
-        keys, tids, cks = (table.column(c).to_pylist() for c in ("key", "tag_id", "crop_key"))
-        rows, rejects = {"key": [], "tag_id": [], "crop_key": [], "embedding": [], "baseline_score": []}, []
-        present = [i for i, ck in enumerate(cks) if ck in crops]
-        for i in set(range(len(cks))) - set(present):
-            rejects.append({"key": keys[i], "reason": "missing-crop", "detail": f"crop {cks[i]} is not in the shard",
-                            "source": part.name, "field": "crop"})
-        for s in range(0, len(present), ecfg.batch_size):
-            idx = present[s: s + ecfg.batch_size]
-            imgs = [crops[cks[i]] for i in idx]
-            emb = embedder(imgs)
-            probs = baseline(baseline_model, imgs) if cfg.baseline_check else None
-            for j, i in enumerate(idx):
-                rows["key"].append(keys[i])
-                rows["tag_id"].append(tids[i])
-                rows["crop_key"].append(cks[i])
-                rows["embedding"].append(emb[j].astype(np.float32))
-                m = label_to_model.get(tids[i])
-                rows["baseline_score"].append(float(probs[j, m]) if probs is not None and m is not None else None)
-        out = pa.table({k: rows[k] for k in ("key", "tag_id", "crop_key")} | {
-            "embedding": pa.array(rows["embedding"], pa.list_(pa.float32())),
-            "baseline_score": pa.array(rows["baseline_score"], pa.float32())}).cast(EMBEDDINGS)
-        return w.write_part(task.name, table=out, rejects=rejects, rows_in=len(cks), source_digest=task.source_digest)
+        out, rejects = embed_part(table, _crop_images(regions, part), embedder,
+                                  (lambda imgs: baseline(baseline_model, imgs)) if cfg.baseline_check else None,
+                                  label_to_model, ecfg.batch_size, source=part.name)
+        return w.write_part(task.name, table=out, rejects=rejects, rows_in=table.num_rows, source_digest=task.source_digest)
 
     return run_stage(writer, parts_of(regions, salt=digest(config)), process, executor=executor, progress=progress)
 

@@ -9,7 +9,7 @@ from PIL import Image
 from ram_model.embedder import ClipEmbedder, EmbedderConfig, EncoderEmbedder, build_embedder
 from storage.schemas import CLEAN, CLEAN_CROPS
 from tasks.clean import (CleanConfig, EmbeddingStore, baseline_disagrees, build_clean, cluster_outliers, cluster_tag,
-                         embed_and_score, outlier_mask)
+                         embed_part, outlier_mask)
 from tasks.ground import regions_table
 
 torch.set_num_threads(1)
@@ -139,21 +139,28 @@ def _crops(n):
     return [Image.new("RGB", (20 + i, 30), (i * 20 % 255, 100, 50)) for i in range(n)]
 
 
-def test_encoder_embedder_and_embed_and_score(tmp_path):
+def test_encoder_embedder_and_embed_part():
     emb = EncoderEmbedder(_TinyEncoder(), EmbedderConfig(image_size=32, batch_size=3))
     E = emb(_crops(7))
     assert E.shape == (7, 16) and E.dtype == np.float32 and np.allclose(np.linalg.norm(E, axis=1), 1, atol=1e-5)
     assert emb([]).shape == (0, 16)
-    regs = _regions([("a", 1, 0), ("a", 2, 0), ("b", 1, 0)])
-    imgs = dict(zip(regs.column("crop_key").to_pylist(), _crops(3)))
-    store = EmbeddingStore(tmp_path / "e")
-    # the baseline here: a fixed probability per tag, so the expected score per crop is known
-    probs = np.array([0.1, 0.2, 0.3])
-    scores = embed_and_score(regs, imgs.__getitem__, emb, store, baseline=lambda ims: np.tile(probs, (len(ims), 1)),
-                             batch_size=2)
-    assert scores == {"a_t1_0": 0.2, "a_t2_0": 0.3, "b_t1_0": 0.2}
-    k1, e1 = store.load(1)
-    assert k1 == ["a_t1_0", "b_t1_0"] and np.allclose(e1, emb([imgs["a_t1_0"], imgs["b_t1_0"]]), atol=1e-6)
+    regs = _regions([("a", 1, 0), ("a", 2, 0), ("b", 1, 0), ("c", 2, 0)])
+    crop_keys = regs.column("crop_key").to_pylist()
+    imgs = dict(zip(crop_keys[:3], _crops(3)))        # c's crop is missing from the shard
+    # the baseline here: a fixed probability per model column; label 1 -> column 0, label 2 has no column
+    probs = np.array([0.1, 0.2, 0.3], dtype=np.float32)
+    table, rejects = embed_part(regs, imgs, emb, lambda ims: np.tile(probs, (len(ims), 1)), {1: 0},
+                                batch_size=2, source="part-0")
+    assert table.column("crop_key").to_pylist() == ["a_t1_0", "a_t2_0", "b_t1_0"]
+    assert table.column("baseline_score").to_pylist() == pytest.approx([0.1, None, 0.1])
+    assert np.allclose(np.array(table.column("embedding").to_pylist()), emb([imgs[k] for k in crop_keys[:3]]),
+                       atol=1e-6)
+    assert rejects == [{"key": "c", "reason": "missing-crop", "detail": "crop c_t2_0 is not in the shard",
+                        "source": "part-0", "field": "crop"}]
+    without_baseline, _ = embed_part(regs, imgs, emb, None, {1: 0}, batch_size=2, source="part-0")
+    assert without_baseline.column("baseline_score").null_count == 3
+    with pytest.raises(ValueError, match="baseline returned shape"):
+        embed_part(regs, imgs, emb, lambda ims: np.zeros(len(ims)), {1: 0}, batch_size=2, source="part-0")
 
 
 def test_clip_embedder_and_config_errors():
