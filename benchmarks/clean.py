@@ -60,7 +60,8 @@ def peak_mb() -> float:
 
 
 def run_ours(args, sizes, out: Path) -> dict:
-    from tasks.clean import CleanConfig, EmbeddingStore, cluster_outliers
+    from tasks.clean import EmbeddingStore, cluster_outliers
+    from tasks.config import CleanSection
     store_dir = Path(args.workdir) / "store"
     shutil.rmtree(store_dir, ignore_errors=True)
     store = EmbeddingStore(store_dir, dim=args.dim)
@@ -77,7 +78,7 @@ def run_ours(args, sizes, out: Path) -> dict:
             store.add(np.concatenate(buf_t), buf_k, np.concatenate(buf_x))
             buf_t, buf_k, buf_x, rows = [], [], [], 0
     write_s = time.perf_counter() - t0
-    cfg = CleanConfig(k_max=args.k_max)
+    cfg = CleanSection(k_max=args.k_max)
     t0 = time.perf_counter()
     table, m = cluster_outliers(store, cfg)
     cluster_s = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""Caption parsing speed: SceneGraphParser (PyPI, per-caption `parse`) against tasks.parse.
+"""Caption parsing speed: SceneGraphParser (PyPI, per-caption `parse`) against tasks.parser.
 
 Both run over the same captions (default: all 25,014 COCO val2017 captions) with the same spaCy
 model. The speed comparison interleaves the two on the same chunks (500 captions of ours, the
@@ -70,7 +70,7 @@ def run_reference(args) -> dict:
 def run_ours(args) -> dict:
     sys.path.insert(0, str(ROOT))
     from ram_model.labels import LabelSystem
-    from tasks.parse import CaptionParser
+    from tasks.parser import CaptionParser
     caps = read_captions(args.tsv, args.limit)
     labels = LabelSystem.default()
     parser = CaptionParser(model=args.model, batch_size=args.batch_size, n_process=args.n_process, blas=args.blas)
@@ -103,7 +103,7 @@ def run_race(args) -> dict:
         sys.exit("benchmark: SceneGraphParser is not installed; `pip install SceneGraphParser==0.1.0`")
     sys.path.insert(0, str(ROOT))
     from ram_model.labels import LabelSystem
-    from tasks.parse import CaptionParser
+    from tasks.parser import CaptionParser
     caps = read_captions(args.tsv, args.limit)
     reference = sng_parser.Parser("spacy", model=args.model)   # spacy.load(model) inside
     labels = LabelSystem.default()
@@ -179,7 +179,7 @@ def main() -> None:
     print(f"captions: {args.tsv} (limit {args.limit}); model {args.model}; cores {os.cpu_count()}; "
           f"load average {load0[0]:.2f}")
     ours = child("ours", args)
-    print(f"ours alone (tasks.parse, {args.n_process} process, batch {args.batch_size}, blas {args.blas}): "
+    print(f"ours alone (tasks.parser, {args.n_process} process, batch {args.batch_size}, blas {args.blas}): "
           f"{ours['captions']} captions in {ours['seconds']:.1f} s = {ours['captions'] / ours['seconds']:.0f} "
           f"captions/s; {ours['relations']} relations, {ours['tags']} tags, {ours['tag_ids']} tag ids")
     print("ours RSS (MiB) after " + ", ".join(f"{k} captions: {v:.0f}" for k, v in ours["rss_mib_at"].items())

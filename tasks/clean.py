@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -27,49 +26,16 @@ from PIL import Image
 from storage.schemas import CLEAN, CLEAN_CROPS, EMBEDDINGS, REGIONS
 from storage.shards import decode_image
 from storage.store import digest
-from tasks.ground import OBJECT, localisable_tags
 
+from .categories import localisable_tags, tag_categories
 from .code_version import code_version
+from .config import CleanSection
 
 OUTLIER, BASELINE_DISAGREES, NO_BOX = "outlier", "baseline-disagrees", "no-box"
 
 CROP_RESULTS = pa.schema([
     pa.field("tag_id", pa.int32()), pa.field("crop_key", pa.string()), pa.field("cluster", pa.int32()),
     pa.field("distance", pa.float32()), pa.field("outlier", pa.bool_())])
-
-
-@dataclass
-class CleanConfig:
-    outlier_fraction: float = 0.10     # share of each tag's crops removed as outliers (farthest from centroid)
-    k: int | None = None               # clusters per tag; None: min(k_max, max(1, n // crops_per_cluster))
-    k_max: int = 8
-    crops_per_cluster: int = 50
-    min_crops: int = 10                # tags with fewer crops are not clustered (no outliers: too few to judge)
-    algorithm: str = "fast"            # "fast": k-means++ seeding + float32 BLAS Lloyd; "sklearn": KMeans per tag
-    max_iter: int = 50
-    tol: float = 1e-4                  # stop when centres move less than tol x the data's mean variance
-    seed_sample: int = 1024            # k-means++ seeding runs on at most this many points of the tag
-    fit_sample: int = 8192             # Lloyd runs on at most this many points; all crops are then assigned
-    minibatch_threshold: int = 200_000 # tags with more crops use sklearn MiniBatchKMeans (k-means++ init)
-    minibatch_size: int = 4096
-    baseline_check: bool = True
-    keep_no_box: bool = True
-    localisable: tuple[str, ...] = (OBJECT,)
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not 0.0 <= self.outlier_fraction < 1.0:
-            raise ValueError(f"clean.outlier_fraction must be in [0, 1), got {self.outlier_fraction}")
-        if self.k is not None and self.k < 1:
-            raise ValueError(f"clean.k must be >= 1 or null, got {self.k}")
-        if self.k_max < 1 or self.crops_per_cluster < 1 or self.min_crops < 1 or self.max_iter < 1:
-            raise ValueError("clean.k_max, crops_per_cluster, min_crops and max_iter must be >= 1")
-        if self.algorithm not in ("fast", "sklearn"):
-            raise ValueError(f"clean.algorithm must be 'fast' or 'sklearn', got {self.algorithm!r}")
-
-    def clusters_for(self, n: int) -> int:
-        k = self.k if self.k is not None else min(self.k_max, max(1, n // self.crops_per_cluster))
-        return max(1, min(k, n))
 
 
 # ---------------------------------------------------------------- embeddings on disk
@@ -186,7 +152,7 @@ def _lloyd(X: np.ndarray, C: np.ndarray, max_iter: int, tol: float) -> np.ndarra
     return C
 
 
-def cluster_tag(X: np.ndarray, cfg: CleanConfig, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def cluster_tag(X: np.ndarray, cfg: CleanSection, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """K-Means++ on one tag's embeddings: (cluster per row, distance of each row to its own centroid)."""
     X = np.ascontiguousarray(X, dtype=np.float32)
     n = len(X)
@@ -231,11 +197,10 @@ def outlier_mask(distances: np.ndarray, fraction: float, min_crops: int) -> np.n
     return mask
 
 
-def cluster_outliers(store: EmbeddingStore, cfg: CleanConfig, tags: Iterable[int] | None = None,
+def cluster_outliers(store: EmbeddingStore, cfg: CleanSection, tags: Iterable[int] | None = None,
                      on_tag: Callable[[int, int, float], None] | None = None) -> tuple[pa.Table, dict]:
     """Cluster every tag of the store, one tag in memory at a time. Returns a table (tag_id, crop_key,
     cluster, distance, outlier) over all crops, and metrics."""
-    cfg.validate()
     parts, m = [], Counter()
     t0 = time.perf_counter()
     for t in (store.tags() if tags is None else tags):
@@ -318,7 +283,7 @@ def clean_crops_table(rows: Sequence[dict]) -> pa.Table:
 
 
 def build_clean(generated: pa.Table, regions: pa.Table, crop_results: pa.Table | Mapping[str, tuple[int, float, bool]],
-                categories: Mapping[int, str], cfg: CleanConfig, scores: Mapping[str, float] | None = None,
+                categories: Mapping[int, str], cfg: CleanSection, scores: Mapping[str, float] | None = None,
                 thresholds: Sequence[float] | None = None, ground_rejected: Iterable[str] = ()
                 ) -> tuple[pa.Table, pa.Table, list[dict], dict]:
     """One part: (CLEAN table, CLEAN_CROPS table, rejects, metrics).
@@ -328,7 +293,6 @@ def build_clean(generated: pa.Table, regions: pa.Table, crop_results: pa.Table |
     A pair is an outlier when all its crops are outliers. Reasons in priority order: outlier,
     baseline-disagrees, no-box. Keys the ground stage rejected are rejected here ("not-grounded").
     """
-    cfg.validate()
     if isinstance(crop_results, pa.Table):
         d = crop_results.select(["crop_key", "cluster", "distance", "outlier"]).to_pydict()
         res = {k: (c, dd, o) for k, c, dd, o in zip(d["crop_key"], d["cluster"], d["distance"], d["outlier"])}
@@ -395,10 +359,9 @@ def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progre
     from ram_model.embedder import EmbedderConfig, build_embedder
 
     from .config import section_dict
-    from .generate import model_to_label_ids
     from .lineage import labels_version
     from .labels import load_labels
-    from .models import load_model, model_digest, model_version, resolve_device, worker_cached
+    from .models import load_model, model_digest, model_to_label_ids, model_version, resolve_device, worker_cached
     from .stage import StageResult, parts_of, run_stage
 
     mv = model_version(store, baseline_ref)
@@ -465,10 +428,9 @@ def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref
     import tempfile
 
     from .config import section_dict
-    from .ground import tag_categories
     from .lineage import labels_version
     from .labels import load_labels
-    from .models import load_model
+    from .models import load_model, model_to_label_ids
     from .stage import StageResult, parts_of, run_stage
 
     config = section_dict(cfg)
@@ -478,18 +440,10 @@ def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref
         return StageResult(writer.committed, "reused")
     labels = load_labels(store, labels_version(store, parsed))
     categories = tag_categories(labels)
-    ccfg = CleanConfig(outlier_fraction=cfg.outlier_fraction, k=cfg.k, k_max=cfg.k_max,
-                       crops_per_cluster=cfg.crops_per_cluster, min_crops=cfg.min_crops, algorithm=cfg.algorithm,
-                       max_iter=cfg.max_iter, tol=cfg.tol, seed_sample=cfg.seed_sample, fit_sample=cfg.fit_sample,
-                       minibatch_threshold=cfg.minibatch_threshold, minibatch_size=cfg.minibatch_size,
-                       baseline_check=cfg.baseline_check, keep_no_box=cfg.keep_no_box,
-                       localisable=tuple(cfg.localisable), seed=cfg.seed)
     # Per label id, the baseline's threshold for that tag (0: a tag the baseline does not know is never
     # "disagreed" with; its crops carry no score anyway).
     thresholds = np.zeros(len(labels))
     if cfg.baseline_check:
-        from .generate import model_to_label_ids
-
         model = load_model(store, baseline_ref)
         model_thr = model.class_threshold.cpu().numpy()
         unlearned = baseline_unlearned_tags(store, baseline_ref, cfg.baseline_min_ap)
@@ -504,7 +458,7 @@ def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref
             d = batch.to_pydict()
             if d["tag_id"]:
                 emb_store.add(d["tag_id"], d["crop_key"], np.asarray(d["embedding"], dtype=np.float32))
-        crop_results, cluster_metrics = cluster_outliers(emb_store, ccfg)
+        crop_results, cluster_metrics = cluster_outliers(emb_store, cfg)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results = {k: (c, dd, o) for k, c, dd, o in zip(*(crop_results.column(n).to_pylist() for n in
@@ -526,7 +480,7 @@ def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref
             for f in reg_part.files:
                 if f["kind"] == "rejects":
                     ground_rejected.update(regions.read_file(f["path"], columns=["key"]).column(0).to_pylist())
-        table, crops, rejects, metrics = build_clean(gen, reg, results, categories, ccfg, scores=scores,
+        table, crops, rejects, metrics = build_clean(gen, reg, results, categories, cfg, scores=scores,
                                                      thresholds=thresholds, ground_rejected=ground_rejected)
         return w.write_part(task.name, table=table, rejects=rejects, rows_in=gen.num_rows,
                             source_digest=task.source_digest, metrics=metrics,

@@ -224,6 +224,11 @@ class CleanSection(Section):
     localisable: list[Literal["object", "scene", "attribute", "action", "unknown"]] = ["object"]
     seed: int = 0
 
+    def clusters_for(self, n: int) -> int:
+        """Clusters for a tag of n crops: `k`, else min(k_max, n // crops_per_cluster), within [1, n]."""
+        k = self.k if self.k is not None else min(self.k_max, max(1, n // self.crops_per_cluster))
+        return max(1, min(k, n))
+
 
 class EvaluateSection(Section):
     ground_truth: str | None = None         # demo jsonl, OpenImages csv (path,tag,...), Parquet (key, tags)

@@ -320,9 +320,8 @@ def evaluate_stage(store, cfg, images, label_versions: Mapping[str, object], mod
     from .config import section_dict
     from .lineage import labels_version
     from .labels import load_labels
-    from .models import model_version
+    from .models import is_holdout, model_version
     from .stage import StageResult
-    from .train import is_holdout
 
     truth_path = ground_truth_path(cfg, "evaluate.ground_truth is not set")
     model_versions = {name: model_version(store, ref) for name, ref in models.items()}

@@ -10,7 +10,6 @@ import logging
 from collections import Counter
 from typing import Callable
 
-import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
@@ -22,19 +21,14 @@ from .code_version import code_version
 from .config import GenerateConfig, ParseConfig, section_dict
 from .lineage import labels_version
 from .labels import load_labels
-from .models import load_model, model_digest, model_version
-from .parse import get_parser, parse_captions
+from .models import load_model, model_digest, model_to_label_ids, model_version
+from .parser import get_parser, parse_captions
 from .stage import PartTask, StageResult, parts_of, run_stage, top
 
 log = logging.getLogger("ram_engine")
 
 STAGE = "generated"
 STAGE_VERSION = "generate-1"
-def model_to_label_ids(model, labels) -> np.ndarray:
-    """Map the model's tag indices onto the label system's ids by name (-1 where a tag is not in it)."""
-    return np.array([labels.id(t) if labels.id(t) is not None else -1 for t in model.tags], dtype=np.int64)
-
-
 def parsed_by_key(parsed: Version, part: PartRecord | None) -> dict[str, set[int]]:
     out: dict[str, set[int]] = {}
     if part is None:

@@ -20,11 +20,12 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 import pyarrow as pa
 from PIL import Image
 
-from ram_model.labels import OBJECT, TAG_TYPES, UNKNOWN
+from ram_model.labels import OBJECT, TAG_TYPES
 from storage.schemas import REGIONS
 from storage.shards import decode_image
 from storage.store import canonical_json, digest, shard_name
 
+from .categories import localisable_tags, tag_categories
 from .code_version import code_version
 
 
@@ -62,11 +63,6 @@ class Region(NamedTuple):
 
 
 # ---------------------------------------------------------------- categories
-
-def localisable_tags(tag_ids: Iterable[int], categories: Mapping[int, str],
-                     localisable: Sequence[str] = (OBJECT,)) -> list[int]:
-    """The tag ids whose type is localisable (ids absent from `categories` count as unknown)."""
-    return [int(t) for t in dict.fromkeys(tag_ids) if categories.get(int(t), UNKNOWN) in localisable]
 
 
 # ---------------------------------------------------------------- boxes and crops
@@ -240,15 +236,6 @@ class ShardImages:
                     return decode_image(sample)
             self._it = None
         raise KeyError(f"{key} is not in the shard of part {self.part.name}")
-
-
-def tag_categories(labels) -> dict[int, str]:
-    """Type of every tag id as the label system declares it (object, scene, attribute, action): fixed by
-    the labels version, so new data never changes what is grounded nor the reuse key of old parts."""
-    if labels.types is None:
-        raise ValueError("the label system declares no tag types (tag_types.txt); parse declares them when it "
-                         "registers a label system, so re-run parse with this code")
-    return {i: labels.type_of(i) for i in range(len(labels))}
 
 
 def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progress=None):

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import numpy as np
 import torch
 
 from ram_model.checkpoint import from_pretrained, load_official, save_pretrained
@@ -172,3 +173,15 @@ def import_official(store: Store, path: str, model_cfg, name: str):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return StageResult(version, "written", parts_written=1)
+
+
+def model_to_label_ids(model, labels) -> np.ndarray:
+    """Map the model's tag indices onto the label system's ids by name (-1 where a tag is not in it)."""
+    return np.array([labels.id(t) if labels.id(t) is not None else -1 for t in model.tags], dtype=np.int64)
+
+
+def is_holdout(key: str, fraction: float) -> bool:
+    """Whether a key is in the held-out split of `fraction`: a hash of the key alone, so every stage and
+    host agrees on which keys a model was not trained on."""
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    return (h % 10_000) < fraction * 10_000

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from .code_version import code_version
 from .config import ModelConfig, TrainConfig, section_dict
 from .lineage import labels_version
 from .labels import load_labels
-from .models import cache_dir, load_model, model_digest, model_version, resolve_device
+from .models import cache_dir, is_holdout, load_model, model_digest, model_version, resolve_device
 from .stage import StageResult
 
 log = logging.getLogger("ram_engine")
@@ -41,11 +40,6 @@ log = logging.getLogger("ram_engine")
 STAGE_VERSION = "train-1"
 # How a torchrun worker gets the store's storage options (keys included): the environment, not job.json.
 STORAGE_OPTIONS_ENV = "RAM_ENGINE_STORAGE_OPTIONS"
-
-
-def is_holdout(key: str, fraction: float) -> bool:
-    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-    return (h % 10_000) < fraction * 10_000
 
 
 def label_rows(labels: Version, images: Version) -> list[tuple[str, pa.Table]]:

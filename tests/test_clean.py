@@ -8,7 +8,8 @@ from PIL import Image
 
 from ram_model.embedder import ClipEmbedder, EmbedderConfig, EncoderEmbedder, build_embedder
 from storage.schemas import CLEAN, CLEAN_CROPS
-from tasks.clean import (CleanConfig, EmbeddingStore, baseline_disagrees, build_clean, cluster_outliers, cluster_tag,
+from tasks.config import CleanSection
+from tasks.clean import (EmbeddingStore, baseline_disagrees, build_clean, cluster_outliers, cluster_tag,
                          embed_part, outlier_mask)
 from tasks.ground import regions_table
 
@@ -29,9 +30,9 @@ def _planted(n=1000, d=512, clusters=5, frac=0.1, seed=0):
     return X[perm], truth[perm]
 
 
-@pytest.mark.parametrize("cfg", [CleanConfig(), CleanConfig(algorithm="sklearn"),
-                                 CleanConfig(minibatch_threshold=500, minibatch_size=256),
-                                 CleanConfig(fit_sample=300, seed_sample=100)],
+@pytest.mark.parametrize("cfg", [CleanSection(), CleanSection(algorithm="sklearn"),
+                                 CleanSection(minibatch_threshold=500, minibatch_size=256),
+                                 CleanSection(fit_sample=300, seed_sample=100)],
                          ids=["fast", "sklearn", "minibatch", "fit-on-sample"])
 def test_planted_outliers_found(tmp_path, cfg):
     X, truth = _planted()
@@ -55,9 +56,9 @@ def test_planted_outliers_found(tmp_path, cfg):
 
 
 def test_cluster_count_and_small_tags():
-    cfg = CleanConfig()
+    cfg = CleanSection()
     assert [cfg.clusters_for(n) for n in (1, 49, 100, 260, 10_000)] == [1, 1, 2, 5, 8]
-    assert CleanConfig(k=3).clusters_for(2) == 2
+    assert CleanSection(k=3).clusters_for(2) == 2
     X, _ = _planted(n=40, d=16)
     labels, d = cluster_tag(X, cfg)
     assert (labels == 0).all() and np.allclose(d, np.linalg.norm(X - X.mean(0), axis=1), atol=1e-5)
@@ -101,7 +102,7 @@ def test_build_clean_reasons_and_counts():
                 "c_t2_0": (0, 0.8, True), "c_t2_1": (1, 0.1, False)}
     scores = {"a_t1_0": 0.9, "a_t2_0": 0.1, "b_t1_0": 0.1, "c_t2_0": 0.9, "c_t2_1": 0.9}
     thr = [0.5] * 10
-    cfg = CleanConfig(keep_no_box=False)
+    cfg = CleanSection(keep_no_box=False)
     clean, crops, rejects, m = build_clean(gen, regs, crop_res, cats, cfg, scores, thr, ground_rejected={"z"})
     assert clean.schema.equals(CLEAN) and crops.schema.equals(CLEAN_CROPS)
     rows = {r["key"]: r for r in clean.to_pylist()}
@@ -117,7 +118,7 @@ def test_build_clean_reasons_and_counts():
     assert m["tags_in"] == m["tags_kept"] + m["outlier"] + m["baseline-disagrees"] + m["no-box"] == 7
     assert crops.num_rows == 5 and crops.column("outlier").to_pylist() == [False, True, False, True, False]
     # defaults: no-box tags kept; baseline check off without thresholds
-    clean2, _, _, m2 = build_clean(gen, regs, crop_res, cats, CleanConfig())
+    clean2, _, _, m2 = build_clean(gen, regs, crop_res, cats, CleanSection())
     assert m2["no-box"] == 0 and m2["baseline-disagrees"] == 0 and m2["outlier"] == 1
     assert {r["key"]: r["tag_ids"] for r in clean2.to_pylist()}["b"] == [1, 4]
 

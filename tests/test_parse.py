@@ -9,7 +9,7 @@ import pytest
 
 from ram_model.labels import LabelSystem
 from storage.schemas import IMAGES, PARSED
-from tasks.parse import (ALL_FIXES, FIX_COMPOUND_ORDER, FIX_INTRANSITIVE_ACTIONS,
+from tasks.parser import (ALL_FIXES, FIX_COMPOUND_ORDER, FIX_INTRANSITIVE_ACTIONS,
                          FIX_LEMMA_EXCEPTIONS, FIX_LOWERCASE, FIX_PHRASAL_PREP_LEMMA,
                          FIX_PHRASAL_PREP_ON_VERB, CaptionParser, check_caption, iter_docs,
                          load_nlp, parse_captions, parse_part)

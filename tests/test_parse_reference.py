@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.parse import (ALL_FIXES, FIX_COMPOUND_ORDER, FIX_LEMMA_EXCEPTIONS, FIX_LOWERCASE,
+from tasks.parser import (ALL_FIXES, FIX_COMPOUND_ORDER, FIX_LEMMA_EXCEPTIONS, FIX_LOWERCASE,
                          FIX_PHRASAL_PREP_LEMMA, FIX_PHRASAL_PREP_ON_VERB, LEMMA_EXCEPTIONS,
                          PHRASAL_PREPS, CaptionParser, iter_docs)
 
