@@ -14,44 +14,18 @@ from __future__ import annotations
 import io
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import pyarrow as pa
 from PIL import Image
 
-from ram_model.labels import OBJECT, TAG_TYPES
 from storage.schemas import REGIONS
 from storage.shards import decode_image
 from storage.store import canonical_json, digest, shard_name
 
 from .categories import localisable_tags, tag_categories
 from .code_version import code_version
-
-
-@dataclass
-class GroundConfig:
-    localisable: tuple[str, ...] = (OBJECT,)   # categories whose tags are grounded and cleaned
-    top_n: int = 1                 # boxes kept per (image, tag), best score first
-    batch_size: int = 8            # images per detector call and per checkpoint
-    crop_padding: float = 0.1      # context added around a box, as a fraction of its width / height per side
-    crop_min_size: int = 32        # a crop smaller than this (px) on a side is grown around its centre
-    crop_format: str = "jpg"       # "jpg" | "png"
-    jpeg_quality: int = 90
-    shard: str = ""                # the crop tar, relative to the version folder, written into every region row
-
-    def validate(self) -> None:
-        if self.top_n < 1:
-            raise ValueError(f"ground.top_n must be >= 1, got {self.top_n}")
-        if self.batch_size < 1:
-            raise ValueError(f"ground.batch_size must be >= 1, got {self.batch_size}")
-        if self.crop_padding < 0 or self.crop_min_size < 1:
-            raise ValueError("ground.crop_padding must be >= 0 and ground.crop_min_size >= 1")
-        if self.crop_format not in ("jpg", "png"):
-            raise ValueError(f"ground.crop_format must be 'jpg' or 'png', got {self.crop_format!r}")
-        bad = set(self.localisable) - set(TAG_TYPES)
-        if bad:
-            raise ValueError(f"ground.localisable has unknown tag types {sorted(bad)}; use {'/'.join(TAG_TYPES)}")
+from .config import GroundSection
 
 
 class Region(NamedTuple):
@@ -68,7 +42,7 @@ class Region(NamedTuple):
 # ---------------------------------------------------------------- boxes and crops
 
 def ground_batch(detector, images: Sequence[Image.Image], tags_per_image: Sequence[Sequence[tuple[int, str]]],
-                 cfg: GroundConfig) -> list[list[Region]]:
+                 cfg: GroundSection) -> list[list[Region]]:
     """Detect each image's (tag_id, tag name) list; keep the top-N boxes per tag."""
     out: list[list[Region]] = [[] for _ in images]
     todo = [i for i, t in enumerate(tags_per_image) if t]
@@ -135,19 +109,19 @@ def regions_table(rows: Sequence[dict]) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=REGIONS)
 
 
-def ground_part(table: pa.Table, image_loader: Callable[[str], Image.Image], detector, cfg: GroundConfig,
+def ground_part(table: pa.Table, image_loader: Callable[[str], Image.Image], detector, cfg: GroundSection,
                 tag_names: Mapping[int, str], categories: Mapping[int, str], done_keys: Iterable[str] = (),
                 checkpoint: Callable[[pa.Table, list, list, list], None] | None = None, keep_crops: bool = True,
-                source: str = "") -> tuple[pa.Table, list[dict], list[dict], dict]:
+                source: str = "", shard: str = "") -> tuple[pa.Table, list[dict], list[dict], dict]:
     """Ground one part. Returns (regions table, crop samples, rejects, metrics) for the keys processed now.
 
     Rows whose key is in `done_keys` are skipped (a resumed run). After every batch,
     `checkpoint(batch_rows, batch_crops, batch_keys, batch_rejects)` is called: once it returns, those
     keys are done and a rerun may pass them in `done_keys`. `image_loader(key)` returns the PIL image or
     raises; a failure is a reject ("image-unreadable"), not a crash. With keep_crops=False the crops are
-    only handed to `checkpoint` (memory stays flat over a large part).
+    only handed to `checkpoint` (memory stays flat over a large part). `shard` is the store-relative crop
+    tar path written into every region row.
     """
-    cfg.validate()
     if "key" not in table.column_names or "tag_ids" not in table.column_names:
         raise ValueError(f"ground_part needs columns key and tag_ids; got {table.column_names}")
     done = set(done_keys)
@@ -191,7 +165,7 @@ def ground_part(table: pa.Table, image_loader: Callable[[str], Image.Image], det
                 crop = cut_crop(im, r.box, cfg.crop_padding, cfg.crop_min_size)
                 crops.append({"__key__": ck, cfg.crop_format: encode_crop(crop, cfg.crop_format, cfg.jpeg_quality)})
                 rows.append({"key": key, "tag_id": r.tag_id, "tag": r.tag, "box": [float(v) for v in r.box],
-                             "score": r.score, "crop_key": ck, "shard": cfg.shard})
+                             "score": r.score, "crop_key": ck, "shard": shard})
         batch_table = regions_table(rows)
         if checkpoint is not None:
             checkpoint(batch_table, crops, [k for k, _ in batch], rejects)
@@ -278,9 +252,6 @@ def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progre
                                    columns=["key", "tag_ids"]) if gen_part else pa.table(
             {"key": pa.array([], pa.string()), "tag_ids": pa.array([], pa.list_(pa.int32()))}))
         shard_rel = shard_name(task.name)
-        gcfg = GroundConfig(localisable=tuple(cfg.localisable), top_n=cfg.top_n, batch_size=cfg.batch_size,
-                            crop_padding=cfg.crop_padding, crop_min_size=cfg.crop_min_size,
-                            crop_format=cfg.crop_format, jpeg_quality=cfg.jpeg_quality, shard=shard_rel)
         # In-part checkpoints belong to the writer holding this part's claim (tasks/stage.py): one at a time.
         progress_dir = f"{w.prefix}/_progress/{task.name}"
         done_tables, done_rejects, done_keys = _load_progress(store, progress_dir)
@@ -295,7 +266,8 @@ def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progre
                                   replace=True)
             w.placement.put_bytes(f"{progress_dir}/{name}.keys.json", canonical_json(keys).encode(), replace=True)
 
-        ground_part(gen, ShardImages(images, part), detector, gcfg, tag_names, categories, done_keys=done_keys,
+        ground_part(gen, ShardImages(images, part), detector, cfg, tag_names, categories, done_keys=done_keys,
+                    shard=shard_rel,
                     checkpoint=checkpoint, keep_crops=False, source=part.name)
         tables, rejects, covered, batch_names = _load_progress(store, progress_dir, with_names=True)
         missing = set(gen.column("key").to_pylist()) - covered

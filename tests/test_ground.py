@@ -8,7 +8,9 @@ from PIL import Image, ImageDraw
 
 from ram_model.detector import build_tiny_detector
 from storage.schemas import PARSED, REGIONS
-from tasks.ground import (GroundConfig, tag_categories, crop_key, cut_crop, ground_batch, ground_part,
+from tasks.categories import tag_categories
+from tasks.config import GroundSection
+from tasks.ground import (crop_key, cut_crop, ground_batch, ground_part,
                           localisable_tags)
 
 torch.set_num_threads(1)
@@ -74,9 +76,9 @@ def test_cut_crop_padding_and_min_size():
 def test_ground_batch_top_n(det):
     ims = [_img(1), _img(2)]
     q = [[(0, "dog"), (4, "traffic light")], []]
-    r1 = ground_batch(det, ims, q, GroundConfig(top_n=1))
+    r1 = ground_batch(det, ims, q, GroundSection(top_n=1))
     assert [(r.tag_id, r.rank) for r in r1[0]] == [(0, 0), (4, 0)] and r1[1] == []
-    r3 = ground_batch(det, ims, q, GroundConfig(top_n=3))
+    r3 = ground_batch(det, ims, q, GroundSection(top_n=3))
     assert [(r.tag_id, r.rank) for r in r3[0]] == [(0, 0), (0, 1), (0, 2), (4, 0), (4, 1), (4, 2)]
     assert r3[0][0].score >= r3[0][1].score >= r3[0][2].score
     assert r3[0][0] == r1[0][0]
@@ -84,8 +86,9 @@ def test_ground_batch_top_n(det):
 
 def test_ground_part_counts_and_crops(det):
     part = _part(20)
-    cfg = GroundConfig(batch_size=6, crop_min_size=24, crop_padding=0.1, shard="regions/v1/crops-0000.tar")
-    regions, crops, rejects, m = ground_part(part, _loader(bad={"k007"}), det, cfg, NAMES, CATS, source="part-0")
+    cfg = GroundSection(batch_size=6, crop_min_size=24, crop_padding=0.1)
+    regions, crops, rejects, m = ground_part(part, _loader(bad={"k007"}), det, cfg, NAMES, CATS, source="part-0",
+                                             shard="regions/v1/crops-0000.tar")
     assert regions.schema.equals(REGIONS)
     assert [r["key"] for r in rejects] == ["k007"] and rejects[0]["reason"] == "image-unreadable"
     assert m["keys_in"] == m["keys_grounded"] + m["keys_rejected"] + m["keys_skipped_done"] == 20
@@ -97,7 +100,7 @@ def test_ground_part_counts_and_crops(det):
     assert m["regions"] == regions.num_rows == len(crops) == m["tags_queried"] == m["tags_with_box"]
     assert m["tags_without_box"] == 0
     assert [c["__key__"] for c in crops] == regions.column("crop_key").to_pylist()
-    assert set(regions.column("shard").to_pylist()) == {cfg.shard}
+    assert set(regions.column("shard").to_pylist()) == {"regions/v1/crops-0000.tar"}
     for c, row in zip(crops, regions.to_pylist()):
         assert c["__key__"] == crop_key(row["key"], row["tag_id"], 0) and "." not in c["__key__"]
         im = Image.open(io.BytesIO(c["jpg"]))
@@ -111,7 +114,7 @@ def test_ground_part_no_box_and_png(det):
     # random weights saturate scores near 1: a text threshold this high keeps some tags, not all
     det.cfg.text_threshold = 0.9999
     try:
-        regions, crops, rejects, m = ground_part(_part(8), _loader(), det, GroundConfig(crop_format="png"), NAMES, CATS)
+        regions, crops, rejects, m = ground_part(_part(8), _loader(), det, GroundSection(crop_format="png"), NAMES, CATS)
     finally:
         det.cfg.text_threshold = 0.0
     assert m["tags_with_box"] > 0 and m["tags_without_box"] > 0
@@ -126,7 +129,7 @@ class Killed(RuntimeError):
 
 def test_resume_after_kill_gives_same_result_without_duplicates(det):
     part = _part(20)
-    cfg = GroundConfig(batch_size=4)
+    cfg = GroundSection(batch_size=4)
     full, full_crops, full_rej, _ = ground_part(part, _loader(bad={"k010"}), det, cfg, NAMES, CATS)
 
     saved_rows, saved_crops, done, saved_rej = [], [], set(), []
@@ -160,8 +163,8 @@ def test_resume_after_kill_gives_same_result_without_duplicates(det):
 
 def test_config_errors():
     with pytest.raises(ValueError, match="top_n"):
-        GroundConfig(top_n=0).validate()
+        GroundSection(top_n=0)
     with pytest.raises(ValueError, match="localisable"):
-        GroundConfig(localisable=("scene-ish",)).validate()
+        GroundSection(localisable=["scene-ish"])
     with pytest.raises(ValueError, match="tag_ids"):
-        ground_part(pa.table({"key": ["a"]}), _loader(), None, GroundConfig(), NAMES, CATS)
+        ground_part(pa.table({"key": ["a"]}), _loader(), None, GroundSection(), NAMES, CATS)
