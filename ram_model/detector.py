@@ -21,11 +21,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .devices import resolve_device
 
 # Token ids the transformers model hard-codes (bert-base-uncased positions): a custom vocabulary
 # must put these tokens at exactly these ids.
@@ -38,34 +41,35 @@ class Detection(NamedTuple):
     score: float
 
 
-@dataclass
-class DetectorConfig:
-    """How to load and run the detector. `model` is a local folder or a hub id."""
-    model: str = "IDEA-Research/grounding-dino-tiny"
-    backend: str = "transformers"        # "transformers" | "groundingdino"
-    box_threshold: float = 0.35          # a query is kept if its best token score exceeds this
-    text_threshold: float = 0.25         # ... and it is assigned every tag whose score exceeds this
-    max_text_tokens: int | None = None   # token budget per prompt chunk; None: the model's max_text_len
-    shortest_edge: int = 800             # image resize (the processor's defaults for the real model)
-    longest_edge: int = 1333
-    batch_size: int = 4                  # (image, chunk) pairs per forward pass
-    device: str = "cpu"
-    local_files_only: bool = True        # never reach the network unless the config says so
-    # groundingdino-py backend only: its python config file and BERT folder.
-    gd_config_file: str | None = None
-    gd_text_encoder: str | None = None
+class DetectorConfig(BaseModel):
+    """How to load and run the detector; the engine config's `ground.detector` section itself."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    def validate(self) -> None:
-        if self.backend not in ("transformers", "groundingdino"):
-            raise ValueError(f"DetectorConfig.backend must be 'transformers' or 'groundingdino', got {self.backend!r}")
-        for name in ("box_threshold", "text_threshold"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"DetectorConfig.{name} must be in [0, 1), got {v}")
-        if self.batch_size < 1:
-            raise ValueError(f"DetectorConfig.batch_size must be >= 1, got {self.batch_size}")
-        if self.max_text_tokens is not None and self.max_text_tokens < 4:
-            raise ValueError(f"DetectorConfig.max_text_tokens must be >= 4 (CLS, a token, '.', SEP), got {self.max_text_tokens}")
+    model: str | None = None                # local folder or hub id (hub ids need local_files_only: false)
+    backend: Literal["transformers", "groundingdino"] = "transformers"
+    box_threshold: float = Field(0.35, ge=0, lt=1)    # a query is kept if its best token score exceeds this
+    text_threshold: float = Field(0.25, ge=0, lt=1)   # ... and it is assigned every tag whose score exceeds this
+    max_text_tokens: int | None = Field(None, ge=4)   # prompt chunk budget (CLS, a token, '.', SEP at least);
+                                                      # None: the model's max_text_len
+    shortest_edge: int = Field(800, ge=32)  # image resize (the processor's defaults for the real model)
+    longest_edge: int = Field(1333, ge=32)
+    batch_size: int = Field(4, ge=1)        # (image, chunk) pairs per forward pass
+    device: str = "auto"                    # auto: CUDA when there is one
+    local_files_only: bool = True           # never reach the network unless the config says so
+    gd_config_file: str | None = None       # groundingdino-py backend only: its python config file
+    gd_text_encoder: str | None = None      # ... and BERT folder
+
+    @model_validator(mode="after")
+    def _relations(self):
+        if self.shortest_edge > self.longest_edge:
+            raise ValueError(f"shortest_edge ({self.shortest_edge}) is over ground.detector.longest_edge "
+                             f"({self.longest_edge})")
+        return self
+
+    def require_model(self) -> str:
+        if not self.model:
+            raise ValueError("ground.detector.model is not set: give a Grounding DINO folder (or hub id while online)")
+        return self.model
 
 
 def clean_tag(tag: str) -> str:
@@ -93,8 +97,8 @@ class GroundingDinoDetector:
     """Grounding DINO through transformers. Call `detect(images, tags_per_image)`."""
 
     def __init__(self, model, tokenizer, image_processor, cfg: DetectorConfig):
-        cfg.validate()
-        self.model = model.to(cfg.device).eval()
+        self.device = str(resolve_device(cfg.device))
+        self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.cfg = cfg
@@ -105,11 +109,10 @@ class GroundingDinoDetector:
     # ---- loading ----
     @classmethod
     def from_config(cls, cfg: DetectorConfig) -> "GroundingDinoDetector":
-        cfg.validate()
         if cfg.backend != "transformers":
             raise ValueError("GroundingDinoDetector is the transformers backend; use load_detector(cfg) for others")
         from transformers import AutoTokenizer, GroundingDinoForObjectDetection, GroundingDinoImageProcessorPil
-        src = cfg.model
+        src = cfg.require_model()
         try:
             model = GroundingDinoForObjectDetection.from_pretrained(src, local_files_only=cfg.local_files_only)
             tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=cfg.local_files_only)
@@ -188,7 +191,7 @@ class GroundingDinoDetector:
             idx = [c.image_index for c in batch]
             pixels = self.preprocess([images[i] for i in idx])
             text = self.text_batch(batch)
-            dev = self.cfg.device
+            dev = self.device
             res = self.model(pixel_values=pixels["pixel_values"].to(dev), pixel_mask=pixels["pixel_mask"].to(dev),
                              **{k: v.to(dev) for k, v in text.items()})
             probs = res.logits.sigmoid().float().cpu()      # [B, Q, max_text_len]
@@ -225,7 +228,6 @@ class GroundingDinoDetector:
 
 def load_detector(cfg: DetectorConfig):
     """The detector the config names: transformers by default, groundingdino-py when asked."""
-    cfg.validate()
     if cfg.backend == "transformers":
         return GroundingDinoDetector.from_config(cfg)
     return GroundingDinoPyDetector(cfg)
@@ -263,13 +265,14 @@ class GroundingDinoPyDetector:
             gd_transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
         ])
         args = SLConfig.fromfile(cfg.gd_config_file)
-        args.device = cfg.device
+        self.device = str(resolve_device(cfg.device))
+        args.device = self.device
         if cfg.gd_text_encoder:  # a local BERT folder: the model then builds offline
             args.text_encoder_type = cfg.gd_text_encoder
         model = build_model(args)
-        ckpt = torch.load(cfg.model, map_location="cpu")
+        ckpt = torch.load(cfg.require_model(), map_location="cpu")
         model.load_state_dict(clean_state_dict(ckpt.get("model", ckpt)), strict=False)
-        self.model = model.eval().to(cfg.device)
+        self.model = model.eval().to(self.device)
 
     def detect(self, images, tags_per_image):
         out = []
@@ -277,7 +280,7 @@ class GroundingDinoPyDetector:
             tensor, _ = self._transform(im.convert("RGB"), None)
             names = [clean_tag(t) for t in tags]
             boxes, logits, phrases = self._predict(self.model, tensor, prompt_text(tags), self.cfg.box_threshold,
-                                                   self.cfg.text_threshold, device=self.cfg.device)
+                                                   self.cfg.text_threshold, device=self.device)
             w, h = im.size
             dets = []
             for b, s, p in zip(boxes.tolist(), logits.tolist(), phrases):
@@ -403,7 +406,7 @@ def train_detector(detector: GroundingDinoDetector, samples: Sequence[dict], ste
     for i, s in enumerate(samples[:50]):
         if len(s["boxes"]) != len(s["labels"]) or any(not 0 <= l < len(s["tags"]) for l in s["labels"]):
             raise ValueError(f"train_detector: sample {i} needs one label (an index into its tags) per box")
-    model, dev = detector.model, detector.cfg.device
+    model, dev = detector.model, detector.device
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     rng = random.Random(seed)

@@ -9,12 +9,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from .devices import resolve_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,25 +30,18 @@ class CropEmbedder(Protocol):
     def __call__(self, images: Sequence[Image.Image]) -> np.ndarray: ...
 
 
-@dataclass
-class EmbedderConfig:
-    kind: str = "baseline"            # "baseline" (the tagger's image encoder) | "clip" | "conv"
-    model: str | None = None          # clip: local folder or hub id; conv: a ConvCropEncoder folder
-    image_size: int = 224             # baseline: input size of the encoder
-    pool: str = "first"               # baseline: "first" token (RAM's pooled token) | "mean" over tokens
-    batch_size: int = 32
-    device: str = "cpu"
-    local_files_only: bool = True
+class EmbedderConfig(BaseModel):
+    """How crops are embedded; the engine config's `clean.embedder` section itself."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    def validate(self) -> None:
-        if self.kind not in ("baseline", "clip", "conv"):
-            raise ValueError(f"EmbedderConfig.kind must be 'baseline', 'clip' or 'conv', got {self.kind!r}")
-        if self.pool not in ("first", "mean"):
-            raise ValueError(f"EmbedderConfig.pool must be 'first' or 'mean', got {self.pool!r}")
-        if self.kind in ("clip", "conv") and not self.model:
-            raise ValueError(f"EmbedderConfig.model must name a folder (or a CLIP hub id) when kind is {self.kind!r}")
-        if self.batch_size < 1 or self.image_size < 8:
-            raise ValueError("EmbedderConfig.batch_size must be >= 1 and image_size >= 8")
+    kind: Literal["baseline", "clip", "conv"] = "baseline"   # the tagger's image encoder, CLIP's image tower,
+                                            # or a shipped ConvCropEncoder (the demo's stand-in for CLIP)
+    model: str | None = None                # clip: local folder or hub id; conv: its folder
+    image_size: int | None = Field(None, ge=8)   # baseline: the encoder's input size; None: given by the caller
+    pool: Literal["first", "mean"] = "first"     # baseline: "first" token (RAM's pooled token) | "mean"
+    batch_size: int = Field(64, ge=1)
+    device: str = "auto"                    # auto: CUDA when there is one
+    local_files_only: bool = True
 
 
 def to_pixels(images: Sequence[Image.Image], size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
@@ -66,18 +61,22 @@ class EncoderEmbedder:
     """The baseline model's image encoder as a crop embedder."""
 
     def __init__(self, encoder: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor], cfg: EmbedderConfig | None = None,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, image_size: int | None = None):
+        """`image_size`: the encoder's input size where `cfg.image_size` is None (the baseline's own)."""
         self.cfg = cfg or EmbedderConfig()
-        self.cfg.validate()
+        self.size = self.cfg.image_size or image_size
+        if self.size is None:
+            raise ValueError("embedder.image_size is not set and no encoder input size was given")
+        self.device = str(resolve_device(self.cfg.device))
         self.encoder = encoder
         if isinstance(encoder, torch.nn.Module):
-            encoder.eval().to(self.cfg.device)
+            encoder.eval().to(self.device)
         self.mean, self.std = mean, std
         self.dim = int(self._embed([Image.new("RGB", (8, 8))]).shape[1])
 
     @torch.no_grad()
     def _embed(self, images):
-        x = self.encoder(to_pixels(images, self.cfg.image_size, self.mean, self.std).to(self.cfg.device))
+        x = self.encoder(to_pixels(images, self.size, self.mean, self.std).to(self.device))
         if isinstance(x, (tuple, list)):
             x = x[0]
         if hasattr(x, "last_hidden_state"):
@@ -99,8 +98,10 @@ class ClipEmbedder:
     """CLIP's image tower: the projected image embedding."""
 
     def __init__(self, cfg: EmbedderConfig, model=None):
-        cfg.validate()
+        if not cfg.model and model is None:
+            raise ValueError("EmbedderConfig.model must name a CLIP folder or hub id when kind is 'clip'")
         self.cfg = cfg
+        self.device = str(resolve_device(cfg.device))
         if model is None:
             from transformers import CLIPVisionModelWithProjection
             try:
@@ -108,7 +109,7 @@ class ClipEmbedder:
             except OSError as e:
                 raise OSError(f"cannot load the CLIP image tower from {cfg.model!r} (embedder.model): {e}; give a local "
                               "folder, or set local_files_only: false on an online machine") from e
-        self.model = model.eval().to(cfg.device)
+        self.model = model.eval().to(self.device)
         self.size = int(model.config.image_size)
         self.dim = int(model.config.projection_dim)
 
@@ -118,25 +119,26 @@ class ClipEmbedder:
             return np.zeros((0, self.dim), np.float32)
         outs = []
         for i in range(0, len(images), self.cfg.batch_size):
-            px = to_pixels(images[i: i + self.cfg.batch_size], self.size, CLIP_MEAN, CLIP_STD).to(self.cfg.device)
+            px = to_pixels(images[i: i + self.cfg.batch_size], self.size, CLIP_MEAN, CLIP_STD).to(self.device)
             outs.append(_l2(self.model(pixel_values=px).image_embeds))
         return np.concatenate(outs)
 
 
-def build_embedder(cfg: EmbedderConfig, baseline_encoder: torch.nn.Module | None = None) -> CropEmbedder:
-    """The embedder the config names. kind 'baseline' needs the baseline model's image encoder."""
-    cfg.validate()
+def build_embedder(cfg: EmbedderConfig, baseline_encoder: torch.nn.Module | None = None,
+                   image_size: int | None = None) -> CropEmbedder:
+    """The embedder the config names. kind 'baseline' needs the baseline model's image encoder (and its input
+    size where the config leaves `image_size` unset)."""
+    if cfg.kind in ("clip", "conv") and not cfg.model:
+        raise ValueError(f"EmbedderConfig.model must name a folder (or a CLIP hub id) when kind is {cfg.kind!r}")
     if cfg.kind == "clip":
         return ClipEmbedder(cfg)
     if cfg.kind == "conv":   # a shipped ConvCropEncoder: embeds at its own input size
-        import dataclasses
-
         encoder = ConvCropEncoder.from_pretrained(cfg.model)
-        return EncoderEmbedder(encoder, dataclasses.replace(cfg, image_size=encoder.image_size))
+        return EncoderEmbedder(encoder, cfg.model_copy(update={"image_size": encoder.image_size}))
     if baseline_encoder is None:
         raise ValueError("embedder.kind is 'baseline' but no baseline image encoder was given; pass the tagger's "
                          "encoder or set embedder.kind: clip with embedder.model")
-    return EncoderEmbedder(baseline_encoder, cfg)
+    return EncoderEmbedder(baseline_encoder, cfg, image_size=image_size)
 
 
 # ---------------------------------------------------------------- a small pretrained stand-in for CLIP

@@ -356,7 +356,7 @@ def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progre
     """The `embeddings` version: every crop's embedding and the baseline's score for its own tag.
     Per regions part, so new data embeds only new crops."""
     import torch
-    from ram_model.embedder import EmbedderConfig, build_embedder
+    from ram_model.embedder import build_embedder
 
     from .config import section_dict
     from .lineage import labels_version
@@ -373,10 +373,6 @@ def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progre
         return StageResult(writer.committed, "reused")
     device = str(resolve_device(cfg.embedder.device))
     model = load_model(store, baseline_ref, device=device)
-    ecfg = EmbedderConfig(kind=cfg.embedder.kind, model=cfg.embedder.model,
-                          image_size=cfg.embedder.image_size or model.config.swin.image_size,
-                          pool=cfg.embedder.pool, batch_size=cfg.embedder.batch_size, device=device,
-                          local_files_only=cfg.embedder.local_files_only)
     from ram_model.transforms import ImageTransform
 
     image_size = model.config.swin.image_size
@@ -387,8 +383,8 @@ def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progre
 
     def worker_models():
         baseline_model = load_model(store, baseline_ref, device=device)
-        embedder = worker_cached(f"embedder|{ecfg}|{ident}", lambda: build_embedder(
-            ecfg, baseline_encoder=lambda x: baseline_model.encode_image(x)))
+        embedder = worker_cached(f"embedder|{cfg.embedder!r}|{ident}", lambda: build_embedder(
+            cfg.embedder, baseline_encoder=lambda x: baseline_model.encode_image(x), image_size=image_size))
         return baseline_model, embedder
 
     def baseline(baseline_model, imgs):
@@ -402,7 +398,7 @@ def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progre
         baseline_model, embedder = worker_models()
         out, rejects = embed_part(table, _crop_images(regions, part), embedder,
                                   (lambda imgs: baseline(baseline_model, imgs)) if cfg.baseline_check else None,
-                                  label_to_model, ecfg.batch_size, source=part.name)
+                                  label_to_model, cfg.embedder.batch_size, source=part.name)
         return w.write_part(task.name, table=out, rejects=rejects, rows_in=table.num_rows, source_digest=task.source_digest)
 
     return run_stage(writer, parts_of(regions, salt=digest(config)), process, executor=executor, progress=progress)

@@ -10,6 +10,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ram_model.detector import DetectorConfig
+from ram_model.embedder import EmbedderConfig
+
 DEFAULT_CONFIG_NAME = "demo"
 
 
@@ -158,31 +161,8 @@ class GenerateConfig(Section):
         return self
 
 
-class DetectorSection(Section):
-    """Grounding DINO (see ram_model/detector.py)."""
-
-    model: str | None = None                # local folder or hub id (hub ids need local_files_only: false)
-    backend: Literal["transformers", "groundingdino"] = "transformers"
-    box_threshold: float = Field(0.35, ge=0, lt=1)
-    text_threshold: float = Field(0.25, ge=0, lt=1)
-    max_text_tokens: int | None = Field(None, ge=4)   # prompt chunk budget; None: the model's limit
-    shortest_edge: int = Field(800, ge=32)
-    longest_edge: int = Field(1333, ge=32)
-    batch_size: int = Field(4, ge=1)
-    device: str = "auto"
-    local_files_only: bool = True
-    gd_config_file: str | None = None       # groundingdino-py backend only
-    gd_text_encoder: str | None = None
-
-    @model_validator(mode="after")
-    def _relations(self):
-        if self.shortest_edge > self.longest_edge:
-            raise ValueError(f"shortest_edge ({self.shortest_edge}) is over ground.detector.longest_edge ({self.longest_edge})")
-        return self
-
-
 class GroundSection(Section):
-    detector: DetectorSection = Field(default_factory=DetectorSection)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)   # the detector's own config model
     localisable: list[Literal["object", "scene", "attribute", "action", "unknown"]] = ["object"]
     top_n: int = Field(1, ge=1)             # boxes kept per (image, tag)
     batch_size: int = Field(8, ge=1)        # images per detector call and per in-part checkpoint
@@ -192,19 +172,8 @@ class GroundSection(Section):
     jpeg_quality: int = Field(90, ge=50, le=100)
 
 
-class EmbedderSection(Section):
-    kind: Literal["baseline", "clip", "conv"] = "baseline"   # the baseline's image encoder, CLIP's image tower,
-                                            # or a shipped ConvCropEncoder (the demo's stand-in for CLIP)
-    model: str | None = None                # clip: local folder or hub id; conv: its folder
-    image_size: int | None = Field(None, ge=8)   # None: the baseline's input size
-    pool: Literal["first", "mean"] = "first"
-    batch_size: int = Field(64, ge=1)
-    device: str = "auto"
-    local_files_only: bool = True
-
-
 class CleanSection(Section):
-    embedder: EmbedderSection = Field(default_factory=EmbedderSection)
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)   # the embedder's own config model
     outlier_fraction: float = Field(0.10, ge=0, lt=1)
     k: int | None = Field(None, ge=1)       # clusters per tag; None: min(k_max, max(1, n // crops_per_cluster))
     k_max: int = Field(8, ge=1)

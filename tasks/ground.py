@@ -217,12 +217,12 @@ def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progre
 
     Progress is checkpointed inside a part after every detector batch (`_progress/<part>/`); a rerun
     skips the keys already grounded and assembles the same part an uninterrupted run writes."""
-    from ram_model.detector import DetectorConfig, load_detector
+    from ram_model.detector import load_detector
 
     from .config import section_dict
     from .lineage import labels_version
     from .labels import load_labels
-    from .models import resolve_device, worker_cached
+    from .models import worker_cached
     from .stage import StageResult, parts_of, run_stage
 
     if not cfg.detector.model:
@@ -235,18 +235,11 @@ def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progre
         return StageResult(writer.committed, "reused")
     categories = tag_categories(labels)
     tag_names = dict(enumerate(labels.tags))
-    det = cfg.detector
-    det_cfg = DetectorConfig(model=det.model, backend=det.backend, box_threshold=det.box_threshold,
-                             text_threshold=det.text_threshold, max_text_tokens=det.max_text_tokens,
-                             shortest_edge=det.shortest_edge, longest_edge=det.longest_edge,
-                             batch_size=det.batch_size, device=str(resolve_device(det.device)),
-                             local_files_only=det.local_files_only, gd_config_file=det.gd_config_file,
-                             gd_text_encoder=det.gd_text_encoder)
     tasks = parts_of(images, {"generated": generated}, salt=digest([config, sorted(categories.items())]))
 
     def process(w, task):
         # loaded once per worker process, here: a loaded model is never shipped to a worker
-        detector = worker_cached(f"detector|{det_cfg}", lambda: load_detector(det_cfg))
+        detector = worker_cached(f"detector|{cfg.detector!r}", lambda: load_detector(cfg.detector))
         part, gen_part = task.payload["part"], task.payload["generated"]
         gen = (generated.read_file(next(f["path"] for f in gen_part.files if f["kind"] == "table"),
                                    columns=["key", "tag_ids"]) if gen_part else pa.table(

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import numpy as np
-import torch
 
+from ram_model.devices import resolve_device
 from ram_model.checkpoint import from_pretrained, load_official, save_pretrained
 from storage import Store, StoreError, Version
 
@@ -51,12 +51,6 @@ def clear_worker_cache() -> None:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("RAM_ENGINE_CACHE", Path.home() / ".cache" / "ram-engine"))
-
-
-def resolve_device(pref: str = "auto") -> torch.device:
-    if pref == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(pref)
 
 
 def model_version(store: Store, ref: str) -> Version | None:

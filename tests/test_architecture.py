@@ -56,3 +56,21 @@ def test_the_checks_see_a_violation(tmp_path):
     src = tmp_path / "clean.py"
     src.write_text("def f():\n    from .generate import x\n")
     assert "tasks.generate" in imported_modules(src, "tasks.clean")
+
+
+def test_one_config_model_per_section():
+    # the YAML's sections are the models the code runs with: a field added there reaches its use, no copy
+    from ram_model.detector import DetectorConfig
+    from ram_model.embedder import EmbedderConfig
+    from tasks.config import CleanSection, EngineConfig, GroundSection
+
+    cfg = EngineConfig.model_validate({"clean": {"outlier_fraction": 0.25, "embedder": {"pool": "mean"}},
+                                       "ground": {"detector": {"box_threshold": 0.5}}})
+    assert type(cfg.clean) is CleanSection and type(cfg.ground) is GroundSection
+    assert type(cfg.clean.embedder) is EmbedderConfig and type(cfg.ground.detector) is DetectorConfig
+    assert cfg.clean.outlier_fraction == 0.25 and cfg.ground.detector.box_threshold == 0.5
+    import tasks.clean
+    import tasks.ground
+    for module in (tasks.clean, tasks.ground):
+        twins = [n for n in vars(module) if n.endswith("Config") and n not in ("DetectorConfig", "EmbedderConfig")]
+        assert not twins, f"{module.__name__} defines config twins {twins}"

@@ -122,7 +122,7 @@ def test_missing_model_and_backend_errors(tmp_path):
     with pytest.raises(OSError, match="local_files_only"):
         GroundingDinoDetector.from_config(DetectorConfig(model=str(tmp_path / "nope")))
     with pytest.raises(ValueError, match="backend"):
-        DetectorConfig(backend="yolo").validate()
+        DetectorConfig(backend="yolo")
     try:
         import groundingdino  # noqa: F401
     except ImportError:
