@@ -32,7 +32,7 @@ def ablation_flow(cfg: EngineConfig, versions: list[str] | None = None, images: 
 
 def _images_of(store, version):
     from storage import StoreError
-    from tasks.inspect import lineage
+    from tasks.lineage import lineage
 
     for _, v, _ in lineage(store, version):
         if v is not None and v.stage == "images":

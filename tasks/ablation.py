@@ -46,14 +46,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def group_quality(scores: np.ndarray, truth_mh: np.ndarray, thresholds: np.ndarray, tags: list[str],
                   groups: Mapping[str, list[str]]) -> dict[str, dict]:
-    """model_quality restricted to each group's tags (e.g. the label system's tag types)."""
-    from .evaluate import model_quality
+    """tagging_metrics restricted to each group's tags (e.g. the label system's tag types)."""
+    from ram_model.metrics import tagging_metrics
 
     out = {}
     for group, members in groups.items():
         cols = [i for i, t in enumerate(tags) if t in set(members)]
         if cols:
-            q = model_quality(scores[:, cols], truth_mh[:, cols], thresholds[cols])
+            q = tagging_metrics(scores[:, cols], truth_mh[:, cols], thresholds[cols])
             out[group] = {m: q[m] for m in METRICS}
     return out
 
@@ -104,11 +104,13 @@ def ablation_stage(store: Store, model_cfg, train_cfg, evaluate_cfg, cfg, images
     """Train one model per (label version, seed) with the same budget and architecture, score each on
     held-out keys against `evaluate_cfg.ground_truth`, and commit the `ablation` version."""
     from .config import section_dict
-    from .evaluate import (ground_truth_path, load_ground_truth, model_quality, multi_hot, normalise_truth,
-                           rekey_truth, score_model)
-    from .inspect import labels_version
+    from ram_model.metrics import tagging_metrics
+
+    from .evaluate import ground_truth_path, load_ground_truth, multi_hot, normalise_truth, rekey_truth, score_model
+    from .lineage import labels_version
     from .labels import load_labels
-    from .train import is_holdout, train_stage
+    from .models import is_holdout
+    from .train import train_stage
 
     if not label_versions:
         raise StoreError("ablation: no label versions given (ablation.versions, or run the loop first)")
@@ -154,9 +156,9 @@ def ablation_stage(store: Store, model_cfg, train_cfg, evaluate_cfg, cfg, images
             tags = list(model.tags)
             thresholds = model.class_threshold.cpu().numpy()
             truth_mh = multi_hot(truth, order, tags)
-            q = model_quality(scores, truth_mh, thresholds, tags)
+            q = tagging_metrics(scores, truth_mh, thresholds, tags)
             row = {"labels": name, "labels_ref": lv.ref, "seed": seed, "model": result.version.ref,
-                   **{m: float(q[m]) for m in METRICS}}
+                   **{m: float(q[m]) if q[m] is not None else float("nan") for m in METRICS}}
             for group, gq in group_quality(scores, truth_mh, thresholds, tags, groups).items():
                 row.update({f"{group}_{m}": float(v) for m, v in gq.items()})
             per_seed.append(row)
@@ -177,7 +179,7 @@ def ablation_stage(store: Store, model_cfg, train_cfg, evaluate_cfg, cfg, images
 def latest_label_versions(store: Store, refs: list[str] | None = None) -> dict[str, Version]:
     """The label versions to compare: the given refs (stage@version; names are their stages), or the
     latest clean version's lineage: its parsed, generated and clean versions."""
-    from .inspect import lineage
+    from .lineage import lineage
 
     if refs:
         out = {}

@@ -96,7 +96,7 @@ def build_labels(store: Store, parsed: Version, top_k: int, min_count: int = 1,
     """A label system from a parsed corpus: the top-K tags by frequency, synonyms merged."""
     if parsed.stage != "parsed":
         raise StoreError(f"labels build needs a parsed version, got {parsed.ref}")
-    from .parse import SCENE_NOUNS
+    from .parser.vocab import SCENE_NOUNS
 
     counts: Counter = Counter()
     type_counts: dict[str, Counter] = {}

@@ -88,7 +88,7 @@ def test_a_tag_list_file_picks_up_the_types_beside_it(tmp_path):
 
 def test_undeclared_types_come_from_the_parser_once():
     from tasks.labels import declare_tag_types
-    from tasks.parse import default_parser
+    from tasks.parser import default_parser
 
     typed = declare_tag_types(LabelSystem(["dog", "beach", "red", "running"]), default_parser())
     assert typed.types[:3] == ["object", "scene", "attribute"]
