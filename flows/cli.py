@@ -342,7 +342,7 @@ def labels_build(parsed: str = typer.Argument(..., help="PARSED_VERSION: parsed@
 @app.command("ls")
 def list_versions(stage: Optional[str] = typer.Argument(None, help="Stage to list; all stages when omitted.")) -> None:
     """List committed versions."""
-    from tasks.inspect import STAGE_OUTPUTS
+    from tasks.lineage import STAGE_OUTPUTS
 
     store = get_store(must_exist=True)
     found = store.stages()
@@ -368,7 +368,7 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
          rows: int = typer.Option(5, help="Sample rows to print."),
          as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON.")) -> None:
     """Manifest summary, counts, schema and sample rows of a version."""
-    from tasks.inspect import display_metrics, format_value, tag_names_for, with_tag_names
+    from tasks.lineage import display_metrics, format_value, tag_names_for, with_tag_names
     from tasks.evaluate import ablation_columns
 
     stage, ref = parse_ref(target)

@@ -199,7 +199,7 @@ def publish_report(report_path: str | Path, version) -> bool:
 
 def version_markdown(result: StageResult, report_path: str | None = None) -> str:
     from tasks.evaluate import ablation_columns
-    from tasks.inspect import display_metrics, format_value
+    from tasks.lineage import display_metrics, format_value
 
     v = result.version
     m = v.manifest

@@ -11,7 +11,7 @@ import os
 import time
 from typing import Callable
 
-from ram_model.train import format_duration
+from ram_model.trainer import format_duration
 
 log = logging.getLogger("ram_engine")
 

@@ -93,11 +93,11 @@ def test_torch_threads_is_a_validated_setting():
 
 def test_trainer_step_lines_carry_rate_and_eta(tmp_path, caplog):
     """The trainer logs steps with steps/s and an ETA (what the Prefect UI and the console show)."""
-    from ram_model.train import TrainConfig, train
+    from ram_model.trainer import LoopConfig, train
     from tests.test_train_helpers import make_model, stream_factory, write_shards
 
     shards = write_shards(tmp_path / "shards", n_shards=1, per_shard=8)[0]
-    cfg = TrainConfig(lr=1e-2, warmup_steps=0, total_steps=4, batch_size=4, checkpoint_every_steps=100,
+    cfg = LoopConfig(lr=1e-2, warmup_steps=0, total_steps=4, batch_size=4, checkpoint_every_steps=100,
                       image_size=16, log_every_steps=2)
     with caplog.at_level(logging.INFO, logger="ram_model"):
         train(make_model(seed=0), stream_factory(shards), cfg, tmp_path / "out")
