@@ -287,7 +287,7 @@ def from_pretrained(directory: str | Path, map_location="cpu") -> RAM:
     d = Path(directory)
     for name in ("config.json", "model.safetensors", "tags.txt", "thresholds.txt"):
         if not (d / name).exists():
-            raise FileNotFoundError(f"RAM.from_pretrained: {d / name} is missing (written by save_pretrained)")
+            raise FileNotFoundError(f"from_pretrained: {d / name} is missing (written by save_pretrained)")
     config = RAMConfig.from_dict(json.loads((d / "config.json").read_text(encoding="utf-8")))
     tags = (d / "tags.txt").read_text(encoding="utf-8").split("\n")
     thresholds = [float(x) for x in (d / "thresholds.txt").read_text(encoding="utf-8").split("\n")]
