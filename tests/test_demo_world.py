@@ -16,6 +16,8 @@ from tasks.demo_world import (COLOURS, DEFAULT_CATEGORIES, PLURALS, SCENES, Worl
                               generate_world, sample_key)
 from tasks.evaluate import label_quality, load_ground_truth
 
+from tests.reference import shared_dir, shared_file
+
 P_OBJ, P_COL, P_ABSENT, P_SCENE = 0.2, 0.15, 0.25, 0.1
 
 
@@ -58,10 +60,7 @@ def test_folder_format_is_readable(world):
 
 
 def test_vocabulary_is_in_rams_tag_list():
-    import pathlib
-    ram = pathlib.Path("/work/shared/reference/ram_tag_list.txt")
-    if not ram.exists():
-        pytest.skip("RAM's tag list is not at /work/shared/reference on this machine")
+    ram = shared_file(shared_dir() / "reference" / "ram_tag_list.txt")
     from tasks.demo_world import CATEGORY_NAMES
     ram_tags = set(ram.read_text().split("\n"))
     assert set(CATEGORY_NAMES) | set(COLOURS) | set(SCENES) <= ram_tags

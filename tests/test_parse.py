@@ -1,8 +1,6 @@
 """The parse stage: each fix on its own, tag extraction, bad captions, parts and lists."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -13,6 +11,8 @@ from tasks.parser import (ALL_FIXES, FIX_COMPOUND_ORDER, FIX_INTRANSITIVE_ACTION
                          FIX_LEMMA_EXCEPTIONS, FIX_LOWERCASE, FIX_PHRASAL_PREP_LEMMA,
                          FIX_PHRASAL_PREP_ON_VERB, CaptionParser, check_caption, iter_docs,
                          load_nlp, parse_captions, parse_part)
+
+from tests.reference import bench_dir
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_light_verbs_are_not_actions(fixed):
 def test_memoised_attributes_match_spacy():
     texts = ["There is a dog on the bed.", "Let's go gon na eat", "A man riding a horse.",
              "I am holding it for you", "A cat   sitting\ton a mat", "y'all come", "", "DOGS RUNNING"]
-    coco = Path(os.environ.get("RAM_BENCH_DIR", "/work/shared/bench")) / "coco_val2017_captions.tsv"
+    coco = bench_dir() / "coco_val2017_captions.tsv"
     if coco.exists():   # 1,500 real captions from the middle of the file, not the ones other tests use
         lines = coco.read_text(encoding="utf-8").splitlines()[10000:11500]
         texts += [line.split("\t", 1)[1] for line in lines]

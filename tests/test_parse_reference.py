@@ -7,10 +7,8 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +16,9 @@ from tasks.parser import (ALL_FIXES, FIX_COMPOUND_ORDER, FIX_LEMMA_EXCEPTIONS, F
                          FIX_PHRASAL_PREP_LEMMA, FIX_PHRASAL_PREP_ON_VERB, LEMMA_EXCEPTIONS,
                          PHRASAL_PREPS, CaptionParser, iter_docs)
 
-REF = Path(os.environ.get("RAM_BENCH_DIR", "/work/shared/bench")) / "scene_graphs_first5000.jsonl"
-pytestmark = pytest.mark.skipif(not REF.exists(), reason=f"reference parses not found at {REF}")
+from tests.reference import bench_dir, shared_file
+
+REF = bench_dir() / "scene_graphs_first5000.jsonl"
 
 _EXC_BY_WORD: dict[str, set[str]] = {}
 for (w, _p), lem in LEMMA_EXCEPTIONS.items():
@@ -40,7 +39,7 @@ def _graph_dict(g) -> dict:
 
 @pytest.fixture(scope="module")
 def reference_and_docs():
-    refs = [json.loads(line) for line in REF.read_text(encoding="utf-8").splitlines()]
+    refs = [json.loads(line) for line in shared_file(REF).read_text(encoding="utf-8").splitlines()]
     t0 = time.perf_counter()
     docs = list(iter_docs([r["caption"] for r in refs]))
     return refs, docs, time.perf_counter() - t0
