@@ -17,17 +17,15 @@ from PIL import Image
 from storage import PartRecord, Store, StoreError, Version, VersionWriter, schemas
 from storage.shards import decode_image
 
-from .code_version import code_version
-from .config import GenerateConfig, ParseConfig, section_dict
+from .config import GenerateConfig, ParseConfig
 from .lineage import labels_version
 from .labels import load_labels
 from .models import load_model, model_digest, model_to_label_ids, model_version
 from .parser import get_parser, parse_captions
-from .stage import PartTask, StageResult, parts_of, run_stage, top
+from .stage import PartTask, Stage, StageResult, parts_of, run, top
 
 log = logging.getLogger("ram_engine")
 
-STAGE = "generated"
 STAGE_VERSION = "generate-1"
 def parsed_by_key(parsed: Version, part: PartRecord | None) -> dict[str, set[int]]:
     out: dict[str, set[int]] = {}
@@ -119,26 +117,40 @@ def generate_part(writer: VersionWriter, task: PartTask, *, images: Version, par
 def generate(store: Store, cfg: GenerateConfig, parse_cfg: ParseConfig, images: Version, parsed: Version,
              baseline: str, *, executor=None, progress: Callable | None = None) -> StageResult:
     """The `generated` version of `images` + `parsed` under the baseline model `baseline`."""
-    lv = labels_version(store, parsed)
+    return run(STAGE, store, {"generate": cfg, "parse": parse_cfg},
+               {"images": images, "parsed": parsed, "baseline": baseline}, executor=executor, progress=progress)
+
+
+def identify(run) -> None:
+    """The baseline model is named by its digest (the same weights under any ref) and is a parent."""
+    lv = labels_version(run.store, run.inputs["parsed"])
     if lv is None:
-        raise StoreError(f"{parsed.ref} has no labels version in its lineage; rerun the parse stage")
-    mv = model_version(store, baseline)
-    ident = model_digest(mv, baseline)
-    parents = [images, parsed] + ([mv] if mv else [])
-    writer = store.begin(STAGE, code_version=code_version(__name__, STAGE_VERSION), parents=parents,
-                         config=section_dict(cfg) | {"baseline": ident, "parse": section_dict(parse_cfg)})
-    if writer.committed is not None:
-        return StageResult(writer.committed, "reused")
-    model = load_model(store, baseline, device=cfg.device)
-    labels = load_labels(store, lv)
-    parser = get_parser(parse_cfg)
-    tasks = parts_of(images, {"parsed": parsed}, salt=ident)
+        raise StoreError(f"{run.inputs['parsed'].ref} has no labels version in its lineage; rerun the parse stage")
+    mv = model_version(run.store, run.inputs["baseline"])
+    run.state["ident"] = model_digest(mv, run.inputs["baseline"])
+    run.state["labels_version"] = lv
+    run.parents += [mv] if mv else []
+    run.config["baseline"] = run.state["ident"]
 
-    del model  # loaded here to fail before any part; part work loads its own copy once per worker process
 
-    def process(w: VersionWriter, task: PartTask) -> PartRecord:
-        with torch.inference_mode():
-            return generate_part(w, task, images=images, parsed=parsed, labels=labels, parser=parser, cfg=cfg,
-                                 model=load_model(store, baseline, device=cfg.device))
+def prepare(run) -> None:
+    # loaded here to fail before any part; part work loads its own copy once per worker process
+    load_model(run.store, run.inputs["baseline"], device=run.cfg.device)
+    run.state["labels"] = load_labels(run.store, run.state["labels_version"])
 
-    return run_stage(writer, tasks, process, executor=executor, progress=progress)
+
+def split(run) -> list[PartTask]:
+    return parts_of(run.inputs["images"], {"parsed": run.inputs["parsed"]}, salt=run.state["ident"])
+
+
+def process(run, w: VersionWriter, task: PartTask) -> PartRecord:
+    cfg = run.cfg
+    with torch.inference_mode():
+        return generate_part(w, task, images=run.inputs["images"], parsed=run.inputs["parsed"],
+                             labels=run.state["labels"], parser=get_parser(run.sections["parse"]), cfg=cfg,
+                             model=load_model(run.store, run.inputs["baseline"], device=cfg.device))
+
+
+STAGE = Stage(name="generate", output="generated", inputs=("images", "parsed", "baseline"), section="generate",
+              also=("parse",), version=STAGE_VERSION, identify=identify, prepare=prepare, split=split,
+              process=process)

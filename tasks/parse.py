@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .code_version import code_version
 from .parser import get_parser, parse_part
+from .stage import Stage
 
 # ---------------------------------------------------------------------------------------------
 # The stage over the store: one parsed part per images part, the label system in the lineage.
 
-STAGE = "parsed"
 STAGE_VERSION = "parse-1"
 TOP_COUNTS_PER_PART = 500
 
@@ -37,43 +36,54 @@ def summarize_parts(records) -> dict:
 
 def parse_stage(store, cfg, images, *, executor=None, progress=None):
     """The `parsed` version of an `images` version under ParseConfig `cfg`."""
-    import pyarrow.compute as pc
+    from .stage import run
 
-    from storage.store import digest
+    return run(STAGE, store, {"parse": cfg}, {"images": images}, executor=executor, progress=progress)
 
-    from .config import section_dict
+
+def identify(run) -> None:
+    """The label system is part of what a parse means: registered (a `labels` version) and a parent."""
     from .labels import declare_tag_types, register_labels, resolve_label_system
     from .models import worker_cached
-    from .stage import parts_of, run_stage
 
-    labels = resolve_label_system(cfg.labels)
+    labels = resolve_label_system(run.cfg.labels)
     if labels.types is None:   # declared once per tag list (not per corpus), then stored with the labels
-        labels = worker_cached(f"typed-labels|{cfg.labels}|{len(labels)}",
-                               lambda: declare_tag_types(labels, get_parser(cfg)))
-    labels_version = register_labels(store, labels)
-    config = section_dict(cfg) | {"labels": labels_version.id}
-    writer = store.begin(STAGE, code_version=code_version(__name__, STAGE_VERSION), config=config, parents=[images, labels_version])
-    if writer.committed is not None:
-        from .stage import StageResult
+        labels = worker_cached(f"typed-labels|{run.cfg.labels}|{len(labels)}",
+                               lambda: declare_tag_types(labels, get_parser(run.cfg)))
+    labels_version = register_labels(run.store, labels)
+    run.config["labels"] = labels_version.id
+    run.parents.append(labels_version)
+    run.state["labels"] = labels
 
-        return StageResult(writer.committed, "reused")
-    parser = get_parser(cfg)
-    tasks = parts_of(images, salt=digest(config))
 
-    def process(w, task):
-        part = task.payload["part"]
-        index = next(f for f in part.files if f["kind"] == "table")
-        table = images.read_file(index["path"], columns=["key", "captions"])
-        out, rejects, m = parse_part(table, parser, labels, source=index["path"], top_n=TOP_COUNTS_PER_PART)
-        def total(column: str) -> int:
-            return int(pc.sum(pc.list_value_length(out.column(column))).as_py() or 0)
+def split(run):
+    from storage.store import digest
 
-        metrics = {"captions": m["captions"], "captions_parsed": m["captions_parsed"],
-                   "tags": total("tags"), "known": total("tag_ids"), "unknown": total("unknown_tags"),
-                   "without_tags": m["captions_without_tags"], "reject_reasons": m["reject_reasons"],
-                   "tag_counts": dict(m["top_tags"]), "unknown_counts": dict(m["top_unknown_tags"])}
-        return w.write_part(task.name, table=out, rejects=rejects, rows_in=m["captions"] + sum(
-            1 for r in rejects if r["field"] in ("captions", "key")), source_digest=task.source_digest,
-                            metrics=metrics)
+    from .stage import parts_of
 
-    return run_stage(writer, tasks, process, executor=executor, progress=progress, summarize=summarize_parts)
+    return parts_of(run.inputs["images"], salt=digest(run.config))
+
+
+def process(run, w, task):
+    import pyarrow.compute as pc
+
+    images, labels, parser = run.inputs["images"], run.state["labels"], get_parser(run.cfg)
+    part = task.payload["part"]
+    index = next(f for f in part.files if f["kind"] == "table")
+    table = images.read_file(index["path"], columns=["key", "captions"])
+    out, rejects, m = parse_part(table, parser, labels, source=index["path"], top_n=TOP_COUNTS_PER_PART)
+    def total(column: str) -> int:
+        return int(pc.sum(pc.list_value_length(out.column(column))).as_py() or 0)
+
+    metrics = {"captions": m["captions"], "captions_parsed": m["captions_parsed"],
+               "tags": total("tags"), "known": total("tag_ids"), "unknown": total("unknown_tags"),
+               "without_tags": m["captions_without_tags"], "reject_reasons": m["reject_reasons"],
+               "tag_counts": dict(m["top_tags"]), "unknown_counts": dict(m["top_unknown_tags"])}
+    return w.write_part(task.name, table=out, rejects=rejects, rows_in=m["captions"] + sum(
+        1 for r in rejects if r["field"] in ("captions", "key")), source_digest=task.source_digest,
+                        metrics=metrics)
+
+
+STAGE = Stage(name="parse", output="parsed", inputs=("images",), section="parse", version=STAGE_VERSION,
+              identify=identify, split=split, process=process,
+              summarize=lambda run, records: summarize_parts(records))

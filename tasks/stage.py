@@ -1,5 +1,11 @@
-"""Running one stage over parts: skip what is committed, resume what is half done, reuse what an
-earlier version already made from the same input with the same config, and commit last.
+"""The Stage contract and its runner.
+
+A stage module declares itself once, as `STAGE = Stage(...)`: its name, the versions it reads, its
+config section (the pydantic model the YAML was validated into, passed as it is), how it splits work
+into parts, how it makes one part, how it summarizes, and its code version. `run` does the rest, the
+same for every stage: fix the version id, return a version already committed, resume the parts an
+interrupted run finished, reuse the parts an earlier version made from unchanged inputs with unchanged
+code and config, run the rest on the executor, report progress, and commit last.
 
 Prefect-free: `flows/` passes an executor that maps part work onto Prefect tasks.
 """
@@ -9,9 +15,11 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from storage import PartRecord, Version, VersionWriter, digest
+import pyarrow as pa
+
+from storage import PartRecord, Store, Version, VersionWriter, digest
 from storage.fs import CommittedFileConflict, retry_io
 from storage.store import CorruptFile
 
@@ -63,14 +71,161 @@ def sequential(fn: Callable[[PartTask], PartRecord], tasks: Sequence[PartTask]) 
     return (fn(t) for t in tasks)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """A stage, declared once in its module. Every function gets the `StageRun`.
+
+    name      the loop's name for it (`--from`/`--until`, the Prefect subflow, progress): "parse"
+    output    the dataset it writes ("parsed"), or a function of the run ("models/<train.name>")
+    inputs    the versions it reads, by name ("images"); the loop passes them under these names
+    section   the `EngineConfig` field it runs with ("parse"): `run.cfg` is that pydantic model itself
+    version   the label of its code version ("parse-1"); the digest of its module's code is added
+    split     run -> the parts: one `PartTask` per unit of input, with the digest of what it reads
+    process   (run, writer, part) -> the part's record; runs where the executor puts it
+    summarize (run, records) -> the version's metrics (default: `merge_metrics`)
+    identify  run -> None, or a committed version that already answers the run: adds to `run.config`,
+              `run.parents` or `run.input_digest` what else determines the output (a label system, a
+              model's digest, the sources' content) before the version id is fixed
+    prepare   run -> None: work done once before the parts, only when the version is not committed
+              yet (load a model to fail before any part, cluster every crop)
+    also      other config sections it reads (by field name), in `run.sections` and in its identity
+    one_part  not part-wise (training): its single part runs in the caller's process
+    schema    the output schema, when `storage/schemas.py` does not declare one for `output`
+    """
+
+    name: str
+    output: str | Callable[["StageRun"], str]
+    inputs: tuple[str, ...]
+    section: str
+    version: str
+    split: Callable[["StageRun"], list[PartTask]]
+    process: Callable[["StageRun", VersionWriter, PartTask], PartRecord]
+    summarize: Callable[["StageRun", list[PartRecord]], dict] | None = None
+    identify: Callable[["StageRun"], Version | None] | None = None
+    prepare: Callable[["StageRun"], None] | None = None
+    also: tuple[str, ...] = ()
+    one_part: bool = False
+    schema: pa.Schema | None = None
+
+    @property
+    def module(self) -> str:
+        """The module whose code (and every project module it imports) the code version covers."""
+        return self.process.__module__
+
+    def code_version(self) -> str:
+        from .code_version import code_version
+
+        return code_version(self.module, self.version)
+
+
+@dataclass
+class StageRun:
+    """One run of a stage: what its functions read (config, inputs) and what they add (identity, state).
+    It travels to Dask/Ray workers with the part function, so `state` holds plain data, never a model."""
+
+    stage: Stage
+    store: Store
+    cfg: Any                                   # the stage's section, the loaded pydantic model itself
+    sections: dict[str, Any]                   # the sections of `stage.also`, by field name
+    inputs: dict[str, Any]                     # input versions (or model refs) by name
+    config: dict = field(default_factory=dict)     # what enters the version id with the code version
+    parents: list = field(default_factory=list)    # the versions this one descends from
+    input_digest: str | None = None            # for stages whose input is not a version (ingest's sources)
+    extra: dict = field(default_factory=dict)      # written into the manifest as it is
+    state: dict = field(default_factory=dict)      # what identify/prepare computed for the parts
+    progress: Callable[[str, int, int], None] | None = None   # the caller's; never shipped to a worker
+
+    def __getstate__(self):
+        return self.__dict__ | {"progress": None}
+
+    @property
+    def output(self) -> str:
+        out = self.stage.output
+        return out(self) if callable(out) else out
+
+
+def section_of(cfg: Any, name: str) -> Any:
+    """Section `name` of an `EngineConfig` (or of a mapping of sections, as single-stage calls pass)."""
+    if isinstance(cfg, Mapping):
+        if name not in cfg:
+            raise ValueError(f"config section {name!r} is missing (given: {', '.join(cfg) or 'none'})")
+        return cfg[name]
+    return getattr(cfg, name)
+
+
+def _versions(values: Iterable[Any]) -> list[Version]:
+    found = []
+    for value in values:
+        if isinstance(value, Version):
+            found.append(value)
+        elif isinstance(value, Mapping):
+            found += _versions(value.values())
+    return found
+
+
+def begin_run(stage: Stage, store: Store, cfg: Any, inputs: Mapping[str, Any]) -> tuple[StageRun, VersionWriter | Version]:
+    """The run's identity, fixed: its writer, or the committed version that already answers it."""
+    from .config import section_dict
+
+    missing = [n for n in stage.inputs if n not in inputs]
+    if missing:
+        raise ValueError(f"stage {stage.name}: input(s) {missing} not given (it reads {', '.join(stage.inputs)})")
+    section = section_of(cfg, stage.section)
+    sections = {n: section_of(cfg, n) for n in stage.also}
+    run = StageRun(stage, store, section, sections, {n: inputs[n] for n in stage.inputs},
+                   config=section_dict(section) | {n: section_dict(s) for n, s in sections.items()})
+    run.parents = _versions(run.inputs.values())
+    found = stage.identify(run) if stage.identify else None
+    if found is not None:
+        return run, found
+    writer = store.begin(run.output, code_version=stage.code_version(), config=run.config, parents=run.parents,
+                         input_digest=run.input_digest, schema=stage.schema)
+    committed = writer.committed
+    return (run, committed) if committed is not None else (run, writer)
+
+
+def run(stage: Stage, store: Store, cfg: Any, inputs: Mapping[str, Any], *, executor: "Executor | None" = None,
+        progress: Callable[[str, int, int], None] | None = None) -> StageResult:
+    """Run `stage` over `inputs` with its section of `cfg` (an `EngineConfig`, or {section: model}):
+    the committed version when there is one, else the parts not yet made, then the commit."""
+    sr, writer = begin_run(stage, store, cfg, inputs)
+    sr.progress = progress
+    if isinstance(writer, Version):
+        log.info("%s: version %s is committed already; nothing to do", writer.stage, writer.id)
+        return StageResult(writer, "reused")
+    if stage.prepare:
+        stage.prepare(sr)
+    tasks = stage.split(sr)
+    if stage.one_part and len(tasks) != 1:
+        raise ValueError(f"stage {stage.name} declares one part, its split gave {len(tasks)}")
+    return run_stage(writer, tasks, _PartFunction(stage.process, sr),
+                     executor=None if stage.one_part else executor,
+                     summarize=(lambda records: stage.summarize(sr, records)) if stage.summarize else None,
+                     progress=None if stage.one_part else progress, extra=sr.extra or None,
+                     part_attempts=1 if stage.one_part else 4, part_errors=not stage.one_part)
+
+
+@dataclass
+class _PartFunction:
+    """`process(run, writer, part)` bound to its run; a plain object, so Dask and Ray can ship it."""
+
+    process: Callable[[StageRun, VersionWriter, PartTask], PartRecord]
+    run: StageRun
+
+    def __call__(self, writer: VersionWriter, task: PartTask) -> PartRecord:
+        return self.process(self.run, writer, task)
+
+
 def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callable[[VersionWriter, PartTask], PartRecord],
               *, executor: Executor | None = None, summarize: Callable[[list[PartRecord]], dict] | None = None,
               progress: Callable[[str, int, int], None] | None = None, part_attempts: int = 4,
-              extra: dict | None = None) -> StageResult:
+              extra: dict | None = None, part_errors: bool = True) -> StageResult:
     """Run `process(writer, task)` for each part not already available, then commit.
 
     `process` must call `writer.write_part(task.name, ..., source_digest=task.source_digest)` and return
-    its record. `extra` goes into the manifest as it is (e.g. the sources an ingest read).
+    its record. `extra` goes into the manifest as it is (e.g. the sources an ingest read). A failing
+    part raises `StageError` naming the part, or with `part_errors=False` (a one-part stage, whose own
+    errors say it all) the stage's error as it is.
     """
     committed = writer.committed
     if committed is not None:
@@ -114,6 +269,8 @@ def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callabl
         except StageError:
             raise
         except Exception as exc:
+            if not part_errors:
+                raise
             if _finished_elsewhere(writer, task.name, wait_s=60 if isinstance(exc, CommittedFileConflict) else 0):
                 log.info("%s: part %s was finished by another run", writer.stage, task.name)
                 return writer.record(task.name)
