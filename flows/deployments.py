@@ -5,7 +5,9 @@
   store (resource id `ram.store.<digest of the store URL>`).
 * `emit_images_committed` sends that event after ingest commits a version with new samples. The
   retrain flow applies `orchestration.retrain_min_new_samples` of the config it is served with (one
-  setting, where the deployment runs), counting the samples new since its latest model's images.
+  setting, where the deployment runs). "New samples" has one definition, `samples_since_last_training`
+  (the samples the latest model was not trained on): the event's payload and the retrain's decision
+  both count with it.
 
 `serve(cfg)` registers both deployments and runs their flow runs in this process (`prefect.serve`);
 call it under `if __name__ == "__main__":` (or through `ram-engine serve`), since Prefect starts each
@@ -50,12 +52,6 @@ def store_resource_id(store: Store) -> str:
     return f"ram.store.{digest(store_identity(store), 16)}"
 
 
-def new_samples(version: Version) -> int:
-    """Rows out of the parts this version wrote itself (in this run or a resumed one), not of the
-    parts it shares with earlier versions: those samples were announced when they were new."""
-    return sum(p.rows_out for p in version.parts if p.files and not p.shared_from)
-
-
 def samples_since_last_training(store: Store, images: Version, model_stage: str) -> tuple[int, str | None]:
     """(samples of `images` that the latest `model_stage` version was not trained on, that version's images
     ref or None when there is no model yet). Counted by sample, so it accumulates across images versions: a
@@ -82,9 +78,10 @@ def samples_since_last_training(store: Store, images: Version, model_stage: str)
 
 
 def emit_images_committed(store: Store, version: Version, new_samples: int, threshold: int,
-                          *, event: str = EVENT_IMAGES_COMMITTED):
-    """Emit `event` for a committed `images` version when `new_samples >= threshold`; returns the
-    Prefect Event, or None when below the threshold (or when Prefect has nowhere to send it)."""
+                          *, trained_on: str | None = None, event: str = EVENT_IMAGES_COMMITTED):
+    """Emit `event` for a committed `images` version when `new_samples` (counted by
+    `samples_since_last_training`, since the images version `trained_on`) reaches `threshold`; returns
+    the Prefect Event, or None when below the threshold (or when Prefect has nowhere to send it)."""
     if new_samples < threshold:
         log.info("images@%s: %d new samples < %d: no %s event", version.id, new_samples, threshold, event)
         return None
@@ -104,10 +101,12 @@ def emit_images_committed(store: Store, version: Version, new_samples: int, thre
                   "prefect.resource.role": "dataset-version",
                   "prefect.resource.name": f"{version.stage}@{version.id}"}],
         payload={"store": store_identity(store), "stage": version.stage, "version": version.id,
-                 "new_samples": int(new_samples), "threshold": int(threshold), "rows_out": m["rows_out"],
+                 "new_samples": int(new_samples), "new_since": trained_on, "threshold": int(threshold),
+                 "rows_out": m["rows_out"],
                  "rows_rejected": m["rows_rejected"], "parents": m["parents"]},
     )
-    log.info("images@%s: %d new samples: emitted %s", version.id, new_samples, event)
+    log.info("images@%s: %d new samples %s: emitted %s", version.id, new_samples,
+             f"since {trained_on}" if trained_on else "(no model trained yet)", event)
     return sent
 
 

@@ -13,13 +13,14 @@ from .runtime import as_config, open_store, prefect_executor, publish, stage_pro
 def ingest_and_announce(cfg: EngineConfig, source: str | None = None, progress=None) -> StageResult:
     """Ingest; a new commit with new samples emits `ram.images.committed` (the served retrain deployment
     decides, with its own `orchestration.retrain_min_new_samples`, whether enough is new to retrain)."""
-    from .deployments import emit_images_committed, new_samples
+    from .deployments import emit_images_committed, samples_since_last_training
 
     store = open_store(cfg)
     result = ingest(store, cfg.ingest, source=source, executor=prefect_executor(STAGE),
                     progress=stage_progress(progress))
-    if result.status == "written":
-        emit_images_committed(store, result.version, new_samples(result.version), threshold=1)
+    if result.status == "written":  # counted as the served retrain counts them (one definition)
+        new, trained_on = samples_since_last_training(store, result.version, f"models/{cfg.train.name}")
+        emit_images_committed(store, result.version, new, threshold=1, trained_on=trained_on)
     return result
 
 

@@ -14,7 +14,7 @@ import pytest
 from prefect import flow
 
 from flows.deployments import (EVENT_IMAGES_COMMITTED, LOOP_DEPLOYMENT, RETRAIN_DEPLOYMENT, build_deployments,
-                               emit_images_committed, new_samples, serve_command, store_resource_id)
+                               emit_images_committed, serve_command, store_resource_id)
 from storage import Store
 from tasks.config import ConfigError, EngineConfig, load_config
 
@@ -70,29 +70,58 @@ def test_no_event_and_no_temporary_server_without_a_prefect_api(tmp_path, monkey
     assert emit_images_committed(store, first, 3, threshold=1) is None
 
 
-def test_emitter_applies_the_threshold_and_counts_only_new_parts(tmp_path, sent):
+def test_emitter_applies_the_threshold(tmp_path, sent):
     from tasks.ingest import ingest
 
     cfg = config(tmp_path)
     store = Store(cfg.store.url)
-    src = source(tmp_path / "src", 7)
-    first = ingest(store, cfg.ingest, source=str(src)).version
-    assert new_samples(first) == 7
+    first = ingest(store, cfg.ingest, source=str(source(tmp_path / "src", 7))).version
     assert emit_images_committed(store, first, 7, threshold=8) is None and sent == []
     emit_images_committed(store, first, 7, threshold=7)
     assert len(sent) == 1 and sent[0]["event"] == EVENT_IMAGES_COMMITTED
     assert sent[0]["resource"]["prefect.resource.id"] == store_resource_id(store)
     assert sent[0]["payload"]["version"] == first.id and sent[0]["payload"]["new_samples"] == 7
-    # Growth: the grown version shares the unchanged parts; only the samples in its own parts are new.
+
+
+def test_the_event_and_the_retrain_count_new_samples_alike(tmp_path, sent, monkeypatch):
+    """Grow a folder source as the demo's walkthrough does: new files land inside existing parts, so the
+    rewritten parts hold more rows than there are new samples. The event's `new_samples` and the served
+    retrain's decision use one count (samples the latest model was not trained on): a threshold equal to
+    the announced count retrains, one more does not."""
+    import flows.data_engine
+    from flows.ingest import ingest_and_announce
+    from flows.train import retrain_flow
+
+    cfg = config(tmp_path)
+    store = Store(cfg.store.url)
+    src = source(tmp_path / "src", 12)
+    first = ingest_and_announce(cfg, str(src)).version
+    assert sent[-1]["payload"]["new_samples"] == 12 and sent[-1]["payload"]["new_since"] is None  # no model yet
+    model = store.begin(f"models/{cfg.train.name}", code_version="test", config={}, parents=[first])
+    model.write_files("weights", {"weights.bin": b"trained on the first 12"})
+    model.commit()
     extra = source(tmp_path / "extra", 5, start=50)  # new files land beside the untouched old ones
     for f in extra.glob("*.jpg"):
         f.rename(src / f.name)
     with open(src / "captions.jsonl", "a") as out:
         out.write((extra / "captions.jsonl").read_text())
-    grown = ingest(store, cfg.ingest, source=str(src)).version
-    assert grown.manifest["parts_reused"] > 0
-    fresh = new_samples(grown)
-    assert 5 <= fresh < 12, "shared parts must not count as new samples"
+    grown = ingest_and_announce(cfg, str(src)).version
+    rewritten = sum(p.rows_out for p in grown.parts if not p.shared_from)
+    assert grown.manifest["parts_reused"] > 0 and rewritten > 5, "the case where counting by parts overcounts"
+    payload = sent[-1]["payload"]
+    assert payload["version"] == grown.id and payload["new_samples"] == 5 and payload["new_since"] == first.ref
+
+    runs = []
+    monkeypatch.setattr(flows.data_engine, "data_engine_flow", lambda cfg, **kw: runs.append(kw) or {"ran": True})
+
+    def retrain(threshold: int) -> dict:
+        served = cfg.model_copy(update={"orchestration": cfg.orchestration.model_copy(
+            update={"retrain_min_new_samples": threshold})})
+        return retrain_flow.fn(served, images_version=payload["version"], new_samples=payload["new_samples"])
+
+    assert retrain(payload["new_samples"] + 1) == {} and runs == []
+    assert retrain(payload["new_samples"]) == {"ran": True}
+    assert runs == [{"from_stage": "parse", "images_version": grown.id}]
 
 
 def test_resource_id_is_the_same_from_any_working_directory(tmp_path, monkeypatch):
