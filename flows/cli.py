@@ -414,7 +414,8 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
 
 
 def _shortened(value, max_items: int = 20, max_chars: int = 160):
-    """A row for the screen: long strings and lists cut (marked with …), so each row stays valid JSON."""
+    """A row for the screen: long strings and lists cut (marked with …), floats rounded to 4 digits, so each
+    row stays valid JSON and short."""
     if isinstance(value, dict):
         return {k: _shortened(v, max_items, max_chars) for k, v in value.items()}
     if isinstance(value, list):
@@ -424,6 +425,8 @@ def _shortened(value, max_items: int = 20, max_chars: int = 160):
         return f"<{len(value)} bytes>"
     if isinstance(value, str) and len(value) > max_chars:
         return value[:max_chars] + "…"
+    if isinstance(value, float):
+        return round(value, 4)
     return value
 
 

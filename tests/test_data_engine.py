@@ -218,6 +218,8 @@ def test_inspection_output_tells_the_truth(engine_store, tmp_path):
     assert first_seen == ["images", "labels", "parsed", "models/baseline", "generated", "regions", "embeddings",
                           "clean", "models/ram", "evaluate"]
     assert all(len(line) <= 250 for line in out.output.splitlines())
+    parsed = results["parse"].version  # output that is no terminal is not wrapped at 80 columns: parents stay whole
+    assert any(", ".join(parsed.parents) in line for line in out.output.splitlines()), out.output
     # A store that does not exist is an error that names it, not an empty table.
     import subprocess
     import sys
@@ -240,6 +242,8 @@ def test_inspection_output_tells_the_truth(engine_store, tmp_path):
         rows = [json.loads(l) for l in out.output.splitlines() if l.startswith("  {")]
         assert rows and all("tags" in r and len(r["tags"]) == len(r["tag_ids"]) for r in rows), out.output
         assert all(isinstance(t, str) and not t.startswith("#") for r in rows for t in r["tags"])
+        scores = [x for r in rows for x in r.get("predicted_scores", [])]
+        assert all(x == round(x, 4) for x in scores) and (stage != "generated" or scores)  # no 17-digit floats
 
     clean = results["clean"].version
     out = runner.invoke(app, store + ["lineage", f"clean@{clean.id}"])
