@@ -19,10 +19,12 @@ from tasks.config import ConfigError, EngineConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="The RAM data engine: versioned stages from captions to a retrained tagger.")
-# Output that is not a terminal (a pipe, a file, CI logs) is not cut at 80 columns: paths and version
-# ids stay whole on one line. A terminal keeps its own width.
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 250)
-out = Console(width=None if sys.stdout.isatty() else 250)
+# Output that is not a terminal (a pipe, a file, CI logs) is not cut at 80 columns, nor at any width: paths
+# and version ids stay whole on one line (tables size their columns to the content). A terminal keeps its
+# own width.
+UNWRAPPED = 10_000
+console = Console(stderr=True, width=None if sys.stderr.isatty() else UNWRAPPED)
+out = Console(width=None if sys.stdout.isatty() else UNWRAPPED)
 
 
 class State:

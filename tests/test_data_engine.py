@@ -217,9 +217,9 @@ def test_inspection_output_tells_the_truth(engine_store, tmp_path):
             first_seen.append(name)
     assert first_seen == ["images", "labels", "parsed", "models/baseline", "generated", "regions", "embeddings",
                           "clean", "models/ram", "evaluate"]
-    assert all(len(line) <= 250 for line in out.output.splitlines())
-    parsed = results["parse"].version  # output that is no terminal is not wrapped at 80 columns: parents stay whole
-    assert any(", ".join(parsed.parents) in line for line in out.output.splitlines()), out.output
+    # Output that is no terminal is not wrapped (at 80 columns or any width): the longest parents cell stays whole.
+    evaluate = results["evaluate"].version
+    assert len(evaluate.parents) >= 6 and any(", ".join(evaluate.parents) in l for l in out.output.splitlines())
     # A store that does not exist is an error that names it, not an empty table.
     import subprocess
     import sys
