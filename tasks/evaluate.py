@@ -211,15 +211,17 @@ def _cell(v) -> str:
 
 
 def ablation_columns(rows: Sequence[Mapping]) -> list[str]:
-    """The columns of ablation rows in reading order: stage first, the quality figures, then the counts
-    and any extra column. Rows read back from a manifest have their keys sorted, so order is not kept."""
+    """The columns of evaluation tables (label quality, cleaning removal, ablation seeds) in reading order:
+    what a row is (stage, labels, seed, reason), the quality figures, any other column, then the counts and
+    references. Rows read back from a manifest have their keys sorted, so order is not kept."""
     present: list[str] = []
     for r in rows:
         present += [c for c in r if c not in present]
-    lead = ["stage", "n_keys", "labels_per_key", "precision", "recall", "f1", "mAP"]
-    counts = ["tp", "fp", "fn"]
+    lead = ["stage", "labels", "seed", "reason", "n_keys", "labels_per_key", "precision", "recall", "f1", "mAP",
+            "removal_precision", "removal_recall", "removed", "removed_wrong"]
+    tail = ["tp", "fp", "fn", "wrong_localisable_in", "base_rate", "labels_ref", "model"]
     first = [c for c in lead if c in present]
-    return first + sorted(c for c in present if c not in lead + counts) + [c for c in counts if c in present]
+    return first + sorted(c for c in present if c not in lead + tail) + [c for c in tail if c in present]
 
 
 def rows_to_markdown(rows: Sequence[Mapping]) -> str:

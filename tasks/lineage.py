@@ -120,12 +120,16 @@ def ranked(counter: dict) -> list[tuple[str, Any]]:
 
 def display_metrics(store: Store, version: Version, top: int = 15) -> list[tuple[str, str, Any]]:
     """A version's metrics ready to show: (name, kind, value) where kind is "counter" (a ranked list of
-    (label, count), tag ids named), "table" (rows, e.g. the ablation) or "value" (floats rounded)."""
+    (label, count), tag ids named), "table" (rows, e.g. the ablation) or "value" (floats rounded, lists
+    joined, "(none)" for an empty one)."""
     metrics = version.manifest.get("metrics") or {}
     names = None
     out: list[tuple[str, str, Any]] = []
     for name, value in metrics.items():
-        if name == "markdown":  # the ablation again, pre-rendered: shown from its rows instead
+        if name == "markdown" or name.endswith("_markdown"):  # tables pre-rendered for the CLI: shown from their rows
+            continue
+        if isinstance(value, (dict, list)) and not value:
+            out.append((name, "value", "(none)"))
             continue
         if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
             items = ranked(value)[:top]
@@ -137,6 +141,8 @@ def display_metrics(store: Store, version: Version, top: int = 15) -> list[tuple
             out.append((name, "table", value))
         elif isinstance(value, dict):
             out.append((name, "value", ", ".join(f"{k}: {format_value(v)}" for k, v in list(value.items())[:top])))
+        elif isinstance(value, list):
+            out.append((name, "value", ", ".join(format_value(v) for v in value)))
         else:
             out.append((name, "value", format_value(value)))
     return out

@@ -142,7 +142,7 @@ def test_loop_runs_as_prefect_flows_with_artifacts(world_and_detector, prefect_a
     assert len(asyncio.run(artifacts("ram-models-baseline"))) >= 2
     evaluate = asyncio.run(artifacts("ram-evaluate"))[0].data
     assert "| stage | n_keys | labels_per_key | precision | recall | f1 |" in evaluate, evaluate
-    assert "[{" not in evaluate and "- markdown" not in evaluate
+    assert "[{" not in evaluate and "- markdown" not in evaluate and "_markdown" not in evaluate
     assert not re.search(r"\d\.\d{5,}", evaluate), "floats are rounded"
     assert f"store path: `{Store(cfg.store.url).full_url('evaluate/')}" in evaluate
     parsed = asyncio.run(artifacts("ram-parsed"))[0].data

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ram_model.metrics import average_precision, label_quality, tagging_metrics
-from tasks.evaluate import (ABLATION_COLUMNS, ablation_table, evaluation_table, load_ground_truth, multi_hot,
-                            rows_to_markdown)
+from tasks.evaluate import (ABLATION_COLUMNS, ablation_columns, ablation_table, evaluation_table, load_ground_truth,
+                            multi_hot, rows_to_markdown)
 
 TRUTH = {"a": {"cat"}, "b": {"car", "tree"}, "c": {"sky"}}
 PRED = {"a": {"cat", "dog"}, "b": {"car"}, "c": set(), "z": {"cat"}}
@@ -155,3 +155,32 @@ def test_best_f1_thresholds_by_hand():
                              min_precision=0.5)
     # class 0: F1 2/3, 1, 2/3 -> 0.5; class 1 has no positive: kept; class 2: never precise -> disabled.
     assert thr == [0.5, 0.7, 1.0]
+
+
+def test_tables_lead_with_what_a_row_is_and_metrics_show_no_raw_structures(tmp_path: Path):
+    """Manifests store rows with sorted keys: the removal table must not open with base_rate, nor the
+    per-seed ablation with precision before its labels; pre-rendered markdown, lists and empty counters
+    must not reach the CLI or an artifact as Python reprs or blanks."""
+    from storage import Store, Version
+    from tasks.lineage import display_metrics
+
+    def display_metrics_of(folder: Path, metrics: dict) -> dict:
+        version = Version(Store(str(folder)), {"metrics": metrics})
+        return {name: (kind, value) for name, kind, value in display_metrics(version.store, version)}
+
+    removal = [{"base_rate": 0.19, "reason": "outlier", "removal_precision": 0.505, "removal_recall": 0.163,
+                "removed": 97, "removed_wrong": 49, "wrong_localisable_in": 300}]
+    per_seed = [{"f1": 0.39, "labels": "parsed", "labels_ref": "parsed/x", "mAP": 0.515, "model": "models/a/1",
+                 "object_f1": 0.04, "precision": 0.94, "recall": 0.25, "seed": 0}]
+    assert ablation_columns(removal) == ["reason", "removal_precision", "removal_recall", "removed", "removed_wrong",
+                                         "wrong_localisable_in", "base_rate"]
+    assert ablation_columns(per_seed) == ["labels", "seed", "precision", "recall", "f1", "mAP", "object_f1",
+                                          "labels_ref", "model"]
+    assert rows_to_markdown(removal).startswith("| reason | removal_precision |")
+    shown = display_metrics_of(tmp_path, {"cleaning_removal": removal, "markdown": "| pre-rendered |",
+                                          "cleaning_removal_markdown": rows_to_markdown(removal),
+                                          "models": ["models/a/1", "models/b/2"], "reject_reasons": {},
+                                          "per_seed": per_seed, "coverage": 0.82512})
+    assert shown == {"cleaning_removal": ("table", removal), "models": ("value", "models/a/1, models/b/2"),
+                     "reject_reasons": ("value", "(none)"), "per_seed": ("table", per_seed),
+                     "coverage": ("value", "0.825")}
