@@ -456,19 +456,22 @@ def ablation_chart(rows: Sequence[Mapping[str, Any]], width: int = 640, row: int
 def data_engine_sections(data: ReportData, out: Path) -> list[str]:
     """Does the engine earn its keep: cleaning's removal precision / recall per reason, and the
     ablation (models trained per label version) as a table and a plot."""
+    from .evaluate import ablation_columns
+
     body: list[str] = []
     if data.cleaning_removal:
         body.append('<h2 id="cleaning-removal">Cleaning: removed tags against the truth</h2>')
         body.append('<p class="legend">Removal precision: share of removed (image, tag) pairs that are wrong; '
                     "recall: share of the wrong localisable pairs that were removed; base rate: the wrong share "
                     "of the localisable pairs cleaning was given (what random removal would score).</p>")
-        body.append(_table(data.cleaning_removal, "cleaning-removal"))
+        body.append(_table(data.cleaning_removal, "cleaning-removal", columns=ablation_columns(data.cleaning_removal)))
     if data.ablation:
         body.append('<h2 id="ablation">Ablation: a model per label version</h2>')
         rows = []
         for r in data.ablation:
             row = {"labels": r["labels"], "version": r.get("labels_ref", ""), "seeds": r.get("seeds", "")}
-            for m in [k[: -len("_mean")] for k in r if k.endswith("_mean")]:
+            figures = dict.fromkeys(k[: -len("_mean")] for k in r if k.endswith("_mean"))
+            for m in ablation_columns([figures]):  # the overall figures first, not alphabetical
                 row[m] = f"{r[m + '_mean']:.3f} ± {r.get(m + '_std', 0.0):.3f}"
             if "mAP_gain" in r:
                 row["mAP gain"] = f"{r['mAP_gain']:+.3f}" + (" (> 2 std)" if r.get("gain_over_2std") else "")

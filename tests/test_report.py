@@ -204,3 +204,21 @@ def test_changed_samples_show_every_kind_of_change():
     assert pick_changed_samples({"parsed": parsed, "generated": generated}, removed, 8)[:6] == \
         ["k2", "k5", "k4", "k3", "k1", "k6"]
     assert len(pick_changed_samples({"parsed": parsed}, {}, 3)) == 3   # nothing changed: still samples
+
+
+def test_removal_and_ablation_tables_lead_with_their_figures(tmp_path):
+    """Rows come back from manifests with sorted keys: the tables must not start with base_rate or with
+    the per-type figures (attribute_f1 …) before the overall mAP / precision / recall / F1."""
+    removal = [{"base_rate": 0.19, "reason": "outlier", "removal_precision": 0.505, "removal_recall": 0.163,
+                "removed": 97, "removed_wrong": 49, "wrong_localisable_in": 300}]
+    ablation = [{"attribute_f1_mean": 0.26, "attribute_f1_std": 0.02, "f1_mean": 0.39, "f1_std": 0.01, "labels": "parsed",
+                 "labels_ref": "parsed/abc", "mAP_mean": 0.518, "mAP_std": 0.005, "precision_mean": 0.95,
+                 "precision_std": 0.02, "recall_mean": 0.25, "recall_std": 0.01, "seeds": 3}]
+    page = render_report(ReportData(title="t", cleaning_removal=removal, ablation=ablation), tmp_path / "r").read_text()
+
+    def head(css: str) -> list[str]:
+        return re.findall(r"<th>([^<]*)</th>", page.split(f'<table class="{css}">', 1)[1].split("</thead>", 1)[0])
+
+    assert head("cleaning-removal") == ["reason", "removal_precision", "removal_recall", "removed", "removed_wrong",
+                                        "wrong_localisable_in", "base_rate"]
+    assert head("ablation") == ["labels", "version", "seeds", "precision", "recall", "f1", "mAP", "attribute_f1"]
