@@ -88,9 +88,9 @@ def test_the_event_and_the_retrain_count_new_samples_alike(tmp_path, sent, monke
     rewritten parts hold more rows than there are new samples. The event's `new_samples` and the served
     retrain's decision use one count (samples the latest model was not trained on): a threshold equal to
     the announced count retrains, one more does not."""
-    import flows.data_engine
+    import flows.retrain
     from flows.ingest import ingest_and_announce
-    from flows.train import retrain_flow
+    from flows.retrain import retrain_flow
 
     cfg = config(tmp_path)
     store = Store(cfg.store.url)
@@ -112,7 +112,7 @@ def test_the_event_and_the_retrain_count_new_samples_alike(tmp_path, sent, monke
     assert payload["version"] == grown.id and payload["new_samples"] == 5 and payload["new_since"] == first.ref
 
     runs = []
-    monkeypatch.setattr(flows.data_engine, "data_engine_flow", lambda cfg, **kw: runs.append(kw) or {"ran": True})
+    monkeypatch.setattr(flows.retrain, "data_engine_flow", lambda cfg, **kw: runs.append(kw) or {"ran": True})
 
     def retrain(threshold: int) -> dict:
         served = cfg.model_copy(update={"orchestration": cfg.orchestration.model_copy(
