@@ -1,8 +1,11 @@
-"""Shared fixtures: stores (local and S3 on a loopback moto server), generated images and sources."""
+"""Shared fixtures: stores (local and S3 on a loopback moto server), a Prefect server, the demo world and
+one completed loop over it (read-only, or a private copy)."""
 from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +89,83 @@ def prefect_api(tmp_path_factory):
             yield PREFECT_API_URL.value(), home
     finally:
         os.environ.pop("PREFECT_HOME") if previous is None else os.environ.update(PREFECT_HOME=previous)
+
+
+# --------------------------------------------------------------------------- the demo world and one whole loop
+@pytest.fixture(scope="session")
+def demo_world(tmp_path_factory):
+    """The one demo world + random tiny detector (tests/fixtures.py: DEMO_WORLD). Tests only read it:
+    one that needs a grown or changed source copies it first."""
+    from tests.fixtures import make_demo_world
+
+    return make_demo_world(tmp_path_factory.mktemp("demo-world"))
+
+
+@dataclass
+class CompletedLoop:
+    """One whole loop over the demo world: its config, each stage's result, the world."""
+
+    cfg: object               # tasks.config.EngineConfig
+    results: dict             # stage name -> StageResult, as the run that wrote the store returned them
+    demo: object              # tests.fixtures.DemoWorld
+
+    @property
+    def store(self):
+        from storage import Store
+
+        return Store(self.cfg.store.url)
+
+
+@pytest.fixture(scope="session")
+def demo_loop_session(demo_world, tmp_path_factory):
+    """The whole loop run once for the session (plain functions, no Prefect). Use `demo_loop` to read it
+    and `demo_loop_copy` to change it; this one is for session/module fixtures that only read."""
+    from flows.data_engine import data_engine_flow
+    from tests.fixtures import demo_config
+
+    cfg = demo_config(demo_world, str(tmp_path_factory.mktemp("demo-loop") / "store"))
+    previous = os.environ.get("RAM_ENGINE_CACHE")
+    os.environ["RAM_ENGINE_CACHE"] = str(tmp_path_factory.mktemp("demo-loop-cache"))
+    try:
+        results = data_engine_flow.fn(cfg)
+    finally:
+        os.environ.pop("RAM_ENGINE_CACHE") if previous is None else os.environ.update(RAM_ENGINE_CACHE=previous)
+    return CompletedLoop(cfg, results, demo_world)
+
+
+def _unchanged(loop: CompletedLoop, before: dict, who: str) -> None:
+    from tests.fixtures import tree_state
+
+    after = tree_state(Path(loop.cfg.store.url), loop.demo.world.root)
+    changed = sorted(set(before) ^ set(after) | {p for p in before if p in after and before[p] != after[p]})
+    assert not changed, f"{who} changed the shared demo loop (use demo_loop_copy to change it): {changed[:5]}"
+
+
+@pytest.fixture
+def demo_loop(demo_loop_session, request):
+    """The session's completed loop, read-only: the test fails if it changed a file of the store or world."""
+    from tests.fixtures import tree_state
+
+    before = tree_state(Path(demo_loop_session.cfg.store.url), demo_loop_session.demo.world.root)
+    yield demo_loop_session
+    _unchanged(demo_loop_session, before, request.node.nodeid)
+
+
+@pytest.fixture
+def demo_loop_copy(demo_loop_session, tmp_path, request):
+    """A private copy of the completed loop's store (hard links, see copy_store), with the config and
+    results pointing at it: for tests that write versions or refs, or run stages again."""
+    from dataclasses import replace
+
+    from storage import Store
+    from tests.fixtures import copy_store, tree_state
+
+    shared = demo_loop_session
+    before = tree_state(Path(shared.cfg.store.url), shared.demo.world.root)
+    url = tmp_path / "loop-copy" / "store"
+    copy_store(Path(shared.cfg.store.url), url)
+    cfg = shared.cfg.model_copy(update={"store": shared.cfg.store.model_copy(update={"url": str(url)})})
+    store = Store(str(url))
+    results = {k: replace(r, version=store.open_ref(r.version.ref)) for k, r in shared.results.items()}
+    yield CompletedLoop(cfg, results, shared.demo)
+    _unchanged(shared, before, request.node.nodeid)

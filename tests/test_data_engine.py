@@ -11,42 +11,32 @@ import pytest
 
 from flows.data_engine import STAGES, data_engine_flow
 from storage import Store
-from tasks.config import load_config
-from tasks.demo_world import generate_world
 
-N_FIRST, N_GROWN, PER_SHARD = 40, 50, 10
+from tests.fixtures import DEMO_WORLD, demo_config, demo_overrides, demo_world_of
 
-
-@pytest.fixture(scope="module")
-def world_and_detector(tmp_path_factory):
-    from ram_model.detector import build_tiny_detector
-
-    root = tmp_path_factory.mktemp("engine")
-    world = generate_world(root / "world", N_FIRST, seed=3, fmt="webdataset", samples_per_shard=PER_SHARD,
-                           captions_per_image=(1, 2))
-    categories = json.loads(Path(world.tag_groups).read_text())["category"]
-    build_tiny_detector(categories, seed=0, image_size=128).save(root / "detector")  # random weights
-    return root, world
+N_FIRST, PER_SHARD = DEMO_WORLD["n_images"], DEMO_WORLD["samples_per_shard"]
+N_GROWN = N_FIRST + PER_SHARD
 
 
-def engine_config(root: Path, world, **extra):
-    return load_config(None, engine_overrides(root, world, **extra))
+def new_tars(demo, dest: Path, n: int) -> list[str]:
+    """The shared world's source plus a folder holding the tars that growing the same world to n images
+    adds (its first tars are the same bytes). The shared world itself never changes, and its parts keep
+    their names: a part is named after the folder its tar sits in, so a copied source would be new data."""
+    grown, added = demo_world_of(dest / "grown", n), dest / "added"
+    added.mkdir(parents=True)
+    for tar in grown.shards:
+        old = demo.world.source / tar.name
+        if old.exists():
+            assert old.read_bytes() == tar.read_bytes(), f"{tar.name}: a grown world changed a tar"
+        else:
+            shutil.copy(tar, added / tar.name)
+    return [str(demo.world.source), str(added)]
 
 
-def engine_overrides(root: Path, world, **extra) -> list[str]:
-    return [f"store.url={root / 'store'}", f"ingest.source={world.source}", f"parse.labels={world.tag_list}",
-                 f"evaluate.ground_truth={world.ground_truth}", f"ground.detector.model={root / 'detector'}",
-                 "ground.detector.box_threshold=0.05", "ground.detector.text_threshold=0.05",
-                 "ingest.part_size=10", "train.steps=4", "generate.baseline_steps=null", "train.batch_size=8", "train.warmup_steps=1",
-                 "train.checkpoint_every_steps=2", "train.holdout_fraction=0.25", "generate.max_length=12",
-                 "clean.min_crops=4"] + [f"{k}={v}" for k, v in extra.items()]
-
-
-def test_whole_loop_then_rerun_then_new_data(world_and_detector, monkeypatch, tmp_path):
+def test_whole_loop_then_rerun_then_new_data(demo_loop_copy, monkeypatch, tmp_path):
+    """The first run (the session's loop, copied here), a rerun of it and a run over a new shard."""
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
-    root, world = world_and_detector
-    cfg = engine_config(root, world)
-    first = data_engine_flow.fn(cfg)
+    cfg, first = demo_loop_copy.cfg, demo_loop_copy.results
     assert list(first) == list(STAGES)
     assert all(r.status == "written" for r in first.values())
     store = Store(cfg.store.url)
@@ -72,12 +62,10 @@ def test_whole_loop_then_rerun_then_new_data(world_and_detector, monkeypatch, tm
         {k: (r.status, r.parts_written) for k, r in again.items()}
     assert {k: r.version.id for k, r in again.items()} == {k: r.version.id for k, r in first.items()}
 
-    # New data lands: one more tar. Stages with per-part work process only that part.
-    grown = generate_world(root / "world-grown", N_GROWN, seed=3, fmt="webdataset", samples_per_shard=PER_SHARD,
-                           captions_per_image=(1, 2))
-    new_tar = grown.shards[-1]
-    shutil.copy(new_tar, Path(world.source) / new_tar.name)  # a new shard lands; old ones are untouched
-    third = data_engine_flow.fn(cfg)
+    # New data lands: one more tar, beside the old ones. Stages with per-part work process only that part.
+    grown = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={
+        "source": new_tars(demo_loop_copy.demo, tmp_path / "world", N_GROWN)})})
+    third = data_engine_flow.fn(grown)
     assert third["ingest"].version.manifest["rows_out"] == N_GROWN
     for step in ("ingest", "parse", "generate", "ground", "embed"):
         assert (third[step].parts_written, third[step].parts_reused) == (1, N_FIRST // PER_SHARD), step
@@ -94,10 +82,9 @@ def test_whole_loop_then_rerun_then_new_data(world_and_detector, monkeypatch, tm
     assert page.count('class="sample"') == 8
 
 
-def test_from_and_until_run_part_of_the_loop(world_and_detector, monkeypatch, tmp_path):
+def test_from_and_until_run_part_of_the_loop(demo_world, monkeypatch, tmp_path):
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
-    root, world = world_and_detector
-    cfg = engine_config(root, world, **{"store.url": tmp_path / "store2"})
+    cfg = demo_config(demo_world, tmp_path / "store2")
     with pytest.raises(Exception, match="run that stage first"):
         data_engine_flow.fn(cfg, from_stage="parse", until_stage="parse")
     only_ingest = data_engine_flow.fn(cfg, until_stage="ingest")
@@ -108,13 +95,12 @@ def test_from_and_until_run_part_of_the_loop(world_and_detector, monkeypatch, tm
         data_engine_flow.fn(cfg, from_stage="nope")
 
 
-def test_loop_runs_as_prefect_flows_with_artifacts(world_and_detector, prefect_api, monkeypatch, tmp_path):
+def test_loop_runs_as_prefect_flows_with_artifacts(demo_world, prefect_api, monkeypatch, tmp_path):
     """The same loop as Prefect subflows against a Prefect server: every stage publishes its artifact."""
     from prefect.client.orchestration import get_client
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
-    root, world = world_and_detector
-    cfg = engine_config(root, world, **{"store.url": tmp_path / "store"})
+    cfg = demo_config(demo_world, tmp_path / "store")
     results = data_engine_flow(cfg)
     assert list(results) == list(STAGES) and all(r.status == "written" for r in results.values())
 
@@ -162,23 +148,12 @@ def test_loop_runs_as_prefect_flows_with_artifacts(world_and_detector, prefect_a
         assert not publish_report(page, results["evaluate"].version)  # no server: nothing to keep it
 
 
-@pytest.fixture(scope="module")
-def engine_store(world_and_detector, tmp_path_factory):
-    """A store holding one whole loop (its own, so the tests here do not depend on each other's order)."""
-    import os
-
-    root, world = world_and_detector
-    os.environ["RAM_ENGINE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    cfg = engine_config(root, world, **{"store.url": tmp_path_factory.mktemp("cli") / "store"})
-    return cfg, data_engine_flow.fn(cfg), world
-
-
-def test_cli_inspects_versions(engine_store):
+def test_cli_inspects_versions(demo_loop_copy):
     from typer.testing import CliRunner
 
     from flows.cli import app
 
-    cfg, results, _ = engine_store
+    cfg, results = demo_loop_copy.cfg, demo_loop_copy.results
     runner = CliRunner(env={"COLUMNS": "250"})  # rich tables at full width
     store = ["--store", cfg.store.url]
     clean = results["clean"].version
@@ -197,7 +172,7 @@ def test_cli_inspects_versions(engine_store):
     assert bad.exit_code != 0 and "ingest.part_size" in str(bad.exception or bad.output)
 
 
-def test_inspection_output_tells_the_truth(engine_store, tmp_path):
+def test_inspection_output_tells_the_truth(demo_loop, tmp_path):
     """ls in loop order and an error for a missing store; show ranks counters by count and names tag ids;
     lineage lists each version once; a Version's repr is one short line."""
     import re
@@ -206,7 +181,7 @@ def test_inspection_output_tells_the_truth(engine_store, tmp_path):
 
     from flows.cli import app
 
-    cfg, results, _ = engine_store
+    cfg, results = demo_loop.cfg, demo_loop.results
     runner = CliRunner()
     store = ["--store", cfg.store.url]
     out = runner.invoke(app, store + ["ls"])
@@ -254,10 +229,10 @@ def test_inspection_output_tells_the_truth(engine_store, tmp_path):
                           f"parts={len(clean.manifest['parts'])})"
 
 
-def test_labels_build_from_a_parsed_version(engine_store):
+def test_labels_build_from_a_parsed_version(demo_loop_copy):
     from tasks.labels import build_labels, load_labels
 
-    cfg, results, _ = engine_store
+    cfg, results = demo_loop_copy.cfg, demo_loop_copy.results
     store = Store(cfg.store.url)
     parsed = results["parse"].version
     version = build_labels(store, parsed, top_k=5)
@@ -270,10 +245,10 @@ def test_labels_build_from_a_parsed_version(engine_store):
     assert all(n <= kept_min for t, n in counts.items() if t not in labels.tags)  # the most frequent were kept
 
 
-def test_report_from_the_store(engine_store, tmp_path):
+def test_report_from_the_store(demo_loop, tmp_path):
     from tasks.report import build_report
 
-    cfg, results, world = engine_store
+    cfg, results, world = demo_loop.cfg, demo_loop.results, demo_loop.demo.world
     store = Store(cfg.store.url)
     index = build_report(store, results["evaluate"].version, tmp_path / "report", truth_path=str(world.ground_truth))
     html = index.read_text()
@@ -294,11 +269,11 @@ def test_report_from_the_store(engine_store, tmp_path):
     assert html.split('id="crops"')[1].count("<h3>") == len(clustered)
 
 
-def test_retrain_flow_runs_the_loop_over_the_announced_version(engine_store, prefect_api):
+def test_retrain_flow_runs_the_loop_over_the_announced_version(demo_loop_copy, prefect_api):
     """What the deployment trigger runs: the loop from parse on, over the version the event named."""
     from flows.retrain import retrain_flow
 
-    cfg, results, world = engine_store
+    cfg, results = demo_loop_copy.cfg, demo_loop_copy.results
     images = results["ingest"].version
     # The served config's threshold decides: nothing is new since models/ram was trained on these images.
     assert retrain_flow(cfg, images_version=images.id, new_samples=images.manifest["rows_out"]) == {}
@@ -310,7 +285,7 @@ def test_retrain_flow_runs_the_loop_over_the_announced_version(engine_store, pre
     assert all(r.status == "reused" for r in out.values())  # nothing new: every version is reused
 
 
-def test_ablate_trains_a_model_per_label_version_and_seed(engine_store, tmp_path, monkeypatch):
+def test_ablate_trains_a_model_per_label_version_and_seed(demo_loop_copy, tmp_path, monkeypatch):
     """`ram-engine ablate` on a run with a ground truth: models per (version, seed), scored on held-out
     keys, an `ablation` version with per-seed rows and mean ± std; a crashed run resumes; a rerun reuses."""
     import tasks.train as train
@@ -318,11 +293,10 @@ def test_ablate_trains_a_model_per_label_version_and_seed(engine_store, tmp_path
 
     from flows.cli import app
 
-    cfg, results, world = engine_store
-    root = Path(cfg.store.url).parent
+    cfg, results, world = demo_loop_copy.cfg, demo_loop_copy.results, demo_loop_copy.demo.world
     store = Store(cfg.store.url)
     refs = ["parsed", f"clean@{results['clean'].version.id[:8]}"]   # latest, and a version prefix
-    args = ["--engine", "local"] + [a for o in engine_overrides(root, world, **{"store.url": cfg.store.url})
+    args = ["--engine", "local"] + [a for o in demo_overrides(demo_loop_copy.demo, cfg.store.url)
                                     for a in ("--set", o)]
     args += ["--set", "ablation.seeds=[0, 1]", "--set", "ablation.steps=2"]
     runner = CliRunner(env={"COLUMNS": "250"})
@@ -372,10 +346,10 @@ def test_ablate_trains_a_model_per_label_version_and_seed(engine_store, tmp_path
     assert 'id="cleaning-removal"' in html and "baseline-disagrees" in html
 
 
-def test_ablate_says_what_is_missing(engine_store, tmp_path):
+def test_ablate_says_what_is_missing(demo_loop_copy, tmp_path):
     from tasks.ablation import ablation_stage
 
-    cfg, results, world = engine_store
+    cfg, results = demo_loop_copy.cfg, demo_loop_copy.results
     store = Store(cfg.store.url)
     images, parsed = results["ingest"].version, results["parse"].version
     no_truth = cfg.evaluate.model_copy(update={"ground_truth": None})
@@ -392,26 +366,20 @@ def test_ablate_says_what_is_missing(engine_store, tmp_path):
         ablation_stage(store, cfg.model, cfg.train, cfg.evaluate, cfg.ablation, images, {})
 
 
-def test_new_samples_accumulate_until_the_served_threshold(engine_store, tmp_path):
+def test_new_samples_accumulate_until_the_served_threshold(demo_loop_copy, tmp_path):
     """Samples are counted against the images the latest model was trained on, so versions below the
     threshold add up instead of being forgotten."""
     from flows.deployments import samples_since_last_training
     from tasks.ingest import ingest
 
-    cfg, results, world = engine_store
+    cfg, results = demo_loop_copy.cfg, demo_loop_copy.results
     store = Store(cfg.store.url)
     trained_on = results["ingest"].version
     assert samples_since_last_training(store, trained_on, "models/ram") == (0, trained_on.ref)
-    src = tmp_path / "source"
-    shutil.copytree(world.source, src)
     counts = []
-    n0 = len(list(src.glob("*.tar"))) * PER_SHARD  # (an earlier test may have grown the shared world)
-    assert n0 == trained_on.manifest["rows_out"]
-    for n in (n0 + PER_SHARD, n0 + 2 * PER_SHARD):  # two growths of one shard each
-        grown = generate_world(tmp_path / f"world-{n}", n, seed=3, fmt="webdataset", samples_per_shard=PER_SHARD,
-                               captions_per_image=(1, 2))
-        shutil.copy(grown.shards[-1], src / grown.shards[-1].name)
-        version = ingest(store, cfg.ingest, source=str(src)).version
+    assert N_FIRST == trained_on.manifest["rows_out"]
+    for n in (N_FIRST + PER_SHARD, N_FIRST + 2 * PER_SHARD):  # two growths of one shard each
+        version = ingest(store, cfg.ingest, source=new_tars(demo_loop_copy.demo, tmp_path / f"world-{n}", n)).version
         counts.append(samples_since_last_training(store, version, "models/ram"))
     assert counts == [(PER_SHARD, trained_on.ref), (2 * PER_SHARD, trained_on.ref)]
     assert samples_since_last_training(store, version, "models/never-trained") == (version.manifest["rows_out"], None)

@@ -12,43 +12,19 @@ import pytest
 
 from flows.data_engine import data_engine_flow
 from storage import Store
-from tasks.config import load_config
-from tasks.demo_world import generate_world
+
+from tests.fixtures import demo_config
 
 HERE = Path(__file__).parent
 STORE_STAGES = ("images", "parsed", "models/baseline", "generated", "regions", "embeddings", "clean", "models/ram",
                 "evaluate")
 POINTS = ("before-part", "mid-file", "mid-part", "before-manifest")
-# The default run covers every stage and every kill point at least once; the full matrix is `slow`.
+# The default run kills one store once in every stage, covering every kill point (in loop order: each kill
+# is in a later stage than the one before); the full matrix, each case from a fresh store, is `slow`.
 DEFAULT_CASES = [("images", "mid-file"), ("parsed", "mid-part"), ("models/baseline", "before-part"),
                  ("generated", "mid-part"), ("regions", "mid-file"), ("embeddings", "before-manifest"),
                  ("clean", "mid-part"), ("models/ram", "before-manifest"), ("evaluate", "before-part")]
 FULL_CASES = [(s, p) for s in STORE_STAGES for p in POINTS if (s, p) not in DEFAULT_CASES]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from ram_model.detector import build_tiny_detector
-
-    root = tmp_path_factory.mktemp("reliability")
-    world = generate_world(root / "world", 24, seed=11, fmt="webdataset", samples_per_shard=8,
-                           captions_per_image=(1, 2))
-    categories = json.loads(Path(world.tag_groups).read_text())["category"]
-    build_tiny_detector(categories, seed=0, image_size=128).save(root / "detector")
-    return root, world
-
-
-def loop_config(root: Path, world, store_url: str, options: dict | None = None):
-    cfg = load_config(None, [
-        f"store.url={store_url}", f"ingest.source={world.source}", f"parse.labels={world.tag_list}",
-        f"evaluate.ground_truth={world.ground_truth}", f"ground.detector.model={root / 'detector'}",
-        "ground.detector.box_threshold=0.05", "ground.detector.text_threshold=0.05", "ground.batch_size=4",
-        "ingest.part_size=8", "train.steps=3", "generate.baseline_steps=null", "train.batch_size=4", "train.warmup_steps=1",
-        "train.checkpoint_every_steps=1", "train.holdout_fraction=0.25", "generate.max_length=10",
-        "clean.min_crops=3"])
-    if options:
-        cfg.store.storage_options = options
-    return cfg
 
 
 def hashes(store: Store) -> dict[str, list]:
@@ -71,18 +47,9 @@ def leftovers(store: Store) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(world, tmp_path_factory):
-    """One uninterrupted run: the bytes every interrupted-and-rerun run must reproduce."""
-    root, w = world
-    cache = tmp_path_factory.mktemp("cache-ref")
-    old = os.environ.get("RAM_ENGINE_CACHE")
-    os.environ["RAM_ENGINE_CACHE"] = str(cache)
-    try:
-        cfg = loop_config(root, w, str(tmp_path_factory.mktemp("ref") / "store"))
-        data_engine_flow.fn(cfg)
-    finally:
-        os.environ.pop("RAM_ENGINE_CACHE") if old is None else os.environ.update(RAM_ENGINE_CACHE=old)
-    return hashes(Store(cfg.store.url))
+def reference(demo_loop_session):
+    """The session's uninterrupted loop: the bytes every interrupted-and-rerun run must reproduce."""
+    return hashes(demo_loop_session.store)
 
 
 def run_child(cfg, stage: str, point: str, cache: Path, **env_extra: str) -> subprocess.Popen:
@@ -92,36 +59,50 @@ def run_child(cfg, stage: str, point: str, cache: Path, **env_extra: str) -> sub
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def crash_and_rerun(root, w, store_url, options, stage, point, tmp_path, monkeypatch):
-    cfg = loop_config(root, w, store_url, options)
-    cache = tmp_path / "cache"
+def kill_child(cfg, stage: str, point: str, cache: Path) -> None:
+    """A loop in a child process that SIGKILLs itself at `point` of `stage`; no partial version is visible."""
     proc = run_child(cfg, stage, point, cache)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == -9, f"the child was to die at {stage}/{point}: rc {proc.returncode}\n{err[-3000:]}"
     store = Store(cfg.store.url, **cfg.store.storage_options)
-    assert store.versions(stage) == [], "a partial version is visible"
+    assert store.versions(stage) == [], f"a partial version is visible after a kill at {stage}/{point}"
+
+
+def rerun(cfg, cache: Path, monkeypatch) -> Store:
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(cache))
     monkeypatch.setenv("RAM_ENGINE_THREADS", "1")
     data_engine_flow.fn(cfg)
-    return store
+    return Store(cfg.store.url, **cfg.store.storage_options)
 
 
-def run_case(world, reference, stage, point, tmp_path, monkeypatch):
-    root, w = world
-    store = crash_and_rerun(root, w, str(tmp_path / "store"), None, stage, point, tmp_path, monkeypatch)
+def crash_and_rerun(demo, store_url, options, stage, point, tmp_path, monkeypatch):
+    cfg = demo_config(demo, store_url, options)
+    kill_child(cfg, stage, point, tmp_path / "cache")
+    return rerun(cfg, tmp_path / "cache", monkeypatch)
+
+
+def test_sigkill_in_every_stage_then_rerun_is_byte_identical(demo_world, reference, tmp_path, monkeypatch):
+    """One store, killed once inside every stage, each time at another point (DEFAULT_CASES, in loop
+    order): each run resumes what the killed one left and dies in the next stage; the last rerun ends
+    with the bytes of an uninterrupted run and no leftovers. Each kill from a fresh store is `slow`."""
+    cfg = demo_config(demo_world, str(tmp_path / "store"))
+    store = Store(cfg.store.url)
+    for i, (stage, point) in enumerate(DEFAULT_CASES):
+        kill_child(cfg, stage, point, tmp_path / "cache")
+        assert all(len(store.versions(done)) == 1 for done, _ in DEFAULT_CASES[:i]), \
+            f"the run killed at {stage}/{point} did not commit the stages before it"
+    store = rerun(cfg, tmp_path / "cache", monkeypatch)
     assert hashes(store) == reference
     assert leftovers(store) == []
 
 
-@pytest.mark.parametrize("stage,point", DEFAULT_CASES)
-def test_sigkill_then_rerun_is_byte_identical(world, reference, stage, point, tmp_path, monkeypatch):
-    run_case(world, reference, stage, point, tmp_path, monkeypatch)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,point", FULL_CASES)
-def test_sigkill_matrix(world, reference, stage, point, tmp_path, monkeypatch):
-    run_case(world, reference, stage, point, tmp_path, monkeypatch)
+@pytest.mark.parametrize("stage,point", DEFAULT_CASES + FULL_CASES)
+def test_sigkill_matrix(demo_world, reference, stage, point, tmp_path, monkeypatch):
+    """Every (stage, kill point), each from a fresh store."""
+    store = crash_and_rerun(demo_world, str(tmp_path / "store"), None, stage, point, tmp_path, monkeypatch)
+    assert hashes(store) == reference
+    assert leftovers(store) == []
 
 
 def run_concurrently(cfg, cache: Path) -> list[dict]:
@@ -171,11 +152,10 @@ def run_staggered(cfg, stage: str, cache: Path, pause_s: float = 6.0) -> list[di
     return outs
 
 
-def test_a_loop_started_while_another_grounds_adopts_its_parts(world, reference, tmp_path):
+def test_a_loop_started_while_another_grounds_adopts_its_parts(demo_world, reference, tmp_path):
     """Issue 12: the second run must not rebuild a ground part from the first run's in-part checkpoints
     and overwrite the committed files: it waits for the part, adopts it, and every version verifies."""
-    root, w = world
-    cfg = loop_config(root, w, str(tmp_path / "store"))
+    cfg = demo_config(demo_world, str(tmp_path / "store"))
     a, b = run_staggered(cfg, "regions", tmp_path / "cache")
     assert a == b
     check_consistent(Store(cfg.store.url), reference)
@@ -183,9 +163,8 @@ def test_a_loop_started_while_another_grounds_adopts_its_parts(world, reference,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["images", "generated", "clean"])
-def test_loops_started_at_every_stage_of_another_stay_consistent(world, reference, stage, tmp_path):
-    root, w = world
-    cfg = loop_config(root, w, str(tmp_path / "store"))
+def test_loops_started_at_every_stage_of_another_stay_consistent(demo_world, reference, stage, tmp_path):
+    cfg = demo_config(demo_world, str(tmp_path / "store"))
     a, b = run_staggered(cfg, stage, tmp_path / "cache")
     assert a == b
     check_consistent(Store(cfg.store.url), reference)
@@ -193,22 +172,20 @@ def test_loops_started_at_every_stage_of_another_stay_consistent(world, referenc
 
 @pytest.mark.slow
 @pytest.mark.parametrize("round_", range(2))
-def test_two_loops_at_once_end_with_one_consistent_set(world, reference, round_, tmp_path):
+def test_two_loops_at_once_end_with_one_consistent_set(demo_world, reference, round_, tmp_path):
     """Both loops started together, repeated (the default run has the staggered case above)."""
-    root, w = world
-    cfg = loop_config(root, w, str(tmp_path / "store"))
+    cfg = demo_config(demo_world, str(tmp_path / "store"))
     a, b = run_concurrently(cfg, tmp_path / "cache")
     assert a == b
     check_consistent(Store(cfg.store.url), reference)
 
 
 @pytest.mark.s3
-def test_s3_crash_then_rerun_and_concurrent_loops(world, reference, s3_store_url, tmp_path, monkeypatch):
-    root, w = world
+def test_s3_crash_then_rerun_and_concurrent_loops(demo_world, reference, s3_store_url, tmp_path, monkeypatch):
     url, options = s3_store_url
-    store = crash_and_rerun(root, w, url + "/crash", options, "generated", "mid-part", tmp_path, monkeypatch)
+    store = crash_and_rerun(demo_world, url + "/crash", options, "generated", "mid-part", tmp_path, monkeypatch)
     assert hashes(store) == reference and leftovers(store) == []
-    cfg = loop_config(root, w, url + "/race", options)
+    cfg = demo_config(demo_world, url + "/race", options)
     a, b = run_concurrently(cfg, tmp_path / "cache2")
     assert a == b
     assert hashes(Store(cfg.store.url, **options)) == reference

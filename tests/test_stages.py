@@ -1,38 +1,29 @@
 """Stages over the store, one at a time: parse, generate, ground (resume inside a part), train."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from storage import Store, schemas
-from tasks.config import load_config
-from tasks.demo_world import generate_world
 from tasks.ingest import ingest
 from tasks.parse import parse_stage
 from tasks.stage import StageError
 
+from tests.fixtures import demo_config
+
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A small world ingested and parsed, plus a random tiny detector."""
-    from ram_model.detector import build_tiny_detector
-
+def base(demo_world, tmp_path_factory):
+    """The demo world ingested and parsed in a store of this module's own."""
     root = tmp_path_factory.mktemp("stages")
-    world = generate_world(root / "world", 24, seed=5, fmt="webdataset", samples_per_shard=8)
-    categories = json.loads(Path(world.tag_groups).read_text())["category"]
-    build_tiny_detector(categories, seed=0, image_size=128).save(root / "detector")
-    cfg = load_config(None, [f"store.url={root / 'store'}", f"parse.labels={world.tag_list}",
-                             f"ground.detector.model={root / 'detector'}", "ground.detector.box_threshold=0.05",
-                             "ground.detector.text_threshold=0.05", "ground.batch_size=3",
-                             "train.steps=3", "train.batch_size=4", "train.warmup_steps=1",
-                             "train.checkpoint_every_steps=1", "train.holdout_fraction=0.2", "train.init=null"])
+    cfg = demo_config(demo_world, root / "store", **{"ground.batch_size": 3, "train.holdout_fraction": 0.2,
+                                                     "train.init": "null"})
     store = Store(cfg.store.url)
-    images = ingest(store, cfg.ingest, source=str(world.source)).version
+    images = ingest(store, cfg.ingest, source=str(demo_world.world.source)).version
     parsed = parse_stage(store, cfg.parse, images).version
-    return root, world, cfg, store, images, parsed
+    return root, demo_world.world, cfg, store, images, parsed
 
 
 def caption_generated(store: Store, images, parsed):
