@@ -282,8 +282,6 @@ def save_pretrained(model: RAM, directory: str | Path) -> None:
 
 
 def from_pretrained(directory: str | Path, map_location="cpu") -> RAM:
-    from safetensors.torch import load_model
-
     d = Path(directory)
     for name in ("config.json", "model.safetensors", "tags.txt", "thresholds.txt"):
         if not (d / name).exists():
@@ -298,5 +296,31 @@ def from_pretrained(directory: str | Path, map_location="cpu") -> RAM:
         tokenizer = BertTokenizerFast.from_pretrained(str(d / "tokenizer"))
     # no random init: every weight is in the file (load_model is strict)
     model = RAM.without_init(config, device=map_location, tags=tags, thresholds=thresholds, tokenizer=tokenizer)
-    load_model(model, str(d / "model.safetensors"), strict=True, device=str(map_location))
+    read_weights_into(model, d / "model.safetensors")
     return model
+
+
+def read_weights_into(model: RAM, path: str | Path) -> None:
+    """Every tensor of a save_pretrained file copied into its place in `model`, one at a time: the weights
+    are never held twice (a whole-file state dict next to the model would double a Swin-L's 1.9 GB). Strict:
+    the file's names must be the model's (each tied tensor once) with the model's shapes."""
+    from safetensors import safe_open
+
+    places = model.state_dict()      # detached views of the parameters: copying into them fills the model
+    expected = set(_deduplicated_state(model))
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        names = set(f.keys())
+        if names != expected:
+            missing, extra = sorted(expected - names), sorted(names - expected)
+            raise ValueError(f"{path}: the weights do not match the model of its config.json "
+                             f"(missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+                             f"unexpected {extra[:5]}{'…' if len(extra) > 5 else ''}); the file was not written "
+                             f"by save_pretrained for this config")
+        with torch.no_grad():
+            for name in sorted(names):
+                tensor = f.get_tensor(name)
+                if tensor.shape != places[name].shape:
+                    raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model's config.json "
+                                     f"gives {tuple(places[name].shape)}")
+                places[name].copy_(tensor)
+                del tensor

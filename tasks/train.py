@@ -32,7 +32,7 @@ from .code_version import code_version
 from .config import ModelConfig, TrainConfig, section_dict
 from .lineage import labels_version
 from .labels import load_labels
-from .models import cache_dir, is_holdout, load_model, model_digest, model_version, resolve_device
+from .models import cache_dir, is_holdout, load_model, local_model_dir, model_digest, model_version, resolve_device
 from .stage import StageResult
 
 log = logging.getLogger("ram_engine")
@@ -273,6 +273,15 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, wri
                          f"batch ({cfg.batch_size}); ingest more data or lower train.batch_size")
     thresholds = label_system.thresholds if label_system.has_thresholds else None
     init_dir = work / "init"
+    if not (init_dir / "config.json").exists():
+        stored = model_version(store, init) if init else None
+        stored_dir = local_model_dir(stored) if stored is not None else None
+        if stored_dir and (Path(stored_dir) / "tags.txt").read_text(encoding="utf-8").split("\n") == tags:
+            # the stored model's files as they are: loading it here only to save it again would hold a
+            # second copy of a Swin-L (1.9 GB) in this process for the whole training
+            tmp = Path(tempfile.mkdtemp(dir=work))
+            shutil.copytree(stored_dir, tmp, dirs_exist_ok=True)
+            tmp.rename(init_dir)
     if not (init_dir / "config.json").exists():
         if init:
             model = load_model(store, init, device="cpu")

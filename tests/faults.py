@@ -59,12 +59,13 @@ class FaultProxy:
         return getattr(self._fs, name)
 
     def open(self, path, mode="rb", **kwargs):
-        if "w" in mode and self.plan.take("fail_writes", path):
+        writing = "w" in mode or "x" in mode   # "xb": S3's exclusive create
+        if writing and self.plan.take("fail_writes", path):
             raise OSError(errno.EIO, f"injected write failure: {path}")
         if "r" in mode and self.plan.take("fail_reads", path):
             raise ConnectionError(f"injected transient read failure: {path}")
         handle = self._fs.open(path, mode, **kwargs)
-        if "w" in mode and self.plan.disk_full_after_bytes is not None:
+        if writing and self.plan.disk_full_after_bytes is not None:
             return _FullDiskWriter(handle, self.plan)
         return handle
 

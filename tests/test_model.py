@@ -446,6 +446,30 @@ def test_official_checkpoint_gets_the_reference_thresholds_by_default(tmp_path):
     assert torch.all(own.class_threshold == 0.5)
 
 
+def test_from_pretrained_reads_tensor_by_tensor_and_names_a_bad_file(tmp_path, tiny, monkeypatch):
+    """Weights are copied one tensor at a time (never a whole-file state dict beside the model); a file whose
+    tensors do not fit its config.json is refused naming the tensor."""
+    import safetensors.torch as st
+
+    from ram_model.checkpoint import from_pretrained
+
+    tiny.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(st, "load_file", lambda *a, **k: pytest.fail("the whole file was read into a state dict"))
+    monkeypatch.setattr(st, "load_model", lambda *a, **k: pytest.fail("the whole file was read into a state dict"))
+    back = from_pretrained(tmp_path / "m")
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), tiny.state_dict().values()))
+    monkeypatch.undo()
+    sd = st.load_file(str(tmp_path / "m" / "model.safetensors"))
+    name = sorted(sd)[0]
+    st.save_file({k: v for k, v in sd.items() if k != name}, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"missing \\['{name}'"):
+        from_pretrained(tmp_path / "m")
+    sd[name] = torch.zeros(3, 3)
+    st.save_file(sd, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"{name} has shape \\(3, 3\\)"):
+        from_pretrained(tmp_path / "m")
+
+
 def test_max_pool_head_reads_the_strongest_token(tmp_path):
     from ram_model.checkpoint import from_pretrained
 

@@ -129,6 +129,23 @@ def test_train_stage_writes_a_model_version(base, tmp_path, monkeypatch):
     assert work.parent.exists() and not work.exists()  # checkpoints cleaned up
 
 
+def test_fine_tuning_starts_from_the_stored_files_without_loading_them(base, tmp_path, monkeypatch):
+    """Fine-tuning from a stored model with the same tags copies its files as the start: the train stage
+    never loads it beside the model it trains (at Swin-L that is 1.9 GB more for the whole training)."""
+    import tasks.train as train_mod
+
+    monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
+    _, world, cfg, store, images, parsed = base
+    start = train_mod.train_stage(store, cfg.model, cfg.train, parsed, images).version
+    monkeypatch.setattr(train_mod, "load_model", lambda *a, **k: pytest.fail("the stored model was loaded"))
+    tuned = train_mod.train_stage(store, cfg.model, cfg.train.model_copy(update={"init": start.ref, "steps": 1,
+                                                                                  "name": "tuned"}),
+                                  parsed, images).version
+    assert tuned.manifest["metrics"]["train"]["steps"] == 1 and start.ref in tuned.parents
+    sha = {f["name"]: f["sha256"] for f in tuned.files("file")}
+    assert sha["tags.txt"] == {f["name"]: f["sha256"] for f in start.files("file")}["tags.txt"]
+
+
 def test_generate_stage_reconciles_and_names_a_missing_shard(base, tmp_path, monkeypatch):
     from tasks.generate import generate
     from tasks.train import train_stage
