@@ -436,7 +436,9 @@ class RAM(nn.Module):
     def tag(self, images: torch.Tensor, thresholds: torch.Tensor | float | None = None
             ) -> tuple[list[list[int]], list[list[float]]]:
         """Per image: tag ids with score > threshold (strict, in tag-list order) and their scores."""
-        probs = self.tag_probs(images)
+        return self._hits(self.tag_probs(images), thresholds)
+
+    def _hits(self, probs: torch.Tensor, thresholds=None) -> tuple[list[list[int]], list[list[float]]]:
         thr = self.class_threshold if thresholds is None else torch.as_tensor(thresholds, device=probs.device)
         hits = probs > thr
         ids, scores = [], []
@@ -445,6 +447,22 @@ class RAM(nn.Module):
             ids.append(idx.tolist())
             scores.append(probs[b, idx].tolist())
         return ids, scores
+
+    @torch.inference_mode()
+    def tag_and_caption(self, images: torch.Tensor, thresholds: torch.Tensor | float | None = None,
+                        num_beams: int = 3, max_length: int = 30, min_length: int = 10,
+                        repetition_penalty: float = 1.0) -> tuple[list[list[int]], list[list[float]], list[str]]:
+        """`tag` and then `caption` on the predicted tags, from one pass of the image encoder (calling the two
+        would encode every image twice: the Swin is most of the cost). Returns tag ids, scores, captions."""
+        self._require_caption()
+        images = self._prep(images)
+        with self._autocast(images.device):
+            embeds = self.encode_image(images)
+            logits = self.tag_logits_from_embeds(embeds)
+        ids, scores = self._hits(torch.sigmoid(logits.float()), thresholds)
+        names = [[self.tags[i] for i in row] for row in ids]
+        return ids, scores, self._captions_from_embeds(embeds, names, num_beams, max_length, min_length,
+                                                       repetition_penalty)
 
     def tag_names(self, ids: Sequence[Sequence[int]]) -> list[list[str]]:
         return [[self.tags[i] for i in row] for row in ids]
@@ -514,8 +532,13 @@ class RAM(nn.Module):
                 probs = torch.sigmoid(self.tag_logits_from_embeds(embeds).float())
                 hits = probs > self.class_threshold
                 tags = [[self.tags[i] for i in hits[b].nonzero().flatten().tolist()] for b in range(len(hits))]
-            if len(tags) != images.shape[0]:
-                raise ValueError(f"caption: {len(tags)} tag lists for {images.shape[0]} images")
+        return self._captions_from_embeds(embeds, tags, num_beams, max_length, min_length, repetition_penalty)
+
+    def _captions_from_embeds(self, embeds: torch.Tensor, tags: Sequence[Sequence[str]], num_beams: int,
+                              max_length: int, min_length: int, repetition_penalty: float) -> list[str]:
+        if len(tags) != embeds.shape[0]:
+            raise ValueError(f"caption: {len(tags)} tag lists for {embeds.shape[0]} images")
+        with self._autocast(embeds.device):
             states = self._tag_states(embeds, tags)
             out = self.generate(states, num_beams, max_length, min_length, repetition_penalty)
         tok = self.get_tokenizer()

@@ -57,12 +57,12 @@ def generate_part(writer: VersionWriter, task: PartTask, *, images: Version, par
 
     def flush(batch_keys: list[str], batch_images: list[Image.Image]) -> None:
         x = torch.stack([transform(im) for im in batch_images])
-        ids, scores = model.tag(x, thresholds)
-        captions: list[str] = [""] * len(batch_keys)
         if cfg.caption and model.config.has_caption:
-            names = [[model.tags[i] for i in row] for row in ids]
-            captions = model.caption(x, names, num_beams=cfg.num_beams, max_length=cfg.max_length,
-                                     min_length=cfg.min_length)
+            ids, scores, captions = model.tag_and_caption(x, thresholds, num_beams=cfg.num_beams,
+                                                          max_length=cfg.max_length, min_length=cfg.min_length)
+        else:
+            ids, scores = model.tag(x, thresholds)
+            captions = [""] * len(batch_keys)
         parsed_gen = parse_captions(captions, parser, labels) if any(captions) else [None] * len(captions)
         for key, row_ids, row_scores, cap, pc in zip(batch_keys, ids, scores, captions, parsed_gen):
             mapped = [(int(to_label[i]), float(s)) for i, s in zip(row_ids, row_scores) if to_label[i] >= 0]

@@ -308,6 +308,24 @@ def test_caption_branch_memorises_captions():
     assert model.caption(x, tags=tags, num_beams=3, max_length=30, min_length=1) == caps
 
 
+def test_tag_and_caption_encodes_each_image_once(tiny):
+    """Generation tags and captions a batch from one image-encoder pass, with the same results as `tag` then
+    `caption` on the predicted tags (which encode every image twice)."""
+    tiny.eval()
+    tiny.class_threshold.fill_(0.45)
+    x = torch.randn(3, 3, 64, 64)
+    ids, scores = tiny.tag(x)
+    want = tiny.caption(x, [[tiny.tags[i] for i in row] for row in ids], num_beams=2, max_length=12, min_length=3)
+    calls = []
+    real = tiny.encode_image
+    tiny.encode_image = lambda images: (calls.append(images.shape[0]), real(images))[1]
+    got = tiny.tag_and_caption(x, num_beams=2, max_length=12, min_length=3)
+    assert calls == [3]
+    assert got[0] == ids and [pytest.approx(s) for s in scores] == got[1] and got[2] == want
+    assert any(ids) and any(got[2])
+    assert tiny.tag_and_caption(x, thresholds=2.0, num_beams=1, max_length=8, min_length=1)[0] == [[], [], []]
+
+
 # (f) save / load ---------------------------------------------------------------------------------------
 def test_save_from_pretrained_identical(tmp_path, tiny):
     tiny.class_threshold.copy_(torch.linspace(0.3, 0.7, len(TAGS)))

@@ -20,7 +20,9 @@ import os
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -63,13 +65,71 @@ def img2dataset_tar(path: Path, n: int = 8) -> Path:
     return path
 
 
-def run_cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=5400)
-    if proc.returncode != 0 and os.environ.get("RAM_ENGINE_E2E_LOG"):
-        Path(os.environ["RAM_ENGINE_E2E_LOG"]).write_text(proc.stdout + "\n" + proc.stderr)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-    return proc
+class ResourceWatch:
+    """Samples, every second, the CPU seconds and resident memory of a process tree (the engine: the CLI and
+    its Dask workers) and this process's resident memory (pytest and the moto server it runs), so that CPU
+    seconds can be charged to the stage whose time window they fall in."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root, self.me = psutil.Process(pid), psutil.Process()
+        self.cpu_by_pid: dict[int, float] = {}
+        self.samples: list[tuple[float, float]] = []     # (unix time, engine CPU seconds so far)
+        self.engine_peak = self.moto_peak = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            rss = 0
+            try:
+                procs = [self.root] + self.root.children(recursive=True)
+            except psutil.Error:
+                procs = []
+            for p in procs:
+                try:
+                    t, m = p.cpu_times(), p.memory_info()
+                except psutil.Error:
+                    continue
+                self.cpu_by_pid[p.pid] = t.user + t.system + t.children_user + t.children_system
+                rss += m.rss
+            self.engine_peak = max(self.engine_peak, rss)
+            self.moto_peak = max(self.moto_peak, self.me.memory_info().rss)
+            self.samples.append((time.time(), sum(self.cpu_by_pid.values())))
+            self.stop.wait(1.0)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def cpu_between(self, start: float, end: float) -> float:
+        def at(t: float) -> float:
+            before = [c for s, c in self.samples if s <= t]
+            return before[-1] if before else 0.0
+        return at(end) - at(start)
+
+
+def run_cli(args: list[str], env: dict, watch: list | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    watcher = ResourceWatch(proc.pid) if watch is not None else None
+    try:
+        out, err = proc.communicate(timeout=5400)
+    finally:
+        if watcher is not None:
+            watcher.close()
+            watch.append(watcher)
+        if proc.poll() is None:
+            proc.kill()
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    if done.returncode != 0 and os.environ.get("RAM_ENGINE_E2E_LOG"):
+        Path(os.environ["RAM_ENGINE_E2E_LOG"]).write_text(out + "\n" + err)
+    assert done.returncode == 0, out[-4000:] + err[-8000:]
+    return done
 
 
 def test_production_route_at_toy_sizes(moto_server, s3_store_url, prefect_api, tmp_path_factory):
@@ -107,15 +167,19 @@ def run_production_route(real: bool, s3_store_url, prefect_api, tmp_path_factory
     assert "the configuration is ready" in check.stdout
 
     t0 = time.time()
-    first = run_cli(args + ["run"], env)
+    watch: list = []
+    run_cli(args + ["run"], env, watch)
     first_s = time.time() - t0
     store = Store(url, **options)
-    seconds = {}
+    seconds, cpu = {}, {}
     for stage in STAGES:
         versions = store.versions(stage)
         assert len(versions) == 1, f"{stage}: {len(versions)} versions"
         assert versions[0].verify() == [], stage
-        seconds[stage] = versions[0].manifest.get("duration_s")
+        m = versions[0].manifest
+        seconds[stage] = m.get("duration_s")
+        end = datetime.fromisoformat(m["created"].replace("Z", "+00:00")).timestamp()
+        cpu[stage] = watch[0].cpu_between(end - m["duration_s"], end)
     assert store.open("images").manifest["rows_out"] == 8
 
     t0 = time.time()
@@ -126,6 +190,10 @@ def run_production_route(real: bool, s3_store_url, prefect_api, tmp_path_factory
     rows = [[c.strip() for c in line.split("│")[1:-1]] for line in second.stdout.splitlines() if line.count("│") >= 8]
     assert len(rows) >= len(STAGES) and all(r[3] == "reused" for r in rows), second.stdout  # the status column
     report = {"images": 8, "run_s": round(first_s), "rerun_s": round(rerun_s),
-              "stage_seconds_per_image": {k: (round(v / 8, 1) if v else None) for k, v in seconds.items()}}
+              "engine_cpu_s": round(watch[0].samples[-1][1]) if watch[0].samples else None,
+              "engine_peak_rss_gb": round(watch[0].engine_peak / 2**30, 2),
+              "test_process_peak_rss_gb (pytest + moto server)": round(watch[0].moto_peak / 2**30, 2),
+              "stage_seconds_per_image": {k: (round(v / 8, 1) if v else None) for k, v in seconds.items()},
+              "stage_cpu_seconds_per_image": {k: round(v / 8, 1) for k, v in cpu.items()}}
     print(json.dumps(report, indent=1))
     (root / f"stage_seconds_{'real' if real else 'toy'}.json").write_text(json.dumps(report, indent=1))
