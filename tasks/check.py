@@ -67,12 +67,14 @@ def check_source(cfg: EngineConfig, report: CheckReport) -> None:
         report.ok.append("ingest.source: not set (give the source to `ram-engine run --source` or `ingest SRC`)")
         return
     try:
-        found = expand_sources(src)   # every source of a list, brace pattern or glob, as ingest reads them
+        # every source of a list, brace pattern or glob, as ingest reads them (remote ones with their own options)
+        found = expand_sources(src, cfg.ingest.source_options)
     except SourceError as e:
         report.bad("ingest.source", src, str(e))
         return
     except Exception as e:
-        report.bad("ingest.source", src, f"cannot open ({type(e).__name__}: {e})")
+        report.bad("ingest.source", src, f"cannot open ({type(e).__name__}: {e}); a remote source is opened with "
+                   f"ingest.source_options (its own endpoint_url, not the store's) and the environment's credentials")
         return
     report.ok.append(f"ingest.source {src}: found ({len(found)} path{'s' if len(found) != 1 else ''})")
 

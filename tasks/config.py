@@ -58,6 +58,9 @@ class IngestConfig(Section):
     # a tar / an img2dataset output folder (webdataset, parquet or files) / an image folder, or a list of them;
     # each may be a brace pattern or a glob
     source: str | list[str] | None = None
+    # fsspec storage options for remote sources (s3://…: client_kwargs.endpoint_url, anon, …), the source's
+    # own, not the store's; credentials belong in the environment. Not part of the images version's identity.
+    source_options: dict[str, Any] = Field(default_factory=dict)
     format: Literal["auto", "webdataset", "parquet", "files", "folder"] = "auto"
     captions_file: str | None = None      # for folders: JSONL or CSV; default: captions.jsonl / captions.csv inside
     part_size: int = Field(1000, ge=1)    # expected samples per part (content-defined boundaries)

@@ -31,7 +31,7 @@ import zlib
 from collections import Counter
 import tempfile
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import fsspec
 import numpy as np
@@ -295,15 +295,28 @@ def _compressed(path: str) -> bool:
     return not path.lower().endswith(".tar")
 
 
+def source_fs(url: str, options: Mapping[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of a source URL. A remote source (s3://, gs://, …) is opened with
+    ingest.source_options, its own fsspec storage options (endpoint, region, anonymous access), never the
+    store's; a local path takes none."""
+    local = fsspec.utils.get_protocol(url) in ("file", "local")
+    return fsspec.core.url_to_fs(url, **({} if local else dict(options or {})))
+
+
+def open_source(url: str, options: Mapping[str, Any] | None):
+    fs, path = source_fs(url, options)
+    return fs.open(path, "rb")
+
+
 def _url(fs, path: str) -> str:
     proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
     return path if proto in ("file", "local") else f"{proto}://{path}"
 
 
-def _canonical(spec: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
+def _canonical(spec: str, options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str, str]:
     """(fs, path, url) of a source however it is spelt (relative, absolute, file://): local paths are resolved,
     so the same files always get the same part names."""
-    fs, path = fsspec.core.url_to_fs(spec)
+    fs, path = source_fs(spec, options)
     proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
     if proto in ("file", "local"):
         path = os.path.realpath(path)
@@ -311,8 +324,10 @@ def _canonical(spec: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
     return fs, path.rstrip("/"), f"{proto}://{path.rstrip('/')}"
 
 
-def expand_sources(src: str | list[str]) -> list[tuple[fsspec.AbstractFileSystem, str, str]]:
-    """Every source path named by `src`: one or several specs, each maybe a brace pattern or a glob."""
+def expand_sources(src: str | list[str], options: Mapping[str, Any] | None = None
+                   ) -> list[tuple[fsspec.AbstractFileSystem, str, str]]:
+    """Every source path named by `src`: one or several specs, each maybe a brace pattern or a glob;
+    remote ones opened with `options` (ingest.source_options)."""
     from braceexpand import braceexpand
 
     specs = [src] if isinstance(src, str) else list(src)
@@ -322,11 +337,11 @@ def expand_sources(src: str | list[str]) -> list[tuple[fsspec.AbstractFileSystem
     for spec in specs:
         matched = []
         for pattern in braceexpand(spec):
-            fs, path = fsspec.core.url_to_fs(pattern)
+            fs, path = source_fs(pattern, options)
             if any(c in path for c in "*?["):
-                matched += [_canonical(_url(fs, p)) for p in sorted(fs.glob(path))]
+                matched += [_canonical(_url(fs, p), options) for p in sorted(fs.glob(path))]
             elif fs.exists(path):
-                matched.append(_canonical(pattern))
+                matched.append(_canonical(pattern, options))
             elif "{" in spec or len(specs) > 1:
                 raise SourceError(f"ingest source {pattern} (from {spec}) does not exist")
         if not matched:
@@ -473,12 +488,12 @@ def _meta_fields(meta: dict) -> dict:
             "extra": json.dumps(extra, sort_keys=True, ensure_ascii=False, default=str) if extra else None}
 
 
-def _read_sidecar(url: str | None) -> dict[str, dict]:
+def _read_sidecar(url: str | None, options: Mapping[str, Any] | None) -> dict[str, dict]:
     """img2dataset's per-shard metadata table, by key ({} without one). One row per sample of the shard,
     so it is as large as the shard's sample count, not as any member."""
     if not url:
         return {}
-    with fsspec.open(url, "rb") as fh:
+    with open_source(url, options) as fh:
         rows = pq.read_table(fh).to_pylist()
     return {str(r.get("key")): r for r in rows if r.get("key") is not None}
 
@@ -496,11 +511,11 @@ def _failed_samples(sidecar: dict[str, dict], source: str, seen: set[str]) -> It
             yield _failed_sample(key, row, source)
 
 
-def _sidecar_keys(url: str | None, source: str) -> dict[str, str]:
+def _sidecar_keys(url: str | None, source: str, options: Mapping[str, Any] | None) -> dict[str, str]:
     """The keys of the failed samples a metadata table lists (they are rejected, so they hold their key)."""
     if not url:
         return {}
-    with fsspec.open(url, "rb") as fh:
+    with open_source(url, options) as fh:
         rows = pq.read_table(fh, columns=["key", "status"]).to_pylist()
     return {make_key(str(r["key"])): f"{source}:{shown(str(r['key']))}" for r in rows
             if r.get("key") is not None and r.get("status") not in (None, "success")}
@@ -576,12 +591,12 @@ def _split_member(name: str) -> tuple[str, str]:
     return name[: len(name) - len(base)] + base.split(".", 1)[0], base.split(".", 1)[1].lower()
 
 
-def tar_sample_keys(url: str) -> dict[str, str]:
+def tar_sample_keys(url: str, options: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The keys of the samples a tar holds (read from its headers only), each with its first source."""
     source = url.rsplit("/", 1)[-1]
     keys: dict[str, str] = {}
     try:
-        with fsspec.open(url, "rb") as fh, _decompressed(fh, url) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        with open_source(url, options) as fh, _decompressed(fh, url) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             for info in tar:  # random access: member data is seeked over, not read (uncompressed tars)
                 tar.members = []
                 if _member_kind(info) in ("file", "other"):
@@ -624,7 +639,7 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter, sidecar_url
     are skipped unread. OS metadata (`._x.jpg`, `__MACOSX/`) is skipped and counted in metrics.
     """
     source = url.rsplit("/", 1)[-1]
-    sidecar = _read_sidecar(sidecar_url)
+    sidecar = _read_sidecar(sidecar_url, cfg.source_options)
     seen: set[str] = set()              # stems read (their failed rows in the sidecar are not samples again)
     spool = _Spool(cfg.spool_bytes)
     current: _Group | None = None
@@ -688,7 +703,8 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter, sidecar_url
         group.data[ext] = spool.put(data) if group.stem in pending else data
 
     try:
-        with fsspec.open(url, "rb") as fh, _decompressed(fh, url) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+        with open_source(url, cfg.source_options) as fh, _decompressed(fh, url) as raw, \
+                tarfile.open(fileobj=raw, mode="r|") as tar:
             for info in tar:
                 kind = _member_kind(info)
                 if kind is None:
@@ -729,7 +745,7 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter, sidecar_url
     for group in pending.values():
         yield sample(group)
     spool.close()
-    if not _compressed(url) and not _tar_has_end_marker(url):
+    if not _compressed(url) and not _tar_has_end_marker(url, cfg.source_options):
         # tarfile reads a cut-off archive as if it ended early: say so instead of leaving a silent gap.
         yield RawSample(make_key(f"{source}-tail"), source, None, None, None,
                         ("source-truncated", "the tar has no end-of-archive marker: it was cut off after the "
@@ -754,7 +770,7 @@ def iter_i2d_parquet_samples(url: str, cfg: IngestConfig) -> Iterator[RawSample]
     """img2dataset's parquet output format: one row per sample, the image bytes in a column. Rows are read
     in small batches; an image over ingest.max_image_bytes costs its sample."""
     source = url.rsplit("/", 1)[-1]
-    with fsspec.open(url, "rb") as fh:
+    with open_source(url, cfg.source_options) as fh:
         pf = pq.ParquetFile(fh)
         column = _image_column(pf.schema_arrow)
         if column is None:
@@ -787,10 +803,10 @@ def _read_bounded(fs, path: str, limit: int) -> bytes | None:
 def iter_i2d_files_samples(url: str, sidecar_url: str | None, cfg: IngestConfig) -> Iterator[RawSample]:
     """img2dataset's files output format: `<shard>/<key>.jpg` + `.txt` + `.json`, each read bounded by the
     config's byte limits; OS metadata is skipped."""
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = source_fs(url, cfg.source_options)
     root = root.rstrip("/")
     shard = root.rsplit("/", 1)[-1]
-    sidecar = _read_sidecar(sidecar_url)
+    sidecar = _read_sidecar(sidecar_url, cfg.source_options)
     by_key: dict[str, dict[str, str]] = {}
     for path in sorted(fs.find(root)):
         rel = path[len(root) + 1:]
@@ -830,9 +846,9 @@ def iter_i2d_files_samples(url: str, sidecar_url: str | None, cfg: IngestConfig)
     yield from _failed_samples(sidecar, shard, set(by_key))
 
 
-def _tar_has_end_marker(url: str) -> bool:
+def _tar_has_end_marker(url: str, options: Mapping[str, Any] | None) -> bool:
     """A whole tar ends with two zero blocks (1024 zero bytes)."""
-    with fsspec.open(url, "rb") as fh:
+    with open_source(url, options) as fh:
         size = fh.seek(0, 2)
         if size < 1024 or size % 512:
             return False
@@ -903,7 +919,7 @@ def read_captions_file(path: str, cfg: IngestConfig) -> CaptionsFile:
     out = CaptionsFile()
     fname = path.rsplit("/", 1)[-1]
     limit = cfg.max_caption_bytes
-    with fsspec.open(path, "rb") as fh:
+    with open_source(path, cfg.source_options) as fh:
         lines = _bounded_lines(fh, limit)
         if path.lower().endswith(".csv"):
             csv.field_size_limit(max(csv.field_size_limit(), limit))
@@ -1032,7 +1048,7 @@ def iter_folder_samples(root: str, entries: list[dict], cfg: IngestConfig) -> It
                             ("missing-image", f"{name} is listed in the captions file but not in the folder", "file"),
                             origin)
             continue
-        with fsspec.open(f"{root}/{name}", "rb") as fh:
+        with open_source(f"{root}/{name}", cfg.source_options) as fh:
             data = fh.read(cfg.max_image_bytes + 1)
         if len(data) > cfg.max_image_bytes:  # it grew since the listing
             yield RawSample(key, source, None, None, captions, (
@@ -1056,17 +1072,17 @@ def _part_keys(store: Store, record: PartRecord) -> dict[str, str]:
     return keys
 
 
-def _i2d_keys(kind: str, url: str, sidecar_url: str | None) -> dict[str, str]:
+def _i2d_keys(kind: str, url: str, sidecar_url: str | None, options: Mapping[str, Any] | None) -> dict[str, str]:
     """The keys of an img2dataset shard's samples, fetched or failed (its names only, no pixels read)."""
     source = url.rsplit("/", 1)[-1]
     if kind == "webdataset":
-        keys = tar_sample_keys(url)
+        keys = tar_sample_keys(url, options)
     elif kind == "parquet":
-        with fsspec.open(url, "rb") as fh:
+        with open_source(url, options) as fh:
             names = pq.read_table(fh, columns=["key"]).column("key").to_pylist()
         keys = {make_key(str(k)): f"{source}:{shown(str(k))}" for k in names}
     else:  # files: <shard>/<key>.<ext>
-        fs, root = fsspec.core.url_to_fs(url)
+        fs, root = source_fs(url, options)
         root = root.rstrip("/")
         keys = {}
         for path in sorted(fs.find(root)):
@@ -1074,16 +1090,17 @@ def _i2d_keys(kind: str, url: str, sidecar_url: str | None) -> dict[str, str]:
             base = rel.rsplit("/", 1)[-1]
             if not _os_metadata(rel) and "." in base:
                 keys.setdefault(make_key(base.split(".", 1)[0]), f"{source}/{shown(base.split('.', 1)[0])}")
-    for key, where in _sidecar_keys(sidecar_url if kind != "parquet" else None, source).items():
+    for key, where in _sidecar_keys(sidecar_url if kind != "parquet" else None, source, options).items():
         keys.setdefault(key, where)
     return keys
 
 
-def _task_keys(task: PartTask) -> dict[str, str]:
+def _task_keys(task: PartTask, options: Mapping[str, Any] | None) -> dict[str, str]:
     kind = task.payload[0]
     if kind in ("webdataset", "parquet", "files"):
         namespace = task.payload[3]
-        return {_namespaced(namespace, k): where for k, where in _i2d_keys(kind, task.payload[1], task.payload[2]).items()}
+        return {_namespaced(namespace, k): where for k, where in _i2d_keys(kind, task.payload[1], task.payload[2],
+                                                                                     options).items()}
     keys: dict[str, str] = {}
     for entry in task.payload[2]:
         if entry["exists"] and not (entry["problem"] and entry["problem"][2] in UNCLAIMED_FIELDS):
@@ -1091,7 +1108,8 @@ def _task_keys(task: PartTask) -> dict[str, str]:
     return keys
 
 
-def claim_keys(store: Store, tasks: list[PartTask], reusable: dict[str, PartRecord]) -> list[PartTask]:
+def claim_keys(store: Store, tasks: list[PartTask], reusable: dict[str, PartRecord],
+               source_options: Mapping[str, Any] | None = None) -> list[PartTask]:
     """Make keys unique within the version. Parts an earlier version already holds claim their keys
     first (an incremental ingest never changes what it extends), then new parts in order; a part gets
     the keys claimed before it in its payload (it rejects those samples, naming both sources) and in
@@ -1110,7 +1128,7 @@ def claim_keys(store: Store, tasks: list[PartTask], reusable: dict[str, PartReco
     for i, task in enumerate(new):
         if not claimed and i == len(new) - 1:
             break  # nothing before it to clash with, nothing after it to claim for: no header scan
-        keys = _task_keys(task)
+        keys = _task_keys(task, source_options)
         taken = {k: claimed[k] for k in sorted(keys) if k in claimed}
         for key, source in keys.items():
             claimed.setdefault(key, source)
@@ -1219,7 +1237,7 @@ def plan(src: str | list[str], cfg: IngestConfig) -> tuple[list[PartTask], list[
     """The parts of one ingest over one or several sources, and what each source was (for the manifest)."""
     tasks: list[PartTask] = []
     described = []
-    for fs, path, url in expand_sources(src):
+    for fs, path, url in expand_sources(src, cfg.source_options):
         fmt = detect_format(fs, path) if cfg.format == "auto" else cfg.format
         if fmt == "folder":
             tasks += folder_tasks(fs, path, cfg)
@@ -1245,11 +1263,12 @@ def ingest(store: Store, cfg: IngestConfig, *, source: str | list[str] | None = 
     tasks, described = plan(src, cfg)
     # The version is determined by the config and the sources' content (part names and content digests), not by
     # how the sources were spelt; the sources as given are recorded in the manifest.
-    config = section_dict(cfg) | {"source": None}
+    # nor by where it was read from: source_options (endpoints, maybe keys) never reach a manifest
+    config = {k: v for k, v in section_dict(cfg).items() if k != "source_options"} | {"source": None}
     # Which parts earlier versions already hold depends on code and config only, not on this input.
     this_code = code_version(__name__, STAGE_VERSION)
     reusable = store.begin(STAGE, code_version=this_code, config=config, parents=[]).reusable_parts()
-    tasks = claim_keys(store, tasks, reusable)
+    tasks = claim_keys(store, tasks, reusable, cfg.source_options)
     # Parts made from unchanged input under the same config (and the same key claims) are shared with
     # earlier versions.
     writer = store.begin(STAGE, code_version=this_code, config=config, parents=[],

@@ -250,3 +250,60 @@ def test_demo_world_captions_arrive_one_by_one(tmp_path):
     for key, caps in truth.items():
         assert len(rows[key]) == len(caps) >= 2
         assert [c.lower().rstrip(".") for c in rows[key]] == [c.lower().rstrip(".") for c in caps]
+
+
+@pytest.mark.s3
+def test_s3_sources_are_read_with_their_own_options(moto_server, tmp_path, monkeypatch):
+    """Remote sources are opened with ingest.source_options (their own endpoint), never the store's and
+    without AWS_ENDPOINT_URL: tars with an img2dataset metadata table (key claims read tar headers) and an
+    image folder with captions.jsonl. The options never reach the manifest; `check` reads the source with
+    them and names a source it cannot open."""
+    import boto3
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.check import CheckReport, check_source
+    from tasks.config import EngineConfig
+
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client.create_bucket(Bucket="incoming-src")
+    for shard in range(2):
+        tar = write_tar_source(tmp_path / f"{shard:05d}.tar", [
+            (f"{shard}{i:03d}", {"jpg": image_bytes(color=(shard * 60, i * 9, 0)), "txt": f"a red thing {i}".encode()})
+            for i in range(4)])
+        client.upload_file(str(tar), "incoming-src", f"i2d/{shard:05d}.tar")
+        meta = pa.table({"key": [f"{shard}{i:03d}" for i in range(5)],
+                         "status": ["success"] * 4 + ["failed_to_download"], "error_message": [None] * 4 + ["404"],
+                         "url": [f"https://example.com/{i}" for i in range(5)]})
+        buf = pa.BufferOutputStream()
+        pq.write_table(meta, buf)
+        client.put_object(Bucket="incoming-src", Key=f"i2d/{shard:05d}.parquet", Body=buf.getvalue().to_pybytes())
+    for i in range(3):
+        client.put_object(Bucket="incoming-src", Key=f"folder/img{i}.jpg", Body=image_bytes(color=(0, 0, 80 * i)))
+    client.put_object(Bucket="incoming-src", Key="folder/captions.jsonl",
+                      Body="".join(json.dumps({"file": f"img{i}.jpg", "caption": f"a blue thing {i}"}) + "\n"
+                                   for i in range(3)).encode())
+
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": moto_server}}
+    cfg = IngestConfig(source=["s3://incoming-src/i2d", "s3://incoming-src/folder"], source_options=options)
+    v = ingest(Store(str(tmp_path / "store")), cfg).version
+    assert v.manifest["rows_out"] == 11 and v.manifest["rows_rejected"] == 2   # 2 × 4 fetched + 3; 2 failed
+    assert {r["reason"] for r in v.rejects().to_pylist()} == {"img2dataset-failed-to-download"}
+    assert moto_server not in json.dumps(v.manifest) and "testing" not in json.dumps(v.manifest["config"])
+    # the same data read through other options (another endpoint spelling) is the same version
+    again = IngestConfig(source=cfg.source, source_options=options | {"client_kwargs": {
+        "endpoint_url": moto_server.replace("127.0.0.1", "localhost")}})
+    assert ingest(Store(str(tmp_path / "store")), again).version.id == v.id
+
+    report = CheckReport()
+    check_source(EngineConfig(ingest=cfg), report)
+    assert report.problems == [] and "found (2 paths)" in report.ok[0]
+    closed = IngestConfig(source="s3://incoming-src/i2d", source_options=options | {
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}, )
+    report = CheckReport()
+    check_source(EngineConfig(ingest=closed), report)
+    assert [p.field for p in report.problems] == ["ingest.source"]
+    assert "ingest.source_options" in report.problems[0].what
