@@ -23,7 +23,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -307,12 +307,15 @@ class RAM(nn.Module):
         return emb
 
     # vocabulary -------------------------------------------------------------------------------------------
-    def set_tags(self, tags: Sequence[str], embeddings: torch.Tensor | None = None, thresholds=None) -> None:
+    def set_tags(self, tags: Sequence[str], embeddings: torch.Tensor | None = None, thresholds=None,
+                 embed_new: Callable[[list[str]], torch.Tensor] | None = None) -> None:
         """Swap the tag list without retraining.
 
         RAM / RAM++: `embeddings` are the new label embeddings (N×label_dim, RAM++ N·D×label_dim); when
-        omitted, tags already in the current list keep their rows and new tags get deterministic random unit
-        vectors (trainable by fine-tuning wordvec_proj/head, but without CLIP's open-vocabulary meaning).
+        omitted, tags already in the current list keep their rows and new tags get `embed_new(new tags)`
+        (one label_dim row per tag, e.g. CLIP text embeddings from build_label_embeddings; RAM++ uses the row
+        for each of a tag's D description slots), or without it deterministic random unit vectors
+        (trainable by fine-tuning wordvec_proj/head, but without CLIP's open-vocabulary meaning).
         Tag2Text: learned rows and per-class fc weights of kept tags are carried over; new tags start
         randomly initialised. `thresholds`: N floats; default keeps the old threshold of kept tags and
         `config.default_threshold` for new ones.
@@ -345,8 +348,16 @@ class RAM(nn.Module):
                     emb = emb.view(N, per, c.label_dim)
                     for j, i in keep:
                         emb[j] = cur[i]
+                    new = [j for j, t in enumerate(tags) if t not in old]
+                    if new and embed_new is not None:
+                        rows = torch.as_tensor(embed_new([tags[j] for j in new]), dtype=torch.float32).cpu()
+                        if rows.shape != (len(new), c.label_dim):
+                            raise ValueError(f"set_tags: embed_new gave {tuple(rows.shape)} for {len(new)} new tags; "
+                                             f"expected ({len(new)}, {c.label_dim}): is the CLIP model's projection "
+                                             f"width the model's label_dim?")
+                        emb[new] = rows.unsqueeze(1).expand(-1, per, -1)
                     emb = emb.reshape(N * per, c.label_dim)
-                    if len(keep) < N:
+                    if new and embed_new is None:
                         log.warning("set_tags: %d new tags get random label embeddings (no CLIP text embeddings "
                                     "given); build them with build_label_embeddings() for open-vocabulary use",
                                     N - len(keep))

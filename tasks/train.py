@@ -109,6 +109,16 @@ def _build_model(cfg: ModelConfig, tags: list[str], thresholds: list[float] | No
     return RAM(rc, tags=tags, thresholds=thresholds, label_embeddings=embeddings, tokenizer=tokenizer)
 
 
+def _clip_label_rows(cfg: ModelConfig):
+    """The label embeddings of tags a fine-tuned model has not seen, from the configured CLIP text encoder
+    (model.clip), as the reference builds them; None without one (set_tags then gives random rows)."""
+    if not cfg.clip:
+        return None
+    from ram_model.label_embeddings import build_label_embeddings
+
+    return lambda new_tags: build_label_embeddings(new_tags, cfg.clip)
+
+
 def _batch_to_inputs(model, caption_loss: bool):
     def convert(batch: dict, device) -> dict:
         inputs = {"images": batch["image"].to(device), "tag_targets": batch["tag_targets"].to(device)}
@@ -289,7 +299,7 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, wri
                 import copy
 
                 model = copy.deepcopy(model)
-                model.set_tags(tags, thresholds=thresholds)
+                model.set_tags(tags, thresholds=thresholds, embed_new=_clip_label_rows(model_cfg))
         else:
             captions = [c for _, rows in parts for cs in rows.column("captions").to_pylist() for c in cs]
             import torch

@@ -146,6 +146,49 @@ def test_fine_tuning_starts_from_the_stored_files_without_loading_them(base, tmp
     assert sha["tags.txt"] == {f["name"]: f["sha256"] for f in start.files("file")}["tags.txt"]
 
 
+def test_fine_tuning_onto_new_tags_embeds_them_with_the_configured_clip(base, tmp_path, monkeypatch):
+    """Tags the starting model does not know get their label embeddings from model.clip's text encoder (a
+    tiny random CLIP built from config), as the reference builds them; the tags it knows keep their rows."""
+    import torch
+    from transformers import BertTokenizerFast, CLIPConfig, CLIPModel
+
+    import tasks.train as train_mod
+    from ram_model.checkpoint import from_pretrained
+    from ram_model.label_embeddings import build_label_embeddings
+    from tasks.models import local_model_dir
+
+    monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
+    _, world, cfg, store, images, parsed = base
+    start = train_mod.train_stage(store, cfg.model, cfg.train, parsed, images).version
+    model = from_pretrained(local_model_dir(start))
+    tags = list(model.tags)
+    known_rows = model.label_embed.detach().clone()
+    model.set_tags(tags[:-3])                      # a start that has never seen the last three tags
+    model.save_pretrained(tmp_path / "older")
+    tok = BertTokenizerFast.from_pretrained(str(Path(local_model_dir(start)) / "tokenizer"))
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64, eos_token_id=tok.sep_token_id,
+                         bos_token_id=tok.cls_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16),
+        projection_dim=model.config.label_dim)).save_pretrained(tmp_path / "clip")
+    tok.save_pretrained(tmp_path / "clip")
+    model_cfg = cfg.model.model_copy(update={"clip": str(tmp_path / "clip")})
+    tuned = train_mod.train_stage(store, model_cfg, cfg.train.model_copy(update={
+        "init": str(tmp_path / "older"), "steps": 1, "name": "tuned"}), parsed, images).version
+    got = from_pretrained(local_model_dir(tuned))
+    assert got.tags == tags
+    want = build_label_embeddings(tags[-3:], str(tmp_path / "clip"))
+    assert torch.allclose(got.label_embed[-3:], want, atol=1e-6)
+    assert torch.equal(got.label_embed[:-3], known_rows[:-3])
+    # a CLIP whose width is not the model's label_dim is refused with the reason
+    wrong = torch.nn.functional.pad(want, (0, 1))
+    with pytest.raises(ValueError, match="projection width"):
+        from_pretrained(tmp_path / "older").set_tags(tags, embed_new=lambda new: wrong)
+
+
 def test_generate_stage_reconciles_and_names_a_missing_shard(base, tmp_path, monkeypatch):
     from tasks.generate import generate
     from tasks.train import train_stage
