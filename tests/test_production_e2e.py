@@ -151,6 +151,10 @@ def run_production_route(real: bool, s3_store_url, prefect_api, tmp_path_factory
     source = img2dataset_tar(tmp_path_factory.mktemp("src") / "00000.tar")
     url, options = s3_store_url
     options = {k: v for k, v in options.items() if k in ("key", "secret", "client_kwargs")}
+    # moto assembles a multipart object in memory: completing a 1.9 GB model upload on a loaded machine takes
+    # longer than botocore's 60 s read timeout, and the client's retry then races the first completion inside
+    # moto (a 500: "seek of closed file"). Real S3 and MinIO complete in seconds.
+    options["config_kwargs"] = {"read_timeout": 1800}
     sets = [f"{k}={v}" for k, v in files.items()] + [
         f"store.url={url}", f"store.storage_options={json.dumps(options)}", f"ingest.source={source}",
         "orchestration.task_runner=dask", "orchestration.max_workers=2",

@@ -177,7 +177,7 @@ def test_fine_tuning_onto_new_tags_embeds_them_with_the_configured_clip(base, tm
     tok.save_pretrained(tmp_path / "clip")
     model_cfg = cfg.model.model_copy(update={"clip": str(tmp_path / "clip")})
     tuned = train_mod.train_stage(store, model_cfg, cfg.train.model_copy(update={
-        "init": str(tmp_path / "older"), "steps": 1, "name": "tuned"}), parsed, images).version
+        "init": str(tmp_path / "older"), "steps": 1, "name": "tuned-clip"}), parsed, images).version
     got = from_pretrained(local_model_dir(tuned))
     assert got.tags == tags
     want = build_label_embeddings(tags[-3:], str(tmp_path / "clip"))
