@@ -469,9 +469,9 @@ def test_from_pretrained_reads_tensor_by_tensor_and_names_a_bad_file(tmp_path, t
     tensors do not fit its config.json is refused naming the tensor."""
     import safetensors.torch as st
 
-    from ram_model.checkpoint import from_pretrained
+    from ram_model.checkpoint import from_pretrained, save_pretrained
 
-    tiny.save_pretrained(tmp_path / "m")
+    save_pretrained(tiny, tmp_path / "m")
     monkeypatch.setattr(st, "load_file", lambda *a, **k: pytest.fail("the whole file was read into a state dict"))
     monkeypatch.setattr(st, "load_model", lambda *a, **k: pytest.fail("the whole file was read into a state dict"))
     back = from_pretrained(tmp_path / "m")
