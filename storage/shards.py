@@ -52,6 +52,18 @@ def write_tar(fileobj, samples: Iterable[dict]) -> int:
     return count
 
 
+def split_member_name(name: str) -> tuple[str, str]:
+    """Which sample a tar member belongs to, and as what: the one WebDataset rule every reader uses.
+
+    key = the member's path up to the first dot of its file name; ext = the rest, lower-cased
+    ('' when the file name has no dot). `a/b/0001.seg.PNG` -> (`a/b/0001`, `seg.png`)."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot:
+        return name, ""
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
 def iter_tar(fs, paths: list[str], urls: list[str] | None = None) -> Iterator[dict]:
     """Stream the samples of tar shards, in order, as WebDataset samples (members grouped by key).
 
@@ -66,15 +78,13 @@ def iter_tar(fs, paths: list[str], urls: list[str] | None = None) -> Iterator[di
             for info in tar:
                 if not info.isfile():
                     continue
-                key, _, ext = info.name.rpartition("/")[2].partition(".")
-                prefix = info.name[: len(info.name) - len(info.name.rpartition("/")[2])]
-                key = prefix + key
+                key, ext = split_member_name(info.name)
                 if sample and sample["__key__"] != key:
                     yield sample
                     sample = {}
                 if not sample:
                     sample = {"__key__": key, "__url__": url}
-                sample[ext.lower()] = tar.extractfile(info).read()
+                sample[ext] = tar.extractfile(info).read()
                 tar.members = []  # keep memory flat on large shards
             if sample:
                 yield sample

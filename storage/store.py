@@ -8,6 +8,8 @@ Layout under the store root (any fsspec URL):
     <stage>/<version>/_rejects/<part>.parquet a part's rejected rows
     <stage>/<version>/_parts/<part>.json      a part's completion record (for resume)
     <stage>/<version>/_claims/<part>/<owner>.json  who is making a part now (removed at commit)
+    <stage>/<version>/_progress/<part>/<name>.*    in-part checkpoints (VersionWriter.save_checkpoint;
+                                              removed when the part is written and at commit)
     _refs/<stage>/<name>.json                 named refs: latest, prod, ...
     _tmp/<owner>/                             a writer's temporary files
     _leases/<owner>.json                      a writer's lease: alive while renewed (storage/leases.py)
@@ -49,6 +51,8 @@ from .shards import iter_tar, read_member, webdataset_pipeline, write_tar
 log = logging.getLogger("ram_engine")
 
 MANIFEST = "_manifest.json"
+CHECKPOINTS = "_progress"
+_CHECKPOINT_RECORD = ".checkpoint.json"
 FORMAT_VERSION = 1
 ID_LEN = 16
 
@@ -548,6 +552,29 @@ class Version:
         return problems
 
 
+@dataclass
+class Checkpoint:
+    """One in-part checkpoint, as `VersionWriter.checkpoints` lists it: its files checked out."""
+    name: str
+    data: Any
+    files: dict[str, dict]          # "table" / "shard" -> {"path", "bytes", "sha256"}
+    store: "Store" = field(repr=False)
+
+    def table(self) -> pa.Table | None:
+        entry = self.files.get("table")
+        if entry is None:
+            return None
+        with self.store.fs.open(self.store.abs(entry["path"]), "rb") as f:
+            return pq.read_table(f)
+
+    def samples(self) -> Iterator[dict]:
+        entry = self.files.get("shard")
+        if entry is None:
+            return iter(())
+        return ({k: v for k, v in s.items() if k != "__url__"}
+                for s in iter_tar(self.store.fs, [self.store.abs(entry["path"])]))
+
+
 class VersionWriter:
     """Writes one version part by part; `commit` writes the manifest last.
 
@@ -717,6 +744,7 @@ class VersionWriter:
         _check_name(name)
         finished = self._finished_by_another(name)
         if finished is not None:
+            self.drop_checkpoints(name)
             return finished
         files: list[dict] = []
         rows_out = 0
@@ -752,7 +780,66 @@ class VersionWriter:
         record = PartRecord(name=name, files=files, rows_in=rows_in, rows_out=rows_out,
                             rows_rejected=reject_table.num_rows, source_digest=source_digest,
                             config_digest=self.config_digest, metrics=metrics)
-        return self._place_record(record)
+        placed = self._place_record(record)
+        self.drop_checkpoints(name)  # the part is whole: its checkpoints are spent
+        return placed
+
+    # ----- in-part checkpoints
+    def save_checkpoint(self, part: str, name: str, *, data: Any = None, table: pa.Table | None = None,
+                        samples: Iterable[dict] | None = None) -> None:
+        """Save a checkpoint inside part `part` (a stage that works through a long part in batches).
+
+        Its table (Parquet) and samples (a tar) are written whole, then a record with their sizes and
+        sha256 and the JSON `data`: the record is the checkpoint's commit point, so one cut short by a
+        crash does not count. Saving `name` again replaces it (a batch redone after a crash). Checkpoints
+        are invisible to readers (no manifest or glob of a version names them) and the writer removes them
+        once the part is written (`write_part`) and at commit. Call it while holding the part's claim."""
+        _check_name(part)
+        _check_name(name)
+        folder = f"{self.prefix}/{CHECKPOINTS}/{part}"
+        files: dict[str, dict] = {}
+        if table is not None:
+            with self.placement.atomic_open(f"{folder}/{name}.parquet", replace=True) as sink:
+                pq.write_table(table, sink)
+            files["table"] = {"path": sink.info.path, "bytes": sink.info.bytes, "sha256": sink.info.sha256}
+        if samples is not None:
+            with self.placement.atomic_open(f"{folder}/{name}.tar", replace=True) as sink:
+                write_tar(sink, samples)
+            files["shard"] = {"path": sink.info.path, "bytes": sink.info.bytes, "sha256": sink.info.sha256}
+        record = {"name": name, "data": data, "files": files}
+        self.placement.put_bytes(f"{folder}/{name}{_CHECKPOINT_RECORD}", canonical_json(record).encode(),
+                                 replace=True)
+
+    def checkpoints(self, part: str) -> list[Checkpoint]:
+        """The checkpoints saved in `part` by earlier (possibly killed) runs, by name; one whose record
+        is missing or whose files do not match it is left out (its work is redone)."""
+        folder = self.store.abs(f"{self.prefix}/{CHECKPOINTS}/{part}")
+        try:
+            names = sorted(p.rsplit("/", 1)[-1] for p in self.store.fs.ls(folder, detail=False))
+        except FileNotFoundError:
+            return []
+        out = []
+        for entry in names:
+            if not entry.endswith(_CHECKPOINT_RECORD):
+                continue
+            try:
+                record = json.loads(self.store.fs.cat_file(f"{folder}/{entry}"))
+                problems = self.store.check_files(list(record["files"].values()), checksum=True)
+            except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+                problems = [f"unreadable record: {exc}"]
+            if problems:
+                log.warning("%s part %s: checkpoint %s is not whole (%s); its work is redone", self.stage, part,
+                            entry, "; ".join(problems))
+                continue
+            out.append(Checkpoint(record["name"], record["data"], record["files"], self.store))
+        return out
+
+    def drop_checkpoints(self, part: str) -> None:
+        """Remove the checkpoints of `part` (done by `write_part` itself)."""
+        try:
+            self.store.fs.rm(self.store.abs(f"{self.prefix}/{CHECKPOINTS}/{part}"), recursive=True)
+        except FileNotFoundError:  # none, or a concurrent run of this version removed them first
+            pass
 
     def _finished_by_another(self, name: str) -> PartRecord | None:
         """The record of part `name` when another writer of this version finished it: adopt, never rewrite."""
@@ -903,10 +990,11 @@ class VersionWriter:
             return self.store.find(self.stage, self.id)
         version = self.store.find(self.stage, self.id)
         assert version is not None
-        try:  # claims only matter until the commit
-            self.store.fs.rm(self.store.abs(f"{self.prefix}/_claims"), recursive=True)
-        except (FileNotFoundError, OSError):
-            pass
+        for folder in ("_claims", CHECKPOINTS):  # claims and checkpoints only matter until the commit
+            try:
+                self.store.fs.rm(self.store.abs(f"{self.prefix}/{folder}"), recursive=True)
+            except (FileNotFoundError, OSError):
+                pass
         self.store.set_ref(self.stage, "latest", self.id)
         self.close()
         return version

@@ -21,7 +21,7 @@ from PIL import Image
 
 from storage.schemas import REGIONS
 from storage.shards import decode_image
-from storage.store import canonical_json, digest, shard_name
+from storage.store import digest, shard_name
 
 from .categories import localisable_tags, tag_categories
 from .code_version import code_version
@@ -215,7 +215,7 @@ class ShardImages:
 def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progress=None):
     """The `regions` version: boxes and crops for the localisable tags of every generated key.
 
-    Progress is checkpointed inside a part after every detector batch (`_progress/<part>/`); a rerun
+    Progress is checkpointed inside a part after every detector batch (the writer's in-part checkpoints); a rerun
     skips the keys already grounded and assembles the same part an uninterrupted run writes."""
     from ram_model.detector import load_detector
 
@@ -245,94 +245,37 @@ def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progre
                                    columns=["key", "tag_ids"]) if gen_part else pa.table(
             {"key": pa.array([], pa.string()), "tag_ids": pa.array([], pa.list_(pa.int32()))}))
         shard_rel = shard_name(task.name)
-        # In-part checkpoints belong to the writer holding this part's claim (tasks/stage.py): one at a time.
-        progress_dir = f"{w.prefix}/_progress/{task.name}"
-        done_tables, done_rejects, done_keys = _load_progress(store, progress_dir)
+        # In-part checkpoints (the writer's, see VersionWriter.save_checkpoint): one per detector batch,
+        # named by its keys; made by the run holding this part's claim (tasks/stage.py), one at a time.
+        done_keys = {k for cp in w.checkpoints(task.name) for k in cp.data["keys"]}
 
         def checkpoint(batch_table, crops, keys, rejects):
-            name = digest(keys)
-            # crops first, then the table that names them, then the keys marker: the marker proves the batch whole
-            # replace: a batch redone after a crash overwrites its unmarked leftovers (never committed files)
-            w.placement.put_bytes(f"{progress_dir}/{name}.tar", _tar_bytes(crops), replace=True)
-            w.placement.put_bytes(f"{progress_dir}/{name}.parquet", _parquet_bytes(batch_table), replace=True)
-            w.placement.put_bytes(f"{progress_dir}/{name}.rejects.json", canonical_json(rejects).encode(),
-                                  replace=True)
-            w.placement.put_bytes(f"{progress_dir}/{name}.keys.json", canonical_json(keys).encode(), replace=True)
+            w.save_checkpoint(task.name, digest(keys), table=batch_table, samples=crops,
+                              data={"keys": keys, "rejects": rejects})
 
         ground_part(gen, ShardImages(images, part), detector, cfg, tag_names, categories, done_keys=done_keys,
                     shard=shard_rel,
                     checkpoint=checkpoint, keep_crops=False, source=part.name)
-        tables, rejects, covered, batch_names = _load_progress(store, progress_dir, with_names=True)
+        saved = w.checkpoints(task.name)
+        covered = {k for cp in saved for k in cp.data["keys"]}
         missing = set(gen.column("key").to_pylist()) - covered
         if missing:  # never assemble a part from some of its checkpoints
-            raise RuntimeError(f"ground part {task.name}: in-part checkpoints in {progress_dir} cover "
-                               f"{len(covered)} keys, {len(missing)} are missing (e.g. {sorted(missing)[0]}); "
-                               f"another run removed them")
+            raise RuntimeError(f"ground part {task.name}: its in-part checkpoints cover {len(covered)} keys, "
+                               f"{len(missing)} are missing (e.g. {sorted(missing)[0]}); another run removed them")
         # Assemble in key order: the same part whether or not the run was interrupted.
         order = {k: i for i, k in enumerate(gen.column("key").to_pylist())}
+        tables = [t for t in (cp.table() for cp in saved) if t is not None]
         table = pa.concat_tables(tables) if tables else regions_table([])
         if table.num_rows:
             idx = sorted(range(table.num_rows), key=lambda i: (order[table["key"][i].as_py()], i))
             table = table.take(pa.array(idx, pa.int64()))
-        crops_by_key = _progress_crops(store, progress_dir, batch_names)
+        crops_by_key = {s["__key__"]: s for cp in saved for s in cp.samples()}
         samples = (crops_by_key[ck] for ck in table.column("crop_key").to_pylist())
-        rejects.sort(key=lambda r: order.get(r["key"], -1))
-        n_regions = table.num_rows
-        record = w.write_part(task.name, table=table, samples=samples, rejects=rejects, rows_in=gen.num_rows,
-                              source_digest=task.source_digest,
-                              metrics={"rows_out": gen.num_rows - len(rejects), "regions": n_regions,
-                                       "regions_per_tag": dict(Counter(table.column("tag").to_pylist()))})
-        try:
-            store.fs.rm(store.abs(progress_dir), recursive=True)
-        except FileNotFoundError:  # a concurrent run of this version removed it first
-            pass
-        return record
+        rejects = sorted((r for cp in saved for r in cp.data["rejects"]), key=lambda r: order.get(r["key"], -1))
+        # write_part removes the part's checkpoints once it is whole
+        return w.write_part(task.name, table=table, samples=samples, rejects=rejects, rows_in=gen.num_rows,
+                            source_digest=task.source_digest,
+                            metrics={"rows_out": gen.num_rows - len(rejects), "regions": table.num_rows,
+                                     "regions_per_tag": dict(Counter(table.column("tag").to_pylist()))})
 
     return run_stage(writer, tasks, process, executor=executor, progress=progress)
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    import pyarrow.parquet as pq
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
-
-
-def _tar_bytes(samples: list[dict]) -> bytes:
-    from storage.shards import write_tar
-
-    buf = io.BytesIO()
-    write_tar(buf, samples)
-    return buf.getvalue()
-
-
-def _load_progress(store, progress_dir: str, with_names: bool = False):
-    """The batches a (possibly interrupted) run finished: a batch counts once its keys marker exists."""
-    import json
-
-    import pyarrow.parquet as pq
-
-    try:
-        names = sorted(p.rsplit("/", 1)[-1][: -len(".keys.json")] for p in store.fs.ls(store.abs(progress_dir),
-                                                                                         detail=False)
-                       if p.endswith(".keys.json"))
-    except FileNotFoundError:
-        names = []
-    tables, rejects, keys = [], [], set()
-    for name in names:
-        base = store.abs(f"{progress_dir}/{name}")
-        with store.fs.open(base + ".parquet", "rb") as f:
-            tables.append(pq.read_table(f))
-        rejects.extend(json.loads(store.fs.cat_file(base + ".rejects.json")))
-        keys.update(json.loads(store.fs.cat_file(base + ".keys.json")))
-    if with_names:
-        return tables, rejects, keys, names
-    return tables, rejects, keys
-
-
-def _progress_crops(store, progress_dir: str, names: list[str]) -> dict[str, dict]:
-    from storage.shards import iter_tar
-
-    paths = [store.abs(f"{progress_dir}/{n}.tar") for n in names]
-    return {s["__key__"]: {k: v for k, v in s.items() if k != "__url__"} for s in iter_tar(store.fs, paths)}

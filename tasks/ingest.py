@@ -42,6 +42,7 @@ from PIL import Image, ImageFile, ImageOps
 from storage import PartRecord, Store, VersionWriter, schemas
 from storage.fs import sha256_of
 from storage.store import digest, shard_name
+from storage.shards import split_member_name
 
 from .code_version import code_version
 from .config import IngestConfig, section_dict
@@ -578,17 +579,11 @@ def _decompressed(fh, url: str):
 def _member_kind(info: tarfile.TarInfo) -> str | None:
     """None for a member that belongs to no sample (a folder, OS metadata), else 'file', 'other' or
     'no-ext'."""
-    base = info.name.rsplit("/", 1)[-1]
     if info.isdir() or _os_metadata(info.name):
         return None
-    if "." not in base or not base.split(".", 1)[1]:
+    if not split_member_name(info.name)[1]:
         return "no-ext"
     return "file" if info.isfile() else "other"
-
-
-def _split_member(name: str) -> tuple[str, str]:
-    base = name.rsplit("/", 1)[-1]
-    return name[: len(name) - len(base)] + base.split(".", 1)[0], base.split(".", 1)[1].lower()
 
 
 def tar_sample_keys(url: str, options: Mapping[str, Any] | None = None) -> dict[str, str]:
@@ -600,7 +595,7 @@ def tar_sample_keys(url: str, options: Mapping[str, Any] | None = None) -> dict[
             for info in tar:  # random access: member data is seeked over, not read (uncompressed tars)
                 tar.members = []
                 if _member_kind(info) in ("file", "other"):
-                    stem, _ = _split_member(info.name)
+                    stem, _ = split_member_name(info.name)
                     keys.setdefault(make_key(stem), f"{source}:{shown(stem)}")
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, gzip.BadGzipFile):
         pass  # a damaged tar: the part reports it; the keys before the damage are claimed
@@ -716,7 +711,7 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter, sidecar_url
                                     ("member-without-extension", f"tar member '{shown(info.name)}' has no extension, "
                                      f"so it belongs to no sample (a NUL byte in a name cuts it there)", "member"))
                     continue
-                stem, ext = _split_member(info.name)
+                stem, ext = split_member_name(info.name)
                 if current is not None and stem == current.stem:
                     add(current, info, ext, tar)
                 elif stem in pending:

@@ -43,7 +43,7 @@ def main(config_json: str, stage: str, point: str) -> None:
 
         def slow_put(self, rel, data, **kwargs):
             info = original_put(self, rel, data, **kwargs)
-            if rel.startswith(prefix) and ("/_parts/" in rel or rel.endswith(".keys.json")):
+            if rel.startswith(prefix) and ("/_parts/" in rel or rel.endswith(".checkpoint.json")):
                 time.sleep(float(os.environ.get("RAM_TEST_PAUSE_S", "1.5")))
             return info
 

@@ -127,7 +127,7 @@ def check_consistent(store: Store, reference) -> None:
 
 def inside(store: Store, stage: str) -> bool:
     """Whether a run is inside `stage`: a part recorded or an in-part checkpoint made, nothing committed."""
-    pattern = [f"{store.root}/{stage}/*/_parts/*.json", f"{store.root}/{stage}/*/_progress/*/*.keys.json"]
+    pattern = [f"{store.root}/{stage}/*/_parts/*.json", f"{store.root}/{stage}/*/_progress/*/*.checkpoint.json"]
     return not store.versions(stage) and any(store.fs.glob(p) for p in pattern)
 
 

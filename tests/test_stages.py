@@ -88,7 +88,7 @@ def test_ground_resumes_inside_a_part_without_duplicates(base, tmp_path, monkeyp
     with pytest.raises(StageError, match="simulated crash"):
         ground.ground_stage(store, cfg.ground, images, generated, parsed)
     assert store.versions("regions") == []
-    progress = [p for p in store.fs.find(store.abs("regions")) if "/_progress/" in p and p.endswith(".keys.json")]
+    progress = [p for p in store.fs.find(store.abs("regions")) if "/_progress/" in p and p.endswith(".checkpoint.json")]
     assert len(progress) == 2  # two batches were checkpointed before the crash
     calls["n"] = -10_000
     monkeypatch.setattr(ground, "ground_batch", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1),

@@ -381,3 +381,47 @@ def test_s3_new_files_go_straight_to_their_name(s3_store_url, monkeypatch):
             w.write(b"mine")
     assert fs.cat_file(store.abs("a/race.bin")) == b"theirs"
     place.cleanup()
+
+
+def test_one_key_rule_for_every_tar_reader():
+    from storage.shards import split_member_name
+    assert split_member_name("a/b/000001.jpg") == ("a/b/000001", "jpg")
+    assert split_member_name("x.seg.PNG") == ("x", "seg.png")
+    assert split_member_name("dir.v2/x.txt") == ("dir.v2/x", "txt")   # dots in folders belong to the key
+    assert split_member_name("noext") == ("noext", "")
+    assert split_member_name("trailing.") == ("trailing", "")
+
+
+def test_in_part_checkpoints_are_whole_resumable_invisible_and_gone_after_the_part(any_store):
+    store = any_store
+    w = store.begin("images", code_version="t", config={"ckpt": 1})
+    assert w.checkpoints("part-0") == []
+    crops = [{"__key__": "k0_crop", "png": b"px0"}, {"__key__": "k1_crop", "png": b"px1"}]
+    w.save_checkpoint("part-0", "b1", data={"keys": ["p0_0", "p0_1"]}, table=images_table(["p0_0", "p0_1"]),
+                      samples=crops)
+    w.save_checkpoint("part-0", "b2", data={"keys": ["p0_2"]})
+    w.save_checkpoint("part-0", "b2", data={"keys": ["p0_2", "redone"]})  # the same batch again: replaced
+    # a later run of the same version (another process: a writer of its own) lists them
+    again = store.begin("images", code_version="t", config={"ckpt": 1})
+    cps = again.checkpoints("part-0")
+    assert [c.name for c in cps] == ["b1", "b2"]
+    assert cps[0].data == {"keys": ["p0_0", "p0_1"]} and cps[1].data == {"keys": ["p0_2", "redone"]}
+    assert cps[0].table().column("key").to_pylist() == ["p0_0", "p0_1"] and cps[1].table() is None
+    assert list(cps[0].samples()) == crops and list(cps[1].samples()) == []
+    assert again.checkpoints("part-1") == []
+    # a damaged checkpoint (a flipped byte, or its record without its files) does not count: redone
+    rel = cps[0].files["table"]["path"]
+    data = bytearray(store.fs.cat_file(store.abs(rel)))
+    data[len(data) // 2] ^= 0xFF
+    store.fs.pipe_file(store.abs(rel), bytes(data))
+    assert [c.name for c in again.checkpoints("part-0")] == ["b2"]
+    with pytest.raises(StoreError, match="invalid"):
+        again.save_checkpoint("part-0", "../escape", data={})
+    # readers never see them: not in a version's files, not under its parts/ or shards/
+    again.write_part("part-0", table=images_table(["p0_0"]), rows_in=1)
+    assert again.checkpoints("part-0") == []                     # spent once the part is whole
+    again.save_checkpoint("part-9", "b1", data={"keys": []})      # left behind by a part never written
+    v = again.commit(part_order=["part-0"])
+    assert all("_progress" not in f["path"] for f in v.files())
+    assert not [p for p in store.fs.find(store.abs(v.stage)) if "/_progress/" in p]  # never in a committed version
+    assert v.verify() == []
