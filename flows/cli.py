@@ -73,7 +73,7 @@ def get_store(cfg: EngineConfig | None = None, *, must_exist: bool = False) -> S
     nothing is there, instead of showing an empty store."""
     cfg = cfg or get_config()
     store = Store(cfg.store.url, **cfg.store.storage_options)
-    if must_exist and not store.fs.exists(store.root):
+    if must_exist and not store.exists():
         where = f" (config {state.config_path})" if state.config_path else ""
         raise StoreError(f"no store at {store.full_url('').rstrip('/')}{where}: check store.url or --store, "
                          f"or run `ram-engine run` / `ram-engine demo` to create one")

@@ -1,5 +1,7 @@
-"""Training samples streamed from stage shards: WebDataset tars joined with label tables.
+"""Training samples streamed from shard sources: shards of images joined with their label rows.
 
+The model package opens no files and knows no store layout: the caller hands it SampleShard sources
+(tasks/ builds them with storage.shards.LabelledShard, storage's one shard reader and key rule).
 The stream is never materialised. Per shard it reads the tar's member headers (seeking past the
 pixel bytes), loads that shard's label rows, and feeds lightweight records (key, tar member,
 labels) through a seeded shuffle buffer; pixels are read and decoded only for the samples that
@@ -21,14 +23,11 @@ from __future__ import annotations
 
 import io
 import random
-import tarfile
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
-import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -36,149 +35,83 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .transforms import ImageTransform  # noqa: F401  (the one transform; streams default to it)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-# Bytes left after a tar's end-of-archive position: the zero blocks of one record (10 KiB) at most.
-_MAX_TAR_TAIL = 64 * 1024
 
 
 class DataStreamError(RuntimeError):
     """A shard or label part cannot be used; the message names it and says what to do."""
 
 
-def split_member_name(name: str) -> tuple[str, str]:
-    """WebDataset convention: key = path up to the first dot of the file name, ext = the rest."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot:
-        return name, ""
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+class OpenShard(Protocol):
+    """A shard opened for random access (what `SampleShard.open` returns)."""
+
+    def members(self) -> Sequence:  # items with .key, .ext (lower-case, '' when none)
+        ...
+
+    def read(self, member) -> bytes:
+        ...
+
+    def close(self) -> None:
+        ...
 
 
-# ---------------------------------------------------------------------------------------------
-# Shard + label reading
+class SampleShard(Protocol):
+    """One source of samples: a shard of images and the label rows of its samples. The model package
+    never opens files: the caller (tasks/, through storage.shards.LabelledShard) supplies these."""
+    name: str   # for messages
+
+    def label_rows(self, columns: list[str]) -> pa.Table:
+        ...
+
+    def count_labels(self) -> int:
+        ...
+
+    def open(self) -> OpenShard:
+        ...
+
+
+def _named(shard_name: str, fn: Callable, *args):
+    """Call into a shard source; any error it raises becomes a DataStreamError naming the shard."""
+    try:
+        return fn(*args)
+    except DataStreamError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the source's own error types are its business
+        msg = str(e)
+        raise DataStreamError(msg if shard_name in msg else f"shard {shard_name!r}: {msg}") from e
+
 
 @dataclass
 class _Record:
     key: str
     shard: int          # index into the epoch's open-shard table
-    member: tarfile.TarInfo
+    member: Any         # the source's handle for the image member
     tag_ids: list
     captions: Any       # None, str or list[str]
 
 
-class _OpenShard:
-    """A tar opened for random access (headers scanned, pixels read on demand)."""
+class _Opened:
+    """An open shard and how many shuffle-buffer records still point into it."""
 
-    def __init__(self, url: str, storage_options: dict):
-        self.url = url
-        try:
-            self.file = fsspec.open(url, "rb", **storage_options).open()
-        except FileNotFoundError as e:
-            raise DataStreamError(f"shard {url!r} does not exist ({e}); check the shard list "
-                                  "or the dataset version it came from") from e
-        except Exception as e:  # noqa: BLE001 - any backend error: name the shard
-            raise DataStreamError(f"shard {url!r} cannot be opened: {type(e).__name__}: {e}") from e
-        self.size = self.file.seek(0, 2)
-        self.file.seek(0)
-        try:
-            self.tar = tarfile.open(fileobj=self.file, mode="r:")
-        except tarfile.TarError as e:
-            self.file.close()
-            raise DataStreamError(f"shard {url!r} is not a readable uncompressed tar ({e}); "
-                                  "the file is corrupt or truncated: rebuild it from its stage") from e
-        self.pending = 0       # records in the shuffle buffer that still point into this tar
+    def __init__(self, source, reader):
+        self.name, self.reader = source.name, reader
+        self.pending = 0
         self.scanned = False
 
-    def members(self) -> list[tarfile.TarInfo]:
-        try:
-            members = [m for m in self.tar if m.isfile()]
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataStreamError(f"shard {self.url!r}: cannot read tar headers ({e}); "
-                                  "the file is corrupt or truncated") from e
-        # tarfile stops silently at a truncated header: everything after the end-of-archive
-        # position must be the zero padding of the last record.
-        end = self.tar.offset
-        if members:
-            last = members[-1]
-            if last.offset_data + last.size > self.size:
-                raise DataStreamError(f"shard {self.url!r} is truncated: member {last.name!r} needs "
-                                      f"{last.offset_data + last.size} bytes, file has {self.size}")
-        tail = self.size - end
-        if tail < 2 * tarfile.BLOCKSIZE:
-            # tar writers end an archive with two zero blocks; without them the file was cut
-            # exactly at a member boundary and later members are lost
-            raise DataStreamError(f"shard {self.url!r} is truncated: no end-of-archive marker after "
-                                  f"offset {end} ({len(members)} members readable)")
-        if tail > _MAX_TAR_TAIL:
-            raise DataStreamError(f"shard {self.url!r}: {tail} unreadable bytes after member headers "
-                                  f"ended at offset {end} (corrupt or truncated header)")
-        if tail > 0:
-            self.file.seek(end)
-            if self.file.read(tail).strip(b"\0"):
-                raise DataStreamError(f"shard {self.url!r}: non-zero bytes after the last readable "
-                                      f"member header at offset {end} (corrupt or truncated header)")
-        self.scanned = True
-        return members
-
-    def read(self, member: tarfile.TarInfo) -> bytes:
-        try:
-            data = self.tar.extractfile(member).read()
-        except (tarfile.TarError, OSError) as e:
-            raise DataStreamError(f"shard {self.url!r}: cannot read member {member.name!r}: {e}") from e
-        if len(data) != member.size:
-            raise DataStreamError(f"shard {self.url!r}: member {member.name!r} is truncated "
-                                  f"({len(data)} of {member.size} bytes)")
-        return data
+    def read(self, member) -> bytes:
+        return _named(self.name, self.reader.read, member)
 
     def close(self) -> None:
-        self.tar.close()
-        self.file.close()
-
-
-def _read_label_table(labels, columns: list[str], storage_options: dict, where: str) -> pa.Table:
-    if isinstance(labels, pa.Table):
-        missing = [c for c in columns if c not in labels.column_names]
-        if missing:
-            raise DataStreamError(f"label table for {where} lacks column(s) {missing}; "
-                                  f"it has {labels.column_names}")
-        return labels.select(columns)
-    paths = [labels] if isinstance(labels, str) else list(labels)
-    parts = []
-    for p in paths:
-        try:
-            with fsspec.open(p, "rb", **storage_options) as f:
-                parts.append(pq.read_table(f, columns=columns))
-        except FileNotFoundError as e:
-            raise DataStreamError(f"label part {p!r} (for {where}) does not exist") from e
-        except (pa.ArrowException, OSError, KeyError) as e:
-            raise DataStreamError(f"label part {p!r} (for {where}) cannot be read with columns "
-                                  f"{columns}: {e}") from e
-    if not parts:
-        raise DataStreamError(f"no label parts given for {where}")
-    return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-
-
-def _count_label_rows(labels, storage_options: dict) -> int:
-    if isinstance(labels, pa.Table):
-        return labels.num_rows
-    paths = [labels] if isinstance(labels, str) else list(labels)
-    n = 0
-    for p in paths:
-        try:
-            with fsspec.open(p, "rb", **storage_options) as f:
-                n += pq.ParquetFile(f).metadata.num_rows
-        except FileNotFoundError as e:
-            raise DataStreamError(f"label part {p!r} does not exist") from e
-    return n
+        self.reader.close()
 
 
 # ---------------------------------------------------------------------------------------------
 
 class ShardStream(IterableDataset):
-    """Samples {key, image, tag_targets, [caption]} from (tar shard, labels) pairs.
+    """Samples {key, image, tag_targets, [caption]} from shard sources (SampleShard).
 
-    shards: sequence of (tar URL, labels) where labels is a pyarrow Table, a Parquet path/URL or a
-        list of Parquet paths holding `key`, `tag_column` (list<int>) and optionally
-        `caption_column` (string or list<string>). Every label row must have an image member
+    shards: sequence of SampleShard (e.g. storage.shards.LabelledShard, built by tasks/): each gives
+        label rows holding `key`, `tag_column` (list<int>) and optionally `caption_column`
+        (string or list<string>), and opens its shard. Every label row must have an image member
         `<key>.jpg|jpeg|png|webp` in its tar (else DataStreamError); tar members without a label
         row are skipped (e.g. samples the clean stage dropped) and counted in `unlabelled_seen`.
     num_tags: length of the multi-hot target; tag ids outside [0, num_tags) are an error.
@@ -190,19 +123,19 @@ class ShardStream(IterableDataset):
     shuffle: seeded per-epoch shard order + a shuffle buffer of `shuffle_buffer` records.
     """
 
-    def __init__(self, shards: Sequence[tuple[str, Any]], num_tags: int,
+    def __init__(self, shards: Sequence[SampleShard], num_tags: int,
                  transform: Callable[[Image.Image], torch.Tensor] | None = None, *,
                  image_size: int | None = None, tag_column: str = "tag_ids",
                  caption_column: str | None = None, rank: int = 0, world_size: int = 1,
                  batch_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 shuffle_buffer: int = 1000, drop_last: bool = True,
-                 storage_options: dict | None = None):
+                 shuffle_buffer: int = 1000, drop_last: bool = True):
         super().__init__()
         if not shards:
             raise ValueError("ShardStream: `shards` is empty")
         for i, item in enumerate(shards):
-            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
-                raise ValueError(f"ShardStream: shards[{i}] must be (tar_url, labels), got {item!r:.200}")
+            if not all(hasattr(item, a) for a in ("name", "label_rows", "count_labels", "open")):
+                raise ValueError(f"ShardStream: shards[{i}] must be a shard source (name, label_rows, "
+                                 f"count_labels, open; e.g. storage.shards.LabelledShard), got {item!r:.200}")
         if num_tags <= 0:
             raise ValueError(f"ShardStream: num_tags must be > 0, got {num_tags}")
         if not 0 <= rank < world_size:
@@ -216,7 +149,7 @@ class ShardStream(IterableDataset):
             if image_size is None:
                 raise ValueError("ShardStream: give `transform` or `image_size`")
             transform = ImageTransform(image_size)
-        self.shards = [(str(u), lab) for u, lab in shards]
+        self.shards = list(shards)
         self.num_tags = int(num_tags)
         self.transform = transform
         self.tag_column = tag_column
@@ -224,7 +157,6 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.batch_size = int(rank), int(world_size), int(batch_size)
         self.seed, self.shuffle, self.shuffle_buffer = int(seed), shuffle, max(1, int(shuffle_buffer))
         self.drop_last = drop_last
-        self.storage_options = dict(storage_options or {})
         self.epoch = 0
         self.start = 0
         self.unlabelled_seen = 0
@@ -250,7 +182,7 @@ class ShardStream(IterableDataset):
     def num_samples(self) -> int:
         """Samples per epoch over all ranks (label rows; read from Parquet metadata)."""
         if self._num_samples is None:
-            self._num_samples = sum(_count_label_rows(lab, self.storage_options) for _, lab in self.shards)
+            self._num_samples = sum(_named(s.name, s.count_labels) for s in self.shards)
         return self._num_samples
 
     def samples_per_rank(self) -> int:
@@ -269,9 +201,10 @@ class ShardStream(IterableDataset):
         return order
 
     def _load_shard(self, idx: int, slot: int, open_shards: dict) -> list[_Record]:
-        url, labels = self.shards[idx]
+        source = self.shards[idx]
+        url = source.name
         columns = ["key", self.tag_column] + ([self.caption_column] if self.caption_column else [])
-        table = _read_label_table(labels, columns, self.storage_options, f"shard {url!r}")
+        table = _named(url, source.label_rows, columns)
         keys = table.column("key").to_pylist()
         tags = table.column(self.tag_column).to_pylist()
         caps = table.column(self.caption_column).to_pylist() if self.caption_column else [None] * len(keys)
@@ -280,12 +213,14 @@ class ShardStream(IterableDataset):
             if k in rows:
                 raise DataStreamError(f"labels for shard {url!r}: key {k!r} appears more than once")
             rows[k] = i
-        shard = _OpenShard(url, self.storage_options)
+        shard = _Opened(source, _named(url, source.open))
         open_shards[slot] = shard
         records: list[_Record] = []
         seen: set[str] = set()
-        for m in shard.members():
-            key, ext = split_member_name(m.name)
+        members = _named(url, shard.reader.members)
+        shard.scanned = True
+        for m in members:
+            key, ext = m.key, m.ext
             if ext not in IMAGE_EXTENSIONS:
                 continue
             if key in seen:
@@ -333,13 +268,13 @@ class ShardStream(IterableDataset):
     def _sample_seed(self, index: int) -> int:
         return int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
 
-    def _make_sample(self, index: int, rec: _Record, shard: _OpenShard) -> dict:
+    def _make_sample(self, index: int, rec: _Record, shard: _Opened) -> dict:
         data = shard.read(rec.member)
         try:
             with Image.open(io.BytesIO(data)) as im:
                 img = im.convert("RGB")
         except Exception as e:  # noqa: BLE001 - PIL raises many types
-            raise DataStreamError(f"shard {shard.url!r}: image {rec.member.name!r} (key {rec.key!r}) "
+            raise DataStreamError(f"shard {shard.name!r}: image of key {rec.key!r} (.{rec.member.ext}) "
                                   f"cannot be decoded: {type(e).__name__}: {e}") from e
         seed = self._sample_seed(index)
         py_state = random.getstate()
@@ -356,7 +291,7 @@ class ShardStream(IterableDataset):
         if ids:
             t = torch.as_tensor(ids, dtype=torch.long)
             if int(t.min()) < 0 or int(t.max()) >= self.num_tags:
-                raise DataStreamError(f"shard {shard.url!r}: key {rec.key!r} has tag id(s) outside "
+                raise DataStreamError(f"shard {shard.name!r}: key {rec.key!r} has tag id(s) outside "
                                       f"[0, {self.num_tags}): {[x for x in ids if not 0 <= x < self.num_tags][:5]}")
             targets[t] = 1.0
         sample = {"key": rec.key, "image": image, "tag_targets": targets}
@@ -375,7 +310,7 @@ class ShardStream(IterableDataset):
         b, g = self.batch_size, self.batch_size * self.world_size
         remaining = max(0, self.num_samples() - self.start)
         stop = self.start + (remaining // g * g if self.drop_last else remaining)
-        open_shards: dict[int, _OpenShard] = {}
+        open_shards: dict[int, _Opened] = {}
         try:
             for i, rec in self._global_records(open_shards):
                 if i >= stop:

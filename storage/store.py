@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 import uuid
 from contextlib import contextmanager
@@ -44,9 +45,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import schemas
-from .fs import CommittedFileConflict, FileInfo, Placement, open_fs, retry_io, sha256_of
+from fsspec.implementations.local import LocalFileSystem
+
+from .fs import TMP_DIR, CommittedFileConflict, FileInfo, Placement, open_fs, retry_io, sha256_of
 from .leases import owner_alive, put_whole
-from .shards import iter_tar, read_member, webdataset_pipeline, write_tar
+from .shards import LabelledShard, iter_tar, read_member, webdataset_pipeline, write_tar
 
 log = logging.getLogger("ram_engine")
 
@@ -146,6 +149,42 @@ class Store:
         if proto in ("file", "local"):
             return path
         return f"{proto}://{path}"
+
+    def exists(self) -> bool:
+        """Whether the store's root folder (or bucket prefix) exists."""
+        return self.fs.exists(self.root)
+
+    def check_writable(self) -> None:
+        """Write and remove a probe file under the temporary folder; raises what the backend raises."""
+        probe = self.abs(f"{TMP_DIR}/check-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        if "file" in self.fs.protocol:  # a run creates a local store's folder; a bucket must exist already
+            self.fs.makedirs(probe.rsplit("/", 1)[0], exist_ok=True)
+        with self.fs.open(probe, "wb") as fh:
+            fh.write(b"ram-engine check")
+        self.fs.rm(probe)
+
+    def labelled_shard(self, rel: str, labels: pa.Table | str | list[str]) -> LabelledShard:
+        """The shard at store-relative `rel` with the label rows of its samples (a table, or local Parquet
+        path(s)): one source of a training stream (ram_model.data_stream.ShardStream)."""
+        return LabelledShard(self.fs, self.abs(rel), labels, name=self.full_url(rel), labels_fs=LocalFileSystem())
+
+    def read_parquet(self, rel: str, entry: dict | None, columns: list[str] | None = None, *, where: str = "",
+                     fix: str = "") -> pa.Table:
+        """A Parquet file of the store, checked against its manifest or part-record `entry` (bytes, sha256)."""
+        def read():
+            with self.fs.open(self.abs(rel), "rb") as fh:
+                return fh.read()
+
+        where = where or self.url
+        try:
+            data = retry_io(read, f"reading {rel}")
+        except FileNotFoundError:
+            raise CorruptFile(f"{where}: {rel} is missing. {fix}; recreate the version or restore the file.") from None
+        if entry is not None and (len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]):
+            raise CorruptFile(f"{where}: {rel} is {len(data)} bytes (sha256 {hashlib.sha256(data).hexdigest()[:12]}…) "
+                              f"but its manifest says {entry['bytes']} bytes (sha256 {entry['sha256'][:12]}…): it "
+                              f"changed after commit, and nothing was built on it. {fix}.")
+        return pq.read_table(pa.BufferReader(data), columns=columns)
 
     def _read_json(self, rel: str) -> dict | None:
         def read():
@@ -472,23 +511,8 @@ class Version:
 
     def read_file(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         """One Parquet file of this version, checked against its manifest entry (size and sha256)."""
-        entry = self._entry(rel)
-
-        def read():
-            with self.store.fs.open(self.store.abs(rel), "rb") as fh:
-                return fh.read()
-
-        try:
-            data = retry_io(read, f"reading {rel}")
-        except FileNotFoundError:
-            raise CorruptFile(f"{self.ref}: {rel} is missing. `ram-engine verify {self.stage}@{self.id}` lists "
-                              f"every problem; recreate the version or restore the file.") from None
-        if entry is not None and (len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]):
-            raise CorruptFile(f"{self.ref}: {rel} is {len(data)} bytes (sha256 {hashlib.sha256(data).hexdigest()[:12]}…) "
-                              f"but its manifest says {entry['bytes']} bytes (sha256 {entry['sha256'][:12]}…): it "
-                              f"changed after commit, and nothing was built on it. `ram-engine verify "
-                              f"{self.stage}@{self.id}` lists every problem.")
-        return pq.read_table(pa.BufferReader(data), columns=columns)
+        return self.store.read_parquet(rel, self._entry(rel), columns, where=self.ref,
+                                       fix=f"`ram-engine verify {self.stage}@{self.id}` lists every problem")
 
     def read_table(self, kind: str = "table", columns: list[str] | None = None) -> pa.Table:
         """The whole table of this version (for inspection and small data)."""

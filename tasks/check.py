@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -46,12 +45,7 @@ def check_store(cfg: EngineConfig, report: CheckReport) -> None:
     url = cfg.store.url
     try:
         store = Store(url, **cfg.store.storage_options)
-        probe = store.abs(f"_tmp/check-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        if "file" in store.fs.protocol:  # a run creates a local store's folder; a bucket must exist already
-            store.fs.makedirs(probe.rsplit("/", 1)[0], exist_ok=True)
-        with store.fs.open(probe, "wb") as fh:
-            fh.write(b"ram-engine check")
-        store.fs.rm(probe)
+        store.check_writable()
         report.ok.append(f"store {url}: reachable and writable ({len(store.stages())} stages)")
     except Exception as e:  # any failure here is the finding
         report.bad("store.url", url, f"cannot write to the store ({type(e).__name__}: {e}); check the bucket "

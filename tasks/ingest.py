@@ -1059,8 +1059,8 @@ def _part_keys(store: Store, record: PartRecord) -> dict[str, str]:
     for f in record.files:
         if f["kind"] in ("table", "rejects"):
             columns = ["key", "source"] + (["field"] if f["kind"] == "rejects" else [])
-            with store.fs.open(store.abs(f["path"]), "rb") as fh:
-                rows = pq.read_table(fh, columns=columns).to_pylist()
+            rows = store.read_parquet(f["path"], f, columns, where=f"part {record.name}",
+                                      fix="rerun ingest").to_pylist()
             for row in rows:
                 if row.get("field") not in UNCLAIMED_FIELDS:
                     keys.setdefault(row["key"], row["source"])

@@ -23,10 +23,10 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ram_model.metrics import best_f1_thresholds
 from storage import Store, StoreError, Version, digest
+from storage.shards import write_label_table
 
 from .code_version import code_version
 from .config import ModelConfig, TrainConfig, section_dict
@@ -43,7 +43,7 @@ STORAGE_OPTIONS_ENV = "RAM_ENGINE_STORAGE_OPTIONS"
 
 
 def label_rows(labels: Version, images: Version) -> list[tuple[str, pa.Table]]:
-    """Per images part: (tar URL, table key / tag_ids / captions) for keys that have labels.
+    """Per images part: (store-relative shard path, table key / tag_ids / captions) for keys that have labels.
 
     Works for `parsed` (several rows per key: tag ids are unioned) and `clean` (one row per key)."""
     by_part: dict[str, dict[str, set[int]]] = {}
@@ -63,22 +63,32 @@ def label_rows(labels: Version, images: Version) -> list[tuple[str, pa.Table]]:
                          "tag_ids": pa.array([sorted(tags[keys[i]]) for i in keep], pa.list_(pa.int32())),
                          "captions": pa.array([captions[i] for i in keep], pa.list_(pa.string()))})
         shard = next(f for f in part.files if f["kind"] == "shard")
-        images.check_inputs([shard])  # the trainer streams it by URL: stop here if it changed
-        out.append((images.store.full_url(shard["path"]), rows))
+        images.check_inputs([shard])  # the trainer streams it later: stop here if it changed
+        out.append((shard["path"], rows))
     return out
 
 
-def _write_split(parts: list[tuple[str, pa.Table]], work: Path, fraction: float) -> dict[str, list]:
+def _write_split(parts: list[tuple[str, pa.Table]], work: Path, fraction: float) -> tuple[dict[str, list], dict]:
+    """The train / held-out label tables per shard, as local files a torchrun worker reads: ({split: [[shard
+    path, table path], ...]}, {split: rows})."""
     splits: dict[str, list] = {"train": [], "holdout": []}
-    for i, (url, rows) in enumerate(parts):
+    counts = {"train": 0, "holdout": 0}
+    for i, (shard, rows) in enumerate(parts):
         mask = np.array([is_holdout(k, fraction) for k in rows.column("key").to_pylist()], dtype=bool)
         for name, m in (("train", ~mask), ("holdout", mask)):
             sub = rows.filter(pa.array(m))
             if sub.num_rows:
                 path = work / f"{name}-{i:05d}.parquet"
-                pq.write_table(sub, path)
-                splits[name].append([url, str(path)])
-    return splits
+                write_label_table(str(path), sub)
+                splits[name].append([shard, str(path)])
+                counts[name] += sub.num_rows
+    return splits, counts
+
+
+def sample_shards(store: Store, split: list) -> list:
+    """The sample sources of a split ([[shard path, labels path], ...]) through the store's reader: what the
+    model package's stream reads (it never opens the store itself)."""
+    return [store.labelled_shard(shard, labels) for shard, labels in split]
 
 
 def _build_model(cfg: ModelConfig, tags: list[str], thresholds: list[float] | None, captions: list[str]):
@@ -142,15 +152,17 @@ def run_training(job_path: str, storage_options: dict | None = None, progress: C
     from ram_model.trainer import train
 
     job = json.loads(Path(job_path).read_text())
+    if storage_options is None:
+        storage_options = json.loads(os.environ.get(STORAGE_OPTIONS_ENV, "{}"))
+    # each rank builds its own sample stream here, through the store's reader
+    shards = sample_shards(Store(job["store"], **storage_options), job["train"])
     torch.set_num_threads(max(1, int(os.environ.get("RAM_ENGINE_THREADS", torch.get_num_threads()))))
     model = from_pretrained(job["init_dir"])
     model.train()
     caption_loss = job["caption_loss"] and model.config.has_caption
     transform = ImageTransform(job["image_size"], train=job["augment"])
-    factory = functools.partial(ShardStream, [tuple(s) for s in job["train"]], model.config.num_tags, transform,
-                                caption_column="captions" if caption_loss else None,
-                                storage_options=storage_options if storage_options is not None
-                                else json.loads(os.environ.get(STORAGE_OPTIONS_ENV, "{}")), shuffle_buffer=256)
+    factory = functools.partial(ShardStream, shards, model.config.num_tags, transform,
+                                caption_column="captions" if caption_loss else None, shuffle_buffer=256)
     loop = LoopConfig(**job["loop"])
     result = train(model, factory, loop, job["work_dir"], resume=True,
                    batch_to_inputs=_batch_to_inputs(model, caption_loss),
@@ -165,20 +177,21 @@ def run_training(job_path: str, storage_options: dict | None = None, progress: C
         tmp.rename(out)  # the trained model appears whole or not at all
 
 
-def calibrate_thresholds(model, shards: list, storage_options: dict, image_size: int, min_precision: float = 0.5,
+def calibrate_thresholds(model, shards: list, image_size: int, min_precision: float = 0.5,
                          max_samples: int = 1024, grid: np.ndarray = np.linspace(0.05, 0.95, 19)) -> list[float]:
     """Per-class thresholds that maximise F1 against the labels of `shards` among those whose precision
     reaches `min_precision`; a class no threshold makes that precise gets 1.0 (disabled, as RAM ships
     some tags): a weak class must not flood the generated labels. Classes without positives keep their
     threshold. Called with the held-out split: on the training split an overfit model looks precise on
-    classes it has not learned (measured in the demo: 910 true tags then wrongly removed by cleaning)."""
+    classes it has not learned (measured in the demo: 910 true tags then wrongly removed by cleaning).
+    `shards`: sample sources (sample_shards)."""
     import torch
 
     from ram_model.data_stream import ShardStream, make_loader
     from ram_model.transforms import ImageTransform
 
-    stream = ShardStream([tuple(s) for s in shards], model.config.num_tags, ImageTransform(image_size),
-                         shuffle=False, drop_last=False, batch_size=64, storage_options=storage_options)
+    stream = ShardStream(shards, model.config.num_tags, ImageTransform(image_size),
+                         shuffle=False, drop_last=False, batch_size=64)
     stream.set_epoch(0)
     probs, targets = [], []
     with torch.inference_mode():
@@ -191,15 +204,16 @@ def calibrate_thresholds(model, shards: list, storage_options: dict, image_size:
                               model.class_threshold.cpu().numpy().astype(float), grid, min_precision)
 
 
-def evaluate_model(model, holdout: list, storage_options: dict, image_size: int) -> dict:
+def evaluate_model(model, holdout: list, image_size: int) -> dict:
+    """Held-out metrics of `model` over sample sources (sample_shards)."""
     from ram_model.data_stream import ShardStream
     from ram_model.transforms import ImageTransform
     from ram_model.trainer import evaluate_tagging
 
     if not holdout:
         return {}
-    stream = ShardStream([tuple(s) for s in holdout], model.config.num_tags, ImageTransform(image_size),
-                         shuffle=False, drop_last=False, storage_options=storage_options)
+    stream = ShardStream(holdout, model.config.num_tags, ImageTransform(image_size),
+                         shuffle=False, drop_last=False)
     metrics = evaluate_tagging(model, stream, model.class_threshold.cpu().numpy(), batch_size=32)
     per_class = metrics.pop("per_class")
     metrics["per_tag"] = {tag: {"ap": per_class["ap"][i], "precision": per_class["precision"][i],
@@ -276,8 +290,8 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, wri
     stage = writer.stage
     tags = list(label_system.tags)
     parts = label_rows(labels, images)
-    splits = _write_split(parts, work, cfg.holdout_fraction)
-    n_train = sum(pq.ParquetFile(p).metadata.num_rows for _, p in splits["train"])
+    splits, counts = _write_split(parts, work, cfg.holdout_fraction)
+    n_train = counts["train"]
     if n_train < cfg.batch_size:
         raise StoreError(f"train {stage}: {n_train} labelled training samples in {labels.ref}, fewer than one "
                          f"batch ({cfg.batch_size}); ingest more data or lower train.batch_size")
@@ -311,7 +325,7 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, wri
         tmp.rename(init_dir)
     image_size = json.loads((init_dir / "config.json").read_text())["swin"]["image_size"]
     out_dir = work / "final"
-    job = {"init_dir": str(init_dir), "work_dir": str(work / "loop"), "out_dir": str(out_dir),
+    job = {"store": store.url, "init_dir": str(init_dir), "work_dir": str(work / "loop"), "out_dir": str(out_dir),
            "train": splits["train"], "image_size": image_size, "augment": cfg.augment,
            "caption_loss": cfg.caption_loss,  # no storage_options: credentials never reach the disk
            "loop": {"lr": cfg.lr, "lr_scales": [[r"^(visual_encoder|image_proj)\.", cfg.encoder_lr_scale]],
@@ -334,14 +348,13 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, wri
     if cfg.calibrate_thresholds:
         import torch
 
-        calibrated = calibrate_thresholds(trained, splits["holdout"] or splits["train"], store.storage_options,
+        calibrated = calibrate_thresholds(trained, sample_shards(store, splits["holdout"] or splits["train"]),
                                           image_size, min_precision=cfg.calibration_min_precision)
         trained.class_threshold = torch.tensor(calibrated, dtype=torch.float32)
         (out_dir / "thresholds.txt").write_text("\n".join(repr(float(x)) for x in calibrated), encoding="utf-8")
-    metrics = evaluate_model(trained, splits["holdout"], store.storage_options, image_size)
+    metrics = evaluate_model(trained, sample_shards(store, splits["holdout"]), image_size)
     metrics["train"] = json.loads((out_dir / "train_result.json").read_text())
-    metrics["samples"] = {"train": n_train,
-                          "holdout": sum(pq.ParquetFile(p).metadata.num_rows for _, p in splits["holdout"])}
+    metrics["samples"] = {"train": n_train, "holdout": counts["holdout"]}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
     files = {str(p.relative_to(out_dir)): str(p) for p in sorted(out_dir.rglob("*")) if p.is_file()}
     writer.write_files("model", files, rows_in=0, metrics={})

@@ -78,3 +78,75 @@ def test_one_config_model_per_section():
     for module in (tasks.clean, tasks.ground):
         twins = [n for n in vars(module) if n.endswith("Config") and n not in ("DetectorConfig", "EmbedderConfig")]
         assert not twins, f"{module.__name__} defines config twins {twins}"
+
+
+# ---------------------------------------------------------------- storage/ is the only code that knows file layouts
+
+# Modules that read or write files in formats of their own, and the formats they may use. None of them
+# touches the store: each reads or writes data from outside it.
+LAYOUT_EXCEPTIONS = {
+    # source ingestion: hostile WebDataset / img2dataset tars and Parquet, streamed with size limits
+    "tasks/ingest.py": {"tarfile", "fsspec", "pyarrow.parquet"},
+    # the demo world writes a *source* in img2dataset's layout (tars + Parquet), for ingest to read
+    "tasks/demo_world.py": {"tarfile", "pyarrow.parquet"},
+    # a user's ground-truth file (evaluate --truth x.parquet), not a store file
+    "tasks/evaluate.py": {"pyarrow.parquet"},
+    # the demo's detector trainer reads the demo world's source tars through storage's iter_tar
+    "flows/demo.py": {"fsspec"},
+}
+FORMAT_MODULES = ("tarfile", "fsspec", "pyarrow.parquet", "webdataset", "s3fs", "zipfile")
+# the store's filesystem and the writer's private file placement: storage's business
+STORE_INTERNALS = ("fs", "placement", "_placement", "abs", "root")
+# folder and file names of the store's layout (storage/store.py's docstring)
+LAYOUT_NAMES = ("_manifest.json", "_progress", "_claims", "_parts", "_rejects/", "_leases", "_tmp", "_refs",
+                "parts/", "shards/")
+
+
+def layout_violations(path: Path, module: str, allowed_formats: set[str] = frozenset()) -> list[str]:
+    """What in `path` knows a file layout: format modules imported, the store's filesystem or placement
+    reached into, or a store folder name written out."""
+    bad = []
+    for name in sorted(imported_modules(path, module)):
+        top = next((f for f in FORMAT_MODULES if name == f or name.startswith(f + ".")), None)
+        if top and top not in allowed_formats:
+            bad.append(f"imports {name}")
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Attribute) and node.attr in STORE_INTERNALS and isinstance(node.value, ast.Name) \
+                and node.value.id in ("store", "w", "writer", "images", "version", "v") or (
+                isinstance(node, ast.Attribute) and node.attr in STORE_INTERNALS and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "store"):
+            bad.append(f"line {node.lineno}: .{node.attr} of the store or a writer")
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            hit = [n for n in LAYOUT_NAMES if n in node.value and not node.value.startswith(("#", "\n"))]
+            if hit and len(node.value) < 200:   # a docstring may describe the layout; code must not build it
+                bad.append(f"line {node.lineno}: store layout name(s) {hit} in {node.value!r}")
+    return bad
+
+
+def test_storage_is_the_only_code_that_knows_file_layouts():
+    found = {}
+    for package in ("tasks", "ram_model", "flows"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = str(path.relative_to(ROOT))
+            module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            bad = layout_violations(path, module, LAYOUT_EXCEPTIONS.get(rel, set()))
+            if bad:
+                found[rel] = bad
+    assert not found, ("file layouts outside storage/ (read and write through storage: Store, Version, "
+                       f"VersionWriter, storage.shards):\n" + "\n".join(f"{p}: {b}" for p, b in found.items()))
+    # the training stream takes samples from the caller's sources: it opens no file by name itself
+    tree = ast.parse((ROOT / "ram_model" / "data_stream.py").read_text(encoding="utf-8"))
+    assert not [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                and n.func.id == "open"]
+
+
+def test_the_layout_check_sees_a_violation(tmp_path):
+    src = tmp_path / "stage.py"
+    src.write_text("import pyarrow.parquet as pq\n"
+                   "def f(store, w, part):\n"
+                   "    w.placement.put_bytes(f'{w.prefix}/_progress/{part}/x', b'')\n"
+                   "    return store.fs.open(store.abs('images/1/parts/p.parquet'))\n")
+    bad = " ".join(layout_violations(src, "tasks.stage_x"))
+    assert "pyarrow.parquet" in bad and ".placement" in bad and ".fs" in bad and ".abs" in bad
+    assert "_progress" in bad and "parts/" in bad
+    assert layout_violations(src, "tasks.stage_x", {"pyarrow.parquet"}) != []   # the rest is still caught

@@ -267,3 +267,19 @@ def test_a_new_tar_makes_ground_write_one_part(base, tmp_path):
     second = ground_stage(store, cfg.ground, images2, caption_generated(store, images2, parsed2), parsed2)
     assert second.parts_written == 1 and second.parts_reused == 3
     assert "orange" not in set(second.version.read_table().column("tag").to_pylist())
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_build_their_sample_streams_through_the_store(base, tmp_path, monkeypatch):
+    """train.nproc_per_node=2: each torchrun worker opens the store (options from its environment, never
+    job.json) and streams its rank's samples through storage's reader; the model version is written."""
+    from tasks.train import train_stage
+
+    monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAM_ENGINE_THREADS", "1")
+    _, world, cfg, store, images, parsed = base
+    train_cfg = cfg.train.model_copy(update={"nproc_per_node": 2, "steps": 2, "batch_size": 2,
+                                             "name": "ddp", "calibrate_thresholds": False})
+    v = train_stage(store, cfg.model, train_cfg, parsed, images).version
+    assert v.manifest["metrics"]["train"]["steps"] == 2
+    assert v.manifest["metrics"]["samples"]["train"] > 0

@@ -4,14 +4,14 @@ from __future__ import annotations
 import io
 from collections import Counter
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
-from ram_model.data_stream import (DataStreamError, ImageTransform, ShardStream, make_loader,
-                                   split_member_name)
-from tests.test_train_helpers import NUM_TAGS, write_shards
+from ram_model.data_stream import DataStreamError, ImageTransform, ShardStream, make_loader
+from tests.test_train_helpers import NUM_TAGS, sources, write_shards
 
 torch.set_num_threads(1)
 
@@ -23,19 +23,13 @@ def shards(tmp_path_factory):
                         unlabelled_per_shard=1)
 
 
-def _stream(shard_list, **kw):
+def _stream(shard_list, fs=None, **kw):
     kw.setdefault("image_size", 8)
-    return ShardStream(shard_list, NUM_TAGS, caption_column="caption", **kw)
+    return ShardStream(sources(shard_list, fs), NUM_TAGS, caption_column="caption", **kw)
 
 
 def _keys(stream, workers=0):
     return [k for b in make_loader(stream, workers) for k in b["key"]]
-
-
-def test_split_member_name():
-    assert split_member_name("a/b/000001.jpg") == ("a/b/000001", "jpg")
-    assert split_member_name("x.seg.PNG") == ("x", "seg.png")
-    assert split_member_name("noext") == ("noext", "")
 
 
 def test_join_labels_and_exactly_once_single(shards):
@@ -100,7 +94,7 @@ def test_skip_resumes_mid_epoch(shards):
 def test_augmentation_reproducible(shards):
     shard_list, _ = shards
     def images(workers, start=0):
-        s = ShardStream(shard_list, NUM_TAGS, ImageTransform(8, train=True), batch_size=3, seed=2)
+        s = ShardStream(sources(shard_list), NUM_TAGS, ImageTransform(8, train=True), batch_size=3, seed=2)
         s.set_start(start)
         return torch.cat([b["image"] for b in make_loader(s, workers)])
     a = images(0)
@@ -183,7 +177,9 @@ def test_config_errors(shards):
     with pytest.raises(ValueError, match="rank"):
         _stream(shard_list, world_size=2, rank=2)
     with pytest.raises(ValueError, match="transform"):
-        ShardStream(shard_list, NUM_TAGS)
+        ShardStream(sources(shard_list), NUM_TAGS)
+    with pytest.raises(ValueError, match="shard source"):
+        ShardStream(shard_list, NUM_TAGS, image_size=8)   # bare (url, labels) pairs: the model opens no files
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +220,7 @@ def s3_shards(tmp_path_factory):
 @pytest.mark.s3
 def test_stream_from_s3(s3_shards):
     remote, opts, local = s3_shards
-    from_s3 = _stream(remote, batch_size=2, seed=9, drop_last=False, storage_options=opts)
+    from_s3 = _stream(remote, batch_size=2, seed=9, drop_last=False, fs=fsspec.filesystem("s3", **opts))
     got = [(k, t) for b in make_loader(from_s3, 2) for k, t in zip(b["key"], b["tag_targets"])]
     ref = [(k, t) for b in make_loader(_stream(local, batch_size=2, seed=9, drop_last=False), 0)
            for k, t in zip(b["key"], b["tag_targets"])]
@@ -232,4 +228,4 @@ def test_stream_from_s3(s3_shards):
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, ref))
     missing = [(remote[0][0].replace("shard-0000", "shard-9999"), remote[0][1])]
     with pytest.raises(DataStreamError, match="shard-9999.tar.*does not exist"):
-        _keys(_stream(missing, batch_size=1, storage_options=opts), 0)
+        _keys(_stream(missing, batch_size=1, fs=fsspec.filesystem("s3", **opts)), 0)

@@ -119,11 +119,20 @@ def make_model(seed: int = 0, dropout: float = 0.0) -> TinyTagger:
     return TinyTagger(dropout=dropout)
 
 
+def sources(shards, fs=None):
+    """(tar path, labels) pairs as the shard sources a ShardStream reads (storage's reader)."""
+    import fsspec
+
+    from storage.shards import LabelledShard
+    fs = fs or fsspec.filesystem("file")
+    return [LabelledShard(fs, tar, labels) for tar, labels in shards]
+
+
 def stream_factory(shards, **kw):
     """A dataset_factory for train(): ShardStream with the test transform."""
     from ram_model.data_stream import ImageTransform, ShardStream
     kw.setdefault("shuffle_buffer", 10)
-    return functools.partial(ShardStream, shards, NUM_TAGS, ImageTransform(IMAGE_SIZE, train=True),
+    return functools.partial(ShardStream, sources(shards), NUM_TAGS, ImageTransform(IMAGE_SIZE, train=True),
                              **kw)
 
 

@@ -11,7 +11,7 @@ from ram_model.data_stream import ShardStream
 from ram_model.metrics import tagging_metrics
 from ram_model.trainer import (LoopConfig, _resolve_amp, evaluate_tagging, list_checkpoints, lr_at,
                              parameter_groups, train)
-from tests.test_train_helpers import NUM_TAGS, make_model, stream_factory, write_shards
+from tests.test_train_helpers import NUM_TAGS, make_model, sources, stream_factory, write_shards
 
 torch.set_num_threads(1)
 
@@ -177,7 +177,7 @@ def test_tagging_metrics_known_values():
 
 def test_evaluate_tagging_matches_direct_computation(shards):
     model = make_model(seed=3)
-    ds = ShardStream(shards, NUM_TAGS, image_size=16, shuffle=False, drop_last=False, batch_size=5)
+    ds = ShardStream(sources(shards), NUM_TAGS, image_size=16, shuffle=False, drop_last=False, batch_size=5)
     res = evaluate_tagging(model, ds, 0.5, batch_size=5)
     images = torch.cat([b["image"] for b in torch.utils.data.DataLoader(ds, batch_size=5)])
     targets = torch.cat([b["tag_targets"] for b in torch.utils.data.DataLoader(ds, batch_size=5)])
@@ -187,7 +187,7 @@ def test_evaluate_tagging_matches_direct_computation(shards):
     assert res["num_samples"] == 24
     assert res["mAP"] == pytest.approx(ref["mAP"]) and res["f1"] == pytest.approx(ref["f1"])
     assert model.training                                  # mode restored
-    dropping = ShardStream(shards, NUM_TAGS, image_size=16, shuffle=False, batch_size=5)
+    dropping = ShardStream(sources(shards), NUM_TAGS, image_size=16, shuffle=False, batch_size=5)
     with pytest.raises(ValueError, match="drop 4 of its samples"):
         evaluate_tagging(model, dropping, 0.5)
 
