@@ -263,6 +263,21 @@ def demo_embedder(out_dir: str = typer.Option("flows/demo_assets/embedder", "--o
     out.print(json.dumps({k: v for k, v in meta.items() if k != "categories"}, indent=1, default=float))
 
 
+@app.command("demo-encoder")
+def demo_encoder(out_dir: str = typer.Option("flows/demo_assets/encoder", "--out"),
+                 steps: int = typer.Option(3000, help="Training steps."),
+                 minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes."),
+                 images: int = typer.Option(2000, help="Images in the encoder's training world."),
+                 seed: int = typer.Option(1000, help="Seed of that world (the demo's is 0)."),
+                 image_size: int = typer.Option(64, help="Input size (the demo's model.image_size).")) -> None:
+    """Pretrain the demo tagger's image encoder (its stand-in for a pretrained Swin) on another world's truth."""
+    from flows.demo import train_demo_encoder
+
+    meta = train_demo_encoder(Path(out_dir), n_images=images, seed=seed, steps=steps, image_size=image_size,
+                              time_limit_s=minutes * 60 if minutes else None, say=out.print)
+    out.print(json.dumps({k: v for k, v in meta.items() if k != "categories"}, indent=1, default=float))
+
+
 @app.command()
 def report(target: Optional[str] = typer.Argument(None, help="STAGE[@VERSION] (default: the latest evaluate, "
                                                               "else clean)"),

@@ -167,12 +167,108 @@ def prepare_embedder(world, out: Path, steps: int, time_limit_s: float, seed: in
         folder, world=world, steps=steps, time_limit_s=time_limit_s, seed=seed, say=say))
 
 
+SHIPPED_ENCODER = Path(__file__).resolve().parent / "demo_assets" / "encoder"
+ENCODER_META = "demo_encoder.json"
+
+
+def world_tagging_samples(world, limit: int) -> tuple[list, "np.ndarray", list[str]]:
+    """A world's images (PIL, in generation order) and their true tags as multi-hot rows over its tag list."""
+    import numpy as np
+    from fsspec.implementations.local import LocalFileSystem
+
+    from storage.shards import decode_image, iter_tar
+
+    tags = Path(world.tag_list).read_text(encoding="utf-8").split()
+    truth = {}
+    with open(world.ground_truth, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            truth[row["key"]] = row["tags"]
+    images, rows = [], []
+    for sample in iter_tar(LocalFileSystem(), [str(p) for p in world.shards]):
+        if sample["__key__"] not in truth:      # a planted corrupt sample
+            continue
+        images.append(decode_image(sample))
+        rows.append([1.0 if t in truth[sample["__key__"]] else 0.0 for t in tags])
+        if len(images) >= limit:
+            break
+    return images, np.asarray(rows, dtype=np.float32).reshape(len(rows), len(tags)), tags
+
+
+def tagger_quality(model, images: list, targets, tags: list[str], groups: dict[str, list[str]]) -> dict:
+    """Held-out mAP of a tagger over all tags and per tag group (the world's category / colour / scene)."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import average_precision_score
+
+    from ram_model.transforms import ImageTransform
+
+    transform = ImageTransform(model.config.swin.image_size)
+    model.eval()
+    with torch.no_grad():
+        scores = torch.cat([model.tag_probs(transform.batch(images[i:i + 64]))
+                            for i in range(0, len(images), 64)]).numpy()
+    ap = {t: float(average_precision_score(targets[:, j], scores[:, j])) for j, t in enumerate(tags)
+          if 0 < targets[:, j].sum() < len(targets)}
+    out = {"mAP": float(np.mean(list(ap.values())))}
+    for group, members in groups.items():
+        vals = [ap[t] for t in members if t in ap]
+        if vals:
+            out[f"{group}_mAP"] = float(np.mean(vals))
+    return out
+
+
+def train_demo_encoder(folder: Path, *, world=None, n_images: int = 2000, seed: int = 1000, steps: int = 3000,
+                       time_limit_s: float | None = None, image_size: int = 64, say=print) -> dict:
+    """Pretrain the demo's tiny tagger on the true tags of a generated world (another seed than the demo's)
+    and save it with its held-out mAP: the baseline and the ablation's models start their image encoder
+    from it (`model.encoder_init`; their heads start fresh), as RAM starts from a pretrained Swin. This is
+    the command that made flows/demo_assets/encoder."""
+    import tempfile
+
+    import torch
+
+    from ram_model.ram import RAM, RAMConfig
+    from ram_model.train import pretrain_tagger
+    from tasks.demo_world import generate_world
+
+    torch.set_num_threads(1)
+    if world is None:
+        world = generate_world(Path(tempfile.mkdtemp(prefix="encoder-world-")), n_images, seed=seed,
+                               fmt="webdataset")
+    images, targets, tags = world_tagging_samples(world, limit=100_000)
+    n_held = max(1, len(images) // 10)
+    say(f"pretraining the tiny tagger's encoder: {len(images) - n_held} images, {len(tags)} tags, up to {steps} steps")
+    torch.manual_seed(seed)
+    model = RAM(RAMConfig.tiny(num_tags=len(tags), image_size=image_size, with_caption=False, max_pool_head=True),
+                tags=tags)
+    info = pretrain_tagger(model, images[:-n_held], targets[:-n_held], steps=steps, seed=seed,
+                           time_limit_s=time_limit_s, log=say)
+    groups = json.loads(Path(world.tag_groups).read_text())
+    quality = tagger_quality(model, images[-n_held:], targets[-n_held:], tags, groups)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    meta = {"train": info, "heldout": quality | {"images": n_held}, "images": len(images) - n_held,
+            "world_seed": world.config.get("seed"), "categories": groups["category"], "image_size": image_size}
+    (Path(folder) / ENCODER_META).write_text(json.dumps(meta, indent=1, default=float))
+    return meta
+
+
+def prepare_encoder(world, out: Path, steps: int, time_limit_s: float, seed: int, image_size: int = 64,
+                    say=print) -> tuple[Path, dict]:
+    """The demo's pretrained tagger encoder: shipped, or pretrained now on the world's truth within the limit."""
+    return _shipped_or_trained(world, SHIPPED_ENCODER, out / "encoder", ENCODER_META, lambda folder: train_demo_encoder(
+        folder, world=world, steps=steps, time_limit_s=time_limit_s, seed=seed, image_size=image_size, say=say))
+
+
 def demo_config(out: Path, world, detector: Path, config_path: str | None, overrides: list[str],
-                embedder: Path | None = None) -> EngineConfig:
+                embedder: Path | None = None, encoder: Path | None = None) -> EngineConfig:
     base = [f"store.url={out / 'store'}", f"ingest.source={world.source}", f"parse.labels={world.tag_list}",
             f"evaluate.ground_truth={world.ground_truth}", f"ground.detector.model={detector}"]
     if embedder is not None:   # the shipped stand-in for CLIP's pretrained image tower
         base += ["clean.embedder.kind=conv", f"clean.embedder.model={embedder}"]
+    if encoder is not None:    # the shipped stand-in for RAM's pretrained Swin
+        base += [f"model.encoder_init={encoder}"]
     return load_config(config_path or "demo", base + list(overrides))
 
 
@@ -235,7 +331,11 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
     emb_dir, emb = prepare_embedder(world, out, 1500, detector_minutes * 60, seed, say=say)
     say(f"      {emb_dir}: a small conv crop embedder, {emb['train'].get('steps')} training steps, held-out "
         f"nearest-centroid accuracy {emb['heldout'].get('nearest_centroid_accuracy', 0):.2f}")
-    cfg = demo_config(out, world, det_dir, config_path, list(overrides), embedder=emb_dir)
+    enc_dir, enc = prepare_encoder(world, out, 3000, detector_minutes * 60, seed, say=say)
+    say(f"      {enc_dir}: the tagger's image encoder, pretrained {enc['train'].get('steps')} steps on another "
+        f"world's truth (held-out mAP {enc['heldout'].get('mAP', 0):.2f}, shapes "
+        f"{enc['heldout'].get('category_mAP', 0):.2f}); the baseline and the ablation's models start from it")
+    cfg = demo_config(out, world, det_dir, config_path, list(overrides), embedder=emb_dir, encoder=enc_dir)
     config_file = out / CONFIG_NAME
     if not (world_only and config_file.exists()):  # growing the world keeps the config (and any edit to it)
         write_demo_config(out, cfg)

@@ -324,3 +324,37 @@ def read_weights_into(model: RAM, path: str | Path) -> None:
                                      f"gives {tuple(places[name].shape)}")
                 places[name].copy_(tensor)
                 del tensor
+
+
+IMAGE_ENCODER_PREFIXES = ("visual_encoder.", "image_proj.")
+
+
+def load_image_encoder(model: RAM, directory: str | Path) -> int:
+    """Copy the image encoder (Swin + image_proj) of a model saved by save_pretrained into `model`, leaving
+    its tagging head as it is: a pretrained encoder under a new head, as RAM starts from a pretrained
+    backbone. Returns the number of tensors copied. Raises when the file is missing or its encoder does
+    not fit `model`'s (another Swin size or image size), naming the first mismatching tensors."""
+    from safetensors import safe_open
+
+    path = Path(directory) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"load_image_encoder: {path} is missing; model.encoder_init must name a folder "
+                                f"written by save_pretrained (e.g. `ram-engine demo-encoder`)")
+    with safe_open(str(path), framework="pt", device="cpu") as f:   # the encoder's tensors only, not the head's
+        saved = {k: f.get_tensor(k) for k in f.keys() if k.startswith(IMAGE_ENCODER_PREFIXES)}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(IMAGE_ENCODER_PREFIXES)}
+    missing = sorted(set(own) - set(saved))
+    wrong = sorted(k for k in set(own) & set(saved) if own[k].shape != saved[k].shape)
+    unexpected = sorted(set(saved) - set(own))
+    if missing or wrong or unexpected or not saved:
+        detail = "; ".join(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                           for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                               ("other shape", [f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)}"
+                                                                for k in wrong])) if keys)
+        raise ValueError(f"load_image_encoder: the image encoder in {path} does not fit this model "
+                         f"({detail or 'no encoder tensors in the file'}); model.preset / model.image_size must match "
+                         f"the encoder's")
+    with torch.no_grad():
+        for k, v in saved.items():
+            own[k].copy_(v)
+    return len(saved)

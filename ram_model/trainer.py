@@ -659,3 +659,50 @@ def evaluate_tagging(model: nn.Module, dataset: Iterable | torch.utils.data.Data
     if not scores:
         raise ValueError("evaluate_tagging: the dataset yielded no samples")
     return tagging_metrics(np.concatenate(scores), np.concatenate(targets), thresholds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining a small tagger in memory
+
+def pretrain_tagger(model: nn.Module, images: Sequence, targets: np.ndarray, *, steps: int, batch_size: int = 32,
+                    lr: float = 2e-3, encoder_lr_scale: float = 1.0, weight_decay: float = 0.05,
+                    warmup_steps: int = 50, seed: int = 0, time_limit_s: float | None = None,
+                    log_every: int = 250, log: Callable[[str], Any] = print) -> dict:
+    """Train a RAM tagger on images held in memory (PIL) and their true multi-hot tags: the one-off
+    pretraining of a small image encoder (the demo's stand-in for a backbone pretrained elsewhere), not
+    the engine's training, which streams shards through Trainer. AdamW with warm-up and cosine decay,
+    random resized crops and flips, gradient clipping at 1."""
+    from .transforms import ImageTransform
+
+    if len(images) != len(targets) or not len(images):
+        raise ValueError(f"pretrain_tagger: {len(images)} images and {len(targets)} target rows; give one row "
+                         f"per image, at least one")
+    rng = np.random.default_rng(seed)
+    random.seed(seed)             # ImageTransform's crops and flips draw from Python's random
+    torch.manual_seed(seed)
+    transform = ImageTransform(model.config.swin.image_size, train=True)
+    loop = TrainConfig(lr=lr, warmup_steps=warmup_steps, total_steps=steps, batch_size=batch_size)
+    opt = torch.optim.AdamW(parameter_groups(model, weight_decay, lr=lr, lr_scales=[
+        (r"^(visual_encoder|image_proj)\.", encoder_lr_scale)]), lr=lr)
+    base = [g["lr"] for g in opt.param_groups]
+    y_all = torch.as_tensor(np.asarray(targets, dtype=np.float32))
+    model.train()
+    t0, done, losses = time.perf_counter(), 0, []
+    for step in range(steps):
+        factor = lr_at(step, loop, steps) / lr
+        for g, b in zip(opt.param_groups, base):
+            g["lr"] = b * factor
+        idx = rng.integers(0, len(images), batch_size)
+        loss = model.training_losses(transform.batch([images[i] for i in idx]), y_all[idx])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        done = step + 1
+        if log_every and done % log_every == 0:
+            log(f"  pretraining step {done}/{steps}: loss {np.mean(losses[-log_every:]):.2f}")
+        if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
+            break
+    model.eval()
+    return {"steps": done, "seconds": time.perf_counter() - t0, "final_loss": float(np.mean(losses[-50:]))}

@@ -107,6 +107,8 @@ class ModelConfig(Section):
     clip: str | None = None                 # CLIP folder / hub id for label embeddings; None: fixed random rows
     default_threshold: float = Field(0.68, gt=0, lt=1)
     max_pool_head: bool = False             # RAM / RAM++: add a per-tag read-out of the max over image tokens
+    encoder_init: str | None = None         # folder of a saved RAM whose image encoder starts every model trained
+                                            # from scratch (its head starts fresh): a pretrained backbone
 
 
 class TrainConfig(Section):
@@ -252,7 +254,8 @@ class EngineConfig(Section):
 # ../ or name something that exists there. Overrides (--set) stay relative to the working directory.
 PATH_FIELDS = ("store.url", "ingest.source", "ingest.captions_file", "evaluate.ground_truth")
 MAYBE_PATH_FIELDS = ("parse.labels", "ground.detector.model", "ground.detector.gd_config_file",
-                     "ground.detector.gd_text_encoder", "model.tokenizer", "model.clip", "clean.embedder.model")
+                     "ground.detector.gd_text_encoder", "model.tokenizer", "model.clip", "clean.embedder.model",
+                     "model.encoder_init")
 # (generate.baseline and train.init usually name store refs such as models/baseline: never touched.)
 
 

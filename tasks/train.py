@@ -116,7 +116,15 @@ def _build_model(cfg: ModelConfig, tags: list[str], thresholds: list[float] | No
 
         rc = dataclasses.replace(rc, text=dataclasses.replace(rc.text, vocab_size=vocab))
     embeddings = build_label_embeddings(tags, cfg.clip) if cfg.clip else None
-    return RAM(rc, tags=tags, thresholds=thresholds, label_embeddings=embeddings, tokenizer=tokenizer)
+    model = RAM(rc, tags=tags, thresholds=thresholds, label_embeddings=embeddings, tokenizer=tokenizer)
+    if cfg.encoder_init:
+        from ram_model.checkpoint import load_image_encoder
+
+        try:
+            load_image_encoder(model, cfg.encoder_init)
+        except (FileNotFoundError, ValueError) as e:
+            raise StoreError(f"model.encoder_init {cfg.encoder_init}: {e}") from e
+    return model
 
 
 def _clip_label_rows(cfg: ModelConfig):
@@ -234,10 +242,12 @@ def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: 
     # Already trained on exactly this data under this config (whatever it was fine-tuned from): reuse.
     same = section_dict(model_cfg), section_dict(cfg)
     this_code = code_version(__name__, STAGE_VERSION)
+    # A pretrained encoder enters by its weights, not its path: new weights under the same path train anew.
+    encoder = file_sha256(Path(model_cfg.encoder_init) / "model.safetensors") if model_cfg.encoder_init else None
     for version in reversed(store.versions(stage)):
         c = version.manifest["config"]
         if ({labels.ref, images.ref} <= set(version.parents) and c["model"] == same[0]
-                and version.manifest["code_version"] == this_code
+                and c.get("encoder_init") == encoder and version.manifest["code_version"] == this_code
                 and {k: v for k, v in c["train"].items() if k != "init"} == {k: v for k, v in same[1].items()
                                                                              if k != "init"}):
             return StageResult(version, "reused")
@@ -250,6 +260,8 @@ def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: 
     parents = [labels, images] + ([init_version] if init_version else [])
     config = {"model": section_dict(model_cfg), "train": section_dict(cfg) | {"init": init and
                                                                            model_digest(init_version, init)}}
+    if encoder is not None:
+        config["encoder_init"] = encoder
     writer = store.begin(stage, code_version=this_code, config=config, parents=parents)
     committed = writer.committed
     if committed is not None:
@@ -263,6 +275,17 @@ def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: 
         if committed is not None:
             return StageResult(committed, "reused")
         return _train_locked(store, model_cfg, cfg, labels, images, init, label_system, writer, work, progress)
+
+
+def file_sha256(path: Path) -> str | None:
+    """The content digest of a local file (None when it is missing: building the model then says so)."""
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def train_work_dir(store: Store, name: str, vid: str) -> Path:

@@ -189,6 +189,32 @@ def test_fine_tuning_onto_new_tags_embeds_them_with_the_configured_clip(base, tm
         from_pretrained(tmp_path / "older").set_tags(tags, embed_new=lambda new: wrong)
 
 
+def test_encoder_init_enters_the_model_version_by_its_weights(base, tmp_path, monkeypatch):
+    import torch
+
+    from ram_model.ram import RAM, RAMConfig
+    from tasks.train import train_stage
+
+    monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
+    _, world, cfg, store, images, parsed = base
+    tags = Path(world.tag_list).read_text().split()
+
+    def save_encoder(seed):
+        torch.manual_seed(seed)
+        RAM(RAMConfig.tiny(num_tags=len(tags), with_caption=False), tags=tags).save_pretrained(tmp_path / "enc")
+
+    model_cfg = cfg.model.model_copy(update={"encoder_init": str(tmp_path / "enc"), "with_caption": False,
+                                             "max_pool_head": False})
+    train_cfg = cfg.train.model_copy(update={"name": "enc-init", "caption_loss": False, "fine_tune_latest": False})
+    save_encoder(0)
+    first = train_stage(store, model_cfg, train_cfg, parsed, images).version
+    assert train_stage(store, model_cfg, train_cfg, parsed, images).status == "reused"
+    save_encoder(1)     # other weights under the same path: a new model, never the old one reused
+    second = train_stage(store, model_cfg, train_cfg, parsed, images)
+    assert second.status == "written" and second.version.id != first.id
+    assert second.version.manifest["config"]["encoder_init"] != first.manifest["config"]["encoder_init"]
+
+
 def test_generate_stage_reconciles_and_names_a_missing_shard(base, tmp_path, monkeypatch):
     from tasks.generate import generate
     from tasks.train import train_stage

@@ -1,0 +1,88 @@
+"""A pretrained image encoder under a fresh head: model.encoder_init, the in-memory pretraining loop, the
+`demo-encoder` command and the shipped encoder the demo's baseline and ablation models start from."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ram_model.checkpoint import load_image_encoder
+from ram_model.ram import RAM, RAMConfig
+from storage import StoreError
+from tasks.config import ModelConfig
+
+
+def _tiny(tags, seed=0, **kw):
+    torch.manual_seed(seed)
+    return RAM(RAMConfig.tiny(num_tags=len(tags), with_caption=False, max_pool_head=True, **kw), tags=tags)
+
+
+def _encoder_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("visual_encoder.", "image_proj."))}
+
+
+def test_load_image_encoder_copies_the_encoder_and_leaves_the_head(tmp_path):
+    source = _tiny(["a", "b", "c"], seed=1)
+    source.save_pretrained(tmp_path / "enc")
+    target = _tiny(["x", "y"], seed=2)          # another tag list: only the encoder must carry over
+    head_before = target.max_pool_fc.weight.clone()
+    n = load_image_encoder(target, tmp_path / "enc")
+    assert n == len(_encoder_state(source)) > 10
+    for k, v in _encoder_state(source).items():
+        assert torch.equal(target.state_dict()[k], v), k
+    assert torch.equal(target.max_pool_fc.weight, head_before)
+
+
+def test_load_image_encoder_refuses_what_does_not_fit(tmp_path):
+    with pytest.raises(FileNotFoundError, match="demo-encoder"):
+        load_image_encoder(_tiny(["a"]), tmp_path / "nothing")
+    other = RAM(RAMConfig.tiny(num_tags=2, with_caption=False, max_pool_head=True) , tags=["a", "b"])
+    other.image_proj = torch.nn.Linear(other.image_proj.in_features, 16)   # another projection width
+    from safetensors.torch import save_file
+
+    (tmp_path / "bad").mkdir()
+    save_file({k: v.contiguous() for k, v in other.state_dict().items() if k.startswith("image_proj.")},
+              str(tmp_path / "bad" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"does not fit.*missing: visual_encoder.*other shape: image_proj"):
+        load_image_encoder(_tiny(["a"]), tmp_path / "bad")
+
+
+def test_models_built_from_scratch_start_from_encoder_init(tmp_path):
+    from tasks.train import _build_model
+
+    source = _tiny(["a", "b"], seed=3)
+    source.save_pretrained(tmp_path / "enc")
+    cfg = ModelConfig(with_caption=False, max_pool_head=True, encoder_init=str(tmp_path / "enc"))
+    built = _build_model(cfg, ["p", "q", "r"], None, [])
+    for k, v in _encoder_state(source).items():
+        assert torch.equal(built.state_dict()[k], v), k
+    with pytest.raises(StoreError, match="model.encoder_init .*nothing"):
+        _build_model(cfg.model_copy(update={"encoder_init": str(tmp_path / "nothing")}), ["p"], None, [])
+
+
+def test_pretrain_tagger_learns_and_checks_its_inputs():
+    from ram_model.train import pretrain_tagger
+
+    rng = np.random.default_rng(0)
+    # two tags: "red" images are red, "blue" images blue; a few steps must separate them
+    images, targets = [], []
+    for i in range(40):
+        red = i % 2 == 0
+        pixels = np.zeros((32, 32, 3), np.uint8)
+        pixels[..., 0 if red else 2] = 200 + rng.integers(0, 50)
+        from PIL import Image
+
+        images.append(Image.fromarray(pixels))
+        targets.append([1.0, 0.0] if red else [0.0, 1.0])
+    model = _tiny(["red", "blue"], image_size=32)
+    info = pretrain_tagger(model, images, np.asarray(targets), steps=30, batch_size=8, warmup_steps=5, log_every=0)
+    assert info["steps"] == 30 and np.isfinite(info["final_loss"])
+    from ram_model.transforms import ImageTransform
+
+    with torch.no_grad():
+        p = model.tag_probs(ImageTransform(32).batch(images[:4])).numpy()
+    assert p[0, 0] > p[1, 0] and p[1, 1] > p[0, 1]     # red image: red above blue's, and the other way
+    with pytest.raises(ValueError, match="one row per image"):
+        pretrain_tagger(model, images[:3], np.asarray(targets[:2]), steps=1)
