@@ -59,8 +59,10 @@ def group_quality(scores: np.ndarray, truth_mh: np.ndarray, thresholds: np.ndarr
 
 
 def summarise(per_seed: list[dict], baseline: str | None = None) -> list[dict]:
-    """Per label version: mean ± std over seeds of every metric, and the mAP gain over `baseline`
-    (the first version by default) with whether it exceeds two standard deviations of either side."""
+    """Per label version: mean ± std over seeds of every metric, and the mAP gain over `baseline` (the
+    first version by default). The gain counts (`gain_over_2std`) only when it exceeds two standard
+    deviations in both readings: of either arm's per-seed mAPs, and of the per-seed paired differences
+    (the same seed trains both models; `mAP_gain_std`, when the versions share at least two seeds)."""
     names = list(dict.fromkeys(r["labels"] for r in per_seed))
     baseline = baseline or (names[0] if names else None)
     metric_names = [m for m in per_seed[0] if m not in ("labels", "labels_ref", "seed", "model")] if per_seed else []
@@ -74,11 +76,19 @@ def summarise(per_seed: list[dict], baseline: str | None = None) -> list[dict]:
                 row[f"{m}_mean"], row[f"{m}_std"] = mean_std(vals)
         rows.append(row)
     base = next((r for r in rows if r["labels"] == baseline), None)
+    base_by_seed = {r["seed"]: r["mAP"] for r in per_seed if r["labels"] == baseline}
     for row in rows:
         if base is not None and row is not base and "mAP_mean" in row:
             gain = row["mAP_mean"] - base["mAP_mean"]
             row["mAP_gain"] = gain
-            row["gain_over_2std"] = bool(gain > 2 * max(row["mAP_std"], base["mAP_std"]))
+            over_arms = gain > 2 * max(row["mAP_std"], base["mAP_std"])
+            diffs = [r["mAP"] - base_by_seed[r["seed"]] for r in per_seed
+                     if r["labels"] == row["labels"] and r["seed"] in base_by_seed]
+            over_paired = True
+            if len(diffs) > 1:
+                row["mAP_gain_std"] = mean_std(diffs)[1]
+                over_paired = float(np.mean(diffs)) > 2 * row["mAP_gain_std"]
+            row["gain_over_2std"] = bool(over_arms and over_paired)
     return rows
 
 
@@ -87,13 +97,15 @@ def summary_markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
     groups = [k[: -len("_f1_mean")] for k in rows[0] if k.endswith("_f1_mean") and k != "f1_mean"]
-    head = ["labels", "seeds", *METRICS, *(f"{g} F1" for g in groups), "mAP gain > 2 std"]
+    head = ["labels", "seeds", *METRICS, *(f"{g} F1" for g in groups), "mAP gain ± paired std (> 2 std)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["labels"], str(r["seeds"])]
         for m in [*METRICS, *(f"{g}_f1" for g in groups)]:
             cells.append(f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}" if f"{m}_mean" in r else "")
-        cells.append("" if "mAP_gain" not in r else f"{r['mAP_gain']:+.3f} ({'yes' if r['gain_over_2std'] else 'no'})")
+        cells.append("" if "mAP_gain" not in r else f"{r['mAP_gain']:+.3f}"
+                     + (f" ± {r['mAP_gain_std']:.3f}" if "mAP_gain_std" in r else "")
+                     + f" ({'yes' if r['gain_over_2std'] else 'no'})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

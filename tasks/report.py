@@ -474,7 +474,8 @@ def data_engine_sections(data: ReportData, out: Path) -> list[str]:
             for m in ablation_columns([figures]):  # the overall figures first, not alphabetical
                 row[m] = f"{r[m + '_mean']:.3f} ± {r.get(m + '_std', 0.0):.3f}"
             if "mAP_gain" in r:
-                row["mAP gain"] = f"{r['mAP_gain']:+.3f}" + (" (> 2 std)" if r.get("gain_over_2std") else "")
+                row["mAP gain"] = (f"{r['mAP_gain']:+.3f}" + (f" ± {r['mAP_gain_std']:.3f}" if "mAP_gain_std" in r else "")
+                                   + (" (> 2 std)" if r.get("gain_over_2std") else ""))
             rows.append(row)
         body.append(_table(rows, "ablation"))
         ablation_chart(data.ablation).save(out / "figures" / "ablation.png")

@@ -25,9 +25,24 @@ def test_summary_is_mean_and_std_over_seeds_with_the_gain_test():
     assert cleaned["mAP_gain"] == pytest.approx(0.09) and cleaned["gain_over_2std"] is True
     assert noisy["mAP_gain"] == pytest.approx(0.08) and noisy["gain_over_2std"] is False   # std 0.2
     table = summary_markdown(rows)
-    assert "| cleaned | 3 | 0.610 ± 0.010 |" in table and "object F1" in table and "+0.090 (yes)" in table
+    assert "| cleaned | 3 | 0.610 ± 0.010 |" in table and "object F1" in table and "+0.090 ± 0.010 (yes)" in table
+    assert cleaned["mAP_gain_std"] == pytest.approx(0.01)   # paired by seed: 0.10, 0.09, 0.08
     assert mean_std([0.3]) == (0.3, 0.0)
     assert model_name("parsed+generated") == "ablation-parsed-generated"
+
+
+def test_the_gain_must_pass_both_readings_of_two_std():
+    # arms steady (std 0.01) but the paired differences swing (seed 0 helped by 0.06, seed 2 by 0.00):
+    # the gain 0.03 beats 2 x the arms' std and fails 2 x the paired std (0.03): not counted
+    rows = summarise(seed_rows("parsed", [0.50, 0.51, 0.52]) + seed_rows("cleaned", [0.56, 0.54, 0.52]))
+    assert rows[1]["mAP_gain"] == pytest.approx(0.03) and rows[1]["mAP_gain_std"] == pytest.approx(0.03)
+    assert rows[1]["gain_over_2std"] is False
+    # a steady paired gain with noisy arms: the arms' reading refuses it
+    rows = summarise(seed_rows("parsed", [0.40, 0.50, 0.60]) + seed_rows("cleaned", [0.45, 0.55, 0.65]))
+    assert rows[1]["mAP_gain_std"] == pytest.approx(0.0, abs=1e-9) and rows[1]["gain_over_2std"] is False
+    # one seed: no paired std, the arms' reading alone (both stds 0)
+    rows = summarise(seed_rows("parsed", [0.5]) + seed_rows("cleaned", [0.6]))
+    assert "mAP_gain_std" not in rows[1] and rows[1]["gain_over_2std"] is True
 
 
 def test_removal_precision_and_recall_per_reason():
