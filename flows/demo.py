@@ -228,8 +228,9 @@ def train_demo_encoder(folder: Path, *, world=None, n_images: int = 2000, seed: 
 
     import torch
 
+    from ram_model.checkpoint import save_pretrained
     from ram_model.ram import RAM, RAMConfig
-    from ram_model.train import pretrain_tagger
+    from ram_model.trainer import pretrain_tagger
     from tasks.demo_world import generate_world
 
     torch.set_num_threads(1)
@@ -247,7 +248,7 @@ def train_demo_encoder(folder: Path, *, world=None, n_images: int = 2000, seed: 
     groups = json.loads(Path(world.tag_groups).read_text())
     quality = tagger_quality(model, images[-n_held:], targets[-n_held:], tags, groups)
     Path(folder).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    save_pretrained(model, folder)
     meta = {"train": info, "heldout": quality | {"images": n_held}, "images": len(images) - n_held,
             "world_seed": world.config.get("seed"), "categories": groups["category"], "image_size": image_size}
     (Path(folder) / ENCODER_META).write_text(json.dumps(meta, indent=1, default=float))

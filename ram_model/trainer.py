@@ -681,7 +681,7 @@ def pretrain_tagger(model: nn.Module, images: Sequence, targets: np.ndarray, *, 
     random.seed(seed)             # ImageTransform's crops and flips draw from Python's random
     torch.manual_seed(seed)
     transform = ImageTransform(model.config.swin.image_size, train=True)
-    loop = TrainConfig(lr=lr, warmup_steps=warmup_steps, total_steps=steps, batch_size=batch_size)
+    loop = LoopConfig(lr=lr, warmup_steps=warmup_steps, total_steps=steps, batch_size=batch_size)
     opt = torch.optim.AdamW(parameter_groups(model, weight_decay, lr=lr, lr_scales=[
         (r"^(visual_encoder|image_proj)\.", encoder_lr_scale)]), lr=lr)
     base = [g["lr"] for g in opt.param_groups]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ram_model.checkpoint import load_image_encoder
+from ram_model.checkpoint import load_image_encoder, save_pretrained
 from ram_model.ram import RAM, RAMConfig
 from storage import StoreError
 from tasks.config import ModelConfig
@@ -25,7 +25,7 @@ def _encoder_state(model):
 
 def test_load_image_encoder_copies_the_encoder_and_leaves_the_head(tmp_path):
     source = _tiny(["a", "b", "c"], seed=1)
-    source.save_pretrained(tmp_path / "enc")
+    save_pretrained(source, tmp_path / "enc")
     target = _tiny(["x", "y"], seed=2)          # another tag list: only the encoder must carry over
     head_before = target.max_pool_fc.weight.clone()
     n = load_image_encoder(target, tmp_path / "enc")
@@ -53,7 +53,7 @@ def test_models_built_from_scratch_start_from_encoder_init(tmp_path):
     from tasks.train import _build_model
 
     source = _tiny(["a", "b"], seed=3)
-    source.save_pretrained(tmp_path / "enc")
+    save_pretrained(source, tmp_path / "enc")
     cfg = ModelConfig(with_caption=False, max_pool_head=True, encoder_init=str(tmp_path / "enc"))
     built = _build_model(cfg, ["p", "q", "r"], None, [])
     for k, v in _encoder_state(source).items():
@@ -63,7 +63,7 @@ def test_models_built_from_scratch_start_from_encoder_init(tmp_path):
 
 
 def test_pretrain_tagger_learns_and_checks_its_inputs():
-    from ram_model.train import pretrain_tagger
+    from ram_model.trainer import pretrain_tagger
 
     rng = np.random.default_rng(0)
     # two tags: "red" images are red, "blue" images blue; a few steps must separate them

@@ -192,6 +192,7 @@ def test_fine_tuning_onto_new_tags_embeds_them_with_the_configured_clip(base, tm
 def test_encoder_init_enters_the_model_version_by_its_weights(base, tmp_path, monkeypatch):
     import torch
 
+    from ram_model.checkpoint import save_pretrained
     from ram_model.ram import RAM, RAMConfig
     from tasks.train import train_stage
 
@@ -201,7 +202,7 @@ def test_encoder_init_enters_the_model_version_by_its_weights(base, tmp_path, mo
 
     def save_encoder(seed):
         torch.manual_seed(seed)
-        RAM(RAMConfig.tiny(num_tags=len(tags), with_caption=False), tags=tags).save_pretrained(tmp_path / "enc")
+        save_pretrained(RAM(RAMConfig.tiny(num_tags=len(tags), with_caption=False), tags=tags), tmp_path / "enc")
 
     model_cfg = cfg.model.model_copy(update={"encoder_init": str(tmp_path / "enc"), "with_caption": False,
                                              "max_pool_head": False})
