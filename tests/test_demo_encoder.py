@@ -126,3 +126,27 @@ def test_demo_encoder_command_pretrains_saves_and_is_reused(tmp_path):
     assert load_image_encoder(model, folder) > 0        # what it saved serves as an encoder_init
     again, _ = prepare_encoder(world, tmp_path / "out", steps=3, time_limit_s=60, seed=0)
     assert again == folder and json.loads((folder / ENCODER_META).read_text()) == saved   # trained once, reused
+
+
+def test_the_demo_encoder_command_writes_a_loadable_encoder(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.demo import ENCODER_META
+
+    out = CliRunner().invoke(app, ["demo-encoder", "--out", str(tmp_path / "enc"), "--steps", "2", "--images", "20"])
+    assert out.exit_code == 0, out.output
+    meta = json.loads((tmp_path / "enc" / ENCODER_META).read_text())
+    assert meta["train"]["steps"] == 2 and meta["world_seed"] == 1000 and '"heldout"' in out.output
+    cfg = ModelConfig(with_caption=False, max_pool_head=True, encoder_init=str(tmp_path / "enc"))
+    from tasks.train import _build_model
+
+    built = _build_model(cfg, ["a", "b"], None, [])     # another tag list: the encoder still fits
+    saved = _encoder_state(_load(tmp_path / "enc"))
+    assert all(torch.equal(built.state_dict()[k], v) for k, v in saved.items())
+
+
+def _load(folder):
+    from ram_model.checkpoint import from_pretrained
+
+    return from_pretrained(folder)
