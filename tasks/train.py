@@ -279,13 +279,11 @@ def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: 
 
 def file_sha256(path: Path) -> str | None:
     """The content digest of a local file (None when it is missing: building the model then says so)."""
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    from fsspec.implementations.local import LocalFileSystem
+
+    from storage.fs import sha256_of
+
+    return sha256_of(LocalFileSystem(), str(path))[1][:16] if path.is_file() else None
 
 
 def train_work_dir(store: Store, name: str, vid: str) -> Path:
