@@ -72,7 +72,8 @@ def make_demo_world(root: Path) -> DemoWorld:
 
 def demo_overrides(demo: DemoWorld, store_url, **extra) -> list[str]:
     """The config overrides of the tests' loop: the world's paths, a detector that finds boxes at random
-    weights, and tiny training (several checkpoints and ground batches per part, for the crash tests).
+    weights, and tiny training (several checkpoints and ground batches per part, for the crash tests) of
+    a model with its caption branch (the demo config has none: the tests keep training and loading it).
     `extra` (dotted field -> value) comes last and wins."""
     world = demo.world
     return [f"store.url={store_url}", f"ingest.source={world.source}", f"parse.labels={world.tag_list}",
@@ -80,7 +81,8 @@ def demo_overrides(demo: DemoWorld, store_url, **extra) -> list[str]:
             "ground.detector.box_threshold=0.05", "ground.detector.text_threshold=0.05", "ground.batch_size=4",
             f"ingest.part_size={DEMO_WORLD['samples_per_shard']}", "train.steps=3", "generate.baseline_steps=null",
             "train.batch_size=4", "train.warmup_steps=1", "train.checkpoint_every_steps=1",
-            "train.holdout_fraction=0.25", "generate.max_length=10", "clean.min_crops=3"] + \
+            "train.holdout_fraction=0.25", "generate.max_length=10", "clean.min_crops=3",
+            "model.with_caption=true"] + \
         [f"{k}={v}" for k, v in extra.items()]
 
 
