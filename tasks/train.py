@@ -279,11 +279,12 @@ def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: 
 
 def file_sha256(path: Path) -> str | None:
     """The content digest of a local file (None when it is missing: building the model then says so)."""
-    from fsspec.implementations.local import LocalFileSystem
+    from storage.fs import open_fs, sha256_of
 
-    from storage.fs import sha256_of
-
-    return sha256_of(LocalFileSystem(), str(path))[1][:16] if path.is_file() else None
+    if not path.is_file():
+        return None
+    fs, local = open_fs(str(path))
+    return sha256_of(fs, local)[1][:16]
 
 
 def train_work_dir(store: Store, name: str, vid: str) -> Path:
