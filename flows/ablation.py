@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from prefect import flow
 
+from storage import StoreError
 from tasks.ablation import ablation_stage, latest_label_versions
 from tasks.config import EngineConfig
+from tasks.lineage import lineage
 from tasks.stage import StageResult
 
 from .runtime import gpu_stage, open_store, publish
@@ -31,8 +33,6 @@ def ablation_flow(cfg: EngineConfig, versions: list[str] | None = None, images: 
 
 
 def _images_of(store, version):
-    from storage import StoreError
-    from tasks.lineage import lineage
 
     for _, v, _ in lineage(store, version):
         if v is not None and v.stage == "images":

@@ -19,7 +19,12 @@ from prefect.context import FlowRunContext
 
 from storage import PartRecord, Store
 from tasks.config import EngineConfig
+from tasks.evaluate import ablation_columns
+from tasks.lineage import display_metrics, format_value
+from tasks.progress import ProgressLog
 from tasks.stage import Executor, PartTask, StageResult
+
+from .runners import gpu_slot
 
 log = logging.getLogger("ram_engine")
 
@@ -79,7 +84,6 @@ class StageProgress:
     CLI's bar), whichever engine runs the stage."""
 
     def __init__(self, forward: Callable[[str, int, int], None] | None = None):
-        from tasks.progress import ProgressLog
 
         self.forward = forward if forward is not None else (_console_progress[-1] if _console_progress else None)
         self.parts, self.steps = ProgressLog(unit="parts"), ProgressLog(unit="steps")
@@ -127,7 +131,6 @@ def gpu_stage(cfg: EngineConfig):
     """Hold a GPU slot (one GPU stage per device across workers) when a GPU is in use; nothing on CPU."""
     import torch
 
-    from .runners import gpu_slot
 
     return gpu_slot(cfg) if torch.cuda.is_available() else nullcontext()
 
@@ -198,8 +201,6 @@ def publish_report(report_path: str | Path, version) -> bool:
 
 
 def version_markdown(result: StageResult, report_path: str | None = None) -> str:
-    from tasks.evaluate import ablation_columns
-    from tasks.lineage import display_metrics, format_value
 
     v = result.version
     m = v.manifest

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from .bert import BertConfig
+from .labels import LabelSystem
 from .ram import RAM, RAMConfig
 from .swin import SwinConfig, interpolate_relative_position_bias
 
@@ -217,7 +218,6 @@ def read_checkpoint(path, map_location="cpu") -> dict:
 
 def reference_tags_and_thresholds(num_tags: int) -> tuple[list[str] | None, list[str] | None]:
     """RAM's packaged tag list and per-class thresholds when a checkpoint has its 4,585 tags, else (None, None)."""
-    from .labels import LabelSystem
 
     ref = LabelSystem.default()
     if num_tags != len(ref):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -30,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bert import BertConfig, BertLMHeadModel, BertModel
+from .bert import BertConfig, BertEmbeddings, BertLMHeadModel, BertModel
 from .losses import asymmetric_loss, caption_lm_loss, clip_distillation_loss
-from .swin import SwinConfig, SwinTransformer
+from .swin import SwinBlock, SwinConfig, SwinTransformer, WindowAttention, relative_position_index, shifted_window_mask
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +244,6 @@ class RAM(nn.Module):
 
     def _reset_derived_buffers(self) -> None:
         """Recompute every non-persistent buffer (what checkpoint files do not hold) after to_empty()."""
-        from .bert import BertEmbeddings
-        from .swin import SwinBlock, WindowAttention, relative_position_index, shifted_window_mask
 
         with torch.no_grad():
             for m in self.modules():
@@ -484,7 +481,7 @@ class RAM(nn.Module):
             if not self.config.tokenizer:
                 raise ValueError("RAM: no tokenizer attached and config.tokenizer is empty; pass tokenizer= "
                                  "(e.g. train_wordpiece_tokenizer(captions)) or set config.tokenizer")
-            from .tokenizer import load_tokenizer
+            from .tokenizer import load_tokenizer  # lazy: transformers (~3 s) only when a tokenizer is loaded
             self.tokenizer = load_tokenizer(self.config.tokenizer)
         tok = self.tokenizer
         if len(tok) != self.config.text.vocab_size:
@@ -704,7 +701,3 @@ class RAM(nn.Module):
     def trainable_parameters(self):
         """Parameters with requires_grad (label_embed of RAM/RAM++ stays frozen), shared ones once."""
         return [p for p in self.parameters() if p.requires_grad]
-
-
-def config_json(config: RAMConfig) -> str:
-    return json.dumps(config.to_dict(), indent=2)

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ram_model.labels import ATTRIBUTE, OBJECT, SCENE, TYPES_FILE
+from ram_model.metrics import label_quality
 
 # ---------------------------------------------------------------------------------------------
 # The vocabulary. Every name below is a line of RAM's ram_tag_list.txt.
@@ -545,7 +546,7 @@ def generate_world(out_dir: str | Path, n_images: int, seed: int = 0, fmt: str =
                   jpeg_quality=jpeg_quality, samples_per_shard=samples_per_shard, n_corrupt=n_corrupt)
 
     tag_list = tags_dir / "tag_list.txt"
-    tag_list.write_text("\n".join([*cats, *cols, *scns]) + "\n")
+    tag_list.write_text("\n".join(demo_tag_list(cats, cols, scns)) + "\n")
     tag_groups = tags_dir / "tag_groups.json"
     tag_groups.write_text(json.dumps({"category": cats, "colour": cols, "scene": scns}, indent=1))
     # the label system declares each tag's type: shapes are objects (grounded), colours attributes
@@ -627,7 +628,6 @@ def generate_world(out_dir: str | Path, n_images: int, seed: int = 0, fmt: str =
 
 def _noise_summary(c: _NoiseCounts, truth_rows: list[dict], groups: dict[str, list[str]],
                    corrupt: dict[str, str]) -> dict:
-    from ram_model.metrics import label_quality
 
     def rate(a: int, b: int) -> float:
         return round(a / b, 4) if b else 0.0

@@ -7,6 +7,8 @@ from typing import Any, Iterator
 
 from storage import Store, StoreError, Version
 
+from .labels import load_labels
+
 # The versions the loop writes, in loop order (listings and reports follow it).
 STAGE_OUTPUTS = ("images", "labels", "parsed", "models/baseline", "generated", "regions", "embeddings", "clean",
                  "models/ram", "evaluate")
@@ -102,7 +104,6 @@ def labels_version(store: Store, version: Version) -> Version | None:
 
 def tag_names_for(store: Store, version: Version) -> list[str] | None:
     """The tag names a version's ids refer to, or None when no labels version is in its lineage."""
-    from .labels import load_labels
 
     labels = labels_version(store, version)
     return list(load_labels(store, labels).tags) if labels is not None else None

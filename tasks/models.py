@@ -16,7 +16,10 @@ import numpy as np
 
 from ram_model.devices import resolve_device
 from ram_model.checkpoint import from_pretrained, load_official, save_pretrained
+from ram_model.labels import LabelSystem
 from storage import Store, StoreError, Version
+
+from .stage import StageResult
 
 log = logging.getLogger("ram_engine")
 T = TypeVar("T")
@@ -120,7 +123,6 @@ def official_files(model_cfg) -> dict[str, str | None]:
 def load_official_with_files(path: str, model_cfg, device: str = "cpu"):
     """An official .pth with its tag list, Chinese names (checked against the list), per-class thresholds
     and caption tokenizer as the config names them; RAM's packaged files where a field is empty."""
-    from ram_model.labels import LabelSystem
     from ram_model.tokenizer import load_tokenizer
 
     tag_list = model_cfg.tag_list or _packaged("ram_tag_list.txt")
@@ -147,7 +149,6 @@ def import_official(store: Store, path: str, model_cfg, name: str):
     import shutil
     import tempfile
 
-    from .stage import StageResult
 
     files = {k: model_digest(None, v) if v else None for k, v in official_files(model_cfg).items()}
     config = {"source": model_digest(None, path), "files": files, "image_size": model_cfg.image_size}

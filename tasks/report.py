@@ -21,6 +21,12 @@ from typing import Any, Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from storage.shards import image_member
+
+from .evaluate import ablation_columns, load_ground_truth, normalise_truth, rekey_truth
+from .labels import load_labels
+from .lineage import STAGE_OUTPUTS, key_tags, labels_version, nearest_versions
+
 
 @dataclass
 class StageSummary:
@@ -301,7 +307,6 @@ def render_report(report_data: ReportData, out_dir: str | Path, *, max_hist_tags
     body: list[str] = [f"<h1>{_e(data.title)}</h1>", f"<p class=\"legend\">Created {_e(data.created)}</p>"]
 
     # What matters most first: how good the labels and models are, then what each stage changed.
-    from .evaluate import ablation_columns
 
     body.append("<h2 id=\"evaluation\">Evaluation</h2>")
     if data.evaluation:
@@ -456,7 +461,6 @@ def ablation_chart(rows: Sequence[Mapping[str, Any]], width: int = 640, row: int
 def data_engine_sections(data: ReportData, out: Path) -> list[str]:
     """Does the engine earn its keep: cleaning's removal precision / recall per reason, and the
     ablation (models trained per label version) as a table and a plot."""
-    from .evaluate import ablation_columns
 
     body: list[str] = []
     if data.cleaning_removal:
@@ -495,11 +499,7 @@ def build_report(store, version, out_dir: str | Path, *, truth_path: str | None 
     `ablation` version, its table and plot too)."""
     from collections import Counter
 
-    from storage.shards import image_member
 
-    from .evaluate import load_ground_truth, normalise_truth, rekey_truth
-    from .lineage import STAGE_OUTPUTS, key_tags, labels_version, nearest_versions
-    from .labels import load_labels
 
     by_stage = nearest_versions(store, version)
     order = [s for s in STAGE_OUTPUTS if s in by_stage] + [s for s in by_stage if s not in STAGE_OUTPUTS]

@@ -207,7 +207,7 @@ class CaptionParser:
         return self.graphs([text])[0]
 
     def graphs(self, texts: Iterable[str]) -> list[SceneGraph]:
-        return [self._graph(d)[0] for d in self._docs(texts)]
+        return [self.graph_from_doc(d) for d in self._docs(texts)]
 
     def _docs(self, texts):
         return iter_docs(texts, self.model, self.batch_size, self.blas, self.blas_threads)
