@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from prefect import flow
 from prefect.context import FlowRunContext
@@ -19,7 +21,7 @@ from storage import StoreError, Version
 from tasks.config import EngineConfig
 from tasks.models import import_official
 from tasks.progress import apply_torch_threads
-from tasks.stage import StageResult
+from tasks.stage import Stage, StageResult, section_of
 
 from .runners import default_workers, make_task_runner, shared_cluster
 from .runtime import as_config, gpu_stage, open_store, prefect_executor, publish, stage_progress
@@ -58,8 +60,40 @@ def data_engine_flow(cfg: EngineConfig, from_stage: str | None = None, until_sta
         return _loop(run_cfg, from_stage, until_stage, source, images_version, progress)
 
 
-def _loop(cfg: EngineConfig, from_stage, until_stage, source, images_version, progress) -> dict[str, StageResult]:
+@dataclass(frozen=True)
+class Step:
+    """One step of the loop: a declared stage, the name later steps read its output under, and how its
+    inputs are found among the outputs so far (by their own names, unless `bind` says otherwise)."""
+
+    stage: Stage
+    provides: str
+    bind: Callable[[dict, EngineConfig], dict] = lambda available, cfg: {}
+    gpu: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+
+def _loop_steps() -> tuple[Step, ...]:
+    """The loop after ingest and the baseline, in order: each step a stage module's declaration."""
     from tasks import clean, evaluate, generate, ground, parse, train
+
+    return (
+        Step(parse.STAGE, "parsed"),
+        Step(generate.STAGE, "generated", gpu=True),
+        Step(ground.STAGE, "regions", gpu=True),
+        Step(clean.EMBED, "embeddings", gpu=True),
+        Step(clean.STAGE, "clean"),
+        Step(train.STAGE, "model", lambda got, cfg: {"labels": got["clean"], "init": None}, gpu=True),
+        Step(evaluate.STAGE, "evaluate", lambda got, cfg: {
+            "labels": {"parsed": got["parsed"], "parsed+generated": got["generated"], "cleaned": got["clean"]},
+            "models": {"baseline": got["baseline"], cfg.train.name: got["model"].ref}}),
+    )
+
+
+def _loop(cfg: EngineConfig, from_stage, until_stage, source, images_version, progress) -> dict[str, StageResult]:
+    from tasks.stage import run
 
     from .ingest import ingest_and_announce
 
@@ -83,75 +117,68 @@ def _loop(cfg: EngineConfig, from_stage, until_stage, source, images_version, pr
         except StoreError as exc:
             raise StoreError(f"the loop starts at {from_stage}, but {exc}") from None
 
+    def run_step(name: str, stage, sections, inputs: dict, gpu: bool) -> Version:
+        # Training is one process (or nproc_per_node); part stages run max_workers parts at once.
+        workers = cfg.train.nproc_per_node if name in ("baseline", "train") else default_workers(cfg.orchestration)
+        apply_torch_threads(cfg.orchestration.torch_threads, workers)
+        executor = None if stage.one_part else prefect_executor(stage.output_of(section_of(sections, stage.section)))
+        with gpu_stage(cfg) if gpu else nullcontext():
+            results[name] = _run(name, cfg, run, stage, store, sections, inputs, executor=executor,
+                                 progress=progress)
+        return results[name].version
+
     if wanted("ingest"):
         results["ingest"] = _run("ingest", cfg, ingest_and_announce, cfg, source=source, progress=progress)
         images = results["ingest"].version
     else:
         images = store.open("images", images_version) if images_version else latest("images")
-    if stop < STAGES.index("parse"):
-        return results
+    got: dict = {"images": images}
+    for step in _loop_steps():
+        if step.name == "generate":  # the baseline comes first: it is what generate, embed and clean use
+            if stop < STAGES.index("baseline"):
+                break
+            got["baseline"] = _baseline(cfg, store, got, wanted, latest, run_step, results)
+        if stop < STAGES.index(step.name):
+            break
+        if step.name == "evaluate" and not cfg.evaluate.ground_truth:
+            if wanted("evaluate"):
+                log.info("evaluate: skipped, evaluate.ground_truth is not set")
+            break
+        if not wanted(step.name):
+            got[step.provides] = latest(step.stage.output_of(section_of(cfg, step.stage.section)))
+            continue
+        inputs = {n: got[n] for n in step.stage.inputs if n in got} | step.bind(got, cfg)
+        got[step.provides] = run_step(step.name, step.stage, cfg, inputs, step.gpu)
+    return results
 
-    def stage_version(name: str, stage: str, fn, *args, gpu: bool = False, **kwargs) -> Version:
-        if not wanted(name):
-            return latest(stage)
-        # Training is one process (or nproc_per_node); part stages run max_workers parts at once.
-        workers = cfg.train.nproc_per_node if name in ("baseline", "train") else default_workers(cfg.orchestration)
-        apply_torch_threads(cfg.orchestration.torch_threads, workers)
-        with gpu_stage(cfg) if gpu else nullcontext():
-            results[name] = _run(name, cfg, fn, *args, **kwargs)
-        return results[name].version
 
-    parsed = stage_version("parse", "parsed", parse.parse_stage, store, cfg.parse, images,
-                           executor=prefect_executor("parsed"), progress=progress)
-    if stop < STAGES.index("baseline"):
-        return results
+def _baseline(cfg: EngineConfig, store, got: dict, wanted, latest, run_step, results) -> str:
+    """The baseline model's ref: an official checkpoint imported once, the baseline trained before (it stays
+    fixed as data grows, so generation of old parts is reused), or one trained now on the parsed labels."""
+    from tasks import train
 
     baseline = cfg.generate.baseline
     baseline_stage = f"models/{cfg.generate.baseline_name}"
     if baseline is not None and Path(baseline).is_file():
         # an official checkpoint: imported once as models/<baseline_name> with its tag list, thresholds and
         # tokenizer, so workers on any host load it from the store and lineage names it
-        baseline = stage_version("baseline", baseline_stage, import_official, store, baseline, cfg.model,
-                                 cfg.generate.baseline_name).ref
-    elif baseline is None and store.versions(baseline_stage):
-        # The baseline stays fixed as data grows: generation of old parts is reused, not redone.
+        if not wanted("baseline"):
+            return latest(baseline_stage).ref
+        results["baseline"] = _run("baseline", cfg, import_official, store, baseline, cfg.model,
+                                   cfg.generate.baseline_name)
+        return results["baseline"].version.ref
+    if baseline is None and store.versions(baseline_stage):
         baseline = store.versions(baseline_stage)[-1].ref
         if wanted("baseline"):
             results["baseline"] = StageResult(store.open_ref(baseline), "reused")
             publish(results["baseline"])  # its artifact shows in every run, not only the one that trained it
-    elif baseline is None:  # no baseline yet: train one on the parsed labels
+        return baseline
+    if baseline is None:  # no baseline yet: train one on the parsed labels
+        if not wanted("baseline"):
+            return latest(baseline_stage).ref
         baseline_cfg = cfg.train.model_copy(update={"name": cfg.generate.baseline_name, "init": None,
                                                     "fine_tune_latest": False,
                                                     "steps": cfg.generate.baseline_steps or cfg.train.steps})
-        baseline = stage_version("baseline", baseline_stage, train.train_stage, store, cfg.model, baseline_cfg,
-                                 parsed, images, progress=progress, gpu=True).ref
-    if stop < STAGES.index("generate"):
-        return results
-
-    generated = stage_version("generate", "generated", generate.generate, store, cfg.generate, cfg.parse, images,
-                              parsed, baseline, executor=prefect_executor("generated"), progress=progress,
-                              gpu=True)
-    if stop < STAGES.index("ground"):
-        return results
-    regions = stage_version("ground", "regions", ground.ground_stage, store, cfg.ground, images, generated, parsed,
-                            executor=prefect_executor("regions"), progress=progress, gpu=True)
-    if stop < STAGES.index("embed"):
-        return results
-    embeddings = stage_version("embed", "embeddings", clean.embed_stage, store, cfg.clean, regions, baseline,
-                               executor=prefect_executor("embeddings"), progress=progress, gpu=True)
-    if stop < STAGES.index("clean"):
-        return results
-    cleaned = stage_version("clean", "clean", clean.clean_stage, store, cfg.clean, generated, regions, embeddings,
-                            parsed, baseline, progress=progress)
-    if stop < STAGES.index("train"):
-        return results
-    model = stage_version("train", f"models/{cfg.train.name}", train.train_stage, store, cfg.model, cfg.train,
-                          cleaned, images, progress=progress, gpu=True)
-    if stop < STAGES.index("evaluate") or not cfg.evaluate.ground_truth:
-        if cfg.evaluate.ground_truth is None and wanted("evaluate"):
-            log.info("evaluate: skipped, evaluate.ground_truth is not set")
-        return results
-    stage_version("evaluate", "evaluate", evaluate.evaluate_stage, store, cfg.evaluate, images,
-                  {"parsed": parsed, "parsed+generated": generated, "cleaned": cleaned},
-                  {"baseline": baseline, cfg.train.name: model.ref})
-    return results
+        return run_step("baseline", train.STAGE, {"train": baseline_cfg, "model": cfg.model},
+                        {"labels": got["parsed"], "images": got["images"], "init": None}, True).ref
+    return baseline

@@ -16,7 +16,7 @@ def ingest_and_announce(cfg: EngineConfig, source: str | None = None, progress=N
     from .deployments import emit_images_committed, samples_since_last_training
 
     store = open_store(cfg)
-    result = ingest(store, cfg.ingest, source=source, executor=prefect_executor(STAGE),
+    result = ingest(store, cfg.ingest, source=source, executor=prefect_executor(STAGE.output),
                     progress=stage_progress(progress))
     if result.status == "written":  # counted as the served retrain counts them (one definition)
         new, trained_on = samples_since_last_training(store, result.version, f"models/{cfg.train.name}")

@@ -24,11 +24,10 @@ import pyarrow as pa
 from storage import Store, StoreError, Version
 from storage.schemas import ABLATION
 
-from .stage import StageResult
+from .stage import PartTask, Stage, StageResult
 
 log = logging.getLogger("ram_engine")
 
-STAGE = "ablation"
 STAGE_VERSION = "ablation-1"
 METRICS = ("mAP", "precision", "recall", "f1")
 
@@ -115,15 +114,20 @@ def ablation_stage(store: Store, model_cfg, train_cfg, evaluate_cfg, cfg, images
                    say: Callable[[str], None] = log.info) -> StageResult:
     """Train one model per (label version, seed) with the same budget and architecture, score each on
     held-out keys against `evaluate_cfg.ground_truth`, and commit the `ablation` version."""
+    from .stage import run
+
+    return run(STAGE, store, {"ablation": cfg, "model": model_cfg, "train": train_cfg, "evaluate": evaluate_cfg},
+               {"images": images, "labels": label_versions, "say": say}, progress=progress)
+
+
+def identify(run) -> None:
+    """The budget, the ground truth (path, size, time) and the label versions compared."""
     from .config import section_dict
-    from ram_model.metrics import tagging_metrics
-
-    from .evaluate import ground_truth_path, load_ground_truth, multi_hot, normalise_truth, rekey_truth, score_model
+    from .evaluate import ground_truth_path
     from .lineage import labels_version
-    from .labels import load_labels
-    from .models import is_holdout
-    from .train import train_stage
 
+    store, cfg, label_versions = run.store, run.cfg, run.inputs["labels"]
+    model_cfg, train_cfg, evaluate_cfg = (run.sections[n] for n in ("model", "train", "evaluate"))
     if not label_versions:
         raise StoreError("ablation: no label versions given (ablation.versions, or run the loop first)")
     truth_path = ground_truth_path(evaluate_cfg, "ablation needs a ground truth")
@@ -135,18 +139,29 @@ def ablation_stage(store: Store, model_cfg, train_cfg, evaluate_cfg, cfg, images
     if len({lv.id for lv in lvs.values()}) != 1:
         raise StoreError("ablation: the label versions use different label systems "
                          f"({', '.join(sorted({lv.ref for lv in lvs.values()}))}); models would not be comparable")
-    labels = load_labels(store, next(iter(lvs.values())))
     budget = train_cfg.model_copy(update={"steps": cfg.steps or train_cfg.steps, "init": cfg.init,
                                           "fine_tune_latest": False})
     stat = truth_path.stat()
-    config = {"ablation": section_dict(cfg), "model": section_dict(model_cfg), "train": section_dict(budget),
-              "evaluate": section_dict(evaluate_cfg),
-              "truth": [str(truth_path.resolve()), stat.st_size, int(stat.st_mtime)],
-              "labels": {name: v.ref for name, v in label_versions.items()}}
-    writer = store.begin(STAGE, code_version=STAGE_VERSION, config=config,
-                         parents=[images, *label_versions.values()])
-    if writer.committed is not None:
-        return StageResult(writer.committed, "reused")
+    run.config = {"ablation": section_dict(cfg), "model": section_dict(model_cfg), "train": section_dict(budget),
+                  "evaluate": section_dict(evaluate_cfg),
+                  "truth": [str(truth_path.resolve()), stat.st_size, int(stat.st_mtime)],
+                  "labels": {name: v.ref for name, v in label_versions.items()}}
+    run.parents = [run.inputs["images"], *label_versions.values()]
+    run.state.update(truth_path=truth_path, budget=budget, labels_version=next(iter(lvs.values())))
+
+
+def process(run, writer, task):
+    from ram_model.metrics import tagging_metrics
+
+    from .evaluate import load_ground_truth, multi_hot, normalise_truth, rekey_truth, score_model
+    from .labels import load_labels
+    from .models import is_holdout
+    from .train import train_stage
+
+    store, cfg, images, label_versions = run.store, run.cfg, run.inputs["images"], run.inputs["labels"]
+    model_cfg, evaluate_cfg = run.sections["model"], run.sections["evaluate"]
+    truth_path, budget, say, progress = run.state["truth_path"], run.state["budget"], run.inputs["say"], run.progress
+    labels = load_labels(store, run.state["labels_version"])
     truth = rekey_truth(normalise_truth(load_ground_truth(truth_path, evaluate_cfg.format), labels), images)
     image_keys = set(images.read_table(columns=["key"]).column(0).to_pylist())
     held = {k for k in truth if k in image_keys and is_holdout(k, budget.holdout_fraction)}
@@ -179,13 +194,18 @@ def ablation_stage(store: Store, model_cfg, train_cfg, evaluate_cfg, cfg, images
             say(f"      ablation {len(per_seed)}/{total}: {name} seed {seed}: mAP {q['mAP']:.3f} F1 {q['f1']:.3f} "
                 f"({result.status}, {time.perf_counter() - t0:.0f} s)")
             if progress is not None:
-                progress(STAGE, len(per_seed), total)
+                progress(STAGE.output, len(per_seed), total)
     summary = summarise(per_seed)
     table = pa.Table.from_pylist(records, schema=ABLATION)
-    writer.write_part("ablation", table=table, rows_in=table.num_rows)
-    version = writer.commit(metrics={"summary": summary, "per_seed": per_seed, "markdown": summary_markdown(summary),
-                                     "heldout_keys": len(held), "models": [m.ref for m in models]})
-    return StageResult(version, "written", parts_written=1)
+    return writer.write_part(task.name, table=table, rows_in=table.num_rows, metrics={
+        "summary": summary, "per_seed": per_seed, "markdown": summary_markdown(summary), "heldout_keys": len(held),
+        "models": [m.ref for m in models]})
+
+
+STAGE = Stage(name="ablation", output="ablation", inputs=("images", "labels", "say"), section="ablation",
+              also=("model", "train", "evaluate"), version=STAGE_VERSION, identify=identify,
+              split=lambda run: [PartTask("ablation", "")], process=process,
+              summarize=lambda run, records: records[0].metrics, one_part=True)
 
 
 def latest_label_versions(store: Store, refs: list[str] | None = None) -> dict[str, Version]:

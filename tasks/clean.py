@@ -28,8 +28,8 @@ from storage.shards import decode_image
 from storage.store import digest
 
 from .categories import localisable_tags, tag_categories
-from .code_version import code_version
 from .config import CleanSection
+from .stage import Stage
 
 OUTLIER, BASELINE_DISAGREES, NO_BOX = "outlier", "baseline-disagrees", "no-box"
 
@@ -344,8 +344,8 @@ def build_clean(generated: pa.Table, regions: pa.Table, crop_results: pa.Table |
 
 # ---------------------------------------------------------------- the stages over the store
 
-EMBED_STAGE, EMBED_VERSION = "embeddings", "embed-1"
-STAGE, STAGE_VERSION = "clean", "clean-3"   # 2: declared tag types; 3: baseline_min_ap
+EMBED_VERSION = "embed-1"
+STAGE_VERSION = "clean-3"   # 2: declared tag types; 3: baseline_min_ap
 
 
 def _crop_images(version, part) -> dict[str, Image.Image]:
@@ -355,31 +355,53 @@ def _crop_images(version, part) -> dict[str, Image.Image]:
 def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progress=None):
     """The `embeddings` version: every crop's embedding and the baseline's score for its own tag.
     Per regions part, so new data embeds only new crops."""
-    import torch
-    from ram_model.embedder import build_embedder
+    from .stage import run
 
+    return run(EMBED, store, {"clean": cfg}, {"regions": regions, "baseline": baseline_ref}, executor=executor,
+               progress=progress)
+
+
+def embed_identify(run) -> None:
+    """Identity: the embedder's section and the baseline (by digest), not the whole clean section."""
     from .config import section_dict
+    from .models import model_digest, model_version
+
+    mv = model_version(run.store, run.inputs["baseline"])
+    ident = model_digest(mv, run.inputs["baseline"])
+    run.config = section_dict(run.cfg.embedder) | {"baseline": ident, "baseline_check": run.cfg.baseline_check}
+    run.parents = [run.inputs["regions"]] + ([mv] if mv else [])
+    run.state["ident"] = ident
+
+
+def embed_prepare(run) -> None:
     from .lineage import labels_version
     from .labels import load_labels
-    from .models import load_model, model_digest, model_to_label_ids, model_version, resolve_device, worker_cached
-    from .stage import StageResult, parts_of, run_stage
+    from .models import load_model, model_to_label_ids, resolve_device
 
-    mv = model_version(store, baseline_ref)
-    ident = model_digest(mv, baseline_ref)
-    config = section_dict(cfg.embedder) | {"baseline": ident, "baseline_check": cfg.baseline_check}
-    writer = store.begin(EMBED_STAGE, code_version=code_version(__name__, EMBED_VERSION), config=config,
-                         parents=[regions] + ([mv] if mv else []))
-    if writer.committed is not None:
-        return StageResult(writer.committed, "reused")
-    device = str(resolve_device(cfg.embedder.device))
-    model = load_model(store, baseline_ref, device=device)
+    device = str(resolve_device(run.cfg.embedder.device))
+    model = load_model(run.store, run.inputs["baseline"], device=device)
+    labels = load_labels(run.store, labels_version(run.store, run.inputs["regions"]))
+    run.state["device"], run.state["image_size"] = device, model.config.swin.image_size
+    # the baseline's tag list may differ from the label system's: match by name
+    run.state["label_to_model"] = {int(lab): m for m, lab in enumerate(model_to_label_ids(model, labels)) if lab >= 0}
+    # part work loads its own copy, once per worker process (a model is never shipped to a worker)
+
+
+def embed_split(run):
+    from .stage import parts_of
+
+    return parts_of(run.inputs["regions"], salt=digest(run.config))
+
+
+def embed_process(run, w, task):
+    import torch
+    from ram_model.embedder import build_embedder
     from ram_model.transforms import ImageTransform
 
-    image_size = model.config.swin.image_size
-    labels = load_labels(store, labels_version(store, regions))
-    # the baseline's tag list may differ from the label system's: match by name
-    label_to_model = {int(lab): m for m, lab in enumerate(model_to_label_ids(model, labels)) if lab >= 0}
-    del model  # part work loads its own copy, once per worker process (a model is never shipped to a worker)
+    from .models import load_model, worker_cached
+
+    store, cfg, regions, baseline_ref = run.store, run.cfg, run.inputs["regions"], run.inputs["baseline"]
+    device, image_size, ident = run.state["device"], run.state["image_size"], run.state["ident"]
 
     def worker_models():
         baseline_model = load_model(store, baseline_ref, device=device)
@@ -392,16 +414,18 @@ def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progre
         with torch.inference_mode():
             return baseline_model.tag_probs(torch.stack([transform(im) for im in imgs])).cpu().numpy()
 
-    def process(w, task):
-        part = task.payload["part"]
-        table = regions.read_file(next(f["path"] for f in part.files if f["kind"] == "table"))
-        baseline_model, embedder = worker_models()
-        out, rejects = embed_part(table, _crop_images(regions, part), embedder,
-                                  (lambda imgs: baseline(baseline_model, imgs)) if cfg.baseline_check else None,
-                                  label_to_model, cfg.embedder.batch_size, source=part.name)
-        return w.write_part(task.name, table=out, rejects=rejects, rows_in=table.num_rows, source_digest=task.source_digest)
+    part = task.payload["part"]
+    table = regions.read_file(next(f["path"] for f in part.files if f["kind"] == "table"))
+    baseline_model, embedder = worker_models()
+    out, rejects = embed_part(table, _crop_images(regions, part), embedder,
+                              (lambda imgs: baseline(baseline_model, imgs)) if cfg.baseline_check else None,
+                              run.state["label_to_model"], cfg.embedder.batch_size, source=part.name)
+    return w.write_part(task.name, table=out, rejects=rejects, rows_in=table.num_rows, source_digest=task.source_digest)
 
-    return run_stage(writer, parts_of(regions, salt=digest(config)), process, executor=executor, progress=progress)
+
+EMBED = Stage(name="embed", output="embeddings", inputs=("regions", "baseline"), section="clean",
+              version=EMBED_VERSION, identify=embed_identify, prepare=embed_prepare, split=embed_split,
+              process=embed_process)
 
 
 def baseline_unlearned_tags(store, baseline_ref: str, min_ap: float) -> set[str]:
@@ -420,22 +444,24 @@ def baseline_unlearned_tags(store, baseline_ref: str, min_ap: float) -> set[str]
 def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref: str, *, progress=None):
     """The `clean` version: per key the kept tags and the removed ones with their reasons, per crop its
     cluster and distance. Clustering is global per tag (all parts), one tag in memory at a time."""
+    from .stage import run
+
+    return run(STAGE, store, {"clean": cfg}, {"generated": generated, "regions": regions, "embeddings": embeddings,
+                                              "parsed": parsed, "baseline": baseline_ref}, progress=progress)
+
+
+def clean_prepare(run) -> None:
+    """Once, before the parts: the baseline's thresholds per label id, and the clustering of every crop."""
     import shutil
     import tempfile
 
-    from .config import section_dict
     from .lineage import labels_version
     from .labels import load_labels
     from .models import load_model, model_to_label_ids
-    from .stage import StageResult, parts_of, run_stage
 
-    config = section_dict(cfg)
-    writer = store.begin(STAGE, code_version=code_version(__name__, STAGE_VERSION), config=config,
-                         parents=[generated, regions, embeddings, parsed])
-    if writer.committed is not None:
-        return StageResult(writer.committed, "reused")
-    labels = load_labels(store, labels_version(store, parsed))
-    categories = tag_categories(labels)
+    store, cfg, baseline_ref, embeddings = run.store, run.cfg, run.inputs["baseline"], run.inputs["embeddings"]
+    labels = load_labels(store, labels_version(store, run.inputs["parsed"]))
+    run.state["categories"] = tag_categories(labels)
     # Per label id, the baseline's threshold for that tag (0: a tag the baseline does not know is never
     # "disagreed" with; its crops carry no score anyway).
     thresholds = np.zeros(len(labels))
@@ -447,6 +473,7 @@ def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref
             # a disabled class (threshold 1.0), or one the baseline has not learned, has no opinion to disagree with
             if lab >= 0 and model_thr[m] < 1.0 and model.tags[m] not in unlearned:
                 thresholds[lab] = model_thr[m]
+    run.state["thresholds"] = thresholds
     tmp = Path(tempfile.mkdtemp(prefix="ram-clean-"))
     try:
         emb_store = EmbeddingStore(tmp)
@@ -454,45 +481,55 @@ def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref
             d = batch.to_pydict()
             if d["tag_id"]:
                 emb_store.add(d["tag_id"], d["crop_key"], np.asarray(d["embedding"], dtype=np.float32))
-        crop_results, cluster_metrics = cluster_outliers(emb_store, cfg)
+        crop_results, run.state["cluster_metrics"] = cluster_outliers(emb_store, cfg)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    results = {k: (c, dd, o) for k, c, dd, o in zip(*(crop_results.column(n).to_pylist() for n in
-                                                      ("crop_key", "cluster", "distance", "outlier")))}
-
-    def process(w, task):
-        gen_part, reg_part, emb_part = task.payload["part"], task.payload["regions"], task.payload["embeddings"]
-        gen = generated.read_file(next(f["path"] for f in gen_part.files if f["kind"] == "table"),
-                                  columns=["key", "tag_ids"])
-        reg = regions.read_file(next(f["path"] for f in reg_part.files if f["kind"] == "table")) if reg_part \
-            else REGIONS.empty_table()
-        scores = {}
-        if emb_part is not None:
-            et = embeddings.read_file(next(f["path"] for f in emb_part.files if f["kind"] == "table"),
-                                      columns=["crop_key", "baseline_score"])
-            scores = {k: s for k, s in zip(et.column(0).to_pylist(), et.column(1).to_pylist()) if s is not None}
-        ground_rejected = set()
-        if reg_part is not None:
-            for f in reg_part.files:
-                if f["kind"] == "rejects":
-                    ground_rejected.update(regions.read_file(f["path"], columns=["key"]).column(0).to_pylist())
-        table, crops, rejects, metrics = build_clean(gen, reg, results, categories, cfg, scores=scores,
-                                                     thresholds=thresholds, ground_rejected=ground_rejected)
-        return w.write_part(task.name, table=table, rejects=rejects, rows_in=gen.num_rows,
-                            source_digest=task.source_digest, metrics=metrics,
-                            extra_tables={"crops": (CLEAN_CROPS, crops)})
-
-    result = run_stage(writer, parts_of(generated, {"regions": regions, "embeddings": embeddings},
-                                        salt=digest(config)), process, progress=progress,
-                       summarize=lambda records: _summary(records, cluster_metrics))
-    return result
+    run.state["results"] = {k: (c, dd, o) for k, c, dd, o in zip(
+        *(crop_results.column(n).to_pylist() for n in ("crop_key", "cluster", "distance", "outlier")))}
 
 
-def _summary(records, cluster_metrics: dict) -> dict:
+def clean_split(run):
+    from .stage import parts_of
+
+    return parts_of(run.inputs["generated"], {"regions": run.inputs["regions"], "embeddings": run.inputs["embeddings"]},
+                    salt=digest(run.config))
+
+
+def clean_process(run, w, task):
+    cfg, generated, regions, embeddings = run.cfg, run.inputs["generated"], run.inputs["regions"], run.inputs["embeddings"]
+    gen_part, reg_part, emb_part = task.payload["part"], task.payload["regions"], task.payload["embeddings"]
+    gen = generated.read_file(next(f["path"] for f in gen_part.files if f["kind"] == "table"),
+                              columns=["key", "tag_ids"])
+    reg = regions.read_file(next(f["path"] for f in reg_part.files if f["kind"] == "table")) if reg_part \
+        else REGIONS.empty_table()
+    scores = {}
+    if emb_part is not None:
+        et = embeddings.read_file(next(f["path"] for f in emb_part.files if f["kind"] == "table"),
+                                  columns=["crop_key", "baseline_score"])
+        scores = {k: s for k, s in zip(et.column(0).to_pylist(), et.column(1).to_pylist()) if s is not None}
+    ground_rejected = set()
+    if reg_part is not None:
+        for f in reg_part.files:
+            if f["kind"] == "rejects":
+                ground_rejected.update(regions.read_file(f["path"], columns=["key"]).column(0).to_pylist())
+    table, crops, rejects, metrics = build_clean(gen, reg, run.state["results"], run.state["categories"], cfg,
+                                                 scores=scores, thresholds=run.state["thresholds"],
+                                                 ground_rejected=ground_rejected)
+    return w.write_part(task.name, table=table, rejects=rejects, rows_in=gen.num_rows,
+                        source_digest=task.source_digest, metrics=metrics,
+                        extra_tables={"crops": (CLEAN_CROPS, crops)})
+
+
+def clean_summary(run, records) -> dict:
     from .stage import merge_metrics
 
     m = merge_metrics(records)
-    m.update({f"clustering_{k}": v for k, v in cluster_metrics.items()})
+    m.update({f"clustering_{k}": v for k, v in run.state["cluster_metrics"].items()})
     if m.get("tags_in"):
         m["removed_fraction"] = 1 - m.get("tags_kept", 0) / m["tags_in"]
     return m
+
+
+STAGE = Stage(name="clean", output="clean", inputs=("generated", "regions", "embeddings", "parsed", "baseline"),
+              section="clean", version=STAGE_VERSION, prepare=clean_prepare,
+              split=clean_split, process=clean_process, summarize=clean_summary)

@@ -21,7 +21,7 @@ import numpy as np
 from ram_model.metrics import Labels, label_quality, tagging_metrics
 from storage import StoreError
 
-from .code_version import code_version
+from .stage import PartTask, Stage
 
 
 def load_ground_truth(path: str | Path, fmt: str = "auto", key_fn: Callable[[str], str] | None = None,
@@ -249,7 +249,6 @@ def evaluation_table(rows: Sequence[Mapping], metrics: Sequence[str] = ("precisi
 # ---------------------------------------------------------------------------------------------
 # The stage over the store: label quality of every stage and the models' quality, one version.
 
-STAGE = "evaluate"
 STAGE_VERSION = "evaluate-2"   # 2: cleaning removal precision / recall per reason
 
 
@@ -318,23 +317,35 @@ def ground_truth_path(cfg, missing: str) -> Path:
 def evaluate_stage(store, cfg, images, label_versions: Mapping[str, object], models: Mapping[str, str]):
     """The `evaluate` version: per labelled stage its precision / recall / F1 against the ground truth,
     and per model its mAP and precision / recall on held-out keys (those no model was trained on)."""
+    from .stage import run
 
-    from .config import section_dict
+    return run(STAGE, store, {"evaluate": cfg}, {"images": images, "labels": label_versions, "models": models})
+
+
+def identify(run) -> None:
+    """The ground truth file (path, size, time), the label stages' names and the models by version."""
+    from .models import model_version
+
+    cfg, label_versions, models = run.cfg, run.inputs["labels"], run.inputs["models"]
+    truth_path = ground_truth_path(cfg, "evaluate.ground_truth is not set")
+    model_versions = {name: model_version(run.store, ref) for name, ref in models.items()}
+    run.parents = [run.inputs["images"]] + list(label_versions.values()) + [v for v in model_versions.values()
+                                                                          if v is not None]
+    stat = truth_path.stat()
+    run.config |= {"truth": [str(truth_path.resolve()), stat.st_size, int(stat.st_mtime)],
+                   "stages": list(label_versions), "models": {n: (v.ref if v else r) for (n, r), v in
+                                                              zip(models.items(), model_versions.values())}}
+    run.state["truth_path"], run.state["model_versions"] = truth_path, model_versions
+
+
+def process(run, writer, task):
     from .lineage import labels_version
     from .labels import load_labels
-    from .models import is_holdout, model_version
-    from .stage import StageResult
+    from .models import is_holdout
 
-    truth_path = ground_truth_path(cfg, "evaluate.ground_truth is not set")
-    model_versions = {name: model_version(store, ref) for name, ref in models.items()}
-    parents = [images] + list(label_versions.values()) + [v for v in model_versions.values() if v is not None]
-    stat = truth_path.stat()
-    config = section_dict(cfg) | {"truth": [str(truth_path.resolve()), stat.st_size, int(stat.st_mtime)],
-                                  "stages": list(label_versions), "models": {n: (v.ref if v else r) for (n, r), v in
-                                                                             zip(models.items(), model_versions.values())}}
-    writer = store.begin(STAGE, code_version=code_version(__name__, STAGE_VERSION), config=config, parents=parents)
-    if writer.committed is not None:
-        return StageResult(writer.committed, "reused")
+    store, cfg, images = run.store, run.cfg, run.inputs["images"]
+    label_versions, models = run.inputs["labels"], run.inputs["models"]
+    truth_path, model_versions = run.state["truth_path"], run.state["model_versions"]
     first = next(iter(label_versions.values()))
     labels = load_labels(store, labels_version(store, first))
     truth = rekey_truth(normalise_truth(load_ground_truth(truth_path, cfg.format), labels), images)
@@ -370,9 +381,12 @@ def evaluate_stage(store, cfg, images, label_versions: Mapping[str, object], mod
     table = evaluation_table(all_rows + [{"stage": f"cleaning:{r['reason']}", **r} for r in removal],
                              metrics=("precision", "recall", "f1", "labels_per_key", "mAP", "n_keys",
                                       "removal_precision", "removal_recall", "removed", "base_rate"))
-    writer.write_part("evaluation", table=table, rows_in=table.num_rows)
     markdown = rows_to_markdown(all_rows)
-    version = writer.commit(metrics={"ablation": all_rows, "markdown": markdown, "truth_keys": len(keys),
-                                     "cleaning_removal": removal,
-                                     "cleaning_removal_markdown": rows_to_markdown(removal)})
-    return StageResult(version, "written", parts_written=1)
+    return writer.write_part(task.name, table=table, rows_in=table.num_rows, metrics={
+        "ablation": all_rows, "markdown": markdown, "truth_keys": len(keys), "cleaning_removal": removal,
+        "cleaning_removal_markdown": rows_to_markdown(removal)})
+
+
+STAGE = Stage(name="evaluate", output="evaluate", inputs=("images", "labels", "models"), section="evaluate",
+              version=STAGE_VERSION, identify=identify, split=lambda run: [PartTask("evaluation", "")],
+              process=process, summarize=lambda run, records: records[0].metrics, one_part=True)

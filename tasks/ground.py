@@ -24,8 +24,8 @@ from storage.shards import decode_image
 from storage.store import digest, shard_name
 
 from .categories import localisable_tags, tag_categories
-from .code_version import code_version
 from .config import GroundSection
+from .stage import Stage
 
 
 class Region(NamedTuple):
@@ -187,7 +187,6 @@ def ground_part(table: pa.Table, image_loader: Callable[[str], Image.Image], det
 
 # ---------------------------------------------------------------- the stage over the store
 
-STAGE = "regions"
 STAGE_VERSION = "ground-3"   # 2: tag types declared by the label system; 3: crop shards in shards/
 
 
@@ -217,65 +216,77 @@ def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progre
 
     Progress is checkpointed inside a part after every detector batch (the writer's in-part checkpoints); a rerun
     skips the keys already grounded and assembles the same part an uninterrupted run writes."""
-    from ram_model.detector import load_detector
+    from .stage import run
 
-    from .config import section_dict
+    return run(STAGE, store, {"ground": cfg}, {"images": images, "generated": generated, "parsed": parsed},
+               executor=executor, progress=progress)
+
+
+def identify(run) -> None:
     from .lineage import labels_version
     from .labels import load_labels
-    from .models import worker_cached
-    from .stage import StageResult, parts_of, run_stage
 
-    if not cfg.detector.model:
+    if not run.cfg.detector.model:
         raise ValueError("ground.detector.model is not set: give a Grounding DINO folder (or hub id while online)")
-    lv = labels_version(store, parsed)
-    labels = load_labels(store, lv)
-    config = section_dict(cfg)
-    writer = store.begin(STAGE, code_version=code_version(__name__, STAGE_VERSION), config=config, parents=[images, generated, parsed])
-    if writer.committed is not None:
-        return StageResult(writer.committed, "reused")
-    categories = tag_categories(labels)
-    tag_names = dict(enumerate(labels.tags))
-    tasks = parts_of(images, {"generated": generated}, salt=digest([config, sorted(categories.items())]))
+    labels = load_labels(run.store, labels_version(run.store, run.inputs["parsed"]))
+    run.state["categories"] = tag_categories(labels)
+    run.state["tag_names"] = dict(enumerate(labels.tags))
 
-    def process(w, task):
-        # loaded once per worker process, here: a loaded model is never shipped to a worker
-        detector = worker_cached(f"detector|{cfg.detector!r}", lambda: load_detector(cfg.detector))
-        part, gen_part = task.payload["part"], task.payload["generated"]
-        gen = (generated.read_file(next(f["path"] for f in gen_part.files if f["kind"] == "table"),
-                                   columns=["key", "tag_ids"]) if gen_part else pa.table(
-            {"key": pa.array([], pa.string()), "tag_ids": pa.array([], pa.list_(pa.int32()))}))
-        shard_rel = shard_name(task.name)
-        # In-part checkpoints (the writer's, see VersionWriter.save_checkpoint): one per detector batch,
-        # named by its keys; made by the run holding this part's claim (tasks/stage.py), one at a time.
-        done_keys = {k for cp in w.checkpoints(task.name) for k in cp.data["keys"]}
 
-        def checkpoint(batch_table, crops, keys, rejects):
-            w.save_checkpoint(task.name, digest(keys), table=batch_table, samples=crops,
-                              data={"keys": keys, "rejects": rejects})
+def split(run):
+    from .stage import parts_of
 
-        ground_part(gen, ShardImages(images, part), detector, cfg, tag_names, categories, done_keys=done_keys,
-                    shard=shard_rel,
-                    checkpoint=checkpoint, keep_crops=False, source=part.name)
-        saved = w.checkpoints(task.name)
-        covered = {k for cp in saved for k in cp.data["keys"]}
-        missing = set(gen.column("key").to_pylist()) - covered
-        if missing:  # never assemble a part from some of its checkpoints
-            raise RuntimeError(f"ground part {task.name}: its in-part checkpoints cover {len(covered)} keys, "
-                               f"{len(missing)} are missing (e.g. {sorted(missing)[0]}); another run removed them")
-        # Assemble in key order: the same part whether or not the run was interrupted.
-        order = {k: i for i, k in enumerate(gen.column("key").to_pylist())}
-        tables = [t for t in (cp.table() for cp in saved) if t is not None]
-        table = pa.concat_tables(tables) if tables else regions_table([])
-        if table.num_rows:
-            idx = sorted(range(table.num_rows), key=lambda i: (order[table["key"][i].as_py()], i))
-            table = table.take(pa.array(idx, pa.int64()))
-        crops_by_key = {s["__key__"]: s for cp in saved for s in cp.samples()}
-        samples = (crops_by_key[ck] for ck in table.column("crop_key").to_pylist())
-        rejects = sorted((r for cp in saved for r in cp.data["rejects"]), key=lambda r: order.get(r["key"], -1))
-        # write_part removes the part's checkpoints once it is whole
-        return w.write_part(task.name, table=table, samples=samples, rejects=rejects, rows_in=gen.num_rows,
-                            source_digest=task.source_digest,
-                            metrics={"rows_out": gen.num_rows - len(rejects), "regions": table.num_rows,
-                                     "regions_per_tag": dict(Counter(table.column("tag").to_pylist()))})
+    return parts_of(run.inputs["images"], {"generated": run.inputs["generated"]},
+                    salt=digest([run.config, sorted(run.state["categories"].items())]))
 
-    return run_stage(writer, tasks, process, executor=executor, progress=progress)
+
+def process(run, w, task):
+    from ram_model.detector import load_detector
+
+    from .models import worker_cached
+
+    cfg, images, generated = run.cfg, run.inputs["images"], run.inputs["generated"]
+    categories, tag_names = run.state["categories"], run.state["tag_names"]
+    # loaded once per worker process, here: a loaded model is never shipped to a worker
+    detector = worker_cached(f"detector|{cfg.detector!r}", lambda: load_detector(cfg.detector))
+    part, gen_part = task.payload["part"], task.payload["generated"]
+    gen = (generated.read_file(next(f["path"] for f in gen_part.files if f["kind"] == "table"),
+                               columns=["key", "tag_ids"]) if gen_part else pa.table(
+        {"key": pa.array([], pa.string()), "tag_ids": pa.array([], pa.list_(pa.int32()))}))
+    shard_rel = shard_name(task.name)
+    # In-part checkpoints (the writer's, see VersionWriter.save_checkpoint): one per detector batch,
+    # named by its keys; made by the run holding this part's claim (tasks/stage.py), one at a time.
+    done_keys = {k for cp in w.checkpoints(task.name) for k in cp.data["keys"]}
+
+    def checkpoint(batch_table, crops, keys, rejects):
+        w.save_checkpoint(task.name, digest(keys), table=batch_table, samples=crops,
+                          data={"keys": keys, "rejects": rejects})
+
+    ground_part(gen, ShardImages(images, part), detector, cfg, tag_names, categories, done_keys=done_keys,
+                shard=shard_rel,
+                checkpoint=checkpoint, keep_crops=False, source=part.name)
+    saved = w.checkpoints(task.name)
+    covered = {k for cp in saved for k in cp.data["keys"]}
+    missing = set(gen.column("key").to_pylist()) - covered
+    if missing:  # never assemble a part from some of its checkpoints
+        raise RuntimeError(f"ground part {task.name}: its in-part checkpoints cover {len(covered)} keys, "
+                           f"{len(missing)} are missing (e.g. {sorted(missing)[0]}); another run removed them")
+    # Assemble in key order: the same part whether or not the run was interrupted.
+    order = {k: i for i, k in enumerate(gen.column("key").to_pylist())}
+    tables = [t for t in (cp.table() for cp in saved) if t is not None]
+    table = pa.concat_tables(tables) if tables else regions_table([])
+    if table.num_rows:
+        idx = sorted(range(table.num_rows), key=lambda i: (order[table["key"][i].as_py()], i))
+        table = table.take(pa.array(idx, pa.int64()))
+    crops_by_key = {s["__key__"]: s for cp in saved for s in cp.samples()}
+    samples = (crops_by_key[ck] for ck in table.column("crop_key").to_pylist())
+    rejects = sorted((r for cp in saved for r in cp.data["rejects"]), key=lambda r: order.get(r["key"], -1))
+    # write_part removes the part's checkpoints once it is whole
+    return w.write_part(task.name, table=table, samples=samples, rejects=rejects, rows_in=gen.num_rows,
+                        source_digest=task.source_digest,
+                        metrics={"rows_out": gen.num_rows - len(rejects), "regions": table.num_rows,
+                                 "regions_per_tag": dict(Counter(table.column("tag").to_pylist()))})
+
+
+STAGE = Stage(name="ground", output="regions", inputs=("images", "generated", "parsed"), section="ground",
+              version=STAGE_VERSION, identify=identify, split=split, process=process)

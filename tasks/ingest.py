@@ -44,11 +44,9 @@ from storage.fs import sha256_of
 from storage.store import digest, shard_name
 from storage.shards import split_member_name
 
-from .code_version import code_version
-from .config import IngestConfig, section_dict
-from .stage import PartTask, StageResult, run_stage
+from .config import IngestConfig
+from .stage import PartTask, Stage, StageResult, run
 
-STAGE = "images"
 STAGE_VERSION = "ingest-4"   # 3: every caption of a sample; 4: img2dataset formats and metadata, shards/
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 CAPTION_EXTS = ("txt", "json")
@@ -1252,21 +1250,35 @@ def plan(src: str | list[str], cfg: IngestConfig) -> tuple[list[PartTask], list[
 def ingest(store: Store, cfg: IngestConfig, *, source: str | list[str] | None = None, executor=None,
            progress=None) -> StageResult:
     """Ingest one or several sources into a new (or the existing identical) `images` version."""
-    src = source or cfg.source
+    return run(STAGE, store, {"ingest": cfg}, {"source": source}, executor=executor, progress=progress)
+
+
+def identify(run) -> None:
+    """An ingest's identity is its sources' content: the parts (names and content digests) and the config,
+    not how the sources were spelt; the sources as given are recorded in the manifest."""
+    src = run.inputs["source"] or run.cfg.source
     if not src:
         raise SourceError("no ingest source: pass SRC or set ingest.source in the config")
-    tasks, described = plan(src, cfg)
-    # The version is determined by the config and the sources' content (part names and content digests), not by
-    # how the sources were spelt; the sources as given are recorded in the manifest.
-    # nor by where it was read from: source_options (endpoints, maybe keys) never reach a manifest
-    config = {k: v for k, v in section_dict(cfg).items() if k != "source_options"} | {"source": None}
+    tasks, described = plan(src, run.cfg)
+    # Nor by where they were read from: source_options (endpoints, maybe keys) never reach a manifest.
+    run.config = {k: v for k, v in run.config.items() if k != "source_options"} | {"source": None}
     # Which parts earlier versions already hold depends on code and config only, not on this input.
-    this_code = code_version(__name__, STAGE_VERSION)
-    reusable = store.begin(STAGE, code_version=this_code, config=config, parents=[]).reusable_parts()
-    tasks = claim_keys(store, tasks, reusable, cfg.source_options)
+    reusable = run.store.begin(run.output, code_version=run.stage.code_version(), config=run.config,
+                               parents=[]).reusable_parts()
     # Parts made from unchanged input under the same config (and the same key claims) are shared with
     # earlier versions.
-    writer = store.begin(STAGE, code_version=this_code, config=config, parents=[],
-                         input_digest=digest([[t.name, t.source_digest] for t in tasks]))
-    return run_stage(writer, tasks, lambda w, t: ingest_part(w, t, cfg), executor=executor, progress=progress,
-                     extra={"sources": described})
+    run.state["tasks"] = claim_keys(run.store, tasks, reusable, run.cfg.source_options)
+    run.input_digest = digest([[t.name, t.source_digest] for t in run.state["tasks"]])
+    run.extra["sources"] = described
+
+
+def split(run) -> list[PartTask]:
+    return run.state["tasks"]   # planned by `identify`: the parts are the identity
+
+
+def process(run, writer, task) -> PartRecord:
+    return ingest_part(writer, task, run.cfg)
+
+
+STAGE = Stage(name="ingest", output="images", inputs=("source",), section="ingest", version=STAGE_VERSION,
+              identify=identify, split=split, process=process)

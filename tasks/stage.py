@@ -76,7 +76,7 @@ class Stage:
     """A stage, declared once in its module. Every function gets the `StageRun`.
 
     name      the loop's name for it (`--from`/`--until`, the Prefect subflow, progress): "parse"
-    output    the dataset it writes ("parsed"), or a function of the run ("models/<train.name>")
+    output    the dataset it writes ("parsed"), or a function of its section ("models/<train.name>")
     inputs    the versions it reads, by name ("images"); the loop passes them under these names
     section   the `EngineConfig` field it runs with ("parse"): `run.cfg` is that pydantic model itself
     version   the label of its code version ("parse-1"); the digest of its module's code is added
@@ -94,7 +94,7 @@ class Stage:
     """
 
     name: str
-    output: str | Callable[["StageRun"], str]
+    output: str | Callable[[Any], str]
     inputs: tuple[str, ...]
     section: str
     version: str
@@ -106,6 +106,10 @@ class Stage:
     also: tuple[str, ...] = ()
     one_part: bool = False
     schema: pa.Schema | None = None
+
+    def output_of(self, section: Any) -> str:
+        """The dataset this stage writes under `section` (its config section)."""
+        return self.output(section) if callable(self.output) else self.output
 
     @property
     def module(self) -> str:
@@ -140,8 +144,7 @@ class StageRun:
 
     @property
     def output(self) -> str:
-        out = self.stage.output
-        return out(self) if callable(out) else out
+        return self.stage.output_of(self.cfg)
 
 
 def section_of(cfg: Any, name: str) -> Any:

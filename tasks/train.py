@@ -28,12 +28,11 @@ from ram_model.metrics import best_f1_thresholds
 from storage import Store, StoreError, Version, digest
 from storage.shards import write_label_table
 
-from .code_version import code_version
 from .config import ModelConfig, TrainConfig, section_dict
 from .lineage import labels_version
 from .labels import load_labels
 from .models import cache_dir, is_holdout, load_model, local_model_dir, model_digest, model_version, resolve_device
-from .stage import StageResult
+from .stage import PartTask, Stage, StageResult, run
 
 log = logging.getLogger("ram_engine")
 
@@ -233,15 +232,24 @@ def evaluate_model(model, holdout: list, image_size: int) -> dict:
 def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: Version, images: Version, *,
                 init: str | None = None, progress: Callable[[str, int, int], None] | None = None) -> StageResult:
     """Train (or fine-tune) `models/<name>` on `labels` over `images`; returns the committed model version."""
+    return run(STAGE, store, {"train": cfg, "model": model_cfg}, {"labels": labels, "images": images, "init": init},
+               progress=progress)
+
+
+def identify(run) -> Version | None:
+    """The model trained on exactly these labels and images under this config is reused whatever it was
+    fine-tuned from; else the version names what it starts from (init) by digest."""
+    store, cfg, labels, images = run.store, run.cfg, run.inputs["labels"], run.inputs["images"]
     lv = labels_version(store, labels)
     if lv is None:
         raise StoreError(f"{labels.ref} has no labels version in its lineage: the tag list its ids refer to is "
                          f"unknown; run the parse stage, which records it")
-    label_system = load_labels(store, lv)
-    stage = f"models/{cfg.name}"
+    run.state["labels_version"] = lv
+    stage = run.output
     # Already trained on exactly this data under this config (whatever it was fine-tuned from): reuse.
+    model_cfg = run.sections["model"]
     same = section_dict(model_cfg), section_dict(cfg)
-    this_code = code_version(__name__, STAGE_VERSION)
+    this_code = run.stage.code_version()
     # A pretrained encoder enters by its weights, not its path: new weights under the same path train anew.
     encoder = file_sha256(Path(model_cfg.encoder_init) / "model.safetensors") if model_cfg.encoder_init else None
     for version in reversed(store.versions(stage)):
@@ -250,31 +258,51 @@ def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: 
                 and c.get("encoder_init") == encoder and version.manifest["code_version"] == this_code
                 and {k: v for k, v in c["train"].items() if k != "init"} == {k: v for k, v in same[1].items()
                                                                              if k != "init"}):
-            return StageResult(version, "reused")
+            return version
     # Start from: the explicit init, else the latest model of this name (new data fine-tunes it), else
     # train.init (e.g. the baseline), else from scratch.
+    init = run.inputs["init"]
     if init is None and cfg.fine_tune_latest and store.versions(stage):
         init = f"{stage}@{store.versions(stage)[-1].id}"
     init = init or cfg.init
     init_version = model_version(store, init) if init else None
-    parents = [labels, images] + ([init_version] if init_version else [])
-    config = {"model": section_dict(model_cfg), "train": section_dict(cfg) | {"init": init and
-                                                                           model_digest(init_version, init)}}
+    run.state["init"] = init
+    run.parents = [labels, images] + ([init_version] if init_version else [])
+    run.config = {"model": same[0], "train": same[1] | {"init": init and model_digest(init_version, init)}}
     if encoder is not None:
-        config["encoder_init"] = encoder
-    writer = store.begin(stage, code_version=this_code, config=config, parents=parents)
-    committed = writer.committed
-    if committed is not None:
-        return StageResult(committed, "reused")
+        run.config["encoder_init"] = encoder
+    return None
+
+
+def split(run):
+    return [PartTask("model", "")]
+
+
+def process(run, writer, task):
+    store, cfg = run.store, run.cfg
     work = train_work_dir(store, cfg.name, writer.id)
     # One trainer per (store, version) on this machine; a second one waits. The lock file sits beside
     # the work folder and is never deleted: a lock on a deleted file would let a third trainer in.
     with _exclusive(work.with_name(work.name + ".lock")):
         work.mkdir(parents=True, exist_ok=True)
-        committed = writer.committed
-        if committed is not None:
-            return StageResult(committed, "reused")
-        return _train_locked(store, model_cfg, cfg, labels, images, init, label_system, writer, work, progress)
+        if writer.part_done(task.name):
+            return writer.record(task.name)
+        label_system = load_labels(store, run.state["labels_version"])
+        return _train_locked(store, run.sections["model"], cfg, run.inputs["labels"], run.inputs["images"],
+                             run.state["init"], label_system, writer, work, run.progress)
+
+
+def summarize(run, records) -> dict:
+    """The model's held-out metrics (from its part's record, so a resumed run commits the same); its
+    per-tag metrics go in the manifest beside them."""
+    metrics = dict(records[0].metrics)
+    run.extra["per_tag_metrics"] = metrics.pop("per_tag", {})
+    return metrics
+
+
+STAGE = Stage(name="train", output=lambda section: f"models/{section.name}", inputs=("labels", "images", "init"),
+              section="train", also=("model",), version=STAGE_VERSION, identify=identify, split=split,
+              process=process, summarize=summarize, one_part=True)
 
 
 def file_sha256(path: Path) -> str | None:
@@ -379,11 +407,9 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, wri
     metrics["samples"] = {"train": n_train, "holdout": counts["holdout"]}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
     files = {str(p.relative_to(out_dir)): str(p) for p in sorted(out_dir.rglob("*")) if p.is_file()}
-    writer.write_files("model", files, rows_in=0, metrics={})
-    version = writer.commit(metrics={k: v for k, v in metrics.items() if k != "per_tag"},
-                            extra={"per_tag_metrics": metrics.get("per_tag", {})})
+    record = writer.write_files("model", files, rows_in=0, metrics=metrics)
     shutil.rmtree(work, ignore_errors=True)
-    return StageResult(version, "written", parts_written=1)
+    return record
 
 
 def _step_progress(progress: Callable, stage: str) -> Callable:
