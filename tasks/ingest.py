@@ -1273,7 +1273,8 @@ def identify(run) -> None:
 
 
 def split(run) -> list[PartTask]:
-    return run.state["tasks"]   # planned by `identify`: the parts are the identity
+    # planned by `identify` (the parts are the identity); taken out of the state, which travels with every part
+    return run.state.pop("tasks")
 
 
 def process(run, writer, task) -> PartRecord:
