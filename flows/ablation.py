@@ -9,6 +9,7 @@ from tasks.ablation import ablation_stage, latest_label_versions
 from tasks.config import EngineConfig
 from tasks.lineage import lineage
 from tasks.stage import StageResult
+from tasks.train import train_stage
 
 from .runtime import gpu_stage, open_store, publish
 
@@ -27,7 +28,7 @@ def ablation_flow(cfg: EngineConfig, versions: list[str] | None = None, images: 
         images_version = _images_of(store, next(iter(label_versions.values())))
     with gpu_stage(cfg):
         result = ablation_stage(store, cfg.model, cfg.train, cfg.evaluate, cfg.ablation, images_version,
-                                label_versions, progress=progress, say=say or print)
+                                label_versions, train_stage, progress=progress, say=say or print)
     publish(result)
     return result
 

@@ -109,21 +109,28 @@ def summary_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# How the ablation gets a model: (store, model section, train section, label version, images) -> the train
+# stage's result. The flow passes the train stage itself (flows/ablation.py): stages do not import each other.
+TrainModel = Callable[[Store, object, object, Version, Version], StageResult]
+
+
 def ablation_stage(store: Store, model_cfg, train_cfg, evaluate_cfg, cfg, images: Version,
-                   label_versions: Mapping[str, Version], *, progress: Callable[[str, int, int], None] | None = None,
+                   label_versions: Mapping[str, Version], train_model: TrainModel, *,
+                   progress: Callable[[str, int, int], None] | None = None,
                    say: Callable[[str], None] = log.info) -> StageResult:
-    """Train one model per (label version, seed) with the same budget and architecture, score each on
-    held-out keys against `evaluate_cfg.ground_truth`, and commit the `ablation` version."""
+    """Train one model per (label version, seed) with `train_model`, the same budget and architecture,
+    score each on held-out keys against `evaluate_cfg.ground_truth`, and commit the `ablation` version."""
     from .stage import run
 
     return run(STAGE, store, {"ablation": cfg, "model": model_cfg, "train": train_cfg, "evaluate": evaluate_cfg},
-               {"images": images, "labels": label_versions, "say": say}, progress=progress)
+               {"images": images, "labels": label_versions, "train_model": train_model, "say": say},
+               progress=progress)
 
 
 def identify(run) -> None:
     """The budget, the ground truth (path, size, time) and the label versions compared."""
     from .config import section_dict
-    from .evaluate import ground_truth_path
+    from .truth import ground_truth_path
     from .lineage import labels_version
 
     store, cfg, label_versions = run.store, run.cfg, run.inputs["labels"]
@@ -153,14 +160,14 @@ def identify(run) -> None:
 def process(run, writer, task):
     from ram_model.metrics import tagging_metrics
 
-    from .evaluate import load_ground_truth, multi_hot, normalise_truth, rekey_truth, score_model
     from .labels import load_labels
     from .models import is_holdout
-    from .train import train_stage
+    from .truth import load_ground_truth, multi_hot, normalise_truth, rekey_truth, score_model
 
     store, cfg, images, label_versions = run.store, run.cfg, run.inputs["images"], run.inputs["labels"]
     model_cfg, evaluate_cfg = run.sections["model"], run.sections["evaluate"]
     truth_path, budget, say, progress = run.state["truth_path"], run.state["budget"], run.inputs["say"], run.progress
+    train_model = run.inputs["train_model"]
     labels = load_labels(store, run.state["labels_version"])
     truth = rekey_truth(normalise_truth(load_ground_truth(truth_path, evaluate_cfg.format), labels), images)
     image_keys = set(images.read_table(columns=["key"]).column(0).to_pylist())
@@ -177,7 +184,7 @@ def process(run, writer, task):
         for seed in cfg.seeds:
             t0 = time.perf_counter()
             run_cfg = budget.model_copy(update={"name": model_name(name), "seed": seed})
-            result = train_stage(store, model_cfg, run_cfg, lv, images)
+            result = train_model(store, model_cfg, run_cfg, lv, images)
             models.append(result.version)
             order, scores, model = score_model(store, result.version.ref, images, held, evaluate_cfg.batch_size)
             tags = list(model.tags)
@@ -202,7 +209,7 @@ def process(run, writer, task):
         "models": [m.ref for m in models]})
 
 
-STAGE = Stage(name="ablation", output="ablation", inputs=("images", "labels", "say"), section="ablation",
+STAGE = Stage(name="ablation", output="ablation", inputs=("images", "labels", "train_model", "say"), section="ablation",
               also=("model", "train", "evaluate"), version=STAGE_VERSION, identify=identify,
               split=lambda run: [PartTask("ablation", "")], process=process,
               summarize=lambda run, records: records[0].metrics, one_part=True)

@@ -23,7 +23,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from storage.shards import image_member
 
-from .evaluate import ablation_columns, load_ground_truth, normalise_truth, rekey_truth
+from .evaluate import ablation_columns
+from .truth import load_ground_truth, normalise_truth, rekey_truth
 from .labels import load_labels
 from .lineage import STAGE_OUTPUTS, key_tags, labels_version, nearest_versions
 

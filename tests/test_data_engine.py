@@ -348,22 +348,23 @@ def test_ablate_trains_a_model_per_label_version_and_seed(demo_loop_copy, tmp_pa
 
 def test_ablate_says_what_is_missing(demo_loop_copy, tmp_path):
     from tasks.ablation import ablation_stage
+    from tasks.train import train_stage
 
     cfg, results = demo_loop_copy.cfg, demo_loop_copy.results
     store = Store(cfg.store.url)
     images, parsed = results["ingest"].version, results["parse"].version
     no_truth = cfg.evaluate.model_copy(update={"ground_truth": None})
     with pytest.raises(Exception, match="evaluate.ground_truth"):
-        ablation_stage(store, cfg.model, cfg.train, no_truth, cfg.ablation, images, {"parsed": parsed})
+        ablation_stage(store, cfg.model, cfg.train, no_truth, cfg.ablation, images, {"parsed": parsed}, train_stage)
     foreign = tmp_path / "truth.jsonl"
     foreign.write_text('{"key": "not-a-key", "tags": ["ball"]}\n')
     with pytest.raises(Exception, match="no held-out key"):
         ablation_stage(store, cfg.model, cfg.train, cfg.evaluate.model_copy(update={"ground_truth": str(foreign)}),
-                       cfg.ablation, images, {"parsed": parsed})
+                       cfg.ablation, images, {"parsed": parsed}, train_stage)
     with pytest.raises(Exception, match="no labels version"):
-        ablation_stage(store, cfg.model, cfg.train, cfg.evaluate, cfg.ablation, images, {"images": images})
+        ablation_stage(store, cfg.model, cfg.train, cfg.evaluate, cfg.ablation, images, {"images": images}, train_stage)
     with pytest.raises(Exception, match="no label versions"):
-        ablation_stage(store, cfg.model, cfg.train, cfg.evaluate, cfg.ablation, images, {})
+        ablation_stage(store, cfg.model, cfg.train, cfg.evaluate, cfg.ablation, images, {}, train_stage)
 
 
 def test_new_samples_accumulate_until_the_served_threshold(demo_loop_copy, tmp_path):

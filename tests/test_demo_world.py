@@ -14,7 +14,8 @@ from PIL import Image
 
 from tasks.demo_world import (COLOURS, DEFAULT_CATEGORIES, PLURALS, SCENES, WorldInfo, demo_tag_list,
                               generate_world, sample_key)
-from tasks.evaluate import label_quality, load_ground_truth
+from tasks.evaluate import label_quality
+from tasks.truth import load_ground_truth
 
 from tests.reference import shared_dir, shared_file
 

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ram_model.metrics import average_precision, label_quality, tagging_metrics
-from tasks.evaluate import (ABLATION_COLUMNS, ablation_columns, ablation_table, evaluation_table, load_ground_truth,
-                            multi_hot, rows_to_markdown)
+from tasks.evaluate import ABLATION_COLUMNS, ablation_columns, ablation_table, evaluation_table, rows_to_markdown
+from tasks.truth import load_ground_truth, multi_hot
 
 TRUTH = {"a": {"cat"}, "b": {"car", "tree"}, "c": {"sky"}}
 PRED = {"a": {"cat", "dog"}, "b": {"car"}, "c": set(), "z": {"cat"}}

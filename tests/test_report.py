@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from tasks.demo_world import generate_world
-from tasks.evaluate import ablation_table, load_ground_truth
+from tasks.evaluate import ablation_table
+from tasks.truth import load_ground_truth
 from tasks.report import BoxView, CropView, ReportData, SampleView, StageSummary, bar_chart, render_report
 
 EVIL = '<script>alert("x")</script>&"'
