@@ -1,5 +1,6 @@
-"""The shared reference files (RAM's checkpoint key listings and tag list, SceneGraphParser's parses of
-COCO captions) live beside the repository, not in it: `<repo>/../shared` on the development machines.
+"""Reference data for tests. RAM's checkpoint key listings are vendored in tests/data/reference (with their
+licence); RAM's tag list ships in ram_model/data. SceneGraphParser's parses of COCO captions (4.4 MB) live
+beside the repository, not in it: `<repo>/../shared` on the development machines.
 
 `RAM_SHARED_DIR` points elsewhere; `RAM_BENCH_DIR` points at the bench folder alone (as for
 benchmarks/parse.py). A test that needs a file that is absent skips and says which file and how to
@@ -22,6 +23,11 @@ def shared_dir() -> Path:
 
 def bench_dir() -> Path:
     return Path(os.environ.get("RAM_BENCH_DIR") or shared_dir() / "bench")
+
+
+def vendored(name: str) -> Path:
+    """A reference file kept in the repository (tests/data/reference)."""
+    return REPO / "tests" / "data" / "reference" / name
 
 
 def shared_file(path: Path) -> Path:

@@ -14,7 +14,7 @@ from ram_model.ram import RAM, RAMConfig
 from ram_model.swin import interpolate_relative_position_bias, relative_position_index
 from ram_model.tokenizer import train_wordpiece_tokenizer
 
-from tests.reference import shared_dir, shared_file
+from tests.reference import vendored
 
 torch.set_num_threads(1)
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20),
@@ -25,7 +25,7 @@ TAGS = [f"{c} {s}" for c in COLOURS for s in SHAPES]
 
 def read_reference_list(name: str) -> dict[str, tuple[int, ...]]:
     out = {}
-    for line in shared_file(shared_dir() / "reference" / name).read_text().splitlines():
+    for line in vendored(name).read_text().splitlines():
         if line.startswith("#") or not line.strip():
             continue
         key, shape = line.split("\t")[:2]
