@@ -15,6 +15,8 @@ import ast
 import functools
 import hashlib
 import importlib.util
+import threading
+import time
 from pathlib import Path
 
 PROJECT_PACKAGES = ("tasks", "ram_model", "storage")
@@ -60,6 +62,25 @@ def read_source(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
+_PARSE_LOCK = threading.Lock()
+
+
+def parse_source(source: str, filename: str = "<unknown>") -> ast.Module:
+    """`ast.parse`, one at a time in this process and retried on CPython's spurious "AST constructor
+    recursion depth mismatch" SystemError: CPython 3.11 counts the AST constructor's depth per
+    interpreter, so another thread parsing at the same moment (a library's, e.g. Prefect's) can make a
+    sound parse fail (python/cpython#106905; seen in our suite on 3.11.7)."""
+    for attempt in range(5):
+        try:
+            with _PARSE_LOCK:
+                return ast.parse(source, filename=filename)
+        except SystemError as exc:
+            if "recursion depth mismatch" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def module_closure(module: str, packages: tuple[str, ...]) -> set[str]:
     seen: set[str] = set()
     todo = [module]
@@ -69,7 +90,7 @@ def module_closure(module: str, packages: tuple[str, ...]) -> set[str]:
             continue
         seen.add(name)
         path = module_file(name)
-        tree = ast.parse(read_source(path), filename=str(path))
+        tree = parse_source(read_source(path), str(path))
         is_package = path.name == "__init__.py"
         todo += [m for m in _imports(tree, name, is_package, packages) if m not in seen]
     return seen
@@ -101,7 +122,7 @@ def _imports(tree: ast.AST, name: str, is_package: bool, packages: tuple[str, ..
 @functools.lru_cache(maxsize=256)
 def _normal_form(source: str) -> str:
     """The syntax tree without docstrings: comments and layout never reach it."""
-    tree = ast.parse(source)
+    tree = parse_source(source)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body

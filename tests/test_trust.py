@@ -543,3 +543,29 @@ def test_prefect_console_errors_are_short_unless_debug(monkeypatch):
             assert ("Traceback" in stream.getvalue()) is debug
     finally:
         logger.removeHandler(handler)
+
+
+def test_code_versions_survive_cpythons_spurious_ast_error(monkeypatch):
+    """CPython 3.11 can fail a sound ast.parse while another thread parses ("AST constructor recursion depth
+    mismatch"): the code version retries it, and any other SystemError still surfaces."""
+    import ast
+
+    from tasks import code_version as cv
+
+    real_parse, calls = ast.parse, []
+
+    def flaky(source, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=132, after=150)")
+        return real_parse(source, *args, **kwargs)
+
+    monkeypatch.setattr(cv.ast, "parse", flaky)
+    assert isinstance(cv.parse_source("x = 1\n"), ast.Module) and len(calls) == 2
+
+    def broken(source, *args, **kwargs):
+        raise SystemError("something else")
+
+    monkeypatch.setattr(cv.ast, "parse", broken)
+    with pytest.raises(SystemError, match="something else"):
+        cv.parse_source("x = 1\n")
