@@ -17,6 +17,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from .devices import resolve_device
+from .fit import fit_in_memory
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -212,16 +213,12 @@ def train_crop_embedder(model: ConvCropEncoder, crops: Sequence[Image.Image], la
     """Train a crop encoder so that crops of one class embed close together: a cosine classifier over
     the L2-normalised embedding (the geometry the cleaning stage clusters in). Light augmentation:
     flips and a random crop of 80-100 % of each side."""
-    import time
-
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     size = model.image_size
     classifier = torch.nn.Linear(model.config["dim"], num_classes, bias=False)
     opt = torch.optim.AdamW(list(model.parameters()) + list(classifier.parameters()), lr=lr, weight_decay=0.05)
     y_all = torch.as_tensor(list(labels), dtype=torch.long)
-    model.train()
-    t0, done, losses = time.perf_counter(), 0, []
 
     def augment(im: Image.Image) -> Image.Image:
         w, h = im.size
@@ -230,24 +227,16 @@ def train_crop_embedder(model: ConvCropEncoder, crops: Sequence[Image.Image], la
         im = im.crop((x0, y0, x0 + cw, y0 + ch))
         return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else im
 
-    for step in range(steps):
+    def step_loss(step: int) -> torch.Tensor:
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         idx = rng.integers(0, len(crops), batch_size)
         emb = torch.nn.functional.normalize(model(to_pixels([augment(crops[i]) for i in idx], size)), dim=-1)
         logits = 10.0 * emb @ torch.nn.functional.normalize(classifier.weight, dim=-1).t()
-        loss = torch.nn.functional.cross_entropy(logits, y_all[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        done = step + 1
-        if log_every and done % log_every == 0:
-            log(f"  embedder step {done}/{steps}: loss {np.mean(losses[-log_every:]):.3f}")
-        if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
-            break
-    model.eval()
-    return {"steps": done, "seconds": time.perf_counter() - t0, "final_loss": float(np.mean(losses[-50:]))}
+        return torch.nn.functional.cross_entropy(logits, y_all[idx])
+
+    return fit_in_memory(model, opt, step_loss, steps=steps, name="embedder", time_limit_s=time_limit_s,
+                         log_every=log_every, log=log, digits=3)
 
 
 def nearest_centroid_accuracy(embeddings: np.ndarray, labels: Sequence[int], train: np.ndarray,

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .data_stream import make_loader
+from .fit import fit_in_memory
 from .metrics import tagging_metrics
 
 log = logging.getLogger(__name__)
@@ -686,23 +687,13 @@ def pretrain_tagger(model: nn.Module, images: Sequence, targets: np.ndarray, *, 
         (r"^(visual_encoder|image_proj)\.", encoder_lr_scale)]), lr=lr)
     base = [g["lr"] for g in opt.param_groups]
     y_all = torch.as_tensor(np.asarray(targets, dtype=np.float32))
-    model.train()
-    t0, done, losses = time.perf_counter(), 0, []
-    for step in range(steps):
+
+    def step_loss(step: int) -> torch.Tensor:
         factor = lr_at(step, loop, steps) / lr
         for g, b in zip(opt.param_groups, base):
             g["lr"] = b * factor
         idx = rng.integers(0, len(images), batch_size)
-        loss = model.training_losses(transform.batch([images[i] for i in idx]), y_all[idx])["loss"]
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        done = step + 1
-        if log_every and done % log_every == 0:
-            log(f"  pretraining step {done}/{steps}: loss {np.mean(losses[-log_every:]):.2f}")
-        if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
-            break
-    model.eval()
-    return {"steps": done, "seconds": time.perf_counter() - t0, "final_loss": float(np.mean(losses[-50:]))}
+        return model.training_losses(transform.batch([images[i] for i in idx]), y_all[idx])["loss"]
+
+    return fit_in_memory(model, opt, step_loss, steps=steps, name="pretraining", clip_norm=1.0,
+                         time_limit_s=time_limit_s, log_every=log_every, log=log)
