@@ -17,6 +17,8 @@ from typing import Any, Iterable, Iterator, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .parquet import read_parquet
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Bytes left after a tar's end-of-archive position: the zero blocks of one record (10 KiB) at most.
 _MAX_TAR_TAIL = 64 * 1024
@@ -259,7 +261,7 @@ class LabelledShard:
         for p in self._label_paths:
             try:
                 with self._filesystems()[1].open(p, "rb") as f:
-                    parts.append(pq.read_table(f, columns=columns))
+                    parts.append(read_parquet(f, columns=columns))
             except FileNotFoundError as e:
                 raise ShardReadError(f"label part {p!r} (for shard {self.name!r}) does not exist") from e
             except (pa.ArrowException, OSError, KeyError) as e:

@@ -49,6 +49,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .fs import TMP_DIR, CommittedFileConflict, FileInfo, Placement, open_fs, retry_io, sha256_of
 from .leases import owner_alive, put_whole
+from .parquet import iter_parquet_batches, read_parquet
 from .shards import LabelledShard, iter_tar, read_member, webdataset_pipeline, write_tar
 
 log = logging.getLogger("ram_engine")
@@ -184,7 +185,7 @@ class Store:
             raise CorruptFile(f"{where}: {rel} is {len(data)} bytes (sha256 {hashlib.sha256(data).hexdigest()[:12]}…) "
                               f"but its manifest says {entry['bytes']} bytes (sha256 {entry['sha256'][:12]}…): it "
                               f"changed after commit, and nothing was built on it. {fix}.")
-        return pq.read_table(pa.BufferReader(data), columns=columns)
+        return read_parquet(pa.BufferReader(data), columns=columns)
 
     def _read_json(self, rel: str) -> dict | None:
         def read():
@@ -498,8 +499,7 @@ class Version:
         for f in self.files(kind):
             fh = retry_io(lambda: self.store.fs.open(self.store.abs(f["path"]), "rb"), f"opening {f['path']}")
             with fh:
-                pf = pq.ParquetFile(fh)
-                yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+                yield from iter_parquet_batches(fh, columns=columns, batch_size=batch_size)
 
     def iter_part_tables(self, kind: str = "table", columns: list[str] | None = None
                          ) -> Iterator[tuple[PartRecord, pa.Table]]:
@@ -589,7 +589,7 @@ class Checkpoint:
         if entry is None:
             return None
         with self.store.fs.open(self.store.abs(entry["path"]), "rb") as f:
-            return pq.read_table(f)
+            return read_parquet(f)
 
     def samples(self) -> Iterator[dict]:
         entry = self.files.get("shard")

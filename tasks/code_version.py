@@ -96,27 +96,34 @@ def module_closure(module: str, packages: tuple[str, ...]) -> set[str]:
     return seen
 
 
-def _imports(tree: ast.AST, name: str, is_package: bool, packages: tuple[str, ...]) -> list[str]:
-    """Project modules named by every import in the module (function-level ones included)."""
+def imported_names(tree: ast.AST, module: str, is_package: bool = False) -> list[tuple[str, list[str]]]:
+    """Every import in a module's tree (function-level ones included) as (absolute module, names taken from
+    it): relative imports resolved against `module`; `import a.b` gives ("a.b", [])."""
     found = []
-    package = name if is_package else name.rpartition(".")[0]
+    package = module if is_package else module.rpartition(".")[0]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [alias.name for alias in node.names if alias.name.split(".")[0] in packages]
+            found += [(alias.name, []) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 parts = package.split(".")
                 anchor = ".".join(parts[: len(parts) - node.level + 1])
                 base = f"{anchor}.{base}" if base else anchor
-            if base.split(".")[0] not in packages:
-                continue
-            found.append(base)
-            for alias in node.names:  # `from storage import schemas`: a submodule, when there is one
-                candidate = f"{base}.{alias.name}"
-                if _find_file(candidate) is not None:
-                    found.append(candidate)
-    return [m for m in found if m]
+            found.append((base, [alias.name for alias in node.names]))
+    return found
+
+
+def _imports(tree: ast.AST, name: str, is_package: bool, packages: tuple[str, ...]) -> list[str]:
+    """Project modules named by every import in the module (function-level ones included)."""
+    found = []
+    for base, names in imported_names(tree, name, is_package):
+        if not base or base.split(".")[0] not in packages:
+            continue
+        found.append(base)
+        # `from storage import schemas`: a submodule, when there is one
+        found += [f"{base}.{n}" for n in names if _find_file(f"{base}.{n}") is not None]
+    return found
 
 
 @functools.lru_cache(maxsize=256)

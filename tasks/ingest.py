@@ -41,6 +41,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from storage import PartRecord, Store, VersionWriter, schemas
 from storage.fs import sha256_of
+from storage.parquet import iter_parquet_batches, read_parquet
 from storage.store import digest, shard_name
 from storage.shards import split_member_name
 
@@ -493,7 +494,7 @@ def _read_sidecar(url: str | None, options: Mapping[str, Any] | None) -> dict[st
     if not url:
         return {}
     with open_source(url, options) as fh:
-        rows = pq.read_table(fh).to_pylist()
+        rows = read_parquet(fh).to_pylist()
     return {str(r.get("key")): r for r in rows if r.get("key") is not None}
 
 
@@ -515,7 +516,7 @@ def _sidecar_keys(url: str | None, source: str, options: Mapping[str, Any] | Non
     if not url:
         return {}
     with open_source(url, options) as fh:
-        rows = pq.read_table(fh, columns=["key", "status"]).to_pylist()
+        rows = read_parquet(fh, columns=["key", "status"]).to_pylist()
     return {make_key(str(r["key"])): f"{source}:{shown(str(r['key']))}" for r in rows
             if r.get("key") is not None and r.get("status") not in (None, "success")}
 
@@ -769,7 +770,7 @@ def iter_i2d_parquet_samples(url: str, cfg: IngestConfig) -> Iterator[RawSample]
         if column is None:
             raise SourceError(f"{url}: no image column (jpg / png / webp of binary type): is it img2dataset's "
                               f"parquet output format? Its columns are {pf.schema_arrow.names}")
-        for batch in pf.iter_batches(batch_size=32):
+        for batch in iter_parquet_batches(pf, batch_size=32):
             for row in batch.to_pylist():
                 name = str(row.get("key"))
                 image = row.pop(column, None)
@@ -1072,7 +1073,7 @@ def _i2d_keys(kind: str, url: str, sidecar_url: str | None, options: Mapping[str
         keys = tar_sample_keys(url, options)
     elif kind == "parquet":
         with open_source(url, options) as fh:
-            names = pq.read_table(fh, columns=["key"]).column("key").to_pylist()
+            names = read_parquet(fh, columns=["key"]).column("key").to_pylist()
         keys = {make_key(str(k)): f"{source}:{shown(str(k))}" for k in names}
     else:  # files: <shard>/<key>.<ext>
         fs, root = source_fs(url, options)

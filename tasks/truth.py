@@ -19,6 +19,7 @@ import numpy as np
 
 from ram_model.metrics import Labels
 from storage import StoreError
+from storage.parquet import read_parquet
 
 
 def load_ground_truth(path: str | Path, fmt: str = "auto", key_fn: Callable[[str], str] | None = None,
@@ -39,7 +40,7 @@ def load_ground_truth(path: str | Path, fmt: str = "auto", key_fn: Callable[[str
     if fmt == "demo":
         raw = _read_demo(path)
     elif fmt == "parquet":
-        raw = _read_parquet(path)
+        raw = _read_parquet_truth(path)
     elif fmt == "openimages":
         raw = _read_openimages(path)
     else:
@@ -89,9 +90,8 @@ def _read_demo(path: Path) -> list[tuple[str, list[str]]]:
     return out
 
 
-def _read_parquet(path: Path) -> list[tuple[str, list[str]]]:
-    import pyarrow.parquet as pq
-    table = pq.read_table(path)
+def _read_parquet_truth(path: Path) -> list[tuple[str, list[str]]]:
+    table = read_parquet(path)
     missing = {"key", "tags"} - set(table.column_names)
     if missing:
         raise ValueError(f"{path}: Parquet ground truth needs columns key and tags; missing {sorted(missing)}")

@@ -7,27 +7,18 @@ from pathlib import Path
 
 import pytest
 
+from tasks.code_version import imported_names
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_MODULES = ["tasks.ingest", "tasks.parse", "tasks.generate", "tasks.ground", "tasks.clean", "tasks.train",
                  "tasks.evaluate", "tasks.ablation"]
 
 
 def imported_modules(path: Path, module: str) -> set[str]:
-    """Absolute names of every module `path` imports, function-level imports included."""
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                anchor = ".".join(parts[: len(parts) - node.level + 1])
-                base = f"{anchor}.{base}" if base else anchor
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names}
-    return found
+    """Absolute names of every module `path` imports, and of every name taken from one (a submodule or not)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {m for base, names in imported_names(tree, module, path.name == "__init__.py")
+            for m in (base, *(f"{base}.{n}" for n in names))}
 
 
 def module_path(module: str) -> Path:
@@ -86,8 +77,6 @@ LAYOUT_EXCEPTIONS = {
     "tasks/ingest.py": {"tarfile", "fsspec", "pyarrow.parquet"},
     # the demo world writes a *source* in img2dataset's layout (tars + Parquet), for ingest to read
     "tasks/demo_world.py": {"tarfile", "pyarrow.parquet"},
-    # a user's ground-truth file (evaluate.ground_truth: x.parquet), not a store file
-    "tasks/truth.py": {"pyarrow.parquet"},
     # the demo's detector trainer reads the demo world's source tars through storage's iter_tar
     "flows/demo.py": {"fsspec"},
 }
@@ -147,3 +136,55 @@ def test_the_layout_check_sees_a_violation(tmp_path):
     assert "pyarrow.parquet" in bad and ".placement" in bad and ".fs" in bad and ".abs" in bad
     assert "_progress" in bad and "parts/" in bad
     assert layout_violations(src, "tasks.stage_x", {"pyarrow.parquet"}) != []   # the rest is still caught
+
+
+# ---------------------------------------------------------------- every Parquet read decodes on the calling thread
+
+THREADED_PARQUET_READS = ("read_table", "read_pandas", "ParquetDataset", "iter_batches", "read", "read_row_group",
+                          "read_row_groups")
+
+
+def threaded_parquet_reads(path: Path) -> list[str]:
+    """Reads of Parquet that let pyarrow's pool threads release Python-owned buffers after the call (the process
+    then aborts at exit: storage/parquet.py): `pq.read_table(...)` and friends, or `.read()`/`.iter_batches()`
+    on a `pq.ParquetFile(...)`, directly or through a name bound to one."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+
+    def parquet_file(node) -> bool:
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "ParquetFile"
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "pq")
+
+    bound = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) and parquet_file(n.value)
+             for t in n.targets if isinstance(t, ast.Name)}
+    bad = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in THREADED_PARQUET_READS):
+            continue
+        receiver = node.func.value
+        if (isinstance(receiver, ast.Name) and (receiver.id == "pq" or receiver.id in bound)) or parquet_file(receiver):
+            bad.append(f"line {node.lineno}: .{node.func.attr}()")
+    return bad
+
+
+def test_every_parquet_read_goes_through_storage_parquet():
+    found = {}   # benchmarks/ are left out: their baselines call pyarrow as a user would, on paths
+    for package in ("storage", "tasks", "ram_model", "flows"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path == ROOT / "storage" / "parquet.py":
+                continue
+            bad = threaded_parquet_reads(path)
+            if bad:
+                found[str(path.relative_to(ROOT))] = bad
+    assert not found, ("Parquet read outside storage.parquet (use read_parquet / iter_parquet_batches: pyarrow's "
+                       "threaded readers can abort the process at exit):\n" + "\n".join(f"{p}: {b}" for p, b in found.items()))
+
+
+def test_the_parquet_read_check_sees_a_violation(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("import pyarrow.parquet as pq\n"
+                   "def f(fh, path):\n"
+                   "    pf = pq.ParquetFile(fh)\n"
+                   "    n = pf.metadata.num_rows\n"          # metadata only: no decoding, allowed
+                   "    return pq.read_table(path), pf.iter_batches(), pq.ParquetFile(path).read()\n")
+    assert threaded_parquet_reads(src) == ["line 5: .read_table()", "line 5: .iter_batches()", "line 5: .read()"]
