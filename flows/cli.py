@@ -95,9 +95,14 @@ def progress_bar():
         yield update
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 part', '3 parts'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def print_result(result) -> None:
     s = result.summary()
-    out.print(f"[bold]{s['stage']}[/] @ {s['version']}  ({s['status']}: {s['parts_written']} parts written, "
+    out.print(f"[bold]{s['stage']}[/] @ {s['version']}  ({s['status']}: {counted(s['parts_written'], 'part')} written, "
               f"{s['parts_resumed']} resumed, {s['parts_reused']} reused)  rows in {s['rows_in']} = "
               f"out {s['rows_out']} + rejected {s['rows_rejected']}")
 
@@ -398,8 +403,8 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
     out.print(f"[bold]{stage}@{v.id}[/]  created {m['created']}  code {m['code_version']}")
     out.print(f"parents: {', '.join(m['parents']) or '(none)'}")
     out.print(f"rows in {m['rows_in']} = out {m['rows_out']} + rejected {m['rows_rejected']}; "
-              f"{len(m['parts'])} parts ({m['parts_written']} written, {m['parts_reused']} shared with earlier "
-              f"versions), {len(m['files'])} files, {sum(f['bytes'] for f in m['files'])} bytes")
+              f"{counted(len(m['parts']), 'part')} ({m['parts_written']} written, {m['parts_reused']} shared with "
+              f"earlier versions), {counted(len(m['files']), 'file')}, {sum(f['bytes'] for f in m['files'])} bytes")
     out.print("[bold]schema[/]\n" + m["schema"])
     out.print(f"path: {store.full_url(f'{v.stage}/{v.id}')}")
     if m.get("metrics"):

@@ -212,6 +212,11 @@ def test_inspection_output_tells_the_truth(demo_loop, tmp_path):
     assert counts == sorted(counts, reverse=True) and len(counts) > 1
     true_top = max(parsed.manifest["metrics"]["top_tags"].items(), key=lambda kv: kv[1])
     assert f"{true_top[0]}: {true_top[1]}" in line.split(",")[0]
+    n_parts = len(parsed.manifest["parts"])
+    assert f"{n_parts} part{'s' if n_parts != 1 else ''} (" in out.output
+    model = results["train"].version   # a one-part stage: "1 part", not "1 parts"
+    assert len(model.manifest["parts"]) == 1
+    assert "1 part (" in runner.invoke(app, store + ["show", f"{model.stage}@{model.id}", "--rows", "0"]).output
     for stage, version in (("generated", results["generate"].version), ("clean", results["clean"].version)):
         # enough rows to include one with predicted scores (the tiny baseline predicts nothing for some keys)
         n = 3
