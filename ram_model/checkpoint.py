@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -281,14 +281,35 @@ def save_pretrained(model: RAM, directory: str | Path) -> None:
         model.tokenizer.save_pretrained(str(d / "tokenizer"))
 
 
-def from_pretrained(directory: str | Path, map_location="cpu") -> RAM:
+MODEL_CARD_FILES = ("config.json", "tags.txt", "thresholds.txt")
+
+
+class ModelCard(NamedTuple):
+    config: RAMConfig
+    tags: list[str]
+    thresholds: list[float]
+
+
+def read_model_card(directory: str | Path) -> ModelCard:
+    """A save_pretrained folder's config, tag list and per-class thresholds, without its weights (what a
+    stage that only maps tags or reads thresholds needs: a few KB instead of the 1.9 GB model)."""
     d = Path(directory)
-    for name in ("config.json", "model.safetensors", "tags.txt", "thresholds.txt"):
+    for name in MODEL_CARD_FILES:
         if not (d / name).exists():
-            raise FileNotFoundError(f"from_pretrained: {d / name} is missing (written by save_pretrained)")
+            raise FileNotFoundError(f"{d / name} is missing (save_pretrained writes {', '.join(MODEL_CARD_FILES)})")
     config = RAMConfig.from_dict(json.loads((d / "config.json").read_text(encoding="utf-8")))
     tags = (d / "tags.txt").read_text(encoding="utf-8").split("\n")
     thresholds = [float(x) for x in (d / "thresholds.txt").read_text(encoding="utf-8").split("\n")]
+    if len(tags) != len(thresholds):
+        raise ValueError(f"{d}: tags.txt has {len(tags)} tags but thresholds.txt {len(thresholds)} values")
+    return ModelCard(config, tags, thresholds)
+
+
+def from_pretrained(directory: str | Path, map_location="cpu") -> RAM:
+    d = Path(directory)
+    if not (d / "model.safetensors").exists():
+        raise FileNotFoundError(f"from_pretrained: {d / 'model.safetensors'} is missing (written by save_pretrained)")
+    config, tags, thresholds = read_model_card(d)
     tokenizer = None
     if (d / "tokenizer").exists():
         from transformers import BertTokenizerFast

@@ -441,6 +441,16 @@ class RAM(nn.Module):
         return torch.sigmoid(logits.float())
 
     @torch.inference_mode()
+    def embed_and_tag_probs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image embeddings (B, 1+T, E) and the sigmoid tag scores (B, N), float32, from one encoder pass
+        (crop cleaning with the baseline as embedder needs both; the Swin is nearly all the cost)."""
+        images = self._prep(images)
+        with self._autocast(images.device):
+            embeds = self.encode_image(images)
+            logits = self.tag_logits_from_embeds(embeds)
+        return embeds.float(), torch.sigmoid(logits.float())
+
+    @torch.inference_mode()
     def tag(self, images: torch.Tensor, thresholds: torch.Tensor | float | None = None
             ) -> tuple[list[list[int]], list[list[float]]]:
         """Per image: tag ids with score > threshold (strict, in tag-list order) and their scores."""

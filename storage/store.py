@@ -534,14 +534,21 @@ class Version:
         return iter_tar(self.store.fs, [self.store.abs(f["path"]) for f in shards],
                         [self.store.full_url(f["path"]) for f in shards])
 
-    def download(self, local_dir: str) -> str:
-        """Copy this version's named files (kind `file`) into a local folder (cached: skipped when the
-        checksums already match). Returns the folder."""
+    def download(self, local_dir: str, names: Iterable[str] | None = None) -> str:
+        """Copy this version's named files (kind `file`; only `names` when given) into a local folder (cached:
+        skipped when the sizes already match). Returns the folder."""
         import pathlib
 
         target = pathlib.Path(local_dir)
         target.mkdir(parents=True, exist_ok=True)
-        for f in self.files("file"):
+        files = self.files("file")
+        if names is not None:
+            wanted = set(names)
+            missing = wanted - {f["name"] for f in files}
+            if missing:
+                raise StoreError(f"{self.ref} has no file named {', '.join(sorted(missing))}")
+            files = [f for f in files if f["name"] in wanted]
+        for f in files:
             dest = target / f["name"]
             if dest.exists() and dest.stat().st_size == f["bytes"]:
                 continue

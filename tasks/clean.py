@@ -225,35 +225,61 @@ def cluster_outliers(store: EmbeddingStore, cfg: CleanSection, tags: Iterable[in
 
 # ---------------------------------------------------------------- embeddings and baseline scores of crops
 
-def embed_part(regions: pa.Table, crops: Mapping[str, Image.Image], embedder,
-               baseline: Callable[[Sequence[Image.Image]], np.ndarray] | None, label_to_model: Mapping[int, int],
-               batch_size: int, source: str) -> tuple[pa.Table, list[dict]]:
-    """One regions part to its `embeddings` rows: each crop's embedding and, with a baseline (images ->
-    [N, model tags] probabilities), the baseline's score for the crop's own tag (label id -> model column
-    by `label_to_model`; None where the model lacks the tag). A crop missing from `crops` is a reject."""
-    keys, tids, cks = (regions.column(c).to_pylist() for c in ("key", "tag_id", "crop_key"))
-    rows: dict[str, list] = {"key": [], "tag_id": [], "crop_key": [], "embedding": [], "baseline_score": []}
+CropScorer = Callable[[Sequence[Image.Image]], tuple[np.ndarray, np.ndarray | None]]
+
+
+def separate_scorer(embedder, baseline: Callable[[Sequence[Image.Image]], np.ndarray] | None) -> CropScorer:
+    """An embedder and (optionally) a baseline (images -> [N, model tags] probabilities) as one crop scorer."""
+    def score(images):
+        return embedder(images), (np.asarray(baseline(images)) if baseline is not None else None)
+    return score
+
+
+def embed_part(regions: pa.Table, crops: Mapping[str, Image.Image], score_crops: CropScorer,
+               label_to_model: Mapping[int, int], batch_size: int, source: str) -> tuple[pa.Table, list[dict], dict]:
+    """One regions part to its `embeddings` rows, rejects and metrics: each crop's embedding and, where
+    `score_crops` (images -> (embeddings [N, D], baseline probabilities [N, model tags] or None)) gives
+    probabilities, the baseline's score for the crop's own tag (label id -> model column by `label_to_model`;
+    None where the model lacks the tag). A crop missing from `crops` is a reject.
+
+    Each distinct crop is scored once: the detector often finds one box for several tags of a prompt, and
+    the ground stage cuts it once per tag; crops of the same image and box are the same pixels, so one pass
+    serves all of them and each tag reads its own column of the same probabilities."""
+    keys, tids, cks, boxes = (regions.column(c).to_pylist() for c in ("key", "tag_id", "crop_key", "box"))
     present = [i for i, ck in enumerate(cks) if ck in crops]
     rejects = [{"key": keys[i], "reason": "missing-crop", "detail": f"crop {cks[i]} is not in the shard",
                 "source": source, "field": "crop"} for i in sorted(set(range(len(cks))) - set(present))]
-    for s in range(0, len(present), batch_size):
-        idx = present[s: s + batch_size]
-        imgs = [crops[cks[i]] for i in idx]
-        emb = embedder(imgs)
-        probs = np.asarray(baseline(imgs)) if baseline is not None else None
+    def same_pixels(i: int) -> tuple:     # a row without a box is a crop of its own
+        return (keys[i], tuple(boxes[i])) if boxes[i] else (cks[i],)
+
+    first_of: dict[tuple, int] = {}       # -> the row whose crop is scored for all rows of that identity
+    for i in present:
+        first_of.setdefault(same_pixels(i), i)
+    distinct = sorted(first_of.values())
+    slot = {i: n for n, i in enumerate(distinct)}
+    emb_parts, prob_parts = [], []
+    for s in range(0, len(distinct), batch_size):
+        imgs = [crops[cks[i]] for i in distinct[s: s + batch_size]]
+        emb, probs = score_crops(imgs)
         if probs is not None and (probs.ndim != 2 or len(probs) != len(imgs)):
             raise ValueError(f"baseline returned shape {probs.shape} for {len(imgs)} crops; expected [N, num_tags]")
-        for j, i in enumerate(idx):
-            rows["key"].append(keys[i])
-            rows["tag_id"].append(tids[i])
-            rows["crop_key"].append(cks[i])
-            rows["embedding"].append(emb[j].astype(np.float32))
-            m = label_to_model.get(tids[i])
-            rows["baseline_score"].append(float(probs[j, m]) if probs is not None and m is not None else None)
+        emb_parts.append(np.asarray(emb, dtype=np.float32))
+        prob_parts.append(probs)
+    emb_all = np.concatenate(emb_parts) if emb_parts else np.zeros((0, 0), np.float32)
+    probs_all = None if not prob_parts or prob_parts[0] is None else np.concatenate(prob_parts)
+    rows: dict[str, list] = {"key": [], "tag_id": [], "crop_key": [], "embedding": [], "baseline_score": []}
+    for i in present:
+        j = slot[first_of[same_pixels(i)]]
+        m = label_to_model.get(tids[i])
+        rows["key"].append(keys[i])
+        rows["tag_id"].append(tids[i])
+        rows["crop_key"].append(cks[i])
+        rows["embedding"].append(emb_all[j])
+        rows["baseline_score"].append(float(probs_all[j, m]) if probs_all is not None and m is not None else None)
     table = pa.table({k: rows[k] for k in ("key", "tag_id", "crop_key")} | {
         "embedding": pa.array(rows["embedding"], pa.list_(pa.float32())),
         "baseline_score": pa.array(rows["baseline_score"], pa.float32())}).cast(EMBEDDINGS)
-    return table, rejects
+    return table, rejects, {"crops": len(present), "crops_scored": len(distinct)}
 
 
 def baseline_disagrees(regions: pa.Table, scores: Mapping[str, float], thresholds: Sequence[float] | np.ndarray
@@ -344,7 +370,7 @@ def build_clean(generated: pa.Table, regions: pa.Table, crop_results: pa.Table |
 
 # ---------------------------------------------------------------- the stages over the store
 
-EMBED_VERSION = "embed-1"
+EMBED_VERSION = "embed-2"   # 2: one pass per distinct crop; the baseline embedder shares the tagging pass
 STAGE_VERSION = "clean-3"   # 2: declared tag types; 3: baseline_min_ap
 
 
@@ -376,15 +402,16 @@ def embed_identify(run) -> None:
 def embed_prepare(run) -> None:
     from .lineage import labels_version
     from .labels import load_labels
-    from .models import load_model, model_to_label_ids, resolve_device
+    from .models import model_card, model_to_label_ids, resolve_device
 
-    device = str(resolve_device(run.cfg.embedder.device))
-    model = load_model(run.store, run.inputs["baseline"], device=device)
+    # the model's card (config, tag list), not its weights: this process only maps tags
+    card = model_card(run.store, run.inputs["baseline"])
     labels = load_labels(run.store, labels_version(run.store, run.inputs["regions"]))
-    run.state["device"], run.state["image_size"] = device, model.config.swin.image_size
+    run.state["device"] = str(resolve_device(run.cfg.embedder.device))
+    run.state["image_size"] = card.config.swin.image_size
     # the baseline's tag list may differ from the label system's: match by name
-    run.state["label_to_model"] = {int(lab): m for m, lab in enumerate(model_to_label_ids(model, labels)) if lab >= 0}
-    # part work loads its own copy, once per worker process (a model is never shipped to a worker)
+    run.state["label_to_model"] = {int(lab): m for m, lab in enumerate(model_to_label_ids(card, labels)) if lab >= 0}
+    # part work loads the model, once per worker process (a model is never shipped to a worker)
 
 
 def embed_split(run):
@@ -393,34 +420,45 @@ def embed_split(run):
     return parts_of(run.inputs["regions"], salt=digest(run.config))
 
 
-def embed_process(run, w, task):
+def baseline_scorer(model, cfg, image_size: int, baseline_check: bool) -> CropScorer:
+    """The crop scorer for the embed stage. When the embedder is the baseline's own encoder at the baseline's
+    input size, one encoder pass gives both the embedding and the tag probabilities (the Swin is nearly all
+    of the cost); otherwise the configured embedder and, with `baseline_check`, the baseline's tagger."""
     import torch
     from ram_model.embedder import build_embedder
     from ram_model.transforms import ImageTransform
 
+    transform = ImageTransform(image_size)   # the baseline's eval transform
+    if cfg.kind == "baseline" and cfg.image_size in (None, image_size):
+        def joint(images):
+            embeds, probs = model.embed_and_tag_probs(transform.batch(images))
+            pooled = embeds[:, 0] if cfg.pool == "first" else embeds.mean(dim=1)
+            emb = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+            return emb, (probs.cpu().numpy() if baseline_check else None)
+        return joint
+
+    embedder = build_embedder(cfg, baseline_encoder=lambda x: model.encode_image(x), image_size=image_size)
+
+    def tag_probs(images):
+        with torch.inference_mode():
+            return model.tag_probs(transform.batch(images)).cpu().numpy()
+    return separate_scorer(embedder, tag_probs if baseline_check else None)
+
+
+def embed_process(run, w, task):
     from .models import load_model, worker_cached
 
     store, cfg, regions, baseline_ref = run.store, run.cfg, run.inputs["regions"], run.inputs["baseline"]
     device, image_size, ident = run.state["device"], run.state["image_size"], run.state["ident"]
-
-    def worker_models():
-        baseline_model = load_model(store, baseline_ref, device=device)
-        embedder = worker_cached(f"embedder|{cfg.embedder!r}|{ident}", lambda: build_embedder(
-            cfg.embedder, baseline_encoder=lambda x: baseline_model.encode_image(x), image_size=image_size))
-        return baseline_model, embedder
-
-    def baseline(baseline_model, imgs):
-        transform = ImageTransform(image_size)
-        with torch.inference_mode():
-            return baseline_model.tag_probs(torch.stack([transform(im) for im in imgs])).cpu().numpy()
-
+    model = load_model(store, baseline_ref, device=device)   # once per worker process
+    score = worker_cached(f"crop-scorer|{cfg.embedder!r}|{cfg.baseline_check}|{ident}|{device}",
+                          lambda: baseline_scorer(model, cfg.embedder, image_size, cfg.baseline_check))
     part = task.payload["part"]
     table = regions.read_file(next(f["path"] for f in part.files if f["kind"] == "table"))
-    baseline_model, embedder = worker_models()
-    out, rejects = embed_part(table, _crop_images(regions, part), embedder,
-                              (lambda imgs: baseline(baseline_model, imgs)) if cfg.baseline_check else None,
-                              run.state["label_to_model"], cfg.embedder.batch_size, source=part.name)
-    return w.write_part(task.name, table=out, rejects=rejects, rows_in=table.num_rows, source_digest=task.source_digest)
+    out, rejects, metrics = embed_part(table, _crop_images(regions, part), score, run.state["label_to_model"],
+                                       cfg.embedder.batch_size, source=part.name)
+    return w.write_part(task.name, table=out, rejects=rejects, rows_in=table.num_rows, source_digest=task.source_digest,
+                        metrics=metrics)
 
 
 EMBED = Stage(name="embed", output="embeddings", inputs=("regions", "baseline"), section="clean",
@@ -457,7 +495,7 @@ def clean_prepare(run) -> None:
 
     from .lineage import labels_version
     from .labels import load_labels
-    from .models import load_model, model_to_label_ids
+    from .models import model_card, model_to_label_ids
 
     store, cfg, baseline_ref, embeddings = run.store, run.cfg, run.inputs["baseline"], run.inputs["embeddings"]
     labels = load_labels(store, labels_version(store, run.inputs["parsed"]))
@@ -466,12 +504,12 @@ def clean_prepare(run) -> None:
     # "disagreed" with; its crops carry no score anyway).
     thresholds = np.zeros(len(labels))
     if cfg.baseline_check:
-        model = load_model(store, baseline_ref)
-        model_thr = model.class_threshold.cpu().numpy()
+        card = model_card(store, baseline_ref)   # tags and thresholds only: no weights in this process
+        model_thr = np.asarray(card.thresholds)
         unlearned = baseline_unlearned_tags(store, baseline_ref, cfg.baseline_min_ap)
-        for m, lab in enumerate(model_to_label_ids(model, labels)):
+        for m, lab in enumerate(model_to_label_ids(card, labels)):
             # a disabled class (threshold 1.0), or one the baseline has not learned, has no opinion to disagree with
-            if lab >= 0 and model_thr[m] < 1.0 and model.tags[m] not in unlearned:
+            if lab >= 0 and model_thr[m] < 1.0 and card.tags[m] not in unlearned:
                 thresholds[lab] = model_thr[m]
     run.state["thresholds"] = thresholds
     tmp = Path(tempfile.mkdtemp(prefix="ram-clean-"))

@@ -15,7 +15,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 
 from ram_model.devices import resolve_device
-from ram_model.checkpoint import from_pretrained, load_official, save_pretrained
+from ram_model.checkpoint import MODEL_CARD_FILES, ModelCard, from_pretrained, load_official, read_model_card, save_pretrained
 from ram_model.labels import LabelSystem
 from storage import Store, StoreError, Version
 
@@ -69,9 +69,9 @@ def model_version(store: Store, ref: str) -> Version | None:
     return store.open(stage, version)
 
 
-def local_model_dir(version: Version) -> str:
-    """The model files of a store version in the local cache (downloaded once, checked by size)."""
-    return version.download(str(cache_dir() / "models" / version.stage.replace("/", "__") / version.id))
+def local_model_dir(version: Version, names: tuple[str, ...] | None = None) -> str:
+    """The model files of a store version (or only `names`) in the local cache (downloaded once, checked by size)."""
+    return version.download(str(cache_dir() / "models" / version.stage.replace("/", "__") / version.id), names)
 
 
 def load_model(store: Store, ref: str, device: str = "auto", tags_file: str | None = None,
@@ -98,6 +98,20 @@ def load_model(store: Store, ref: str, device: str = "auto", tags_file: str | No
         return model
 
     return worker_cached(key, factory)
+
+
+def model_card(store: Store, ref: str) -> ModelCard:
+    """The config, tag list and per-class thresholds of the model `ref` names (as load_model takes it), without
+    loading its weights where they are a file of their own: a process that only maps tags or reads thresholds
+    (a stage's prepare step in the CLI) fetches a few KB, not the 1.9 GB of a Swin-L model."""
+    version = model_version(store, ref)
+    if version is not None:
+        return read_model_card(local_model_dir(version, MODEL_CARD_FILES))
+    if Path(ref).is_dir():
+        return read_model_card(ref)
+    # an official checkpoint outside the store: its config is what its tensors imply, so it is loaded (cached)
+    model = load_model(store, ref)
+    return ModelCard(model.config, list(model.tags), [float(x) for x in model.class_threshold.cpu()])
 
 
 def model_digest(version: Version | None, ref: str) -> str:
@@ -171,7 +185,8 @@ def import_official(store: Store, path: str, model_cfg, name: str):
 
 
 def model_to_label_ids(model, labels) -> np.ndarray:
-    """Map the model's tag indices onto the label system's ids by name (-1 where a tag is not in it)."""
+    """Map the model's tag indices (a model's or a ModelCard's `tags`) onto the label system's ids by name
+    (-1 where a tag is not in it)."""
     return np.array([labels.id(t) if labels.id(t) is not None else -1 for t in model.tags], dtype=np.int64)
 
 

@@ -10,7 +10,7 @@ from ram_model.embedder import ClipEmbedder, EmbedderConfig, EncoderEmbedder, bu
 from storage.schemas import CLEAN, CLEAN_CROPS
 from tasks.config import CleanSection
 from tasks.clean import (EmbeddingStore, baseline_disagrees, build_clean, cluster_outliers, cluster_tag,
-                         embed_part, outlier_mask)
+                         embed_part, outlier_mask, separate_scorer)
 from tasks.ground import regions_table
 
 torch.set_num_threads(1)
@@ -79,9 +79,11 @@ def test_embedding_store_errors(tmp_path):
         s.load(1)
 
 
-def _regions(pairs):
-    rows = [{"key": k, "tag_id": t, "tag": f"t{t}", "box": [0.0, 0.0, 5.0, 5.0], "score": 0.9,
-             "crop_key": f"{k}_t{t}_{r}", "shard": "s.tar"} for k, t, r in pairs]
+def _regions(pairs, boxes=None):
+    """Region rows (key, tag id, rank); each its own box unless `boxes` gives them (one per row)."""
+    boxes = boxes or [[float(n), 0.0, n + 5.0, 5.0] for n in range(len(pairs))]
+    rows = [{"key": k, "tag_id": t, "tag": f"t{t}", "box": b, "score": 0.9,
+             "crop_key": f"{k}_t{t}_{r}", "shard": "s.tar"} for (k, t, r), b in zip(pairs, boxes)]
     return regions_table(rows)
 
 
@@ -150,18 +152,74 @@ def test_encoder_embedder_and_embed_part():
     imgs = dict(zip(crop_keys[:3], _crops(3)))        # c's crop is missing from the shard
     # the baseline here: a fixed probability per model column; label 1 -> column 0, label 2 has no column
     probs = np.array([0.1, 0.2, 0.3], dtype=np.float32)
-    table, rejects = embed_part(regs, imgs, emb, lambda ims: np.tile(probs, (len(ims), 1)), {1: 0},
-                                batch_size=2, source="part-0")
+    table, rejects, metrics = embed_part(regs, imgs, separate_scorer(emb, lambda ims: np.tile(probs, (len(ims), 1))),
+                                         {1: 0}, batch_size=2, source="part-0")
     assert table.column("crop_key").to_pylist() == ["a_t1_0", "a_t2_0", "b_t1_0"]
     assert table.column("baseline_score").to_pylist() == pytest.approx([0.1, None, 0.1])
     assert np.allclose(np.array(table.column("embedding").to_pylist()), emb([imgs[k] for k in crop_keys[:3]]),
                        atol=1e-6)
     assert rejects == [{"key": "c", "reason": "missing-crop", "detail": "crop c_t2_0 is not in the shard",
                         "source": "part-0", "field": "crop"}]
-    without_baseline, _ = embed_part(regs, imgs, emb, None, {1: 0}, batch_size=2, source="part-0")
+    assert metrics == {"crops": 3, "crops_scored": 3}
+    without_baseline, _, _ = embed_part(regs, imgs, separate_scorer(emb, None), {1: 0}, batch_size=2, source="part-0")
     assert without_baseline.column("baseline_score").null_count == 3
     with pytest.raises(ValueError, match="baseline returned shape"):
-        embed_part(regs, imgs, emb, lambda ims: np.zeros(len(ims)), {1: 0}, batch_size=2, source="part-0")
+        embed_part(regs, imgs, separate_scorer(emb, lambda ims: np.zeros(len(ims))), {1: 0}, batch_size=2,
+                   source="part-0")
+
+
+def test_embed_part_scores_each_distinct_crop_once():
+    """One box found for several tags of a prompt is cut once per tag: those crops are scored in one pass,
+    each tag reading its own column; the same box in another image, or another box, is scored apart."""
+    same, other = [0.0, 0.0, 5.0, 5.0], [1.0, 1.0, 9.0, 9.0]
+    regs = _regions([("a", 1, 0), ("a", 2, 0), ("a", 3, 0), ("b", 1, 0), ("b", 2, 0)],
+                    boxes=[same, same, other, same, same])
+    imgs = dict(zip(regs.column("crop_key").to_pylist(), _crops(5)))
+    scored: list[int] = []
+
+    def scorer(images):
+        scored.append(len(images))
+        n = np.array([im.size[0] for im in images], np.float32)     # each crop's own values (its width)
+        return np.stack([n, -n], 1), np.stack([n / 100, n / 200, n / 400], 1)
+
+    table, rejects, metrics = embed_part(regs, imgs, scorer, {1: 0, 2: 1, 3: 2}, batch_size=2, source="p")
+    assert rejects == [] and sum(scored) == 3 and metrics == {"crops": 5, "crops_scored": 3}
+    # a's tags 1 and 2 share a's first crop (width 20); tag 3 has its own (22); b's two share b's (23)
+    assert table.column("baseline_score").to_pylist() == pytest.approx([0.2, 0.1, 0.055, 0.23, 0.115])
+    assert [e[0] for e in table.column("embedding").to_pylist()] == [20, 20, 22, 23, 23]
+    empty, _, m = embed_part(regs.slice(0, 0), {}, scorer, {}, batch_size=2, source="p")
+    assert empty.num_rows == 0 and m == {"crops": 0, "crops_scored": 0}
+
+
+def test_baseline_scorer_one_encoder_pass_when_the_embedder_is_the_baseline(tmp_path):
+    from ram_model.ram import RAM, RAMConfig
+    from ram_model.transforms import ImageTransform
+    from tasks.clean import baseline_scorer
+
+    torch.manual_seed(0)
+    model = RAM(RAMConfig.tiny(num_tags=4, with_caption=False, image_size=32), tags=list("abcd")).eval()
+    calls = []
+    model.visual_encoder.register_forward_hook(lambda *a: calls.append(1))
+    crops = _crops(3)
+    emb, probs = baseline_scorer(model, EmbedderConfig(kind="baseline"), 32, baseline_check=True)(crops)
+    assert len(calls) == 1                                    # one pass gave both
+    with torch.inference_mode():
+        pixels = ImageTransform(32).batch(crops)
+        want_probs = model.tag_probs(pixels).numpy()
+        want_emb = torch.nn.functional.normalize(model.encode_image(pixels)[:, 0], dim=-1).numpy()
+    assert np.allclose(probs, want_probs, atol=1e-6) and np.allclose(emb, want_emb, atol=1e-6)
+    calls.clear()
+    emb, probs = baseline_scorer(model, EmbedderConfig(kind="baseline"), 32, baseline_check=False)(crops)
+    assert probs is None and len(calls) == 1
+    # another embedder (CLIP): the tagger runs for the scores alone, the same scores
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=2, image_size=32, patch_size=8,
+                                                   projection_dim=8)).save_pretrained(str(tmp_path / "clip"))
+    scorer = baseline_scorer(model, EmbedderConfig(kind="clip", model=str(tmp_path / "clip")), 32, baseline_check=True)
+    calls.clear()
+    emb, probs = scorer(crops)
+    assert len(calls) == 1 and emb.shape == (3, 8) and np.allclose(probs, want_probs, atol=1e-6)
 
 
 def test_clip_embedder_and_config_errors():

@@ -165,6 +165,36 @@ def test_official_baseline_is_imported_once_with_its_files(toy_files, tmp_path):
     assert not again.version.verify()
 
 
+def test_model_card_reads_tags_and_thresholds_without_the_weights(toy_files, tmp_path, monkeypatch):
+    """A process that only maps tags or reads thresholds (the CLI preparing embed and clean) fetches the
+    model's config, tag list and thresholds, never its weights."""
+    from ram_model.checkpoint import read_model_card, save_pretrained
+    from ram_model.labels import LabelSystem
+    from storage import Store, StoreError
+    from tasks.models import clear_worker_cache, import_official, load_model, model_card
+
+    monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
+    cfg = load_config("production", overrides(toy_files, tmp_path / "store"))
+    store = Store(str(tmp_path / "store"))
+    version = import_official(store, cfg.generate.baseline, cfg.model, "baseline").version
+    clear_worker_cache()
+    card = model_card(store, "models/baseline")
+    ref = LabelSystem.default()
+    assert card.tags == list(ref.tags) and card.thresholds == pytest.approx(ref.thresholds)
+    assert card.config.swin.image_size == cfg.model.image_size
+    fetched = {p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+    assert fetched == {"config.json", "tags.txt", "thresholds.txt"}          # no model.safetensors
+    with pytest.raises(StoreError, match="no file named nope.bin"):
+        version.download(str(tmp_path / "x"), names=["nope.bin"])
+    # a save_pretrained folder: read in place; a card file missing is named
+    model = load_model(store, "models/baseline")
+    save_pretrained(model, tmp_path / "folder")
+    assert model_card(store, str(tmp_path / "folder")).tags == card.tags
+    (tmp_path / "folder" / "thresholds.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="thresholds.txt is missing"):
+        read_model_card(tmp_path / "folder")
+
+
 @pytest.mark.slow
 def test_gpu_benchmark_runs_on_cpu_quick():
     """benchmarks/gpu.py is the one prepared GPU script; CI proves it runs (toy sizes on CPU)."""
