@@ -20,7 +20,7 @@ from storage.shards import decode_image
 from .config import GenerateConfig, ParseConfig
 from .lineage import labels_version
 from .labels import load_labels
-from .models import load_model, model_digest, model_to_label_ids, model_version
+from .models import load_model, model_card, model_digest, model_to_label_ids, model_version
 from .parser import get_parser, parse_captions
 from .stage import PartTask, Stage, StageResult, parts_of, run, top
 
@@ -134,8 +134,9 @@ def identify(run) -> None:
 
 
 def prepare(run) -> None:
-    # loaded here to fail before any part; part work loads its own copy once per worker process
-    load_model(run.store, run.inputs["baseline"], device=run.cfg.device)
+    # the model's card is read here to fail before any part (a missing model, an unreadable config or tag list)
+    # without holding its weights in this process: part work loads the model once per worker process
+    model_card(run.store, run.inputs["baseline"])
     run.state["labels"] = load_labels(run.store, run.state["labels_version"])
 
 

@@ -7,10 +7,11 @@ Every stage commits, every version verifies, a rerun does no work.
 Two sizes of the same route:
 * toy sizes (`slow`, in CI's slow step): the formats and the route, in minutes;
 * real sizes (`production`: RAM Swin-L 384, 469M parameters; grounding-dino-tiny; CLIP ViT-B/16), run with
-  `pytest -m production`, outside CI's bounded slow step: long on CPU, and moto keeps multi-GB uploads in
-  memory (13 GB resident was seen importing the 1.9 GB baseline) — give it a machine with >= 32 GB.
-  Set RAM_ENGINE_STANDINS=DIR to keep the ~3 GB of stand-ins between runs. Per-stage seconds per image
-  are printed and written to DIR/stage_seconds.json.
+  `pytest -m production`, CI's own bounded step after the slow one (.ci/run): ~25 min on 2 cores with the
+  stand-ins built; peak ~11 GB in one process (the fine-tuning step), ~16 GB for the engine's processes
+  together, ~7.5 GB for this process with moto (it assembles uploads in memory): a 24 GB machine.
+  Set RAM_ENGINE_STANDINS=DIR to keep the ~3 GB of stand-ins between runs. Per-stage wall and CPU seconds
+  per image, crop counts and memory peaks are printed and written to DIR/stage_seconds_real.json.
 """
 from __future__ import annotations
 
@@ -197,6 +198,8 @@ def run_production_route(real: bool, s3_store_url, prefect_api, tmp_path_factory
               "engine_cpu_s": round(watch[0].samples[-1][1]) if watch[0].samples else None,
               "engine_peak_rss_gb": round(watch[0].engine_peak / 2**30, 2),
               "test_process_peak_rss_gb (pytest + moto server)": round(watch[0].moto_peak / 2**30, 2),
+              "crops": store.open("embeddings").manifest["metrics"].get("crops"),
+              "crops scored (distinct image and box)": store.open("embeddings").manifest["metrics"].get("crops_scored"),
               "stage_seconds_per_image": {k: (round(v / 8, 1) if v else None) for k, v in seconds.items()},
               "stage_cpu_seconds_per_image": {k: round(v / 8, 1) for k, v in cpu.items()}}
     print(json.dumps(report, indent=1))
