@@ -28,8 +28,6 @@ from pathlib import Path
 
 import pytest
 
-from .standins import production_files
-
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
 CAPTIONS = ["a dog sitting on a couch in a living room", "a red car parked on a street next to a tree",
@@ -147,7 +145,15 @@ def run_production_route(real: bool, s3_store_url, prefect_api, tmp_path_factory
 
     root = Path(os.environ.get("RAM_ENGINE_STANDINS") or tmp_path_factory.mktemp("standins"))
     t0 = time.time()
-    files = production_files(root, real=real)
+    # built in a child process: building a 469M-parameter model leaves ~2 GB of allocations in the process that
+    # did it, and this process also runs moto, which holds every upload in memory
+    built = subprocess.run([sys.executable, "-c", "import json, sys; from pathlib import Path; "
+                            "from tests.standins import production_files; "
+                            "print(json.dumps(production_files(Path(sys.argv[1]), real=sys.argv[2] == 'real')))",
+                            str(root), "real" if real else "toy"], capture_output=True, text=True,
+                           cwd=Path(__file__).parent.parent, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert built.returncode == 0, built.stderr[-4000:]
+    files = json.loads(built.stdout.strip().splitlines()[-1])
     print(f"stand-ins ready in {time.time() - t0:.0f} s under {root}")
     source = img2dataset_tar(tmp_path_factory.mktemp("src") / "00000.tar")
     url, options = s3_store_url
