@@ -274,11 +274,16 @@ def demo_encoder(out_dir: str = typer.Option("flows/demo_assets/encoder", "--out
                  minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes."),
                  images: int = typer.Option(2000, help="Images in the encoder's training world."),
                  seed: int = typer.Option(1000, help="Seed of that world (the demo's is 0)."),
-                 image_size: int = typer.Option(64, help="Input size (the demo's model.image_size).")) -> None:
+                 image_size: int = typer.Option(64, help="Input size (the demo's model.image_size)."),
+                 image_encoder: str = typer.Option("conv", help="conv (the demo's model.image_encoder) or swin.")
+                 ) -> None:
     """Pretrain the demo tagger's image encoder (its stand-in for a pretrained Swin) on another world's truth."""
     from flows.demo import train_demo_encoder
 
+    if image_encoder not in ("conv", "swin"):
+        raise typer.BadParameter(f"--image-encoder must be conv or swin, got {image_encoder!r}")
     meta = train_demo_encoder(Path(out_dir), n_images=images, seed=seed, steps=steps, image_size=image_size,
+                              image_encoder=image_encoder,
                               time_limit_s=minutes * 60 if minutes else None, say=out.print)
     out.print(json.dumps({k: v for k, v in meta.items() if k != "categories"}, indent=1, default=float))
 

@@ -88,15 +88,16 @@ def train_demo_detector(folder: Path, *, world=None, n_images: int = 2000, seed:
     return meta
 
 
-def _shipped_or_trained(world, shipped: Path, local: Path, meta_name: str, train) -> tuple[Path, dict]:
-    """A demo stand-in: the shipped one when it knows the world's categories, else the one trained for this
-    output folder earlier, else `train(local)` now (once; reused when present)."""
+def _shipped_or_trained(world, shipped: Path, local: Path, meta_name: str, train,
+                        require: dict | None = None) -> tuple[Path, dict]:
+    """A demo stand-in: the shipped one when it knows the world's categories (and its meta has the `require`d
+    values), else the one trained for this output folder earlier, else `train(local)` now (once; reused)."""
     categories = json.loads(Path(world.tag_groups).read_text())["category"]
     for folder in (shipped, local):
         meta_path = folder / meta_name
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
-            if meta.get("categories") == categories:
+            if meta.get("categories") == categories and all(meta.get(k) == v for k, v in (require or {}).items()):
                 return folder, meta
     return local, train(local)
 
@@ -219,11 +220,13 @@ def tagger_quality(model, images: list, targets, tags: list[str], groups: dict[s
 
 
 def train_demo_encoder(folder: Path, *, world=None, n_images: int = 2000, seed: int = 1000, steps: int = 3000,
-                       time_limit_s: float | None = None, image_size: int = 64, say=print) -> dict:
+                       time_limit_s: float | None = None, image_size: int = 64, image_encoder: str = "conv",
+                       say=print) -> dict:
     """Pretrain the demo's tiny tagger on the true tags of a generated world (another seed than the demo's)
     and save it with its held-out mAP: the baseline and the ablation's models start their image encoder
     from it (`model.encoder_init`; their heads start fresh), as RAM starts from a pretrained Swin. This is
-    the command that made flows/demo_assets/encoder."""
+    the command that made flows/demo_assets/encoder. `image_encoder`: "conv" (the demo's, model.image_encoder)
+    or "swin" (the tiny Swin, which learns shapes slowly at 64 px)."""
     import tempfile
 
     import torch
@@ -241,8 +244,8 @@ def train_demo_encoder(folder: Path, *, world=None, n_images: int = 2000, seed: 
     n_held = max(1, len(images) // 10)
     say(f"pretraining the tiny tagger's encoder: {len(images) - n_held} images, {len(tags)} tags, up to {steps} steps")
     torch.manual_seed(seed)
-    model = RAM(RAMConfig.tiny(num_tags=len(tags), image_size=image_size, with_caption=False, max_pool_head=True),
-                tags=tags)
+    model = RAM(RAMConfig.tiny(num_tags=len(tags), image_size=image_size, with_caption=False, max_pool_head=True,
+                               image_encoder=image_encoder), tags=tags)
     info = pretrain_tagger(model, images[:-n_held], targets[:-n_held], steps=steps, seed=seed,
                            time_limit_s=time_limit_s, log=say)
     groups = json.loads(Path(world.tag_groups).read_text())
@@ -250,16 +253,18 @@ def train_demo_encoder(folder: Path, *, world=None, n_images: int = 2000, seed: 
     Path(folder).mkdir(parents=True, exist_ok=True)
     save_pretrained(model, folder)
     meta = {"train": info, "heldout": quality | {"images": n_held}, "images": len(images) - n_held,
-            "world_seed": world.config.get("seed"), "categories": groups["category"], "image_size": image_size}
+            "world_seed": world.config.get("seed"), "categories": groups["category"], "image_size": image_size,
+            "image_encoder": image_encoder}
     (Path(folder) / ENCODER_META).write_text(json.dumps(meta, indent=1, default=float))
     return meta
 
 
 def prepare_encoder(world, out: Path, steps: int, time_limit_s: float, seed: int, image_size: int = 64,
-                    say=print) -> tuple[Path, dict]:
+                    image_encoder: str = "conv", say=print) -> tuple[Path, dict]:
     """The demo's pretrained tagger encoder: shipped, or pretrained now on the world's truth within the limit."""
     return _shipped_or_trained(world, SHIPPED_ENCODER, out / "encoder", ENCODER_META, lambda folder: train_demo_encoder(
-        folder, world=world, steps=steps, time_limit_s=time_limit_s, seed=seed, image_size=image_size, say=say))
+        folder, world=world, steps=steps, time_limit_s=time_limit_s, seed=seed, image_size=image_size,
+        image_encoder=image_encoder, say=say), require={"image_size": image_size, "image_encoder": image_encoder})
 
 
 def demo_config(out: Path, world, detector: Path, config_path: str | None, overrides: list[str],

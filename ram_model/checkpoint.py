@@ -318,7 +318,7 @@ def from_pretrained(directory: str | Path, map_location="cpu") -> RAM:
     # no random init: every weight is in the file (load_model is strict)
     model = RAM.without_init(config, device=map_location, tags=tags, thresholds=thresholds, tokenizer=tokenizer)
     read_weights_into(model, d / "model.safetensors")
-    return model
+    return model.eval()   # ready for inference (BatchNorm's running statistics, no dropout); train() to fine-tune
 
 
 def read_weights_into(model: RAM, path: str | Path) -> None:
@@ -373,8 +373,8 @@ def load_image_encoder(model: RAM, directory: str | Path) -> int:
                                                ("other shape", [f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)}"
                                                                 for k in wrong])) if keys)
         raise ValueError(f"load_image_encoder: the image encoder in {path} does not fit this model "
-                         f"({detail or 'no encoder tensors in the file'}); model.preset / model.image_size must match "
-                         f"the encoder's")
+                         f"({detail or 'no encoder tensors in the file'}); model.preset, model.image_encoder and "
+                         f"model.image_size must match the encoder's (its config.json)")
     with torch.no_grad():
         for k, v in saved.items():
             own[k].copy_(v)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from .conv_encoder import conv_blocks
 from .devices import resolve_device
 from .fit import fit_in_memory
 
@@ -159,13 +160,8 @@ class ConvCropEncoder(torch.nn.Module):
         super().__init__()
         self.config = {"architecture": CONV_ARCHITECTURE, "image_size": int(image_size),
                        "channels": [int(c) for c in channels], "dim": int(dim)}
-        blocks, cin = [], 3
-        for c in channels:
-            blocks += [torch.nn.Conv2d(cin, c, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c),
-                       torch.nn.ReLU(inplace=True), torch.nn.MaxPool2d(2)]
-            cin = c
-        self.features = torch.nn.Sequential(*blocks)
-        self.proj = torch.nn.Linear(cin, dim)
+        self.features = conv_blocks(channels)
+        self.proj = torch.nn.Linear(int(channels[-1]), dim)
 
     @property
     def image_size(self) -> int:

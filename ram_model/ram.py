@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bert import BertConfig, BertEmbeddings, BertLMHeadModel, BertModel
+from .conv_encoder import ConvImageEncoder
 from .losses import asymmetric_loss, caption_lm_loss, clip_distillation_loss
 from .swin import SwinBlock, SwinConfig, SwinTransformer, WindowAttention, relative_position_index, shifted_window_mask
 
@@ -73,6 +74,11 @@ class RAMConfig:
     # the max keeps where a part responds most, which average-pooled features and a tiny
     # cross-attention head wash out (docs/model.md).
     max_pool_head: bool = False
+    # The image encoder: "swin" (RAM's, and the only one RAM's checkpoints hold) or "conv", a small conv net
+    # (ram_model/conv_encoder.py) with `conv_channels`, the tiny preset's option for a model that must learn
+    # shapes on CPU (the demo's). Its input size stays `swin.image_size`, which every transform reads.
+    image_encoder: str = "swin"
+    conv_channels: tuple[int, ...] = (32, 64, 128, 128)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -84,6 +90,11 @@ class RAMConfig:
             self.head = BertConfig(**self.head)
         if isinstance(self.text, dict):
             self.text = BertConfig(**self.text)
+        self.conv_channels = tuple(int(c) for c in self.conv_channels)
+        if self.image_encoder not in ("swin", "conv"):
+            raise ValueError(f"RAMConfig.image_encoder must be 'swin' or 'conv', got {self.image_encoder!r}")
+        if self.image_encoder == "conv" and (not self.conv_channels or min(self.conv_channels) < 1):
+            raise ValueError(f"RAMConfig.conv_channels must be positive channel counts, got {self.conv_channels}")
         if self.variant == "ram_plus" and self.text is not None:
             raise ValueError("RAMConfig: RAM++ has no caption branch; set text=None")
         if self.max_pool_head and self.variant == "tag2text":
@@ -91,9 +102,14 @@ class RAMConfig:
         if self.variant == "tag2text" and self.text is None:
             raise ValueError("RAMConfig: Tag2Text needs its caption branch (text config)")
         # what the tagging head's cross-attention reads
-        want = self.swin.out_dim if self.variant == "tag2text" else self.label_dim
+        want = self.vision_width if self.variant == "tag2text" else self.label_dim
         if self.head.encoder_width != want:
             self.head = dataclasses.replace(self.head, encoder_width=want)
+
+    @property
+    def vision_width(self) -> int:
+        """The width of the image encoder's tokens."""
+        return self.conv_channels[-1] if self.image_encoder == "conv" else self.swin.out_dim
 
     @property
     def has_caption(self) -> bool:
@@ -177,8 +193,9 @@ class RAM(nn.Module):
                  label_embeddings: torch.Tensor | None = None, tokenizer=None):
         super().__init__()
         self.config = c = config
-        self.visual_encoder = SwinTransformer(c.swin)
-        vision_width = c.swin.out_dim
+        self.visual_encoder = (ConvImageEncoder(c.conv_channels) if c.image_encoder == "conv"
+                               else SwinTransformer(c.swin))
+        vision_width = c.vision_width
         H = c.head.hidden_size
         if c.variant == "tag2text":
             self.label_embed = nn.Embedding(c.num_tags, H)

@@ -109,6 +109,15 @@ class ModelConfig(Section):
     max_pool_head: bool = False             # RAM / RAM++: add a per-tag read-out of the max over image tokens
     encoder_init: str | None = None         # folder of a saved RAM whose image encoder starts every model trained
                                             # from scratch (its head starts fresh): a pretrained backbone
+    image_encoder: Literal["swin", "conv"] = "swin"   # tiny preset only: "conv", a small conv net that learns
+                                            # shapes on CPU (the demo's; ram_model/conv_encoder.py); RAM's is Swin
+
+    @model_validator(mode="after")
+    def _conv_encoder_is_tiny(self):
+        if self.image_encoder != "swin" and self.preset != "tiny":
+            raise ValueError(f"model.image_encoder {self.image_encoder!r} is an option of the tiny preset only; "
+                             f"model.preset {self.preset!r} uses RAM's Swin (its checkpoints hold no other encoder)")
+        return self
 
 
 class TrainConfig(Section):

@@ -101,6 +101,8 @@ def _build_model(cfg: ModelConfig, tags: list[str], thresholds: list[float] | No
                      train_wordpiece_tokenizer(captions + tags, vocab_size=cfg.tokenizer_vocab_size))
     vocab = len(tokenizer) if tokenizer is not None else 1000
     kw = {"default_threshold": cfg.default_threshold, "max_pool_head": cfg.max_pool_head}
+    if cfg.image_encoder != "swin":     # the tiny preset's option (ModelConfig checks)
+        kw["image_encoder"] = cfg.image_encoder
     if cfg.preset == "tiny":
         rc = RAMConfig.tiny(num_tags=len(tags), vocab_size=vocab, image_size=cfg.image_size,
                             with_caption=tokenizer is not None, **kw)

@@ -104,13 +104,14 @@ def test_the_shipped_encoder_serves_the_demo_and_tags_an_unseen_world(tmp_path):
     groups = json.loads(world.tag_groups.read_text())
     shipped = from_pretrained(folder)
     assert shipped.tags == tags
+    assert shipped.config.image_encoder == "conv" == cfg.model.image_encoder    # the demo builds what it ships
     trained = tagger_quality(shipped, images, targets, tags, groups)
-    floor = tagger_quality(_tiny(tags, seed=0), images, targets, tags, groups)
-    # colours and scenes it knows; shapes only a little (measured 0.28 against 0.21 untrained: the tiny Swin
-    # at 64 px learns shapes slowly, see flows/demo_assets/README.md)
-    assert trained["mAP"] > floor["mAP"] + 0.2, (trained, floor)
+    floor = tagger_quality(_tiny(tags, seed=0, image_encoder="conv"), images, targets, tags, groups)
+    # colours and scenes it knows, and shapes too (measured: see flows/demo_assets/README.md; the tiny Swin it
+    # replaced reached 0.28 against 0.21 untrained, too little for the ablation to see shape-label quality)
+    assert trained["mAP"] > floor["mAP"] + 0.3, (trained, floor)
     assert trained["colour_mAP"] > 0.9 and trained["scene_mAP"] > 0.9, (trained, floor)
-    assert trained["category_mAP"] > floor["category_mAP"] + 0.03, (trained, floor)
+    assert trained["category_mAP"] > floor["category_mAP"] + 0.3, (trained, floor)
 
 
 def test_demo_encoder_command_pretrains_saves_and_is_reused(tmp_path):
@@ -122,7 +123,7 @@ def test_demo_encoder_command_pretrains_saves_and_is_reused(tmp_path):
     assert folder == tmp_path / "out" / "encoder" and meta["train"]["steps"] == 3
     saved = json.loads((folder / ENCODER_META).read_text())
     assert saved["categories"] == ["ball", "box", "star"] and 0 <= saved["heldout"]["mAP"] <= 1
-    model = _tiny(["ball", "box", "star", "x"])
+    model = _tiny(["ball", "box", "star", "x"], image_encoder="conv")
     assert load_image_encoder(model, folder) > 0        # what it saved serves as an encoder_init
     again, _ = prepare_encoder(world, tmp_path / "out", steps=3, time_limit_s=60, seed=0)
     assert again == folder and json.loads((folder / ENCODER_META).read_text()) == saved   # trained once, reused
@@ -138,12 +139,18 @@ def test_the_demo_encoder_command_writes_a_loadable_encoder(tmp_path):
     assert out.exit_code == 0, out.output
     meta = json.loads((tmp_path / "enc" / ENCODER_META).read_text())
     assert meta["train"]["steps"] == 2 and meta["world_seed"] == 1000 and '"heldout"' in out.output
-    cfg = ModelConfig(with_caption=False, max_pool_head=True, encoder_init=str(tmp_path / "enc"))
+    assert meta["image_encoder"] == "conv"            # the command's default is the demo's encoder
+    cfg = ModelConfig(with_caption=False, max_pool_head=True, image_encoder="conv", encoder_init=str(tmp_path / "enc"))
     from tasks.train import _build_model
 
     built = _build_model(cfg, ["a", "b"], None, [])     # another tag list: the encoder still fits
     saved = _encoder_state(_load(tmp_path / "enc"))
     assert all(torch.equal(built.state_dict()[k], v) for k, v in saved.items())
+    # a Swin model cannot start from a conv encoder: the error names the setting to fix
+    with pytest.raises(StoreError, match="model.image_encoder"):
+        _build_model(cfg.model_copy(update={"image_encoder": "swin"}), ["a", "b"], None, [])
+    bad = CliRunner().invoke(app, ["demo-encoder", "--out", str(tmp_path / "x"), "--image-encoder", "vit"])
+    assert bad.exit_code != 0 and "conv or swin" in bad.output
 
 
 def _load(folder):
