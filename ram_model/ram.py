@@ -78,7 +78,7 @@ class RAMConfig:
     # (ram_model/conv_encoder.py) with `conv_channels`, the tiny preset's option for a model that must learn
     # shapes on CPU (the demo's). Its input size stays `swin.image_size`, which every transform reads.
     image_encoder: str = "swin"
-    conv_channels: tuple[int, ...] = (32, 64, 128, 128)
+    conv_channels: tuple[int, ...] = (16, 32, 64, 128)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:

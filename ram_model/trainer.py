@@ -379,6 +379,9 @@ class Trainer:
         d = self.dist
         _seed_all(cfg.seed + d.rank)
         self.frozen = freeze_parameters(self.model, cfg.frozen_patterns)
+        # A frozen BatchNorm keeps its running statistics too (eval mode in every step): frozen is as it started
+        self.frozen_norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                             and m.affine and not m.weight.requires_grad]
         self.model.to(d.device)
         self.amp_dtype = _resolve_amp(cfg.amp, d.device)
         self.loss_module = _LossModule(self.model)
@@ -490,6 +493,8 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         accum = len(micro)
         self.loss_module.train()
+        for m in self.frozen_norms:
+            m.eval()
         total = None
         comps: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro):

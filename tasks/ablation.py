@@ -147,7 +147,8 @@ def identify(run) -> None:
         raise StoreError("ablation: the label versions use different label systems "
                          f"({', '.join(sorted({lv.ref for lv in lvs.values()}))}); models would not be comparable")
     budget = train_cfg.model_copy(update={"steps": cfg.steps or train_cfg.steps, "init": cfg.init,
-                                          "fine_tune_latest": False})
+                                          "fine_tune_latest": False, "freeze_encoder": train_cfg.freeze_encoder
+                                          if cfg.freeze_encoder is None else cfg.freeze_encoder})
     stat = truth_path.stat()
     run.config = {"ablation": section_dict(cfg), "model": section_dict(model_cfg), "train": section_dict(budget),
                   "evaluate": section_dict(evaluate_cfg),

@@ -130,6 +130,8 @@ class TrainConfig(Section):
     lr: float = Field(2e-3, gt=0)
     encoder_lr_scale: float = Field(0.1, gt=0)   # image encoder + image_proj learn at lr x this (a random tiny
                                                  # encoder trained at the head's lr collapses)
+    freeze_encoder: bool = False            # image encoder + image_proj stay as they start (model.encoder_init,
+                                            # train.init): only the head learns (cheaper: no encoder gradients)
     weight_decay: float = Field(0.05, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)    # gradient clipping (None: off); measured to help the tiny model
     warmup_steps: int = Field(20, ge=0)
@@ -227,6 +229,7 @@ class AblationSection(Section):
     seeds: list[int] = Field([0, 1, 2], min_length=2)   # one model per seed and version: mean +- std over seeds
     steps: int | None = Field(None, ge=1)   # training steps per model (None: train.steps)
     init: str | None = None                 # start of every model (None: from scratch, the model section)
+    freeze_encoder: bool | None = None      # every model keeps its start's image encoder (None: train.freeze_encoder)
 
 
 class OrchestrationConfig(Section):

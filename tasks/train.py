@@ -381,6 +381,8 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, wri
            "train": splits["train"], "image_size": image_size, "augment": cfg.augment,
            "caption_loss": cfg.caption_loss,  # no storage_options: credentials never reach the disk
            "loop": {"lr": cfg.lr, "lr_scales": [[r"^(visual_encoder|image_proj)\.", cfg.encoder_lr_scale]],
+                    "frozen_patterns": ["label_embed"] + ([r"^(visual_encoder|image_proj)\."] if cfg.freeze_encoder
+                                                         else []),
                     "weight_decay": cfg.weight_decay, "warmup_steps": cfg.warmup_steps,
                     "max_grad_norm": cfg.max_grad_norm,
                     "total_steps": cfg.steps, "batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps,

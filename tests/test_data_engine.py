@@ -340,6 +340,8 @@ def test_ablate_trains_a_model_per_label_version_and_seed(demo_loop_copy, tmp_pa
     assert table.num_rows == len([k for r in m["per_seed"] for k in r if k not in ("labels", "labels_ref", "seed",
                                                                                    "model")])
     assert {p.split("/")[0] for p in version.parents} == {"images", "parsed", "clean"}
+    # the demo's budget: every model keeps the shipped encoder frozen (ablation.freeze_encoder)
+    assert version.manifest["config"]["train"]["freeze_encoder"] is True
     # the two models trained before the crash were reused, not trained again
     assert sorted(v.id for v in store.versions("models/ablation-parsed")) == \
         sorted({r["model"].split("/")[-1] for r in m["per_seed"] if r["labels"] == "parsed"})

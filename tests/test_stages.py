@@ -205,7 +205,7 @@ def test_encoder_init_enters_the_model_version_by_its_weights(base, tmp_path, mo
         save_pretrained(RAM(RAMConfig.tiny(num_tags=len(tags), with_caption=False), tags=tags), tmp_path / "enc")
 
     model_cfg = cfg.model.model_copy(update={"encoder_init": str(tmp_path / "enc"), "with_caption": False,
-                                             "max_pool_head": False})
+                                             "max_pool_head": False, "image_encoder": "swin"})
     train_cfg = cfg.train.model_copy(update={"name": "enc-init", "caption_loss": False, "fine_tune_latest": False})
     save_encoder(0)
     first = train_stage(store, model_cfg, train_cfg, parsed, images).version
@@ -214,6 +214,37 @@ def test_encoder_init_enters_the_model_version_by_its_weights(base, tmp_path, mo
     second = train_stage(store, model_cfg, train_cfg, parsed, images)
     assert second.status == "written" and second.version.id != first.id
     assert second.version.manifest["config"]["encoder_init"] != first.manifest["config"]["encoder_init"]
+
+
+def test_a_frozen_encoder_trains_only_the_head(base, tmp_path, monkeypatch):
+    """train.freeze_encoder: the conv encoder (its BatchNorm statistics included) and image_proj come out as
+    model.encoder_init put them in; the head learns. Without it the encoder moves."""
+    import torch
+
+    from ram_model.checkpoint import from_pretrained, save_pretrained
+    from ram_model.ram import RAM, RAMConfig
+    from tasks.models import local_model_dir
+    from tasks.train import train_stage
+
+    monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
+    _, world, cfg, store, images, parsed = base
+    tags = Path(world.tag_list).read_text().split()
+    torch.manual_seed(0)
+    encoder = RAM(RAMConfig.tiny(num_tags=len(tags), with_caption=False, image_encoder="conv",
+                                 image_size=cfg.model.image_size), tags=tags)
+    save_pretrained(encoder, tmp_path / "enc")
+    start = {k: v for k, v in encoder.state_dict().items() if k.startswith(("visual_encoder.", "image_proj."))}
+    model_cfg = cfg.model.model_copy(update={"encoder_init": str(tmp_path / "enc"), "with_caption": False,
+                                             "image_encoder": "conv"})
+    runs = {}
+    for frozen in (True, False):
+        train_cfg = cfg.train.model_copy(update={"name": f"frozen-{frozen}", "caption_loss": False, "steps": 3,
+                                                 "fine_tune_latest": False, "freeze_encoder": frozen})
+        version = train_stage(store, model_cfg, train_cfg, parsed, images).version
+        runs[frozen] = from_pretrained(local_model_dir(version)).state_dict()
+    assert all(torch.equal(runs[True][k], v) for k, v in start.items())
+    assert any(not torch.equal(runs[False][k], v) for k, v in start.items())
+    assert not torch.equal(runs[True]["fc.weight"], encoder.state_dict()["fc.weight"])   # the head learned
 
 
 def test_generate_stage_reconciles_and_names_a_missing_shard(base, tmp_path, monkeypatch):
