@@ -337,7 +337,9 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
     emb_dir, emb = prepare_embedder(world, out, 1500, detector_minutes * 60, seed, say=say)
     say(f"      {emb_dir}: a small conv crop embedder, {emb['train'].get('steps')} training steps, held-out "
         f"nearest-centroid accuracy {emb['heldout'].get('nearest_centroid_accuracy', 0):.2f}")
-    enc_dir, enc = prepare_encoder(world, out, 3000, detector_minutes * 60, seed, say=say)
+    model_cfg = demo_config(out, world, det_dir, config_path, list(overrides)).model   # the encoder it must fit
+    enc_dir, enc = prepare_encoder(world, out, 3000, detector_minutes * 60, seed, image_size=model_cfg.image_size,
+                                   image_encoder=model_cfg.image_encoder, say=say)
     say(f"      {enc_dir}: the tagger's image encoder, pretrained {enc['train'].get('steps')} steps on another "
         f"world's truth (held-out mAP {enc['heldout'].get('mAP', 0):.2f}, shapes "
         f"{enc['heldout'].get('category_mAP', 0):.2f}); the baseline and the ablation's models start from it")

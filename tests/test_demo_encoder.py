@@ -129,6 +129,19 @@ def test_demo_encoder_command_pretrains_saves_and_is_reused(tmp_path):
     assert again == folder and json.loads((folder / ENCODER_META).read_text()) == saved   # trained once, reused
 
 
+
+def test_the_shipped_encoder_is_not_taken_for_another_encoder_kind(tmp_path):
+    """The demo's world, but a config asking for the tiny Swin: the shipped conv encoder would not load,
+    so the demo pretrains a Swin of its own."""
+    from flows.demo import SHIPPED_ENCODER, prepare_encoder
+    from tasks.demo_world import generate_world
+
+    world = generate_world(tmp_path / "w", 20, seed=3, fmt="webdataset")
+    folder, meta = prepare_encoder(world, tmp_path / "out", steps=2, time_limit_s=60, seed=0, image_encoder="swin")
+    assert folder != SHIPPED_ENCODER and meta["image_encoder"] == "swin" and meta["train"]["steps"] == 2
+    assert _load(folder).config.image_encoder == "swin"
+
+
 def test_the_demo_encoder_command_writes_a_loadable_encoder(tmp_path):
     from typer.testing import CliRunner
 
