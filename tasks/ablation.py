@@ -127,6 +127,23 @@ def ablation_stage(store: Store, model_cfg, train_cfg, evaluate_cfg, cfg, images
                progress=progress)
 
 
+def common_label_system(store: Store, lvs: Mapping[str, Version]) -> Version:
+    """The labels version shared by the compared label versions. Compared by content (tag names in id order),
+    not by version id: after a code upgrade the same tag list is committed again as a new labels version, and a
+    reused baseline's lineage still names the old one."""
+    from .labels import load_labels
+
+    tag_lists = {name: tuple(load_labels(store, lv).tags) for name, lv in lvs.items()}
+    if len(set(tag_lists.values())) != 1:
+        first = next(iter(tag_lists.values()))
+        differ = [f"{name} ({lvs[name].ref}, {len(tags)} tags)" for name, tags in tag_lists.items() if tags != first]
+        raise StoreError("ablation: the label versions use different label systems: "
+                         f"{', '.join(differ)} against {next(iter(lvs))} ({next(iter(lvs.values())).ref}, "
+                         f"{len(first)} tags); tag ids would not mean the same tags, so the models would not be "
+                         "comparable. Compare versions labelled with one label system.")
+    return next(iter(lvs.values()))
+
+
 def identify(run) -> None:
     """The budget, the ground truth (path, size, time) and the label versions compared."""
     from .config import section_dict
@@ -143,9 +160,7 @@ def identify(run) -> None:
     if missing:
         raise StoreError(f"ablation: {', '.join(missing)} has no labels version in its lineage (not a label version "
                          f"with tag_ids?); give parsed, generated or clean versions")
-    if len({lv.id for lv in lvs.values()}) != 1:
-        raise StoreError("ablation: the label versions use different label systems "
-                         f"({', '.join(sorted({lv.ref for lv in lvs.values()}))}); models would not be comparable")
+    labels_version = common_label_system(store, lvs)
     budget = train_cfg.model_copy(update={"steps": cfg.steps or train_cfg.steps, "init": cfg.init,
                                           "fine_tune_latest": False, "freeze_encoder": train_cfg.freeze_encoder
                                           if cfg.freeze_encoder is None else cfg.freeze_encoder})
@@ -155,7 +170,7 @@ def identify(run) -> None:
                   "truth": [str(truth_path.resolve()), stat.st_size, int(stat.st_mtime)],
                   "labels": {name: v.ref for name, v in label_versions.items()}}
     run.parents = [run.inputs["images"], *label_versions.values()]
-    run.state.update(truth_path=truth_path, budget=budget, labels_version=next(iter(lvs.values())))
+    run.state.update(truth_path=truth_path, budget=budget, labels_version=labels_version)
 
 
 def process(run, writer, task):

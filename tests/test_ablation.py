@@ -6,7 +6,8 @@ from collections import Counter
 import pytest
 
 from ram_model.labels import LabelSystem, build_label_system
-from tasks.ablation import mean_std, model_name, summarise, summary_markdown
+from storage import Store, StoreError
+from tasks.ablation import common_label_system, mean_std, model_name, summarise, summary_markdown
 from tasks.evaluate import removal_quality
 
 
@@ -108,3 +109,18 @@ def test_undeclared_types_come_from_the_parser_once():
     typed = declare_tag_types(LabelSystem(["dog", "beach", "red", "running"]), default_parser())
     assert typed.types[:3] == ["object", "scene", "attribute"]
     assert typed.types[3] in ("action", "unknown")
+
+
+def test_label_versions_compare_by_their_tag_lists_not_their_ids(tmp_path):
+    # After a code upgrade the same tag list is committed again as a new labels version while a reused baseline's
+    # lineage still names the old one: the demo rerun in its folder failed with "different label systems".
+    from tasks.labels import register_labels
+
+    store = Store(str(tmp_path / "store"))
+    before = register_labels(store, LabelSystem(["cat", "dog", "red"]), note="before the upgrade")
+    after = register_labels(store, LabelSystem(["cat", "dog", "red"]), note="after the upgrade")
+    assert before.id != after.id
+    assert common_label_system(store, {"parsed": after, "clean": before}) is after
+    other = register_labels(store, LabelSystem(["cat", "bird", "red"]))
+    with pytest.raises(StoreError, match=r"different label systems: clean \(labels/.*3 tags\) against parsed"):
+        common_label_system(store, {"parsed": after, "clean": other})
