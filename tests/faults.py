@@ -42,6 +42,14 @@ class _FullDiskWriter:
     def __getattr__(self, name):
         return getattr(self.raw, name)
 
+    def __setattr__(self, name, value):
+        # the writer's own fields stay here; anything else (the store sets `closed` on an abandoned S3 upload so
+        # its garbage collection does not finish it) belongs to the wrapped file, as it would without the fault
+        if name in ("raw", "plan"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.raw, name, value)
+
     def __enter__(self):
         return self
 
