@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -538,9 +539,9 @@ class Trainer:
     # -- main loop ------------------------------------------------------------------------
     def train(self, resume: bool = True) -> TrainResult:
         t_start = time.perf_counter()
-        self._build()
-        cfg, d = self.cfg, self.dist
         try:
+            self._build()       # inside: a group made before a bad config is found is destroyed too
+            cfg, d = self.cfg, self.dist
             step, epoch, consumed = 0, 0, 0
             resumed_from = None
             if resume:
@@ -607,8 +608,22 @@ class Trainer:
             return TrainResult(step, self.total_steps, epoch, consumed, last_loss, last_ckpt,
                                resumed_from, time.perf_counter() - t_start)
         finally:
-            if d.owns_group and dist.is_initialized():
-                dist.destroy_process_group()
+            self._release_process_group()
+
+    def _release_process_group(self) -> None:
+        """Unwrap DDP and destroy the group we made, here and now.
+
+        The DDP wrapper sits in a reference cycle and its Reducer holds the process group, so left to
+        the garbage collector the group's gloo threads are joined at some later moment: during
+        interpreter exit that aborts the process ("terminate called without an active exception",
+        pytorch/pytorch#179291); while the main thread holds the GIL that a gloo thread needs to free a
+        finished collective's tensors, it deadlocks (both seen in CI).
+        """
+        if isinstance(getattr(self, "loss_module", None), nn.parallel.DistributedDataParallel):
+            self.loss_module = self.loss_module.module
+            gc.collect()
+        if getattr(self, "dist", None) is not None and self.dist.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def format_duration(seconds: float) -> str:

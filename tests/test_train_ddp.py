@@ -38,6 +38,10 @@ def test_ddp_two_processes_follow_single_process(tmp_path):
     r0 = torch.load(results / "rank0.pt")
     r1 = torch.load(results / "rank1.pt")
 
+    # train() tore its group down itself: no DDP wrapper (whose Reducer holds the group) is left for a
+    # later garbage collection to free at a random moment, and the group is gone
+    assert [r["ddp_wrappers_left"] for r in (r0, r1)] == [0, 0]
+    assert [r["group_left"] for r in (r0, r1)] == [False, False]
     assert len(r0["losses"]) == 6 and r1["losses"] == []       # progress is reported on rank 0
     # same samples per global step, gradients averaged: only float rounding differs
     assert r0["losses"] == pytest.approx(single_losses, rel=1e-4)

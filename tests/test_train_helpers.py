@@ -6,6 +6,7 @@ tagger with RAM's training interface, and the DDP worker used by test_train_ddp.
 from __future__ import annotations
 
 import functools
+import gc
 import io
 import json
 import os
@@ -145,7 +146,11 @@ def ddp_worker(rank: int, world: int, port: int, shards, out_dir: str, cfg_kwarg
     from ram_model.trainer import LoopConfig, train
     model = make_model(seed=0)
     losses = []
+    gc.disable()     # so that what train() leaves behind is seen, not collected by chance
     train(model, stream_factory(shards), LoopConfig(**cfg_kwargs), out_dir,
           progress=lambda p: losses.append(p.loss))
-    torch.save({"losses": losses, "state": model.state_dict()},
+    left = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+    gc.enable()
+    torch.save({"losses": losses, "state": model.state_dict(), "ddp_wrappers_left": left,
+                "group_left": torch.distributed.is_initialized()},
                os.path.join(result_dir, f"rank{rank}.pt"))
