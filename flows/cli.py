@@ -309,8 +309,8 @@ def report(target: Optional[str] = typer.Argument(None, help="STAGE[@VERSION] (d
     if state.engine == "prefect":
         from flows.runtime import publish_report
 
-        if publish_report(path, version):
-            out.print("linked from the Prefect artifact ram-report")
+        if key := publish_report(path, version):
+            out.print(f"linked from the Prefect artifact {key}")
     out.print(f"report: {path}")
 
 

@@ -5,6 +5,7 @@ what the UI shows.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -122,9 +123,15 @@ def stage_progress(forward=None) -> StageProgress:
     return forward if isinstance(forward, StageProgress) else StageProgress(forward)
 
 
-def artifact_key(name: str) -> str:
-    """A Prefect artifact key (lowercase letters, digits, dashes) for a stage name."""
-    return "ram-" + re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+def artifact_key(name: str, store: Store | None = None) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) for a stage name. With a store, the key
+    ends in a digest of the store's URL: a key is one history in the Prefect UI, and several stores
+    (staging and production, two teams) served by one Prefect server must not share it. Progress
+    artifacts take no store: each belongs to one flow run, where it is shown."""
+    key = "ram-" + re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    if store is not None:
+        key += "-" + hashlib.sha256(store.full_url("").encode()).hexdigest()[:8]
+    return key
 
 # Transient I/O is retried inside the part work itself (tasks.stage.run_stage), the same under every engine.
 def gpu_stage(cfg: EngineConfig):
@@ -169,8 +176,9 @@ def publish(result: StageResult, report_path: str | None = None) -> None:
     report when one was written."""
     if FlowRunContext.get() is None:
         return
-    create_markdown_artifact(markdown=version_markdown(result, report_path), key=artifact_key(result.version.stage),
-                             description=f"{result.version.stage} version {result.version.id}")
+    v = result.version
+    create_markdown_artifact(markdown=version_markdown(result, report_path), key=artifact_key(v.stage, v.store),
+                             description=f"{v.stage} version {v.id} in {v.store.full_url('')}")
 
 
 def prefect_api_available() -> bool:
@@ -183,21 +191,23 @@ def prefect_api_available() -> bool:
     return bool(get_current_settings().api.url or FlowRunContext.get() or TaskRunContext.get())
 
 
-def publish_report(report_path: str | Path, version) -> bool:
-    """A `ram-report` artifact linking the HTML report of `version` (and where the version lives), when
-    a Prefect API is configured or a run is active; True when published. Never fails the caller."""
+def publish_report(report_path: str | Path, version) -> str | None:
+    """A `ram-report-<store digest>` artifact linking the HTML report of `version` (and where the version
+    lives), when a Prefect API is configured or a run is active; its key when published. Never fails the
+    caller."""
     if not prefect_api_available():
-        return False  # no server to keep it: a temporary one would start just for this
+        return None  # no server to keep it: a temporary one would start just for this
     uri = Path(report_path).resolve().as_uri()
+    key = artifact_key("report", version.store)
     try:
         create_markdown_artifact(
-            key="ram-report", description=f"report of {version.stage}@{version.id}",
+            key=key, description=f"report of {version.stage}@{version.id}",
             markdown=f"## report of {version.stage}@{version.id}\n\n[{uri}]({uri})\n\n"
                      f"store path: `{version.store.full_url(f'{version.stage}/{version.id}')}`\n")
     except Exception as exc:  # a report stays useful without its link in the UI
         log.warning("could not publish the report link to Prefect: %s: %s", type(exc).__name__, exc)
-        return False
-    return True
+        return None
+    return key
 
 
 def version_markdown(result: StageResult, report_path: str | None = None) -> str:

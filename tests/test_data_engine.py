@@ -2,6 +2,7 @@
 a rerun does no work, and new data is processed alone."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows.data_engine import STAGES, data_engine_flow
+from flows.runtime import artifact_key
 from storage import Store
 
 from tests.fixtures import DEMO_WORLD, demo_config, demo_overrides, demo_world_of
@@ -111,9 +113,17 @@ def test_loop_runs_as_prefect_flows_with_artifacts(demo_world, prefect_api, monk
     import asyncio
 
     keys = asyncio.run(artifact_keys())
-    assert {"ram-images", "ram-parsed", "ram-models-baseline", "ram-generated", "ram-regions", "ram-clean",
-            "ram-models-ram", "ram-evaluate"} <= keys
+    # a stage's key names the stage and ends in a digest of the store's URL
+    suffix = "-" + hashlib.sha256(Store(cfg.store.url).full_url("").encode()).hexdigest()[:8]
+    assert {f"ram-{s}{suffix}" for s in ("images", "parsed", "models-baseline", "generated", "regions", "clean",
+                                          "models-ram", "evaluate")} <= keys
     assert {"ram-images-progress", "ram-parsed-progress", "ram-models-baseline-training-progress"} <= keys
+    # A second store on the same server keeps histories of its own: no stage key is shared.
+    other = demo_config(demo_world, tmp_path / "other-store")
+    data_engine_flow(other, until_stage="parse")
+    other_keys = asyncio.run(artifact_keys()) - keys
+    assert {artifact_key(s, Store(other.store.url)) for s in ("images", "parsed")} == \
+        {k for k in other_keys if not k.endswith("-progress")}
 
     # A rerun reuses everything, and still publishes the baseline it reused.
     again = data_engine_flow(cfg)
@@ -125,13 +135,13 @@ def test_loop_runs_as_prefect_flows_with_artifacts(demo_world, prefect_api, monk
         async with get_client() as client:
             return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
-    assert len(asyncio.run(artifacts("ram-models-baseline"))) >= 2
-    evaluate = asyncio.run(artifacts("ram-evaluate"))[0].data
+    assert len(asyncio.run(artifacts(f"ram-models-baseline{suffix}"))) >= 2
+    evaluate = asyncio.run(artifacts(f"ram-evaluate{suffix}"))[0].data
     assert "| stage | n_keys | labels_per_key | precision | recall | f1 |" in evaluate, evaluate
     assert "[{" not in evaluate and "- markdown" not in evaluate and "_markdown" not in evaluate
     assert not re.search(r"\d\.\d{5,}", evaluate), "floats are rounded"
     assert f"store path: `{Store(cfg.store.url).full_url('evaluate/')}" in evaluate
-    parsed = asyncio.run(artifacts("ram-parsed"))[0].data
+    parsed = asyncio.run(artifacts(f"ram-parsed{suffix}"))[0].data
     top = re.search(r"\*\*top_tags\*\* \(most frequent first\): (.*)", parsed).group(1)
     counts = [int(n) for n in re.findall(r"\((\d+)\)", top)]
     assert counts == sorted(counts, reverse=True) and len(counts) > 1
@@ -141,8 +151,8 @@ def test_loop_runs_as_prefect_flows_with_artifacts(demo_world, prefect_api, monk
     from flows.runtime import publish_report
 
     page = tmp_path / "report" / "index.html"
-    assert publish_report(page, results["evaluate"].version)
-    link = asyncio.run(artifacts("ram-report"))[0].data
+    assert publish_report(page, results["evaluate"].version) == f"ram-report{suffix}"
+    link = asyncio.run(artifacts(f"ram-report{suffix}"))[0].data
     assert page.resolve().as_uri() in link and "evaluate/" in link
     with temporary_settings({PREFECT_API_URL: None}):
         assert not publish_report(page, results["evaluate"].version)  # no server: nothing to keep it

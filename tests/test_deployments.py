@@ -15,6 +15,7 @@ from prefect import flow
 
 from flows.deployments import (EVENT_IMAGES_COMMITTED, LOOP_DEPLOYMENT, RETRAIN_DEPLOYMENT, build_deployments,
                                emit_images_committed, serve_command, store_resource_id)
+from flows.runtime import artifact_key
 from storage import Store
 from tasks.config import ConfigError, EngineConfig, load_config
 
@@ -252,7 +253,7 @@ def test_served_retrain_deployment_runs_when_ingest_commits(prefect_api, tmp_pat
             artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[served.id])))
             bars = [a for a in artifacts if a.type == "progress"]
             assert bars and float(bars[0].data) == 100.0, [(a.key, a.type, a.data) for a in artifacts]
-            summary = next(a for a in artifacts if a.key == "ram-images")
+            summary = next(a for a in artifacts if a.key == artifact_key("images", Store(cfg.store.url)))
             assert "store path: `" in summary.data and "/images/" in summary.data
             console = (tmp_path / "serve.log").read_text()
             assert re.search(r"images: \d+/\d+ parts \(100 %\), .* ETA 0:00:00", console), console[-3000:]
