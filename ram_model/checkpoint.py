@@ -127,21 +127,8 @@ def load_official(path_or_state_dict, variant: str = "auto", config: RAMConfig |
     ram_tag_list_threshold.txt. Every tensor must find its place with its shape (strict); a model built
     without caption branch skips tag_encoder.* / text_decoder.* on purpose.
     """
-    if isinstance(path_or_state_dict, dict):
-        ckpt = path_or_state_dict
-    else:
-        ckpt = read_checkpoint(path_or_state_dict, map_location)
-    sd = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict) else ckpt
-    sd = {rename_official_key(k): v for k, v in sd.items() if not is_derived(k)}
-    tag_list = _read_lines(tags)
-    if config is None:
-        config = infer_config(sd, variant, image_size, num_tags=len(tag_list) if tag_list else None)
-    elif variant != "auto" and config.variant != variant:
-        raise ValueError(f"load_official: variant {variant!r} but config.variant {config.variant!r}")
-    thr = _read_lines(thresholds)
-    if tag_list is None and thr is None and config.variant in ("ram", "ram_plus"):
-        # the reference always applies its tag list and per-class threshold file to its own checkpoints
-        tag_list, thr = reference_tags_and_thresholds(config.num_tags)
+    sd = _official_state(path_or_state_dict, map_location)
+    config, tag_list, thr = official_card(sd, variant, config, image_size, tags, thresholds)
     # Built without a random init when every weight comes from the file (the init would be overwritten).
     skeleton_keys = _state_keys(config, tag_list, tokenizer)
     if skeleton_keys <= set(sd):
@@ -165,14 +152,49 @@ def load_official(path_or_state_dict, variant: str = "auto", config: RAMConfig |
         model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in mismatched}, strict=False)
     if skipped:
         log.info("load_official: skipped %d caption-branch tensors (model built without caption branch)", len(skipped))
-    if thr is None and config.variant == "tag2text":
-        model.class_threshold.copy_(tag2text_default_thresholds(model.tags))
-    if thr is not None:
-        vals = torch.tensor([float(x) for x in thr if str(x).strip() != ""])
-        if vals.numel() != config.num_tags:
-            raise ValueError(f"load_official: {vals.numel()} thresholds for {config.num_tags} tags")
-        model.class_threshold.copy_(vals)
+    model.class_threshold.copy_(torch.tensor(thr))
     return model
+
+
+def _official_state(path_or_state_dict, map_location="cpu") -> dict[str, torch.Tensor]:
+    """An official checkpoint's tensors under our names (memory-mapped when read from a zip-format file)."""
+    if isinstance(path_or_state_dict, dict):
+        ckpt = path_or_state_dict
+    else:
+        ckpt = read_checkpoint(path_or_state_dict, map_location)
+    sd = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict) else ckpt
+    return {rename_official_key(k): v for k, v in sd.items() if not is_derived(k)}
+
+
+def official_card(path_or_state_dict, variant: str = "auto", config: RAMConfig | None = None,
+                  image_size: int = 384, tags: Sequence[str] | str | Path | None = None,
+                  thresholds: Sequence[float] | str | Path | None = None) -> ModelCard:
+    """The config, tag list and per-class thresholds load_official gives an official checkpoint (same
+    arguments), read from its tensors' shapes without building the model: a memory-mapped file costs next
+    to no memory here, where loading it costs the model's size."""
+    sd = _official_state(path_or_state_dict)
+    tag_list = _read_lines(tags)
+    if config is None:
+        config = infer_config(sd, variant, image_size, num_tags=len(tag_list) if tag_list else None)
+    elif variant != "auto" and config.variant != variant:
+        raise ValueError(f"load_official: variant {variant!r} but config.variant {config.variant!r}")
+    thr = _read_lines(thresholds)
+    if tag_list is None and thr is None and config.variant in ("ram", "ram_plus"):
+        # the reference always applies its tag list and per-class threshold file to its own checkpoints
+        tag_list, thr = reference_tags_and_thresholds(config.num_tags)
+    if tag_list is None:
+        tag_list = [f"tag_{i}" for i in range(config.num_tags)]     # RAM's names for unnamed tags
+    if len(tag_list) != config.num_tags:
+        raise ValueError(f"load_official: {len(tag_list)} tags given but the checkpoint has {config.num_tags}")
+    if thr is not None:
+        values = [float(x) for x in thr if str(x).strip() != ""]
+        if len(values) != config.num_tags:
+            raise ValueError(f"load_official: {len(values)} thresholds for {config.num_tags} tags")
+    elif config.variant == "tag2text":
+        values = tag2text_default_thresholds(tag_list).tolist()
+    else:
+        values = [config.default_threshold] * config.num_tags
+    return ModelCard(config, list(tag_list), values)
 
 
 def fit_window_tables(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:

@@ -15,7 +15,8 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 
 from ram_model.devices import resolve_device
-from ram_model.checkpoint import MODEL_CARD_FILES, ModelCard, from_pretrained, load_official, read_model_card, save_pretrained
+from ram_model.checkpoint import (MODEL_CARD_FILES, ModelCard, from_pretrained, load_official, official_card,
+                                  read_model_card, save_pretrained)
 from ram_model.labels import LabelSystem
 from storage import Store, StoreError, Version
 
@@ -91,8 +92,7 @@ def load_model(store: Store, ref: str, device: str = "auto", tags_file: str | No
             # an official checkpoint outside the store: RAM's packaged tag list and thresholds by default
             model = load_official(ref, tags=tags_file, thresholds=thresholds_file, map_location=dev)
         else:
-            raise StoreError(f"model {ref!r} is neither a store ref (models/<name>[@version]), a folder written "
-                             f"by save_pretrained, nor a checkpoint file; check generate.baseline / train.init")
+            raise unknown_model(ref)
         model.eval()
         log.info("loaded model %s on %s", ref, dev)
         return model
@@ -109,9 +109,16 @@ def model_card(store: Store, ref: str) -> ModelCard:
         return read_model_card(local_model_dir(version, MODEL_CARD_FILES))
     if Path(ref).is_dir():
         return read_model_card(ref)
-    # an official checkpoint outside the store: its config is what its tensors imply, so it is loaded (cached)
-    model = load_model(store, ref)
-    return ModelCard(model.config, list(model.tags), [float(x) for x in model.class_threshold.cpu()])
+    if Path(ref).is_file():
+        # an official checkpoint outside the store: its config is what its tensors' shapes imply, and its tags
+        # and thresholds are RAM's packaged ones, as load_model gives it
+        return official_card(ref)
+    raise unknown_model(ref)
+
+
+def unknown_model(ref: str) -> StoreError:
+    return StoreError(f"model {ref!r} is neither a store ref (models/<name>[@version]), a folder written "
+                      f"by save_pretrained, nor a checkpoint file; check generate.baseline / train.init")
 
 
 def model_digest(version: Version | None, ref: str) -> str:

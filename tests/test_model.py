@@ -464,6 +464,35 @@ def test_official_checkpoint_gets_the_reference_thresholds_by_default(tmp_path):
     assert torch.all(own.class_threshold == 0.5)
 
 
+def test_official_card_is_what_loading_gives_without_building_the_model(tmp_path, monkeypatch):
+    """official_card reads config, tags and thresholds from a checkpoint's shapes and files by load_official's
+    rules (reference files for a 4,585-tag RAM, Tag2Text's defaults, explicit files), with no model built."""
+    from ram_model.checkpoint import official_card
+    from ram_model.labels import LabelSystem
+
+    ref = LabelSystem.default()
+    t2t_tags = ["person", "dog", "two", "grass", "man", "back"]
+    (tmp_path / "thr.txt").write_text("\n".join(["0.5"] * 6))
+    cases = [(RAMConfig.tiny(num_tags=len(ref), vocab_size=50, with_caption=False), {}),
+             (RAMConfig.tiny(num_tags=6, vocab_size=50, variant="tag2text"), {"tags": t2t_tags}),
+             (RAMConfig.tiny(num_tags=6, vocab_size=50), {"thresholds": tmp_path / "thr.txt"})]
+    for i, (cfg, kw) in enumerate(cases):
+        torch.save({"model": official_state_dict(RAM(cfg))}, tmp_path / f"{i}.pth")
+        loaded = load_official(tmp_path / f"{i}.pth", config=cfg, **kw)
+        with monkeypatch.context() as m:
+            m.setattr(RAM, "__init__", lambda *a, **k: pytest.fail("official_card built a model"))
+            card = official_card(tmp_path / f"{i}.pth", config=cfg, **kw)
+            inferred = official_card(tmp_path / f"{i}.pth", **kw)
+        assert card.tags == loaded.tags and card.config == loaded.config
+        assert card.thresholds == pytest.approx(loaded.class_threshold.tolist())
+        assert inferred.tags == card.tags and inferred.config.num_tags == cfg.num_tags
+    assert official_card(tmp_path / "1.pth", tags=t2t_tags).thresholds == pytest.approx([0.7, 0.68, 2.0, 0.68, 0.7, 2.0])
+    with pytest.raises(ValueError, match="5 tags given but the checkpoint has 6"):
+        official_card(tmp_path / "2.pth", config=cases[2][0], tags=t2t_tags[:5])
+    with pytest.raises(ValueError, match="6 thresholds for 4585 tags"):
+        official_card(tmp_path / "0.pth", thresholds=tmp_path / "thr.txt")
+
+
 def test_from_pretrained_reads_tensor_by_tensor_and_names_a_bad_file(tmp_path, tiny, monkeypatch):
     """Weights are copied one tensor at a time (never a whole-file state dict beside the model); a file whose
     tensors do not fit its config.json is refused naming the tensor."""

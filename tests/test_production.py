@@ -170,6 +170,7 @@ def test_model_card_reads_tags_and_thresholds_without_the_weights(toy_files, tmp
     model's config, tag list and thresholds, never its weights."""
     from ram_model.checkpoint import read_model_card, save_pretrained
     from ram_model.labels import LabelSystem
+    from ram_model.ram import RAM
     from storage import Store, StoreError
     from tasks.models import clear_worker_cache, import_official, load_model, model_card
 
@@ -193,6 +194,16 @@ def test_model_card_reads_tags_and_thresholds_without_the_weights(toy_files, tmp
     (tmp_path / "folder" / "thresholds.txt").unlink()
     with pytest.raises(FileNotFoundError, match="thresholds.txt is missing"):
         read_model_card(tmp_path / "folder")
+    # an official checkpoint outside the store: read from its tensors' shapes, no model built
+    official = load_model(store, cfg.generate.baseline)
+    clear_worker_cache()
+    with monkeypatch.context() as m:
+        m.setattr(RAM, "__init__", lambda *a, **k: pytest.fail("model_card built a model"))
+        from_file = model_card(store, cfg.generate.baseline)
+    assert from_file.config == official.config and from_file.tags == official.tags
+    assert from_file.thresholds == pytest.approx(official.class_threshold.tolist())
+    with pytest.raises(StoreError, match="neither a store ref"):
+        model_card(store, str(tmp_path / "missing.pth"))
 
 
 @pytest.mark.slow
