@@ -23,7 +23,7 @@ from tasks.models import import_official
 from tasks.progress import apply_torch_threads
 from tasks.stage import Stage, StageResult, section_of
 
-from .runners import default_workers, make_task_runner, shared_cluster
+from .runners import default_workers, make_task_runner, release_cached_models, shared_cluster
 from .runtime import as_config, gpu_stage, open_store, prefect_executor, publish, stage_progress
 
 log = logging.getLogger("ram_engine")
@@ -119,7 +119,10 @@ def _loop(cfg: EngineConfig, from_stage, until_stage, source, images_version, pr
 
     def run_step(name: str, stage, sections, inputs: dict, gpu: bool) -> Version:
         # Training is one process (or nproc_per_node); part stages run max_workers parts at once.
-        workers = cfg.train.nproc_per_node if name in ("baseline", "train") else default_workers(cfg.orchestration)
+        training = name in ("baseline", "train")
+        if training:
+            release_cached_models(cfg)
+        workers = cfg.train.nproc_per_node if training else default_workers(cfg.orchestration)
         apply_torch_threads(cfg.orchestration.torch_threads, workers)
         executor = None if stage.one_part else prefect_executor(stage.output_of(section_of(sections, stage.section)))
         with gpu_stage(cfg) if gpu else nullcontext():

@@ -94,6 +94,32 @@ def shared_cluster(cfg: EngineConfig) -> Iterator[EngineConfig]:
                                                                             cluster.scheduler_address})})
 
 
+def release_cached_models(cfg: EngineConfig | OrchestrationConfig) -> None:
+    """Drop the models the part workers keep between stages (baseline, CLIP, detector) before a training step:
+    training needs the memory (Swin-L weights, gradients and AdamW state), and the workers sit idle until it
+    ends. The next run loads them again (once per worker). Ray's workers are pooled by Ray and cannot be
+    addressed one by one, so there the cached models stay."""
+    from tasks.models import clear_worker_cache
+
+    dropped = clear_worker_cache()  # this process: the threads runner's workers and the CLI's own steps
+    oc = _orchestration(cfg)
+    if oc.task_runner == "dask" and oc.dask_address:
+        from distributed import Client
+
+        try:
+            with Client(oc.dask_address, set_as_default=False, timeout=30) as client:
+                per_worker = client.run(clear_worker_cache)
+        except Exception as exc:  # freeing memory is a nicety: training goes on without it
+            log.warning("could not release the cached models of the Dask workers at %s (%s: %s); training "
+                        "goes on beside them", oc.dask_address, type(exc).__name__, exc)
+            return
+        dropped += sum(per_worker.values())
+        log.info("released %d cached model(s) in this process and %d Dask worker(s) before training",
+                 dropped, len(per_worker))
+    elif dropped:
+        log.info("released %d cached model(s) before training", dropped)
+
+
 def with_task_runner(flow: Flow, cfg: EngineConfig | OrchestrationConfig) -> Flow:
     """A copy of `flow` that runs its tasks on the configured runner."""
     return flow.with_options(task_runner=make_task_runner(cfg))

@@ -5,6 +5,7 @@ A model is named in config as a store ref (`models/baseline@latest`), a local fo
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -46,11 +47,14 @@ def worker_cached(key: Any, factory: Callable[[], T]) -> T:
         return _cache[key]
 
 
-def clear_worker_cache() -> None:
-    """Drop every cached object in this process (tests, or to free a model's memory)."""
+def clear_worker_cache() -> int:
+    """Drop every cached object in this process (tests, or to free a model's memory); how many there were."""
     with _cache_guard:
+        dropped = len(_cache)
         _cache.clear()
         _cache_locks.clear()
+    gc.collect()    # a model in a reference cycle would otherwise keep its memory until a later collection
+    return dropped
 
 
 def cache_dir() -> Path:

@@ -67,7 +67,14 @@ def test_whole_loop_then_rerun_then_new_data(demo_loop_copy, monkeypatch, tmp_pa
     # New data lands: one more tar, beside the old ones. Stages with per-part work process only that part.
     grown = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={
         "source": new_tars(demo_loop_copy.demo, tmp_path / "world", N_GROWN)})})
+    import flows.data_engine as engine
+
+    order, real_run = [], engine._run
+    monkeypatch.setattr(engine, "release_cached_models", lambda cfg: order.append("release"))
+    monkeypatch.setattr(engine, "_run", lambda name, *a, **k: order.append(name) or real_run(name, *a, **k))
     third = data_engine_flow.fn(grown)
+    # the part workers' cached models are released before training (it needs the memory), and only then
+    assert order == ["ingest", "parse", "generate", "ground", "embed", "clean", "release", "train", "evaluate"]
     assert third["ingest"].version.manifest["rows_out"] == N_GROWN
     for step in ("ingest", "parse", "generate", "ground", "embed"):
         assert (third[step].parts_written, third[step].parts_reused) == (1, N_FIRST // PER_SHARD), step

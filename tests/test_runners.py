@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import threading
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 from prefect import flow, task
 
-from flows.runners import RunnerConfigError, gpu_slot, make_task_runner, with_task_runner
+from flows.runners import RunnerConfigError, gpu_slot, make_task_runner, release_cached_models, with_task_runner
 from tasks.models import clear_worker_cache, worker_cached
 from tasks.config import ConfigError, EngineConfig, load_config
 
@@ -151,6 +152,33 @@ def test_worker_cache_loads_once_per_dask_worker_process(prefect_api, dask_clust
     assert sorted(built) == sorted({str(p) for p in pids}), "one factory call per worker process that ran tasks"
     assert len(set(built)) == len(built)
     assert len({obj for pid, obj in results if pid == pids[0]}) == 1
+
+
+def test_cached_models_are_released_in_every_dask_worker_before_training(prefect_api, dask_cluster, tmp_path, caplog, monkeypatch):
+    """The workers' cached models (loaded by part tasks) are dropped in every worker process, and in this one."""
+    from distributed import Client
+
+    from tasks.models import _cache
+
+    cfg = load_config(None, ["orchestration.task_runner=dask", f"orchestration.dask_address={dask_cluster}"])
+    with_task_runner(many_parts, cfg)(8, str(tmp_path / "factory.log"))
+    worker_cached("in-this-process", lambda: object())
+    with Client(dask_cluster, set_as_default=False) as client:
+        before = client.run(lambda: len(_cache))
+        assert sum(before.values()) >= 1, before
+        release_cached_models(cfg)
+        assert set(client.run(lambda: len(_cache)).values()) == {0}
+    assert not _cache
+    # a cluster gone away (the connection refused at once, not after the 30 s a real attempt waits): a
+    # warning naming it, and training goes on
+    def refused(address, **kw):
+        raise OSError(f"Timed out trying to connect to {address}")
+
+    monkeypatch.setattr("distributed.Client", refused)
+    gone = load_config(None, ["orchestration.task_runner=dask", "orchestration.dask_address=tcp://127.0.0.1:9"])
+    with caplog.at_level(logging.WARNING, logger="ram_engine"):
+        release_cached_models(gone)
+    assert "could not release the cached models of the Dask workers at tcp://127.0.0.1:9" in caplog.text
 
 
 def test_worker_cache_retries_a_failed_factory():
