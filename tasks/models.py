@@ -177,6 +177,9 @@ def import_official(store: Store, path: str, model_cfg, name: str):
 
     files = {k: model_digest(None, v) if v else None for k, v in official_files(model_cfg).items()}
     config = {"source": model_digest(None, path), "files": files, "image_size": model_cfg.image_size}
+    # A hand-written code version, unlike the stages' digests: a digest would re-import the checkpoint on every
+    # edit of this module's import closure, and the new baseline version would make every downstream stage
+    # redo all its parts, for the same weights. Bump it when the conversion's output changes.
     writer = store.begin(f"models/{name}", code_version="import-official-1", config=config)
     if writer.committed is not None:
         return StageResult(writer.committed, "reused")
