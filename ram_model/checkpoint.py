@@ -127,7 +127,7 @@ def load_official(path_or_state_dict, variant: str = "auto", config: RAMConfig |
     ram_tag_list_threshold.txt. Every tensor must find its place with its shape (strict); a model built
     without caption branch skips tag_encoder.* / text_decoder.* on purpose.
     """
-    sd = _official_state(path_or_state_dict, map_location)
+    sd = read_official_state(path_or_state_dict, map_location)
     config, tag_list, thr = official_card(sd, variant, config, image_size, tags, thresholds)
     # Built without a random init when every weight comes from the file (the init would be overwritten).
     skeleton_keys = _state_keys(config, tag_list, tokenizer)
@@ -156,7 +156,7 @@ def load_official(path_or_state_dict, variant: str = "auto", config: RAMConfig |
     return model
 
 
-def _official_state(path_or_state_dict, map_location="cpu") -> dict[str, torch.Tensor]:
+def read_official_state(path_or_state_dict, map_location="cpu") -> dict[str, torch.Tensor]:
     """An official checkpoint's tensors under our names (memory-mapped when read from a zip-format file)."""
     if isinstance(path_or_state_dict, dict):
         ckpt = path_or_state_dict
@@ -172,7 +172,7 @@ def official_card(path_or_state_dict, variant: str = "auto", config: RAMConfig |
     """The config, tag list and per-class thresholds load_official gives an official checkpoint (same
     arguments), read from its tensors' shapes without building the model: a memory-mapped file costs next
     to no memory here, where loading it costs the model's size."""
-    sd = _official_state(path_or_state_dict)
+    sd = read_official_state(path_or_state_dict)
     tag_list = _read_lines(tags)
     if config is None:
         config = infer_config(sd, variant, image_size, num_tags=len(tag_list) if tag_list else None)

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import gc
 import logging
 import math
 import os
 import random
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,7 +313,39 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """The bytes of the distinct tensor storages in a nested checkpoint: about its size on disk."""
+    seen: dict[int, int] = {}
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            st = x.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(obj)
+    return sum(seen.values())
+
+
+def _check_free_space(obj: Any, path: Path) -> None:
+    """Refuse, naming the folder and the sizes, a checkpoint its disk cannot hold: torch.save on a full disk
+    fails deep in its zip writer ("enforce fail at inline_container.cc … unexpected pos"), which names
+    neither the disk nor the cause."""
+    need = _tensor_bytes(obj)
+    free = shutil.disk_usage(path.parent).free
+    if need > free:
+        raise OSError(errno.ENOSPC, f"no room for the checkpoint {path}: it needs ~{need / 1e9:.2f} GB, and "
+                                    f"{free / 1e9:.2f} GB are free on that disk; free space there, or give the "
+                                    f"training work folder a larger disk (the engine's: RAM_ENGINE_CACHE)")
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
+    _check_free_space(obj, path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:

@@ -146,8 +146,7 @@ def check_official_checkpoint(path: str, cfg: EngineConfig, report: CheckReport,
     Returns the tag list, or None."""
     import torch
 
-    from ram_model.checkpoint import (fit_window_tables, infer_config, is_derived, read_checkpoint,
-                                      rename_official_key, state_dict_problems)
+    from ram_model.checkpoint import fit_window_tables, infer_config, read_official_state, state_dict_problems
     from ram_model.labels import LabelSystem
     from ram_model.ram import RAM
 
@@ -158,12 +157,10 @@ def check_official_checkpoint(path: str, cfg: EngineConfig, report: CheckReport,
     if labels is None:
         return None
     try:
-        ckpt = read_checkpoint(path)
+        sd = read_official_state(path)
     except Exception as e:
         report.bad(field_, path, f"{e}")
         return None
-    sd = ckpt["model"] if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) else ckpt
-    sd = {rename_official_key(k): v for k, v in sd.items() if not is_derived(k)}
     try:
         config = infer_config(sd, "auto", m.image_size, num_tags=len(labels))
         with torch.device("meta"):
@@ -340,6 +337,47 @@ def check_orchestration(cfg: EngineConfig, report: CheckReport, serve: bool) -> 
                        "the URL")
 
 
+def check_training_space(cfg: EngineConfig, report: CheckReport, store_ok: bool) -> None:
+    """Room in the training work folder for the model train.init names: each checkpoint is the weights plus
+    AdamW's two moments (3× the weights); the trainer keeps two and writes a third before dropping the oldest
+    (fewer when train.steps makes fewer), beside a copy of the initial weights and the final model. A disk
+    that cannot hold them fails hours in, at a checkpoint."""
+    import shutil
+
+    import torch
+
+    from ram_model.ram import RAM
+    from ram_model.trainer import LoopConfig
+    from storage import Store
+
+    from .models import cache_dir, model_card
+
+    ref = cfg.train.init
+    if ref == f"models/{cfg.generate.baseline_name}" and cfg.generate.baseline:
+        ref = cfg.generate.baseline  # the loop imports the baseline under that name
+    if not ref or not store_ok:
+        return  # a model trained from scratch at model.preset is the demo's size
+    try:
+        card = model_card(Store(cfg.store.url, **cfg.store.storage_options), ref)
+    except Exception:  # noqa: BLE001 - the model's own check names what is wrong with it
+        return
+    with torch.device("meta"):
+        weights = sum(p.numel() * p.element_size() for p in RAM(card.config, tags=card.tags).parameters())
+    written = -(-cfg.train.steps // cfg.train.checkpoint_every_steps)  # one every N steps, and at the last
+    at_once = min(written, LoopConfig.keep_checkpoints + 1)  # the engine trains with the default
+    need = (3 * at_once + 2) * weights
+    folder = cache_dir() / "train"
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        report.bad("RAM_ENGINE_CACHE", folder, f"training {ref} needs ~{need / 1e9:.1f} GB there ({at_once} "
+                   f"checkpoint(s) of 3× its {weights / 1e9:.2f} GB of weights, and two copies of them) and "
+                   f"{free / 1e9:.1f} GB are free: free space, or set RAM_ENGINE_CACHE to a folder on a larger disk")
+    else:
+        report.ok.append(f"training work folder {folder}: {free / 1e9:.0f} GB free for ~{need / 1e9:.1f} GB of "
+                         f"checkpoints of {ref}")
+
+
 def check_config(cfg: EngineConfig, serve: bool = False) -> CheckReport:
     """Open every component `cfg` names; the report lists what opened and each problem."""
     report = CheckReport()
@@ -367,6 +405,7 @@ def check_config(cfg: EngineConfig, serve: bool = False) -> CheckReport:
             report.ok.append(f"baseline tags vs parse.labels: all {len(tags)} in the label system")
     if cfg.train.init:
         check_model_ref(cfg.train.init, cfg, report, "train.init", store_ok, made_here)
+    check_training_space(cfg, report, store_ok)
     check_detector(cfg, report)
     if cfg.clean.embedder.kind == "clip":
         if not cfg.clean.embedder.model:

@@ -3,6 +3,7 @@ into the store. Cheap: the stand-in files here are toy-sized in their real forma
 the real-size run is tests/test_production_e2e.py."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
@@ -77,7 +78,7 @@ def test_check_passes_on_a_complete_configuration(toy_files, tmp_path):
     text = out.output
     for what in ("store ", "generate.baseline ", "every tensor in place", "model.tokenizer ", "30524 ids",
                  "baseline tags vs parse.labels: all 4585", "ground.detector.model ", "grounding-dino",
-                 "clean.embedder.model ", "the configuration is ready"):
+                 "clean.embedder.model ", "training work folder ", "the configuration is ready"):
         assert what in text, what
 
 
@@ -136,6 +137,29 @@ def test_check_finds_a_checkpoint_that_does_not_fit(toy_files, tmp_path):
     found = _problems(load_config("production", base + [f"model.tag_list={tmp_path / 'ten.txt'}",
                                                         "model.tag_list_chinese=null", "model.thresholds=null"]))
     assert "per-class thresholds" in found["model.thresholds"]
+
+
+def test_check_finds_a_disk_too_small_for_the_checkpoints(toy_files, tmp_path, monkeypatch):
+    """The training work folder must hold the checkpoints of the model train.init names (3× its weights each,
+    up to three at once, plus two copies of the weights); a smaller disk is named before the night run."""
+    import shutil
+
+    monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
+    cfg = load_config("production", overrides(toy_files, tmp_path / "store") + ["train.steps=500",
+                                                                               "train.checkpoint_every_steps=100"])
+    report = check_config(cfg)
+    line = next(ok for ok in report.ok if ok.startswith("training work folder"))
+    need = float(re.search(r"for ~([0-9.]+) GB", line).group(1)) * 1e9
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=int(need / 2)))
+    found = _problems(cfg)
+    assert set(found) == {"RAM_ENGINE_CACHE"}, found
+    assert re.search(r"RAM_ENGINE_CACHE: .*cache/train: training .*\.pth needs ~[0-9.]+ GB there \(3 checkpoint\(s\) "
+                     r"of 3× its [0-9.]+ GB of weights, and two copies of them\) and [0-9.]+ GB are free: free "
+                     r"space, or set RAM_ENGINE_CACHE", found["RAM_ENGINE_CACHE"]), found["RAM_ENGINE_CACHE"]
+    # one step makes one checkpoint: 5× the weights fit where 11× did not
+    one = load_config("production", overrides(toy_files, tmp_path / "store") + ["train.steps=1"])
+    assert _problems(one) == {}
 
 
 def test_compose_worker_checks_before_serving():

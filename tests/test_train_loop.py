@@ -205,3 +205,25 @@ def test_unreadable_latest_checkpoint_falls_back(shards, tmp_path):
     assert res.resumed_from.endswith("step_00000002.pt") and [s for s, _, _ in log] == [3, 4]
     assert not stale.exists()
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_refused_by_name(shards, tmp_path, monkeypatch):
+    """A full disk is named with the folder and the sizes, before a byte is written (torch.save itself fails
+    deep in its zip writer with "unexpected pos"), and no partial file is left; with room it saves."""
+    import shutil
+
+    import ram_model.trainer as trainer
+
+    model = make_model(seed=0)
+    need = trainer._tensor_bytes({"model": model.state_dict(), "again": model.state_dict()})
+    assert need == sum(t.untyped_storage().nbytes() for t in model.state_dict().values())  # shared storage once
+    real = shutil.disk_usage
+    monkeypatch.setattr(trainer.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=need // 2))
+    with pytest.raises(OSError, match=r"no room for the checkpoint .*step_00000002\.pt: it needs ~0\.\d+ GB, "
+                                      r"and 0\.\d+ GB are free on that disk"):
+        _run(shards, tmp_path, _cfg(total_steps=3))
+    assert not [p for p in (tmp_path / "checkpoints").iterdir()]
+    monkeypatch.setattr(trainer.shutil, "disk_usage", real)
+    _, _, res = _run(shards, tmp_path, _cfg(total_steps=3))
+    assert res.step == 3 and res.checkpoint.endswith("step_00000003.pt")
