@@ -85,6 +85,7 @@ class ReportData:
     evaluation: list[dict[str, Any]] = field(default_factory=list)            # e.g. evaluate.ablation_table rows
     cleaning_removal: list[dict[str, Any]] = field(default_factory=list)      # evaluate.removal_quality rows
     ablation: list[dict[str, Any]] = field(default_factory=list)              # tasks.ablation.summarise rows
+    ablation_note: str = ""                                                    # tasks.ablation.heldout_note
     # tag -> {"added": n, "<reason>": n, ...}: what generation added and cleaning removed, per reason
     tag_changes: dict[str, dict[str, int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -483,6 +484,8 @@ def data_engine_sections(data: ReportData, out: Path) -> list[str]:
                                    + (" (> 2 std)" if r.get("gain_over_2std") else ""))
             rows.append(row)
         body.append(_table(rows, "ablation"))
+        if data.ablation_note:
+            body.append(f'<p class="legend">{html.escape(data.ablation_note)}</p>')
         ablation_chart(data.ablation).save(out / "figures" / "ablation.png")
         body.append('<img src="figures/ablation.png" alt="held-out mAP per label version">')
     return body
@@ -577,7 +580,8 @@ def build_report(store, version, out_dir: str | Path, *, truth_path: str | None 
     data = ReportData(title=f"RAM data engine: {version.stage}@{version.id}", stages=stages,
                       tag_histograms=histograms, samples=samples, crops_by_tag=crops_by_tag, evaluation=evaluation,
                       notes=list(notes), cleaning_removal=removal, tag_changes=tag_changes,
-                      ablation=list(ablation.manifest["metrics"]["summary"]) if ablation is not None else [])
+                      ablation=list(ablation.manifest["metrics"]["summary"]) if ablation is not None else [],
+                      ablation_note=ablation.manifest["metrics"].get("note", "") if ablation is not None else "")
     return render_report(data, out_dir)
 
 

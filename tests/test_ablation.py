@@ -7,7 +7,7 @@ import pytest
 
 from ram_model.labels import LabelSystem, build_label_system
 from storage import Store, StoreError
-from tasks.ablation import common_label_system, mean_std, model_name, summarise, summary_markdown
+from tasks.ablation import common_label_system, heldout_note, mean_std, model_name, summarise, summary_markdown
 from tasks.evaluate import removal_quality
 
 
@@ -30,6 +30,14 @@ def test_summary_is_mean_and_std_over_seeds_with_the_gain_test():
     assert cleaned["mAP_gain_std"] == pytest.approx(0.01)   # paired by seed: 0.10, 0.09, 0.08
     assert mean_std([0.3]) == (0.3, 0.0)
     assert model_name("parsed+generated") == "ablation-parsed-generated"
+
+
+def test_the_table_says_how_many_held_out_keys_it_rests_on():
+    rows = summarise(seed_rows("parsed", [0.50, 0.52]) + seed_rows("cleaned", [0.60, 0.61]))
+    few, many = heldout_note(55, 0.1), heldout_note(200, 0.33)
+    assert few.startswith("Scored on 55 held-out keys with ground truth (train.holdout_fraction 0.1). Fewer than 100")
+    assert many == "Scored on 200 held-out keys with ground truth (train.holdout_fraction 0.33)."
+    assert summary_markdown(rows, few).endswith("\n" + few + "\n") and summary_markdown(rows).endswith("|\n")
 
 
 def test_the_gain_must_pass_both_readings_of_two_std():

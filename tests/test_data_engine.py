@@ -353,6 +353,9 @@ def test_ablate_trains_a_model_per_label_version_and_seed(demo_loop_copy, tmp_pa
     assert [r["labels"] for r in m["summary"]] == ["parsed", "cleaned"]
     assert "mAP_std" in m["summary"][0] and "mAP_gain" in m["summary"][1]
     assert "| parsed | 2 |" in out.output                            # the printed table
+    # under it, how many held-out keys the figures rest on (the test world's few, with the warning)
+    assert m["heldout_keys"] < 100
+    assert f"Scored on {m['heldout_keys']} held-out keys with ground truth" in out.output and "Fewer than 100" in out.output
     table = version.read_table()
     assert table.num_rows == len([k for r in m["per_seed"] for k in r if k not in ("labels", "labels_ref", "seed",
                                                                                    "model")])
@@ -373,6 +376,7 @@ def test_ablate_trains_a_model_per_label_version_and_seed(demo_loop_copy, tmp_pa
     assert 'id="ablation"' in html and "figures/ablation.png" in html and (tmp_path / "report" / "figures" /
                                                                             "ablation.png").stat().st_size > 0
     assert 'id="cleaning-removal"' in html and "baseline-disagrees" in html
+    assert f"Scored on {m['heldout_keys']} held-out keys" in html
 
 
 def test_ablate_says_what_is_missing(demo_loop_copy, tmp_path):
