@@ -6,7 +6,7 @@ The named baseline is the parsed labels; the truth arm is the ceiling any cleani
 the cleaned arm's mAP gain over parsed divided by the truth arm's gain (1.0: cleaning took all the room there was).
 
     ram-engine demo --out /tmp/demo            # or any run with a ground truth (evaluate.ground_truth)
-    python benchmarks/ablation_ceiling.py /tmp/demo/ram-engine.yaml
+    python benchmarks/ablation_ceiling.py /tmp/demo/ram-engine.yaml [--set ablation.seeds=[0,1,2,3,4] ...]
 """
 from __future__ import annotations
 
@@ -51,8 +51,10 @@ def truth_label_version(store, cfg, parsed):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config", help="the run's config (a demo folder's ram-engine.yaml)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="override a config field, as ram-engine --set does (e.g. ablation.holdout_fraction=0.5)")
     args = ap.parse_args()
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     store = open_store(cfg)
     arms = latest_label_versions(store)
     parsed, cleaned = arms["parsed"], arms["cleaned"]

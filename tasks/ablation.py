@@ -96,12 +96,13 @@ def summarise(per_seed: list[dict], baseline: str | None = None) -> list[dict]:
 FEW_HELDOUT_KEYS = 100
 
 
-def heldout_note(n_keys: int, holdout_fraction: float) -> str:
-    """How many held-out keys the figures rest on, with a warning when they are few."""
-    note = f"Scored on {n_keys} held-out keys with ground truth (train.holdout_fraction {holdout_fraction:g})."
+def heldout_note(n_keys: int, holdout_fraction: float, field: str = "train.holdout_fraction") -> str:
+    """How many held-out keys the figures rest on (and the config field that held them out), with a warning
+    when they are few."""
+    note = f"Scored on {n_keys} held-out keys with ground truth ({field} {holdout_fraction:g})."
     if n_keys < FEW_HELDOUT_KEYS:
         note += (f" Fewer than {FEW_HELDOUT_KEYS}: these figures move with which keys are held out as much as with "
-                 "the labels; raise train.holdout_fraction or add data with ground truth before deciding.")
+                 "the labels; raise ablation.holdout_fraction or add data with ground truth before deciding.")
     return note
 
 
@@ -178,7 +179,8 @@ def identify(run) -> None:
     labels_version = common_label_system(store, lvs)
     budget = train_cfg.model_copy(update={"steps": cfg.steps or train_cfg.steps, "init": cfg.init,
                                           "fine_tune_latest": False, "freeze_encoder": train_cfg.freeze_encoder
-                                          if cfg.freeze_encoder is None else cfg.freeze_encoder})
+                                          if cfg.freeze_encoder is None else cfg.freeze_encoder,
+                                          "holdout_fraction": cfg.holdout_fraction or train_cfg.holdout_fraction})
     stat = truth_path.stat()
     run.config = {"ablation": section_dict(cfg), "model": section_dict(model_cfg), "train": section_dict(budget),
                   "evaluate": section_dict(evaluate_cfg),
@@ -205,7 +207,8 @@ def process(run, writer, task):
     held = {k for k in truth if k in image_keys and is_holdout(k, budget.holdout_fraction)}
     if not held:
         raise StoreError(f"ablation: no held-out key of {images.ref} has ground truth in {truth_path} "
-                         f"(train.holdout_fraction {budget.holdout_fraction}); the truth must cover the data")
+                         f"(holdout fraction {budget.holdout_fraction}: ablation.holdout_fraction, else "
+                         f"train.holdout_fraction); the truth must cover the data")
     groups: dict[str, list[str]] = {}
     for i, tag in enumerate(labels.tags):
         groups.setdefault(labels.type_of(i), []).append(tag)
@@ -234,7 +237,8 @@ def process(run, writer, task):
             if progress is not None:
                 progress(STAGE.output, len(per_seed), total)
     summary = summarise(per_seed)
-    note = heldout_note(len(held), budget.holdout_fraction)
+    note = heldout_note(len(held), budget.holdout_fraction,
+                        "ablation.holdout_fraction" if cfg.holdout_fraction else "train.holdout_fraction")
     if len(held) < FEW_HELDOUT_KEYS:
         log.warning("ablation: %s", note)
     table = pa.Table.from_pylist(records, schema=ABLATION)

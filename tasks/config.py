@@ -230,6 +230,7 @@ class AblationSection(Section):
     steps: int | None = Field(None, ge=1)   # training steps per model (None: train.steps)
     init: str | None = None                 # start of every model (None: from scratch, the model section)
     freeze_encoder: bool | None = None      # every model keeps its start's image encoder (None: train.freeze_encoder)
+    holdout_fraction: float | None = Field(None, gt=0, lt=1)  # keys scored, not trained on (None: train.holdout_fraction)
 
 
 class OrchestrationConfig(Section):

@@ -34,9 +34,10 @@ def test_summary_is_mean_and_std_over_seeds_with_the_gain_test():
 
 def test_the_table_says_how_many_held_out_keys_it_rests_on():
     rows = summarise(seed_rows("parsed", [0.50, 0.52]) + seed_rows("cleaned", [0.60, 0.61]))
-    few, many = heldout_note(55, 0.1), heldout_note(200, 0.33)
+    few, many = heldout_note(55, 0.1), heldout_note(200, 0.33, "ablation.holdout_fraction")
     assert few.startswith("Scored on 55 held-out keys with ground truth (train.holdout_fraction 0.1). Fewer than 100")
-    assert many == "Scored on 200 held-out keys with ground truth (train.holdout_fraction 0.33)."
+    assert "raise ablation.holdout_fraction" in few
+    assert many == "Scored on 200 held-out keys with ground truth (ablation.holdout_fraction 0.33)."
     assert summary_markdown(rows, few).endswith("\n" + few + "\n") and summary_markdown(rows).endswith("|\n")
 
 

@@ -353,9 +353,12 @@ def test_ablate_trains_a_model_per_label_version_and_seed(demo_loop_copy, tmp_pa
     assert [r["labels"] for r in m["summary"]] == ["parsed", "cleaned"]
     assert "mAP_std" in m["summary"][0] and "mAP_gain" in m["summary"][1]
     assert "| parsed | 2 |" in out.output                            # the printed table
-    # under it, how many held-out keys the figures rest on (the test world's few, with the warning)
-    assert m["heldout_keys"] < 100
-    assert f"Scored on {m['heldout_keys']} held-out keys with ground truth" in out.output and "Fewer than 100" in out.output
+    # under it, how many held-out keys the figures rest on (the test world's few, with the warning), held out by
+    # the ablation's own fraction (the demo config's), which its models trained without
+    assert cfg.ablation.holdout_fraction == 0.33 != cfg.train.holdout_fraction
+    assert version.manifest["config"]["train"]["holdout_fraction"] == 0.33 and m["heldout_keys"] < 100
+    assert (f"Scored on {m['heldout_keys']} held-out keys with ground truth (ablation.holdout_fraction 0.33). "
+            "Fewer than 100") in " ".join(out.output.split())
     table = version.read_table()
     assert table.num_rows == len([k for r in m["per_seed"] for k in r if k not in ("labels", "labels_ref", "seed",
                                                                                    "model")])
