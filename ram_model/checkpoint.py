@@ -128,7 +128,7 @@ def load_official(path_or_state_dict, variant: str = "auto", config: RAMConfig |
     without caption branch skips tag_encoder.* / text_decoder.* on purpose.
     """
     sd = read_official_state(path_or_state_dict, map_location)
-    config, tag_list, thr = official_card(sd, variant, config, image_size, tags, thresholds)
+    config, tag_list, thr = _card_of_state(sd, variant, config, image_size, tags, thresholds)
     # Built without a random init when every weight comes from the file (the init would be overwritten).
     skeleton_keys = _state_keys(config, tag_list, tokenizer)
     if skeleton_keys <= set(sd):
@@ -172,7 +172,12 @@ def official_card(path_or_state_dict, variant: str = "auto", config: RAMConfig |
     """The config, tag list and per-class thresholds load_official gives an official checkpoint (same
     arguments), read from its tensors' shapes without building the model: a memory-mapped file costs next
     to no memory here, where loading it costs the model's size."""
-    sd = read_official_state(path_or_state_dict)
+    return _card_of_state(read_official_state(path_or_state_dict), variant, config, image_size, tags, thresholds)
+
+
+def _card_of_state(sd: dict[str, torch.Tensor], variant: str, config: RAMConfig | None, image_size: int,
+                   tags, thresholds) -> ModelCard:
+    """official_card of a state dict already read by read_official_state (load_official has one in hand)."""
     tag_list = _read_lines(tags)
     if config is None:
         config = infer_config(sd, variant, image_size, num_tags=len(tag_list) if tag_list else None)

@@ -181,13 +181,14 @@ def identify(run) -> None:
                                           "fine_tune_latest": False, "freeze_encoder": train_cfg.freeze_encoder
                                           if cfg.freeze_encoder is None else cfg.freeze_encoder,
                                           "holdout_fraction": cfg.holdout_fraction or train_cfg.holdout_fraction})
+    holdout_field = "ablation.holdout_fraction" if cfg.holdout_fraction else "train.holdout_fraction"
     stat = truth_path.stat()
     run.config = {"ablation": section_dict(cfg), "model": section_dict(model_cfg), "train": section_dict(budget),
                   "evaluate": section_dict(evaluate_cfg),
                   "truth": [str(truth_path.resolve()), stat.st_size, int(stat.st_mtime)],
                   "labels": {name: v.ref for name, v in label_versions.items()}}
     run.parents = [run.inputs["images"], *label_versions.values()]
-    run.state.update(truth_path=truth_path, budget=budget, labels_version=labels_version)
+    run.state.update(truth_path=truth_path, budget=budget, holdout_field=holdout_field, labels_version=labels_version)
 
 
 def process(run, writer, task):
@@ -207,8 +208,7 @@ def process(run, writer, task):
     held = {k for k in truth if k in image_keys and is_holdout(k, budget.holdout_fraction)}
     if not held:
         raise StoreError(f"ablation: no held-out key of {images.ref} has ground truth in {truth_path} "
-                         f"(holdout fraction {budget.holdout_fraction}: ablation.holdout_fraction, else "
-                         f"train.holdout_fraction); the truth must cover the data")
+                         f"({run.state['holdout_field']} {budget.holdout_fraction}); the truth must cover the data")
     groups: dict[str, list[str]] = {}
     for i, tag in enumerate(labels.tags):
         groups.setdefault(labels.type_of(i), []).append(tag)
@@ -237,8 +237,7 @@ def process(run, writer, task):
             if progress is not None:
                 progress(STAGE.output, len(per_seed), total)
     summary = summarise(per_seed)
-    note = heldout_note(len(held), budget.holdout_fraction,
-                        "ablation.holdout_fraction" if cfg.holdout_fraction else "train.holdout_fraction")
+    note = heldout_note(len(held), budget.holdout_fraction, run.state["holdout_field"])
     if len(held) < FEW_HELDOUT_KEYS:
         log.warning("ablation: %s", note)
     table = pa.Table.from_pylist(records, schema=ABLATION)
