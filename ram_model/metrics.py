@@ -85,11 +85,33 @@ def tagging_metrics(scores: np.ndarray, targets: np.ndarray, thresholds: float |
     return out
 
 
+def precision_lower_bound(right: np.ndarray, predicted: np.ndarray, confidence: float) -> np.ndarray:
+    """One-sided lower confidence bound of a precision (right / predicted), by the Wilson score interval at
+    `confidence` (0.5: the point estimate); 0.0 where nothing was predicted.
+
+    Written out rather than scipy's `binomtest(k, n).proportion_ci(method="wilson")`, which gives the same
+    bound (tests check it) one count at a time: calibration asks for every grid threshold of every class,
+    19 x 4,585 bounds for RAM's tag list."""
+    from scipy.stats import norm
+
+    if not 0.5 <= confidence < 1:
+        raise ValueError(f"precision_lower_bound: confidence must be in [0.5, 1), got {confidence}")
+    z = float(norm.ppf(confidence))
+    right = np.asarray(right, dtype=np.float64)
+    predicted = np.asarray(predicted, dtype=np.float64)
+    n = np.maximum(predicted, 1.0)
+    p = right / n
+    centre = p + z * z / (2 * n)
+    margin = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return np.where(predicted > 0, (centre - margin) / (1 + z * z / n), 0.0)
+
+
 def best_f1_thresholds(scores: np.ndarray, targets: np.ndarray, current: Sequence[float], grid: np.ndarray,
-                       min_precision: float) -> list[float]:
+                       min_precision: float, confidence: float = 0.5) -> list[float]:
     """Per class, the grid threshold with the best F1 among those whose precision reaches `min_precision`
-    (ties: the higher threshold); 1.0 (disabled) for a class no threshold makes that precise; a class
-    without positives keeps its `current` threshold."""
+    with `confidence` (precision_lower_bound; 0.5 takes the precision as measured) (ties: the higher
+    threshold); 1.0 (disabled) for a class no threshold makes that precise; a class without positives keeps
+    its `current` threshold."""
     scores = np.asarray(scores, dtype=np.float64)
     targets = np.asarray(targets).astype(bool)
     grid = np.asarray(grid, dtype=np.float64)
@@ -101,7 +123,7 @@ def best_f1_thresholds(scores: np.ndarray, targets: np.ndarray, current: Sequenc
         n_pred = pred.sum(1)
         tp = (pred & targets[:, j][None, :]).sum(1)
         f1 = 2 * tp / np.maximum(n_pred + targets[:, j].sum(), 1)
-        precise = (tp >= min_precision * np.maximum(n_pred, 1)) & (n_pred > 0)
+        precise = (precision_lower_bound(tp, n_pred, confidence) >= min_precision) & (n_pred > 0)
         if not precise.any():
             thresholds[j] = 1.0
             continue

@@ -139,7 +139,12 @@ class TrainConfig(Section):
     augment: bool = True
     holdout_fraction: float = Field(0.1, ge=0, lt=1)
     calibrate_thresholds: bool = True       # per-class thresholds that maximise F1 on the held-out labels
-    calibration_min_precision: float = Field(0.6, ge=0, le=1)   # below it a class is disabled (threshold 1.0)
+    # A class is enabled only where its held-out precision reaches calibration_min_precision with
+    # calibration_confidence (Wilson lower bound; 0.5: as measured), else disabled (threshold 1.0). Measured on
+    # the demo: at 0.6 as measured, 12 right of 20 held-out predictions enabled "ring", which then added 100
+    # tags, 8 of them right; at 0.5 with 95 %, wrong generated tags fell from 77-313 to 5-55 in four folders.
+    calibration_min_precision: float = Field(0.5, ge=0, le=1)
+    calibration_confidence: float = Field(0.95, ge=0.5, lt=1)
     checkpoint_every_steps: int = Field(100, ge=1)
     nproc_per_node: int = Field(1, ge=1)    # >1: torchrun workers (DDP; gloo on CPU, nccl on GPU)
     device: str = "auto"

@@ -186,12 +186,12 @@ def run_training(job_path: str, storage_options: dict | None = None, progress: C
         tmp.rename(out)  # the trained model appears whole or not at all
 
 
-def calibrate_thresholds(model, shards: list, image_size: int, min_precision: float = 0.5,
+def calibrate_thresholds(model, shards: list, image_size: int, min_precision: float, confidence: float,
                          max_samples: int = 1024, grid: np.ndarray = np.linspace(0.05, 0.95, 19)) -> list[float]:
     """Per-class thresholds that maximise F1 against the labels of `shards` among those whose precision
-    reaches `min_precision`; a class no threshold makes that precise gets 1.0 (disabled, as RAM ships
-    some tags): a weak class must not flood the generated labels. Classes without positives keep their
-    threshold. Called with the held-out split: on the training split an overfit model looks precise on
+    reaches `min_precision` with `confidence` (a few lucky held-out predictions must not enable a class); a
+    class no threshold makes that precise gets 1.0 (disabled, as RAM ships some tags): a weak class must not
+    flood the generated labels. Classes without positives keep their threshold. Called with the held-out split: on the training split an overfit model looks precise on
     classes it has not learned (measured in the demo: 910 true tags then wrongly removed by cleaning).
     `shards`: sample sources (sample_shards)."""
     import torch
@@ -210,7 +210,7 @@ def calibrate_thresholds(model, shards: list, image_size: int, min_precision: fl
             if sum(len(p) for p in probs) >= max_samples:
                 break
     return best_f1_thresholds(np.concatenate(probs), np.concatenate(targets),
-                              model.class_threshold.cpu().numpy().astype(float), grid, min_precision)
+                              model.class_threshold.cpu().numpy().astype(float), grid, min_precision, confidence)
 
 
 def evaluate_model(model, holdout: list, image_size: int) -> dict:
@@ -403,7 +403,8 @@ def _train_locked(store, model_cfg, cfg, labels, images, init, label_system, wri
         import torch
 
         calibrated = calibrate_thresholds(trained, sample_shards(store, splits["holdout"] or splits["train"]),
-                                          image_size, min_precision=cfg.calibration_min_precision)
+                                          image_size, min_precision=cfg.calibration_min_precision,
+                                          confidence=cfg.calibration_confidence)
         trained.class_threshold = torch.tensor(calibrated, dtype=torch.float32)
         (out_dir / "thresholds.txt").write_text("\n".join(repr(float(x)) for x in calibrated), encoding="utf-8")
     metrics = evaluate_model(trained, sample_shards(store, splits["holdout"]), image_size)
