@@ -13,7 +13,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
-from prefect import task
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
@@ -197,17 +197,27 @@ def publish_report(report_path: str | Path, version) -> str | None:
     caller."""
     if not prefect_api_available():
         return None  # no server to keep it: a temporary one would start just for this
+    from prefect.context import TaskRunContext
+
     uri = Path(report_path).resolve().as_uri()
     key = artifact_key("report", version.store)
+    link = {"key": key, "description": f"report of {version.stage}@{version.id}",
+            "markdown": f"## report of {version.stage}@{version.id}\n\n[{uri}]({uri})\n\n"
+                        f"store path: `{version.store.full_url(f'{version.stage}/{version.id}')}`\n"}
     try:
-        create_markdown_artifact(
-            key=key, description=f"report of {version.stage}@{version.id}",
-            markdown=f"## report of {version.stage}@{version.id}\n\n[{uri}]({uri})\n\n"
-                     f"store path: `{version.store.full_url(f'{version.stage}/{version.id}')}`\n")
+        if FlowRunContext.get() or TaskRunContext.get():
+            create_markdown_artifact(**link)
+        else:  # `ram-engine report` after a run: Prefect deprecates artifacts made outside a flow or task run
+            _publish_report_flow(**link)
     except Exception as exc:  # a report stays useful without its link in the UI
         log.warning("could not publish the report link to Prefect: %s: %s", type(exc).__name__, exc)
         return None
     return key
+
+
+@flow(name="publish-report", log_prints=False)
+def _publish_report_flow(key: str, description: str, markdown: str) -> None:
+    create_markdown_artifact(key=key, description=description, markdown=markdown)
 
 
 def version_markdown(result: StageResult, report_path: str | None = None) -> str:

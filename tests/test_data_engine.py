@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -158,7 +159,9 @@ def test_loop_runs_as_prefect_flows_with_artifacts(demo_world, prefect_api, monk
     from flows.runtime import publish_report
 
     page = tmp_path / "report" / "index.html"
-    assert publish_report(page, results["evaluate"].version) == f"ram-report{suffix}"
+    with warnings.catch_warnings():  # outside a flow run (`ram-engine report`): no deprecated artifact creation
+        warnings.simplefilter("error", FutureWarning)
+        assert publish_report(page, results["evaluate"].version) == f"ram-report{suffix}"
     link = asyncio.run(artifacts(f"ram-report{suffix}"))[0].data
     assert page.resolve().as_uri() in link and "evaluate/" in link
     with temporary_settings({PREFECT_API_URL: None}):
