@@ -170,8 +170,16 @@ def _baseline(cfg: EngineConfig, store, got: dict, wanted, latest, run_step, res
         results["baseline"] = _run("baseline", cfg, import_official, store, baseline, cfg.model,
                                    cfg.generate.baseline_name)
         return results["baseline"].version.ref
+    baseline_cfg = cfg.train.model_copy(update={"name": cfg.generate.baseline_name, "init": None,
+                                                "fine_tune_latest": False,
+                                                "steps": cfg.generate.baseline_steps or cfg.train.steps})
     if baseline is None and store.versions(baseline_stage):
-        baseline = store.versions(baseline_stage)[-1].ref
+        kept = store.versions(baseline_stage)[-1]
+        baseline = kept.ref
+        if changed := _config_changes(kept, {"train": baseline_cfg, "model": cfg.model}):
+            log.warning("%s stays the baseline, so that the tags it generated stay valid, but it was trained under "
+                        "another config (%s); to train a new one, name it anew: --set generate.baseline_name=...",
+                        baseline, "; ".join(changed))
         if wanted("baseline"):
             results["baseline"] = StageResult(store.open_ref(baseline), "reused")
             publish(results["baseline"])  # its artifact shows in every run, not only the one that trained it
@@ -179,9 +187,22 @@ def _baseline(cfg: EngineConfig, store, got: dict, wanted, latest, run_step, res
     if baseline is None:  # no baseline yet: train one on the parsed labels
         if not wanted("baseline"):
             return latest(baseline_stage).ref
-        baseline_cfg = cfg.train.model_copy(update={"name": cfg.generate.baseline_name, "init": None,
-                                                    "fine_tune_latest": False,
-                                                    "steps": cfg.generate.baseline_steps or cfg.train.steps})
         return run_step("baseline", train.STAGE, {"train": baseline_cfg, "model": cfg.model},
                         {"labels": got["parsed"], "images": got["images"], "init": None}, True).ref
     return baseline
+
+
+def _config_changes(version: Version, sections: dict) -> list[str]:
+    """`section.field: was → now` for each field of `sections` that differs from the config `version` was made
+    under (fields the version does not record, and train.init, which names what it started from, are skipped)."""
+    from tasks.config import section_dict
+
+    made_under = version.manifest.get("config", {})
+    changes = []
+    for name, section in sections.items():
+        then = made_under.get(name, {})
+        for field, now in section_dict(section).items():
+            if field in then and field != "init" and then[field] != now:
+                changes.append(f"{name}.{field}: {then[field]!r} → {now!r}")
+    return changes
+

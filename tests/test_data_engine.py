@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 import warnings
@@ -36,7 +37,7 @@ def new_tars(demo, dest: Path, n: int) -> list[str]:
     return [str(demo.world.source), str(added)]
 
 
-def test_whole_loop_then_rerun_then_new_data(demo_loop_copy, monkeypatch, tmp_path):
+def test_whole_loop_then_rerun_then_new_data(demo_loop_copy, monkeypatch, tmp_path, caplog):
     """The first run (the session's loop, copied here), a rerun of it and a run over a new shard."""
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     cfg, first = demo_loop_copy.cfg, demo_loop_copy.results
@@ -64,6 +65,14 @@ def test_whole_loop_then_rerun_then_new_data(demo_loop_copy, monkeypatch, tmp_pa
     assert all(r.status == "reused" and r.parts_written == 0 for r in again.values()), \
         {k: (r.status, r.parts_written) for k, r in again.items()}
     assert {k: r.version.id for k, r in again.items()} == {k: r.version.id for k, r in first.items()}
+    assert "stays the baseline" not in caplog.text  # nothing changed, nothing to say
+    # The baseline's config changed: it stays the baseline (the tags it generated stay valid), and the run says so.
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"calibration_min_precision": 0.7})})
+    with caplog.at_level(logging.WARNING, logger="ram_engine"):
+        kept = data_engine_flow.fn(changed, from_stage="baseline", until_stage="baseline")
+    assert kept["baseline"].version.id == first["baseline"].version.id
+    assert f"train.calibration_min_precision: {cfg.train.calibration_min_precision!r} → 0.7" in caplog.text
+    assert "--set generate.baseline_name=" in caplog.text
 
     # New data lands: one more tar, beside the old ones. Stages with per-part work process only that part.
     grown = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={
