@@ -18,7 +18,7 @@ from prefect import flow
 from prefect.context import FlowRunContext
 
 from storage import StoreError, Version
-from tasks.config import EngineConfig
+from tasks.config import EngineConfig, section_dict
 from tasks.models import import_official
 from tasks.progress import apply_torch_threads
 from tasks.stage import Stage, StageResult, section_of
@@ -195,8 +195,6 @@ def _baseline(cfg: EngineConfig, store, got: dict, wanted, latest, run_step, res
 def _config_changes(version: Version, sections: dict) -> list[str]:
     """`section.field: was → now` for each field of `sections` that differs from the config `version` was made
     under (fields the version does not record, and train.init, which names what it started from, are skipped)."""
-    from tasks.config import section_dict
-
     made_under = version.manifest.get("config", {})
     changes = []
     for name, section in sections.items():
@@ -205,4 +203,3 @@ def _config_changes(version: Version, sections: dict) -> list[str]:
             if field in then and field != "init" and then[field] != now:
                 changes.append(f"{name}.{field}: {then[field]!r} → {now!r}")
     return changes
-

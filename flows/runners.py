@@ -152,13 +152,21 @@ def ensure_gpu_limit(name: str, limit: int) -> None:
         _ensured_limits.add((name, limit))
 
 
-def _api_available() -> bool:
-    """An API is configured, or this code runs inside a flow or task run (whose API we share); outside
-    both, asking for a client would start a temporary server just for a slot."""
+def in_prefect_run() -> bool:
+    """This code runs inside a Prefect flow or task run."""
     from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def prefect_api_available() -> bool:
+    """A Prefect API is configured, or this code runs inside a flow or task run (whose API we share).
+    Otherwise any Prefect API call (a slot, an event, an artifact) makes Prefect start a temporary server of its
+    own that outlives a killed process and keeps its output pipes open, so work outside Prefect
+    (`--engine local`, tests) must not call it."""
     from prefect.settings import get_current_settings
 
-    return bool(get_current_settings().api.url) or FlowRunContext.get() is not None or TaskRunContext.get() is not None
+    return bool(get_current_settings().api.url) or in_prefect_run()
 
 
 @contextmanager
@@ -176,7 +184,7 @@ def gpu_slot(cfg: EngineConfig | OrchestrationConfig | None = None, *, timeout_s
     name, limit = oc.gpu_limit_name, oc.gpu_concurrency_limit
     stack = ExitStack()
     try:
-        if not _api_available():
+        if not prefect_api_available():
             raise RuntimeError("no Prefect API configured and not inside a flow run")
         from prefect.concurrency.sync import concurrency
 

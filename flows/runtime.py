@@ -25,7 +25,8 @@ from tasks.lineage import display_metrics, format_value
 from tasks.progress import ProgressLog
 from tasks.stage import Executor, PartTask, StageResult
 
-from .runners import gpu_slot
+# prefect_api_available is looked up here at call time (deployments, publish_report): tests replace it on this module
+from .runners import gpu_slot, in_prefect_run, prefect_api_available
 
 log = logging.getLogger("ram_engine")
 
@@ -42,9 +43,7 @@ def route_logs_to_prefect() -> None:
         """Forwards only inside a run: work outside one (tests, the CLI's local engine) stays quiet."""
 
         def emit(self, record: logging.LogRecord) -> None:
-            from prefect.context import FlowRunContext, TaskRunContext
-
-            if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+            if in_prefect_run():
                 super().emit(record)
 
     level = os.environ.get("RAM_ENGINE_LOG", "INFO")
@@ -181,31 +180,19 @@ def publish(result: StageResult, report_path: str | None = None) -> None:
                              description=f"{v.stage} version {v.id} in {v.store.full_url('')}")
 
 
-def prefect_api_available() -> bool:
-    """A Prefect API is configured or a run is active. Otherwise any Prefect API call (an event, an
-    artifact) makes Prefect start a temporary server of its own that outlives a killed process and
-    keeps its output pipes open, so work outside Prefect (`--engine local`, tests) must not call it."""
-    from prefect.context import TaskRunContext
-    from prefect.settings import get_current_settings
-
-    return bool(get_current_settings().api.url or FlowRunContext.get() or TaskRunContext.get())
-
-
 def publish_report(report_path: str | Path, version) -> str | None:
     """A `ram-report-<store digest>` artifact linking the HTML report of `version` (and where the version
     lives), when a Prefect API is configured or a run is active; its key when published. Never fails the
     caller."""
     if not prefect_api_available():
         return None  # no server to keep it: a temporary one would start just for this
-    from prefect.context import TaskRunContext
-
     uri = Path(report_path).resolve().as_uri()
     key = artifact_key("report", version.store)
     link = {"key": key, "description": f"report of {version.stage}@{version.id}",
             "markdown": f"## report of {version.stage}@{version.id}\n\n[{uri}]({uri})\n\n"
                         f"store path: `{version.store.full_url(f'{version.stage}/{version.id}')}`\n"}
     try:
-        if FlowRunContext.get() or TaskRunContext.get():
+        if in_prefect_run():
             create_markdown_artifact(**link)
         else:  # `ram-engine report` after a run: Prefect deprecates artifacts made outside a flow or task run
             _publish_report_flow(**link)

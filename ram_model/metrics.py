@@ -109,8 +109,8 @@ def precision_lower_bound(right: np.ndarray, predicted: np.ndarray, confidence: 
 def best_f1_thresholds(scores: np.ndarray, targets: np.ndarray, current: Sequence[float], grid: np.ndarray,
                        min_precision: float, confidence: float = 0.5) -> list[float]:
     """Per class, the grid threshold with the best F1 among those whose precision reaches `min_precision`
-    with `confidence` (precision_lower_bound; 0.5 takes the precision as measured) (ties: the higher
-    threshold); 1.0 (disabled) for a class no threshold makes that precise; a class without positives keeps
+    with `confidence` (by precision_lower_bound; 0.5 takes the precision as measured), ties to the higher
+    threshold; 1.0 (disabled) for a class no threshold makes that precise; a class without positives keeps
     its `current` threshold."""
     scores = np.asarray(scores, dtype=np.float64)
     targets = np.asarray(targets).astype(bool)

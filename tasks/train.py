@@ -191,8 +191,9 @@ def calibrate_thresholds(model, shards: list, image_size: int, min_precision: fl
     """Per-class thresholds that maximise F1 against the labels of `shards` among those whose precision
     reaches `min_precision` with `confidence` (a few lucky held-out predictions must not enable a class); a
     class no threshold makes that precise gets 1.0 (disabled, as RAM ships some tags): a weak class must not
-    flood the generated labels. Classes without positives keep their threshold. Called with the held-out split: on the training split an overfit model looks precise on
-    classes it has not learned (measured in the demo: 910 true tags then wrongly removed by cleaning).
+    flood the generated labels. Classes without positives keep their threshold. Called with the held-out
+    split: on the training split an overfit model looks precise on classes it has not learned (measured in
+    the demo: 910 true tags then wrongly removed by cleaning).
     `shards`: sample sources (sample_shards)."""
     import torch
 
