@@ -22,11 +22,11 @@ sys.path.insert(0, str(ROOT))
 
 from flows.ablation import ablation_flow  # noqa: E402
 from flows.runtime import open_store  # noqa: E402
-from tasks.ablation import latest_label_versions  # noqa: E402
-from tasks.config import load_config  # noqa: E402
-from tasks.labels import load_labels  # noqa: E402
-from tasks.lineage import labels_version, lineage  # noqa: E402
-from tasks.truth import ground_truth_path, load_ground_truth, normalise_truth, rekey_truth  # noqa: E402
+from tasks.stages.ablation import latest_label_versions  # noqa: E402
+from tasks.engine.config import load_config  # noqa: E402
+from tasks.shared.labels import load_labels  # noqa: E402
+from tasks.shared.lineage import labels_version, lineage  # noqa: E402
+from tasks.shared.truth import ground_truth_path, load_ground_truth, normalise_truth, rekey_truth  # noqa: E402
 
 
 def truth_label_version(store, cfg, parsed):

@@ -6,7 +6,7 @@ Builds a gzip-compressed tar holding one image member of `--member-mib` MiB of z
 disk) beside one good sample, and a plain tar whose .txt caption member is `--caption-mib` MiB. Each
 case runs in a child process and reports its peak RSS (ru_maxrss of the child):
   baseline  streams the tar and reads every member whole, as ingest-1 did (`extractfile(m).read()`);
-  ours      runs `tasks.ingest.ingest` with the default limits (max_image_bytes 64 MiB,
+  ours      runs `tasks.stages.ingest.ingest` with the default limits (max_image_bytes 64 MiB,
             max_caption_bytes 4 MiB): the oversized member is rejected by its header, unread.
 The last line is the largest ratio ours / baseline of peak RSS (lower is better).
 """
@@ -37,8 +37,8 @@ OURS = """
 import sys
 sys.path.insert(0, sys.argv[3])
 from storage import Store
-from tasks.config import IngestConfig
-from tasks.ingest import ingest
+from tasks.engine.config import IngestConfig
+from tasks.stages.ingest import ingest
 v = ingest(Store(sys.argv[2]), IngestConfig(), source=sys.argv[1]).version
 m = v.manifest
 reasons = sorted({r["reason"] for r in v.rejects().to_pylist()})

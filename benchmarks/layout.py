@@ -36,7 +36,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from storage import Store, schemas  # noqa: E402
 from storage.store import PartRecord, VersionWriter  # noqa: E402
-from tasks.stage import PartTask, run_stage  # noqa: E402
+from tasks.engine.runner import PartTask, run_stage  # noqa: E402
 
 
 def part_table(i: int, rows: int) -> pa.Table:

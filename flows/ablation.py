@@ -1,15 +1,15 @@
 """The ablation flow: one model per label version (same budget, architecture and seeds), scored on
-held-out keys against a ground truth, committed as an `ablation` version (tasks/ablation.py)."""
+held-out keys against a ground truth, committed as an `ablation` version (tasks/stages/ablation.py)."""
 from __future__ import annotations
 
 from prefect import flow
 
 from storage import StoreError
-from tasks.ablation import ablation_stage, latest_label_versions
-from tasks.config import EngineConfig
-from tasks.lineage import lineage
-from tasks.stage import StageResult
-from tasks.train import train_stage
+from tasks.stages.ablation import ablation_stage, latest_label_versions
+from tasks.engine.config import EngineConfig
+from tasks.shared.lineage import lineage
+from tasks.engine.runner import StageResult
+from tasks.stages.train import train_stage
 
 from .runtime import gpu_stage, open_store, publish
 

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from storage import Store, StoreError
-from tasks.config import ConfigError, EngineConfig, load_config
+from tasks.engine.config import ConfigError, EngineConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="The RAM data engine: versioned stages from captions to a retrained tagger.")
@@ -61,7 +61,7 @@ def get_config() -> EngineConfig:
 
 def announce_config() -> None:
     """Say which config a long-running command uses (never a silent fallback to the demo's)."""
-    from tasks.config import resolve_config
+    from tasks.engine.config import resolve_config
 
     how = "given" if state.config_path else "default: the demo config; production runs pass -c production"
     console.print(f"config: {resolve_config(state.config_path)} ({how})"
@@ -147,7 +147,7 @@ def ingest(src: Optional[List[str]] = typer.Argument(
             with console_progress(update):
                 result = ingest_flow(cfg, source=src)
         else:
-            from tasks.ingest import ingest as run
+            from tasks.stages.ingest import ingest as run
 
             result = run(get_store(cfg), cfg.ingest, source=src, progress=update)
     print_result(result)
@@ -295,7 +295,7 @@ def report(target: Optional[str] = typer.Argument(None, help="STAGE[@VERSION] (d
            truth: Optional[str] = typer.Option(None, help="Ground truth to mark wrong tags (default: "
                                                           "evaluate.ground_truth).")) -> None:
     """Render a static HTML report (PNG figures) of a version and its lineage."""
-    from tasks.report import build_report
+    from tasks.inspection.report import build_report
 
     cfg = get_config()
     store = get_store(cfg)
@@ -329,7 +329,7 @@ def check(serve_: bool = typer.Option(False, "--serve", help="Also check the Pre
     """Open every component the config names (store, source, label system, models, detector, embedder,
     task runner) and print one line per problem with the config field, the path and what to do; exit 1
     on any problem."""
-    from tasks.check import check_config
+    from tasks.inspection.check import check_config
 
     announce_config()
     report = check_config(get_config(), serve=serve_)
@@ -353,7 +353,7 @@ def labels_build(parsed: str = typer.Argument(..., help="PARSED_VERSION: parsed@
                  min_count: int = typer.Option(1, help="Minimum occurrences of a kept tag."),
                  export: Optional[str] = typer.Option(None, help="Also write the tag list and synonyms here.")) -> None:
     """Build a label system from a parsed corpus: count, keep the top K, merge synonyms."""
-    from tasks.labels import build_labels, load_labels
+    from tasks.shared.labels import build_labels, load_labels
 
     store = get_store()
     stage, ref_ = parse_ref(parsed if "@" in parsed or parsed.startswith("parsed") else f"parsed@{parsed}")
@@ -369,7 +369,7 @@ def labels_build(parsed: str = typer.Argument(..., help="PARSED_VERSION: parsed@
 @app.command("ls")
 def list_versions(stage: Optional[str] = typer.Argument(None, help="Stage to list; all stages when omitted.")) -> None:
     """List committed versions."""
-    from tasks.lineage import STAGE_OUTPUTS
+    from tasks.shared.lineage import STAGE_OUTPUTS
 
     store = get_store(must_exist=True)
     found = store.stages()
@@ -395,8 +395,8 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
          rows: int = typer.Option(5, help="Sample rows to print."),
          as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON.")) -> None:
     """Manifest summary, counts, schema and sample rows of a version."""
-    from tasks.lineage import display_metrics, format_value, tag_names_for, with_tag_names
-    from tasks.evaluate import ablation_columns
+    from tasks.shared.lineage import display_metrics, format_value, tag_names_for, with_tag_names
+    from tasks.stages.evaluate import ablation_columns
 
     stage, ref = parse_ref(target)
     store = get_store(must_exist=True)
@@ -504,7 +504,7 @@ def delete(target: str = typer.Argument(..., help="STAGE@VERSION")) -> None:
 @app.command("lineage")
 def lineage_command(target: str = typer.Argument(..., help="STAGE@VERSION")) -> None:
     """The versions a version was made from, down to the source."""
-    from tasks.lineage import lineage
+    from tasks.shared.lineage import lineage
 
     stage, version_ref = parse_ref(target)
     store = get_store(must_exist=True)
@@ -520,7 +520,7 @@ def lineage_command(target: str = typer.Argument(..., help="STAGE@VERSION")) -> 
 def diff_command(a: str = typer.Argument(..., help="STAGE@A"), b: str = typer.Argument(..., help="STAGE@B"),
                  top: int = typer.Option(30, help="Tags to show.")) -> None:
     """Tags added or removed from A to B, per tag, with counts of keys."""
-    from tasks.lineage import diff_tags, tag_names_for
+    from tasks.shared.lineage import diff_tags, tag_names_for
 
     store = get_store(must_exist=True)
     va, vb = store.open(*parse_ref(a)), store.open(*parse_ref(b))
@@ -547,7 +547,7 @@ def main() -> None:
     # Prefect's temporary local server can take a while to start on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.temp_server import quiet_prefect
-    from tasks.stage import StageError
+    from tasks.engine.runner import StageError
 
     quiet_prefect()
     try:

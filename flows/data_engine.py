@@ -18,10 +18,10 @@ from prefect import flow
 from prefect.context import FlowRunContext
 
 from storage import StoreError, Version
-from tasks.config import EngineConfig, section_dict
-from tasks.models import import_official
-from tasks.progress import apply_torch_threads
-from tasks.stage import Stage, StageResult, section_of
+from tasks.engine.config import EngineConfig, section_dict
+from tasks.shared.models import import_official
+from tasks.engine.progress import apply_torch_threads
+from tasks.engine.runner import Stage, StageResult, section_of
 
 from .runners import default_workers, make_task_runner, release_cached_models, shared_cluster
 from .runtime import as_config, gpu_stage, open_store, prefect_executor, publish, stage_progress
@@ -77,7 +77,7 @@ class Step:
 
 def _loop_steps() -> tuple[Step, ...]:
     """The loop after ingest and the baseline, in order: each step a stage module's declaration."""
-    from tasks import clean, evaluate, generate, ground, parse, train
+    from tasks.stages import clean, evaluate, generate, ground, parse, train
 
     return (
         Step(parse.STAGE, "parsed"),
@@ -93,7 +93,7 @@ def _loop_steps() -> tuple[Step, ...]:
 
 
 def _loop(cfg: EngineConfig, from_stage, until_stage, source, images_version, progress) -> dict[str, StageResult]:
-    from tasks.stage import run
+    from tasks.engine.runner import run
 
     from .ingest import ingest_and_announce
 
@@ -158,7 +158,7 @@ def _loop(cfg: EngineConfig, from_stage, until_stage, source, images_version, pr
 def _baseline(cfg: EngineConfig, store, got: dict, wanted, latest, run_step, results) -> str:
     """The baseline model's ref: an official checkpoint imported once, the baseline trained before (it stays
     fixed as data grows, so generation of old parts is reused), or one trained now on the parsed labels."""
-    from tasks import train
+    from tasks.stages import train
 
     baseline = cfg.generate.baseline
     baseline_stage = f"models/{cfg.generate.baseline_name}"

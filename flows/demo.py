@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from tasks.config import EngineConfig, load_config
+from tasks.engine.config import EngineConfig, load_config
 
 log = logging.getLogger("ram_engine")
 
@@ -57,7 +57,7 @@ def train_demo_detector(folder: Path, *, world=None, n_images: int = 2000, seed:
     import torch
 
     from ram_model.detector import build_tiny_detector, evaluate_detector, train_detector
-    from tasks.demo_world import generate_world
+    from tasks.demo.world import generate_world
 
     torch.set_num_threads(1)  # measured: one thread trains faster than two on a shared 2-core machine
     if world is None:
@@ -114,7 +114,7 @@ EMBEDDER_META = "demo_embedder.json"
 
 def world_crops(world, limit: int, padding: float = 0.1, min_size: int = 32) -> tuple[list, list[int], list[str]]:
     """Crops of every true object box of a world (cut as the ground stage cuts them) and their category."""
-    from tasks.ground import cut_crop
+    from tasks.stages.ground import cut_crop
 
     crops, labels = [], []
     samples = world_samples_for_detector(world, limit=limit)
@@ -137,7 +137,7 @@ def train_demo_embedder(folder: Path, *, world=None, n_images: int = 2000, seed:
 
     from ram_model.embedder import (ConvCropEncoder, EmbedderConfig, EncoderEmbedder, nearest_centroid_accuracy,
                                     train_crop_embedder)
-    from tasks.demo_world import generate_world
+    from tasks.demo.world import generate_world
 
     torch.set_num_threads(1)
     if world is None:
@@ -234,7 +234,7 @@ def train_demo_encoder(folder: Path, *, world=None, n_images: int = 2000, seed: 
     from ram_model.checkpoint import save_pretrained
     from ram_model.ram import RAM, RAMConfig
     from ram_model.trainer import pretrain_tagger
-    from tasks.demo_world import generate_world
+    from tasks.demo.world import generate_world
 
     torch.set_num_threads(1)
     if world is None:
@@ -282,14 +282,14 @@ CONFIG_NAME = "ram-engine.yaml"
 
 
 def write_demo_config(out: Path, cfg: EngineConfig) -> Path:
-    """The demo's whole resolved config beside its store, paths relative to it (tasks.config resolves
+    """The demo's whole resolved config beside its store, paths relative to it (tasks.engine.config resolves
     them against the file's folder): `ram-engine -c <out>/ram-engine.yaml run|serve|ingest` works from
     any working directory and finds the same store, source, labels, truth and detector."""
     import os
 
     import yaml
 
-    from tasks.config import PATH_FIELDS, MAYBE_PATH_FIELDS
+    from tasks.engine.config import PATH_FIELDS, MAYBE_PATH_FIELDS
 
     data = cfg.model_dump(mode="json")
     for dotted in PATH_FIELDS + MAYBE_PATH_FIELDS:
@@ -316,7 +316,7 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
     """Generate the world, train the detector, run the loop, evaluate and render the report.
     `world_only`: generate (or grow: the first images of a bigger world are the same) the world and
     write the config beside the store, but run nothing; ingesting it is the next step."""
-    from tasks.demo_world import WorldInfo, generate_world
+    from tasks.demo.world import WorldInfo, generate_world
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -374,7 +374,7 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
     results["ablation"] = (ablation_flow if engine == "prefect" else ablation_flow.fn)(cfg, say=say)
     ablation = results["ablation"].version
     say("[5/5] rendering the report")
-    from tasks.report import build_report
+    from tasks.inspection.report import build_report
 
     last = results.get("evaluate") or results[list(results)[-1]]
     notes = [f"The detector is a tiny Grounding DINO (about 2M parameters) trained for "

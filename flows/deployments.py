@@ -22,7 +22,7 @@ from typing import Any
 from prefect import Flow
 
 from storage import Store, Version, digest
-from tasks.config import ConfigError, EngineConfig
+from tasks.engine.config import ConfigError, EngineConfig
 
 from .runners import with_task_runner
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.config import EngineConfig
-from tasks.ingest import STAGE, ingest
-from tasks.stage import StageResult
+from tasks.engine.config import EngineConfig
+from tasks.stages.ingest import STAGE, ingest
+from tasks.engine.runner import StageResult
 
 from .runtime import as_config, open_store, prefect_executor, publish, stage_progress
 

@@ -5,7 +5,7 @@ import logging
 
 from prefect import flow
 
-from tasks.config import EngineConfig
+from tasks.engine.config import EngineConfig
 
 from .data_engine import data_engine_flow
 from .deployments import samples_since_last_training

@@ -19,11 +19,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
 from storage import PartRecord, Store
-from tasks.config import EngineConfig
-from tasks.evaluate import ablation_columns
-from tasks.lineage import display_metrics, format_value
-from tasks.progress import ProgressLog
-from tasks.stage import Executor, PartTask, StageResult
+from tasks.engine.config import EngineConfig
+from tasks.stages.evaluate import ablation_columns
+from tasks.shared.lineage import display_metrics, format_value
+from tasks.engine.progress import ProgressLog
+from tasks.engine.runner import Executor, PartTask, StageResult
 
 # prefect_api_available is looked up here at call time (deployments, publish_report): tests replace it on this module
 from .runners import gpu_slot, in_prefect_run, prefect_api_available
@@ -79,7 +79,7 @@ def console_progress(callback: Callable[[str, int, int], None] | None):
 
 
 class StageProgress:
-    """The progress callback the flows hand to stages: a log line with rate and ETA (tasks.progress), a
+    """The progress callback the flows hand to stages: a log line with rate and ETA (tasks.engine.progress), a
     Prefect progress artifact per stage in the current flow run, and the caller's own callback (the
     CLI's bar), whichever engine runs the stage."""
 
@@ -95,7 +95,7 @@ class StageProgress:
         return (StageProgress, ())
 
     def __call__(self, what: str, done: int, total: int) -> None:
-        # Stages report parts; trainers report "<stage> training" steps (tasks.train._step_progress).
+        # Stages report parts; trainers report "<stage> training" steps (tasks.stages.train._step_progress).
         logged = (self.steps if what.endswith(" training") else self.parts)(what, done, total)
         if logged is not None:
             self._artifact(what, done, total, logged)
@@ -132,7 +132,7 @@ def artifact_key(name: str, store: Store | None = None) -> str:
         key += "-" + hashlib.sha256(store.full_url("").encode()).hexdigest()[:8]
     return key
 
-# Transient I/O is retried inside the part work itself (tasks.stage.run_stage), the same under every engine.
+# Transient I/O is retried inside the part work itself (tasks.engine.runner.run_stage), the same under every engine.
 def gpu_stage(cfg: EngineConfig):
     """Hold a GPU slot (one GPU stage per device across workers) when a GPU is in use; nothing on CPU."""
     import torch

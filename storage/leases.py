@@ -10,7 +10,7 @@ runs and until when it is alive. Liveness never parses a host name:
   the writer is alive while its lease has not expired. A live writer renews it every TTL/3.
 
 Leases are also what part claims point at: a claim names its owner, and a claim whose owner is dead
-may be taken over (tasks/stage.py: the part's in-part checkpoints then belong to the new owner).
+may be taken over (tasks/engine/runner.py: the part's in-part checkpoints then belong to the new owner).
 """
 from __future__ import annotations
 

@@ -105,7 +105,7 @@ def demo_world(tmp_path_factory):
 class CompletedLoop:
     """One whole loop over the demo world: its config, each stage's result, the world."""
 
-    cfg: object               # tasks.config.EngineConfig
+    cfg: object               # tasks.engine.config.EngineConfig
     results: dict             # stage name -> StageResult, as the run that wrote the store returned them
     demo: object              # tests.fixtures.DemoWorld
 

@@ -29,7 +29,7 @@ def main(config_json: str, stage: str, point: str) -> None:
     import storage.fs as sfs
     import storage.store as sstore
     from flows.data_engine import data_engine_flow
-    from tasks.config import EngineConfig
+    from tasks.engine.config import EngineConfig
 
     cfg = EngineConfig.model_validate(json.loads(config_json))
     prefix = stage + "/"

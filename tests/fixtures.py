@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tasks.demo_world import WorldInfo
+    from tasks.demo.world import WorldInfo
 
 
 def image_bytes(size=(48, 40), color=(200, 30, 30), fmt="JPEG", mode="RGB", **save) -> bytes:
@@ -49,13 +49,13 @@ DEMO_WORLD = {"n_images": 24, "seed": 11, "fmt": "webdataset", "samples_per_shar
 
 @dataclass(frozen=True)
 class DemoWorld:
-    world: "WorldInfo"       # tasks.demo_world.WorldInfo: source tars, tag list, ground truth
+    world: "WorldInfo"       # tasks.demo.world.WorldInfo: source tars, tag list, ground truth
     detector: Path           # a tiny Grounding DINO with random weights over the world's categories
 
 
 def demo_world_of(root: Path, n_images: int = DEMO_WORLD["n_images"]) -> "WorldInfo":
     """The demo world at `root`; a larger `n_images` is the same world grown (its first tars are the same)."""
-    from tasks.demo_world import generate_world
+    from tasks.demo.world import generate_world
 
     return generate_world(root, n_images, **{k: v for k, v in DEMO_WORLD.items() if k != "n_images"})
 
@@ -87,7 +87,7 @@ def demo_overrides(demo: DemoWorld, store_url, **extra) -> list[str]:
 
 
 def demo_config(demo: DemoWorld, store_url, storage_options: dict | None = None, **extra):
-    from tasks.config import load_config
+    from tasks.engine.config import load_config
 
     cfg = load_config(None, demo_overrides(demo, store_url, **extra))
     if storage_options:

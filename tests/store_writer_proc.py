@@ -6,7 +6,7 @@ import time
 import pyarrow as pa
 
 from storage import Store, schemas
-from tasks.stage import PartTask, run_stage
+from tasks.engine.runner import PartTask, run_stage
 
 
 def table_for(i: int) -> pa.Table:

@@ -7,8 +7,8 @@ import pytest
 
 from ram_model.labels import LabelSystem, build_label_system
 from storage import Store, StoreError
-from tasks.ablation import common_label_system, heldout_note, mean_std, model_name, summarise, summary_markdown
-from tasks.evaluate import removal_quality
+from tasks.stages.ablation import common_label_system, heldout_note, mean_std, model_name, summarise, summary_markdown
+from tasks.stages.evaluate import removal_quality
 
 
 def seed_rows(name, maps):
@@ -102,8 +102,8 @@ def test_a_built_label_system_freezes_the_majority_type():
 
 
 def test_a_tag_list_file_picks_up_the_types_beside_it(tmp_path):
-    from tasks.demo_world import generate_world
-    from tasks.labels import resolve_label_system
+    from tasks.demo.world import generate_world
+    from tasks.shared.labels import resolve_label_system
 
     world = generate_world(tmp_path / "w", 3, seed=1)
     labels = resolve_label_system(str(world.tag_list))
@@ -112,7 +112,7 @@ def test_a_tag_list_file_picks_up_the_types_beside_it(tmp_path):
 
 
 def test_undeclared_types_come_from_the_parser_once():
-    from tasks.labels import declare_tag_types
+    from tasks.shared.labels import declare_tag_types
     from tasks.parser import default_parser
 
     typed = declare_tag_types(LabelSystem(["dog", "beach", "red", "running"]), default_parser())
@@ -123,7 +123,7 @@ def test_undeclared_types_come_from_the_parser_once():
 def test_label_versions_compare_by_their_tag_lists_not_their_ids(tmp_path):
     # After a code upgrade the same tag list is committed again as a new labels version while a reused baseline's
     # lineage still names the old one: the demo rerun in its folder failed with "different label systems".
-    from tasks.labels import register_labels
+    from tasks.shared.labels import register_labels
 
     store = Store(str(tmp_path / "store"))
     before = register_labels(store, LabelSystem(["cat", "dog", "red"]), note="before the upgrade")

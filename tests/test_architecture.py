@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.code_version import imported_names
+from tasks.engine.identity import imported_names
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_MODULES = ["tasks.ingest", "tasks.parse", "tasks.generate", "tasks.ground", "tasks.clean", "tasks.train",
-                 "tasks.evaluate", "tasks.ablation"]
+STAGE_MODULES = [f"tasks.stages.{s}" for s in ("ingest", "parse", "generate", "ground", "clean", "train", "evaluate",
+                                                 "ablation")]
 
 
 def imported_modules(path: Path, module: str) -> set[str]:
@@ -47,23 +47,23 @@ def test_the_checks_see_a_violation(tmp_path):
     # the walker resolves relative and function-level imports, so a hidden stage import is caught
     src = tmp_path / "clean.py"
     src.write_text("def f():\n    from .generate import x\n")
-    assert "tasks.generate" in imported_modules(src, "tasks.clean")
+    assert "tasks.stages.generate" in imported_modules(src, "tasks.stages.clean")
 
 
 def test_one_config_model_per_section():
     # the YAML's sections are the models the code runs with: a field added there reaches its use, no copy
     from ram_model.detector import DetectorConfig
     from ram_model.embedder import EmbedderConfig
-    from tasks.config import CleanSection, EngineConfig, GroundSection
+    from tasks.engine.config import CleanSection, EngineConfig, GroundSection
 
     cfg = EngineConfig.model_validate({"clean": {"outlier_fraction": 0.25, "embedder": {"pool": "mean"}},
                                        "ground": {"detector": {"box_threshold": 0.5}}})
     assert type(cfg.clean) is CleanSection and type(cfg.ground) is GroundSection
     assert type(cfg.clean.embedder) is EmbedderConfig and type(cfg.ground.detector) is DetectorConfig
     assert cfg.clean.outlier_fraction == 0.25 and cfg.ground.detector.box_threshold == 0.5
-    import tasks.clean
-    import tasks.ground
-    for module in (tasks.clean, tasks.ground):
+    import tasks.stages.clean
+    import tasks.stages.ground
+    for module in (tasks.stages.clean, tasks.stages.ground):
         twins = [n for n in vars(module) if n.endswith("Config") and n not in ("DetectorConfig", "EmbedderConfig")]
         assert not twins, f"{module.__name__} defines config twins {twins}"
 
@@ -74,9 +74,9 @@ def test_one_config_model_per_section():
 # touches the store: each reads or writes data from outside it.
 LAYOUT_EXCEPTIONS = {
     # source ingestion: hostile WebDataset / img2dataset tars and Parquet, streamed with size limits
-    "tasks/ingest.py": {"tarfile", "fsspec", "pyarrow.parquet"},
+    "tasks/stages/ingest.py": {"tarfile", "fsspec", "pyarrow.parquet"},
     # the demo world writes a *source* in img2dataset's layout (tars + Parquet), for ingest to read
-    "tasks/demo_world.py": {"tarfile", "pyarrow.parquet"},
+    "tasks/demo/world.py": {"tarfile", "pyarrow.parquet"},
     # the demo's detector trainer reads the demo world's source tars through storage's iter_tar
     "flows/demo.py": {"fsspec"},
 }

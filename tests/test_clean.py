@@ -8,10 +8,10 @@ from PIL import Image
 
 from ram_model.embedder import ClipEmbedder, EmbedderConfig, EncoderEmbedder, build_embedder
 from storage.schemas import CLEAN, CLEAN_CROPS
-from tasks.config import CleanSection
-from tasks.clean import (EmbeddingStore, baseline_disagrees, build_clean, cluster_outliers, cluster_tag,
+from tasks.engine.config import CleanSection
+from tasks.stages.clean import (EmbeddingStore, baseline_disagrees, build_clean, cluster_outliers, cluster_tag,
                          embed_part, outlier_mask, separate_scorer)
-from tasks.ground import regions_table
+from tasks.stages.ground import regions_table
 
 torch.set_num_threads(1)
 
@@ -194,7 +194,7 @@ def test_embed_part_scores_each_distinct_crop_once():
 def test_baseline_scorer_one_encoder_pass_when_the_embedder_is_the_baseline(tmp_path):
     from ram_model.ram import RAM, RAMConfig
     from ram_model.transforms import ImageTransform
-    from tasks.clean import baseline_scorer
+    from tasks.stages.clean import baseline_scorer
 
     torch.manual_seed(0)
     model = RAM(RAMConfig.tiny(num_tags=4, with_caption=False, image_size=32), tags=list("abcd")).eval()
@@ -281,8 +281,8 @@ def test_conv_crop_embedder_trains_saves_and_loads_as_an_embedder(tmp_path):
 
 
 def test_the_baseline_vetoes_only_tags_it_has_learned(monkeypatch):
-    import tasks.models as models
-    from tasks.clean import baseline_unlearned_tags
+    import tasks.shared.models as models
+    from tasks.stages.clean import baseline_unlearned_tags
 
     class Version:
         manifest = {"per_tag_metrics": {"ball": {"ap": 0.3}, "red": {"ap": 0.9}, "sky": {"ap": 0.5}}}

@@ -8,9 +8,9 @@ import yaml
 
 from flows.demo import CONFIG_NAME, demo_config, write_demo_config
 from storage import Store
-from tasks.config import load_config, packaged_configs
-from tasks.demo_world import WorldInfo, generate_world
-from tasks.ingest import ingest
+from tasks.engine.config import load_config, packaged_configs
+from tasks.demo.world import WorldInfo, generate_world
+from tasks.stages.ingest import ingest
 
 from tests.fixtures import image_bytes, write_folder_source
 

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from ram_model.checkpoint import from_pretrained, save_pretrained
 from ram_model.conv_encoder import ConvImageEncoder, conv_blocks
 from ram_model.ram import RAM, RAMConfig
-from tasks.config import ModelConfig
+from tasks.engine.config import ModelConfig
 
 
 def test_tokens_follow_rams_layout_mean_first_then_the_grid():
@@ -62,7 +62,7 @@ def test_the_settings_that_refuse_it():
 
 
 def test_models_built_from_config_use_it(tmp_path):
-    from tasks.train import _build_model
+    from tasks.stages.train import _build_model
 
     built = _build_model(ModelConfig(with_caption=False, image_encoder="conv"), ["p", "q"], None, [])
     assert isinstance(built.visual_encoder, ConvImageEncoder)

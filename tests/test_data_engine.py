@@ -93,7 +93,7 @@ def test_whole_loop_then_rerun_then_new_data(demo_loop_copy, monkeypatch, tmp_pa
     assert len(store.versions("images")) == 2
     # The report of the new evaluation shows the versions it was made from, not the older ones its
     # fine-tuned model's lineage also reaches (a mix showed no samples at all).
-    from tasks.report import build_report
+    from tasks.inspection.report import build_report
 
     page = build_report(store, third["evaluate"].version, tmp_path / "report").read_text()
     for step in ("ingest", "parse", "generate", "clean"):
@@ -269,7 +269,7 @@ def test_inspection_output_tells_the_truth(demo_loop, tmp_path):
 
 
 def test_labels_build_from_a_parsed_version(demo_loop_copy):
-    from tasks.labels import build_labels, load_labels
+    from tasks.shared.labels import build_labels, load_labels
 
     cfg, results = demo_loop_copy.cfg, demo_loop_copy.results
     store = Store(cfg.store.url)
@@ -285,7 +285,7 @@ def test_labels_build_from_a_parsed_version(demo_loop_copy):
 
 
 def test_report_from_the_store(demo_loop, tmp_path):
-    from tasks.report import build_report
+    from tasks.inspection.report import build_report
 
     cfg, results, world = demo_loop.cfg, demo_loop.results, demo_loop.demo.world
     store = Store(cfg.store.url)
@@ -327,7 +327,7 @@ def test_retrain_flow_runs_the_loop_over_the_announced_version(demo_loop_copy, p
 def test_ablate_trains_a_model_per_label_version_and_seed(demo_loop_copy, tmp_path, monkeypatch):
     """`ram-engine ablate` on a run with a ground truth: models per (version, seed), scored on held-out
     keys, an `ablation` version with per-seed rows and mean ± std; a crashed run resumes; a rerun reuses."""
-    import tasks.train as train
+    import tasks.stages.train as train
     from typer.testing import CliRunner
 
     from flows.cli import app
@@ -383,7 +383,7 @@ def test_ablate_trains_a_model_per_label_version_and_seed(demo_loop_copy, tmp_pa
     again = runner.invoke(app, args + ["ablate", *refs])
     assert again.exit_code == 0 and "reused" in again.output and len(store.versions("ablation")) == 1
     # the report carries the table and the plot
-    from tasks.report import build_report
+    from tasks.inspection.report import build_report
 
     index = build_report(store, results["evaluate"].version, tmp_path / "report",
                          truth_path=str(world.ground_truth), ablation=version)
@@ -395,8 +395,8 @@ def test_ablate_trains_a_model_per_label_version_and_seed(demo_loop_copy, tmp_pa
 
 
 def test_ablate_says_what_is_missing(demo_loop_copy, tmp_path):
-    from tasks.ablation import ablation_stage
-    from tasks.train import train_stage
+    from tasks.stages.ablation import ablation_stage
+    from tasks.stages.train import train_stage
 
     cfg, results = demo_loop_copy.cfg, demo_loop_copy.results
     store = Store(cfg.store.url)
@@ -419,7 +419,7 @@ def test_new_samples_accumulate_until_the_served_threshold(demo_loop_copy, tmp_p
     """Samples are counted against the images the latest model was trained on, so versions below the
     threshold add up instead of being forgotten."""
     from flows.deployments import samples_since_last_training
-    from tasks.ingest import ingest
+    from tasks.stages.ingest import ingest
 
     cfg, results = demo_loop_copy.cfg, demo_loop_copy.results
     store = Store(cfg.store.url)

@@ -5,7 +5,7 @@ import json
 
 from flows.demo import SHIPPED_EMBEDDER, demo_config, prepare_embedder
 from ram_model.embedder import EmbedderConfig, build_embedder
-from tasks.demo_world import generate_world
+from tasks.demo.world import generate_world
 
 
 def test_the_shipped_embedder_serves_the_default_world(tmp_path):

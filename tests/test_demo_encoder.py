@@ -11,7 +11,7 @@ import torch
 from ram_model.checkpoint import load_image_encoder, save_pretrained
 from ram_model.ram import RAM, RAMConfig
 from storage import StoreError
-from tasks.config import ModelConfig
+from tasks.engine.config import ModelConfig
 
 
 def _tiny(tags, seed=0, **kw):
@@ -50,7 +50,7 @@ def test_load_image_encoder_refuses_what_does_not_fit(tmp_path):
 
 
 def test_models_built_from_scratch_start_from_encoder_init(tmp_path):
-    from tasks.train import _build_model
+    from tasks.stages.train import _build_model
 
     source = _tiny(["a", "b"], seed=3)
     save_pretrained(source, tmp_path / "enc")
@@ -93,7 +93,7 @@ def test_the_shipped_encoder_serves_the_demo_and_tags_an_unseen_world(tmp_path):
     (seed 7) far better than the same tagger untrained: the floor is measured here, not hard-coded."""
     from flows.demo import SHIPPED_ENCODER, demo_config, prepare_encoder, tagger_quality, world_tagging_samples
     from ram_model.checkpoint import from_pretrained
-    from tasks.demo_world import generate_world
+    from tasks.demo.world import generate_world
 
     world = generate_world(tmp_path / "w", 150, seed=7, fmt="webdataset")
     folder, meta = prepare_encoder(world, tmp_path / "out", steps=2, time_limit_s=5, seed=0)
@@ -116,7 +116,7 @@ def test_the_shipped_encoder_serves_the_demo_and_tags_an_unseen_world(tmp_path):
 
 def test_demo_encoder_command_pretrains_saves_and_is_reused(tmp_path):
     from flows.demo import ENCODER_META, prepare_encoder
-    from tasks.demo_world import generate_world
+    from tasks.demo.world import generate_world
 
     world = generate_world(tmp_path / "w", 20, seed=2, fmt="webdataset", categories=["ball", "box", "star"])
     folder, meta = prepare_encoder(world, tmp_path / "out", steps=3, time_limit_s=60, seed=0)
@@ -134,7 +134,7 @@ def test_the_shipped_encoder_is_not_taken_for_another_encoder_kind(tmp_path):
     """The demo's world, but a config asking for the tiny Swin: the shipped conv encoder would not load,
     so the demo pretrains a Swin of its own."""
     from flows.demo import SHIPPED_ENCODER, prepare_encoder
-    from tasks.demo_world import generate_world
+    from tasks.demo.world import generate_world
 
     world = generate_world(tmp_path / "w", 20, seed=3, fmt="webdataset")
     folder, meta = prepare_encoder(world, tmp_path / "out", steps=2, time_limit_s=60, seed=0, image_encoder="swin")
@@ -154,7 +154,7 @@ def test_the_demo_encoder_command_writes_a_loadable_encoder(tmp_path):
     assert meta["train"]["steps"] == 2 and meta["world_seed"] == 1000 and '"heldout"' in out.output
     assert meta["image_encoder"] == "conv"            # the command's default is the demo's encoder
     cfg = ModelConfig(with_caption=False, max_pool_head=True, image_encoder="conv", encoder_init=str(tmp_path / "enc"))
-    from tasks.train import _build_model
+    from tasks.stages.train import _build_model
 
     built = _build_model(cfg, ["a", "b"], None, [])     # another tag list: the encoder still fits
     saved = _encoder_state(_load(tmp_path / "enc"))

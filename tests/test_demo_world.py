@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tasks.demo_world import (COLOURS, DEFAULT_CATEGORIES, PLURALS, SCENES, WorldInfo, demo_tag_list,
+from tasks.demo.world import (COLOURS, DEFAULT_CATEGORIES, PLURALS, SCENES, WorldInfo, demo_tag_list,
                               generate_world, sample_key)
-from tasks.evaluate import label_quality
-from tasks.truth import load_ground_truth
+from tasks.stages.evaluate import label_quality
+from tasks.shared.truth import load_ground_truth
 
 
 P_OBJ, P_COL, P_ABSENT, P_SCENE = 0.2, 0.15, 0.25, 0.1
@@ -61,7 +61,7 @@ def test_folder_format_is_readable(world):
 
 def test_vocabulary_is_in_rams_tag_list():
     from ram_model.labels import LabelSystem
-    from tasks.demo_world import CATEGORY_NAMES
+    from tasks.demo.world import CATEGORY_NAMES
     ram_tags = set(LabelSystem.default().tags)  # RAM's tag list as the package ships it
     assert set(CATEGORY_NAMES) | set(COLOURS) | set(SCENES) <= ram_tags
 
@@ -219,7 +219,7 @@ def test_planted_defects_are_listed_and_left_out_of_the_truth(tmp_path):
 
 
 def test_more_categories_and_bad_arguments(tmp_path):
-    from tasks.demo_world import CATEGORY_NAMES
+    from tasks.demo.world import CATEGORY_NAMES
     info = generate_world(tmp_path / "all", 20, seed=2, categories=CATEGORY_NAMES)
     assert len(info.tag_list.read_text().split()) == len(CATEGORY_NAMES) + 11
     with pytest.raises(FileExistsError, match="overwrite=True"):

@@ -17,7 +17,7 @@ from flows.deployments import (EVENT_IMAGES_COMMITTED, LOOP_DEPLOYMENT, RETRAIN_
                                emit_images_committed, serve_command, store_resource_id)
 from flows.runtime import artifact_key
 from storage import Store
-from tasks.config import ConfigError, EngineConfig, load_config
+from tasks.engine.config import ConfigError, EngineConfig, load_config
 
 from tests.fixtures import image_bytes, write_folder_source
 
@@ -61,7 +61,7 @@ def test_no_event_and_no_temporary_server_without_a_prefect_api(tmp_path, monkey
     import prefect.events
 
     import flows.runtime
-    from tasks.ingest import ingest
+    from tasks.stages.ingest import ingest
 
     monkeypatch.setattr(flows.runtime, "prefect_api_available", lambda: False)
     monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: pytest.fail("an event was sent"))
@@ -72,7 +72,7 @@ def test_no_event_and_no_temporary_server_without_a_prefect_api(tmp_path, monkey
 
 
 def test_emitter_applies_the_threshold(tmp_path, sent):
-    from tasks.ingest import ingest
+    from tasks.stages.ingest import ingest
 
     cfg = config(tmp_path)
     store = Store(cfg.store.url)
@@ -159,7 +159,7 @@ def test_bad_cron_and_missing_server_are_config_errors(tmp_path, monkeypatch):
 
 SERVE_SCRIPT = """
 import json, sys
-from tasks.config import EngineConfig
+from tasks.engine.config import EngineConfig
 from flows.deployments import serve
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def engine_invocations(service: dict) -> list[list[str]]:
 
 
 def test_compose_services_call_existing_cli_commands_and_configs():
-    from tasks.config import load_config
+    from tasks.engine.config import load_config
 
     services = compose()["services"]
     ours = {name: s for name, s in services.items() if "build" in s}
@@ -131,7 +131,7 @@ def test_compose_wires_server_store_and_bucket():
     assert {"postgres", "prefect-server", "minio", "minio-init", "worker"} <= set(services)
     assert "postgres:5432" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert services["minio-init"]["image"].startswith("minio/mc")
-    from tasks.config import load_config
+    from tasks.engine.config import load_config
 
     bucket = load_config(ROOT / "configs" / "production.yaml").store.url.split("/")[2]
     assert f"local/{bucket}" in " ".join(services["minio-init"]["entrypoint"])

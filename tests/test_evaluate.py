@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ram_model.metrics import average_precision, label_quality, tagging_metrics
-from tasks.evaluate import ABLATION_COLUMNS, ablation_columns, ablation_table, evaluation_table, rows_to_markdown
-from tasks.truth import load_ground_truth, multi_hot
+from tasks.stages.evaluate import ABLATION_COLUMNS, ablation_columns, ablation_table, evaluation_table, rows_to_markdown
+from tasks.shared.truth import load_ground_truth, multi_hot
 
 TRUTH = {"a": {"cat"}, "b": {"car", "tree"}, "c": {"sky"}}
 PRED = {"a": {"cat", "dog"}, "b": {"car"}, "c": set(), "z": {"cat"}}
@@ -162,7 +162,7 @@ def test_tables_lead_with_what_a_row_is_and_metrics_show_no_raw_structures(tmp_p
     per-seed ablation with precision before its labels; pre-rendered markdown, lists and empty counters
     must not reach the CLI or an artifact as Python reprs or blanks."""
     from storage import Store, Version
-    from tasks.lineage import display_metrics
+    from tasks.shared.lineage import display_metrics
 
     def display_metrics_of(folder: Path, metrics: dict) -> dict:
         version = Version(Store(str(folder)), {"metrics": metrics})

@@ -8,9 +8,9 @@ from PIL import Image, ImageDraw
 
 from ram_model.detector import build_tiny_detector
 from storage.schemas import PARSED, REGIONS
-from tasks.categories import tag_categories
-from tasks.config import GroundSection
-from tasks.ground import (crop_key, cut_crop, ground_batch, ground_part,
+from tasks.shared.categories import tag_categories
+from tasks.engine.config import GroundSection
+from tasks.stages.ground import (crop_key, cut_crop, ground_batch, ground_part,
                           localisable_tags)
 
 torch.set_num_threads(1)

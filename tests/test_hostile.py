@@ -20,9 +20,9 @@ from PIL import Image
 from flows.data_engine import data_engine_flow
 from storage import Store
 from storage.shards import write_tar
-from tasks.config import ConfigError, IngestConfig, load_config
-from tasks.ground import crop_key
-from tasks.ingest import MAX_KEY_CHARS, folder_key, ingest, make_key, validate_image
+from tasks.engine.config import ConfigError, IngestConfig, load_config
+from tasks.stages.ground import crop_key
+from tasks.stages.ingest import MAX_KEY_CHARS, folder_key, ingest, make_key, validate_image
 
 RED_SQUARE = "a red square on the grass"
 
@@ -327,7 +327,7 @@ def test_ingest_exits_cleanly_after_a_bomb(tmp_path):
     import sys
 
     gz_bomb(tmp_path / "src" / "bomb.tar.gz", 32 * 2**20, extra=[("ok.jpg", JPEG), ("ok.txt", RED_SQUARE.encode())])
-    code = ("import sys\nfrom storage import Store\nfrom tasks.config import IngestConfig\nfrom tasks.ingest import ingest\n"
+    code = ("import sys\nfrom storage import Store\nfrom tasks.engine.config import IngestConfig\nfrom tasks.stages.ingest import ingest\n"
             "v = ingest(Store(sys.argv[2]), IngestConfig(), source=sys.argv[1]).version\n"
             "print(v.manifest['rows_out'], *sorted(r['reason'] for r in v.rejects().to_pylist()))\n")
     root = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from storage import Store
-from tasks.config import IngestConfig
-from tasks.ingest import SourceError, ingest, normalise_caption, validate_image
+from tasks.engine.config import IngestConfig
+from tasks.stages.ingest import SourceError, ingest, normalise_caption, validate_image
 
 from tests.fixtures import image_bytes, write_folder_source
 
@@ -235,7 +235,7 @@ def test_every_caption_of_a_sample_is_read(tmp_path):
 
 
 def test_demo_world_captions_arrive_one_by_one(tmp_path):
-    from tasks.demo_world import generate_world
+    from tasks.demo.world import generate_world
 
     world = generate_world(tmp_path / "world", 12, seed=3, fmt="webdataset", captions_per_image=(2, 3))
     truth = {}
@@ -262,8 +262,8 @@ def test_s3_sources_are_read_with_their_own_options(moto_server, tmp_path, monke
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.check import CheckReport, check_source
-    from tasks.config import EngineConfig
+    from tasks.inspection.check import CheckReport, check_source
+    from tasks.engine.config import EngineConfig
 
     for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(var, raising=False)

@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from storage import Store
-from tasks.config import IngestConfig
-from tasks.ingest import SourceError, ingest, sniff_format
+from tasks.engine.config import IngestConfig
+from tasks.stages.ingest import SourceError, ingest, sniff_format
 
 I2D = Path(__file__).parent / "data" / "img2dataset"
 SERVED = json.loads((I2D / "served.json").read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.demo_world import generate_world
+from tasks.demo.world import generate_world
 
 ROOT = Path(__file__).resolve().parent.parent
 

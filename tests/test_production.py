@@ -13,8 +13,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tasks.check import check_config
-from tasks.config import ConfigError, load_config, packaged_configs, resolve_config
+from tasks.inspection.check import check_config
+from tasks.engine.config import ConfigError, load_config, packaged_configs, resolve_config
 
 from .standins import production_files
 
@@ -172,7 +172,7 @@ def test_compose_worker_checks_before_serving():
 def test_official_baseline_is_imported_once_with_its_files(toy_files, tmp_path):
     from ram_model.labels import LabelSystem
     from storage import Store
-    from tasks.models import clear_worker_cache, import_official, load_model
+    from tasks.shared.models import clear_worker_cache, import_official, load_model
 
     cfg = load_config("production", overrides(toy_files, tmp_path / "store"))
     store = Store(str(tmp_path / "store"))
@@ -196,7 +196,7 @@ def test_model_card_reads_tags_and_thresholds_without_the_weights(toy_files, tmp
     from ram_model.labels import LabelSystem
     from ram_model.ram import RAM
     from storage import Store, StoreError
-    from tasks.models import clear_worker_cache, import_official, load_model, model_card
+    from tasks.shared.models import clear_worker_cache, import_official, load_model, model_card
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     cfg = load_config("production", overrides(toy_files, tmp_path / "store"))

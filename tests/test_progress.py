@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from tasks.config import ConfigError, load_config
-from tasks.progress import ProgressLog, apply_torch_threads, choose_threads
+from tasks.engine.config import ConfigError, load_config
+from tasks.engine.progress import ProgressLog, apply_torch_threads, choose_threads
 
 
 class FakeClock:
@@ -61,7 +61,7 @@ def test_thread_count_follows_cores_and_workers(requested, workers, cores, expec
 def test_available_cores_is_what_this_process_may_use():
     import os
 
-    from tasks.progress import available_cores
+    from tasks.engine.progress import available_cores
 
     assert 1 <= available_cores() <= len(os.sched_getaffinity(0))
 
@@ -83,7 +83,7 @@ def test_apply_sets_torch_and_the_training_subprocess_env(monkeypatch):
 
 def test_torch_threads_is_a_validated_setting():
     assert load_config(None, ["orchestration.torch_threads=2"]).orchestration.torch_threads == 2
-    from tasks.config import EngineConfig
+    from tasks.engine.config import EngineConfig
 
     assert EngineConfig().orchestration.torch_threads is None      # production default: usable cores
     assert load_config(None).orchestration.torch_threads == 1      # the demo config: shared machines

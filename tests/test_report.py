@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks.demo_world import generate_world
-from tasks.evaluate import ablation_table
-from tasks.truth import load_ground_truth
-from tasks.report import BoxView, CropView, ReportData, SampleView, StageSummary, bar_chart, render_report
+from tasks.demo.world import generate_world
+from tasks.stages.evaluate import ablation_table
+from tasks.shared.truth import load_ground_truth
+from tasks.inspection.report import BoxView, CropView, ReportData, SampleView, StageSummary, bar_chart, render_report
 
 EVIL = '<script>alert("x")</script>&"'
 
@@ -192,7 +192,7 @@ def test_empty_report_still_renders(tmp_path):
 
 
 def test_changed_samples_show_every_kind_of_change():
-    from tasks.report import pick_changed_samples
+    from tasks.inspection.report import pick_changed_samples
 
     parsed = {f"k{i}": {"cat"} for i in range(10)}
     generated = {k: set(v) for k, v in parsed.items()}

@@ -12,8 +12,8 @@ import pytest
 from prefect import flow, task
 
 from flows.runners import RunnerConfigError, gpu_slot, make_task_runner, release_cached_models, with_task_runner
-from tasks.models import clear_worker_cache, worker_cached
-from tasks.config import ConfigError, EngineConfig, load_config
+from tasks.shared.models import clear_worker_cache, worker_cached
+from tasks.engine.config import ConfigError, EngineConfig, load_config
 
 from tests.fixtures import image_bytes, write_folder_source
 
@@ -158,7 +158,7 @@ def test_cached_models_are_released_in_every_dask_worker_before_training(prefect
     """The workers' cached models (loaded by part tasks) are dropped in every worker process, and in this one."""
     from distributed import Client
 
-    from tasks.models import _cache
+    from tasks.shared.models import _cache
 
     cfg = load_config(None, ["orchestration.task_runner=dask", f"orchestration.dask_address={dask_cluster}"])
     with_task_runner(many_parts, cfg)(8, str(tmp_path / "factory.log"))

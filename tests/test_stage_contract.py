@@ -1,4 +1,4 @@
-"""The Stage contract (tasks/stage.py): a new stage is declared in about twenty lines, and the runner gives
+"""The Stage contract (tasks/engine/runner.py): a new stage is declared in about twenty lines, and the runner gives
 it what every stage has: one commit, a rerun that does nothing, resume after a failure, reuse of the
 parts whose input did not change. The stage below is the example of docs/architecture.md and README."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pyarrow.compute as pc
 import pytest
 
 from storage import Store, digest
-from tasks.config import IngestConfig, Section
-from tasks.stage import Stage, StageError, parts_of, run
+from tasks.engine.config import IngestConfig, Section
+from tasks.engine.runner import Stage, StageError, parts_of, run
 
 # ---- the example: captions per key, flagged when fewer than `count.min_captions`
 SCHEMA = pa.schema([("key", pa.string()), ("n_captions", pa.int32()), ("few", pa.bool_())])
@@ -41,7 +41,7 @@ COUNT = Stage(name="count", output="caption_counts", inputs=("images",), section
 
 @pytest.fixture
 def images(tmp_path):
-    from tasks.ingest import ingest
+    from tasks.stages.ingest import ingest
     from tests.fixtures import image_bytes, write_folder_source
 
     def make(n: int):

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pytest
 
 from storage import Store, schemas
-from tasks.ingest import ingest
-from tasks.parse import parse_stage
-from tasks.stage import StageError
+from tasks.stages.ingest import ingest
+from tasks.stages.parse import parse_stage
+from tasks.engine.runner import StageError
 
 from tests.fixtures import demo_config
 
@@ -28,8 +28,8 @@ def base(demo_world, tmp_path_factory):
 
 def caption_generated(store: Store, images, parsed):
     """A `generated` version whose labels are the caption labels (no model): the ground stage's input."""
-    from tasks.lineage import key_tags
-    from tasks.stage import PartTask, parts_of, run_stage
+    from tasks.shared.lineage import key_tags
+    from tasks.engine.runner import PartTask, parts_of, run_stage
 
     tags = key_tags(parsed)
 
@@ -56,7 +56,7 @@ def test_parse_stage_records_labels_and_reconciles(base):
 
 
 def test_ground_resumes_inside_a_part_without_duplicates(base, tmp_path, monkeypatch):
-    import tasks.ground as ground
+    import tasks.stages.ground as ground
 
     root, world, cfg, store, images, parsed = base
     generated = caption_generated(store, images, parsed)
@@ -107,7 +107,7 @@ def test_ground_resumes_inside_a_part_without_duplicates(base, tmp_path, monkeyp
 
 
 def test_train_stage_writes_a_model_version(base, tmp_path, monkeypatch):
-    from tasks.train import train_stage
+    from tasks.stages.train import train_stage
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     _, world, cfg, store, images, parsed = base
@@ -119,11 +119,11 @@ def test_train_stage_writes_a_model_version(base, tmp_path, monkeypatch):
     assert "mAP" in v.manifest["metrics"] and v.manifest["metrics"]["samples"]["train"] > 0
     assert set(v.parents) >= {parsed.ref, images.ref}
     assert train_stage(store, cfg.model, cfg.train, parsed, images).status == "reused"
-    from tasks.models import load_model
+    from tasks.shared.models import load_model
 
     model = load_model(store, v.ref)
     assert model.tags == Path(world.tag_list).read_text().split()
-    from tasks.train import train_work_dir
+    from tasks.stages.train import train_work_dir
 
     work = train_work_dir(store, cfg.train.name, v.id)
     assert work.parent.exists() and not work.exists()  # checkpoints cleaned up
@@ -132,7 +132,7 @@ def test_train_stage_writes_a_model_version(base, tmp_path, monkeypatch):
 def test_fine_tuning_starts_from_the_stored_files_without_loading_them(base, tmp_path, monkeypatch):
     """Fine-tuning from a stored model with the same tags copies its files as the start: the train stage
     never loads it beside the model it trains (at Swin-L that is 1.9 GB more for the whole training)."""
-    import tasks.train as train_mod
+    import tasks.stages.train as train_mod
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     _, world, cfg, store, images, parsed = base
@@ -152,10 +152,10 @@ def test_fine_tuning_onto_new_tags_embeds_them_with_the_configured_clip(base, tm
     import torch
     from transformers import BertTokenizerFast, CLIPConfig, CLIPModel
 
-    import tasks.train as train_mod
+    import tasks.stages.train as train_mod
     from ram_model.checkpoint import from_pretrained, save_pretrained
     from ram_model.label_embeddings import build_label_embeddings
-    from tasks.models import local_model_dir
+    from tasks.shared.models import local_model_dir
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     _, world, cfg, store, images, parsed = base
@@ -194,7 +194,7 @@ def test_encoder_init_enters_the_model_version_by_its_weights(base, tmp_path, mo
 
     from ram_model.checkpoint import save_pretrained
     from ram_model.ram import RAM, RAMConfig
-    from tasks.train import train_stage
+    from tasks.stages.train import train_stage
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     _, world, cfg, store, images, parsed = base
@@ -223,8 +223,8 @@ def test_a_frozen_encoder_trains_only_the_head(base, tmp_path, monkeypatch):
 
     from ram_model.checkpoint import from_pretrained, save_pretrained
     from ram_model.ram import RAM, RAMConfig
-    from tasks.models import local_model_dir
-    from tasks.train import train_stage
+    from tasks.shared.models import local_model_dir
+    from tasks.stages.train import train_stage
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     _, world, cfg, store, images, parsed = base
@@ -248,8 +248,8 @@ def test_a_frozen_encoder_trains_only_the_head(base, tmp_path, monkeypatch):
 
 
 def test_generate_stage_reconciles_and_names_a_missing_shard(base, tmp_path, monkeypatch):
-    from tasks.generate import generate
-    from tasks.train import train_stage
+    from tasks.stages.generate import generate
+    from tasks.stages.train import train_stage
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     _, world, cfg, store, images, parsed = base
@@ -273,7 +273,7 @@ def test_generate_stage_reconciles_and_names_a_missing_shard(base, tmp_path, mon
 
 def test_training_never_writes_storage_options_to_disk(base, tmp_path, monkeypatch):
     """A config's storage options may hold keys: the trainer's job.json and cache never contain them."""
-    import tasks.train as train_mod
+    import tasks.stages.train as train_mod
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     _, world, cfg, store, images, parsed = base
@@ -300,7 +300,7 @@ def test_a_new_tar_makes_ground_write_one_part(base, tmp_path):
     neither makes that colour an object nor re-grounds the parts already grounded."""
     import shutil
 
-    from tasks.ground import ground_stage
+    from tasks.stages.ground import ground_stage
     from tests.fixtures import image_bytes
     from tests.test_ingest import write_tar_source
 
@@ -331,7 +331,7 @@ def test_a_new_tar_makes_ground_write_one_part(base, tmp_path):
 def test_torchrun_ranks_build_their_sample_streams_through_the_store(base, tmp_path, monkeypatch):
     """train.nproc_per_node=2: each torchrun worker opens the store (options from its environment, never
     job.json) and streams its rank's samples through storage's reader; the model version is written."""
-    from tasks.train import train_stage
+    from tasks.stages.train import train_stage
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("RAM_ENGINE_THREADS", "1")

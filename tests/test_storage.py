@@ -109,7 +109,7 @@ def test_verify_catches_a_flipped_byte(any_store):
 
 def test_incremental_parts_are_linked_into_the_new_version_not_rewritten(tmp_path):
     store = Store(str(tmp_path))
-    from tasks.stage import PartTask, run_stage
+    from tasks.engine.runner import PartTask, run_stage
 
     def process(w, t):
         return w.write_part(t.name, table=images_table([f"{t.name}_{i}" for i in range(2)]), rows_in=2,
@@ -264,7 +264,7 @@ def test_model_versions_hold_files(tmp_path):
 
 def test_a_reused_part_whose_file_is_gone_is_made_again(tmp_path):
     store = Store(str(tmp_path))
-    from tasks.stage import PartTask, run_stage
+    from tasks.engine.runner import PartTask, run_stage
 
     def process(w, t):
         return w.write_part(t.name, table=images_table([f"{t.name}_{i}" for i in range(2)]), rows_in=2,
@@ -283,7 +283,7 @@ def test_reuse_copies_where_hard_links_are_refused(tmp_path, monkeypatch):
     import errno
 
     store = Store(str(tmp_path))
-    from tasks.stage import PartTask, run_stage
+    from tasks.engine.runner import PartTask, run_stage
 
     def process(w, t):
         return w.write_part(t.name, table=images_table([f"{t.name}_{i}" for i in range(2)]), rows_in=2,
@@ -307,7 +307,7 @@ def test_reuse_copies_where_hard_links_are_refused(tmp_path, monkeypatch):
 
 def test_every_version_folder_is_whole_on_any_store(any_store):
     """The folder of an incremental version lists all its parts, on a local store and on S3 (server-side copy)."""
-    from tasks.stage import PartTask, run_stage
+    from tasks.engine.runner import PartTask, run_stage
 
     def process(w, t):
         return w.write_part(t.name, table=images_table([f"{t.name}_{i}" for i in range(2)]), rows_in=2,
@@ -325,7 +325,7 @@ def test_every_version_folder_is_whole_on_any_store(any_store):
 
 def test_a_linked_part_names_the_version_that_wrote_it(tmp_path):
     store = Store(str(tmp_path))
-    from tasks.stage import PartTask, run_stage
+    from tasks.engine.runner import PartTask, run_stage
 
     def process(w, t):
         return w.write_part(t.name, table=images_table([f"{t.name}_0"]), rows_in=1, source_digest=t.source_digest)

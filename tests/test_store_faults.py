@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.config import IngestConfig
-from tasks.ingest import ingest
-from tasks.stage import StageError
+from tasks.engine.config import IngestConfig
+from tasks.stages.ingest import ingest
+from tasks.engine.runner import StageError
 from tests import faults
 from tests.fixtures import image_bytes, write_folder_source
 

@@ -16,7 +16,7 @@ from storage import Store, schemas
 from storage.fs import CommittedFileConflict, Placement
 from storage.leases import LEASE_DIR, WriterLease, lease_path, machine_identity, put_whole
 from storage.store import CorruptFile, CorruptMetadata, StoreError
-from tasks.stage import PartTask, StageError, run_stage
+from tasks.engine.runner import PartTask, StageError, run_stage
 
 
 def clean_table(i: int, n: int = 20) -> pa.Table:
@@ -152,7 +152,7 @@ def test_a_stage_stops_on_an_input_that_does_not_match_its_manifest(any_store):
 # ---------------------------------------------------------------- 2. code versions
 
 def test_code_version_follows_the_code_the_stage_runs(tmp_path, monkeypatch):
-    from tasks import code_version as cv
+    from tasks.engine import identity as cv
 
     pkg = tmp_path / "fakepkg"
     pkg.mkdir()
@@ -175,15 +175,15 @@ def test_code_version_follows_the_code_the_stage_runs(tmp_path, monkeypatch):
     assert version() != v1  # a change in a module it imports
 
 
-STAGE_MODULES = ["tasks.ingest", "tasks.parse", "tasks.labels", "tasks.generate", "tasks.ground", "tasks.clean",
-                 "tasks.train", "tasks.evaluate"]
+STAGE_MODULES = ["tasks.stages.ingest", "tasks.stages.parse", "tasks.shared.labels", "tasks.stages.generate", "tasks.stages.ground", "tasks.stages.clean",
+                 "tasks.stages.train", "tasks.stages.evaluate"]
 
 
 @pytest.mark.parametrize("module", STAGE_MODULES)
 def test_every_stage_version_changes_with_its_source(module, monkeypatch):
     import importlib
 
-    from tasks import code_version as cv
+    from tasks.engine import identity as cv
 
     mod = importlib.import_module(module)
     label = mod.STAGE_VERSION
@@ -203,9 +203,9 @@ def test_every_stage_version_changes_with_its_source(module, monkeypatch):
 def test_a_code_change_never_reuses_old_outputs(tmp_path, monkeypatch):
     """An upgrade that changes code an ingest runs (here the shard writer it imports) makes a new version
     with every part written again, not the old outputs under the old id."""
-    from tasks import code_version as cv
-    from tasks.config import IngestConfig
-    from tasks.ingest import ingest
+    from tasks.engine import identity as cv
+    from tasks.engine.config import IngestConfig
+    from tasks.stages.ingest import ingest
     from tests.fixtures import image_bytes, write_folder_source
 
     src = write_folder_source(tmp_path / "src", {f"i{i}.jpg": (image_bytes(color=(i * 20, 9, 9)), f"a cat {i}")
@@ -347,7 +347,7 @@ def test_a_lease_is_renewed_while_its_writer_lives(tmp_path, monkeypatch):
 
 
 def test_training_cache_is_per_store_and_its_lock_outlives_the_job(tmp_path, monkeypatch):
-    from tasks.train import _exclusive, train_work_dir
+    from tasks.stages.train import _exclusive, train_work_dir
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     a, b = Store(str(tmp_path / "a")), Store(str(tmp_path / "b"))
@@ -550,7 +550,7 @@ def test_code_versions_survive_cpythons_spurious_ast_error(monkeypatch):
     mismatch"): the code version retries it, and any other SystemError still surfaces."""
     import ast
 
-    from tasks import code_version as cv
+    from tasks.engine import identity as cv
 
     real_parse, calls = ast.parse, []
 

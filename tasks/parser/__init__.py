@@ -1,4 +1,4 @@
-"""The caption parser: captions -> scene graphs -> tags (the `parse` stage is tasks/parse.py).
+"""The caption parser: captions -> scene graphs -> tags (the `parse` stage is tasks/stages/parse.py).
 
 The scene-graph rules follow SceneGraphParser (vacancy/SceneGraphParser at 1b3d5fc, the revision
 RAM's tags were parsed with, described rule by rule in reference/SCENE_GRAPH_PARSING.md). The code
@@ -15,10 +15,10 @@ Public API:
     parse_part(table, parser, labels) -> (out_table, rejects, metrics)
     check_caption(text, max_chars) -> (reason, detail) | None
 """
-from .captions import default_parser, get_parser, parse_captions, parse_part
-from .graph import CaptionParser, Entity, Modifier, ParsedCaption, Relation, SceneGraph, check_caption
-from .nlp import iter_docs, load_nlp
-from .vocab import (ALL_FIXES, FIX_COMPOUND_ORDER, FIX_INTRANSITIVE_ACTIONS, FIX_LEMMA_EXCEPTIONS, FIX_LOWERCASE,
+from tasks.parser.captions import default_parser, get_parser, parse_captions, parse_part
+from tasks.parser.graph import CaptionParser, Entity, Modifier, ParsedCaption, Relation, SceneGraph, check_caption
+from tasks.parser.nlp import iter_docs, load_nlp
+from tasks.parser.vocab import (ALL_FIXES, FIX_COMPOUND_ORDER, FIX_INTRANSITIVE_ACTIONS, FIX_LEMMA_EXCEPTIONS, FIX_LOWERCASE,
                     FIX_PHRASAL_PREP_LEMMA, FIX_PHRASAL_PREP_ON_VERB, LEMMA_EXCEPTIONS, PHRASAL_PREPS,
                     PHRASAL_VERBS, SCENE_NOUNS)
 

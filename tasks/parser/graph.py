@@ -8,8 +8,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from .nlp import _ARRAY_ATTRS, _I64, _U64, BLAS_CHOICES, iter_docs, load_nlp
-from .vocab import (ALL_FIXES, DEFAULT_MAX_CHARS, DEFAULT_MODEL, FIX_COMPOUND_ORDER, FIX_INTRANSITIVE_ACTIONS,
+from tasks.parser.nlp import _ARRAY_ATTRS, _I64, _U64, BLAS_CHOICES, iter_docs, load_nlp
+from tasks.parser.vocab import (ALL_FIXES, DEFAULT_MAX_CHARS, DEFAULT_MODEL, FIX_COMPOUND_ORDER, FIX_INTRANSITIVE_ACTIONS,
                     FIX_LEMMA_EXCEPTIONS, FIX_LOWERCASE, FIX_PHRASAL_PREP_LEMMA, FIX_PHRASAL_PREP_ON_VERB,
                     LEMMA_EXCEPTIONS, NON_ACTION_VERBS, PHRASAL_PREPS, PHRASAL_VERBS, QUANTIFIER_ADJECTIVES,
                     QUANTITY_NOUNS, SCENE_NOUNS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from .vocab import DEFAULT_MODEL
+from tasks.parser.vocab import DEFAULT_MODEL
 
 # ---------------------------------------------------------------------------------------------
 # spaCy model, cached per process.

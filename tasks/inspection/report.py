@@ -23,10 +23,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from storage.shards import image_member
 
-from .evaluate import ablation_columns
-from .truth import load_ground_truth, normalise_truth, rekey_truth
-from .labels import load_labels
-from .lineage import STAGE_OUTPUTS, key_tags, labels_version, nearest_versions
+from tasks.stages.evaluate import ablation_columns
+from tasks.shared.truth import load_ground_truth, normalise_truth, rekey_truth
+from tasks.shared.labels import load_labels
+from tasks.shared.lineage import STAGE_OUTPUTS, key_tags, labels_version, nearest_versions
 
 
 @dataclass
@@ -84,8 +84,8 @@ class ReportData:
     crops_by_tag: dict[str, list[CropView]] = field(default_factory=dict)
     evaluation: list[dict[str, Any]] = field(default_factory=list)            # e.g. evaluate.ablation_table rows
     cleaning_removal: list[dict[str, Any]] = field(default_factory=list)      # evaluate.removal_quality rows
-    ablation: list[dict[str, Any]] = field(default_factory=list)              # tasks.ablation.summarise rows
-    ablation_note: str = ""                                                    # tasks.ablation.heldout_note
+    ablation: list[dict[str, Any]] = field(default_factory=list)              # tasks.stages.ablation.summarise rows
+    ablation_note: str = ""                                                    # tasks.stages.ablation.heldout_note
     # tag -> {"added": n, "<reason>": n, ...}: what generation added and cleaning removed, per reason
     tag_changes: dict[str, dict[str, int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)

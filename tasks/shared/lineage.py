@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 from storage import Store, StoreError, Version
 
-from .labels import load_labels
+from tasks.shared.labels import load_labels
 
 # The versions the loop writes, in loop order (listings and reports follow it).
 STAGE_OUTPUTS = ("images", "labels", "parsed", "models/baseline", "generated", "regions", "embeddings", "clean",

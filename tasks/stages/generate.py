@@ -17,12 +17,12 @@ from PIL import Image
 from storage import PartRecord, Store, StoreError, Version, VersionWriter, schemas
 from storage.shards import decode_image
 
-from .config import GenerateConfig, ParseConfig
-from .lineage import labels_version
-from .labels import load_labels
-from .models import load_model, model_card, model_digest, model_to_label_ids, model_version
-from .parser import get_parser, parse_captions
-from .stage import PartTask, Stage, StageResult, parts_of, run, top
+from tasks.engine.config import GenerateConfig, ParseConfig
+from tasks.shared.lineage import labels_version
+from tasks.shared.labels import load_labels
+from tasks.shared.models import load_model, model_card, model_digest, model_to_label_ids, model_version
+from tasks.parser import get_parser, parse_captions
+from tasks.engine.runner import PartTask, Stage, StageResult, parts_of, run, top
 
 log = logging.getLogger("ram_engine")
 

@@ -1,6 +1,6 @@
 """Label and model quality against ground truth, and the data-engine ablation table.
 
-Ground truth is read and matched to the store by `tasks/truth.py`. Labels are compared as sets of tag strings per sample key; the metrics themselves (label quality,
+Ground truth is read and matched to the store by `tasks/shared/truth.py`. Labels are compared as sets of tag strings per sample key; the metrics themselves (label quality,
 AP, mAP) are `ram_model.metrics`, the one implementation the training loop uses too.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 from ram_model.metrics import Labels, label_quality, tagging_metrics
 from storage import StoreError
 
-from .stage import PartTask, Stage
-from .truth import ground_truth_path, load_ground_truth, multi_hot, normalise_truth, rekey_truth, score_model
+from tasks.engine.runner import PartTask, Stage
+from tasks.shared.truth import ground_truth_path, load_ground_truth, multi_hot, normalise_truth, rekey_truth, score_model
 
 ABLATION_COLUMNS = ("stage", "n_keys", "labels_per_key", "precision", "recall", "f1", "tp", "fp", "fn")
 
@@ -140,7 +140,7 @@ STAGE_VERSION = "evaluate-2"   # 2: cleaning removal precision / recall per reas
 
 def key_tag_names(version, labels) -> dict[str, set[str]]:
     """Tag names per key of a version with `tag_ids` (unioned over a key's rows)."""
-    from .lineage import key_tags
+    from tasks.shared.lineage import key_tags
 
     return {k: {labels.name(i) for i in ids} for k, ids in key_tags(version).items()}
 
@@ -148,14 +148,14 @@ def key_tag_names(version, labels) -> dict[str, set[str]]:
 def evaluate_stage(store, cfg, images, label_versions: Mapping[str, object], models: Mapping[str, str]):
     """The `evaluate` version: per labelled stage its precision / recall / F1 against the ground truth,
     and per model its mAP and precision / recall on held-out keys (those no model was trained on)."""
-    from .stage import run
+    from tasks.engine.runner import run
 
     return run(STAGE, store, {"evaluate": cfg}, {"images": images, "labels": label_versions, "models": models})
 
 
 def identify(run) -> None:
     """The ground truth file (path, size, time), the label stages' names and the models by version."""
-    from .models import model_version
+    from tasks.shared.models import model_version
 
     cfg, label_versions, models = run.cfg, run.inputs["labels"], run.inputs["models"]
     truth_path = ground_truth_path(cfg, "evaluate.ground_truth is not set")
@@ -170,9 +170,9 @@ def identify(run) -> None:
 
 
 def process(run, writer, task):
-    from .lineage import labels_version
-    from .labels import load_labels
-    from .models import is_holdout
+    from tasks.shared.lineage import labels_version
+    from tasks.shared.labels import load_labels
+    from tasks.shared.models import is_holdout
 
     store, cfg, images = run.store, run.cfg, run.inputs["images"]
     label_versions, models = run.inputs["labels"], run.inputs["models"]

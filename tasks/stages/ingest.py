@@ -45,8 +45,8 @@ from storage.parquet import iter_parquet_batches, read_parquet
 from storage.store import digest, shard_name
 from storage.shards import split_member_name
 
-from .config import IngestConfig
-from .stage import PartTask, Stage, StageResult, run
+from tasks.engine.config import IngestConfig
+from tasks.engine.runner import PartTask, Stage, StageResult, run
 
 STAGE_VERSION = "ingest-4"   # 3: every caption of a sample; 4: img2dataset formats and metadata, shards/
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .parser import get_parser, parse_part
-from .stage import Stage
+from tasks.parser import get_parser, parse_part
+from tasks.engine.runner import Stage
 
 # ---------------------------------------------------------------------------------------------
 # The stage over the store: one parsed part per images part, the label system in the lineage.
@@ -36,15 +36,15 @@ def summarize_parts(records) -> dict:
 
 def parse_stage(store, cfg, images, *, executor=None, progress=None):
     """The `parsed` version of an `images` version under ParseConfig `cfg`."""
-    from .stage import run
+    from tasks.engine.runner import run
 
     return run(STAGE, store, {"parse": cfg}, {"images": images}, executor=executor, progress=progress)
 
 
 def identify(run) -> None:
     """The label system is part of what a parse means: registered (a `labels` version) and a parent."""
-    from .labels import declare_tag_types, register_labels, resolve_label_system
-    from .models import worker_cached
+    from tasks.shared.labels import declare_tag_types, register_labels, resolve_label_system
+    from tasks.shared.models import worker_cached
 
     labels = resolve_label_system(run.cfg.labels)
     if labels.types is None:   # declared once per tag list (not per corpus), then stored with the labels
@@ -59,7 +59,7 @@ def identify(run) -> None:
 def split(run):
     from storage.store import digest
 
-    from .stage import parts_of
+    from tasks.engine.runner import parts_of
 
     return parts_of(run.inputs["images"], salt=digest(run.config))
 

@@ -142,7 +142,7 @@ def score_model(store, model_ref: str, images, keys: set[str], batch_size: int =
 
     from storage.shards import decode_image
 
-    from .models import load_model
+    from tasks.shared.models import load_model
 
     model = load_model(store, model_ref)
     transform = ImageTransform(model.config.swin.image_size)

@@ -27,9 +27,9 @@ from storage.schemas import CLEAN, CLEAN_CROPS, EMBEDDINGS, REGIONS
 from storage.shards import decode_image
 from storage.store import digest
 
-from .categories import localisable_tags, tag_categories
-from .config import CleanSection
-from .stage import Stage
+from tasks.shared.categories import localisable_tags, tag_categories
+from tasks.engine.config import CleanSection
+from tasks.engine.runner import Stage
 
 OUTLIER, BASELINE_DISAGREES, NO_BOX = "outlier", "baseline-disagrees", "no-box"
 
@@ -381,7 +381,7 @@ def _crop_images(version, part) -> dict[str, Image.Image]:
 def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progress=None):
     """The `embeddings` version: every crop's embedding and the baseline's score for its own tag.
     Per regions part, so new data embeds only new crops."""
-    from .stage import run
+    from tasks.engine.runner import run
 
     return run(EMBED, store, {"clean": cfg}, {"regions": regions, "baseline": baseline_ref}, executor=executor,
                progress=progress)
@@ -389,8 +389,8 @@ def embed_stage(store, cfg, regions, baseline_ref: str, *, executor=None, progre
 
 def embed_identify(run) -> None:
     """Identity: the embedder's section and the baseline (by digest), not the whole clean section."""
-    from .config import section_dict
-    from .models import model_digest, model_version
+    from tasks.engine.config import section_dict
+    from tasks.shared.models import model_digest, model_version
 
     mv = model_version(run.store, run.inputs["baseline"])
     ident = model_digest(mv, run.inputs["baseline"])
@@ -400,9 +400,9 @@ def embed_identify(run) -> None:
 
 
 def embed_prepare(run) -> None:
-    from .lineage import labels_version
-    from .labels import load_labels
-    from .models import model_card, model_to_label_ids, resolve_device
+    from tasks.shared.lineage import labels_version
+    from tasks.shared.labels import load_labels
+    from tasks.shared.models import model_card, model_to_label_ids, resolve_device
 
     # the model's card (config, tag list), not its weights: this process only maps tags
     card = model_card(run.store, run.inputs["baseline"])
@@ -415,7 +415,7 @@ def embed_prepare(run) -> None:
 
 
 def embed_split(run):
-    from .stage import parts_of
+    from tasks.engine.runner import parts_of
 
     return parts_of(run.inputs["regions"], salt=digest(run.config))
 
@@ -446,7 +446,7 @@ def baseline_scorer(model, cfg, image_size: int, baseline_check: bool) -> CropSc
 
 
 def embed_process(run, w, task):
-    from .models import load_model, worker_cached
+    from tasks.shared.models import load_model, worker_cached
 
     store, cfg, regions, baseline_ref = run.store, run.cfg, run.inputs["regions"], run.inputs["baseline"]
     device, image_size, ident = run.state["device"], run.state["image_size"], run.state["ident"]
@@ -470,7 +470,7 @@ def baseline_unlearned_tags(store, baseline_ref: str, min_ap: float) -> set[str]
     """Tags whose held-out AP (recorded in the baseline's model version) is below `min_ap`: the
     baseline's opinion of their crops is no better than chance, so it must not veto them. A baseline
     without recorded per-tag metrics (e.g. an official checkpoint) is trusted on every tag."""
-    from .models import model_version
+    from tasks.shared.models import model_version
 
     if min_ap <= 0:
         return set()
@@ -482,7 +482,7 @@ def baseline_unlearned_tags(store, baseline_ref: str, min_ap: float) -> set[str]
 def clean_stage(store, cfg, generated, regions, embeddings, parsed, baseline_ref: str, *, progress=None):
     """The `clean` version: per key the kept tags and the removed ones with their reasons, per crop its
     cluster and distance. Clustering is global per tag (all parts), one tag in memory at a time."""
-    from .stage import run
+    from tasks.engine.runner import run
 
     return run(STAGE, store, {"clean": cfg}, {"generated": generated, "regions": regions, "embeddings": embeddings,
                                               "parsed": parsed, "baseline": baseline_ref}, progress=progress)
@@ -493,9 +493,9 @@ def clean_prepare(run) -> None:
     import shutil
     import tempfile
 
-    from .lineage import labels_version
-    from .labels import load_labels
-    from .models import model_card, model_to_label_ids
+    from tasks.shared.lineage import labels_version
+    from tasks.shared.labels import load_labels
+    from tasks.shared.models import model_card, model_to_label_ids
 
     store, cfg, baseline_ref, embeddings = run.store, run.cfg, run.inputs["baseline"], run.inputs["embeddings"]
     labels = load_labels(store, labels_version(store, run.inputs["parsed"]))
@@ -527,7 +527,7 @@ def clean_prepare(run) -> None:
 
 
 def clean_split(run):
-    from .stage import parts_of
+    from tasks.engine.runner import parts_of
 
     return parts_of(run.inputs["generated"], {"regions": run.inputs["regions"], "embeddings": run.inputs["embeddings"]},
                     salt=digest(run.config))
@@ -559,7 +559,7 @@ def clean_process(run, w, task):
 
 
 def clean_summary(run, records) -> dict:
-    from .stage import merge_metrics
+    from tasks.engine.runner import merge_metrics
 
     m = merge_metrics(records)
     m.update({f"clustering_{k}": v for k, v in run.state["cluster_metrics"].items()})

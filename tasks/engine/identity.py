@@ -23,7 +23,7 @@ PROJECT_PACKAGES = ("tasks", "ram_model", "storage")
 
 
 def code_version(module: str, label: str) -> str:
-    """`label+digest` for the stage whose logic lives in `module` (e.g. "tasks.clean", "clean-1")."""
+    """`label+digest` for the stage whose logic lives in `module` (e.g. "tasks.stages.clean", "clean-1")."""
     return f"{label}+{source_digest(module)}"
 
 

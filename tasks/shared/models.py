@@ -21,7 +21,7 @@ from ram_model.checkpoint import (MODEL_CARD_FILES, ModelCard, from_pretrained, 
 from ram_model.labels import LabelSystem
 from storage import Store, StoreError, Version
 
-from .stage import StageResult
+from tasks.engine.runner import StageResult
 
 log = logging.getLogger("ram_engine")
 T = TypeVar("T")

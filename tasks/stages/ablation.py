@@ -24,7 +24,7 @@ import pyarrow as pa
 from storage import Store, StoreError, Version
 from storage.schemas import ABLATION
 
-from .stage import PartTask, Stage, StageResult
+from tasks.engine.runner import PartTask, Stage, StageResult
 
 log = logging.getLogger("ram_engine")
 
@@ -136,7 +136,7 @@ def ablation_stage(store: Store, model_cfg, train_cfg, evaluate_cfg, cfg, images
                    say: Callable[[str], None] = log.info) -> StageResult:
     """Train one model per (label version, seed) with `train_model`, the same budget and architecture,
     score each on held-out keys against `evaluate_cfg.ground_truth`, and commit the `ablation` version."""
-    from .stage import run
+    from tasks.engine.runner import run
 
     return run(STAGE, store, {"ablation": cfg, "model": model_cfg, "train": train_cfg, "evaluate": evaluate_cfg},
                {"images": images, "labels": label_versions, "train_model": train_model, "say": say},
@@ -147,7 +147,7 @@ def common_label_system(store: Store, lvs: Mapping[str, Version]) -> Version:
     """The labels version shared by the compared label versions. Compared by content (tag names in id order),
     not by version id: after a code upgrade the same tag list is committed again as a new labels version, and a
     reused baseline's lineage still names the old one."""
-    from .labels import load_labels
+    from tasks.shared.labels import load_labels
 
     tag_lists = {name: tuple(load_labels(store, lv).tags) for name, lv in lvs.items()}
     if len(set(tag_lists.values())) != 1:
@@ -162,9 +162,9 @@ def common_label_system(store: Store, lvs: Mapping[str, Version]) -> Version:
 
 def identify(run) -> None:
     """The budget, the ground truth (path, size, time) and the label versions compared."""
-    from .config import section_dict
-    from .truth import ground_truth_path
-    from .lineage import labels_version
+    from tasks.engine.config import section_dict
+    from tasks.shared.truth import ground_truth_path
+    from tasks.shared.lineage import labels_version
 
     store, cfg, label_versions = run.store, run.cfg, run.inputs["labels"]
     model_cfg, train_cfg, evaluate_cfg = (run.sections[n] for n in ("model", "train", "evaluate"))
@@ -194,9 +194,9 @@ def identify(run) -> None:
 def process(run, writer, task):
     from ram_model.metrics import tagging_metrics
 
-    from .labels import load_labels
-    from .models import is_holdout
-    from .truth import load_ground_truth, multi_hot, normalise_truth, rekey_truth, score_model
+    from tasks.shared.labels import load_labels
+    from tasks.shared.models import is_holdout
+    from tasks.shared.truth import load_ground_truth, multi_hot, normalise_truth, rekey_truth, score_model
 
     store, cfg, images, label_versions = run.store, run.cfg, run.inputs["images"], run.inputs["labels"]
     model_cfg, evaluate_cfg = run.sections["model"], run.sections["evaluate"]
@@ -255,7 +255,7 @@ STAGE = Stage(name="ablation", output="ablation", inputs=("images", "labels", "t
 def latest_label_versions(store: Store, refs: list[str] | None = None) -> dict[str, Version]:
     """The label versions to compare: the given refs (stage@version; names are their stages), or the
     latest clean version's lineage: its parsed, generated and clean versions."""
-    from .lineage import lineage
+    from tasks.shared.lineage import lineage
 
     if refs:
         out = {}

@@ -23,9 +23,9 @@ from storage.schemas import REGIONS
 from storage.shards import decode_image
 from storage.store import digest, shard_name
 
-from .categories import localisable_tags, tag_categories
-from .config import GroundSection
-from .stage import Stage
+from tasks.shared.categories import localisable_tags, tag_categories
+from tasks.engine.config import GroundSection
+from tasks.engine.runner import Stage
 
 
 class Region(NamedTuple):
@@ -216,15 +216,15 @@ def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progre
 
     Progress is checkpointed inside a part after every detector batch (the writer's in-part checkpoints); a rerun
     skips the keys already grounded and assembles the same part an uninterrupted run writes."""
-    from .stage import run
+    from tasks.engine.runner import run
 
     return run(STAGE, store, {"ground": cfg}, {"images": images, "generated": generated, "parsed": parsed},
                executor=executor, progress=progress)
 
 
 def identify(run) -> None:
-    from .lineage import labels_version
-    from .labels import load_labels
+    from tasks.shared.lineage import labels_version
+    from tasks.shared.labels import load_labels
 
     if not run.cfg.detector.model:
         raise ValueError("ground.detector.model is not set: give a Grounding DINO folder (or hub id while online)")
@@ -234,7 +234,7 @@ def identify(run) -> None:
 
 
 def split(run):
-    from .stage import parts_of
+    from tasks.engine.runner import parts_of
 
     return parts_of(run.inputs["images"], {"generated": run.inputs["generated"]},
                     salt=digest([run.config, sorted(run.state["categories"].items())]))
@@ -243,7 +243,7 @@ def split(run):
 def process(run, w, task):
     from ram_model.detector import load_detector
 
-    from .models import worker_cached
+    from tasks.shared.models import worker_cached
 
     cfg, images, generated = run.cfg, run.inputs["images"], run.inputs["generated"]
     categories, tag_names = run.state["categories"], run.state["tag_names"]
@@ -255,7 +255,7 @@ def process(run, w, task):
         {"key": pa.array([], pa.string()), "tag_ids": pa.array([], pa.list_(pa.int32()))}))
     shard_rel = shard_name(task.name)
     # In-part checkpoints (the writer's, see VersionWriter.save_checkpoint): one per detector batch,
-    # named by its keys; made by the run holding this part's claim (tasks/stage.py), one at a time.
+    # named by its keys; made by the run holding this part's claim (tasks/engine/runner.py), one at a time.
     done_keys = {k for cp in w.checkpoints(task.name) for k in cp.data["keys"]}
 
     def checkpoint(batch_table, crops, keys, rejects):

@@ -28,11 +28,11 @@ from ram_model.metrics import best_f1_thresholds
 from storage import Store, StoreError, Version, digest
 from storage.shards import write_label_table
 
-from .config import ModelConfig, TrainConfig, section_dict
-from .lineage import labels_version
-from .labels import load_labels
-from .models import cache_dir, is_holdout, load_model, local_model_dir, model_digest, model_version, resolve_device
-from .stage import PartTask, Stage, StageResult, run
+from tasks.engine.config import ModelConfig, TrainConfig, section_dict
+from tasks.shared.lineage import labels_version
+from tasks.shared.labels import load_labels
+from tasks.shared.models import cache_dir, is_holdout, load_model, local_model_dir, model_digest, model_version, resolve_device
+from tasks.engine.runner import PartTask, Stage, StageResult, run
 
 log = logging.getLogger("ram_engine")
 
@@ -427,7 +427,7 @@ def _step_progress(progress: Callable, stage: str) -> Callable:
 
 def _torchrun(job_path: Path, nproc: int, storage_options: dict) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "tasks.train", str(job_path)]
+           "-m", "tasks.stages.train", str(job_path)]
     log.info("training with %d workers: %s", nproc, " ".join(cmd))
     proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path),
                                         **{STORAGE_OPTIONS_ENV: json.dumps(storage_options)}))
@@ -436,5 +436,5 @@ def _torchrun(job_path: Path, nproc: int, storage_options: dict) -> None:
                            f"{job_path.parent} let a rerun resume")
 
 
-if __name__ == "__main__":  # a torchrun worker: python -m tasks.train JOB.json
+if __name__ == "__main__":  # a torchrun worker: python -m tasks.stages.train JOB.json
     run_training(sys.argv[1])

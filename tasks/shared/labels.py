@@ -17,8 +17,8 @@ from ram_model.labels import (ACTION, ATTRIBUTE, OBJECT, SCENE, TAG_LIST_FILE, T
 from storage import Store, StoreError, Version
 from storage.store import digest
 
-from .code_version import code_version
-from .models import cache_dir, worker_cached
+from tasks.engine.identity import code_version
+from tasks.shared.models import cache_dir, worker_cached
 
 STAGE = "labels"
 STAGE_VERSION = "labels-2"   # 2: every label version declares its tag types
@@ -96,7 +96,7 @@ def build_labels(store: Store, parsed: Version, top_k: int, min_count: int = 1,
     """A label system from a parsed corpus: the top-K tags by frequency, synonyms merged."""
     if parsed.stage != "parsed":
         raise StoreError(f"labels build needs a parsed version, got {parsed.ref}")
-    from .parser.vocab import SCENE_NOUNS
+    from tasks.parser.vocab import SCENE_NOUNS
 
     counts: Counter = Counter()
     type_counts: dict[str, Counter] = {}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .config import EngineConfig
+from tasks.engine.config import EngineConfig
 
 
 @dataclass
@@ -54,7 +54,7 @@ def check_store(cfg: EngineConfig, report: CheckReport) -> None:
 
 
 def check_source(cfg: EngineConfig, report: CheckReport) -> None:
-    from .ingest import SourceError, expand_sources
+    from tasks.stages.ingest import SourceError, expand_sources
 
     src = cfg.ingest.source
     if not src:
@@ -74,7 +74,7 @@ def check_source(cfg: EngineConfig, report: CheckReport) -> None:
 
 
 def check_labels(cfg: EngineConfig, report: CheckReport):
-    from .labels import resolve_label_system
+    from tasks.shared.labels import resolve_label_system
 
     try:
         labels = resolve_label_system(cfg.parse.labels)
@@ -116,7 +116,7 @@ def check_official_files(cfg: EngineConfig, report: CheckReport):
     """The tag list, Chinese names and thresholds that go with an official checkpoint; the label system or None."""
     from ram_model.labels import LabelSystem
 
-    from .models import _packaged
+    from tasks.shared.models import _packaged
 
     m = cfg.model
     for name in ("tag_list", "tag_list_chinese", "thresholds"):
@@ -150,7 +150,7 @@ def check_official_checkpoint(path: str, cfg: EngineConfig, report: CheckReport,
     from ram_model.labels import LabelSystem
     from ram_model.ram import RAM
 
-    from .models import _packaged
+    from tasks.shared.models import _packaged
 
     m = cfg.model
     labels = check_official_files(cfg, report)
@@ -350,7 +350,7 @@ def check_training_space(cfg: EngineConfig, report: CheckReport, store_ok: bool)
     from ram_model.trainer import LoopConfig
     from storage import Store
 
-    from .models import cache_dir, model_card
+    from tasks.shared.models import cache_dir, model_card
 
     ref = cfg.train.init
     if ref == f"models/{cfg.generate.baseline_name}" and cfg.generate.baseline:

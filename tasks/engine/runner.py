@@ -117,7 +117,7 @@ class Stage:
         return self.process.__module__
 
     def code_version(self) -> str:
-        from .code_version import code_version
+        from tasks.engine.identity import code_version
 
         return code_version(self.module, self.version)
 
@@ -168,7 +168,7 @@ def _versions(values: Iterable[Any]) -> list[Version]:
 
 def begin_run(stage: Stage, store: Store, cfg: Any, inputs: Mapping[str, Any]) -> tuple[StageRun, VersionWriter | Version]:
     """The run's identity, fixed: its writer, or the committed version that already answers it."""
-    from .config import section_dict
+    from tasks.engine.config import section_dict
 
     missing = [n for n in stage.inputs if n not in inputs]
     if missing:

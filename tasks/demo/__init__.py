@@ -1,0 +1,1 @@
+"""The demo world: a synthetic source with known truth, for the offline demo and the tests."""

@@ -1,0 +1,1 @@
+"""Reading what the loop made: the HTML report and the pre-flight check."""

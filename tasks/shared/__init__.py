@@ -1,0 +1,1 @@
+"""What two stages share: model refs and loading, label systems, tag categories, ground truth, lineage."""
