@@ -1,7 +1,7 @@
 """Benchmark: per-tag K-Means++ outlier removal over synthetic crop embeddings.
 
 Ours: embeddings streamed into the on-disk EmbeddingStore (one file per tag) and clustered one tag at
-a time by tasks.stages.clean.cluster_outliers (k-means++ seeding + float32 BLAS Lloyd iterations; scikit-learn MiniBatchKMeans
+a time by tasks.stages.cluster.cluster_outliers (k-means++ seeding + float32 BLAS Lloyd iterations; scikit-learn MiniBatchKMeans
 for very large tags). Baseline: the naive loop: every embedding in one in-memory array, scikit-learn
 KMeans(init="k-means++") fitted on each tag's full array, distances from KMeans.transform.
 
@@ -60,7 +60,7 @@ def peak_mb() -> float:
 
 
 def run_ours(args, sizes, out: Path) -> dict:
-    from tasks.stages.clean import EmbeddingStore, cluster_outliers
+    from tasks.stages.cluster import EmbeddingStore, cluster_outliers
     from tasks.engine.config import CleanSection
     store_dir = Path(args.workdir) / "store"
     shutil.rmtree(store_dir, ignore_errors=True)

@@ -38,8 +38,9 @@ import sys
 sys.path.insert(0, sys.argv[3])
 from storage import Store
 from tasks.engine.config import IngestConfig
-from tasks.stages.ingest import ingest
-v = ingest(Store(sys.argv[2]), IngestConfig(), source=sys.argv[1]).version
+from tasks.engine.runner import run
+from tasks.stages.ingest import STAGE
+v = run(STAGE, Store(sys.argv[2]), {"ingest": IngestConfig()}, {"source": sys.argv[1]}).version
 m = v.manifest
 reasons = sorted({r["reason"] for r in v.rejects().to_pylist()})
 print(f"rows in {m['rows_in']}, out {m['rows_out']}, rejected {m['rows_rejected']} {reasons}")

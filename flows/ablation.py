@@ -5,18 +5,17 @@ from __future__ import annotations
 from prefect import flow
 
 from storage import StoreError
-from tasks.stages.ablation import ablation_stage, latest_label_versions
 from tasks.engine.config import EngineConfig
+from tasks.engine.runner import StageResult, run
 from tasks.shared.lineage import lineage
-from tasks.engine.runner import StageResult
-from tasks.stages.train import train_stage
+from tasks.stages.ablation import STAGE, latest_label_versions
 
 from .runtime import gpu_stage, open_store, publish
 
 
 @flow(name="ablation", log_prints=True, validate_parameters=False)
 def ablation_flow(cfg: EngineConfig, versions: list[str] | None = None, images: str | None = None,
-                  progress=None, say=None) -> StageResult:
+                  progress=None) -> StageResult:
     """`versions`: label versions as stage/version refs (default: ablation.versions, else the latest clean
     version's parsed, generated and clean); `images`: their images version (default: the one the
     first label version was made from), as a stage/version ref."""
@@ -27,8 +26,7 @@ def ablation_flow(cfg: EngineConfig, versions: list[str] | None = None, images: 
     else:
         images_version = _images_of(store, next(iter(label_versions.values())))
     with gpu_stage(cfg):
-        result = ablation_stage(store, cfg.model, cfg.train, cfg.evaluate, cfg.ablation, images_version,
-                                label_versions, train_stage, progress=progress, say=say or print)
+        result = run(STAGE, store, cfg, {"images": images_version, "labels": label_versions}, progress=progress)
     publish(result)
     return result
 

@@ -147,9 +147,10 @@ def ingest(src: Optional[List[str]] = typer.Argument(
             with console_progress(update):
                 result = ingest_flow(cfg, source=src)
         else:
-            from tasks.stages.ingest import ingest as run
+            from tasks.engine.runner import run
+            from tasks.stages.ingest import STAGE
 
-            result = run(get_store(cfg), cfg.ingest, source=src, progress=update)
+            result = run(STAGE, get_store(cfg), cfg, {"source": src}, progress=update)
     print_result(result)
 
 
@@ -233,7 +234,7 @@ def ablate(versions: list[str] = typer.Argument(None, help="Label versions STAGE
     refs = [store.open(*parse_ref(v)).ref for v in versions or []] or None
     images_ref = store.open(*parse_ref(images)).ref if images else None
     run_flow = ablation_flow if state.engine == "prefect" else ablation_flow.fn
-    result = run_flow(cfg, versions=refs, images=images_ref, say=out.print)
+    result = run_flow(cfg, versions=refs, images=images_ref)
     print_result(result)
     out.print(result.version.manifest["metrics"]["markdown"])
 

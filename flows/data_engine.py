@@ -1,51 +1,58 @@
 """The whole data-engine loop as one Prefect flow of stage subflows.
 
-    ingest ─► parse ─► [train baseline] ─► generate ─► ground ─► embed ─► clean ─► train ─► evaluate
+    ingest ─► parse ─► baseline ─► generate ─► ground ─► embed ─► cluster ─► clean ─► train ─► evaluate
 
-Each subflow returns the version it committed (or found committed: a rerun does no work), and each
-version names its parents, so lineage ties the loop together. `from_stage` starts from the latest
-committed versions of the earlier stages; `until_stage` stops after that stage.
+The steps are `tasks.stages.LOOP`, the one list; each runs its stage through the one runner
+(`tasks.engine.runner.run`), which decides what is committed already and what to reuse. This module only
+binds each step's inputs to the outputs of the steps before it (`_plan`). Each subflow returns the version
+it committed (or found committed: a rerun does no work), and each version names its parents, so lineage
+ties the loop together. `from_stage` starts from the latest committed versions of the earlier steps;
+`until_stage` stops after that step.
 """
 from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from prefect import flow
 from prefect.context import FlowRunContext
 
-from storage import StoreError, Version
+from storage import Store, StoreError, Version
 from tasks.engine.config import EngineConfig, section_dict
-from tasks.shared.models import import_official
 from tasks.engine.progress import apply_torch_threads
-from tasks.engine.runner import Stage, StageResult, section_of
+from tasks.engine.runner import StageResult, run, section_of
+from tasks.stages import LOOP, STEPS, stage
 
 from .runners import default_workers, make_task_runner, release_cached_models, shared_cluster
 from .runtime import as_config, gpu_stage, open_store, prefect_executor, publish, stage_progress
 
 log = logging.getLogger("ram_engine")
 
-STAGES = ("ingest", "parse", "baseline", "generate", "ground", "embed", "clean", "train", "evaluate")
+STAGES = STEPS   # the names --from / --until take
+# the name later steps read a step's output under (the stages' input names), where it is not the dataset's
+PROVIDES = {"baseline": "baseline", "train": "model"}
+GPU_STEPS = {"baseline", "generate", "ground", "embed", "train"}
+TRAINING_STEPS = {"baseline", "train"}
 
 
 def _check(name: str | None, what: str) -> None:
-    if name is not None and name not in STAGES:
-        raise ValueError(f"{what} {name!r} is not a stage; stages: {', '.join(STAGES)}")
+    if name is not None and name not in STEPS:
+        raise ValueError(f"{what} {name!r} is not a stage; stages: {', '.join(STEPS)}")
 
 
-def _run(stage: str, cfg: EngineConfig, fn, *args, **kwargs) -> StageResult:
-    """Run a stage function as a Prefect subflow named after the stage, its part tasks on the configured
+def _run(name: str, cfg: EngineConfig, fn, *args, **kwargs) -> StageResult:
+    """Run a stage function as a Prefect subflow named after the step, its part tasks on the configured
     task runner (inline outside a flow run, as with `--engine local`), and publish its artifact."""
     if FlowRunContext.get() is None:
         result = fn(*args, **kwargs)
     else:
-        result = flow(name=stage, log_prints=True, validate_parameters=False,
+        result = flow(name=name, log_prints=True, validate_parameters=False,
                       task_runner=make_task_runner(cfg))(fn)(*args, **kwargs)
     publish(result)
-    log.info("%s: %s %s", stage, result.status, result.version.ref)
+    log.info("%s: %s %s", name, result.status, result.version.ref)
     return result
 
 
@@ -53,143 +60,140 @@ def _run(stage: str, cfg: EngineConfig, fn, *args, **kwargs) -> StageResult:
 def data_engine_flow(cfg: EngineConfig, from_stage: str | None = None, until_stage: str | None = None,
                      source: str | None = None, images_version: str | None = None,
                      progress=None) -> dict[str, StageResult]:
-    """Run the loop; returns {stage: StageResult} for the stages that ran or were reused."""
+    """Run the loop; returns {step: StageResult} for the steps that ran or were reused."""
     if FlowRunContext.get() is None:  # --engine local: no task runner
         return _loop(cfg, from_stage, until_stage, source, images_version, progress)
     with shared_cluster(cfg) as run_cfg:
         return _loop(run_cfg, from_stage, until_stage, source, images_version, progress)
 
 
-@dataclass(frozen=True)
-class Step:
-    """One step of the loop: a declared stage, the name later steps read its output under, and how its
-    inputs are found among the outputs so far (by their own names, unless `bind` says otherwise)."""
+@dataclass
+class Plan:
+    """What a step does now: run `module`'s stage with `sections` over `inputs`, or answer with `kept` (a
+    version found without running), or nothing (`skip` says why)."""
 
-    stage: Stage
-    provides: str
-    bind: Callable[[dict, EngineConfig], dict] = lambda available, cfg: {}
-    gpu: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.stage.name
+    module: str | None = None
+    sections: Any = None
+    inputs: dict = field(default_factory=dict)
+    kept: Version | None = None
+    skip: str | None = None
 
 
-def _loop_steps() -> tuple[Step, ...]:
-    """The loop after ingest and the baseline, in order: each step a stage module's declaration."""
-    from tasks.stages import clean, evaluate, generate, ground, parse, train
-
-    return (
-        Step(parse.STAGE, "parsed"),
-        Step(generate.STAGE, "generated", gpu=True),
-        Step(ground.STAGE, "regions", gpu=True),
-        Step(clean.EMBED, "embeddings", gpu=True),
-        Step(clean.STAGE, "clean"),
-        Step(train.STAGE, "model", lambda got, cfg: {"labels": got["clean"], "init": None}, gpu=True),
-        Step(evaluate.STAGE, "evaluate", lambda got, cfg: {
+def _plan(step: str, module: str, cfg: EngineConfig, store: Store, got: dict, source) -> Plan:
+    """Step `step`'s inputs from the outputs so far (`got`, by the names the stages read them under)."""
+    if step == "ingest":
+        return Plan(module, cfg, {"source": source})
+    if step == "baseline":
+        return _baseline_plan(cfg, store, got)
+    if step == "train":
+        return Plan(module, cfg, {"labels": got["clean"], "images": got["images"], "init": None})
+    if step == "evaluate":
+        if not cfg.evaluate.ground_truth:
+            return Plan(skip="evaluate.ground_truth is not set")
+        return Plan(module, cfg, {
+            "images": got["images"],
             "labels": {"parsed": got["parsed"], "parsed+generated": got["generated"], "cleaned": got["clean"]},
-            "models": {"baseline": got["baseline"], cfg.train.name: got["model"].ref}}),
-    )
+            "models": {"baseline": got["baseline"], cfg.train.name: got["model"]}})
+    declared = stage(module).declared_inputs
+    return Plan(module, cfg, {i.name: got[i.name] for i in declared})
+
+
+def _baseline_plan(cfg: EngineConfig, store: Store, got: dict) -> Plan:
+    """The baseline: an official checkpoint imported once, the baseline trained before (it stays fixed as data
+    grows, so generation of old parts is reused), or one trained now on the parsed labels."""
+    baseline = cfg.generate.baseline
+    if baseline is not None and Path(baseline).is_file():
+        # imported once as models/<baseline_name> with its tag list, thresholds and tokenizer, so workers on
+        # any host load it from the store and lineage names it
+        return Plan("import_model", cfg, {"checkpoint": baseline})
+    sections = {"train": _baseline_train(cfg), "model": cfg.model}
+    output = f"models/{cfg.generate.baseline_name}"
+    if store.versions(output):
+        kept = store.versions(output)[-1]
+        if changed := _config_changes(kept, sections):
+            log.warning("%s stays the baseline, so that the tags it generated stay valid, but it was trained under "
+                        "another config (%s); to train a new one, name it anew: --set generate.baseline_name=...",
+                        kept.ref, "; ".join(changed))
+        return Plan(kept=kept)
+    return Plan("train", sections, {"labels": got["parsed"], "images": got["images"], "init": None})
+
+
+def _baseline_train(cfg: EngineConfig):
+    return cfg.train.model_copy(update={"name": cfg.generate.baseline_name, "init": None, "fine_tune_latest": False,
+                                        "steps": cfg.generate.baseline_steps or cfg.train.steps})
+
+
+def _output(step: str, module: str, cfg: EngineConfig) -> str:
+    if step == "baseline":
+        return f"models/{cfg.generate.baseline_name}"
+    s = stage(module)
+    return s.output_of(section_of(cfg, s.section))
 
 
 def _loop(cfg: EngineConfig, from_stage, until_stage, source, images_version, progress) -> dict[str, StageResult]:
-    from tasks.engine.runner import run
-
-    from .ingest import ingest_and_announce
+    from .ingest import announce
 
     cfg = as_config(cfg)  # a served run passes the config as JSON
     _check(from_stage, "--from")
     _check(until_stage, "--until")
-    start = STAGES.index(from_stage) if from_stage else 0
-    stop = STAGES.index(until_stage) if until_stage else len(STAGES) - 1
+    start = STEPS.index(from_stage) if from_stage else 0
+    stop = STEPS.index(until_stage) if until_stage else len(STEPS) - 1
     if start > stop:
         raise ValueError(f"--from {from_stage} comes after --until {until_stage}")
     store = open_store(cfg)
     results: dict[str, StageResult] = {}
     progress = stage_progress(progress)  # log lines with rate and ETA, the UI's bar, and the caller's
+    got: dict[str, Any] = {}
 
-    def wanted(stage: str) -> bool:
-        return start <= STAGES.index(stage) <= stop
-
-    def latest(stage: str) -> Version:
+    def latest(output: str) -> Version:
         try:
-            return store.open(stage, "latest")
+            return store.open(output, "latest")
         except StoreError as exc:
             raise StoreError(f"the loop starts at {from_stage}, but {exc}") from None
 
-    def run_step(name: str, stage, sections, inputs: dict, gpu: bool) -> Version:
-        # Training is one process (or nproc_per_node); part stages run max_workers parts at once.
-        training = name in ("baseline", "train")
-        if training:
-            release_cached_models(cfg)
-        workers = cfg.train.nproc_per_node if training else default_workers(cfg.orchestration)
-        apply_torch_threads(cfg.orchestration.torch_threads, workers)
-        executor = None if stage.one_part else prefect_executor(stage.output_of(section_of(sections, stage.section)))
-        with gpu_stage(cfg) if gpu else nullcontext():
-            results[name] = _run(name, cfg, run, stage, store, sections, inputs, executor=executor,
-                                 progress=progress)
-        return results[name].version
-
-    if wanted("ingest"):
-        results["ingest"] = _run("ingest", cfg, ingest_and_announce, cfg, source=source, progress=progress)
-        images = results["ingest"].version
-    else:
-        images = store.open("images", images_version) if images_version else latest("images")
-    got: dict = {"images": images}
-    for step in _loop_steps():
-        if step.name == "generate":  # the baseline comes first: it is what generate, embed and clean use
-            if stop < STAGES.index("baseline"):
-                break
-            got["baseline"] = _baseline(cfg, store, got, wanted, latest, run_step, results)
-        if stop < STAGES.index(step.name):
+    for i, (step, module, output) in enumerate(LOOP):
+        if i > stop:
             break
-        if step.name == "evaluate" and not cfg.evaluate.ground_truth:
-            if wanted("evaluate"):
-                log.info("evaluate: skipped, evaluate.ground_truth is not set")
-            break
-        if not wanted(step.name):
-            got[step.provides] = latest(step.stage.output_of(section_of(cfg, step.stage.section)))
+        provides = PROVIDES.get(step, output)
+        given_baseline = step == "baseline" and cfg.generate.baseline and not Path(cfg.generate.baseline).is_file()
+        if given_baseline:   # a store ref or a model folder: generate reads it as it is
+            got[provides] = cfg.generate.baseline
             continue
-        inputs = {n: got[n] for n in step.stage.inputs if n in got} | step.bind(got, cfg)
-        got[step.provides] = run_step(step.name, step.stage, cfg, inputs, step.gpu)
+        if i < start:
+            if step == "ingest" and images_version:
+                got[provides] = store.open("images", images_version)
+            elif step != "evaluate":
+                found = latest(_output(step, module, cfg))
+                got[provides] = found.ref if step in TRAINING_STEPS else found
+            continue
+        plan = _plan(step, module, cfg, store, got, source)
+        if plan.skip is not None:
+            log.info("%s: skipped, %s", step, plan.skip)
+            continue
+        if plan.kept is not None:
+            results[step] = StageResult(plan.kept, "reused")
+            publish(results[step])  # its artifact shows in every run, not only the one that made it
+            version = plan.kept
+        else:
+            version = _run_step(step, plan, cfg, store, progress, results)
+            if step == "ingest":
+                announce(store, cfg, results[step])
+        got[provides] = version.ref if step in TRAINING_STEPS else version
     return results
 
 
-def _baseline(cfg: EngineConfig, store, got: dict, wanted, latest, run_step, results) -> str:
-    """The baseline model's ref: an official checkpoint imported once, the baseline trained before (it stays
-    fixed as data grows, so generation of old parts is reused), or one trained now on the parsed labels."""
-    from tasks.stages import train
-
-    baseline = cfg.generate.baseline
-    baseline_stage = f"models/{cfg.generate.baseline_name}"
-    if baseline is not None and Path(baseline).is_file():
-        # an official checkpoint: imported once as models/<baseline_name> with its tag list, thresholds and
-        # tokenizer, so workers on any host load it from the store and lineage names it
-        if not wanted("baseline"):
-            return latest(baseline_stage).ref
-        results["baseline"] = _run("baseline", cfg, import_official, store, baseline, cfg.model,
-                                   cfg.generate.baseline_name)
-        return results["baseline"].version.ref
-    baseline_cfg = cfg.train.model_copy(update={"name": cfg.generate.baseline_name, "init": None,
-                                                "fine_tune_latest": False,
-                                                "steps": cfg.generate.baseline_steps or cfg.train.steps})
-    if baseline is None and store.versions(baseline_stage):
-        kept = store.versions(baseline_stage)[-1]
-        baseline = kept.ref
-        if changed := _config_changes(kept, {"train": baseline_cfg, "model": cfg.model}):
-            log.warning("%s stays the baseline, so that the tags it generated stay valid, but it was trained under "
-                        "another config (%s); to train a new one, name it anew: --set generate.baseline_name=...",
-                        baseline, "; ".join(changed))
-        if wanted("baseline"):
-            results["baseline"] = StageResult(store.open_ref(baseline), "reused")
-            publish(results["baseline"])  # its artifact shows in every run, not only the one that trained it
-        return baseline
-    if baseline is None:  # no baseline yet: train one on the parsed labels
-        if not wanted("baseline"):
-            return latest(baseline_stage).ref
-        return run_step("baseline", train.STAGE, {"train": baseline_cfg, "model": cfg.model},
-                        {"labels": got["parsed"], "images": got["images"], "init": None}, True).ref
-    return baseline
+def _run_step(step: str, plan: Plan, cfg: EngineConfig, store: Store, progress, results: dict) -> Version:
+    s = stage(plan.module)
+    training = step in TRAINING_STEPS
+    if training:   # training is one process (or nproc_per_node) and needs the memory the part workers' models hold
+        release_cached_models(cfg)
+    workers = cfg.train.nproc_per_node if training else default_workers(cfg.orchestration)
+    apply_torch_threads(cfg.orchestration.torch_threads, workers)
+    executor = None if s.one_part else prefect_executor(s.output_of(section_of(plan.sections, s.section)))
+    with gpu_stage(cfg) if step in GPU_STEPS else nullcontext():
+        results[step] = _run(step, cfg, run, s, store, plan.sections, plan.inputs, executor=executor,
+                             progress=progress)
+    return results[step].version
 
 
 def _config_changes(version: Version, sections: dict) -> list[str]:
@@ -199,7 +203,7 @@ def _config_changes(version: Version, sections: dict) -> list[str]:
     changes = []
     for name, section in sections.items():
         then = made_under.get(name, {})
-        for field, now in section_dict(section).items():
-            if field in then and field != "init" and then[field] != now:
-                changes.append(f"{name}.{field}: {then[field]!r} → {now!r}")
+        for field_name, now in section_dict(section).items():
+            if field_name in then and field_name != "init" and then[field_name] != now:
+                changes.append(f"{name}.{field_name}: {then[field_name]!r} → {now!r}")
     return changes

@@ -371,7 +371,7 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
     store = Store(cfg.store.url)
     say(f"[4/5] the ablation: a model per label version (parsed, parsed+generated, cleaned) x "
         f"{len(cfg.ablation.seeds)} seeds, {cfg.ablation.steps or cfg.train.steps} steps each")
-    results["ablation"] = (ablation_flow if engine == "prefect" else ablation_flow.fn)(cfg, say=say)
+    results["ablation"] = (ablation_flow if engine == "prefect" else ablation_flow.fn)(cfg)
     ablation = results["ablation"].version
     say("[5/5] rendering the report")
     from tasks.inspection.report import build_report

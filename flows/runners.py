@@ -99,7 +99,7 @@ def release_cached_models(cfg: EngineConfig | OrchestrationConfig) -> None:
     training needs the memory (Swin-L weights, gradients and AdamW state), and the workers sit idle until it
     ends. The next run loads them again (once per worker). Ray's workers are pooled by Ray and cannot be
     addressed one by one, so there the cached models stay."""
-    from tasks.shared.models import clear_worker_cache
+    from tasks.engine.cache import clear_worker_cache
 
     dropped = clear_worker_cache()  # this process: the threads runner's workers and the CLI's own steps
     oc = _orchestration(cfg)

@@ -26,9 +26,9 @@ from typing import Any, Iterable, Literal, NamedTuple, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .devices import resolve_device
+from .settings import DetectorConfig  # noqa: F401  (the config section; re-exported where it is used)
 
 # Token ids the transformers model hard-codes (bert-base-uncased positions): a custom vocabulary
 # must put these tokens at exactly these ids.
@@ -41,35 +41,6 @@ class Detection(NamedTuple):
     score: float
 
 
-class DetectorConfig(BaseModel):
-    """How to load and run the detector; the engine config's `ground.detector` section itself."""
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    model: str | None = None                # local folder or hub id (hub ids need local_files_only: false)
-    backend: Literal["transformers", "groundingdino"] = "transformers"
-    box_threshold: float = Field(0.35, ge=0, lt=1)    # a query is kept if its best token score exceeds this
-    text_threshold: float = Field(0.25, ge=0, lt=1)   # ... and it is assigned every tag whose score exceeds this
-    max_text_tokens: int | None = Field(None, ge=4)   # prompt chunk budget (CLS, a token, '.', SEP at least);
-                                                      # None: the model's max_text_len
-    shortest_edge: int = Field(800, ge=32)  # image resize (the processor's defaults for the real model)
-    longest_edge: int = Field(1333, ge=32)
-    batch_size: int = Field(4, ge=1)        # (image, chunk) pairs per forward pass
-    device: str = "auto"                    # auto: CUDA when there is one
-    local_files_only: bool = True           # never reach the network unless the config says so
-    gd_config_file: str | None = None       # groundingdino-py backend only: its python config file
-    gd_text_encoder: str | None = None      # ... and BERT folder
-
-    @model_validator(mode="after")
-    def _relations(self):
-        if self.shortest_edge > self.longest_edge:
-            raise ValueError(f"shortest_edge ({self.shortest_edge}) is over ground.detector.longest_edge "
-                             f"({self.longest_edge})")
-        return self
-
-    def require_model(self) -> str:
-        if not self.model:
-            raise ValueError("ground.detector.model is not set: give a Grounding DINO folder (or hub id while online)")
-        return self.model
 
 
 def clean_tag(tag: str) -> str:

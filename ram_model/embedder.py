@@ -14,10 +14,10 @@ from typing import Callable, Literal, Protocol, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 
 from .conv_encoder import conv_blocks
 from .devices import resolve_device
+from .settings import EmbedderConfig  # noqa: F401  (the config section; re-exported where it is used)
 from .fit import fit_in_memory
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,18 +32,6 @@ class CropEmbedder(Protocol):
     def __call__(self, images: Sequence[Image.Image]) -> np.ndarray: ...
 
 
-class EmbedderConfig(BaseModel):
-    """How crops are embedded; the engine config's `clean.embedder` section itself."""
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    kind: Literal["baseline", "clip", "conv"] = "baseline"   # the tagger's image encoder, CLIP's image tower,
-                                            # or a shipped ConvCropEncoder (the demo's stand-in for CLIP)
-    model: str | None = None                # clip: local folder or hub id; conv: its folder
-    image_size: int | None = Field(None, ge=8)   # baseline: the encoder's input size; None: given by the caller
-    pool: Literal["first", "mean"] = "first"     # baseline: "first" token (RAM's pooled token) | "mean"
-    batch_size: int = Field(64, ge=1)
-    device: str = "auto"                    # auto: CUDA when there is one
-    local_files_only: bool = True
 
 
 def to_pixels(images: Sequence[Image.Image], size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:

@@ -3,8 +3,8 @@
 Knows nothing of models or Prefect.
 """
 from .fs import StoreIOError
-from .store import (PartRecord, Store, StoreError, Version, VersionNotFound, VersionWriter, digest, shard_name,
-                    version_id)
+from .store import (FORMAT_VERSION, PartRecord, Store, StoreError, Version, VersionNotFound, VersionWriter, digest,
+                    shard_name, version_id)
 
-__all__ = ["StoreIOError", "PartRecord", "Store", "StoreError", "Version", "VersionNotFound", "VersionWriter", "digest",
+__all__ = ["FORMAT_VERSION", "StoreIOError", "PartRecord", "Store", "StoreError", "Version", "VersionNotFound", "VersionWriter", "digest",
            "shard_name", "version_id"]

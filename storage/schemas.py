@@ -106,6 +106,27 @@ EMBEDDINGS = pa.schema([
     pa.field("baseline_score", pa.float32()),       # null when the baseline does not know the tag
 ])
 
+# clusters: the per-tag clustering of every crop (the `cluster` step, clean's input): its cluster, its distance
+# to that cluster's centroid, whether it is one of the tag's outliers, and the embeddings part it came from.
+CLUSTERS = pa.schema([
+    KEY,
+    pa.field("part", pa.string()),
+    pa.field("tag_id", pa.int32()),
+    pa.field("crop_key", pa.string()),
+    pa.field("cluster", pa.int32()),
+    pa.field("distance", pa.float32()),
+    pa.field("outlier", pa.bool_()),
+])
+
+# clusters' per-tag model: the centroids, how many crops they were fitted on, and the distance from which a
+# crop is an outlier (what a later step applies to new crops instead of fitting again).
+CENTROIDS = pa.schema([
+    pa.field("tag_id", pa.int32()),
+    pa.field("crops_fit", pa.int64()),
+    pa.field("centroids", pa.list_(pa.list_(pa.float32()))),
+    pa.field("cutoff", pa.float32()),                # outlier when distance >= cutoff (inf: none)
+])
+
 # evaluate: one row per (stage, metric).
 EVALUATION = pa.schema([
     pa.field("stage", pa.string(), nullable=False),
@@ -129,6 +150,7 @@ STAGE_SCHEMAS: dict[str, pa.Schema] = {
     "generated": GENERATED,
     "regions": REGIONS,
     "embeddings": EMBEDDINGS,
+    "clusters": CLUSTERS,
     "clean": CLEAN,
     "evaluate": EVALUATION,
     "ablation": ABLATION,

@@ -57,6 +57,8 @@ log = logging.getLogger("ram_engine")
 MANIFEST = "_manifest.json"
 CHECKPOINTS = "_progress"
 _CHECKPOINT_RECORD = ".checkpoint.json"
+# The version of the bytes the store writes (Parquet parts and their settings, tar shards, rejects): in every
+# version id. Move it with any change to written bytes; tests/test_format.py's golden digests fail until then.
 FORMAT_VERSION = 1
 ID_LEN = 16
 
@@ -99,8 +101,10 @@ def shard_name(part: str) -> str:
 
 def version_id(stage: str, code_version: str, config: dict, parents: list[str], input_digest: str | None = None) -> str:
     """The id of the version these inputs produce. Parents are `stage/version` strings; `input_digest`
-    identifies an external input (the ingest source's content)."""
-    ident = {"stage": stage, "code": code_version, "config": config, "parents": sorted(parents)}
+    identifies an external input (the ingest source's content). The store's file format is in every id: the
+    bytes a version is written as are part of what it is (tests/test_format.py guards them)."""
+    ident = {"stage": stage, "code": code_version, "format": FORMAT_VERSION, "config": config,
+             "parents": sorted(parents)}
     if input_digest:
         ident["input"] = input_digest
     return digest(ident)
@@ -623,7 +627,8 @@ class VersionWriter:
         self.schema = schema
         self.input_digest = input_digest
         self.id = version_id(stage, code_version, self.config, parents, input_digest)
-        self.config_digest = digest({"stage": stage, "code": code_version, "config": self.config})
+        self.config_digest = digest({"stage": stage, "code": code_version, "format": FORMAT_VERSION,
+                                     "config": self.config})
         self.prefix = f"{stage}/{self.id}"
         self._records: dict[str, PartRecord] = {}
         self.reused_parts = 0

@@ -13,6 +13,26 @@ if TYPE_CHECKING:
     from tasks.demo.world import WorldInfo
 
 
+# ---------------------------------------------------------------- stages, as the tests call them most
+# (the product has one way, `tasks.engine.runner.run(STAGE, store, cfg, inputs)`; these only spell it short)
+
+def ingest(store, cfg, source=None, **kwargs):
+    """The ingest stage over `source` with IngestConfig `cfg`."""
+    from tasks.engine.runner import run
+    from tasks.stages.ingest import STAGE
+
+    return run(STAGE, store, {"ingest": cfg}, {"source": source}, **kwargs)
+
+
+def train_model(store, model_cfg, train_cfg, labels, images, init=None, **kwargs):
+    """The train stage: `models/<train_cfg.name>` trained on `labels` over `images`."""
+    from tasks.engine.runner import run
+    from tasks.stages.train import STAGE
+
+    return run(STAGE, store, {"train": train_cfg, "model": model_cfg},
+               {"labels": labels, "images": images, "init": init}, **kwargs)
+
+
 def image_bytes(size=(48, 40), color=(200, 30, 30), fmt="JPEG", mode="RGB", **save) -> bytes:
     from PIL import Image
 

@@ -9,8 +9,9 @@ from PIL import Image
 from ram_model.embedder import ClipEmbedder, EmbedderConfig, EncoderEmbedder, build_embedder
 from storage.schemas import CLEAN, CLEAN_CROPS
 from tasks.engine.config import CleanSection
-from tasks.stages.clean import (EmbeddingStore, baseline_disagrees, build_clean, cluster_outliers, cluster_tag,
-                         embed_part, outlier_mask, separate_scorer)
+from tasks.stages.clean import baseline_disagrees, build_clean
+from tasks.stages.cluster import EmbeddingStore, cluster_outliers, cluster_tag, outlier_mask
+from tasks.stages.embed import embed_part, separate_scorer
 from tasks.stages.ground import regions_table
 
 torch.set_num_threads(1)
@@ -194,7 +195,7 @@ def test_embed_part_scores_each_distinct_crop_once():
 def test_baseline_scorer_one_encoder_pass_when_the_embedder_is_the_baseline(tmp_path):
     from ram_model.ram import RAM, RAMConfig
     from ram_model.transforms import ImageTransform
-    from tasks.stages.clean import baseline_scorer
+    from tasks.stages.embed import baseline_scorer
 
     torch.manual_seed(0)
     model = RAM(RAMConfig.tiny(num_tags=4, with_caption=False, image_size=32), tags=list("abcd")).eval()

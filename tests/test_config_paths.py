@@ -10,7 +10,7 @@ from flows.demo import CONFIG_NAME, demo_config, write_demo_config
 from storage import Store
 from tasks.engine.config import load_config, packaged_configs
 from tasks.demo.world import WorldInfo, generate_world
-from tasks.stages.ingest import ingest
+from tests.fixtures import ingest
 
 from tests.fixtures import image_bytes, write_folder_source
 

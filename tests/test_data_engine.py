@@ -327,7 +327,7 @@ def test_retrain_flow_runs_the_loop_over_the_announced_version(demo_loop_copy, p
 def test_ablate_trains_a_model_per_label_version_and_seed(demo_loop_copy, tmp_path, monkeypatch):
     """`ram-engine ablate` on a run with a ground truth: models per (version, seed), scored on held-out
     keys, an `ablation` version with per-seed rows and mean ± std; a crashed run resumes; a rerun reuses."""
-    import tasks.stages.train as train
+    import tasks.engine.runner as runner_module
     from typer.testing import CliRunner
 
     from flows.cli import app
@@ -340,17 +340,18 @@ def test_ablate_trains_a_model_per_label_version_and_seed(demo_loop_copy, tmp_pa
     args += ["--set", "ablation.seeds=[0, 1]", "--set", "ablation.steps=2"]
     runner = CliRunner(env={"COLUMNS": "250"})
 
-    real_train, calls = train.train_stage, []
+    real_run, calls = runner_module.run, []
 
-    def crash_on_third(*a, **k):
-        calls.append(a[2].seed)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash in the third training")
-        return real_train(*a, **k)
+    def crash_on_third(stage, *a, **k):   # the ablation's trainings run the train stage through the runner
+        if stage.name == "train":
+            calls.append(a[1]["train"].seed)
+            if len(calls) == 3:
+                raise RuntimeError("simulated crash in the third training")
+        return real_run(stage, *a, **k)
 
-    monkeypatch.setattr(train, "train_stage", crash_on_third)
+    monkeypatch.setattr(runner_module, "run", crash_on_third)
     crashed = runner.invoke(app, args + ["ablate", *refs])
-    monkeypatch.setattr(train, "train_stage", real_train)
+    monkeypatch.setattr(runner_module, "run", real_run)
     assert crashed.exit_code != 0 and "simulated crash" in str(crashed.exception)
     assert store.versions("ablation") == [] and len(store.versions("models/ablation-parsed")) == 2
     out = runner.invoke(app, args + ["ablate", *refs])
@@ -395,31 +396,33 @@ def test_ablate_trains_a_model_per_label_version_and_seed(demo_loop_copy, tmp_pa
 
 
 def test_ablate_says_what_is_missing(demo_loop_copy, tmp_path):
-    from tasks.stages.ablation import ablation_stage
-    from tasks.stages.train import train_stage
+    from tasks.engine.runner import run
+    from tasks.stages.ablation import STAGE
 
     cfg, results = demo_loop_copy.cfg, demo_loop_copy.results
     store = Store(cfg.store.url)
     images, parsed = results["ingest"].version, results["parse"].version
-    no_truth = cfg.evaluate.model_copy(update={"ground_truth": None})
+
+    def ablate(evaluate, labels):
+        return run(STAGE, store, cfg.model_copy(update={"evaluate": evaluate}), {"images": images, "labels": labels})
+
     with pytest.raises(Exception, match="evaluate.ground_truth"):
-        ablation_stage(store, cfg.model, cfg.train, no_truth, cfg.ablation, images, {"parsed": parsed}, train_stage)
+        ablate(cfg.evaluate.model_copy(update={"ground_truth": None}), {"parsed": parsed})
     foreign = tmp_path / "truth.jsonl"
     foreign.write_text('{"key": "not-a-key", "tags": ["ball"]}\n')
     with pytest.raises(Exception, match="no held-out key"):
-        ablation_stage(store, cfg.model, cfg.train, cfg.evaluate.model_copy(update={"ground_truth": str(foreign)}),
-                       cfg.ablation, images, {"parsed": parsed}, train_stage)
+        ablate(cfg.evaluate.model_copy(update={"ground_truth": str(foreign)}), {"parsed": parsed})
     with pytest.raises(Exception, match="no labels version"):
-        ablation_stage(store, cfg.model, cfg.train, cfg.evaluate, cfg.ablation, images, {"images": images}, train_stage)
+        ablate(cfg.evaluate, {"images": images})
     with pytest.raises(Exception, match="no label versions"):
-        ablation_stage(store, cfg.model, cfg.train, cfg.evaluate, cfg.ablation, images, {}, train_stage)
+        ablate(cfg.evaluate, {})
 
 
 def test_new_samples_accumulate_until_the_served_threshold(demo_loop_copy, tmp_path):
     """Samples are counted against the images the latest model was trained on, so versions below the
     threshold add up instead of being forgotten."""
     from flows.deployments import samples_since_last_training
-    from tasks.stages.ingest import ingest
+    from tests.fixtures import ingest
 
     cfg, results = demo_loop_copy.cfg, demo_loop_copy.results
     store = Store(cfg.store.url)

@@ -61,7 +61,7 @@ def test_no_event_and_no_temporary_server_without_a_prefect_api(tmp_path, monkey
     import prefect.events
 
     import flows.runtime
-    from tasks.stages.ingest import ingest
+    from tests.fixtures import ingest
 
     monkeypatch.setattr(flows.runtime, "prefect_api_available", lambda: False)
     monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: pytest.fail("an event was sent"))
@@ -72,7 +72,7 @@ def test_no_event_and_no_temporary_server_without_a_prefect_api(tmp_path, monkey
 
 
 def test_emitter_applies_the_threshold(tmp_path, sent):
-    from tasks.stages.ingest import ingest
+    from tests.fixtures import ingest
 
     cfg = config(tmp_path)
     store = Store(cfg.store.url)

@@ -22,7 +22,8 @@ from storage import Store
 from storage.shards import write_tar
 from tasks.engine.config import ConfigError, IngestConfig, load_config
 from tasks.stages.ground import crop_key
-from tasks.stages.ingest import MAX_KEY_CHARS, folder_key, ingest, make_key, validate_image
+from tasks.stages.ingest import MAX_KEY_CHARS, folder_key, make_key, validate_image
+from tests.fixtures import ingest
 
 RED_SQUARE = "a red square on the grass"
 
@@ -327,8 +328,9 @@ def test_ingest_exits_cleanly_after_a_bomb(tmp_path):
     import sys
 
     gz_bomb(tmp_path / "src" / "bomb.tar.gz", 32 * 2**20, extra=[("ok.jpg", JPEG), ("ok.txt", RED_SQUARE.encode())])
-    code = ("import sys\nfrom storage import Store\nfrom tasks.engine.config import IngestConfig\nfrom tasks.stages.ingest import ingest\n"
-            "v = ingest(Store(sys.argv[2]), IngestConfig(), source=sys.argv[1]).version\n"
+    code = ("import sys\nfrom storage import Store\nfrom tasks.engine.config import IngestConfig\nfrom tasks.engine.runner import run\n"
+            "from tasks.stages.ingest import STAGE\n"
+            "v = run(STAGE, Store(sys.argv[2]), {'ingest': IngestConfig()}, {'source': sys.argv[1]}).version\n"
             "print(v.manifest['rows_out'], *sorted(r['reason'] for r in v.rejects().to_pylist()))\n")
     root = Path(__file__).resolve().parents[1]
     for i in range(8):

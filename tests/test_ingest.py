@@ -14,7 +14,8 @@ from PIL import Image
 
 from storage import Store
 from tasks.engine.config import IngestConfig
-from tasks.stages.ingest import SourceError, ingest, normalise_caption, validate_image
+from tasks.stages.ingest import SourceError, normalise_caption, validate_image
+from tests.fixtures import ingest
 
 from tests.fixtures import image_bytes, write_folder_source
 

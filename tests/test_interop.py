@@ -21,7 +21,8 @@ from PIL import Image
 
 from storage import Store
 from tasks.engine.config import IngestConfig
-from tasks.stages.ingest import SourceError, ingest, sniff_format
+from tasks.stages.ingest import SourceError, sniff_format
+from tests.fixtures import ingest
 
 I2D = Path(__file__).parent / "data" / "img2dataset"
 SERVED = json.loads((I2D / "served.json").read_text())

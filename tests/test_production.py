@@ -169,16 +169,24 @@ def test_compose_worker_checks_before_serving():
 
 
 # import of an official checkpoint ----------------------------------------------------------------------
+def import_baseline(store, cfg):
+    from tasks.engine.runner import run
+    from tasks.stages.import_model import STAGE
+
+    return run(STAGE, store, cfg, {"checkpoint": cfg.generate.baseline})
+
+
 def test_official_baseline_is_imported_once_with_its_files(toy_files, tmp_path):
     from ram_model.labels import LabelSystem
     from storage import Store
-    from tasks.shared.models import clear_worker_cache, import_official, load_model
+    from tasks.engine.cache import clear_worker_cache
+    from tasks.shared.models import load_model
 
     cfg = load_config("production", overrides(toy_files, tmp_path / "store"))
     store = Store(str(tmp_path / "store"))
-    first = import_official(store, cfg.generate.baseline, cfg.model, "baseline")
+    first = import_baseline(store, cfg)
     assert first.status == "written"
-    again = import_official(store, cfg.generate.baseline, cfg.model, "baseline")
+    again = import_baseline(store, cfg)
     assert again.status == "reused" and again.version.id == first.version.id
     clear_worker_cache()
     model = load_model(store, again.version.ref)
@@ -196,18 +204,19 @@ def test_model_card_reads_tags_and_thresholds_without_the_weights(toy_files, tmp
     from ram_model.labels import LabelSystem
     from ram_model.ram import RAM
     from storage import Store, StoreError
-    from tasks.shared.models import clear_worker_cache, import_official, load_model, model_card
+    from tasks.engine.cache import clear_worker_cache
+    from tasks.shared.models import load_model, model_card
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     cfg = load_config("production", overrides(toy_files, tmp_path / "store"))
     store = Store(str(tmp_path / "store"))
-    version = import_official(store, cfg.generate.baseline, cfg.model, "baseline").version
+    version = import_baseline(store, cfg).version
     clear_worker_cache()
     card = model_card(store, "models/baseline")
     ref = LabelSystem.default()
     assert card.tags == list(ref.tags) and card.thresholds == pytest.approx(ref.thresholds)
     assert card.config.swin.image_size == cfg.model.image_size
-    fetched = {p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+    fetched = {p.name for p in (tmp_path / "cache" / "models").rglob("*") if p.is_file()}
     assert fetched == {"config.json", "tags.txt", "thresholds.txt"}          # no model.safetensors
     with pytest.raises(StoreError, match="no file named nope.bin"):
         version.download(str(tmp_path / "x"), names=["nope.bin"])

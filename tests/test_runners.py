@@ -12,7 +12,7 @@ import pytest
 from prefect import flow, task
 
 from flows.runners import RunnerConfigError, gpu_slot, make_task_runner, release_cached_models, with_task_runner
-from tasks.shared.models import clear_worker_cache, worker_cached
+from tasks.engine.cache import clear_worker_cache, worker_cached
 from tasks.engine.config import ConfigError, EngineConfig, load_config
 
 from tests.fixtures import image_bytes, write_folder_source

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from storage import Store, digest
+from storage import Store
 from tasks.engine.config import IngestConfig, Section
 from tasks.engine.runner import Stage, StageError, parts_of, run
 
@@ -22,7 +22,7 @@ class CountSection(Section):            # the section's pydantic model; the loop
 
 
 def split(run):                          # one part per images part, with the digest of what it reads
-    return parts_of(run.inputs["images"], salt=digest(run.config))
+    return parts_of(run.inputs["images"], salt=run.salt)
 
 
 def process(run, writer, task):          # one part, wherever the executor runs it
@@ -41,7 +41,7 @@ COUNT = Stage(name="count", output="caption_counts", inputs=("images",), section
 
 @pytest.fixture
 def images(tmp_path):
-    from tasks.stages.ingest import ingest
+    from tests.fixtures import ingest
     from tests.fixtures import image_bytes, write_folder_source
 
     def make(n: int):

@@ -7,8 +7,10 @@ import pyarrow as pa
 import pytest
 
 from storage import Store, schemas
-from tasks.stages.ingest import ingest
-from tasks.stages.parse import parse_stage
+from tests.fixtures import ingest
+from tasks.engine.runner import run
+from tasks.stages import parse
+from tests.fixtures import train_model
 from tasks.engine.runner import StageError
 
 from tests.fixtures import demo_config
@@ -22,7 +24,7 @@ def base(demo_world, tmp_path_factory):
                                                      "train.init": "null"})
     store = Store(cfg.store.url)
     images = ingest(store, cfg.ingest, source=str(demo_world.world.source)).version
-    parsed = parse_stage(store, cfg.parse, images).version
+    parsed = run(parse.STAGE, store, cfg, {"images": images}).version
     return root, demo_world.world, cfg, store, images, parsed
 
 
@@ -46,13 +48,19 @@ def caption_generated(store: Store, images, parsed):
     return run_stage(writer, parts_of(images), process).version
 
 
+def ground_run(store, ground_cfg, images, generated, parsed):
+    from tasks.stages import ground
+
+    return run(ground.STAGE, store, {"ground": ground_cfg}, {"images": images, "generated": generated, "parsed": parsed})
+
+
 def test_parse_stage_records_labels_and_reconciles(base):
     _, world, cfg, store, images, parsed = base
     m = parsed.manifest
     assert m["rows_in"] == m["rows_out"] + m["rows_rejected"]
     assert any(p.startswith("labels/") for p in parsed.parents)
     assert 0 < m["metrics"]["coverage"] <= 1 and m["metrics"]["top_tags"]
-    assert parse_stage(store, cfg.parse, images).status == "reused"
+    assert run(parse.STAGE, store, cfg, {"images": images}).status == "reused"
 
 
 def test_ground_resumes_inside_a_part_without_duplicates(base, tmp_path, monkeypatch):
@@ -72,7 +80,7 @@ def test_ground_resumes_inside_a_part_without_duplicates(base, tmp_path, monkeyp
             rel = entry[len(store.root) + 1:]
             clean_store.fs.makedirs(clean_store.abs(rel).rsplit("/", 1)[0], exist_ok=True)
             clean_store.fs.put_file(entry, clean_store.abs(rel))
-    want = ground.ground_stage(clean_store, cfg.ground, clean_store.open_ref(images.ref),
+    want = ground_run(clean_store, cfg.ground, clean_store.open_ref(images.ref),
                                clean_store.open_ref(generated.ref), clean_store.open_ref(parsed.ref)).version
 
     calls = {"n": 0}
@@ -86,14 +94,14 @@ def test_ground_resumes_inside_a_part_without_duplicates(base, tmp_path, monkeyp
 
     monkeypatch.setattr(ground, "ground_batch", crashing)
     with pytest.raises(StageError, match="simulated crash"):
-        ground.ground_stage(store, cfg.ground, images, generated, parsed)
+        ground_run(store, cfg.ground, images, generated, parsed)
     assert store.versions("regions") == []
     progress = [p for p in store.fs.find(store.abs("regions")) if "/_progress/" in p and p.endswith(".checkpoint.json")]
     assert len(progress) == 2  # two batches were checkpointed before the crash
     calls["n"] = -10_000
     monkeypatch.setattr(ground, "ground_batch", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1),
                                                                  real_ground_batch(*a, **k))[1])
-    got = ground.ground_stage(store, cfg.ground, images, generated, parsed).version
+    got = ground_run(store, cfg.ground, images, generated, parsed).version
     n_batches_rerun = calls["n"] + 10_000
     total_batches = sum(-(-p.rows_in // cfg.ground.batch_size) for p in got.parts)
     assert n_batches_rerun == total_batches - 2  # the checkpointed batches were not redone
@@ -107,18 +115,17 @@ def test_ground_resumes_inside_a_part_without_duplicates(base, tmp_path, monkeyp
 
 
 def test_train_stage_writes_a_model_version(base, tmp_path, monkeypatch):
-    from tasks.stages.train import train_stage
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     _, world, cfg, store, images, parsed = base
-    result = train_stage(store, cfg.model, cfg.train, parsed, images)
+    result = train_model(store, cfg.model, cfg.train, parsed, images)
     v = result.version
     names = {f["name"] for f in v.files("file")}
     assert {"model.safetensors", "config.json", "tags.txt", "thresholds.txt", "metrics.json"} <= names
     assert v.manifest["metrics"]["train"]["steps"] == 3
     assert "mAP" in v.manifest["metrics"] and v.manifest["metrics"]["samples"]["train"] > 0
     assert set(v.parents) >= {parsed.ref, images.ref}
-    assert train_stage(store, cfg.model, cfg.train, parsed, images).status == "reused"
+    assert train_model(store, cfg.model, cfg.train, parsed, images).status == "reused"
     from tasks.shared.models import load_model
 
     model = load_model(store, v.ref)
@@ -136,9 +143,9 @@ def test_fine_tuning_starts_from_the_stored_files_without_loading_them(base, tmp
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     _, world, cfg, store, images, parsed = base
-    start = train_mod.train_stage(store, cfg.model, cfg.train, parsed, images).version
+    start = train_model(store, cfg.model, cfg.train, parsed, images).version
     monkeypatch.setattr(train_mod, "load_model", lambda *a, **k: pytest.fail("the stored model was loaded"))
-    tuned = train_mod.train_stage(store, cfg.model, cfg.train.model_copy(update={"init": start.ref, "steps": 1,
+    tuned = train_model(store, cfg.model, cfg.train.model_copy(update={"init": start.ref, "steps": 1,
                                                                                   "name": "tuned"}),
                                   parsed, images).version
     assert tuned.manifest["metrics"]["train"]["steps"] == 1 and start.ref in tuned.parents
@@ -152,14 +159,13 @@ def test_fine_tuning_onto_new_tags_embeds_them_with_the_configured_clip(base, tm
     import torch
     from transformers import BertTokenizerFast, CLIPConfig, CLIPModel
 
-    import tasks.stages.train as train_mod
     from ram_model.checkpoint import from_pretrained, save_pretrained
     from ram_model.label_embeddings import build_label_embeddings
     from tasks.shared.models import local_model_dir
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     _, world, cfg, store, images, parsed = base
-    start = train_mod.train_stage(store, cfg.model, cfg.train, parsed, images).version
+    start = train_model(store, cfg.model, cfg.train, parsed, images).version
     model = from_pretrained(local_model_dir(start))
     tags = list(model.tags)
     known_rows = model.label_embed.detach().clone()
@@ -176,7 +182,7 @@ def test_fine_tuning_onto_new_tags_embeds_them_with_the_configured_clip(base, tm
         projection_dim=model.config.label_dim)).save_pretrained(tmp_path / "clip")
     tok.save_pretrained(tmp_path / "clip")
     model_cfg = cfg.model.model_copy(update={"clip": str(tmp_path / "clip")})
-    tuned = train_mod.train_stage(store, model_cfg, cfg.train.model_copy(update={
+    tuned = train_model(store, model_cfg, cfg.train.model_copy(update={
         "init": str(tmp_path / "older"), "steps": 1, "name": "tuned-clip"}), parsed, images).version
     got = from_pretrained(local_model_dir(tuned))
     assert got.tags == tags
@@ -194,7 +200,6 @@ def test_encoder_init_enters_the_model_version_by_its_weights(base, tmp_path, mo
 
     from ram_model.checkpoint import save_pretrained
     from ram_model.ram import RAM, RAMConfig
-    from tasks.stages.train import train_stage
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     _, world, cfg, store, images, parsed = base
@@ -208,10 +213,10 @@ def test_encoder_init_enters_the_model_version_by_its_weights(base, tmp_path, mo
                                              "max_pool_head": False, "image_encoder": "swin"})
     train_cfg = cfg.train.model_copy(update={"name": "enc-init", "caption_loss": False, "fine_tune_latest": False})
     save_encoder(0)
-    first = train_stage(store, model_cfg, train_cfg, parsed, images).version
-    assert train_stage(store, model_cfg, train_cfg, parsed, images).status == "reused"
+    first = train_model(store, model_cfg, train_cfg, parsed, images).version
+    assert train_model(store, model_cfg, train_cfg, parsed, images).status == "reused"
     save_encoder(1)     # other weights under the same path: a new model, never the old one reused
-    second = train_stage(store, model_cfg, train_cfg, parsed, images)
+    second = train_model(store, model_cfg, train_cfg, parsed, images)
     assert second.status == "written" and second.version.id != first.id
     assert second.version.manifest["config"]["encoder_init"] != first.manifest["config"]["encoder_init"]
 
@@ -224,7 +229,6 @@ def test_a_frozen_encoder_trains_only_the_head(base, tmp_path, monkeypatch):
     from ram_model.checkpoint import from_pretrained, save_pretrained
     from ram_model.ram import RAM, RAMConfig
     from tasks.shared.models import local_model_dir
-    from tasks.stages.train import train_stage
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     _, world, cfg, store, images, parsed = base
@@ -240,7 +244,7 @@ def test_a_frozen_encoder_trains_only_the_head(base, tmp_path, monkeypatch):
     for frozen in (True, False):
         train_cfg = cfg.train.model_copy(update={"name": f"frozen-{frozen}", "caption_loss": False, "steps": 3,
                                                  "fine_tune_latest": False, "freeze_encoder": frozen})
-        version = train_stage(store, model_cfg, train_cfg, parsed, images).version
+        version = train_model(store, model_cfg, train_cfg, parsed, images).version
         runs[frozen] = from_pretrained(local_model_dir(version)).state_dict()
     assert all(torch.equal(runs[True][k], v) for k, v in start.items())
     assert any(not torch.equal(runs[False][k], v) for k, v in start.items())
@@ -248,14 +252,14 @@ def test_a_frozen_encoder_trains_only_the_head(base, tmp_path, monkeypatch):
 
 
 def test_generate_stage_reconciles_and_names_a_missing_shard(base, tmp_path, monkeypatch):
-    from tasks.stages.generate import generate
-    from tasks.stages.train import train_stage
+    from tasks.stages import generate
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     _, world, cfg, store, images, parsed = base
-    baseline = train_stage(store, cfg.model, cfg.train, parsed, images).version
+    baseline = train_model(store, cfg.model, cfg.train, parsed, images).version
     gen_cfg = cfg.generate.model_copy(update={"max_length": 10, "num_beams": 1})
-    v = generate(store, gen_cfg, cfg.parse, images, parsed, baseline.ref).version
+    v = run(generate.STAGE, store, {"generate": gen_cfg, "parse": cfg.parse},
+            {"images": images, "parsed": parsed, "baseline": baseline.ref}).version
     m = v.manifest
     assert m["rows_in"] == 24 and m["rows_in"] == m["rows_out"] + m["rows_rejected"]
     for row in v.read_table().to_pylist():
@@ -266,7 +270,8 @@ def test_generate_stage_reconciles_and_names_a_missing_shard(base, tmp_path, mon
     store.fs.mv(store.abs(shard), store.abs(shard) + ".moved")
     try:
         with pytest.raises(StageError, match="part-"):
-            generate(store, gen_cfg.model_copy(update={"threshold": 0.5}), cfg.parse, images, parsed, baseline.ref)
+            run(generate.STAGE, store, {"generate": gen_cfg.model_copy(update={"threshold": 0.5}), "parse": cfg.parse},
+                {"images": images, "parsed": parsed, "baseline": baseline.ref})
     finally:
         store.fs.mv(store.abs(shard) + ".moved", store.abs(shard))
 
@@ -289,7 +294,7 @@ def test_training_never_writes_storage_options_to_disk(base, tmp_path, monkeypat
 
     monkeypatch.setattr(train_mod, "run_training", spy)
     cfg2 = cfg.train.model_copy(update={"steps": 2})
-    train_mod.train_stage(keyed, cfg.model, cfg2, parsed, images)
+    train_model(keyed, cfg.model, cfg2, parsed, images)
     assert seen["options"] == {"secret_access_key": secret}  # handed over in memory
     assert any(p.endswith("job.json") for p in seen["files"])
     assert [p for p, data in seen["files"].items() if secret.encode() in data] == []
@@ -300,7 +305,6 @@ def test_a_new_tar_makes_ground_write_one_part(base, tmp_path):
     neither makes that colour an object nor re-grounds the parts already grounded."""
     import shutil
 
-    from tasks.stages.ground import ground_stage
     from tests.fixtures import image_bytes
     from tests.test_ingest import write_tar_source
 
@@ -311,18 +315,18 @@ def test_a_new_tar_makes_ground_write_one_part(base, tmp_path):
         shutil.copy(tar, src / tar.name)
     store = Store(str(tmp_path / "store"))
     images = ingest(store, cfg.ingest, source=str(src)).version
-    parsed = parse_stage(store, cfg.parse, images).version
-    first = ground_stage(store, cfg.ground, images, caption_generated(store, images, parsed), parsed)
+    parsed = run(parse.STAGE, store, cfg, {"images": images}).version
+    first = ground_run(store, cfg.ground, images, caption_generated(store, images, parsed), parsed)
     assert first.parts_written == len(images.parts) == 3
     # the new tar: a majority of "orange" used as a noun, which a vote over the corpus turned into an object
     write_tar_source(src / "00009.tar", [
         (f"00009{i:04d}", {"jpg": image_bytes(size=(128, 128), color=(250, 140, 0)),
                            "txt": b"an orange on the sand\nthe oranges on the grass"}) for i in range(40)])
     images2 = ingest(store, cfg.ingest, source=str(src)).version
-    parsed2 = parse_stage(store, cfg.parse, images2).version
+    parsed2 = run(parse.STAGE, store, cfg, {"images": images2}).version
     assert [p for p in parsed2.parents if p.startswith("labels/")] == \
         [p for p in parsed.parents if p.startswith("labels/")]
-    second = ground_stage(store, cfg.ground, images2, caption_generated(store, images2, parsed2), parsed2)
+    second = ground_run(store, cfg.ground, images2, caption_generated(store, images2, parsed2), parsed2)
     assert second.parts_written == 1 and second.parts_reused == 3
     assert "orange" not in set(second.version.read_table().column("tag").to_pylist())
 
@@ -331,13 +335,12 @@ def test_a_new_tar_makes_ground_write_one_part(base, tmp_path):
 def test_torchrun_ranks_build_their_sample_streams_through_the_store(base, tmp_path, monkeypatch):
     """train.nproc_per_node=2: each torchrun worker opens the store (options from its environment, never
     job.json) and streams its rank's samples through storage's reader; the model version is written."""
-    from tasks.stages.train import train_stage
 
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("RAM_ENGINE_THREADS", "1")
     _, world, cfg, store, images, parsed = base
     train_cfg = cfg.train.model_copy(update={"nproc_per_node": 2, "steps": 2, "batch_size": 2,
                                              "name": "ddp", "calibrate_thresholds": False})
-    v = train_stage(store, cfg.model, train_cfg, parsed, images).version
+    v = train_model(store, cfg.model, train_cfg, parsed, images).version
     assert v.manifest["metrics"]["train"]["steps"] == 2
     assert v.manifest["metrics"]["samples"]["train"] > 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tasks.engine.config import IngestConfig
-from tasks.stages.ingest import ingest
+from tests.fixtures import ingest
 from tasks.engine.runner import StageError
 from tests import faults
 from tests.fixtures import image_bytes, write_folder_source

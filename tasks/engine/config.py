@@ -10,8 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ram_model.detector import DetectorConfig
-from ram_model.embedder import EmbedderConfig
+from ram_model.settings import DetectorConfig, EmbedderConfig
 
 DEFAULT_CONFIG_NAME = "demo"
 
@@ -213,6 +212,9 @@ class CleanSection(Section):
     keep_no_box: bool = True                # keep localisable tags the detector found no box for
     localisable: list[Literal["object", "scene", "attribute", "action", "unknown"]] = ["object"]
     seed: int = 0
+    refit: Literal["always", "growth"] = "always"   # the cluster step: fit every tag again on every increment,
+                                            # or only tags whose crops grew (tasks/stages/cluster.py)
+    refit_growth: float = Field(0.25, gt=0)  # growth: a tag is fitted again when its crops grew by more than this
 
     def clusters_for(self, n: int) -> int:
         """Clusters for a tag of n crops: `k`, else min(k_max, n // crops_per_cluster), within [1, n]."""

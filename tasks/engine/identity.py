@@ -1,13 +1,26 @@
-"""Each stage's code version, derived from the code it runs.
+"""What a version is: the identity the runner computes from what a stage declares.
 
-A version id covers the stage's code version (storage.store.version_id), and part reuse covers it too
-(the config digest). A hand-written version string is only as good as the memory of whoever edits the
-code, so the code version is `<label>+<digest>`: the label (`clean-1`) names the stage for people, and
-the digest covers the source of the stage's module and of every project module it imports, directly or
-not (`tasks`, `ram_model`, `storage`), read as syntax trees without docstrings: editing a comment, a
-docstring or the layout keeps the version; any other edit of code the stage runs makes a new one, so an
-upgrade never hands back outputs of older code. Data files (tag lists, configs) are inputs: they enter
-versions through the config and parents, not here.
+A version id (storage.store.version_id) covers the stage, the store's file format, the config fields the
+stage reads, its inputs and the code that computes it; part reuse covers the same minus the inputs read
+part by part. This module computes the code part and the content digests of inputs named by path.
+
+Code. A hand-written version string is only as good as the memory of whoever edits the code, so a stage's
+code version is `<label>+<digest>`: the label (`clean-3`) names it for people, and the digest covers the
+source of the stage's module, of the modules it declares it runs (`Stage.code`, the stages of `Stage.runs`)
+and of every project module they import, directly or not, read as syntax trees without docstrings: editing
+a comment, a docstring or the layout keeps the version; any other edit of code the stage runs makes a new
+one, so an upgrade never hands back outputs of older code.
+
+Infrastructure is not code a stage runs: the store (`storage/`: how bytes are placed, checked, listed), the
+engine (`tasks.engine`: runner, config loading, progress, caches), inspection and the flows and CLI decide
+where and when a result is computed, never what it is, so editing them recomputes nothing. What they could
+change is the bytes a stage's output is written as: those are the store's file format, whose version
+(`storage.FORMAT_VERSION`) is in every version id, and tests/test_format.py holds golden bytes that fail
+until that version moves. This follows Dagster's `code_version` (declared, per asset) and Bazel's actions
+(an action is its declared inputs, hashed by content; see docs/architecture.md for what we take from each).
+
+Data files (tag lists, ground truth, a pretrained encoder) are inputs: they enter by their content
+(`content_digest`), never by their path, so a moved file is the same input.
 """
 from __future__ import annotations
 
@@ -15,23 +28,34 @@ import ast
 import functools
 import hashlib
 import importlib.util
+import json
+import os
 import threading
 import time
 from pathlib import Path
 
-PROJECT_PACKAGES = ("tasks", "ram_model", "storage")
+# The packages whose modules can be code a stage runs, and the modules in them that are infrastructure:
+# a closure stops at them (their own imports are not followed either).
+CODE_PACKAGES = ("tasks", "ram_model")
+INFRASTRUCTURE = ("tasks.engine", "tasks.inspection")
 
 
-def code_version(module: str, label: str) -> str:
-    """`label+digest` for the stage whose logic lives in `module` (e.g. "tasks.stages.clean", "clean-1")."""
-    return f"{label}+{source_digest(module)}"
+def code_version(modules: str | tuple[str, ...], label: str) -> str:
+    """`label+digest` for code that lives in `modules` (e.g. "tasks.stages.clean", "clean-3")."""
+    modules = (modules,) if isinstance(modules, str) else tuple(modules)
+    return f"{label}+{code_digest(modules)}"
+
+
+def is_infrastructure(module: str) -> bool:
+    top = module.split(".")[0]
+    return top not in CODE_PACKAGES or any(module == m or module.startswith(m + ".") for m in INFRASTRUCTURE)
 
 
 @functools.lru_cache(maxsize=None)
-def source_digest(module: str, packages: tuple[str, ...] = PROJECT_PACKAGES) -> str:
-    """A digest of `module` and every module of `packages` it imports, transitively."""
+def code_digest(modules: tuple[str, ...]) -> str:
+    """A digest of `modules` and every project module they import, transitively, up to infrastructure."""
     h = hashlib.sha256()
-    for name in sorted(module_closure(module, packages)):
+    for name in sorted(code_closure(modules)):
         h.update(name.encode() + b"\0" + _normal_form(read_source(module_file(name))).encode() + b"\0")
     return h.hexdigest()[:12]
 
@@ -81,12 +105,19 @@ def parse_source(source: str, filename: str = "<unknown>") -> ast.Module:
     raise AssertionError("unreachable")
 
 
-def module_closure(module: str, packages: tuple[str, ...]) -> set[str]:
+def code_closure(modules: tuple[str, ...]) -> set[str]:
+    """`modules` and the project modules they import, transitively; infrastructure is neither included nor
+    followed (a stage's own module always is)."""
+    return module_closure(modules, CODE_PACKAGES, stop=is_infrastructure)
+
+
+def module_closure(modules: tuple[str, ...] | str, packages: tuple[str, ...], stop=lambda name: False) -> set[str]:
     seen: set[str] = set()
-    todo = [module]
+    todo = [modules] if isinstance(modules, str) else list(modules)
+    first = set(todo)
     while todo:
         name = todo.pop()
-        if name in seen:
+        if name in seen or (name not in first and stop(name)):
             continue
         seen.add(name)
         path = module_file(name)
@@ -137,3 +168,56 @@ def _normal_form(source: str) -> str:
                     and isinstance(body[0].value.value, str):
                 node.body = body[1:] or [ast.Pass()]
     return ast.dump(tree, annotate_fields=False, include_attributes=False)
+
+
+# ---------------------------------------------------------------- inputs named by path: their content
+
+_DIGESTS: dict[tuple, str] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """The content of a local file, or of a folder (every file's relative path and bytes), as a digest: what
+    identifies an input named by path, wherever it lies. Cached per (path, size, mtime) in this process and
+    in the local cache folder, so a 1.9 GB checkpoint is read once per change, not once per run."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    stamp = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    key = (str(p.resolve()), stamp)
+    with _DIGESTS_LOCK:
+        if key in _DIGESTS:
+            return _DIGESTS[key]
+    h = hashlib.sha256()
+    for f in files:
+        rel = "" if f == p else f.relative_to(p).as_posix()
+        h.update(rel.encode() + b"\0" + _file_sha256(f).encode() + b"\0")
+    value = h.hexdigest()[:16]
+    with _DIGESTS_LOCK:
+        _DIGESTS[key] = value
+    return value
+
+
+def _file_sha256(f: Path) -> str:
+    from .cache import cache_dir
+
+    st = f.stat()
+    stamp = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    record = cache_dir() / "digests" / (hashlib.sha256(stamp.encode()).hexdigest()[:32] + ".json")
+    try:
+        return json.loads(record.read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    try:   # a cache: failing to write it costs a re-read next time, nothing else
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"file": str(f.resolve()), "sha256": h.hexdigest()}))
+        tmp.replace(record)
+    except OSError:
+        pass
+    return h.hexdigest()

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import pyarrow as pa
 
@@ -72,38 +73,75 @@ def sequential(fn: Callable[[PartTask], PartRecord], tasks: Sequence[PartTask]) 
 
 
 @dataclass(frozen=True)
+class Input:
+    """An input a stage declares, and how it enters the version's identity.
+
+    kind      version   a Version, read part by part (its id is a parent; each part's own bytes enter
+                        that part's identity, so new data reuses the parts that did not change)
+              versions  {name: Version}, each a parent, the names part of the identity
+              model     a model ref: a store version (`models/<name>@...`, a parent) or a local path /
+                        official checkpoint (by content)
+              models    {name: model ref}
+              source    what ingest reads: identified by the content of the parts `split` plans
+              value     plain JSON data, entered as it is (None where the caller gives none)
+    whole     a version read whole, not part by part (clean's clusters): its id enters every part's identity
+    """
+
+    name: str
+    kind: Literal["version", "versions", "model", "models", "source", "value"] = "version"
+    whole: bool = False
+
+
+def _as_input(value: "str | Input") -> Input:
+    return value if isinstance(value, Input) else Input(value)
+
+
+@dataclass(frozen=True)
 class Stage:
-    """A stage, declared once in its module. Every function gets the `StageRun`.
+    """A stage, declared once in its module. Everything that determines its output is declared here as data,
+    and the runner alone turns it into the version's identity (`identity`): no function of a stage sets it.
 
     name      the loop's name for it (`--from`/`--until`, the Prefect subflow, progress): "parse"
     output    the dataset it writes ("parsed"), or a function of its section ("models/<train.name>")
-    inputs    the versions it reads, by name ("images"); the loop passes them under these names
+    inputs    what it reads, by name: "images" (a version read part by part) or `Input(name, kind)`
     section   the `EngineConfig` field it runs with ("parse"): `run.cfg` is that pydantic model itself
-    version   the label of its code version ("parse-1"); the digest of its module's code is added
-    split     run -> the parts: one `PartTask` per unit of input, with the digest of what it reads
+    also      other config sections it runs with (by field name), in `run.sections`
+    reads     the config fields that determine its output (dotted: "clean.embedder"); default: `section`
+              and `also` whole
+    files     config fields that name a local file or folder: they enter by content, not by path
+    version   the label of its code version ("parse-1"); the digest of the code it runs is added
+    code      modules it runs beyond what its own module imports (e.g. a trainer started by name)
+    runs      stages it runs through the runner (the ablation's trainings): their code is its code
+    resolve   run -> {name: value}: inputs it derives from the config and the store before anything runs
+              (the label system a parse maps to, the model a training starts from); each a declared
+              `derives` input, whole
+    derives   the inputs `resolve` returns, declared like `inputs`
+    split     run -> the parts: one `PartTask` per unit of input (`parts_of` gives their input digests)
     process   (run, writer, part) -> the part's record; runs where the executor puts it
-    summarize (run, records) -> the version's metrics (default: `merge_metrics`)
-    identify  run -> None, or a committed version that already answers the run: adds to `run.config`,
-              `run.parents` or `run.input_digest` what else determines the output (a label system, a
-              model's digest, the sources' content) before the version id is fixed
-    prepare   run -> None: work done once before the parts, only when the version is not committed
-              yet (load a model to fail before any part, cluster every crop)
-    also      other config sections it reads (by field name), in `run.sections` and in its identity
+    summarize (run, records) -> the version's metrics (default: `merge_metrics`); a "per_tag" entry goes
+              into the manifest's `per_tag_metrics`
+    prepare   run -> None: work done once before the parts, only when the version is not committed yet
+              (load a model's card to fail before any part, the tables every part needs)
     one_part  not part-wise (training): its single part runs in the caller's process
     schema    the output schema, when `storage/schemas.py` does not declare one for `output`
     """
 
     name: str
     output: str | Callable[[Any], str]
-    inputs: tuple[str, ...]
+    inputs: tuple["str | Input", ...]
     section: str
     version: str
     split: Callable[["StageRun"], list[PartTask]]
     process: Callable[["StageRun", VersionWriter, PartTask], PartRecord]
     summarize: Callable[["StageRun", list[PartRecord]], dict] | None = None
-    identify: Callable[["StageRun"], Version | None] | None = None
     prepare: Callable[["StageRun"], None] | None = None
+    resolve: Callable[["StageRun"], dict] | None = None
+    derives: tuple["str | Input", ...] = ()
     also: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+    code: tuple[str, ...] = ()
+    runs: tuple[str, ...] = ()
     one_part: bool = False
     schema: pa.Schema | None = None
 
@@ -113,38 +151,55 @@ class Stage:
 
     @property
     def module(self) -> str:
-        """The module whose code (and every project module it imports) the code version covers."""
+        """The stage's own module: its code, and every project module it imports, is the stage's code."""
         return self.process.__module__
 
-    def code_version(self) -> str:
-        from tasks.engine.identity import code_version
+    @property
+    def declared_inputs(self) -> tuple[Input, ...]:
+        return tuple(_as_input(i) for i in self.inputs)
 
-        return code_version(self.module, self.version)
+    def code_version(self) -> str:
+        """`label+digest` of the code it runs: its module, `code`, and the stages of `runs` (their labels too,
+        so a stage it runs that is relabelled makes a new version)."""
+        from tasks.engine.identity import code_version
+        from tasks.stages import stage
+
+        ran = [stage(n) for n in self.runs]
+        label = "+".join([self.version, *(s.version for s in ran)])
+        return code_version((self.module, *self.code, *(m for s in ran for m in (s.module, *s.code))), label)
 
 
 @dataclass
 class StageRun:
-    """One run of a stage: what its functions read (config, inputs) and what they add (identity, state).
+    """One run of a stage: its config and inputs, and what its functions compute for its parts (`state`).
     It travels to Dask/Ray workers with the part function, so `state` holds plain data, never a model."""
 
     stage: Stage
     store: Store
     cfg: Any                                   # the stage's section, the loaded pydantic model itself
     sections: dict[str, Any]                   # the sections of `stage.also`, by field name
-    inputs: dict[str, Any]                     # input versions (or model refs) by name
-    config: dict = field(default_factory=dict)     # what enters the version id with the code version
-    parents: list = field(default_factory=list)    # the versions this one descends from
-    input_digest: str | None = None            # for stages whose input is not a version (ingest's sources)
-    extra: dict = field(default_factory=dict)      # written into the manifest as it is
-    state: dict = field(default_factory=dict)      # what identify/prepare computed for the parts
+    inputs: dict[str, Any]                     # inputs (versions, model refs, values) by name, derived ones too
+    salt: str = ""                             # the identity every part shares (config, code, whole inputs)
+    extra: dict = field(default_factory=dict)  # what the manifest records beside the metrics (never identity)
+    state: dict = field(default_factory=dict)  # what prepare/split computed for the parts
     progress: Callable[[str, int, int], None] | None = None   # the caller's; never shipped to a worker
+    reusable: dict = field(default_factory=dict)               # parts earlier versions hold, by input digest
 
     def __getstate__(self):
-        return self.__dict__ | {"progress": None}
+        return self.__dict__ | {"progress": None, "reusable": {}}
 
     @property
     def output(self) -> str:
         return self.stage.output_of(self.cfg)
+
+    def run_stage(self, name: str, cfg: Any, inputs: Mapping[str, Any], **kwargs) -> "StageResult":
+        """Run stage `name` (declared in this stage's `runs`) through the runner, on this run's store."""
+        if name not in self.stage.runs:
+            raise ValueError(f"stage {self.stage.name} runs {name!r} but does not declare it in `runs`, so its "
+                             f"identity would miss that stage's code")
+        from tasks.stages import stage
+
+        return run(stage(name), self.store, cfg, inputs, **kwargs)
 
 
 def section_of(cfg: Any, name: str) -> Any:
@@ -156,33 +211,128 @@ def section_of(cfg: Any, name: str) -> Any:
     return getattr(cfg, name)
 
 
-def _versions(values: Iterable[Any]) -> list[Version]:
-    found = []
-    for value in values:
-        if isinstance(value, Version):
-            found.append(value)
-        elif isinstance(value, Mapping):
-            found += _versions(value.values())
-    return found
+def _field(cfg: Any, path: str) -> Any:
+    """`section.field.sub` of the config, as plain JSON data."""
+    from tasks.engine.config import section_dict
+
+    head, *rest = path.split(".")
+    value = section_of(cfg, head)
+    for name in rest:
+        value = getattr(value, name)
+    return section_dict(value) if hasattr(value, "model_dump") else value
+
+
+def _set(tree: dict, path: str, value: Any) -> None:
+    *heads, last = path.split(".")
+    for h in heads:
+        tree = tree.setdefault(h, {})
+    tree[last] = value
+
+
+@dataclass
+class Identity:
+    """What the runner computed: the store's arguments for the version, and the salt every part shares."""
+
+    code_version: str
+    config: dict
+    parents: list
+    input_digest: str | None
+    salt: str
+
+
+def identity(stage: Stage, run: StageRun, cfg: Any) -> Identity:
+    """The version's identity from the stage's declaration: the config fields it reads (files by content), its
+    inputs (versions as parents, models and files by content) and its code. The same declaration always gives
+    the same identity, whatever the run's history; `run.inputs` must hold the derived inputs already."""
+    from tasks.engine.identity import content_digest
+
+    config: dict = {}
+    for path in stage.reads or (stage.section, *stage.also):
+        _set(config, path, _field(cfg, path))
+    for path in stage.files:   # a path by its content; a name that is no local path (a hub id, "ram") as it is
+        value = _field(cfg, path)
+        _set(config, path, {"content": content_digest(value)} if value and Path(value).expanduser().exists() else value)
+    parents: list = []
+    shared: dict = {}      # inputs every part depends on (not read part by part)
+    input_digest = None
+    for inp in (*stage.declared_inputs, *(replace(_as_input(d), whole=True) for d in stage.derives)):
+        value = run.inputs.get(inp.name)
+        if inp.kind == "version":
+            if value is not None:
+                parents.append(value)
+                if inp.whole:
+                    shared[inp.name] = value.ref
+        elif inp.kind == "versions":
+            versions = dict(value or {})
+            parents += list(versions.values())
+            shared[inp.name] = {n: v.ref for n, v in versions.items()}
+        elif inp.kind in ("model", "models"):
+            refs = {None: value} if inp.kind == "model" else dict(value or {})
+            idents = {}
+            for n, ref in refs.items():
+                mv, idents[n] = _model_identity(run.store, ref)
+                parents += [mv] if mv is not None else []
+            shared[inp.name] = idents[None] if inp.kind == "model" else idents
+        elif inp.kind == "value":
+            shared[inp.name] = value
+        elif inp.kind == "source":
+            # what ingest reads is what its planned parts hold: names and content digests, not paths
+            input_digest = digest([[t.name, t.source_digest] for t in run.state["tasks"]])
+    if shared:
+        config["inputs"] = shared
+    code = stage.code_version()
+    return Identity(code, config, parents, input_digest, digest({"code": code, "config": config}))
+
+
+def _model_identity(store: Store, ref: str | None) -> tuple[Version | None, str | None]:
+    """A model input: (its store version, a parent; or None) and what identifies it: the version, or the
+    content of a local folder or checkpoint file (a moved file is the same model)."""
+    from tasks.engine.identity import content_digest
+
+    if ref is None:
+        return None, None
+    if ref.startswith("models/"):
+        if "@" in ref:
+            stage, _, version = ref.partition("@")
+        elif ref.count("/") == 2:  # a version ref as manifests write it: models/<name>/<version>
+            stage, _, version = ref.rpartition("/")
+        else:
+            stage, version = ref, "latest"
+        mv = store.open(stage, version)
+        return mv, mv.ref
+    try:
+        return None, content_digest(ref)
+    except FileNotFoundError:
+        return None, ref   # a hub id: its name is all there is (loading says when it is not there)
 
 
 def begin_run(stage: Stage, store: Store, cfg: Any, inputs: Mapping[str, Any]) -> tuple[StageRun, VersionWriter | Version]:
     """The run's identity, fixed: its writer, or the committed version that already answers it."""
-    from tasks.engine.config import section_dict
-
-    missing = [n for n in stage.inputs if n not in inputs]
+    declared = stage.declared_inputs
+    missing = [i.name for i in declared if i.name not in inputs]
     if missing:
-        raise ValueError(f"stage {stage.name}: input(s) {missing} not given (it reads {', '.join(stage.inputs)})")
+        raise ValueError(f"stage {stage.name}: input(s) {missing} not given (it reads "
+                         f"{', '.join(i.name for i in declared)})")
     section = section_of(cfg, stage.section)
     sections = {n: section_of(cfg, n) for n in stage.also}
-    run = StageRun(stage, store, section, sections, {n: inputs[n] for n in stage.inputs},
-                   config=section_dict(section) | {n: section_dict(s) for n, s in sections.items()})
-    run.parents = _versions(run.inputs.values())
-    found = stage.identify(run) if stage.identify else None
-    if found is not None:
-        return run, found
-    writer = store.begin(run.output, code_version=stage.code_version(), config=run.config, parents=run.parents,
-                         input_digest=run.input_digest, schema=stage.schema)
+    run = StageRun(stage, store, section, sections, {i.name: inputs[i.name] for i in declared})
+    if stage.resolve:
+        derived = stage.resolve(run)
+        undeclared = set(derived) - {_as_input(d).name for d in stage.derives}
+        if undeclared:
+            raise ValueError(f"stage {stage.name}: resolve returned {sorted(undeclared)}, not declared in `derives`")
+        run.inputs.update(derived)
+    if any(i.kind == "source" for i in declared):
+        # a source's identity is its planned parts, and planning reads which parts earlier versions hold
+        # (those depend on code and config only, never on this input)
+        pre = identity(replace(stage, inputs=tuple(i for i in declared if i.kind != "source")), run, cfg)
+        run.reusable = store.begin(run.output, code_version=pre.code_version, config=pre.config,
+                                   parents=[]).reusable_parts()
+        run.state["tasks"] = stage.split(run)
+    ident = identity(stage, run, cfg)
+    run.salt = ident.salt
+    writer = store.begin(run.output, code_version=ident.code_version, config=ident.config, parents=ident.parents,
+                         input_digest=ident.input_digest, schema=stage.schema)
     committed = writer.committed
     return (run, committed) if committed is not None else (run, writer)
 
@@ -198,13 +348,20 @@ def run(stage: Stage, store: Store, cfg: Any, inputs: Mapping[str, Any], *, exec
         return StageResult(writer, "reused")
     if stage.prepare:
         stage.prepare(sr)
-    tasks = stage.split(sr)
+    tasks = sr.state.pop("tasks") if "tasks" in sr.state else stage.split(sr)
     if stage.one_part and len(tasks) != 1:
         raise ValueError(f"stage {stage.name} declares one part, its split gave {len(tasks)}")
+
+    def summarize(records: list[PartRecord]) -> dict:
+        metrics = stage.summarize(sr, records) if stage.summarize else merge_metrics(records)
+        if "per_tag" in metrics:   # beside the metrics, not in them: tables and artifacts show the metrics
+            metrics = dict(metrics)
+            sr.extra["per_tag_metrics"] = metrics.pop("per_tag")
+        return metrics
+
     return run_stage(writer, tasks, _PartFunction(stage.process, sr),
-                     executor=None if stage.one_part else executor,
-                     summarize=(lambda records: stage.summarize(sr, records)) if stage.summarize else None,
-                     progress=None if stage.one_part else progress, extra=sr.extra or None,
+                     executor=None if stage.one_part else executor, summarize=summarize,
+                     progress=None if stage.one_part else progress, extra=sr.extra,
                      part_attempts=1 if stage.one_part else 4, part_errors=not stage.one_part)
 
 
@@ -299,7 +456,7 @@ def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callabl
             writer.adopt_part(record)
     all_records = [writer.record(n) for n in names]
     metrics = summarize(all_records) if summarize else merge_metrics(all_records)
-    version = writer.commit(metrics=metrics, part_order=names, extra=extra)
+    version = writer.commit(metrics=metrics, part_order=names, extra=extra or None)
     return StageResult(version, "written", parts_written=len(todo), parts_resumed=resumed, parts_reused=reused)
 
 

@@ -350,7 +350,8 @@ def check_training_space(cfg: EngineConfig, report: CheckReport, store_ok: bool)
     from ram_model.trainer import LoopConfig
     from storage import Store
 
-    from tasks.shared.models import cache_dir, model_card
+    from tasks.engine.cache import cache_dir
+    from tasks.shared.models import model_card
 
     ref = cfg.train.init
     if ref == f"models/{cfg.generate.baseline_name}" and cfg.generate.baseline:

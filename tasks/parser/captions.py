@@ -26,7 +26,7 @@ def default_parser() -> CaptionParser:
 
 def get_parser(cfg) -> CaptionParser:
     """The CaptionParser of a ParseConfig, once per worker process."""
-    from tasks.shared.models import worker_cached  # here, not at the top: the parser alone does not need torch
+    from tasks.engine.cache import worker_cached
 
     return worker_cached(f"parser|{cfg.spacy_model}|{cfg.batch_size}|{cfg.n_process}|{cfg.max_chars}",
                          lambda: CaptionParser(model=cfg.spacy_model, batch_size=cfg.batch_size,

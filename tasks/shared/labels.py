@@ -18,7 +18,7 @@ from storage import Store, StoreError, Version
 from storage.store import digest
 
 from tasks.engine.identity import code_version
-from tasks.shared.models import cache_dir, worker_cached
+from tasks.engine.cache import cache_dir, worker_cached
 
 STAGE = "labels"
 STAGE_VERSION = "labels-2"   # 2: every label version declares its tag types

@@ -102,6 +102,16 @@ def labels_version(store: Store, version: Version) -> Version | None:
     return None
 
 
+def label_system_of(store: Store, version: Version) -> dict:
+    """{"label_system": the labels version of `version`}: a stage's derived input (`Stage.resolve`) where its tag ids
+    mean what that label system says. Raises naming the version when it has none."""
+    lv = labels_version(store, version)
+    if lv is None:
+        raise StoreError(f"{version.ref} has no labels version in its lineage: the tag list its ids refer to is "
+                         f"unknown; run the parse stage, which records it")
+    return {"label_system": lv}
+
+
 def tag_names_for(store: Store, version: Version) -> list[str] | None:
     """The tag names a version's ids refer to, or None when no labels version is in its lineage."""
 

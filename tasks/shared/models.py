@@ -5,61 +5,24 @@ A model is named in config as a store ref (`models/baseline@latest`), a local fo
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 import os
-import threading
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
 from ram_model.devices import resolve_device
 from ram_model.checkpoint import (MODEL_CARD_FILES, ModelCard, from_pretrained, load_official, official_card,
-                                  read_model_card, save_pretrained)
+                                  read_model_card)
 from ram_model.labels import LabelSystem
 from storage import Store, StoreError, Version
 
-from tasks.engine.runner import StageResult
+from tasks.engine.cache import cache_dir, worker_cached
 
 log = logging.getLogger("ram_engine")
 T = TypeVar("T")
-
-_cache: dict[Any, Any] = {}
-_cache_locks: dict[Any, threading.Lock] = {}
-_cache_guard = threading.Lock()
-
-
-def worker_cached(key: Any, factory: Callable[[], T]) -> T:
-    """`factory()` once per process for `key`, then the same object: a model loads once per worker
-    (thread pool, Dask or Ray worker process), not once per part. Thread-safe: concurrent callers with
-    the same key wait for the first one; a factory that raises is retried by the next caller."""
-    try:
-        return _cache[key]
-    except KeyError:
-        pass
-    with _cache_guard:
-        lock = _cache_locks.setdefault(key, threading.Lock())
-    with lock:
-        if key not in _cache:
-            _cache[key] = factory()
-        return _cache[key]
-
-
-def clear_worker_cache() -> int:
-    """Drop every cached object in this process (tests, or to free a model's memory); how many there were."""
-    with _cache_guard:
-        dropped = len(_cache)
-        _cache.clear()
-        _cache_locks.clear()
-    gc.collect()    # a model in a reference cycle would otherwise keep its memory until a later collection
-    return dropped
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RAM_ENGINE_CACHE", Path.home() / ".cache" / "ram-engine"))
-
 
 def model_version(store: Store, ref: str) -> Version | None:
     """A store ref `models/<name>[@version|ref]`, or None when `ref` is not one."""
@@ -125,26 +88,6 @@ def unknown_model(ref: str) -> StoreError:
                       f"by save_pretrained, nor a checkpoint file; check generate.baseline / train.init")
 
 
-def model_digest(version: Version | None, ref: str) -> str:
-    """What identifies a model input for version ids: its store version, or the file's size and mtime."""
-    if version is not None:
-        return version.ref
-    p = Path(ref)
-    if p.is_dir():
-        parts = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in p.rglob("*") if f.is_file())
-        return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
-    if p.is_file():
-        st = p.stat()
-        return hashlib.sha256(f"{p.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    return ref
-
-
-def official_files(model_cfg) -> dict[str, str | None]:
-    """The files that go with an official checkpoint, by config field (None: RAM's packaged reference files)."""
-    return {"model.tag_list": model_cfg.tag_list, "model.tag_list_chinese": model_cfg.tag_list_chinese,
-            "model.thresholds": model_cfg.thresholds, "model.tokenizer": model_cfg.tokenizer}
-
-
 def load_official_with_files(path: str, model_cfg, device: str = "cpu"):
     """An official .pth with its tag list, Chinese names (checked against the list), per-class thresholds
     and caption tokenizer as the config names them; RAM's packaged files where a field is empty."""
@@ -165,37 +108,6 @@ def _packaged(name: str) -> str:
     from importlib import resources
 
     return str(resources.files("ram_model.data") / name)
-
-
-def import_official(store: Store, path: str, model_cfg, name: str):
-    """An official checkpoint as a model version `models/<name>` (our format, with its tag list, thresholds
-    and tokenizer), so every stage and worker loads it from the store and lineage names it. Imported once:
-    the same file and companion files find the committed version."""
-    import shutil
-    import tempfile
-
-
-    files = {k: model_digest(None, v) if v else None for k, v in official_files(model_cfg).items()}
-    config = {"source": model_digest(None, path), "files": files, "image_size": model_cfg.image_size}
-    # A hand-written code version, unlike the stages' digests: a digest would re-import the checkpoint on every
-    # edit of this module's import closure, and the new baseline version would make every downstream stage
-    # redo all its parts, for the same weights. Bump it when the conversion's output changes.
-    writer = store.begin(f"models/{name}", code_version="import-official-1", config=config)
-    if writer.committed is not None:
-        return StageResult(writer.committed, "reused")
-    log.info("importing official checkpoint %s as models/%s", path, name)
-    model = load_official_with_files(path, model_cfg)
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir()))
-    try:
-        save_pretrained(model, tmp)
-        del model
-        out = {str(p.relative_to(tmp)): str(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        writer.write_files("model", out, metrics={"source": os.path.basename(path)})
-        version = writer.commit(metrics={"imported_from": os.path.basename(path)})
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return StageResult(version, "written", parts_written=1)
 
 
 def model_to_label_ids(model, labels) -> np.ndarray:

@@ -16,7 +16,7 @@ import logging
 import math
 import re
 import time
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +24,7 @@ import pyarrow as pa
 from storage import Store, StoreError, Version
 from storage.schemas import ABLATION
 
-from tasks.engine.runner import PartTask, Stage, StageResult
+from tasks.engine.runner import Input, PartTask, Stage
 
 log = logging.getLogger("ram_engine")
 
@@ -125,24 +125,6 @@ def summary_markdown(rows: list[dict], note: str = "") -> str:
     return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
 
 
-# How the ablation gets a model: (store, model section, train section, label version, images) -> the train
-# stage's result. The flow passes the train stage itself (flows/ablation.py): stages do not import each other.
-TrainModel = Callable[[Store, object, object, Version, Version], StageResult]
-
-
-def ablation_stage(store: Store, model_cfg, train_cfg, evaluate_cfg, cfg, images: Version,
-                   label_versions: Mapping[str, Version], train_model: TrainModel, *,
-                   progress: Callable[[str, int, int], None] | None = None,
-                   say: Callable[[str], None] = log.info) -> StageResult:
-    """Train one model per (label version, seed) with `train_model`, the same budget and architecture,
-    score each on held-out keys against `evaluate_cfg.ground_truth`, and commit the `ablation` version."""
-    from tasks.engine.runner import run
-
-    return run(STAGE, store, {"ablation": cfg, "model": model_cfg, "train": train_cfg, "evaluate": evaluate_cfg},
-               {"images": images, "labels": label_versions, "train_model": train_model, "say": say},
-               progress=progress)
-
-
 def common_label_system(store: Store, lvs: Mapping[str, Version]) -> Version:
     """The labels version shared by the compared label versions. Compared by content (tag names in id order),
     not by version id: after a code upgrade the same tag list is committed again as a new labels version, and a
@@ -160,11 +142,10 @@ def common_label_system(store: Store, lvs: Mapping[str, Version]) -> Version:
     return next(iter(lvs.values()))
 
 
-def identify(run) -> None:
-    """The budget, the ground truth (path, size, time) and the label versions compared."""
-    from tasks.engine.config import section_dict
-    from tasks.shared.truth import ground_truth_path
+def prepare(run) -> None:
+    """The training budget, the ground truth and the label system the compared versions share."""
     from tasks.shared.lineage import labels_version
+    from tasks.shared.truth import ground_truth_path
 
     store, cfg, label_versions = run.store, run.cfg, run.inputs["labels"]
     model_cfg, train_cfg, evaluate_cfg = (run.sections[n] for n in ("model", "train", "evaluate"))
@@ -182,12 +163,6 @@ def identify(run) -> None:
                                           if cfg.freeze_encoder is None else cfg.freeze_encoder,
                                           "holdout_fraction": cfg.holdout_fraction or train_cfg.holdout_fraction})
     holdout_field = "ablation.holdout_fraction" if cfg.holdout_fraction else "train.holdout_fraction"
-    stat = truth_path.stat()
-    run.config = {"ablation": section_dict(cfg), "model": section_dict(model_cfg), "train": section_dict(budget),
-                  "evaluate": section_dict(evaluate_cfg),
-                  "truth": [str(truth_path.resolve()), stat.st_size, int(stat.st_mtime)],
-                  "labels": {name: v.ref for name, v in label_versions.items()}}
-    run.parents = [run.inputs["images"], *label_versions.values()]
     run.state.update(truth_path=truth_path, budget=budget, holdout_field=holdout_field, labels_version=labels_version)
 
 
@@ -200,8 +175,7 @@ def process(run, writer, task):
 
     store, cfg, images, label_versions = run.store, run.cfg, run.inputs["images"], run.inputs["labels"]
     model_cfg, evaluate_cfg = run.sections["model"], run.sections["evaluate"]
-    truth_path, budget, say, progress = run.state["truth_path"], run.state["budget"], run.inputs["say"], run.progress
-    train_model = run.inputs["train_model"]
+    truth_path, budget, progress = run.state["truth_path"], run.state["budget"], run.progress
     labels = load_labels(store, run.state["labels_version"])
     truth = rekey_truth(normalise_truth(load_ground_truth(truth_path, evaluate_cfg.format), labels), images)
     image_keys = set(images.read_table(columns=["key"]).column(0).to_pylist())
@@ -218,7 +192,8 @@ def process(run, writer, task):
         for seed in cfg.seeds:
             t0 = time.perf_counter()
             run_cfg = budget.model_copy(update={"name": model_name(name), "seed": seed})
-            result = train_model(store, model_cfg, run_cfg, lv, images)
+            result = run.run_stage("train", {"train": run_cfg, "model": model_cfg},
+                                   {"labels": lv, "images": images, "init": None})
             models.append(result.version)
             order, scores, model = score_model(store, result.version.ref, images, held, evaluate_cfg.batch_size)
             tags = list(model.tags)
@@ -232,7 +207,7 @@ def process(run, writer, task):
             per_seed.append(row)
             records += [{"labels": name, "labels_ref": lv.ref, "seed": seed, "model": row["model"], "metric": m,
                          "value": v} for m, v in row.items() if m not in ("labels", "labels_ref", "seed", "model")]
-            say(f"      ablation {len(per_seed)}/{total}: {name} seed {seed}: mAP {q['mAP']:.3f} F1 {q['f1']:.3f} "
+            log.info(f"ablation {len(per_seed)}/{total}: {name} seed {seed}: mAP {q['mAP']:.3f} F1 {q['f1']:.3f} "
                 f"({result.status}, {time.perf_counter() - t0:.0f} s)")
             if progress is not None:
                 progress(STAGE.output, len(per_seed), total)
@@ -246,8 +221,10 @@ def process(run, writer, task):
         "heldout_keys": len(held), "models": [m.ref for m in models]})
 
 
-STAGE = Stage(name="ablation", output="ablation", inputs=("images", "labels", "train_model", "say"), section="ablation",
-              also=("model", "train", "evaluate"), version=STAGE_VERSION, identify=identify,
+# Its trainings run the train stage through the runner (`runs`): the train stage's code is part of its identity.
+STAGE = Stage(name="ablation", output="ablation", inputs=("images", Input("labels", "versions")), section="ablation",
+              also=("model", "train", "evaluate"), files=("evaluate.ground_truth",), runs=("train",),
+              version=STAGE_VERSION, prepare=prepare,
               split=lambda run: [PartTask("ablation", "")], process=process,
               summarize=lambda run, records: records[0].metrics, one_part=True)
 

@@ -12,7 +12,7 @@ import numpy as np
 from ram_model.metrics import Labels, label_quality, tagging_metrics
 from storage import StoreError
 
-from tasks.engine.runner import PartTask, Stage
+from tasks.engine.runner import Input, PartTask, Stage
 from tasks.shared.truth import ground_truth_path, load_ground_truth, multi_hot, normalise_truth, rekey_truth, score_model
 
 ABLATION_COLUMNS = ("stage", "n_keys", "labels_per_key", "precision", "recall", "f1", "tp", "fp", "fn")
@@ -145,28 +145,11 @@ def key_tag_names(version, labels) -> dict[str, set[str]]:
     return {k: {labels.name(i) for i in ids} for k, ids in key_tags(version).items()}
 
 
-def evaluate_stage(store, cfg, images, label_versions: Mapping[str, object], models: Mapping[str, str]):
-    """The `evaluate` version: per labelled stage its precision / recall / F1 against the ground truth,
-    and per model its mAP and precision / recall on held-out keys (those no model was trained on)."""
-    from tasks.engine.runner import run
-
-    return run(STAGE, store, {"evaluate": cfg}, {"images": images, "labels": label_versions, "models": models})
-
-
-def identify(run) -> None:
-    """The ground truth file (path, size, time), the label stages' names and the models by version."""
+def prepare(run) -> None:
     from tasks.shared.models import model_version
 
-    cfg, label_versions, models = run.cfg, run.inputs["labels"], run.inputs["models"]
-    truth_path = ground_truth_path(cfg, "evaluate.ground_truth is not set")
-    model_versions = {name: model_version(run.store, ref) for name, ref in models.items()}
-    run.parents = [run.inputs["images"]] + list(label_versions.values()) + [v for v in model_versions.values()
-                                                                          if v is not None]
-    stat = truth_path.stat()
-    run.config |= {"truth": [str(truth_path.resolve()), stat.st_size, int(stat.st_mtime)],
-                   "stages": list(label_versions), "models": {n: (v.ref if v else r) for (n, r), v in
-                                                              zip(models.items(), model_versions.values())}}
-    run.state["truth_path"], run.state["model_versions"] = truth_path, model_versions
+    run.state["truth_path"] = ground_truth_path(run.cfg, "evaluate.ground_truth is not set")
+    run.state["model_versions"] = {name: model_version(run.store, ref) for name, ref in run.inputs["models"].items()}
 
 
 def process(run, writer, task):
@@ -218,6 +201,8 @@ def process(run, writer, task):
         "cleaning_removal_markdown": rows_to_markdown(removal)})
 
 
-STAGE = Stage(name="evaluate", output="evaluate", inputs=("images", "labels", "models"), section="evaluate",
-              version=STAGE_VERSION, identify=identify, split=lambda run: [PartTask("evaluation", "")],
+STAGE = Stage(name="evaluate", output="evaluate",
+              inputs=("images", Input("labels", "versions"), Input("models", "models")), section="evaluate",
+              files=("evaluate.ground_truth",), version=STAGE_VERSION, prepare=prepare,
+              split=lambda run: [PartTask("evaluation", "")],
               process=process, summarize=lambda run, records: records[0].metrics, one_part=True)

@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Callable
 
 import pyarrow as pa
 import torch
 from PIL import Image
 
-from storage import PartRecord, Store, StoreError, Version, VersionWriter, schemas
+from storage import PartRecord, Version, VersionWriter, schemas
 from storage.shards import decode_image
 
-from tasks.engine.config import GenerateConfig, ParseConfig
-from tasks.shared.lineage import labels_version
+from tasks.engine.config import GenerateConfig
+from tasks.shared.lineage import label_system_of
 from tasks.shared.labels import load_labels
-from tasks.shared.models import load_model, model_card, model_digest, model_to_label_ids, model_version
+from tasks.shared.models import load_model, model_card, model_to_label_ids
 from tasks.parser import get_parser, parse_captions
-from tasks.engine.runner import PartTask, Stage, StageResult, parts_of, run, top
+from tasks.engine.runner import Input, PartTask, Stage, parts_of, top
 
 log = logging.getLogger("ram_engine")
 
@@ -114,34 +113,15 @@ def generate_part(writer: VersionWriter, task: PartTask, *, images: Version, par
                              source_digest=task.source_digest, metrics=metrics)
 
 
-def generate(store: Store, cfg: GenerateConfig, parse_cfg: ParseConfig, images: Version, parsed: Version,
-             baseline: str, *, executor=None, progress: Callable | None = None) -> StageResult:
-    """The `generated` version of `images` + `parsed` under the baseline model `baseline`."""
-    return run(STAGE, store, {"generate": cfg, "parse": parse_cfg},
-               {"images": images, "parsed": parsed, "baseline": baseline}, executor=executor, progress=progress)
-
-
-def identify(run) -> None:
-    """The baseline model is named by its digest (the same weights under any ref) and is a parent."""
-    lv = labels_version(run.store, run.inputs["parsed"])
-    if lv is None:
-        raise StoreError(f"{run.inputs['parsed'].ref} has no labels version in its lineage; rerun the parse stage")
-    mv = model_version(run.store, run.inputs["baseline"])
-    run.state["ident"] = model_digest(mv, run.inputs["baseline"])
-    run.state["labels_version"] = lv
-    run.parents += [mv] if mv else []
-    run.config["baseline"] = run.state["ident"]
-
-
 def prepare(run) -> None:
     # the model's card is read here to fail before any part (a missing model, an unreadable config or tag list)
     # without holding its weights in this process: part work loads the model once per worker process
     model_card(run.store, run.inputs["baseline"])
-    run.state["labels"] = load_labels(run.store, run.state["labels_version"])
+    run.state["labels"] = load_labels(run.store, run.inputs["label_system"])
 
 
 def split(run) -> list[PartTask]:
-    return parts_of(run.inputs["images"], {"parsed": run.inputs["parsed"]}, salt=run.state["ident"])
+    return parts_of(run.inputs["images"], {"parsed": run.inputs["parsed"]}, salt=run.salt)
 
 
 def process(run, w: VersionWriter, task: PartTask) -> PartRecord:
@@ -152,6 +132,7 @@ def process(run, w: VersionWriter, task: PartTask) -> PartRecord:
                              model=load_model(run.store, run.inputs["baseline"], device=cfg.device))
 
 
-STAGE = Stage(name="generate", output="generated", inputs=("images", "parsed", "baseline"), section="generate",
-              also=("parse",), version=STAGE_VERSION, identify=identify, prepare=prepare, split=split,
-              process=process)
+STAGE = Stage(name="generate", output="generated", inputs=("images", "parsed", Input("baseline", "model")),
+              section="generate", also=("parse",), files=("generate.baseline", "parse.labels"), version=STAGE_VERSION,
+              resolve=lambda run: label_system_of(run.store, run.inputs["parsed"]), derives=("label_system",),
+              prepare=prepare, split=split, process=process)

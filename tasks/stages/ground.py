@@ -211,24 +211,11 @@ class ShardImages:
         raise KeyError(f"{key} is not in the shard of part {self.part.name}")
 
 
-def ground_stage(store, cfg, images, generated, parsed, *, executor=None, progress=None):
-    """The `regions` version: boxes and crops for the localisable tags of every generated key.
-
-    Progress is checkpointed inside a part after every detector batch (the writer's in-part checkpoints); a rerun
-    skips the keys already grounded and assembles the same part an uninterrupted run writes."""
-    from tasks.engine.runner import run
-
-    return run(STAGE, store, {"ground": cfg}, {"images": images, "generated": generated, "parsed": parsed},
-               executor=executor, progress=progress)
-
-
-def identify(run) -> None:
-    from tasks.shared.lineage import labels_version
+def prepare(run) -> None:
     from tasks.shared.labels import load_labels
 
-    if not run.cfg.detector.model:
-        raise ValueError("ground.detector.model is not set: give a Grounding DINO folder (or hub id while online)")
-    labels = load_labels(run.store, labels_version(run.store, run.inputs["parsed"]))
+    run.cfg.detector.require_model()
+    labels = load_labels(run.store, run.inputs["label_system"])
     run.state["categories"] = tag_categories(labels)
     run.state["tag_names"] = dict(enumerate(labels.tags))
 
@@ -236,14 +223,13 @@ def identify(run) -> None:
 def split(run):
     from tasks.engine.runner import parts_of
 
-    return parts_of(run.inputs["images"], {"generated": run.inputs["generated"]},
-                    salt=digest([run.config, sorted(run.state["categories"].items())]))
+    return parts_of(run.inputs["images"], {"generated": run.inputs["generated"]}, salt=run.salt)
 
 
 def process(run, w, task):
     from ram_model.detector import load_detector
 
-    from tasks.shared.models import worker_cached
+    from tasks.engine.cache import worker_cached
 
     cfg, images, generated = run.cfg, run.inputs["images"], run.inputs["generated"]
     categories, tag_names = run.state["categories"], run.state["tag_names"]
@@ -288,5 +274,14 @@ def process(run, w, task):
                                  "regions_per_tag": dict(Counter(table.column("tag").to_pylist()))})
 
 
+def resolve(run) -> dict:
+    from tasks.shared.lineage import label_system_of
+
+    return label_system_of(run.store, run.inputs["parsed"])
+
+
+# Progress is checkpointed inside a part after every detector batch (the writer's in-part checkpoints); a rerun
+# skips the keys already grounded and assembles the same part an uninterrupted run writes.
 STAGE = Stage(name="ground", output="regions", inputs=("images", "generated", "parsed"), section="ground",
-              version=STAGE_VERSION, identify=identify, split=split, process=process)
+              files=("ground.detector.model",), resolve=resolve, derives=("label_system",), version=STAGE_VERSION,
+              prepare=prepare, split=split, process=process)

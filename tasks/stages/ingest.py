@@ -46,7 +46,7 @@ from storage.store import digest, shard_name
 from storage.shards import split_member_name
 
 from tasks.engine.config import IngestConfig
-from tasks.engine.runner import PartTask, Stage, StageResult, run
+from tasks.engine.runner import Input, PartTask, Stage
 
 STAGE_VERSION = "ingest-4"   # 3: every caption of a sample; 4: img2dataset formats and metadata, shards/
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
@@ -1248,39 +1248,26 @@ def plan(src: str | list[str], cfg: IngestConfig) -> tuple[list[PartTask], list[
     return tasks, described
 
 
-def ingest(store: Store, cfg: IngestConfig, *, source: str | list[str] | None = None, executor=None,
-           progress=None) -> StageResult:
-    """Ingest one or several sources into a new (or the existing identical) `images` version."""
-    return run(STAGE, store, {"ingest": cfg}, {"source": source}, executor=executor, progress=progress)
-
-
-def identify(run) -> None:
-    """An ingest's identity is its sources' content: the parts (names and content digests) and the config,
-    not how the sources were spelt; the sources as given are recorded in the manifest."""
+def split(run) -> list[PartTask]:
+    """The parts are the identity: planned from the sources' content (names and content digests), not from how
+    the sources were spelt; the sources as given are recorded in the manifest. Parts an earlier version already
+    holds (`run.reusable`) keep their keys."""
     src = run.inputs["source"] or run.cfg.source
     if not src:
         raise SourceError("no ingest source: pass SRC or set ingest.source in the config")
     tasks, described = plan(src, run.cfg)
-    # Nor by where they were read from: source_options (endpoints, maybe keys) never reach a manifest.
-    run.config = {k: v for k, v in run.config.items() if k != "source_options"} | {"source": None}
-    # Which parts earlier versions already hold depends on code and config only, not on this input.
-    reusable = run.store.begin(run.output, code_version=run.stage.code_version(), config=run.config,
-                               parents=[]).reusable_parts()
-    # Parts made from unchanged input under the same config (and the same key claims) are shared with
-    # earlier versions.
-    run.state["tasks"] = claim_keys(run.store, tasks, reusable, run.cfg.source_options)
-    run.input_digest = digest([[t.name, t.source_digest] for t in run.state["tasks"]])
     run.extra["sources"] = described
-
-
-def split(run) -> list[PartTask]:
-    # planned by `identify` (the parts are the identity); taken out of the state, which travels with every part
-    return run.state.pop("tasks")
+    return claim_keys(run.store, tasks, run.reusable, run.cfg.source_options)
 
 
 def process(run, writer, task) -> PartRecord:
     return ingest_part(writer, task, run.cfg)
 
 
-STAGE = Stage(name="ingest", output="images", inputs=("source",), section="ingest", version=STAGE_VERSION,
-              identify=identify, split=split, process=process)
+# Where the sources are (source, captions_file) and how they are reached (source_options: endpoints, maybe
+# keys) are not identity and never reach a manifest's config: the content of what was read is.
+IDENTITY_FIELDS = tuple(f"ingest.{n}" for n in IngestConfig.model_fields
+                        if n not in ("source", "source_options", "captions_file"))
+
+STAGE = Stage(name="ingest", output="images", inputs=(Input("source", "source"),), section="ingest",
+              reads=IDENTITY_FIELDS, version=STAGE_VERSION, split=split, process=process)

@@ -34,34 +34,28 @@ def summarize_parts(records) -> dict:
             "top_tags": dict(tags.most_common(30)), "top_unknown_tags": dict(unknown.most_common(30))}
 
 
-def parse_stage(store, cfg, images, *, executor=None, progress=None):
-    """The `parsed` version of an `images` version under ParseConfig `cfg`."""
-    from tasks.engine.runner import run
-
-    return run(STAGE, store, {"parse": cfg}, {"images": images}, executor=executor, progress=progress)
-
-
-def identify(run) -> None:
-    """The label system is part of what a parse means: registered (a `labels` version) and a parent."""
+def resolve(run) -> dict:
+    """The label system is part of what a parse means: registered as a `labels` version, a parent."""
+    from tasks.engine.cache import worker_cached
     from tasks.shared.labels import declare_tag_types, register_labels, resolve_label_system
-    from tasks.shared.models import worker_cached
 
     labels = resolve_label_system(run.cfg.labels)
     if labels.types is None:   # declared once per tag list (not per corpus), then stored with the labels
         labels = worker_cached(f"typed-labels|{run.cfg.labels}|{len(labels)}",
                                lambda: declare_tag_types(labels, get_parser(run.cfg)))
-    labels_version = register_labels(run.store, labels)
-    run.config["labels"] = labels_version.id
-    run.parents.append(labels_version)
-    run.state["labels"] = labels
+    return {"label_system": register_labels(run.store, labels)}
+
+
+def prepare(run) -> None:
+    from tasks.shared.labels import load_labels
+
+    run.state["labels"] = load_labels(run.store, run.inputs["label_system"])
 
 
 def split(run):
-    from storage.store import digest
-
     from tasks.engine.runner import parts_of
 
-    return parts_of(run.inputs["images"], salt=digest(run.config))
+    return parts_of(run.inputs["images"], salt=run.salt)
 
 
 def process(run, w, task):
@@ -84,6 +78,7 @@ def process(run, w, task):
                         metrics=metrics)
 
 
-STAGE = Stage(name="parse", output="parsed", inputs=("images",), section="parse", version=STAGE_VERSION,
-              identify=identify, split=split, process=process,
+STAGE = Stage(name="parse", output="parsed", inputs=("images",), section="parse", files=("parse.labels",),
+              resolve=resolve, derives=("label_system",), version=STAGE_VERSION, prepare=prepare, split=split,
+              process=process,
               summarize=lambda run, records: summarize_parts(records))

@@ -28,11 +28,12 @@ from ram_model.metrics import best_f1_thresholds
 from storage import Store, StoreError, Version, digest
 from storage.shards import write_label_table
 
-from tasks.engine.config import ModelConfig, TrainConfig, section_dict
-from tasks.shared.lineage import labels_version
+from tasks.engine.cache import cache_dir
+from tasks.engine.config import ModelConfig
+from tasks.engine.runner import Input, PartTask, Stage
 from tasks.shared.labels import load_labels
-from tasks.shared.models import cache_dir, is_holdout, load_model, local_model_dir, model_digest, model_version, resolve_device
-from tasks.engine.runner import PartTask, Stage, StageResult, run
+from tasks.shared.lineage import label_system_of
+from tasks.shared.models import is_holdout, load_model, local_model_dir, model_version, resolve_device
 
 log = logging.getLogger("ram_engine")
 
@@ -232,49 +233,16 @@ def evaluate_model(model, holdout: list, image_size: int) -> dict:
     return metrics
 
 
-def train_stage(store: Store, model_cfg: ModelConfig, cfg: TrainConfig, labels: Version, images: Version, *,
-                init: str | None = None, progress: Callable[[str, int, int], None] | None = None) -> StageResult:
-    """Train (or fine-tune) `models/<name>` on `labels` over `images`; returns the committed model version."""
-    return run(STAGE, store, {"train": cfg, "model": model_cfg}, {"labels": labels, "images": images, "init": init},
-               progress=progress)
-
-
-def identify(run) -> Version | None:
-    """The model trained on exactly these labels and images under this config is reused whatever it was
-    fine-tuned from; else the version names what it starts from (init) by digest."""
+def resolve(run) -> dict:
+    """What it starts from: the explicit init, else the latest model of this name trained on other data (new
+    data fine-tunes it; a rerun on the same data finds the same start, so the same version), else train.init
+    (e.g. the baseline), else from scratch. And the label system its tag ids mean."""
     store, cfg, labels, images = run.store, run.cfg, run.inputs["labels"], run.inputs["images"]
-    lv = labels_version(store, labels)
-    if lv is None:
-        raise StoreError(f"{labels.ref} has no labels version in its lineage: the tag list its ids refer to is "
-                         f"unknown; run the parse stage, which records it")
-    run.state["labels_version"] = lv
-    stage = run.output
-    # Already trained on exactly this data under this config (whatever it was fine-tuned from): reuse.
-    model_cfg = run.sections["model"]
-    same = section_dict(model_cfg), section_dict(cfg)
-    this_code = run.stage.code_version()
-    # A pretrained encoder enters by its weights, not its path: new weights under the same path train anew.
-    encoder = file_sha256(Path(model_cfg.encoder_init) / "model.safetensors") if model_cfg.encoder_init else None
-    for version in reversed(store.versions(stage)):
-        c = version.manifest["config"]
-        if ({labels.ref, images.ref} <= set(version.parents) and c["model"] == same[0]
-                and c.get("encoder_init") == encoder and version.manifest["code_version"] == this_code
-                and {k: v for k, v in c["train"].items() if k != "init"} == {k: v for k, v in same[1].items()
-                                                                             if k != "init"}):
-            return version
-    # Start from: the explicit init, else the latest model of this name (new data fine-tunes it), else
-    # train.init (e.g. the baseline), else from scratch.
-    init = run.inputs["init"]
-    if init is None and cfg.fine_tune_latest and store.versions(stage):
-        init = f"{stage}@{store.versions(stage)[-1].id}"
-    init = init or cfg.init
-    init_version = model_version(store, init) if init else None
-    run.state["init"] = init
-    run.parents = [labels, images] + ([init_version] if init_version else [])
-    run.config = {"model": same[0], "train": same[1] | {"init": init and model_digest(init_version, init)}}
-    if encoder is not None:
-        run.config["encoder_init"] = encoder
-    return None
+    start = run.inputs["init"]
+    if start is None and cfg.fine_tune_latest:
+        earlier = [v for v in store.versions(run.output) if not {labels.ref, images.ref} <= set(v.parents)]
+        start = earlier[-1].ref if earlier else None
+    return label_system_of(store, labels) | {"start": start or cfg.init}
 
 
 def split(run):
@@ -290,32 +258,18 @@ def process(run, writer, task):
         work.mkdir(parents=True, exist_ok=True)
         if writer.part_done(task.name):
             return writer.record(task.name)
-        label_system = load_labels(store, run.state["labels_version"])
+        label_system = load_labels(store, run.inputs["label_system"])
         return _train_locked(store, run.sections["model"], cfg, run.inputs["labels"], run.inputs["images"],
-                             run.state["init"], label_system, writer, work, run.progress)
+                             run.inputs["start"], label_system, writer, work, run.progress)
 
 
-def summarize(run, records) -> dict:
-    """The model's held-out metrics (from its part's record, so a resumed run commits the same); its
-    per-tag metrics go in the manifest beside them."""
-    metrics = dict(records[0].metrics)
-    run.extra["per_tag_metrics"] = metrics.pop("per_tag", {})
-    return metrics
-
-
-STAGE = Stage(name="train", output=lambda section: f"models/{section.name}", inputs=("labels", "images", "init"),
-              section="train", also=("model",), version=STAGE_VERSION, identify=identify, split=split,
-              process=process, summarize=summarize, one_part=True)
-
-
-def file_sha256(path: Path) -> str | None:
-    """The content digest of a local file (None when it is missing: building the model then says so)."""
-    from storage.fs import open_fs, sha256_of
-
-    if not path.is_file():
-        return None
-    fs, local = open_fs(str(path))
-    return sha256_of(fs, local)[1][:16]
+# The model's held-out metrics come from its part's record, so a resumed run commits the same; the runner
+# records their "per_tag" entry in the manifest beside them (clean.baseline_min_ap reads it).
+STAGE = Stage(name="train", output=lambda section: f"models/{section.name}",
+              inputs=("labels", "images", Input("init", "model")), section="train", also=("model",),
+              files=("train.init", "model.encoder_init"), resolve=resolve,
+              derives=("label_system", Input("start", "model")), version=STAGE_VERSION, split=split, process=process,
+              summarize=lambda run, records: records[0].metrics, one_part=True)
 
 
 def train_work_dir(store: Store, name: str, vid: str) -> Path:
