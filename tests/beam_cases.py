@@ -62,3 +62,20 @@ def digest(model: BertLMHeadModel, states: torch.Tensor) -> str:
             h.update(name.encode() + t.detach().contiguous().numpy().tobytes())
     h.update(states.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+class PromptTokenizer:
+    """What RAM.generate asks of its tokenizer (the prompt's ids, [DEC], [SEP], [PAD], the vocabulary size),
+    with the ids above, so that RAM.generate itself runs the recorded cases."""
+    sep_token_id, pad_token_id = SEP, PAD
+
+    def __len__(self):
+        return DECODER["vocab_size"]
+
+    def __call__(self, text, return_tensors=None):
+        if text != "a picture of ":
+            raise ValueError(f"PromptTokenizer knows the caption prompt only, got {text!r}")
+        return type("Encoding", (), {"input_ids": torch.tensor([PROMPT + [SEP]])})
+
+    def convert_tokens_to_ids(self, token):
+        return {"[DEC]": DEC}[token]

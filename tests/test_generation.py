@@ -13,7 +13,7 @@ import torch
 from ram_model.generation import decode
 from ram_model.ram import RAM, RAMConfig
 
-from tests.beam_cases import DECODER, DEC, PAD, PROMPT, SEP, build_decoder, build_states, digest
+from tests.beam_cases import DECODER, PAD, PROMPT, SEP, PromptTokenizer, build_decoder, build_states, digest
 from tests.reference import vendored
 
 torch.set_num_threads(1)
@@ -69,25 +69,10 @@ def test_decode_equals_reference(recorded):
     assert worst < 1e-5
 
 
-class _Tokenizer:
-    """The three things RAM.generate asks of its tokenizer, with the recorded ids."""
-    sep_token_id, pad_token_id = SEP, PAD
-
-    def __len__(self):
-        return DECODER["vocab_size"]
-
-    def __call__(self, text, return_tensors=None):
-        assert text == "a picture of "
-        return type("Encoding", (), {"input_ids": torch.tensor([PROMPT + [SEP]])})
-
-    def convert_tokens_to_ids(self, token):
-        return {"[DEC]": DEC}[token]
-
-
 def test_ram_generate_batched_equals_reference(recorded):
     """RAM.generate (what caption() calls) over a batch of images: each row is the reference's caption at
     batch 1 (the reference itself is right only at batch 1, see docs/model.md)."""
-    ram = RAM(RAMConfig.tiny(vocab_size=DECODER["vocab_size"]), tokenizer=_Tokenizer()).eval()
+    ram = RAM(RAMConfig.tiny(vocab_size=DECODER["vocab_size"]), tokenizer=PromptTokenizer()).eval()
     groups: dict[tuple, list] = {}
     for case in recorded:
         key = (case["checkpoint"], case["eos_bias"], case["num_beams"], case["max_length"], case["min_length"],
