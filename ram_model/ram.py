@@ -31,6 +31,7 @@ from torch import nn
 
 from .bert import BertConfig, BertEmbeddings, BertLMHeadModel, BertModel
 from .conv_encoder import ConvImageEncoder
+from .generation import decode
 from .losses import asymmetric_loss, caption_lm_loss, clip_distillation_loss
 from .swin import SwinBlock, SwinConfig, SwinTransformer, WindowAttention, relative_position_index, shifted_window_mask
 
@@ -558,7 +559,7 @@ class RAM(nn.Module):
                 max_length: int = 30, min_length: int = 10, repetition_penalty: float = 1.0) -> list[str]:
         """Captions conditioned on tags (predicted ones when `tags` is None). Beam search by default,
         greedy with num_beams=1. `max_length` / `min_length` count the prompt tokens, as in the reference (HF
-        generate); beam scores are normalised by the generated length only, as HF does."""
+        generate); the search follows transformers 4.36.2's rules, the reference's (ram_model/generation.py)."""
         self._require_caption()
         images = self._prep(images)
         with self._autocast(images.device):
@@ -583,90 +584,14 @@ class RAM(nn.Module):
 
     def generate(self, enc_states: torch.Tensor, num_beams: int = 3, max_length: int = 30, min_length: int = 10,
                  repetition_penalty: float = 1.0) -> torch.Tensor:
-        """Decode from "[DEC] a picture of" cross-attending to `enc_states` (B, L, H); returns (B, ≤max_length)."""
+        """Decode from "[DEC] a picture of" cross-attending to `enc_states` (B, L, H); returns (B, ≤max_length).
+        The rules are transformers 4.36.2's, which the reference runs (ram_model/generation.py)."""
         tok = self.get_tokenizer()
-        dev = enc_states.device
-        prompt = tok(self.config.prompt, return_tensors="pt").input_ids[:, :-1].to(dev)  # drop [SEP]
+        prompt = tok(self.config.prompt, return_tensors="pt").input_ids[:, :-1]  # drop [SEP]
         prompt[:, 0] = self._token_ids("[DEC]")
-        eos, pad = tok.sep_token_id, tok.pad_token_id
-        B = enc_states.shape[0]
-        K = max(1, num_beams)
-        enc = enc_states.repeat_interleave(K, dim=0)  # the reference decoder attends padded tag tokens (mask None)
-        seqs = prompt.expand(B * K, -1).clone()
-        caches = [dict() for _ in self.text_decoder.bert.encoder.layer]
-        logits = self.text_decoder(seqs, encoder_hidden_states=enc, caches=caches)[:, -1].float()
-        P = prompt.shape[1]  # beam scores are normalised by the generated length, prompt excluded (as HF)
-        beam_scores = torch.zeros(B, K, device=dev)
-        beam_scores[:, 1:] = -1e9  # start with one live beam per image
-        beam_scores = beam_scores.view(-1)
-        finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        while True:
-            cur = seqs.shape[1]
-            if repetition_penalty != 1.0:
-                prev = logits.gather(1, seqs)
-                logits = logits.scatter(1, seqs, torch.where(prev > 0, prev / repetition_penalty,
-                                                             prev * repetition_penalty))
-            if cur < min_length:
-                logits[:, eos] = float("-inf")
-            logp = logits.log_softmax(-1)
-            V = logp.shape[-1]
-            if K == 1:
-                nxt = logp.argmax(-1)
-                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-                seqs = torch.cat([seqs, nxt[:, None]], 1)
-                done |= nxt == eos
-                if done.all() or seqs.shape[1] >= max_length:
-                    return seqs
-                logits = self.text_decoder(nxt[:, None], encoder_hidden_states=enc, caches=caches,
-                                           past_length=cur)[:, -1].float()
-                continue
-            cand = (beam_scores[:, None] + logp).view(B, K * V)
-            top, idx = cand.topk(2 * K, dim=1)
-            beam_src, token = idx // V, idx % V
-            new_scores = torch.full((B, K), -1e9, device=dev)
-            new_src = torch.zeros(B, K, dtype=torch.long, device=dev)
-            new_tok = torch.full((B, K), pad, dtype=torch.long, device=dev)
-            for b in range(B):
-                if done[b]:
-                    continue
-                n = 0
-                for rank, (s, src, t) in enumerate(zip(top[b].tolist(), beam_src[b].tolist(), token[b].tolist())):
-                    if t == eos:
-                        # length-normalised like HF (length_penalty 1.0); only top-K ranks may finish
-                        if rank < K:
-                            hyp = torch.cat([seqs[b * K + src], seqs.new_tensor([eos])])
-                            finished[b].append((s / (hyp.numel() - P), hyp))
-                        continue
-                    new_scores[b, n], new_src[b, n], new_tok[b, n] = s, src, t
-                    n += 1
-                    if n == K:
-                        break
-                finished[b].sort(key=lambda x: -x[0])
-                finished[b] = finished[b][:K]
-                if len(finished[b]) >= K and finished[b][-1][0] >= new_scores[b].max().item() / (cur + 1 - P):
-                    done[b] = True
-            rows = (torch.arange(B, device=dev)[:, None] * K + new_src).view(-1)
-            seqs = torch.cat([seqs[rows], new_tok.view(-1, 1)], 1)
-            beam_scores = new_scores.view(-1)
-            for cache in caches:
-                for key in ("sk", "sv"):
-                    cache[key] = cache[key][rows]
-            if done.all() or seqs.shape[1] >= max_length:
-                break
-            logits = self.text_decoder(new_tok.view(-1, 1), encoder_hidden_states=enc, caches=caches,
-                                       past_length=cur)[:, -1].float()
-        for b in range(B):
-            if not done[b]:  # out of length: live beams compete with finished ones
-                for k in range(K):
-                    finished[b].append((beam_scores[b * K + k].item() / (seqs.shape[1] - P), seqs[b * K + k]))
-            finished[b].sort(key=lambda x: -x[0])
-        best = [finished[b][0][1] for b in range(B)]
-        L = max(len(s) for s in best)
-        out = torch.full((B, L), pad, dtype=torch.long, device=dev)
-        for b, s in enumerate(best):
-            out[b, :len(s)] = s
-        return out
+        seqs, _ = decode(self.text_decoder, enc_states, prompt, tok.sep_token_id, tok.pad_token_id, num_beams,
+                         max_length, min_length, repetition_penalty)
+        return seqs
 
     # training --------------------------------------------------------------------------------------------
     def training_losses(self, images: torch.Tensor, tag_targets: torch.Tensor, caption_ids: torch.Tensor | None = None,
