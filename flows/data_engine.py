@@ -204,6 +204,9 @@ def _config_changes(version: Version, sections: dict) -> list[str]:
     for name, section in sections.items():
         then = made_under.get(name, {})
         for field_name, now in section_dict(section).items():
-            if field_name in then and field_name != "init" and then[field_name] != now:
-                changes.append(f"{name}.{field_name}: {then[field_name]!r} → {now!r}")
+            recorded = then.get(field_name)
+            if isinstance(recorded, dict) and set(recorded) == {"content"}:
+                continue   # a file field, recorded by its content (the runner's identity), not comparable to a path
+            if field_name in then and field_name != "init" and recorded != now:
+                changes.append(f"{name}.{field_name}: {recorded!r} → {now!r}")
     return changes

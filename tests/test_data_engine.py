@@ -51,7 +51,12 @@ def test_whole_loop_then_rerun_then_new_data(demo_loop_copy, monkeypatch, tmp_pa
     assert first["ingest"].version.manifest["rows_out"] == N_FIRST
     assert first["parse"].version.manifest["rows_in"] >= N_FIRST
     clean = first["clean"].version
-    assert {p.split("/")[0] for p in clean.parents} == {"generated", "regions", "embeddings", "parsed"}
+    assert {p.rpartition("/")[0] for p in clean.parents} == {"generated", "regions", "embeddings", "parsed", "clusters",
+                                                             "labels", "models/baseline"}
+    # the baseline's per-tag held-out metrics reach its manifest (clean.baseline_min_ap reads them there)
+    per_tag = first["baseline"].version.manifest["per_tag_metrics"]
+    assert per_tag and all(0 <= m["ap"] <= 1 for m in per_tag.values())
+    assert "per_tag" not in first["baseline"].version.manifest["metrics"]
     assert first["train"].version.parents[0] == clean.ref
     assert first["ground"].version.manifest["metrics"]["regions"] > 0
     rows = {r["stage"]: r for r in first["evaluate"].version.manifest["metrics"]["ablation"]}
@@ -84,7 +89,8 @@ def test_whole_loop_then_rerun_then_new_data(demo_loop_copy, monkeypatch, tmp_pa
     monkeypatch.setattr(engine, "_run", lambda name, *a, **k: order.append(name) or real_run(name, *a, **k))
     third = data_engine_flow.fn(grown)
     # the part workers' cached models are released before training (it needs the memory), and only then
-    assert order == ["ingest", "parse", "generate", "ground", "embed", "clean", "release", "train", "evaluate"]
+    assert order == ["ingest", "parse", "generate", "ground", "embed", "cluster", "clean", "release", "train",
+                     "evaluate"]
     assert third["ingest"].version.manifest["rows_out"] == N_GROWN
     for step in ("ingest", "parse", "generate", "ground", "embed"):
         assert (third[step].parts_written, third[step].parts_reused) == (1, N_FIRST // PER_SHARD), step
@@ -99,6 +105,33 @@ def test_whole_loop_then_rerun_then_new_data(demo_loop_copy, monkeypatch, tmp_pa
     for step in ("ingest", "parse", "generate", "clean"):
         assert third[step].version.id in page and first[step].version.id not in page, step
     assert page.count('class="sample"') == 8
+
+
+def test_an_incremental_run_commits_what_a_whole_run_commits(demo_loop, monkeypatch, tmp_path):
+    """The same data through the loop in two histories, with one fixed baseline (a model folder): three tars then
+    a fourth, against all four at once in another store. Every version is the same, byte for byte: clustering is
+    a decision over all crops (the cluster step), so clean follows it instead of reusing parts clustered over less.
+    """
+    from tasks.shared.models import local_model_dir
+
+    monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
+    baseline = tmp_path / "baseline"
+    shutil.copytree(local_model_dir(demo_loop.store.open("models/baseline")), baseline)
+    grown_source = new_tars(demo_loop.demo, tmp_path / "world", N_GROWN)
+
+    def loop(store: Path, source):
+        cfg = demo_config(demo_loop.demo, str(store), **{"generate.baseline": str(baseline)})
+        cfg = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"source": source})})
+        return data_engine_flow.fn(cfg, until_stage="clean")
+
+    loop(tmp_path / "incremental", grown_source[:1])
+    incremental = loop(tmp_path / "incremental", grown_source)
+    whole = loop(tmp_path / "whole", grown_source)
+    assert incremental["embed"].parts_reused == N_FIRST // PER_SHARD          # old crops were not embedded again
+    for step in ("ingest", "parse", "generate", "ground", "embed", "cluster", "clean"):
+        a, b = incremental[step].version, whole[step].version
+        assert a.id == b.id, step
+        assert [(f["path"], f["sha256"]) for f in a.files()] == [(f["path"], f["sha256"]) for f in b.files()], step
 
 
 def test_from_and_until_run_part_of_the_loop(demo_world, monkeypatch, tmp_path):

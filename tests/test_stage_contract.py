@@ -100,3 +100,15 @@ def test_the_runner_names_a_missing_input_or_section(images):
         run(COUNT, store, {"count": CountSection()}, {})
     with pytest.raises(ValueError, match="config section 'count' is missing"):
         run(COUNT, store, {"other": CountSection()}, {"images": make(3)})
+
+
+def test_the_version_a_run_answers_with_is_latest(images):
+    """A run that finds its version committed moves `latest` to it: a later step started with `--from` reads what
+    this run answered, not a version committed in between (data added, then taken away again)."""
+    store, make = images
+    v = make(3)
+    first = run(COUNT, store, {"count": CountSection()}, {"images": v})
+    other = run(COUNT, store, {"count": CountSection(min_captions=2)}, {"images": v})
+    assert store.open("caption_counts", "latest").id == other.version.id
+    again = run(COUNT, store, {"count": CountSection()}, {"images": v})
+    assert again.status == "reused" and store.open("caption_counts", "latest").id == first.version.id

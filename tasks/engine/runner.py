@@ -345,6 +345,10 @@ def run(stage: Stage, store: Store, cfg: Any, inputs: Mapping[str, Any], *, exec
     sr.progress = progress
     if isinstance(writer, Version):
         log.info("%s: version %s is committed already; nothing to do", writer.stage, writer.id)
+        if store.get_ref(writer.stage, "latest") != writer.id:
+            # what this run answers with is the latest: a later `--from` step reads this version, not another
+            # one committed in between (new data ingested, then taken away again)
+            store.set_ref(writer.stage, "latest", writer.id)
         return StageResult(writer, "reused")
     if stage.prepare:
         stage.prepare(sr)

@@ -16,7 +16,6 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from storage.schemas import CLEAN, CLEAN_CROPS, REGIONS
 
@@ -162,11 +161,12 @@ def split(run):
     tasks = parts_of(run.inputs["generated"], {"regions": run.inputs["regions"], "embeddings": run.inputs["embeddings"]},
                      salt=run.salt)
     # each part carries its own crops' clustering (the cluster step's rows of the same-named embeddings part)
-    clusters = run.inputs["clusters"].read_table(columns=["part", "crop_key", "cluster", "distance", "outlier"])
+    by_part: dict[str, dict] = defaultdict(dict)
+    for batch in run.inputs["clusters"].iter_batches(columns=["part", "crop_key", "cluster", "distance", "outlier"]):
+        for part, k, c, d, o in zip(*(batch.column(n).to_pylist() for n in range(5))):
+            by_part[part][k] = (c, d, o)
     for task in tasks:
-        mine = clusters.filter(pc.equal(clusters["part"], task.name))
-        task.payload["clusters"] = {k: (c, d, o) for k, c, d, o in zip(
-            *(mine[n].to_pylist() for n in ("crop_key", "cluster", "distance", "outlier")))}
+        task.payload["clusters"] = by_part.get(task.name, {})
     return tasks
 
 
