@@ -370,14 +370,14 @@ def labels_build(parsed: str = typer.Argument(..., help="PARSED_VERSION: parsed@
 @app.command("ls")
 def list_versions(stage: Optional[str] = typer.Argument(None, help="Stage to list; all stages when omitted.")) -> None:
     """List committed versions."""
-    from tasks.shared.lineage import STAGE_OUTPUTS
+    from tasks.stages import OUTPUTS
 
     store = get_store(must_exist=True)
     found = store.stages()
     if stage and stage not in found:
         raise StoreError(f"no committed version of {stage!r} in {store.url}; stages there: {', '.join(found) or '(none)'}")
     # The loop's order (images first, evaluate last), then anything else by name.
-    order = [s for s in STAGE_OUTPUTS if s in found] + [s for s in found if s not in STAGE_OUTPUTS]
+    order = [s for s in OUTPUTS if s in found] + [s for s in found if s not in OUTPUTS]
     stages = [stage] if stage else order
     table = Table("stage", "version", "created", "rows in", "out", "rejected", "parents", "refs")
     table.columns[1].no_wrap = True

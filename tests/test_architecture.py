@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from tasks.engine.identity import imported_names
+from tasks.stages import LOOP
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_MODULES = [f"tasks.stages.{s}" for s in ("ingest", "parse", "generate", "ground", "clean", "train", "evaluate",
-                                                 "ablation")]
+STAGE_MODULES = sorted({f"tasks.stages.{m}" for _, m, _ in LOOP} | {"tasks.stages.ablation", "tasks.stages.import_model"})
 
 
 def imported_modules(path: Path, module: str) -> set[str]:

@@ -1,11 +1,12 @@
 """The Stage contract and its runner.
 
-A stage module declares itself once, as `STAGE = Stage(...)`: its name, the versions it reads, its
-config section (the pydantic model the YAML was validated into, passed as it is), how it splits work
-into parts, how it makes one part, how it summarizes, and its code version. `run` does the rest, the
-same for every stage: fix the version id, return a version already committed, resume the parts an
-interrupted run finished, reuse the parts an earlier version made from unchanged inputs with unchanged
-code and config, run the rest on the executor, report progress, and commit last.
+A stage module declares itself once, as `STAGE = Stage(...)`: its name, what it reads (config fields, input
+versions and models, files by content), the code it runs, how it splits work into parts, how it makes one
+part and how it summarizes. `run` does the rest, the same for every stage: compute the version's identity
+from that declaration (`identity`: nothing a stage's functions do can change it), return a version already
+committed, resume the parts an interrupted run finished, reuse the parts an earlier version made from
+unchanged inputs with unchanged code and config, run the rest on the executor, report progress, record the
+metrics and commit last.
 
 Prefect-free: `flows/` passes an executor that maps part work onto Prefect tasks.
 """

@@ -26,7 +26,8 @@ from storage.shards import image_member
 from tasks.stages.evaluate import ablation_columns
 from tasks.shared.truth import load_ground_truth, normalise_truth, rekey_truth
 from tasks.shared.labels import load_labels
-from tasks.shared.lineage import STAGE_OUTPUTS, key_tags, labels_version, nearest_versions
+from tasks.shared.lineage import key_tags, labels_version, nearest_versions
+from tasks.stages import OUTPUTS
 
 
 @dataclass
@@ -506,7 +507,7 @@ def build_report(store, version, out_dir: str | Path, *, truth_path: str | None 
 
 
     by_stage = nearest_versions(store, version)
-    order = [s for s in STAGE_OUTPUTS if s in by_stage] + [s for s in by_stage if s not in STAGE_OUTPUTS]
+    order = [s for s in OUTPUTS if s in by_stage] + [s for s in by_stage if s not in OUTPUTS]
     stages = []
     for name in order:
         v = by_stage.get(name)

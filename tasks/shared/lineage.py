@@ -9,11 +9,6 @@ from storage import Store, StoreError, Version
 
 from tasks.shared.labels import load_labels
 
-# The versions the loop writes, in loop order (listings and reports follow it).
-STAGE_OUTPUTS = ("images", "labels", "parsed", "models/baseline", "generated", "regions", "embeddings", "clean",
-                 "models/ram", "evaluate")
-
-
 def lineage(store: Store, version: Version) -> Iterator[tuple[int, Version | None, str]]:
     """Depth-first walk of a version's parents: (depth, version or None if missing, ref). Each version
     appears once; a version's parents already walked are named together on one line (version None)."""
