@@ -253,7 +253,7 @@ def test_inspection_output_tells_the_truth(demo_loop, tmp_path):
         if name and name != "stage" and name not in first_seen:
             first_seen.append(name)
     assert first_seen == ["images", "labels", "parsed", "models/baseline", "generated", "regions", "embeddings",
-                          "clean", "models/ram", "evaluate"]
+                          "clusters", "clean", "models/ram", "evaluate"]
     # Output that is no terminal is not wrapped (at 80 columns or any width): the longest parents cell stays whole.
     evaluate = results["evaluate"].version
     assert len(evaluate.parents) >= 6 and any(", ".join(evaluate.parents) in l for l in out.output.splitlines())
@@ -402,7 +402,8 @@ def test_ablate_trains_a_model_per_label_version_and_seed(demo_loop_copy, tmp_pa
     # under it, how many held-out keys the figures rest on (the test world's few, with the warning), held out by
     # the ablation's own fraction (the demo config's), which its models trained without
     assert cfg.ablation.holdout_fraction == 0.33 != cfg.train.holdout_fraction
-    assert version.manifest["config"]["train"]["holdout_fraction"] == 0.33 and m["heldout_keys"] < 100
+    trained = store.versions("models/ablation-parsed")[-1].manifest["config"]["train"]   # what its models ran with
+    assert trained["holdout_fraction"] == 0.33 and m["heldout_keys"] < 100
     assert (f"Scored on {m['heldout_keys']} held-out keys with ground truth (ablation.holdout_fraction 0.33). "
             "Fewer than 100") in " ".join(out.output.split())
     table = version.read_table()
@@ -410,7 +411,7 @@ def test_ablate_trains_a_model_per_label_version_and_seed(demo_loop_copy, tmp_pa
                                                                                    "model")])
     assert {p.split("/")[0] for p in version.parents} == {"images", "parsed", "clean"}
     # the demo's budget: every model keeps the shipped encoder frozen (ablation.freeze_encoder)
-    assert version.manifest["config"]["train"]["freeze_encoder"] is True
+    assert trained["freeze_encoder"] is True
     # the two models trained before the crash were reused, not trained again
     assert sorted(v.id for v in store.versions("models/ablation-parsed")) == \
         sorted({r["model"].split("/")[-1] for r in m["per_seed"] if r["labels"] == "parsed"})

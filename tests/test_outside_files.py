@@ -56,11 +56,12 @@ def run_cli(tmp_path: Path, small_world, engine: str, env_extra: dict[str, str])
 
 
 def check_cache(cache: Path) -> None:
-    """Model and label copies (kept: stages load them from here), training locks (kept, empty); no training
-    work folder once its model committed."""
+    """Model and label copies (kept: stages load them from here), training locks (kept, empty), content digests
+    of input files (kept: a file is read again only when it changes); no training work folder once its model
+    committed."""
     for f in files_under(cache):
         top = f.split("/")[0]
-        assert top in ("models", "labels", "train"), f
+        assert top in ("models", "labels", "train", "digests"), f   # digests: content digests of input files
         if top == "train":
             assert f.endswith(".lock") and (cache / f).stat().st_size == 0, f"a training work file was left: {f}"
     assert any(f.startswith("models/models__baseline/") for f in files_under(cache))

@@ -158,7 +158,7 @@ def test_cached_models_are_released_in_every_dask_worker_before_training(prefect
     """The workers' cached models (loaded by part tasks) are dropped in every worker process, and in this one."""
     from distributed import Client
 
-    from tasks.shared.models import _cache
+    from tasks.engine.cache import _cache
 
     cfg = load_config(None, ["orchestration.task_runner=dask", f"orchestration.dask_address={dask_cluster}"])
     with_task_runner(many_parts, cfg)(8, str(tmp_path / "factory.log"))

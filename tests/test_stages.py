@@ -218,7 +218,8 @@ def test_encoder_init_enters_the_model_version_by_its_weights(base, tmp_path, mo
     save_encoder(1)     # other weights under the same path: a new model, never the old one reused
     second = train_model(store, model_cfg, train_cfg, parsed, images)
     assert second.status == "written" and second.version.id != first.id
-    assert second.version.manifest["config"]["encoder_init"] != first.manifest["config"]["encoder_init"]
+    assert second.version.manifest["config"]["model"]["encoder_init"] != first.manifest["config"]["model"]["encoder_init"]
+    assert set(first.manifest["config"]["model"]["encoder_init"]) == {"content"}   # by its bytes, not its path
 
 
 def test_a_frozen_encoder_trains_only_the_head(base, tmp_path, monkeypatch):
