@@ -154,6 +154,14 @@ def test_worker_cache_loads_once_per_dask_worker_process(prefect_api, dask_clust
     assert len({obj for pid, obj in results if pid == pids[0]}) == 1
 
 
+def cached_objects() -> int:
+    """How many objects this process caches (run on each Dask worker: it imports the cache there, so no copy of
+    this process's cache travels with it)."""
+    from tasks.engine.cache import _cache
+
+    return len(_cache)
+
+
 def test_cached_models_are_released_in_every_dask_worker_before_training(prefect_api, dask_cluster, tmp_path, caplog, monkeypatch):
     """The workers' cached models (loaded by part tasks) are dropped in every worker process, and in this one."""
     from distributed import Client
@@ -164,10 +172,10 @@ def test_cached_models_are_released_in_every_dask_worker_before_training(prefect
     with_task_runner(many_parts, cfg)(8, str(tmp_path / "factory.log"))
     worker_cached("in-this-process", lambda: object())
     with Client(dask_cluster, set_as_default=False) as client:
-        before = client.run(lambda: len(_cache))
+        before = client.run(cached_objects)
         assert sum(before.values()) >= 1, before
         release_cached_models(cfg)
-        assert set(client.run(lambda: len(_cache)).values()) == {0}
+        assert set(client.run(cached_objects).values()) == {0}
     assert not _cache
     # a cluster gone away (the connection refused at once, not after the 30 s a real attempt waits): a
     # warning naming it, and training goes on
