@@ -429,22 +429,26 @@ class TarWalker:
         n = entry.size if limit is None else min(entry.size, limit)
         return self._read_at(entry.data_offset, n)
 
-    def _scan(self, start: int) -> int | None:
-        """The offset of the first valid header at or after `start` (block-aligned), or None."""
+    def _scan(self, start: int, stop: int | None = None) -> int | None:
+        """The offset of the first valid header at or after `start` (block-aligned; before `stop`), or None.
+        Memory: one chunk; the search for the magic runs in C."""
         pos = start
-        while True:
-            chunk = self._read_at(pos, _SCAN_CHUNK + _BLOCK)
+        while stop is None or pos < stop:
+            chunk = self._read_at(pos, _SCAN_CHUNK + _BLOCK if stop is None else min(_SCAN_CHUNK, stop - pos) + _BLOCK)
             if len(chunk) < _BLOCK:
                 return None
             at = chunk.find(b"ustar", 257)
             while 0 <= at < _SCAN_CHUNK + 257:
                 head = at - 257
+                if stop is not None and pos + head >= stop:
+                    return None
                 if head % _BLOCK == 0 and head + _BLOCK <= len(chunk) and _checksum_ok(chunk[head:head + _BLOCK]):
                     return pos + head
                 at = chunk.find(b"ustar", at + 1)
-            if len(chunk) < _SCAN_CHUNK + _BLOCK:
+            if len(chunk) < _SCAN_CHUNK + _BLOCK and stop is None:
                 return None
             pos += _SCAN_CHUNK
+        return None
 
     def _tail(self, end: int) -> Iterator[TarDamage | int]:
         """After the end-of-archive marker at `end`: nothing but zeros (the record's padding), else a second
@@ -567,8 +571,7 @@ class TarWalker:
                         yield event
                 if moved is None:
                     return
-                pos, long_name, long_link, pax, first_header = moved, None, None, {}, None
-                prev = None if moved > pos else prev
+                pos, prev, long_name, long_link, pax, first_header = moved, None, None, None, {}, None
                 continue
             typeflag = block[156:157]
             data_offset = pos + _BLOCK
@@ -582,6 +585,14 @@ class TarWalker:
                                     f"(ingest.max_header_bytes {self.max_header_bytes}); it is skipped unread and the "
                                     f"member after it keeps its short name")
                     data = None
+                    if self._reach(data_offset + size) < data_offset + size:   # a size past the end: a lie or a cut
+                        found = self._scan(data_offset)
+                        if found is None:
+                            yield TarDamage("source-truncated", pos, f"the tar ends inside the extended header at "
+                                                                     f"byte {pos}: it was cut off", fatal=True)
+                            return
+                        pos, first_header = found, None
+                        continue
                 else:
                     data = self._read_at(data_offset, size)
                     if len(data) < size:
@@ -623,11 +634,36 @@ class TarWalker:
                 pos, prev = data_offset, None
                 continue
             end = data_offset + entry.size
+            # A header inside a member's bytes means its size field claims the members after it (a lie that would
+            # hand their bytes out as this member's). A member that is itself a tar legitimately holds headers.
+            inner = None if name.lower().endswith(".tar") else self._scan(data_offset, end)
+            if inner is not None:
+                yield TarDamage("source-size-mismatch", entry.offset,
+                                f"member '{name}' (header at byte {entry.offset}) says it holds {entry.size} bytes, "
+                                f"but another header starts at byte {inner}, inside them: its size field lies; the "
+                                f"walk goes on from there", suspect=entry)
+                pos, prev = inner, None
+                continue
             reached = self._reach(end)
             if reached < end:
+                resyncs += 1
+                found = self._scan(data_offset) if resyncs <= _MAX_RESYNCS else None
+                if found is not None:
+                    yield TarDamage("source-size-mismatch", entry.offset,
+                                    f"member '{name}' (header at byte {entry.offset}) says it holds {entry.size} bytes, "
+                                    f"past the end of the tar (byte {reached}), but another header starts at byte "
+                                    f"{found}: its size field lies; the walk goes on from there", suspect=entry)
+                    pos, prev = found, None
+                    continue
                 yield TarDamage("source-truncated", entry.offset,
                                 f"the tar ends at byte {reached}, inside member '{name}' (header at byte {entry.offset}, "
                                 f"{entry.size} bytes from byte {data_offset}): it was cut off; re-fetch the shard",
                                 suspect=entry, fatal=True)
                 return
+            if padded > entry.size and self._read_at(end, padded - entry.size).strip(b"\0"):
+                # Writers pad a member's bytes with zeros: data there means the size field is short of the real data.
+                yield TarDamage("source-size-mismatch", entry.offset,
+                                f"member '{name}' (header at byte {entry.offset}) says it holds {entry.size} bytes, but "
+                                f"non-zero bytes follow them in its padding (from byte {end}): its size field is short "
+                                f"of its data", suspect=entry)
             pos, prev = data_offset + padded, entry

@@ -48,7 +48,8 @@ from storage.shards import TarDamage, TarEntry, TarWalker, split_member_name
 from tasks.engine.config import IngestConfig
 from tasks.engine.runner import PartTask, Stage, StageResult, run
 
-STAGE_VERSION = "ingest-4"   # 3: every caption of a sample; 4: img2dataset formats and metadata, shards/
+STAGE_VERSION = "ingest-5"   # 3: every caption of a sample; 4: img2dataset formats and metadata, shards/; 5: parts,
+# keys and `source` from content (a moved source is the same data), img2dataset runs namespaced per run, tar header walk
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 CAPTION_EXTS = ("txt", "json")
 # Pillow picks its decoder from the content: it is only ever offered these (an EPS file named .jpg must
@@ -974,7 +975,10 @@ def iter_tar_samples(task: dict, cfg: IngestConfig, counters: Counter) -> Iterat
                 "member-too-large", f"{shown(entry.name)} is {entry.size} bytes, over ingest."
                 f"{'max_image_bytes' if ext in IMAGE_EXTS else 'max_caption_bytes'} ({limit})", ext)
             return
-        data = walker.read(entry)
+        try:
+            data = walker.read(entry)
+        except _CODEC_ERRORS:
+            return   # a compressed stream that breaks inside it: the walk reports where, on this sample
         if len(data) < entry.size:
             return   # the tar ends inside it: the walk reports the cut, on this sample
         if ext in IMAGE_EXTS:
