@@ -5,8 +5,10 @@ contradictory configuration and duplicate keys across parts."""
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
+import random
 import os
 import struct
 import tarfile
@@ -459,6 +461,45 @@ def test_a_nul_in_a_member_name_is_counted_not_lost(tmp_path):
     assert rejects_of(v)["cut"]["reason"] == "member-without-extension"
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("damage", ["flipped-header-byte", "size-lie", "cat", "gzip-cut-at-header", "trailing-bytes",
+                                    "pax-size-40-digits"])
+def test_the_filed_tar_damage_is_counted_with_its_offset(tmp_path, damage):
+    """Regression (#27): a tar read as a stream ended silently at damage. One flipped header byte in a 6-sample tar
+    gave "rows in 3 = out 3"; a size field that lies, `cat a.tar b.tar`, a gzip cut at a header boundary and
+    trailing bytes all "reconciled"; a PAX `size=` of 40 digits looped."""
+    samples = gen_samples(random.Random(7), 6, "k")
+    data, members = tar_of(samples)
+    name, must_out = "x.tar", 5
+    if damage == "flipped-header-byte":
+        data[members[6].offset + 3] ^= 0x20                      # a byte of k003.jpg's name
+    elif damage == "size-lie":
+        set_header(data, members[4].offset, size=members[4].size + 1024)   # k002.jpg claims k002.txt
+    elif damage == "cat":
+        data += tar_of(gen_samples(random.Random(8), 2, "c"))[0]
+        must_out = 8
+    elif damage == "gzip-cut-at-header":
+        cut = members[8].offset                                  # k004.jpg's header: the tar loses k004 and k005
+        data = bytearray(gzip.compress(bytes(data[:cut])) + gzip.compress(bytes(data[cut:]))[:20])
+        name, must_out = "x.tar.gz", 4
+    elif damage == "trailing-bytes":
+        data += b"GARBAGE" * 100
+        must_out = 6
+    else:
+        record = " size=" + "9" * 40 + "\n"
+        data[members[2].offset:members[2].offset] = extended_header(
+            b"x", f"{len(record) + len(str(len(record) + 2))}{record}".encode())
+        must_out = 6
+    path = tmp_path / "src" / name
+    path.parent.mkdir()
+    path.write_bytes(bytes(data))
+    v = ingest_source(tmp_path, path)
+    m, rejects = v.manifest, v.rejects().to_pylist()
+    assert reconciles(v) and m["rows_out"] == must_out, (m["rows_in"], m["rows_out"], rejects)
+    assert any(r["reason"].startswith("source-") and "byte" in r["detail"] for r in rejects), rejects
+    assert {k for k, *_ in samples[:must_out if damage != "cat" else 6]} <= set(keys_of(v)) | set(rejects_of(v))
+
+
 # ---- 5. decoders reached by untrusted bytes ---------------------------------------------------------
 def test_only_accepted_formats_reach_a_decoder(tmp_path, monkeypatch):
     """An EPS program named .jpg never reaches Ghostscript (a stub `gs` proves it), and a float TIFF
@@ -859,10 +900,12 @@ def test_a_huge_parquet_cell_is_rejected_before_it_is_decoded(tmp_path):
         pq.write_table(pa.table({"key": ["000000001"], "jpg": [JPEG], "caption": [RED_SQUARE], "status": ["success"]}),
                        folder / "00001.parquet")
     assert (tmp_path / "bomb" / "00000.parquet").stat().st_size < 2**20
-    code = ("import resource, sys\nfrom storage import Store\nfrom tasks.engine.config import IngestConfig\n"
+    # VmHWM, the child's own peak (ru_maxrss would start from this process's size at the fork)
+    code = ("import sys\nfrom storage import Store\nfrom tasks.engine.config import IngestConfig\n"
             "from tasks.stages.ingest import ingest\n"
             "v = ingest(Store(sys.argv[2]), IngestConfig(), source=sys.argv[1]).version\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, v.manifest['rows_out'],"
+            "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]\n"
+            "print(hwm, v.manifest['rows_out'],"
             " *sorted(r['reason'] for r in v.rejects().to_pylist()))\n")
     root = Path(__file__).resolve().parents[1]
     peaks = {}
