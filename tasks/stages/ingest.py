@@ -465,8 +465,10 @@ def _read_verified(fs, path: str, planned: str | None, limit: int) -> bytes | No
             while chunk := fh.read(1 << 20):
                 h.update(chunk)
                 size += len(chunk)
-                if size <= limit + 1:
+                if size <= limit:
                     kept.append(chunk)
+                else:
+                    kept = []   # over the limit: hashed to the end, not kept
     except FileNotFoundError as exc:
         raise SourceChanged(f"source file {_url(fs, path)} was removed after the ingest was planned: run the ingest "
                             f"again (it plans from the files as they are then)") from exc
@@ -474,8 +476,7 @@ def _read_verified(fs, path: str, planned: str | None, limit: int) -> bytes | No
         raise SourceChanged(f"source file {_url(fs, path)} changed after the ingest was planned (sha256 {planned[:12]}… "
                             f"planned, {h.hexdigest()[:12]}… read): nothing of it is kept; run the ingest again when the "
                             f"source is no longer being written")
-    data = b"".join(kept)
-    return None if len(data) > limit else data
+    return None if size > limit else b"".join(kept)
 
 
 class _VerifiedFile:
