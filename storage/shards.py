@@ -502,7 +502,9 @@ class TarWalker:
                                 f"{bad}): its size field lies; the walk goes on from byte {found}", suspect=prev)
             else:
                 block = self._read_at(bad, _BLOCK)
-                suspect = None if _looks_like_header(block) or prev is None else prev
+                # A header that is damaged (its magic intact) or zeroed lost only its own member; bytes that are no
+                # header at all may be the rest of the member before it, whose size field then fell short.
+                suspect = None if _looks_like_header(block) or block == _ZERO_BLOCK or prev is None else prev
                 tail = (f"the walk goes on at the next header, byte {found}" if found is not None
                         else "no valid header follows: nothing after it is read")
                 yield TarDamage("source-damaged-header", bad, f"{why} at byte {bad}; {tail}"

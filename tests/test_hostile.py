@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
 import random
@@ -607,9 +608,6 @@ def test_folder_keys_are_unique_across_parts_and_missing_files_take_none(tmp_pat
 # Each generator makes seeded, reproducible cases of one class of #27 (tar damage, names, links and special files,
 # img2dataset metadata lies), so a new pass meets the class, not the filed case. Every case must reconcile
 # (rows in = out + rejected), account for every sample it held (used, or rejected saying where), and end in time.
-import gzip
-import hashlib
-import random
 
 
 def gen_samples(rng: random.Random, n: int, prefix: str) -> list[tuple[str, bytes, bytes]]:
