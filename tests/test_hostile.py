@@ -915,3 +915,21 @@ def test_a_huge_parquet_cell_is_rejected_before_it_is_decoded(tmp_path):
         peaks[name] = int(out[0]) * 1024
         assert out[1:] == (["2"] if name == "plain" else ["1", "member-too-large"]), out
     assert peaks["bomb"] - peaks["plain"] < 48 * 2**20, f"peak RSS {peaks}: the {cell}-byte cell was decoded"
+
+
+def test_a_metadata_table_with_a_huge_cell_is_refused_undecoded(tmp_path):
+    """img2dataset's metadata table is read whole, so its page headers are checked first: a cell far over the
+    caption limit (an EXIF bomb) stops the ingest with a message naming the table, before anything is decoded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.engine.runner import StageError
+    from tasks.stages.ingest import SourceError
+
+    run = tmp_path / "run"
+    sample_tar(run / "00000.tar", ["000000000"], "a red square")
+    pq.write_table(pa.table({"key": ["000000000"], "status": ["success"], "exif": ["x" * (8 * 2**20)]}),
+                   run / "00000.parquet", compression="zstd")
+    assert (run / "00000.parquet").stat().st_size < 2**20
+    with pytest.raises((SourceError, StageError), match=r"00000\.parquet: column exif of row group 0 has a page over"):
+        ingest_source(tmp_path, run, max_caption_bytes=2**20)

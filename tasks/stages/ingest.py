@@ -762,7 +762,16 @@ def _read_sidecar(task: dict, cfg: IngestConfig, columns: list[str] | None = Non
         raise SourceError(f"img2dataset metadata table {url} is over ingest.max_metadata_bytes "
                           f"({cfg.max_metadata_bytes}); raise the limit if it is genuine")
     try:
-        rows = read_parquet(pa.BufferReader(data), columns=columns).to_pylist()
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        limit = cfg.max_caption_bytes + (1 << 20)   # a metadata cell is caption- or EXIF-sized
+        for rg in range(pf.metadata.num_row_groups):
+            group = pf.metadata.row_group(rg)
+            for i in range(group.num_columns):
+                if largest_page(pa.BufferReader(data), group.column(i)) > limit:
+                    raise SourceError(f"img2dataset metadata table {url}: column {group.column(i).path_in_schema} of "
+                                      f"row group {rg} has a page over {limit} bytes (ingest.max_caption_bytes + 1 MiB); "
+                                      f"it is not decoded: re-fetch the shard or remove the table")
+        rows = read_parquet(pf, columns=columns).to_pylist()
     except (pa.ArrowException, OSError) as exc:
         raise SourceError(f"img2dataset metadata table {url} cannot be read ({type(exc).__name__}: {exc}); re-fetch "
                           f"the shard or remove the table") from exc
