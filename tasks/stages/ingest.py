@@ -11,6 +11,10 @@ Sources (one or several per ingest; each a path, a brace pattern or a glob):
 Every sample is either written (image bytes in a WebDataset shard + a row in the Parquet index) or
 rejected with a reason; counts reconcile per part. Nothing a source holds is read past the config's
 byte limits, Pillow only ever sees the formats we accept, and keys are unique within a version.
+
+A source is its content (docs/sources.md): part names, keys and rows are functions of the bytes and of paths relative
+to the source, so a moved or copied source is the same data; tars are read by a full header walk
+(storage.shards.TarWalker), and each part checks the bytes it reads against the sha256 it was planned with.
 """
 from __future__ import annotations
 
