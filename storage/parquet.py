@@ -27,7 +27,9 @@ def read_parquet(source, columns: Sequence[str] | None = None) -> pa.Table:
     return _parquet_file(source).read(columns=columns, use_threads=False)
 
 
-def iter_parquet_batches(source, columns: Sequence[str] | None = None, batch_size: int = 65536
-                         ) -> Iterator[pa.RecordBatch]:
-    """The record batches of a Parquet file, `batch_size` rows at a time (memory bounded by one batch)."""
-    yield from _parquet_file(source).iter_batches(batch_size=batch_size, columns=columns, use_threads=False)
+def iter_parquet_batches(source, columns: Sequence[str] | None = None, batch_size: int = 65536,
+                         row_groups: Sequence[int] | None = None) -> Iterator[pa.RecordBatch]:
+    """The record batches of a Parquet file (of `row_groups` only, if given), `batch_size` rows at a time (memory
+    bounded by one batch and the pages it spans)."""
+    yield from _parquet_file(source).iter_batches(batch_size=batch_size, columns=columns, row_groups=row_groups,
+                                                  use_threads=False)

@@ -308,3 +308,301 @@ def test_s3_sources_are_read_with_their_own_options(moto_server, tmp_path, monke
     check_source(EngineConfig(ingest=closed), report)
     assert [p.field for p in report.problems] == ["ingest.source"]
     assert "ingest.source_options" in report.problems[0].what
+
+
+# ============================================================================ a source is its content
+def i2d_run(folder: Path, shards: int = 2, per_shard: int = 3, *, seed: int = 0, lies: dict | None = None) -> Path:
+    """img2dataset webdataset output: `0000k.tar` + its metadata table `0000k.parquet` + `0000k_stats.json`, keys
+    numbered per run as img2dataset numbers them. `seed` makes the run's pixels and URLs its own."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in range(shards):
+        keys = [f"{shard:05d}{i:04d}" for i in range(per_shard)]
+        write_tar_source(folder / f"{shard:05d}.tar", [
+            (k, {"jpg": image_bytes(color=(seed * 40 % 256, shard * 50, i * 30)), "txt": f"a thing {seed} {k}".encode(),
+                 "json": json.dumps({"url": f"https://example.com/{seed}/{k}.jpg"}).encode()})
+            for i, k in enumerate(keys)])
+        rows = {"key": keys, "status": ["success"] * per_shard, "url": [f"https://example.com/{seed}/{k}.jpg" for k in keys],
+                "caption": [f"a thing {seed} {k}" for k in keys], "error_message": [None] * per_shard}
+        for key, row in (lies or {}).get(shard, {}).items():   # rows the tar does not match
+            for col in rows:
+                rows[col].append(row.get(col, key if col == "key" else None))
+        pq.write_table(pa.table(rows), folder / f"{shard:05d}.parquet")
+        (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"count": per_shard, "successes": per_shard}))
+    return folder
+
+
+def plain_tars(folder: Path, names: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, name in enumerate(names):
+        write_tar_source(folder / f"{name}.tar", [(f"{name}-{i}", {"jpg": image_bytes(color=(n * 60, i * 40, 9)),
+                                                                  "txt": f"a {name} thing {i}".encode()})
+                                                  for i in range(3)])
+    return folder
+
+
+def parts_and_keys(version) -> tuple[list, list, list]:
+    """(part names, the sha256 of every committed file per part, sorted keys of rows and rejects)."""
+    parts = [p.name for p in version.parts]
+    files = [sorted((f["kind"], f["sha256"]) for f in p.files) for p in version.parts]
+    keys = sorted(version.read_table(columns=["key"]).column("key").to_pylist()
+                  + [r["key"] for r in version.rejects().to_pylist()])
+    return parts, files, keys
+
+
+def test_a_moved_source_is_the_same_data(tmp_path):
+    """Regression (#23): three tars copied to another folder were new data: 3 parts written, 0 reused, and
+    img2dataset keys changed with the folder (d39ab144_000000000 vs fa7aecc5_000000000)."""
+    import shutil
+
+    src = tmp_path / "disk-a" / "incoming"
+    i2d_run(src / "run", shards=2)
+    plain_tars(src / "mine", ["x"])
+    store = Store(str(tmp_path / "store"))
+    first = ingest(store, IngestConfig(), source=str(src))
+    moved = tmp_path / "disk-b" / "archive" / "renamed"
+    shutil.move(str(src), str(moved))
+    again = ingest(store, IngestConfig(), source=str(moved))
+    assert again.version.id == first.version.id and again.status == "reused"
+    assert parts_and_keys(again.version) == parts_and_keys(first.version)
+    # The moved source grows: the old parts are shared as they are, only the new tar is read.
+    plain_tars(moved / "mine", ["y"])
+    grown = ingest(store, IngestConfig(), source=str(moved))
+    assert (grown.parts_reused, grown.parts_written) == (3, 1)
+    old_parts, _, old_keys = parts_and_keys(first.version)
+    assert set(old_parts) < {p.name for p in grown.version.parts} and set(old_keys) < set(parts_and_keys(grown.version)[2])
+    rows = {r["key"]: r for r in grown.version.read_table().to_pylist()}
+    assert all(str(tmp_path) not in (r["source"] or "") for r in rows.values())   # no absolute location anywhere
+
+
+def test_incremental_ingest_equals_whole_from_another_folder(tmp_path):
+    """Tars 1+2, then +3, commit the very bytes that 1+2+3 at once commit in another store, read from a copy of the
+    source in another folder: the same version id, part names, part files and keys."""
+    import shutil
+
+    src = tmp_path / "here"
+    plain_tars(src, ["t1", "t2"])
+    i2d_run(src / "run", shards=1, seed=4)
+    store = Store(str(tmp_path / "store-a"))
+    ingest(store, IngestConfig(), source=str(src))
+    plain_tars(src, ["t3"])
+    i2d_run(src / "run", shards=2, seed=4)   # the run gains a shard; its first shard is unchanged
+    incremental = ingest(store, IngestConfig(), source=str(src))
+    assert incremental.parts_reused == 3 and incremental.parts_written == 2
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(src, copy)
+    whole = ingest(Store(str(tmp_path / "store-b")), IngestConfig(), source=str(copy))
+    assert whole.version.id == incremental.version.id
+    assert parts_and_keys(whole.version) == parts_and_keys(incremental.version)
+    assert whole.version.read_table().to_pylist() == incremental.version.read_table().to_pylist()
+
+
+@pytest.mark.s3
+def test_a_source_copied_to_s3_is_the_same_data(moto_server, tmp_path, monkeypatch):
+    """Local → S3: the same files in a bucket are the same version, parts and keys (an img2dataset run, plain tars
+    and an image folder with captions)."""
+    import boto3
+
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    src = tmp_path / "src"
+    i2d_run(src / "run", shards=2, seed=1)
+    plain_tars(src / "tars", ["a", "b"])
+    write_folder_source(src / "folder", {f"img{i}.jpg": (image_bytes(color=(0, 0, 60 * i)), f"a blue thing {i}")
+                                         for i in range(3)})
+    client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client.create_bucket(Bucket="moved-src")
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        client.upload_file(str(path), "moved-src", f"data/{path.relative_to(src)}")
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": moto_server}}
+    store = Store(str(tmp_path / "store"))
+    local = ingest(store, IngestConfig(source=[str(src / "run"), str(src / "tars"), str(src / "folder")]))
+    remote = ingest(store, IngestConfig(source=["s3://moved-src/data/run", "s3://moved-src/data/tars",
+                                                "s3://moved-src/data/folder"], source_options=options))
+    assert remote.version.id == local.version.id and remote.status == "reused"
+    fresh = ingest(Store(str(tmp_path / "store-2")), IngestConfig(source=["s3://moved-src/data/run", "s3://moved-src/data/tars",
+                                                                       "s3://moved-src/data/folder"], source_options=options))
+    assert parts_and_keys(fresh.version) == parts_and_keys(local.version)
+    assert fresh.version.manifest["rows_out"] == 6 + 6 + 3
+
+
+def test_img2dataset_runs_in_one_parent_folder_never_collide(tmp_path):
+    """Regression (#27): a parent folder of two runs gave both runs the same keys and rejected the whole second
+    run as duplicate-key; the `source` column was the same string for rows of both runs."""
+    parent = tmp_path / "downloads"
+    i2d_run(parent / "laion-part1", seed=1)
+    i2d_run(parent / "laion-part2", seed=2)
+    v = ingest(Store(str(tmp_path / "store")), IngestConfig(), source=str(parent)).version
+    rows = v.read_table().to_pylist()
+    assert v.manifest["rows_out"] == 12 and v.manifest["rows_rejected"] == 0
+    assert len({r["key"] for r in rows}) == 12 and len({r["source"] for r in rows}) == 12
+    tags = {r["key"].split("_", 1)[0] for r in rows}
+    assert len(tags) == 2 and {r["source"].split("/", 1)[0] for r in rows} == tags   # the source names the run
+    # Each run keeps its keys whether it is ingested alone or beside the other.
+    alone = ingest(Store(str(tmp_path / "store-1")), IngestConfig(), source=str(parent / "laion-part1")).version
+    assert set(keys_of_table(alone)) < {r["key"] for r in rows}
+
+
+def keys_of_table(version) -> list[str]:
+    return version.read_table(columns=["key"]).column("key").to_pylist()
+
+
+def test_img2dataset_metadata_that_lists_a_sample_the_tar_lacks_is_counted(tmp_path):
+    """Regression (#27): a sample the metadata lists as `success` but the tar lacks reconciled silently."""
+    run = i2d_run(tmp_path / "run", shards=1, lies={0: {"000000099": {"status": "success", "url": "https://x/99"},
+                                                        "000000098": {"status": "failed_to_download",
+                                                                      "error_message": "404"}}})
+    v = ingest(Store(str(tmp_path / "store")), IngestConfig(), source=str(run)).version
+    rejects = {r["key"].split("_", 1)[1]: r for r in v.rejects().to_pylist()}
+    assert rejects["000000099"]["reason"] == "source-missing-sample" and "00000.tar" in rejects["000000099"]["detail"]
+    assert rejects["000000098"]["reason"] == "img2dataset-failed-to-download"
+    assert v.manifest["rows_in"] == 5 and v.manifest["rows_out"] == 3
+
+
+def test_a_null_caption_is_one_reason_in_every_img2dataset_format(tmp_path):
+    """Regression (#27): img2dataset's null caption was `caption-empty` from webdataset (an empty .txt) and
+    `missing-caption` from its parquet output (a null cell)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    wds = tmp_path / "wds"
+    wds.mkdir()
+    write_tar_source(wds / "00000.tar", [("000000000", {"jpg": image_bytes(), "txt": b"", "json": b'{"caption": null}'}),
+                                         ("000000001", {"jpg": image_bytes(), "txt": b"a red square"})])
+    (wds / "00000_stats.json").write_text("{}")
+    par = tmp_path / "par"
+    par.mkdir()
+    pq.write_table(pa.table({"key": ["000000000", "000000001"], "jpg": [image_bytes(), image_bytes()],
+                             "caption": [None, "a red square"], "status": ["success", "success"]}), par / "00000.parquet")
+    files = tmp_path / "files" / "00000"
+    files.mkdir(parents=True)
+    (files / "000000000.jpg").write_bytes(image_bytes())
+    (files / "000000000.txt").write_bytes(b"")
+    (files / "000000001.jpg").write_bytes(image_bytes())
+    (files / "000000001.txt").write_bytes(b"a red square")
+    reasons = {}
+    for name in ("wds", "par", "files"):
+        v = ingest(Store(str(tmp_path / f"store-{name}")), IngestConfig(), source=str(tmp_path / name)).version
+        reasons[name] = {r["key"].split("_", 1)[1]: r["reason"] for r in v.rejects().to_pylist()}
+    assert reasons == {n: {"000000000": "caption-empty"} for n in reasons}
+
+
+def test_ingest_answering_with_an_earlier_version_moves_latest(tmp_path):
+    """Regression (#27): a tar added, then removed: the ingest found its earlier version committed and printed
+    'reused', but `latest` stayed on the bigger version, so `run --from parse` worked on the wrong data."""
+    src = plain_tars(tmp_path / "src", ["a", "b"])
+    store = Store(str(tmp_path / "store"))
+    first = ingest(store, IngestConfig(), source=str(src)).version
+    plain_tars(src, ["c"])
+    assert ingest(store, IngestConfig(), source=str(src)).version.id != first.id
+    (src / "c.tar").unlink()
+    again = ingest(store, IngestConfig(), source=str(src))
+    assert again.status == "reused" and again.version.id == first.id
+    assert store.open("images").id == first.id
+
+
+def test_glob_magic_in_a_source_name_is_taken_literally(tmp_path):
+    """Regression (#27): `shots[1]` was read as a glob and ingested `shots1`."""
+    write_folder_source(tmp_path / "shots[1]", {"mine.jpg": (image_bytes(), "a red square")})
+    write_folder_source(tmp_path / "shots1", {"other.jpg": (image_bytes(), "a red square")})
+    v = ingest(Store(str(tmp_path / "store")), IngestConfig(), source=str(tmp_path / "shots[1]")).version
+    assert keys_of_table(v) == ["mine"]
+    # a pattern that names nothing as written is still a glob
+    both = ingest(Store(str(tmp_path / "store2")), IngestConfig(), source=str(tmp_path / "shots*")).version
+    assert sorted(keys_of_table(both)) == ["mine", "other"]
+
+
+@pytest.mark.timeout(60)
+def test_folder_entries_are_regular_files_inside_the_source(tmp_path):
+    """Regression (#27): a FIFO or a link to /dev/zero named .jpg hung the planning; a link named .jpg to a file
+    outside the source (a secret) was followed and its first bytes reached the rejects table."""
+    import os
+
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"SECRET-TOKEN-0123456789")
+    src = write_folder_source(tmp_path / "src", {"good.jpg": (image_bytes(), "a red square"),
+                                                 "fifo.jpg": (None, "a pipe"), "zero.jpg": (None, "endless zeros"),
+                                                 "leak.jpg": (None, "a secret"), "alias.jpg": (None, "a link inside"),
+                                                 "broken.jpg": (None, "a broken link")})
+    os.mkfifo(src / "fifo.jpg")
+    os.symlink("/dev/zero", src / "zero.jpg")
+    os.symlink(secret, src / "leak.jpg")
+    os.symlink(src / "good.jpg", src / "alias.jpg")
+    os.symlink(src / "nowhere.jpg", src / "broken.jpg")
+    os.symlink(src, src / "loop")                                   # a folder link back to the source
+    v = ingest(Store(str(tmp_path / "store")), IngestConfig(), source=str(src)).version
+    assert sorted(keys_of_table(v)) == ["alias", "good"]
+    rejects = {r["key"]: r for r in v.rejects().to_pylist()}
+    assert {k: r["reason"] for k, r in rejects.items()} == {
+        "fifo": "file-not-regular", "zero": "symlink-outside-source", "leak": "symlink-outside-source",
+        "broken": "file-not-regular"}
+    everything = json.dumps(v.manifest) + json.dumps(v.rejects().to_pylist()) + json.dumps(v.read_table().to_pylist())
+    assert "SECRET" not in everything and v.manifest["rows_in"] == v.manifest["rows_out"] + v.manifest["rows_rejected"]
+
+
+@pytest.mark.parametrize("change", ["replaced", "removed"])
+@pytest.mark.parametrize("layout", ["folder", "tar"])
+def test_a_source_file_changed_after_planning_fails_the_part_and_a_rerun_plans_again(tmp_path, monkeypatch, change,
+                                                                                     layout):
+    """Regression (#27): a file replaced between planning and reading landed in a version whose id was computed
+    from the original bytes; a file removed mid-run crashed."""
+    from tasks.engine.runner import StageError
+    import tasks.stages.ingest as ingest_module
+
+    if layout == "folder":
+        src = write_folder_source(tmp_path / "src", {"a.jpg": (image_bytes(color=(1, 2, 3)), "a thing"),
+                                                     "b.jpg": (image_bytes(color=(4, 5, 6)), "b thing")})
+        victim = src / "a.jpg"
+    else:
+        src = plain_tars(tmp_path / "src", ["a"])
+        victim = src / "a.tar"
+    new_bytes = image_bytes(color=(250, 250, 0)) if layout == "folder" else None
+    real = ingest_module.ingest_part
+
+    def racing(writer, task, cfg):   # the source changes after planning, before the part reads it
+        if victim.exists():
+            if change == "removed":
+                victim.unlink()
+            elif layout == "folder":
+                victim.write_bytes(new_bytes)
+            else:
+                write_tar_source(victim, [("a-0", {"jpg": image_bytes(color=(9, 9, 9)), "txt": b"rewritten"})])
+        return real(writer, task, cfg)
+
+    monkeypatch.setattr(ingest_module, "ingest_part", racing)
+    store = Store(str(tmp_path / "store"))
+    with pytest.raises(StageError, match="after the ingest was planned") as exc:
+        ingest(store, IngestConfig(), source=str(src))
+    assert "run the ingest again" in str(exc.value) and str(victim) in str(exc.value)
+    monkeypatch.setattr(ingest_module, "ingest_part", real)
+    if layout == "tar" and change == "removed":
+        return   # nothing left to ingest
+    v = ingest(store, IngestConfig(), source=str(src)).version
+    if layout == "folder" and change == "replaced":
+        import hashlib
+        stored = {s["__key__"]: s["jpg"] for s in v.iter_samples()}
+        assert hashlib.sha256(stored["a"]).hexdigest() == hashlib.sha256(new_bytes).hexdigest()
+    assert v.manifest["rows_in"] == v.manifest["rows_out"] + v.manifest["rows_rejected"]
+
+
+def test_caption_normalisation_cost_is_bounded():
+    """Regression (#27): a 1 MB caption of combining marks (under the 4 MiB limit) made NFC quadratic (killed at
+    240 s). A run longer than Unicode's stream-safe limit is rejected, in linear time. (In a child process: NFC
+    runs in C, where no timeout signal reaches it; the bound only stops a hang.)"""
+    import subprocess
+    import sys
+
+    code = ("from tasks.stages.ingest import normalise_caption\n"
+            "print(repr(normalise_caption('a' + '\\u0301\\u0316' * 500_000, 1000)))\n")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              cwd=Path(__file__).resolve().parents[1])
+    except subprocess.TimeoutExpired:
+        pytest.fail("normalising a 1 MB caption of combining marks did not end in 120 s")
+    text, problem = eval(proc.stdout)
+    assert text is None and problem.startswith("caption-combining-marks") and "character 1" in problem
+    assert normalise_caption("cafe\u0301 ", 100)[0] == "café"           # ordinary marks are composed as before
+    assert normalise_caption("z" + "\u0301" * 30, 100)[1] is None

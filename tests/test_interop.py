@@ -275,7 +275,9 @@ def test_img2dataset_keys_are_unique_across_its_shards(i2d, tmp_path):
         keys = v.read_table().column("key").to_pylist()
         assert len(keys) == len(set(keys)) == 5, fmt
         dups = [r for r in v.rejects().to_pylist() if r["reason"] == "duplicate-key"]
-        assert len(dups) == 8 and all("00000" in d["detail"] and d["source"].startswith("00001") for d in dups), fmt
+        # `source` names the run (its content tag), then the shard: <tag>/00001.tar:<key>
+        assert len(dups) == 8 and all("00000" in d["detail"] and d["source"].split("/", 1)[1].startswith("00001")
+                                      for d in dups), fmt
         assert v.manifest["rows_in"] == v.manifest["rows_out"] + v.manifest["rows_rejected"] == 16, fmt
 
 

@@ -78,6 +78,11 @@ class IngestConfig(Section):
     max_caption_bytes: int = Field(4 * 2**20, ge=1024)     # a .txt/.json member, a JSONL line, a CSV record
     spool_bytes: int = Field(64 * 2**20, ge=0)             # members of out-of-order tars held in memory before
                                                            # they spill to a local temporary file
+    # A tar's PAX and GNU long-name headers (names, links, extended records) are read up to this; a larger one is
+    # skipped and reported (source-header-too-large), never held in memory.
+    max_header_bytes: int = Field(2**20, ge=4096)
+    # img2dataset's per-shard metadata table (one row per sample) is read whole, up to this.
+    max_metadata_bytes: int = Field(256 * 2**20, ge=1024)
 
     @model_validator(mode="after")
     def _relations(self):

@@ -11,6 +11,10 @@ Sources (one or several per ingest; each a path, a brace pattern or a glob):
 Every sample is either written (image bytes in a WebDataset shard + a row in the Parquet index) or
 rejected with a reason; counts reconcile per part. Nothing a source holds is read past the config's
 byte limits, Pillow only ever sees the formats we accept, and keys are unique within a version.
+
+A source is its content (docs/sources.md): part names, keys and rows are functions of the bytes and of paths relative
+to the source, so a moved or copied source is the same data; tars are read by a full header walk
+(storage.shards.TarWalker), and each part checks the bytes it reads against the sha256 it was planned with.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import json
 import lzma
 import os
 import re
-import tarfile
+import stat
 import unicodedata
 import warnings
 import zlib
@@ -43,12 +47,13 @@ from storage import PartRecord, Store, VersionWriter, schemas
 from storage.fs import sha256_of
 from storage.parquet import iter_parquet_batches, read_parquet
 from storage.store import digest, shard_name
-from storage.shards import split_member_name
+from storage.shards import TarDamage, TarEntry, TarWalker, split_member_name
 
 from tasks.engine.config import IngestConfig
 from tasks.engine.runner import Input, PartTask, Stage
 
-STAGE_VERSION = "ingest-4"   # 3: every caption of a sample; 4: img2dataset formats and metadata, shards/
+STAGE_VERSION = "ingest-5"   # 3: every caption of a sample; 4: img2dataset formats and metadata, shards/; 5: parts,
+# keys and `source` from content (a moved source is the same data), img2dataset runs namespaced per run, tar header walk
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 CAPTION_EXTS = ("txt", "json")
 # Pillow picks its decoder from the content: it is only ever offered these (an EPS file named .jpg must
@@ -84,6 +89,7 @@ class RawSample:
     problem: tuple[str, str, str] | None = None   # (reason, detail, field) found while reading the source
     origin: str | None = None                     # where its captions come from ("captions.jsonl:12"), for rejects
     meta: dict | None = None                      # img2dataset's metadata of the sample (url, sizes, exif, ...)
+    offset: int | None = None                     # where its first member's header is in its tar (rejects say it)
 
     @property
     def claims_key(self) -> bool:
@@ -138,6 +144,25 @@ def json_captions(meta: Any) -> tuple[list[str] | None, tuple[str, str] | None]:
 
 
 _CONTROL = {c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)} | {0x7F}
+# NFC reorders each run of combining marks by sorting it (quadratic in the run: a 1 MB caption of marks took
+# minutes). Unicode's stream-safe text format (UAX #15) bounds a run at 30 marks; no real text needs more.
+MAX_COMBINING_RUN = 30
+
+
+def _longest_combining_run(text: str) -> tuple[int, int]:
+    """(length, start) of the longest run of combining characters (linear; ASCII text has none)."""
+    if text.isascii():
+        return 0, 0
+    best, best_at, run = 0, 0, 0
+    combining = unicodedata.combining
+    for i, ch in enumerate(text):
+        if combining(ch):
+            run += 1
+            if run > best:
+                best, best_at = run, i - run + 1
+        else:
+            run = 0
+    return best, best_at
 
 
 def normalise_caption(raw: bytes | str, max_chars: int) -> tuple[str | None, str | None]:
@@ -150,6 +175,10 @@ def normalise_caption(raw: bytes | str, max_chars: int) -> tuple[str | None, str
             return None, f"caption-not-utf8: invalid byte at {exc.start}"
     if "\ufffd" in raw:
         return None, "caption-not-utf8: contains U+FFFD replacement characters"
+    run, at = _longest_combining_run(raw)
+    if run > MAX_COMBINING_RUN:
+        return None, (f"caption-combining-marks: a run of {run} combining marks from character {at} (over "
+                      f"{MAX_COMBINING_RUN}, Unicode's stream-safe limit): normalising it costs time quadratic in the run")
     text = unicodedata.normalize("NFC", raw)
     # Control characters become spaces; invisible format characters (zero-width space, BOM) go.
     text = "".join(" " if (ord(ch) in _CONTROL or unicodedata.category(ch) in ("Cc", "Cs"))
@@ -285,6 +314,12 @@ def validate_image(data: bytes, cfg: IngestConfig, original_size: tuple[int, int
 I2D_FIELDS = {"key", "url", "caption", "status", "error_message", "width", "height", "original_width",
               "original_height", "exif", "sha256", "md5"}
 _SHARD_ID = re.compile(r"^\d+$")
+_GLOB_MAGIC = re.compile(r"[*?\[]")
+
+
+class SourceChanged(RuntimeError):
+    """A source file is not what the ingest was planned from (replaced or removed since): the part fails, nothing
+    is committed, and running the ingest again plans from the files as they are then."""
 
 
 def is_tar(path: str) -> bool:
@@ -308,6 +343,11 @@ def open_source(url: str, options: Mapping[str, Any] | None):
     return fs.open(path, "rb")
 
 
+def _is_local(fs) -> bool:
+    proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+    return proto in ("file", "local")
+
+
 def _url(fs, path: str) -> str:
     proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
     return path if proto in ("file", "local") else f"{proto}://{path}"
@@ -317,17 +357,18 @@ def _canonical(spec: str, options: Mapping[str, Any] | None = None) -> tuple[fss
     """(fs, path, url) of a source however it is spelt (relative, absolute, file://): local paths are resolved,
     so the same files always get the same part names."""
     fs, path = source_fs(spec, options)
-    proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
-    if proto in ("file", "local"):
+    if _is_local(fs):
         path = os.path.realpath(path)
         return fs, path, path
+    proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
     return fs, path.rstrip("/"), f"{proto}://{path.rstrip('/')}"
 
 
 def expand_sources(src: str | list[str], options: Mapping[str, Any] | None = None
                    ) -> list[tuple[fsspec.AbstractFileSystem, str, str]]:
-    """Every source path named by `src`: one or several specs, each maybe a brace pattern or a glob;
-    remote ones opened with `options` (ingest.source_options)."""
+    """Every source path named by `src`: one or several specs, each a path, a brace pattern or a glob; remote
+    ones opened with `options` (ingest.source_options). A spec that exists as it is written is that path, glob
+    and brace characters included (`shots[1]` is the folder `shots[1]`, never `shots1`)."""
     from braceexpand import braceexpand
 
     specs = [src] if isinstance(src, str) else list(src)
@@ -336,12 +377,14 @@ def expand_sources(src: str | list[str], options: Mapping[str, Any] | None = Non
     found: dict[str, tuple] = {}
     for spec in specs:
         matched = []
-        for pattern in braceexpand(spec):
+        fs, path = source_fs(spec, options)
+        patterns = [spec] if fs.exists(path) else list(braceexpand(spec))
+        for pattern in patterns:
             fs, path = source_fs(pattern, options)
-            if any(c in path for c in "*?["):
-                matched += [_canonical(_url(fs, p), options) for p in sorted(fs.glob(path))]
-            elif fs.exists(path):
+            if fs.exists(path):
                 matched.append(_canonical(pattern, options))
+            elif _GLOB_MAGIC.search(path):
+                matched += [_canonical(_url(fs, p), options) for p in sorted(fs.glob(path))]
             elif "{" in spec or len(specs) > 1:
                 raise SourceError(f"ingest source {pattern} (from {spec}) does not exist")
         if not matched:
@@ -351,6 +394,177 @@ def expand_sources(src: str | list[str], options: Mapping[str, Any] | None = Non
         for entry in matched:
             found.setdefault(entry[2], entry)
     return [found[u] for u in sorted(found)]
+
+
+def _os_metadata(name: str) -> bool:
+    """macOS AppleDouble (`._x.jpg`, `__MACOSX/`), `.DS_Store` and other hidden files: never samples."""
+    parts = name.split("/")
+    return any(p == "__MACOSX" for p in parts[:-1]) or parts[-1].startswith(".")
+
+
+@dataclass
+class Listing:
+    """What a source folder holds: its regular files (relative name -> size), and the entries that are never
+    opened (relative name -> (reason, detail)): FIFOs, devices, sockets, broken links and links that leave the
+    source. A FIFO or /dev/zero named .jpg would hang or fill memory; a link to a file outside the source
+    would read what the source does not hold (a secret), so nothing of theirs is read, not even a byte."""
+
+    files: dict[str, int] = field(default_factory=dict)
+    refused: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def list_source(fs, root: str, recursive: bool = True) -> Listing:
+    root = root.rstrip("/")
+    out = Listing()
+    if not _is_local(fs):   # object stores hold objects: no links, no devices
+        found = fs.find(root, detail=True, maxdepth=None if recursive else 1)
+        for path, info in found.items():
+            if info.get("type") == "file" and path != root:
+                out.files[path[len(root) + 1:]] = int(info.get("size") or 0)
+        return out
+    real_root = os.path.realpath(root)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        # A link to a folder is not walked (it could loop or leave the source); it is seen as an entry below.
+        names = filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        for name in names:
+            path = os.path.join(dirpath, name)
+            rel = path[len(root) + 1:]
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                out.files[rel] = st.st_size
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                target = os.path.realpath(path)
+                if target != real_root and not target.startswith(real_root + os.sep):
+                    out.refused[rel] = ("symlink-outside-source", f"{shown(rel)} is a symbolic link to a path outside "
+                                        f"the source; links that leave the source are never followed: copy the file in")
+                    continue
+                try:
+                    target_st = os.stat(path)
+                except OSError:
+                    out.refused[rel] = ("file-not-regular", f"{shown(rel)} is a broken symbolic link")
+                    continue
+                if stat.S_ISREG(target_st.st_mode):
+                    out.files[rel] = target_st.st_size
+                    continue
+                if stat.S_ISDIR(target_st.st_mode):
+                    continue   # the folder it names is inside the source and walked there
+                st = target_st
+            kind = ("FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
+                    else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "special file")
+            out.refused[rel] = ("file-not-regular", f"{shown(rel)} is a {kind}, not a regular file: it is never opened")
+        if not recursive:
+            break
+    return out
+
+
+def _read_verified(fs, path: str, planned: str | None, limit: int) -> bytes | None:
+    """A file's bytes (None when over `limit`: read no further into memory), checked against the sha256 it was
+    planned with: the whole file is hashed as it is read, so a file replaced since planning fails the part."""
+    h = hashlib.sha256()
+    kept: list[bytes] = []
+    size = 0
+    try:
+        with fs.open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+                size += len(chunk)
+                if size <= limit:
+                    kept.append(chunk)
+                else:
+                    kept = []   # over the limit: hashed to the end, not kept
+    except FileNotFoundError as exc:
+        raise SourceChanged(f"source file {_url(fs, path)} was removed after the ingest was planned: run the ingest "
+                            f"again (it plans from the files as they are then)") from exc
+    if planned is not None and h.hexdigest() != planned:
+        raise SourceChanged(f"source file {_url(fs, path)} changed after the ingest was planned (sha256 {planned[:12]}… "
+                            f"planned, {h.hexdigest()[:12]}… read): nothing of it is kept; run the ingest again when the "
+                            f"source is no longer being written")
+    return None if size > limit else b"".join(kept)
+
+
+class _VerifiedFile:
+    """A source file read for one part, hashed as it is read (sequentially; a seek forward is read through, a
+    seek back re-reads what is hashed already). `check()` reads the rest and compares the whole with the sha256
+    the part was planned with, so what a part holds is always what its identity says."""
+
+    def __init__(self, fh, url: str, planned: str | None):
+        self.fh, self.url, self.planned = fh, url, planned
+        self.h = hashlib.sha256()
+        self.hashed = 0       # bytes [0, hashed) are in the digest
+        self.pos = 0
+        self.mode = "rb"
+        self.size = fh.seek(0, 2)
+        fh.seek(0)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = max(0, offset if whence == 0 else self.pos + offset if whence == 1 else self.size + offset)
+        return self.pos
+
+    def _hash_to(self, end: int) -> None:
+        self.fh.seek(self.hashed)
+        while self.hashed < end:
+            chunk = self.fh.read(min(1 << 20, end - self.hashed))
+            if not chunk:
+                break
+            self.h.update(chunk)
+            self.hashed += len(chunk)
+
+    def read(self, n: int = -1) -> bytes:
+        if self.pos > self.hashed:
+            self._hash_to(self.pos)
+        self.fh.seek(self.pos)
+        data = self.fh.read() if n is None or n < 0 else self.fh.read(n)
+        end = self.pos + len(data)
+        if end > self.hashed >= self.pos:
+            self.h.update(data[self.hashed - self.pos:])
+            self.hashed = end
+        self.pos = end
+        return data
+
+    def readinto(self, buf) -> int:
+        data = self.read(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
+    def check(self) -> None:
+        self._hash_to(self.size + 1)
+        if self.planned is not None and self.h.hexdigest() != self.planned:
+            raise SourceChanged(f"source file {self.url} changed after the ingest was planned (sha256 "
+                                f"{self.planned[:12]}… planned, {self.h.hexdigest()[:12]}… read): the part is not "
+                                f"written; run the ingest again when the source is no longer being written")
+
+    def close(self) -> None:
+        self.fh.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.fh.closed
+
+
+@contextlib.contextmanager
+def open_verified(url: str, planned: str | None, options: Mapping[str, Any] | None) -> Iterator[_VerifiedFile]:
+    """A source file for one part: hashed as it is read and checked against its planned sha256 at the end."""
+    try:
+        fh = open_source(url, options)
+    except FileNotFoundError as exc:
+        raise SourceChanged(f"source file {url} was removed after the ingest was planned: run the ingest again (it "
+                            f"plans from the files as they are then)") from exc
+    verified = _VerifiedFile(fh, url, planned)
+    try:
+        yield verified
+        verified.check()
+    finally:
+        fh.close()
 
 
 def detect_format(fs, path: str) -> str:
@@ -371,8 +585,7 @@ def detect_format(fs, path: str) -> str:
         return "files"
     if any(n.endswith(".parquet") and _SHARD_ID.match(n[:-8]) for n in names):
         return "parquet"
-    root = path.rstrip("/")
-    if any(is_tar(p) and not _os_metadata(p[len(root) + 1:]) for p in fs.find(root)):
+    if any(is_tar(p) and not _os_metadata(p) for p in list_source(fs, path).files):
         return "webdataset"
     return "folder"
 
@@ -386,83 +599,136 @@ def _image_column(schema: pa.Schema) -> str | None:
     return None
 
 
-def _content_digest(fs, paths: list[str], root: str) -> str:
-    """A part's source identity: names (relative to its source folder) and sha256 of every file it reads,
-    so the same content gets the same identity wherever it lies and however it is spelt."""
-    return digest([[p[len(root):], sha256_of(fs, p)[1]] for p in sorted(paths)])
-
-
-def _folder_tag(fs, folder: str) -> str:
-    return digest(_url(fs, folder), 8)
-
-
-def _part_name(fs, folder: str, stem: str) -> str:
-    """Stable and distinct across sources: the shard's stem plus a digest of the folder it sits in."""
-    return f"part-{_folder_tag(fs, folder)}-{make_key(stem)}"
-
-
 def _tar_stem(name: str) -> str:
     lower = name.lower()
     return name[: len(name) - len(next(s for s in TAR_SUFFIXES if lower.endswith(s)))]
 
 
+def _regular(fs, path: str) -> None:
+    """A source the user named as one file must be a regular file (a FIFO would hang the planning)."""
+    if _is_local(fs) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise SourceError(f"ingest source {path} is not a regular file (a FIFO, device or socket); name a file")
+
+
+def _run_namespace(first_shard_sha: str) -> str:
+    """An img2dataset run's tag, from its content: the sha256 of its first shard's metadata table (its URLs,
+    statuses, hashes) or, without one, of the shard itself. Two runs never share it unless their first shards
+    are the same bytes, and it does not change when the run is moved, copied or renamed."""
+    return digest(["img2dataset-run", first_shard_sha], 8)
+
+
+def _part_task(kind: str, name: str, files: dict[str, tuple[str, str]], **payload) -> PartTask:
+    """A part over source files ({url: (name relative to its source or run, sha256)}): its identity is those names
+    and bytes and what else the payload fixes (namespace, label), never where the files lie."""
+    ident = [kind, sorted(files.values()), payload.get("namespace"), payload.get("label")]
+    return PartTask(name=name, source_digest=digest(ident),
+                    payload={"kind": kind, "sha": {u: s for u, (_, s) in files.items()}, "taken": {}} | payload)
+
+
 def tar_tasks(fs, path: str) -> list[PartTask]:
     """One part per tar of a webdataset source: a tar, or a folder searched recursively (compressed tars
-    included, OS metadata skipped). img2dataset's per-shard metadata (`<stem>.parquet`, `<stem>_stats.json`
-    beside a tar) goes with it; a source that has it is img2dataset output, whose per-run sample numbers
-    are namespaced by the source folder's tag (two runs never collide; other tars keep their own keys)."""
+    included, OS metadata skipped, links out of the source and special files refused). A folder whose tars have
+    img2dataset's per-shard metadata beside them (`<stem>.parquet`, `<stem>_stats.json`) is one img2dataset run:
+    its sample numbers are namespaced by the run's content tag, so two runs never collide and a moved run keeps
+    its keys; other tars keep their own keys."""
     if fs.isdir(path):
         root = path.rstrip("/")
-        listing = set(fs.find(root))
-        tars = sorted(p for p in listing if is_tar(p) and not _os_metadata(p[len(root) + 1:]))
+        listing = list_source(fs, root)
+        tars = sorted(rel for rel in listing.files if is_tar(rel) and not _os_metadata(rel))
     else:
-        root, tars = path.rsplit("/", 1)[0], [path]
-        listing = {p for p in (f"{_tar_stem(path)}.parquet", f"{_tar_stem(path)}_stats.json") if fs.exists(p)}
-    if not tars:
+        _regular(fs, path)
+        root, base = path.rsplit("/", 1)
+        listing = list_source(fs, root, recursive=False)
+        tars = [base]
+    refused = {rel: why for rel, why in listing.refused.items() if is_tar(rel) and not _os_metadata(rel)}
+    if not tars and not refused:
         raise SourceError(f"no tar shards (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz) found at {_url(fs, path)}")
-    companions = {t: [p for p in (f"{_tar_stem(t)}.parquet", f"{_tar_stem(t)}_stats.json") if p in listing]
-                  for t in tars}
-    namespace = _folder_tag(fs, root) if any(companions.values()) else None
-    tasks, names = [], set()
-    for tar in tars:
-        rel = tar[len(root) + 1:]
-        name = _part_name(fs, root, _tar_stem(rel))
-        if name in names:  # `a/x.tar` and `a_x.tar`, or `x.tar` and `x.tgz`: same stem
-            name = f"{name}-{digest(rel, 8)}"
-        names.add(name)
-        sidecar = next((p for p in companions[tar] if p.endswith(".parquet")), None)
-        tasks.append(PartTask(name=name, source_digest=_content_digest(fs, [tar] + companions[tar], root + "/"),
-                              payload=("webdataset", _url(fs, tar), _url(fs, sidecar) if sidecar else None,
-                                       namespace, {})))
+    shas: dict[str, str] = {}
+
+    def sha(rel: str) -> str:
+        if rel not in shas:
+            shas[rel] = sha256_of(fs, f"{root}/{rel}")[1]
+        return shas[rel]
+
+    def companions(rel: str) -> list[str]:
+        stem = _tar_stem(rel)
+        return [p for p in (f"{stem}.parquet", f"{stem}_stats.json") if p in listing.files]
+
+    namespaces: dict[str, str | None] = {}   # folder -> its run's tag (None: not img2dataset output)
+    for folder in sorted({t.rpartition("/")[0] for t in tars}):
+        in_folder = sorted(t for t in listing.files if is_tar(t) and t.rpartition("/")[0] == folder
+                           and not _os_metadata(t))
+        if any(companions(t) for t in in_folder):
+            first = in_folder[0]
+            meta = f"{_tar_stem(first)}.parquet"
+            namespaces[folder] = _run_namespace(sha(meta) if meta in listing.files else sha(first))
+        else:
+            namespaces[folder] = None
+    tasks = []
+    for rel in tars:
+        folder, _, base = rel.rpartition("/")
+        ns = namespaces[folder]
+        # A run's shards are named within the run; other tars by their path in the source.
+        ident_name = base if ns else rel
+        files = {_url(fs, f"{root}/{p}"): ((p.rpartition("/")[2] if ns else p), sha(p)) for p in [rel] + companions(rel)}
+        label = f"{ns}/{base}" if ns else rel
+        tag = ns or digest([rel, sha(rel)], 8)
+        sidecar = next((p for p in companions(rel) if p.endswith(".parquet")), None)
+        tasks.append(_part_task("webdataset", f"part-{tag}-{make_key(_tar_stem(ident_name))}", files,
+                                url=_url(fs, f"{root}/{rel}"), sidecar=_url(fs, f"{root}/{sidecar}") if sidecar else None,
+                                namespace=ns, label=label))
+    if refused:
+        rows = [(rel, reason, detail) for rel, (reason, detail) in sorted(refused.items())]
+        tasks.append(PartTask(name=f"part-{digest(rows, 8)}-refused-entries", source_digest=digest(["refused", rows]),
+                              payload={"kind": "problems", "url": _url(fs, root), "rows": rows, "taken": {}}))
     return tasks
 
 
 def i2d_tasks(fs, path: str, fmt: str) -> list[PartTask]:
     """One part per shard of img2dataset's parquet or files output (with its metadata .parquet and stats)."""
     if fs.isdir(path):
-        folder, entries = path.rstrip("/"), sorted(e.rstrip("/") for e in fs.ls(path, detail=False))
+        folder = path.rstrip("/")
+        chosen = None
     else:
-        folder, entries = path.rsplit("/", 1)[0], [path]
-    names = {e.rsplit("/", 1)[-1] for e in fs.ls(folder, detail=False)}
-    tasks = []
-    for entry in entries:
-        base = entry.rsplit("/", 1)[-1]
-        if fmt == "parquet" and base.endswith(".parquet") and (_SHARD_ID.match(base[:-8]) or not fs.isdir(path)):
-            stem, data = base[:-8], entry
-        elif fmt == "files" and _SHARD_ID.match(base) and fs.isdir(entry):
-            stem, data = base, entry
+        _regular(fs, path)
+        folder, chosen = path.rsplit("/", 1)
+    listing = list_source(fs, folder)
+    if fmt == "parquet":
+        shards = sorted(n[:-8] for n in listing.files if "/" not in n and n.endswith(".parquet")
+                        and (_SHARD_ID.match(n[:-8]) or n == chosen))
+    else:
+        shards = sorted({n.split("/", 1)[0] for n in listing.files if "/" in n and _SHARD_ID.match(n.split("/", 1)[0])})
+    shas: dict[str, str] = {}
+
+    def sha(rel: str) -> str:
+        if rel not in shas:
+            shas[rel] = sha256_of(fs, f"{folder}/{rel}")[1]
+        return shas[rel]
+
+    def shard_files(stem: str) -> list[str]:
+        if fmt == "parquet":
+            data = [f"{stem}.parquet"]
         else:
-            continue
-        sidecar = f"{folder}/{stem}.parquet" if fmt == "files" and f"{stem}.parquet" in names else None
-        stats = f"{folder}/{stem}_stats.json" if f"{stem}_stats.json" in names else None
-        files = [data] if fmt != "files" else [p for p in fs.find(data) if not _os_metadata(p[len(data) + 1:])]
-        files += [p for p in (sidecar, stats) if p]
-        tasks.append(PartTask(name=_part_name(fs, folder, stem),
-                              source_digest=_content_digest(fs, files, folder + "/"),
-                              payload=(fmt, _url(fs, data), _url(fs, sidecar) if sidecar else None,
-                                       _folder_tag(fs, folder), {})))
-    if not tasks:
+            data = sorted(n for n in listing.files if n.startswith(stem + "/") and not _os_metadata(n[len(stem) + 1:]))
+            data += [p for p in (f"{stem}.parquet",) if p in listing.files]
+        return data + [p for p in (f"{stem}_stats.json",) if p in listing.files]
+
+    if not shards:
         raise SourceError(f"no img2dataset {fmt} shards found at {_url(fs, path)}")
+    first = shards[0]
+    ns = _run_namespace(sha(f"{first}.parquet") if f"{first}.parquet" in listing.files
+                        else digest([[p, sha(p)] for p in shard_files(first)]))
+    tasks = []
+    for stem in shards:
+        if chosen is not None and f"{stem}.parquet" != chosen:
+            continue
+        files = {_url(fs, f"{folder}/{p}"): (p, sha(p)) for p in shard_files(stem)}
+        sidecar = f"{stem}.parquet" if fmt == "files" and f"{stem}.parquet" in listing.files else None
+        data = f"{stem}.parquet" if fmt == "parquet" else stem
+        refused = sorted((rel, *why) for rel, why in listing.refused.items() if rel.startswith(stem + "/"))
+        tasks.append(_part_task(fmt, f"part-{ns}-{make_key(stem)}", files, url=_url(fs, f"{folder}/{data}"),
+                                sidecar=_url(fs, f"{folder}/{sidecar}") if sidecar else None, namespace=ns,
+                                label=f"{ns}/{data}", refused=refused))
     return tasks
 
 
@@ -488,13 +754,31 @@ def _meta_fields(meta: dict) -> dict:
             "extra": json.dumps(extra, sort_keys=True, ensure_ascii=False, default=str) if extra else None}
 
 
-def _read_sidecar(url: str | None, options: Mapping[str, Any] | None) -> dict[str, dict]:
-    """img2dataset's per-shard metadata table, by key ({} without one). One row per sample of the shard,
-    so it is as large as the shard's sample count, not as any member."""
+def _read_sidecar(task: dict, cfg: IngestConfig, columns: list[str] | None = None) -> dict[str, dict]:
+    """img2dataset's per-shard metadata table, by key ({} without one): read whole (one row per sample of the
+    shard, so as large as its sample count), up to ingest.max_metadata_bytes, checked against its planned sha256."""
+    url = task.get("sidecar")
     if not url:
         return {}
-    with open_source(url, options) as fh:
-        rows = read_parquet(fh).to_pylist()
+    fs, path = source_fs(url, cfg.source_options)
+    data = _read_verified(fs, path, task["sha"].get(url), cfg.max_metadata_bytes)
+    if data is None:
+        raise SourceError(f"img2dataset metadata table {url} is over ingest.max_metadata_bytes "
+                          f"({cfg.max_metadata_bytes}); raise the limit if it is genuine")
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        limit = cfg.max_caption_bytes + (1 << 20)   # a metadata cell is caption- or EXIF-sized
+        for rg in range(pf.metadata.num_row_groups):
+            group = pf.metadata.row_group(rg)
+            for i in range(group.num_columns):
+                if largest_page(pa.BufferReader(data), group.column(i)) > limit:
+                    raise SourceError(f"img2dataset metadata table {url}: column {group.column(i).path_in_schema} of "
+                                      f"row group {rg} has a page over {limit} bytes (ingest.max_caption_bytes + 1 MiB); "
+                                      f"it is not decoded: re-fetch the shard or remove the table")
+        rows = read_parquet(pf, columns=columns).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise SourceError(f"img2dataset metadata table {url} cannot be read ({type(exc).__name__}: {exc}); re-fetch "
+                          f"the shard or remove the table") from exc
     return {str(r.get("key")): r for r in rows if r.get("key") is not None}
 
 
@@ -505,26 +789,26 @@ def _failed_sample(key: str, row: dict, source: str) -> RawSample:
                       f"{row.get('error_message') or 'no message'} (url {row.get('url')})"[:300], "url"), meta=row)
 
 
-def _failed_samples(sidecar: dict[str, dict], source: str, seen: set[str]) -> Iterator[RawSample]:
+def _unread_samples(sidecar: dict[str, dict], source: str, seen: set[str], shard: str) -> Iterator[RawSample]:
+    """The metadata table's samples the shard did not give: the failed ones (img2dataset's own reason), and the
+    ones it lists as fetched that the shard lacks (a lie, or a shard cut short: counted, never silent)."""
     for key, row in sidecar.items():
-        if key not in seen and row.get("status") not in (None, "success"):
+        if key in seen:
+            continue
+        if row.get("status") not in (None, "success"):
             yield _failed_sample(key, row, source)
+        elif row.get("status") == "success":
+            yield RawSample(make_key(key), f"{source}:{shown(key)}", None, None, None, (
+                "source-missing-sample", f"img2dataset's metadata lists {shown(key)} as fetched (status success), but "
+                                         f"{shard} holds no member of it: the shard was cut or rewritten", "image"),
+                meta=row)
 
 
-def _sidecar_keys(url: str | None, source: str, options: Mapping[str, Any] | None) -> dict[str, str]:
-    """The keys of the failed samples a metadata table lists (they are rejected, so they hold their key)."""
-    if not url:
-        return {}
-    with open_source(url, options) as fh:
-        rows = read_parquet(fh, columns=["key", "status"]).to_pylist()
-    return {make_key(str(r["key"])): f"{source}:{shown(str(r['key']))}" for r in rows
-            if r.get("key") is not None and r.get("status") not in (None, "success")}
-
-
-def _os_metadata(name: str) -> bool:
-    """macOS AppleDouble (`._x.jpg`, `__MACOSX/`), `.DS_Store` and other hidden files: never samples."""
-    parts = name.split("/")
-    return any(p == "__MACOSX" for p in parts[:-1]) or parts[-1].startswith(".")
+def _sidecar_keys(task: dict, cfg: IngestConfig) -> dict[str, str]:
+    """The keys of the samples a metadata table lists but its shard may not hold (they are rejected, so they hold
+    their key)."""
+    rows = _read_sidecar(task, cfg, columns=["key", "status"])
+    return {make_key(k): f"{task['label']}:{shown(k)}" for k, r in rows.items() if r.get("status") is not None}
 
 
 @dataclass
@@ -532,6 +816,7 @@ class _Group:
     """The members of one tar sample read so far: only what ingest uses is kept (one image, captions)."""
 
     stem: str
+    offset: int
     exts: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)      # ext -> bytes, or (offset, size) in the spool
     problem: tuple[str, str, str] | None = None
@@ -563,8 +848,8 @@ class _Spool:
 
 
 def _decompressed(fh, url: str):
-    """The tar bytes of a (possibly compressed) tar file: the codec's own buffered reader, which skips
-    a huge member far faster than tarfile's stream mode does."""
+    """The tar bytes of a (possibly compressed) tar file: the codec's own reader (seekable: backwards by reading
+    again), which skips a huge member far faster than a tar stream reader does."""
     lower = url.lower()
     if lower.endswith((".tar.gz", ".tgz")):
         return gzip.GzipFile(fileobj=fh, mode="rb")
@@ -575,29 +860,41 @@ def _decompressed(fh, url: str):
     return contextlib.nullcontext(fh)
 
 
-def _member_kind(info: tarfile.TarInfo) -> str | None:
-    """None for a member that belongs to no sample (a folder, OS metadata), else 'file', 'other' or
-    'no-ext'."""
-    if info.isdir() or _os_metadata(info.name):
+_CODEC_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)
+
+
+def _member_kind(entry: TarEntry) -> str | None:
+    """None for a member that belongs to no sample (a folder, OS metadata), else 'file', 'other' or 'no-ext'."""
+    if entry.isdir() or _os_metadata(entry.name):
         return None
-    if not split_member_name(info.name)[1]:
+    if not split_member_name(entry.name)[1]:
         return "no-ext"
-    return "file" if info.isfile() else "other"
+    return "file" if entry.isfile() else "other"
 
 
-def tar_sample_keys(url: str, options: Mapping[str, Any] | None = None) -> dict[str, str]:
+def walk_tar(fh, url: str, cfg: IngestConfig) -> Iterator[tuple[TarEntry | TarDamage, TarWalker]]:
+    """The members and damage of a source tar (TarWalker over its decompressed bytes); a codec error (a gzip cut
+    or corrupt) is damage too, at the offset reached, and ends the walk."""
+    with _decompressed(fh, url) as raw:
+        walker = TarWalker(raw, max_header_bytes=cfg.max_header_bytes,
+                           size=None if _compressed(url) else fh.size)
+        try:
+            for event in walker:
+                yield event, walker
+        except _CODEC_ERRORS as exc:
+            yield TarDamage("source-truncated" if isinstance(exc, EOFError) else "source-damaged", walker._pos,
+                            f"the compressed stream breaks at tar byte {walker._pos}: {type(exc).__name__}: {exc}; "
+                            f"re-fetch the shard", fatal=True), walker
+
+
+def tar_sample_keys(task: dict, cfg: IngestConfig) -> dict[str, str]:
     """The keys of the samples a tar holds (read from its headers only), each with its first source."""
-    source = url.rsplit("/", 1)[-1]
     keys: dict[str, str] = {}
-    try:
-        with open_source(url, options) as fh, _decompressed(fh, url) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-            for info in tar:  # random access: member data is seeked over, not read (uncompressed tars)
-                tar.members = []
-                if _member_kind(info) in ("file", "other"):
-                    stem, _ = split_member_name(info.name)
-                    keys.setdefault(make_key(stem), f"{source}:{shown(stem)}")
-    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, gzip.BadGzipFile):
-        pass  # a damaged tar: the part reports it; the keys before the damage are claimed
+    with open_verified(task["url"], None, cfg.source_options) as fh:
+        for event, _ in walk_tar(fh, task["url"], cfg):
+            if isinstance(event, TarEntry) and _member_kind(event) in ("file", "other"):
+                stem, _ = split_member_name(event.name)
+                keys.setdefault(make_key(stem), f"{task['label']}:{shown(stem)}")
     return keys
 
 
@@ -621,24 +918,28 @@ def txt_captions(data: bytes) -> list[bytes]:
     return lines or [data]
 
 
-def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter, sidecar_url: str | None = None
-                     ) -> Iterator[RawSample]:
+def iter_tar_samples(task: dict, cfg: IngestConfig, counters: Counter) -> Iterator[RawSample]:
     """Group tar members into samples by key (member name up to the basename's first dot); then the samples
-    img2dataset's metadata table (`sidecar_url`) marks failed, each a reject with its error message.
+    img2dataset's metadata table (the task's `sidecar`) lists that the tar did not give.
 
-    img2dataset writes a sample's members next to each other, and such tars stream with one sample in
-    memory. A tar grouped otherwise (`tar cf x.tar *.jpg *.txt`) still gives every sample once: samples
-    missing members wait in a spool (bounded memory) and come out at the end. Only what ingest uses is
-    read (one image, the .txt and .json), each member bounded by the config's byte limits; other members
-    are skipped unread. OS metadata (`._x.jpg`, `__MACOSX/`) is skipped and counted in metrics.
+    The tar is read by a full header walk (storage.shards.TarWalker): every member's start and end is known, so
+    damage, a size that lies, a cut, trailing bytes and a second archive are found and counted (on the sample they
+    touch, or as a `source-*` reject of the tar), each with its byte offset; no header field is trusted unbounded.
+    img2dataset writes a sample's members next to each other, and such tars stream with one sample in memory. A tar
+    grouped otherwise (`tar cf x.tar *.jpg *.txt`) still gives every sample once: samples missing members wait in
+    a spool (bounded memory) and come out at the end. Only what ingest uses is read (one image, the .txt and .json),
+    each member bounded by the config's byte limits; other members are skipped unread. OS metadata (`._x.jpg`,
+    `__MACOSX/`) is skipped and counted in metrics. The bytes read are checked against the tar's planned sha256.
     """
-    source = url.rsplit("/", 1)[-1]
-    sidecar = _read_sidecar(sidecar_url, cfg.source_options)
-    seen: set[str] = set()              # stems read (their failed rows in the sidecar are not samples again)
+    url, label = task["url"], task["label"]
+    base_name = url.rsplit("/", 1)[-1]
+    sidecar = _read_sidecar(task, cfg)
+    seen: set[str] = set()              # stems read (their rows in the metadata table are not samples again)
     spool = _Spool(cfg.spool_bytes)
     current: _Group | None = None
     pending: dict[str, _Group] = {}     # samples that may get more members later, by stem
     out_of_order = False
+    cut: TarDamage | None = None        # the damage that ended the walk
 
     def sample(group: _Group, problem: tuple[str, str, str] | None = None) -> RawSample:
         value = {e: (spool.get(v) if isinstance(v, tuple) else v) for e, v in group.data.items()}
@@ -660,14 +961,13 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter, sidecar_url
             caption_problem = (bad[0], f"{shown(group.stem)}.json: {bad[1]}", "json")
         meta = meta if isinstance(meta, dict) else sidecar.get(base)
         if captions is None and caption_problem is None and "json" not in value and meta is not None:
-            captions, bad = json_captions(meta)
-            if bad:
-                caption_problem = (bad[0], f"{source} metadata row {shown(base)}: {bad[1]}", "caption")
+            captions, caption_problem = _metadata_captions(meta, f"{base_name} metadata row {shown(base)}", cfg)
         if image_ext is None and any(e for e in group.exts if e in IMAGE_EXTS) and not group.problem:
             problem = problem or ("member-not-a-file", f"the image member of {shown(group.stem)} is a link or "
                                                       f"device; links are never followed", "image")
-        return RawSample(make_key(group.stem), f"{source}:{shown(group.stem)}", value.get(image_ext) if image_ext
-                         else None, image_ext, captions, problem or group.problem or caption_problem, meta=meta)
+        return RawSample(make_key(group.stem), f"{label}:{shown(group.stem)}", value.get(image_ext) if image_ext
+                         else None, image_ext, captions, problem or group.problem or caption_problem, meta=meta,
+                         offset=group.offset)
 
     def close(group: _Group) -> Iterator[RawSample]:
         if group.complete() and not out_of_order:
@@ -676,81 +976,96 @@ def iter_tar_samples(url: str, cfg: IngestConfig, counters: Counter, sidecar_url
             group.data = {e: (spool.put(v) if isinstance(v, bytes) else v) for e, v in group.data.items()}
             pending[group.stem] = group
 
-    def add(group: _Group, info: tarfile.TarInfo, ext: str, tar: tarfile.TarFile) -> None:
+    def add(group: _Group, entry: TarEntry, ext: str, walker: TarWalker) -> None:
         group.exts.append(ext)
-        if not info.isfile():
+        if not entry.isfile():
             return
         limit = cfg.max_image_bytes if ext in IMAGE_EXTS else cfg.max_caption_bytes if ext in CAPTION_EXTS else None
         if limit is None or ext in group.data or (ext in IMAGE_EXTS and any(
                 e in group.data for e in IMAGE_EXTS[: IMAGE_EXTS.index(ext)])):
             return  # not used by ingest (or a preferred image is there already): skipped unread
-        if info.size > limit:
+        if entry.size > limit:
             group.problem = group.problem or (
-                "member-too-large", f"{shown(info.name)} is {info.size} bytes, over ingest."
+                "member-too-large", f"{shown(entry.name)} is {entry.size} bytes, over ingest."
                 f"{'max_image_bytes' if ext in IMAGE_EXTS else 'max_caption_bytes'} ({limit})", ext)
             return
-        extracted = tar.extractfile(info)
-        data = extracted.read(limit + 1) if extracted else b""
+        try:
+            data = walker.read(entry)
+        except _CODEC_ERRORS:
+            return   # a compressed stream that breaks inside it: the walk reports where, on this sample
+        if len(data) < entry.size:
+            return   # the tar ends inside it: the walk reports the cut, on this sample
         if ext in IMAGE_EXTS:
             for other in [e for e in group.data if e in IMAGE_EXTS]:
                 del group.data[other]   # a less preferred image read earlier
         group.data[ext] = spool.put(data) if group.stem in pending else data
 
-    try:
-        with open_source(url, cfg.source_options) as fh, _decompressed(fh, url) as raw, \
-                tarfile.open(fileobj=raw, mode="r|") as tar:
-            for info in tar:
-                kind = _member_kind(info)
-                if kind is None:
-                    if not info.isdir():
-                        counters["ignored_os_metadata_members"] += 1
-                    continue
-                if kind == "no-ext":
-                    yield RawSample(make_key(info.name), f"{source}:{shown(info.name)}", None, None, None,
-                                    ("member-without-extension", f"tar member '{shown(info.name)}' has no extension, "
-                                     f"so it belongs to no sample (a NUL byte in a name cuts it there)", "member"))
-                    continue
-                stem, ext = split_member_name(info.name)
-                if current is not None and stem == current.stem:
-                    add(current, info, ext, tar)
-                elif stem in pending:
-                    out_of_order = True
-                    add(pending[stem], info, ext, tar)
+    def group_of(entry: TarEntry) -> _Group | None:
+        stem = split_member_name(entry.name)[0]
+        return current if current is not None and current.stem == stem else pending.get(stem)
+
+    def marker(damage: TarDamage) -> RawSample:
+        return RawSample(make_key(f"{base_name}-{damage.reason}-{damage.offset}"), f"{label}@{damage.offset}", None,
+                         None, None, (damage.reason, damage.detail, "tar"), offset=damage.offset)
+
+    with open_verified(url, task["sha"].get(url), cfg.source_options) as fh:
+        for event, walker in walk_tar(fh, url, cfg):
+            if isinstance(event, TarDamage):
+                group = group_of(event.suspect) if event.suspect is not None else None
+                if group is not None:
+                    # The damage touches this sample (a member cut short, or one whose size lies): it is rejected.
+                    group.problem = (event.reason, event.detail, split_member_name(event.suspect.name)[1] or "tar")
                 else:
-                    if current is not None:
-                        yield from close(current)
-                    current = _Group(stem)
-                    add(current, info, ext, tar)
-    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as exc:
-        # A damaged tar: complete samples before the damage are kept; the one in progress is lost.
-        cut = ("source-truncated", f"tar ends mid-sample: {type(exc).__name__}: {exc}", "tar")
-        if current is not None:
-            yield sample(current, cut)
-        for group in pending.values():
-            yield sample(group, None if group.complete() else cut)
-        if current is None and not pending:
-            yield RawSample(make_key(f"{source}-damaged"), source, None, None, None,
-                            ("source-truncated", f"tar is damaged: {type(exc).__name__}: {exc}", "tar"))
+                    yield marker(event)
+                if event.fatal:
+                    cut = event
+                continue
+            entry = event
+            kind = _member_kind(entry)
+            if kind is None:
+                if not entry.isdir():
+                    counters["ignored_os_metadata_members"] += 1
+                continue
+            if kind == "no-ext":
+                yield RawSample(make_key(entry.name), f"{label}:{shown(entry.name)}", None, None, None,
+                                ("member-without-extension", f"tar member '{shown(entry.name)}' has no extension, "
+                                 f"so it belongs to no sample (a NUL byte in a name cuts it there)", "member"),
+                                offset=entry.offset)
+                continue
+            stem, ext = split_member_name(entry.name)
+            if current is not None and stem == current.stem:
+                add(current, entry, ext, walker)
+            elif stem in pending:
+                out_of_order = True
+                add(pending[stem], entry, ext, walker)
+            else:
+                if current is not None:
+                    yield from close(current)
+                current = _Group(stem, entry.offset)
+                add(current, entry, ext, walker)
+        if cut is not None:
+            # The walk ended early: complete samples are kept; one missing members lost them to the cut.
+            lost = ("source-truncated", f"the tar ends at byte {cut.offset} before the rest of this sample's "
+                                        f"members: {cut.detail}", "members")
+            for group in ([current] if current is not None else []) + list(pending.values()):
+                yield sample(group, None if group.complete() or group.problem else lost)
+        else:
+            if current is not None:
+                yield from close(current)
+            for group in pending.values():
+                yield sample(group)
         spool.close()
-        yield from _failed_samples(sidecar, source, seen)
-        return
-    if current is not None:
-        yield from close(current)
-    for group in pending.values():
-        yield sample(group)
-    spool.close()
-    if not _compressed(url) and not _tar_has_end_marker(url, cfg.source_options):
-        # tarfile reads a cut-off archive as if it ended early: say so instead of leaving a silent gap.
-        yield RawSample(make_key(f"{source}-tail"), source, None, None, None,
-                        ("source-truncated", "the tar has no end-of-archive marker: it was cut off after the "
-                                             "samples that were read; re-fetch the shard", "tar"))
-    yield from _failed_samples(sidecar, source, seen)
+    yield from _unread_samples(sidecar, label, seen, base_name)
 
 
-def _bounded_captions(value: Any, where: str, cfg: IngestConfig) -> tuple[list | None, tuple[str, str, str] | None]:
-    """Captions of an img2dataset metadata row (its "caption"), each bounded by ingest.max_caption_bytes."""
+def _metadata_captions(value: Any, where: str, cfg: IngestConfig) -> tuple[list | None, tuple[str, str, str] | None]:
+    """Captions of an img2dataset metadata row (its "caption"), each bounded by ingest.max_caption_bytes. A
+    caption column that holds null is an empty caption (img2dataset writes an empty .txt for it), so a sample
+    without a caption is `caption-empty` whichever output format carried it."""
     if not isinstance(value, dict):
         return None, None
+    if "caption" in value and value["caption"] is None and value.get("captions") is None:
+        return [""], None
     captions, bad = json_captions(value)
     if bad:
         return None, (bad[0], f"{where}: {bad[1]}", "caption")
@@ -760,63 +1075,192 @@ def _bounded_captions(value: Any, where: str, cfg: IngestConfig) -> tuple[list |
     return captions, None
 
 
-def iter_i2d_parquet_samples(url: str, cfg: IngestConfig) -> Iterator[RawSample]:
-    """img2dataset's parquet output format: one row per sample, the image bytes in a column. Rows are read
-    in small batches; an image over ingest.max_image_bytes costs its sample."""
+# --------------------------------------------------------------------------- img2dataset parquet and files output
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("a varint longer than 64 bits")
+
+
+def _thrift_skip(buf: bytes, pos: int, ttype: int, depth: int) -> int:
+    if depth > 16:
+        raise ValueError("thrift nesting too deep")
+    if ttype in (1, 2):
+        return pos
+    if ttype == 3:
+        return pos + 1
+    if ttype in (4, 5, 6):
+        return _varint(buf, pos)[1]
+    if ttype == 7:
+        return pos + 8
+    if ttype == 8:
+        n, pos = _varint(buf, pos)
+        return pos + n
+    if ttype in (9, 10):
+        head = buf[pos]
+        pos += 1
+        size, elem = head >> 4, head & 0x0F
+        if size == 15:
+            size, pos = _varint(buf, pos)
+        for _ in range(size):
+            pos = _thrift_skip(buf, pos, 3 if elem in (1, 2) else elem, depth + 1)
+        return pos
+    if ttype == 11:
+        size, pos = _varint(buf, pos)
+        if size:
+            kv = buf[pos]
+            pos += 1
+            for _ in range(size):
+                pos = _thrift_skip(buf, pos, kv >> 4, depth + 1)
+                pos = _thrift_skip(buf, pos, kv & 0x0F, depth + 1)
+        return pos
+    if ttype == 12:
+        return _thrift_struct(buf, pos, depth + 1)[1]
+    raise ValueError(f"unknown thrift type {ttype}")
+
+
+def _thrift_struct(buf: bytes, pos: int, depth: int = 0) -> tuple[dict[int, int], int]:
+    """A thrift compact-protocol struct: its top-level i32 fields, and where it ends."""
+    fields, last = {}, 0
+    while True:
+        head = buf[pos]
+        pos += 1
+        if head == 0:
+            return fields, pos
+        ttype, delta = head & 0x0F, head >> 4
+        if delta:
+            fid = last + delta
+        else:
+            raw, pos = _varint(buf, pos)
+            fid = (raw >> 1) ^ -(raw & 1)
+        last = fid
+        if ttype == 5 and depth == 0:
+            raw, pos = _varint(buf, pos)
+            fields[fid] = (raw >> 1) ^ -(raw & 1)
+        else:
+            pos = _thrift_skip(buf, pos, ttype, depth)
+
+
+def largest_page(fh, chunk) -> int:
+    """The largest uncompressed page of a Parquet column chunk, from its page headers (thrift PageHeader:
+    2 = uncompressed_page_size, 3 = compressed_page_size): what decoding one of its values costs at least, known
+    before anything is decompressed. A header that cannot be read counts as unbounded."""
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page and chunk.dictionary_page_offset else \
+        chunk.data_page_offset
+    end = start + chunk.total_compressed_size
+    pos, largest = start, 0
+    while pos < end:
+        fh.seek(pos)
+        head = fh.read(min(1 << 16, end - pos))
+        try:
+            fields, used = _thrift_struct(head, 0)
+        except (IndexError, ValueError):
+            return 2**63   # a header over 64 KiB or damaged: not read
+        uncompressed, compressed = fields.get(2, -1), fields.get(3, -1)
+        if uncompressed < 0 or compressed < 0:
+            return 2**63
+        largest = max(largest, uncompressed)
+        pos += used + compressed
+    return largest
+
+
+def iter_i2d_parquet_samples(task: dict, cfg: IngestConfig) -> Iterator[RawSample]:
+    """img2dataset's parquet output format: one row per sample, the image bytes in a column. Before a row group is
+    decoded, its page headers are read: a group holding a page larger than the byte limits (one huge cell) is not
+    decoded at all, and its rows are rejected by key; other groups are read in small batches, and an image over
+    ingest.max_image_bytes costs its sample."""
+    url, label = task["url"], task["label"]
     source = url.rsplit("/", 1)[-1]
-    with open_source(url, cfg.source_options) as fh:
-        pf = pq.ParquetFile(fh)
+    page_limit = max(cfg.max_image_bytes, cfg.max_caption_bytes) + (1 << 20)   # + room for a page's other values
+    with open_verified(url, task["sha"].get(url), cfg.source_options) as fh:
+        try:
+            pf = pq.ParquetFile(fh)
+        except (pa.ArrowException, OSError) as exc:
+            raise SourceError(f"{url} is not a readable Parquet file ({type(exc).__name__}: {exc}); re-fetch the "
+                              f"shard") from exc
         column = _image_column(pf.schema_arrow)
         if column is None:
             raise SourceError(f"{url}: no image column (jpg / png / webp of binary type): is it img2dataset's "
                               f"parquet output format? Its columns are {pf.schema_arrow.names}")
-        for batch in iter_parquet_batches(pf, batch_size=32):
-            for row in batch.to_pylist():
-                name = str(row.get("key"))
-                image = row.pop(column, None)
-                if row.get("status") not in (None, "success"):
-                    yield _failed_sample(name, row, source)
-                    continue
-                where = f"{source}:{shown(name)}"
-                if image is not None and len(image) > cfg.max_image_bytes:
-                    yield RawSample(make_key(name), where, None, None, None, (
-                        "member-too-large", f"{where}: the {column} cell is {len(image)} bytes, over "
-                                            f"ingest.max_image_bytes ({cfg.max_image_bytes})", column), meta=row)
-                    continue
-                captions, problem = _bounded_captions(row, where, cfg)
-                yield RawSample(make_key(name), where, image, column if image else None, captions, problem, meta=row)
+        meta = pf.metadata
+        for rg in range(meta.num_row_groups):
+            group = meta.row_group(rg)
+            pages = {group.column(i).path_in_schema: largest_page(fh, group.column(i)) for i in range(group.num_columns)}
+            too_big = {c: n for c, n in pages.items() if n > page_limit}
+            if too_big:
+                col, size = max(too_big.items(), key=lambda kv: kv[1])
+                shown_size = "an unreadable page header" if size >= 2**63 else f"a page of {size} bytes"
+                detail = (f"{source} row group {rg}: column {col} has {shown_size}, over the read limit ({page_limit} "
+                          f"bytes: ingest.max_image_bytes / max_caption_bytes); none of its {group.num_rows} rows is "
+                          f"decoded (that would decompress the page whole)")
+                keys = (None if "key" in too_big or "key" not in pages else
+                        next(iter_parquet_batches(pf, columns=["key"], row_groups=[rg], batch_size=max(group.num_rows, 1)),
+                             None))
+                names = ([str(k) for k in keys.column(0).to_pylist()] if keys is not None
+                         else [f"{source}-row-group-{rg}"])
+                for name in names:
+                    yield RawSample(make_key(name), f"{label}:{shown(name)}", None, None, None,
+                                    ("member-too-large", detail, col))
+                continue
+            for batch in iter_parquet_batches(pf, row_groups=[rg], batch_size=32):
+                for row in batch.to_pylist():
+                    name = str(row.get("key"))
+                    image = row.pop(column, None)
+                    where = f"{label}:{shown(name)}"
+                    if row.get("status") not in (None, "success"):
+                        yield _failed_sample(name, row, label)
+                        continue
+                    if image is not None and len(image) > cfg.max_image_bytes:
+                        yield RawSample(make_key(name), where, None, None, None, (
+                            "member-too-large", f"{where}: the {column} cell is {len(image)} bytes, over "
+                                                f"ingest.max_image_bytes ({cfg.max_image_bytes})", column), meta=row)
+                        continue
+                    captions, problem = _metadata_captions(row, where, cfg)
+                    yield RawSample(make_key(name), where, image, column if image else None, captions, problem,
+                                    meta=row)
 
 
-def _read_bounded(fs, path: str, limit: int) -> bytes | None:
-    """A file's bytes, or None when it is over `limit` (read no further than limit + 1)."""
-    with fs.open(path, "rb") as fh:
-        data = fh.read(limit + 1)
-    return None if len(data) > limit else data
-
-
-def iter_i2d_files_samples(url: str, sidecar_url: str | None, cfg: IngestConfig) -> Iterator[RawSample]:
+def iter_i2d_files_samples(task: dict, cfg: IngestConfig) -> Iterator[RawSample]:
     """img2dataset's files output format: `<shard>/<key>.jpg` + `.txt` + `.json`, each read bounded by the
-    config's byte limits; OS metadata is skipped."""
+    config's byte limits and checked against its planned sha256; OS metadata is skipped, special files and links
+    out of the source are rejected unread."""
+    url, label = task["url"], task["label"]
     fs, root = source_fs(url, cfg.source_options)
     root = root.rstrip("/")
     shard = root.rsplit("/", 1)[-1]
-    sidecar = _read_sidecar(sidecar_url, cfg.source_options)
+    sidecar = _read_sidecar(task, cfg)
     by_key: dict[str, dict[str, str]] = {}
-    for path in sorted(fs.find(root)):
-        rel = path[len(root) + 1:]
-        base = rel.rsplit("/", 1)[-1]
-        if _os_metadata(rel) or "." not in base:
+    for rel in sorted(task["sha"]):
+        if not rel.startswith(url.rstrip("/") + "/"):
+            continue   # the metadata table and stats beside the shard
+        name = rel[len(url.rstrip("/")) + 1:]
+        base = name.rsplit("/", 1)[-1]
+        if _os_metadata(name) or "." not in base:
             continue
         stem, ext = base.split(".", 1)
-        by_key.setdefault(stem, {})[ext.lower()] = path
-    for stem, files in by_key.items():
-        where = f"{shard}/{shown(stem)}"
+        by_key.setdefault(stem, {})[ext.lower()] = rel
+    refused = {}
+    for name, reason, detail in task.get("refused", []):
+        base = name.rsplit("/", 1)[-1]
+        if "." in base and not _os_metadata(name):
+            refused.setdefault(base.split(".", 1)[0], (reason, detail, "image"))
+    for stem in sorted(by_key.keys() | refused.keys()):
+        files = by_key.get(stem, {})
+        where = f"{label}/{shown(stem)}"
         image_ext = next((e for e in IMAGE_EXTS if e in files), None)
         members: dict[str, bytes] = {}
-        problem = None
-        for ext in [e for e in (image_ext, "txt", "json") if e and e in files]:
+        problem = refused.get(stem)
+        for ext in [e for e in (image_ext, "txt", "json") if e and e in files and problem is None]:
             limit = cfg.max_image_bytes if ext == image_ext else cfg.max_caption_bytes
-            data = _read_bounded(fs, files[ext], limit)
+            _, path = source_fs(files[ext], cfg.source_options)
+            data = _read_verified(fs, path, task["sha"].get(files[ext]), limit)
             if data is None:
                 problem = problem or ("member-too-large", f"{where}.{ext} is over ingest."
                                       f"{'max_image_bytes' if ext == image_ext else 'max_caption_bytes'} ({limit})", ext)
@@ -833,21 +1277,10 @@ def iter_i2d_files_samples(url: str, sidecar_url: str | None, cfg: IngestConfig)
             problem = problem or (bad[0], f"{where}.json: {bad[1]}", "json")
         meta = meta if isinstance(meta, dict) else sidecar.get(stem)
         if captions is None and problem is None and "json" not in members:
-            captions, bad = _bounded_captions(meta, f"{where} metadata", cfg)   # the metadata table's caption
-            problem = bad
+            captions, problem = _metadata_captions(meta, f"{where} metadata", cfg)   # the metadata table's caption
         yield RawSample(make_key(stem), where, members.get(image_ext) if image_ext else None, image_ext,
                         captions, problem, meta=meta)
-    yield from _failed_samples(sidecar, shard, set(by_key))
-
-
-def _tar_has_end_marker(url: str, options: Mapping[str, Any] | None) -> bool:
-    """A whole tar ends with two zero blocks (1024 zero bytes)."""
-    with open_source(url, options) as fh:
-        size = fh.seek(0, 2)
-        if size < 1024 or size % 512:
-            return False
-        fh.seek(size - 1024)
-        return fh.read(1024) == bytes(1024)
+    yield from _unread_samples(sidecar, label, set(by_key) | set(refused), shard)
 
 
 def _bounded_lines(fh, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
@@ -992,10 +1425,13 @@ def folder_tasks(fs, root: str, cfg: IngestConfig) -> list[PartTask]:
     if captions_path is None:
         raise SourceError(f"image folder {src} has no captions.jsonl or captions.csv; set ingest.captions_file")
     captions_url = captions_path if "://" in captions_path or proto in ("file", "local") else f"{proto}://{captions_path}"
+    if "://" not in captions_url:
+        _regular(fs, captions_url)
     listed = read_captions_file(captions_url, cfg)
-    found = fs.find(root, detail=True)
-    present = {p[len(root) + 1:]: info for p, info in found.items() if not _os_metadata(p[len(root) + 1:])}
-    images = {f for f in present if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS}
+    listing = list_source(fs, root)
+    present = {rel: size for rel, size in listing.files.items() if not _os_metadata(rel)}
+    refused = {rel: why for rel, why in listing.refused.items() if not _os_metadata(rel)}
+    images = {f for f in present.keys() | refused.keys() if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS}
     names = sorted(images | set(listed.captions), key=lambda n: n.encode("utf-8", "surrogateescape"))
     # Content-defined parts: a boundary after each name whose hash hits; capped at 4x part_size.
     chunks: list[list[str]] = [[]]
@@ -1008,28 +1444,35 @@ def folder_tasks(fs, root: str, cfg: IngestConfig) -> list[PartTask]:
     for chunk in chunks:
         entries = []
         for name in chunk:
-            info = present.get(name, {})
             problem = listed.sample_problems.get(name)
-            if name != shown(name):  # a file name that is not UTF-8: it can be neither stored nor matched
+            if name in refused:
+                problem = (*refused[name], "image")
+            elif name != shown(name):  # a file name that is not UTF-8: it can be neither stored nor matched
                 problem = ("file-name-not-utf8", f"file name '{shown(name)}' is not valid UTF-8; rename it", "file")
-            elif name in present and info.get("size", 0) > cfg.max_image_bytes:
-                problem = ("file-too-large", f"{name} is {info['size']} bytes, over ingest.max_image_bytes "
+            elif name in present and present[name] > cfg.max_image_bytes:
+                problem = ("file-too-large", f"{name} is {present[name]} bytes, over ingest.max_image_bytes "
                                              f"({cfg.max_image_bytes})", "image")
-            # The part's identity is its content (file names, image bytes, captions), whatever the folder is called.
+            # The part's identity is its content (file names relative to the folder, image bytes, captions),
+            # whatever the folder is called and wherever it lies; the worker checks the bytes it reads against it.
             sha = sha256_of(fs, f"{root}/{name}")[1] if name in present and problem is None else None
-            entries.append({"file": shown(name), "exists": name in present, "size": info.get("size"),
-                            "sha256": sha, "where": listed.where.get(name),
+            entries.append({"file": shown(name), "exists": name in present or name in refused,
+                            "size": present.get(name), "sha256": sha, "where": listed.where.get(name),
                             "captions": listed.captions.get(name), "problem": problem})
-        tasks.append(PartTask(name=_part_name(fs, root, digest(shown(chunk[0]), 12)), source_digest=digest(entries),
-                              payload=("folder", src, entries, {})))
+        tasks.append(PartTask(name=f"part-{digest(entries, 8)}-{digest(shown(chunk[0]), 12)}",
+                              source_digest=digest(entries),
+                              payload={"kind": "folder", "url": src, "entries": entries, "taken": {}}))
     if listed.row_problems:
-        tasks.append(PartTask(name=_part_name(fs, root, "captions-file-rows"), source_digest=digest(listed.row_problems),
-                              payload=("problems", captions_url, listed.row_problems, {})))
+        tasks.append(PartTask(name=f"part-{digest(listed.row_problems, 8)}-captions-file-rows",
+                              source_digest=digest(listed.row_problems),
+                              payload={"kind": "problems", "url": captions_url, "rows": listed.row_problems,
+                                       "field": "captions", "taken": {}}))
     return tasks
 
 
-def iter_folder_samples(root: str, entries: list[dict], cfg: IngestConfig) -> Iterator[RawSample]:
-    for entry in entries:
+def iter_folder_samples(task: dict, cfg: IngestConfig) -> Iterator[RawSample]:
+    fs, root = source_fs(task["url"], cfg.source_options)
+    root = root.rstrip("/")
+    for entry in task["entries"]:
         name = entry["file"]
         key = folder_key(name)
         source, origin = name, entry.get("where")
@@ -1042,12 +1485,7 @@ def iter_folder_samples(root: str, entries: list[dict], cfg: IngestConfig) -> It
                             ("missing-image", f"{name} is listed in the captions file but not in the folder", "file"),
                             origin)
             continue
-        with open_source(f"{root}/{name}", cfg.source_options) as fh:
-            data = fh.read(cfg.max_image_bytes + 1)
-        if len(data) > cfg.max_image_bytes:  # it grew since the listing
-            yield RawSample(key, source, None, None, captions, (
-                "file-too-large", f"{name} is over ingest.max_image_bytes ({cfg.max_image_bytes})", "image"), origin)
-            continue
+        data = _read_verified(fs, f"{root}/{name}", entry["sha256"], cfg.max_image_bytes)
         yield RawSample(key, source, data, name.rsplit(".", 1)[-1].lower(), captions, origin=origin)
 
 
@@ -1066,51 +1504,67 @@ def _part_keys(store: Store, record: PartRecord) -> dict[str, str]:
     return keys
 
 
-def _i2d_keys(kind: str, url: str, sidecar_url: str | None, options: Mapping[str, Any] | None) -> dict[str, str]:
+def _i2d_keys(task: dict, cfg: IngestConfig) -> dict[str, str]:
     """The keys of an img2dataset shard's samples, fetched or failed (its names only, no pixels read)."""
-    source = url.rsplit("/", 1)[-1]
+    kind, url, label = task["kind"], task["url"], task["label"]
+    keys: dict[str, str] = {}
     if kind == "webdataset":
-        keys = tar_sample_keys(url, options)
+        keys = tar_sample_keys(task, cfg)
     elif kind == "parquet":
-        with open_source(url, options) as fh:
-            names = read_parquet(fh, columns=["key"]).column("key").to_pylist()
-        keys = {make_key(str(k)): f"{source}:{shown(str(k))}" for k in names}
+        for sample in _parquet_key_samples(task, cfg):
+            keys.setdefault(sample[0], sample[1])
     else:  # files: <shard>/<key>.<ext>
-        fs, root = source_fs(url, options)
-        root = root.rstrip("/")
-        keys = {}
-        for path in sorted(fs.find(root)):
-            rel = path[len(root) + 1:]
-            base = rel.rsplit("/", 1)[-1]
-            if not _os_metadata(rel) and "." in base:
-                keys.setdefault(make_key(base.split(".", 1)[0]), f"{source}/{shown(base.split('.', 1)[0])}")
-    for key, where in _sidecar_keys(sidecar_url if kind != "parquet" else None, source, options).items():
+        prefix = url.rstrip("/") + "/"
+        names = [u[len(prefix):] for u in task["sha"] if u.startswith(prefix)] + [n for n, *_ in task.get("refused", [])]
+        for name in sorted(names):
+            base = name.rsplit("/", 1)[-1]
+            if not _os_metadata(name) and "." in base:
+                keys.setdefault(make_key(base.split(".", 1)[0]), f"{label}/{shown(base.split('.', 1)[0])}")
+    for key, where in (_sidecar_keys(task, cfg) if kind != "parquet" else {}).items():
         keys.setdefault(key, where)
     return keys
 
 
-def _task_keys(task: PartTask, options: Mapping[str, Any] | None) -> dict[str, str]:
-    kind = task.payload[0]
-    if kind in ("webdataset", "parquet", "files"):
-        namespace = task.payload[3]
-        return {_namespaced(namespace, k): where for k, where in _i2d_keys(kind, task.payload[1], task.payload[2],
-                                                                                     options).items()}
+def _parquet_key_samples(task: dict, cfg: IngestConfig) -> Iterator[tuple[str, str]]:
+    """(key, source) of every row of an img2dataset parquet shard, as its sample reader names them."""
+    url, label = task["url"], task["label"]
+    source = url.rsplit("/", 1)[-1]
+    page_limit = max(cfg.max_image_bytes, cfg.max_caption_bytes) + (1 << 20)
+    with open_verified(url, None, cfg.source_options) as fh:
+        pf = pq.ParquetFile(fh)
+        for rg in range(pf.metadata.num_row_groups):
+            group = pf.metadata.row_group(rg)
+            key_col = next((group.column(i) for i in range(group.num_columns)
+                            if group.column(i).path_in_schema == "key"), None)
+            if key_col is None or largest_page(fh, key_col) > page_limit:
+                name = f"{source}-row-group-{rg}"
+                yield make_key(name), f"{label}:{name}"
+                continue
+            for batch in iter_parquet_batches(pf, columns=["key"], row_groups=[rg]):
+                for k in batch.column(0).to_pylist():
+                    yield make_key(str(k)), f"{label}:{shown(str(k))}"
+
+
+def _task_keys(task: PartTask, cfg: IngestConfig) -> dict[str, str]:
+    payload = task.payload
+    if payload["kind"] in ("webdataset", "parquet", "files"):
+        return {_namespaced(payload["namespace"], k): where for k, where in _i2d_keys(payload, cfg).items()}
     keys: dict[str, str] = {}
-    for entry in task.payload[2]:
+    for entry in payload["entries"]:
         if entry["exists"] and not (entry["problem"] and entry["problem"][2] in UNCLAIMED_FIELDS):
             keys.setdefault(folder_key(entry["file"]), entry["file"])
     return keys
 
 
-def claim_keys(store: Store, tasks: list[PartTask], reusable: dict[str, PartRecord],
-               source_options: Mapping[str, Any] | None = None) -> list[PartTask]:
+def claim_keys(store: Store, tasks: list[PartTask], reusable: dict[str, PartRecord], cfg: IngestConfig
+               ) -> list[PartTask]:
     """Make keys unique within the version. Parts an earlier version already holds claim their keys
     first (an incremental ingest never changes what it extends), then new parts in order; a part gets
     the keys claimed before it in its payload (it rejects those samples, naming both sources) and in
     its source digest (so it is reused only with the same claims)."""
     claimed: dict[str, str] = {}
     planned: dict[str, PartTask] = {}
-    samples = [t for t in tasks if t.payload[0] != "problems"]
+    samples = [t for t in tasks if t.payload["kind"] != "problems"]
     for task in samples:
         record = reusable.get(task.source_digest)
         if record is not None and record.name == task.name:
@@ -1122,35 +1576,35 @@ def claim_keys(store: Store, tasks: list[PartTask], reusable: dict[str, PartReco
     for i, task in enumerate(new):
         if not claimed and i == len(new) - 1:
             break  # nothing before it to clash with, nothing after it to claim for: no header scan
-        keys = _task_keys(task, source_options)
+        keys = _task_keys(task, cfg)
         taken = {k: claimed[k] for k in sorted(keys) if k in claimed}
         for key, source in keys.items():
             claimed.setdefault(key, source)
         if taken:
-            task = replace(task, source_digest=digest([task.source_digest, taken]),
-                           payload=task.payload[:-1] + (taken,))
+            task = replace(task, source_digest=digest([task.source_digest, taken]), payload=task.payload | {"taken": taken})
         planned[task.name] = task
     return [planned.get(t.name, t) for t in tasks]
 
 
 # --------------------------------------------------------------------------- the part worker
 def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> PartRecord:
-    kind, taken = task.payload[0], task.payload[-1]   # taken: keys earlier parts hold -> their source
+    payload = task.payload
+    kind, taken = payload["kind"], payload["taken"]   # taken: keys earlier parts hold -> their source
     counters: Counter = Counter()
-    # img2dataset numbers keys per run (0000000, 0000001, ...): prefixed with the tag of the folder they came
-    # from, keys of two runs never collide, and a key never changes when other sources join the ingest.
-    namespace = task.payload[3] if kind in ("webdataset", "parquet", "files") else None
+    # img2dataset numbers keys per run (0000000, 0000001, ...): prefixed with its run's content tag, keys of two
+    # runs never collide, and a key changes neither when other sources join the ingest nor when the run moves.
+    namespace = payload.get("namespace")
     if kind == "webdataset":
-        samples = iter_tar_samples(task.payload[1], cfg, counters, task.payload[2])
+        samples = iter_tar_samples(payload, cfg, counters)
     elif kind == "parquet":
-        samples = iter_i2d_parquet_samples(task.payload[1], cfg)
+        samples = iter_i2d_parquet_samples(payload, cfg)
     elif kind == "files":
-        samples = iter_i2d_files_samples(task.payload[1], task.payload[2], cfg)
+        samples = iter_i2d_files_samples(payload, cfg)
     elif kind == "folder":
-        samples = iter_folder_samples(task.payload[1], task.payload[2], cfg)
-    else:  # rows of the captions file that could not be read at all
-        rejects = [{"key": make_key(where), "reason": reason, "detail": detail, "source": where, "field": "captions"}
-                   for where, reason, detail in task.payload[2]]
+        samples = iter_folder_samples(payload, cfg)
+    else:  # rows of the captions file that could not be read at all, entries of the source never opened
+        rejects = [{"key": make_key(where), "reason": reason, "detail": detail, "source": where,
+                    "field": payload.get("field", "file")} for where, reason, detail in payload["rows"]]
         return writer.write_part(task.name, table=schemas.IMAGES.empty_table(), rejects=rejects,
                                  rows_in=len(rejects), source_digest=task.source_digest,
                                  metrics={"rejected_by_reason": dict(Counter(r["reason"] for r in rejects))})
@@ -1168,6 +1622,8 @@ def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> Par
 
             def reject(reason: str, detail: str, field: str) -> None:
                 source = f"{raw.source} ({raw.origin})" if raw.origin else raw.source
+                if raw.offset is not None and f"byte {raw.offset}" not in detail:
+                    detail = f"{detail} [tar member header at byte {raw.offset}]"
                 rejects.append({"key": raw.key, "reason": reason, "detail": detail, "source": source,
                                 "field": field})
 
@@ -1240,11 +1696,16 @@ def plan(src: str | list[str], cfg: IngestConfig) -> tuple[list[PartTask], list[
         else:
             tasks += i2d_tasks(fs, path, fmt)
         described.append({"source": url, "format": fmt})
-    names = [t.name for t in tasks]
-    if len(set(names)) != len(names):
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        raise SourceError(f"ingest sources overlap: parts {dupes[:5]} are named by more than one source; "
-                          f"name each file once in ingest.source")
+    by_name: dict[str, list[PartTask]] = {}
+    for task in tasks:
+        by_name.setdefault(task.name, []).append(task)
+    dupes = {n: ts for n, ts in by_name.items() if len(ts) > 1}
+    if dupes:
+        name, same = next(iter(sorted(dupes.items())))
+        urls = sorted({t.payload.get("url", "") for t in same})
+        raise SourceError(f"ingest sources overlap: part {name} comes from more than one source ({', '.join(urls)}): "
+                          f"the same content named twice (a part's name is its content); name each file once in "
+                          f"ingest.source")
     return tasks, described
 
 
@@ -1257,7 +1718,7 @@ def split(run) -> list[PartTask]:
         raise SourceError("no ingest source: pass SRC or set ingest.source in the config")
     tasks, described = plan(src, run.cfg)
     run.extra["sources"] = described
-    return claim_keys(run.store, tasks, run.reusable, run.cfg.source_options)
+    return claim_keys(run.store, tasks, run.reusable, run.cfg)
 
 
 def process(run, writer, task) -> PartRecord:
