@@ -1134,21 +1134,29 @@ def claim_keys(store: Store, tasks: list[PartTask], reusable: dict[str, PartReco
 
 
 # --------------------------------------------------------------------------- the part worker
+def iter_part_samples(task: PartTask, cfg: IngestConfig, counters: Counter) -> Iterator[RawSample] | None:
+    """The raw samples of one planned part, as its source format reads them (None: a part of captions-file
+    rows that name no readable sample). Also how `ram-engine init` looks at a few samples of a source."""
+    kind = task.payload[0]
+    if kind == "webdataset":
+        return iter_tar_samples(task.payload[1], cfg, counters, task.payload[2])
+    if kind == "parquet":
+        return iter_i2d_parquet_samples(task.payload[1], cfg)
+    if kind == "files":
+        return iter_i2d_files_samples(task.payload[1], task.payload[2], cfg)
+    if kind == "folder":
+        return iter_folder_samples(task.payload[1], task.payload[2], cfg)
+    return None
+
+
 def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> PartRecord:
     kind, taken = task.payload[0], task.payload[-1]   # taken: keys earlier parts hold -> their source
     counters: Counter = Counter()
     # img2dataset numbers keys per run (0000000, 0000001, ...): prefixed with the tag of the folder they came
     # from, keys of two runs never collide, and a key never changes when other sources join the ingest.
     namespace = task.payload[3] if kind in ("webdataset", "parquet", "files") else None
-    if kind == "webdataset":
-        samples = iter_tar_samples(task.payload[1], cfg, counters, task.payload[2])
-    elif kind == "parquet":
-        samples = iter_i2d_parquet_samples(task.payload[1], cfg)
-    elif kind == "files":
-        samples = iter_i2d_files_samples(task.payload[1], task.payload[2], cfg)
-    elif kind == "folder":
-        samples = iter_folder_samples(task.payload[1], task.payload[2], cfg)
-    else:  # rows of the captions file that could not be read at all
+    samples = iter_part_samples(task, cfg, counters)
+    if samples is None:  # rows of the captions file that could not be read at all
         rejects = [{"key": make_key(where), "reason": reason, "detail": detail, "source": where, "field": "captions"}
                    for where, reason, detail in task.payload[2]]
         return writer.write_part(task.name, table=schemas.IMAGES.empty_table(), rejects=rejects,
