@@ -570,10 +570,17 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
         return
     out.print(f"[bold]{stage}@{v.id}[/]  created {m['created']}  code {m['code_version']}")
     out.print(f"parents: {', '.join(m['parents']) or '(none)'}")
-    out.print(f"rows in {m['rows_in']} = out {m['rows_out']} + rejected {m['rows_rejected']}; "
-              f"{counted(len(m['parts']), 'part')} ({m['parts_written']} written, {m['parts_reused']} shared with "
-              f"earlier versions), {counted(len(m['files']), 'file')}, {sum(f['bytes'] for f in m['files'])} bytes")
-    out.print("[bold]schema[/]\n" + m["schema"])
+    tabular = has_table(m)
+    if tabular:
+        out.print(f"rows in {m['rows_in']} = out {m['rows_out']} + rejected {m['rows_rejected']}; "
+                  f"{counted(len(m['parts']), 'part')} ({m['parts_written']} written, {m['parts_reused']} shared "
+                  f"with earlier versions), {counted(len(m['files']), 'file')}, "
+                  f"{sum(f['bytes'] for f in m['files'])} bytes")
+        out.print("[bold]schema[/]\n" + m["schema"])
+    else:  # a model or a label system: files, no rows (its "rows 0 -> 0" and empty schema said nothing)
+        out.print(f"{counted(len(m['files']), 'file')}, {sum(f['bytes'] for f in m['files'])} bytes, no table: "
+                  + ", ".join(f["path"].rsplit("/", 1)[-1] for f in m["files"][:12])
+                  + (" …" if len(m["files"]) > 12 else ""), markup=False, highlight=False)
     out.print(f"path: {store.full_url(f'{v.stage}/{v.id}')}")
     if m.get("metrics"):
         out.print("[bold]metrics[/] (counters: most frequent first)")
@@ -589,7 +596,7 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
                 out.print(t)
                 continue
             out.print(f"  {key}: {value}", markup=False, highlight=False)
-    if rows:
+    if rows and tabular:
         table = v.read_table().slice(0, rows)
         names = tag_names_for(store, v) if any(c in table.column_names for c in ("tag_ids", "tag_id")) else None
         out.print("[bold]sample rows[/]" + (" (tag ids with their names)" if names else ""))
@@ -601,6 +608,11 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
             out.print("[bold]sample rejects[/]")
             for row in rejects.to_pylist():
                 out.print(f"  {row['key']}: {row['reason']} ({row['field']}) {row['detail'] or ''}"[:300])
+
+
+def has_table(manifest: dict) -> bool:
+    """Whether a version holds rows (Parquet parts or rejects); models and label systems hold files only."""
+    return bool(manifest["rows_in"] or any(f.get("kind") in ("table", "rejects") for f in manifest["files"]))
 
 
 def _shortened(value, max_items: int = 20, max_chars: int = 160):
@@ -675,7 +687,9 @@ def lineage_command(target: str = typer.Argument(..., help="STAGE@VERSION")) -> 
         detail = ""
         if v is not None:
             m = v.manifest
-            detail = f"  rows {m['rows_in']} -> {m['rows_out']} (+{m['rows_rejected']} rejected)  {m['created'][:19]}"
+            size = (f"rows {m['rows_in']} -> {m['rows_out']} (+{m['rows_rejected']} rejected)" if has_table(m)
+                    else f"{counted(len(m['files']), 'file')}, no table")
+            detail = f"  {size}  {m['created'][:19]}"
         out.print("  " * depth + ("└─ " if depth else "") + ref_text + detail)
 
 

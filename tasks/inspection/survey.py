@@ -117,10 +117,10 @@ def time_first_stages(cfg: EngineConfig, samples) -> dict[str, Timing]:
     work = Path(tempfile.mkdtemp(prefix="ram-engine-init-"))
     try:
         seconds: dict[str, list[float]] = {s: [] for s in FIRST_STAGES}
-        for n in (2, len(samples)):
-            folder = work / f"source-{n}"
+        for run, n in enumerate((2, len(samples))):
+            folder = work / f"source-{run}"
             _write_trial_folder(folder, samples[:n])
-            store = Store(str(work / f"store-{n}"))
+            store = Store(str(work / f"store-{run}"))
             t0 = time.perf_counter()
             images = ingest(store, cfg.ingest.model_copy(update={"source": str(folder), "captions_file": None,
                                                                   "format": "auto"})).version
