@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -306,3 +307,63 @@ def test_show_says_which_truth_an_mAP_is_against(tmp_path):
     assert [n for n, _, _ in display_metrics(store, model)] == [
         "mAP (held-out keys, against the noisy labels it trained on; evaluate: against the truth)"]
     assert [n for n, _, _ in display_metrics(store, evaluate)][0].startswith("against the ground truth")
+
+
+# --------------------------------------------------------------------------- the README, followed as written
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def bash_blocks(section: str) -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", section, re.S)
+
+
+@pytest.mark.slow
+def test_a_new_user_follows_the_readme_from_a_clone_to_their_own_photos(tmp_path):
+    """A fresh `git clone` of this repository; the README's "Your own data" section: a photos/ folder laid out
+    as it shows (captions.jsonl, a sub-folder), then its commands exactly as written, in a new project folder.
+    Each must succeed, and the store must end with the photos ingested and parsed and a report written. (The
+    clone runs on this environment's installed dependencies: the set-up command itself is CI's.)"""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=300)
+    section = readme_section("Your own data")
+    assert "photos/" in section and "captions.jsonl" in section and "kitchen/pan.png" in section
+    project = tmp_path / "project"
+    photos = project / "photos"
+    (photos / "kitchen").mkdir(parents=True)
+    captions = ["two dogs running on a beach", "a red car parked on a street", "a cat sleeping on a sofa",
+                "a man riding a horse in a field", "a boat on a lake near a tree", "a pan on a stove in a kitchen"]
+    rows = []
+    for i, caption in enumerate(captions):
+        name = "kitchen/pan.png" if "pan" in caption else f"photo_{i}.jpg"
+        (photos / name).write_bytes(image_bytes(size=(96, 72), color=(30 * i, 120, 200 - 30 * i),
+                                                fmt="PNG" if name.endswith(".png") else "JPEG"))
+        rows.append(json.dumps({"file": name, "caption": caption}))
+    (photos / "captions.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+    bin_dir = str(Path(sys.executable).parent)   # `ram-engine` as installed beside this Python
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAM_ENGINE_", "PREFECT_"))}
+    env |= {"PYTHONPATH": str(clone), "PATH": bin_dir + os.pathsep + env.get("PATH", ""), "OMP_NUM_THREADS": "1",
+            "HOME": str(tmp_path / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    (tmp_path / "home").mkdir()
+    commands = [line.split("#", 1)[0].strip() for block in bash_blocks(section) for line in block.splitlines()]
+    commands = [c for c in commands if c]
+    assert [c.split()[1] for c in commands] == ["init", "run", "show", "report"], commands
+    for command in commands:
+        proc = subprocess.run(["bash", "-c", command], cwd=project, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, f"{command}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+        if command.startswith("ram-engine init"):
+            assert f"format: folder; {len(captions)} sample(s)" in proc.stdout
+        if command.startswith("ram-engine show"):
+            assert "dog" in proc.stdout and "kitchen" in proc.stdout
+    from storage import Store
+
+    store = Store(str(project / "ram-data"))
+    assert store.open("images").manifest["rows_out"] == len(captions)
+    assert store.open("parsed").manifest["rows_out"] == len(captions)
+    assert "generated" not in store.stages()              # the config init wrote stops after parse
+    assert (project / "ram-report" / "index.html").is_file()
