@@ -578,7 +578,9 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
                   f"{sum(f['bytes'] for f in m['files'])} bytes")
         out.print("[bold]schema[/]\n" + m["schema"])
     else:  # a model or a label system: files, no rows (its "rows 0 -> 0" and empty schema said nothing)
-        out.print(f"{counted(len(m['files']), 'file')}, {sum(f['bytes'] for f in m['files'])} bytes, no table: "
+        out.print(f"{counted(len(m['parts']), 'part')} ({m['parts_written']} written, {m['parts_reused']} shared "
+                  f"with earlier versions), {counted(len(m['files']), 'file')}, "
+                  f"{sum(f['bytes'] for f in m['files'])} bytes, no table: "
                   + ", ".join(f["path"].rsplit("/", 1)[-1] for f in m["files"][:12])
                   + (" …" if len(m["files"]) > 12 else ""), markup=False, highlight=False)
     out.print(f"path: {store.full_url(f'{v.stage}/{v.id}')}")
