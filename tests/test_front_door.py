@@ -367,3 +367,31 @@ def test_a_new_user_follows_the_readme_from_a_clone_to_their_own_photos(tmp_path
     assert store.open("parsed").manifest["rows_out"] == len(captions)
     assert "generated" not in store.stages()              # the config init wrote stops after parse
     assert (project / "ram-report" / "index.html").is_file()
+
+
+def test_the_documented_duckdb_rejects_one_liner_runs_with_and_without_rejects(tmp_path):
+    """The README's DuckDB rejects one-liner failed ("No files found") on every version without rejects: a
+    version with none has no _rejects/ folder. The documented one (docs/store.md) runs on both."""
+    duckdb = pytest.importorskip("duckdb")
+    import glob
+
+    import pyarrow as pa
+
+    from storage import Store
+
+    row = next(line for line in (ROOT / "docs" / "store.md").read_text().splitlines() if line.startswith("| DuckDB |"))
+    one_liner = next(code for code in re.findall(r"`([^`]+)`", row) if "_rejects" in code and "duckdb.sql" in code)
+    store = Store(str(tmp_path / "s"))
+    schema = pa.schema([("key", pa.string())])
+    found = {}
+    for name, rejects in (("clean-run", []), ("with-rejects", [{"key": "k2", "reason": "too-small", "detail": "1x1",
+                                                               "source": "a.tar:k2", "field": "image"}])):
+        w = store.begin("t", code_version=name, config={}, parents=[], schema=schema)
+        w.write_part("p0", table=pa.table({"key": ["k1"]}, schema=schema), rejects=rejects or None,
+                     rows_in=1 + len(rejects))
+        v = w.commit()
+        folder = store.full_url(f"{v.stage}/{v.id}")
+        result = eval(one_liner.replace("V/", folder + "/"), {"duckdb": duckdb, "glob": glob})
+        found[name] = None if result is None else result.fetchall()
+    assert found["clean-run"] is None
+    assert [r[0] for r in found["with-rejects"]] == ["k2"]
