@@ -326,14 +326,16 @@ def demo(out_dir: str = typer.Option("ram-demo", "--out", help="Folder for the w
     print_results(summary["results"])
     ev = summary["results"].get("evaluate")
     if ev is not None:
-        out.print("[bold]Data-engine ablation against the planted truth[/]")
+        out.print("[bold]Labels against the planted truth: each stage's label quality, and the models' mAP on "
+                  "held-out keys[/]")
         out.print(ev.version.manifest["metrics"]["markdown"])
         out.print("[bold]Cleaning: removed tags against the truth, per reason[/]")
         out.print(ev.version.manifest["metrics"].get("cleaning_removal_markdown", ""))
     if not world_only and summary.get("config"):
         record_last_demo(summary["config"])
     if summary.get("ablation") is not None:
-        out.print("[bold]Ablation: held-out mAP / P / R / F1 of a model per label version, mean ± std over seeds[/]")
+        out.print("[bold]Ablation: held-out mAP / P / R / F1 against the truth of a model per label version, "
+                  "mean ± std over seeds[/]")
         out.print(summary["ablation"].manifest["metrics"]["markdown"])
     out.print(f"store: {summary['store']}\nconfig: {summary['config']} (later commands use it: ram-engine ls, show, "
               f"report, run, serve; recorded in {last_demo_file()})\nreport: {summary['report']}\n"
