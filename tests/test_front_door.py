@@ -44,12 +44,12 @@ def folder_source(root: Path, n: int = 6) -> Path:
                                       for i in range(n)})
 
 
-def tar_source(path: Path, n: int = 5) -> Path:
+def tar_source(path: Path, n: int = 5, caption: str = "a photo of a bird on a branch number {i}") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tar:
         for i in range(n):
             for name, data in ((f"s{i}.jpg", image_bytes(color=(40 * i, 90, 200))),
-                               (f"s{i}.txt", f"a photo of a bird on a branch number {i}".encode())):
+                               (f"s{i}.txt", caption.format(i=i).encode())):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 import io
@@ -94,8 +94,12 @@ def test_init_looks_at_the_source_then_run_ingests_and_parses_it(kind, tmp_path,
     assert again.exit_code != 0 and "exists" in str(again.exception) and "--force" in str(again.exception)
 
 
-def test_init_says_when_no_sample_has_a_caption(tmp_path, monkeypatch):
-    src = write_folder_source(tmp_path / "bare", {f"x{i}.png": (image_bytes(fmt="PNG"), None) for i in range(3)})
+@pytest.mark.parametrize("kind", ["folder", "tar of empty .txt"])
+def test_init_says_when_no_sample_has_a_caption(kind, tmp_path, monkeypatch):
+    if kind == "folder":
+        src = write_folder_source(tmp_path / "bare", {f"x{i}.png": (image_bytes(fmt="PNG"), None) for i in range(3)})
+    else:
+        src = tar_source(tmp_path / "bare" / "0.tar", n=3, caption="")
     monkeypatch.chdir(tmp_path)
     out = invoke("init", "--source", str(src), "--samples", "3")
     assert out.exit_code == 0, out.output

@@ -88,12 +88,16 @@ def survey_source(cfg: EngineConfig, trial_samples: int = 8) -> Survey:
         if len(samples) >= trial_samples:
             break
     result.looked_at = len(samples)
-    result.with_captions = sum(1 for s in samples if s.captions and any(str(c).strip() for c in s.captions))
+    result.with_captions = sum(1 for s in samples if any(_text(c).strip() for c in s.captions or ()))
     result.problems.update(s.problem[0] for s in samples if s.problem)
     usable = [s for s in samples if s.problem is None and s.image is not None]
     if len(usable) >= 2:
         result.timings = time_first_stages(cfg, usable)
     return result
+
+
+def _text(caption) -> str:
+    return caption.decode("utf-8", "replace") if isinstance(caption, bytes) else str(caption)
 
 
 def _write_trial_folder(folder: Path, samples) -> None:
@@ -103,7 +107,7 @@ def _write_trial_folder(folder: Path, samples) -> None:
         for i, s in enumerate(samples):
             name = f"{i:06d}.{s.image_ext or 'jpg'}"
             (folder / name).write_bytes(s.image)
-            caps = [c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c) for c in s.captions or []]
+            caps = [_text(c) for c in s.captions or []]
             fh.write(json.dumps({"file": name, "captions": caps}) + "\n")
 
 
