@@ -77,6 +77,7 @@ def test_init_looks_at_the_source_then_run_ingests_and_parses_it(kind, tmp_path,
     assert f"format: {fmt}; {samples} sample(s)" in out.output
     assert "captions: 3 of the 3 sample(s) looked at have one" in out.output
     assert "ingest: ~" in out.output and "parse: ~" in out.output and "ms per sample" in out.output
+    assert "generate, ground, embed with the real models: ~" in out.output
     written = yaml.safe_load((work / "ram-engine.yaml").read_text())
     assert written["orchestration"]["until"] == "parse" and written["store"]["url"] == "./ram-data"
     text = (work / "ram-engine.yaml").read_text()

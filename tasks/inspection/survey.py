@@ -19,6 +19,10 @@ from pathlib import Path
 from tasks.engine.config import EngineConfig
 
 FIRST_STAGES = ("ingest", "parse")
+# The model stages cannot be timed without their models. CPU seconds per image measured with the real-size
+# models (RAM Swin-L 384, grounding-dino-tiny at 800 px, CLIP ViT-B/16) by the production-shaped test on a
+# 2-core CPU (docs/production.md): what these stages would cost on a CPU; a GPU is what they need.
+REAL_MODEL_CPU_S_PER_IMAGE = {"generate": 10.8, "ground": 34.3, "embed": 46.2}
 
 
 @dataclass
@@ -54,6 +58,10 @@ class Survey:
             out.append(f"{stage}: ~{format_seconds(t.estimate(self.samples))} for {self.samples} sample(s) on this "
                        f"machine ({t.per_sample_s * 1000:.0f} ms per sample + {t.fixed_s:.1f} s start-up, "
                        f"measured on {t.measured_on})")
+        per_image = sum(REAL_MODEL_CPU_S_PER_IMAGE.values())
+        out.append(f"generate, ground, embed with the real models: ~{format_seconds(per_image * self.samples)} of "
+                   f"CPU for {self.samples} sample(s) ({per_image:.0f} CPU s per image on a 2-core CPU, measured by "
+                   f"the production-shaped test: docs/production.md); a GPU is what they need")
         return out
 
 
