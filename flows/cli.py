@@ -321,7 +321,7 @@ def demo(out_dir: str = typer.Option("ram-demo", "--out", help="Folder for the w
     if world_only:
         record_last_demo(summary["config"])
         out.print(f"world of {images} images: {summary['world'].source}\nconfig: {summary['config']}\n"
-                  f"next: ram-engine -c {summary['config']} ingest")
+                  f"next: ram-engine ingest (later commands use this config; recorded in {last_demo_file()})")
         return
     print_results(summary["results"])
     ev = summary["results"].get("evaluate")
