@@ -504,6 +504,13 @@ def check(serve_: bool = typer.Option(False, "--serve", help="Also check the Pre
         console.print(f"[red]PROBLEM[/] {problem.line()}", soft_wrap=True)
     if report.problems:
         console.print(f"{len(report.problems)} problem(s): fix them before a run")
+        until = get_config().orchestration.until
+        if until:  # a project `init` started: say whether the part of the loop `run` runs is ready already
+            from flows.data_engine import STAGES
+
+            if until in STAGES and not check_config(get_config(), stages=STAGES[:STAGES.index(until) + 1]).problems:
+                console.print(f"`ram-engine run` stops after {until} (orchestration.until) and needs none of these: "
+                              f"it can run now")
         raise typer.Exit(1)
     out.print("the configuration is ready")
 

@@ -84,6 +84,9 @@ def test_init_looks_at_the_source_then_run_ingests_and_parses_it(kind, tmp_path,
     for model in ("generate.baseline", "ground.detector.model", "clean.embedder"):
         assert model in text   # each model the loop needs, with what to do where it is missing
 
+    check = invoke("check")   # the full loop's models are missing; the part `run` runs needs none of them
+    assert check.exit_code == 1 and "ground.detector.model" in check.output
+    assert "`ram-engine run` stops after parse (orchestration.until) and needs none of these" in check.output
     run = invoke("--engine", "local", "run")
     assert run.exit_code == 0, run.output
     assert "./ram-engine.yaml" in run.output and "until: parse" in run.output
