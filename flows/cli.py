@@ -470,13 +470,26 @@ def report(target: Optional[str] = typer.Argument(None, help="STAGE[@VERSION] (d
         version = next((store.open(s) for s in ("evaluate", "clean") if store.versions(s)), None)
         if version is None:
             raise StoreError(f"no evaluate or clean version in {store.url}; name a version: ram-engine report STAGE@V")
-    path = build_report(store, version, out_dir, truth_path=truth or cfg.evaluate.ground_truth)
+    path = build_report(store, version, out_dir, truth_path=truth or cfg.evaluate.ground_truth,
+                        ablation=ablation_of(store, version))
     if state.engine == "prefect":
         from flows.runtime import publish_report
 
         if key := publish_report(path, version):
             out.print(f"linked from the Prefect artifact {key}")
     out.print(f"report: {path}")
+
+
+def ablation_of(store: Store, version):
+    """The latest `ablation` version made from labels in `version`'s lineage (its verdict leads the report), or
+    None."""
+    from tasks.shared.lineage import lineage
+
+    if not store.versions("ablation"):
+        return None
+    latest = store.open("ablation")
+    made_from = {v.ref for _, v, _ in lineage(store, version) if v is not None}
+    return latest if set(latest.parents) & made_from else None
 
 
 @app.command()

@@ -403,3 +403,20 @@ def test_the_documented_duckdb_rejects_one_liner_runs_with_and_without_rejects(t
         found[name] = None if result is None else result.fetchall()
     assert found["clean-run"] is None
     assert [r[0] for r in found["with-rejects"]] == ["k2"]
+
+
+def test_report_command_finds_the_ablation_of_its_lineage(tmp_path):
+    """`ram-engine report` (not only the demo) puts the ablation's verdict first: the latest ablation made from
+    labels in the reported version's lineage; none from another lineage."""
+    from flows.cli import ablation_of
+    from storage import Store
+
+    store = Store(str(tmp_path / "s"))
+    images = _commit(store, "images")
+    clean = _commit(store, "clean", [images])
+    evaluate = _commit(store, "evaluate", [clean, images])
+    assert ablation_of(store, evaluate) is None
+    ablation = _commit(store, "ablation", [clean, images])
+    assert ablation_of(store, evaluate).id == ablation.id
+    lone = store.begin("images", code_version="other", config={}, parents=[]).commit()   # another lineage
+    assert ablation_of(store, lone) is None

@@ -263,9 +263,12 @@ def test_wide_report_fits_1400_px_and_leads_with_the_verdict(tmp_path, chromium)
     boxes = status["crop_labels"]
     assert len(boxes) == 12
     for i, a in enumerate(boxes):
+        assert a[2] - a[0] <= 100, a                 # a caption wraps under its crop, not beside the next one
         for b in boxes[i + 1:]:
             overlap = a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
             assert not overlap, (a, b)
+            if a[1] < b[3] and b[1] < a[3]:          # side by side: a visible gap between the two captions
+                assert b[0] - a[2] >= 8 or a[0] - b[2] >= 8, (a, b)
 
 
 def test_a_table_wider_than_the_page_is_transposed_with_the_gain_beside_the_labels(tmp_path):

@@ -254,8 +254,8 @@ del.removed{background:#fbdede;color:#a00000}.wrong{box-shadow:inset 0 -2px 0 #e
 padding:4px;margin:4px}.crop{display:inline-block;text-align:center;font-size:.75em;margin:2px}
 .crop img{border:3px solid #9c9}.crop.outlier img{border-color:#d22}.crop.wrong-label span.badge{color:#d22}
 .legend{font-size:.9em;color:#555}.reason{font-size:.8em;color:#a00000}.figures{display:flex;flex-wrap:wrap;gap:12px}ul.notes li{margin:4px 0}
-table{max-width:100%}td,th{overflow-wrap:anywhere}.crop{vertical-align:top}
-.crop span{display:block;overflow-wrap:anywhere;line-height:1.2}
+table{max-width:100%}td,th{overflow-wrap:anywhere}
+.crop{vertical-align:top;width:100px;margin:2px 6px}.crop span{display:block;overflow-wrap:anywhere;line-height:1.2}
 .verdict{font-size:1.1em;padding:8px 12px;margin:6px 0;border-left:6px solid #999;background:#f7f7f7}
 .verdict.yes{border-color:#2a8a2a}.verdict.no{border-color:#c07000}.verdict b{font-size:1.1em}
 """
