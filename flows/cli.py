@@ -33,6 +33,7 @@ class State:
     store_url: Optional[str] = None
     engine: str = "prefect"
     debug: bool = False
+    verbose: bool = False
 
 
 state = State()
@@ -40,32 +41,128 @@ state = State()
 
 @app.callback()
 def main_options(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (default: the demo config)."),
-    set_: list[str] = typer.Option([], "--set", "-s", help="Override a field: section.field=value (repeatable)."),
-    store: Optional[str] = typer.Option(None, "--store", help="Store URL (overrides store.url)."),
-    engine: str = typer.Option("prefect", "--engine", help="prefect: run as Prefect flows; local: run inline."),
+    config: Optional[str] = typer.Option(
+        None, "--config", "-c", metavar="FILE|NAME",
+        help="YAML config, or a shipped config's name (demo, production). Default: $RAM_ENGINE_CONFIG, else "
+             "./ram-engine.yaml, else the last `ram-engine demo`'s, else the shipped demo config."),
+    set_: list[str] = typer.Option([], "--set", "-s", metavar="FIELD=VALUE",
+                                   help="Override a field: section.field=value (repeatable)."),
+    store: Optional[str] = typer.Option(None, "--store", metavar="URL", help="Store URL (overrides store.url)."),
+    engine: str = typer.Option("prefect", "--engine", metavar="prefect|local",
+                               help="prefect: run as Prefect flows; local: run inline."),
     debug: bool = typer.Option(False, "--debug", help="Print the full traceback of an error."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Every log line: each training step's loss, "
+                                 "the threads each stage uses, third-party libraries' messages."),
 ) -> None:
     state.config_path, state.overrides, state.store_url, state.engine = config, list(set_), store, engine
-    state.debug = debug
+    state.debug, state.verbose = debug, verbose
     if engine not in ("prefect", "local"):
         raise typer.BadParameter("--engine must be 'prefect' or 'local'")
+    if verbose:
+        from tasks.engine.progress import set_verbose
+
+        set_verbose(True)
+
+
+# --------------------------------------------------------------------------- which config
+CONFIG_ENV = "RAM_ENGINE_CONFIG"
+LOCAL_CONFIG = "ram-engine.yaml"
+
+
+def last_demo_file() -> Path:
+    """The small state file that records the config of the last `ram-engine demo` (beside the model cache)."""
+    from tasks.shared.models import cache_dir
+
+    return cache_dir() / "last-demo.json"
+
+
+def record_last_demo(config_file: str) -> None:
+    path = last_demo_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"config": str(Path(config_file).resolve())}) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:  # the demo's own results are what matters; later commands can still pass -c
+        console.print(f"note: could not record the demo's config in {path} ({exc.strerror or exc}); "
+                      f"pass -c {config_file} to later commands")
+
+
+def last_demo_config() -> Optional[str]:
+    try:
+        recorded = json.loads(last_demo_file().read_text(encoding="utf-8")).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, str) and Path(recorded).is_file() else None
+
+
+def config_choice() -> tuple[Optional[str], str]:
+    """The config a command uses and why, in the order users expect: --config, $RAM_ENGINE_CONFIG,
+    ./ram-engine.yaml (what `ram-engine init` writes), the last demo's, the shipped demo config."""
+    if state.config_path:
+        return state.config_path, "given"
+    if os.environ.get(CONFIG_ENV):
+        return os.environ[CONFIG_ENV], f"${CONFIG_ENV}"
+    if Path(LOCAL_CONFIG).is_file():
+        return str(Path(LOCAL_CONFIG).resolve()), f"./{LOCAL_CONFIG}"
+    if last := last_demo_config():
+        return last, f"the last demo's, recorded in {last_demo_file()}"
+    return None, ("default: the demo config (shipped); for your own data write ./ram-engine.yaml with "
+                  "`ram-engine init --source PATH`, for production pass -c production")
 
 
 def get_config() -> EngineConfig:
     overrides = list(state.overrides)
     if state.store_url:
         overrides.append(f"store.url={state.store_url}")
-    return load_config(state.config_path, overrides)
+    return load_config(config_choice()[0], overrides)
 
 
 def announce_config() -> None:
-    """Say which config a long-running command uses (never a silent fallback to the demo's)."""
+    """Say which config a long-running command uses and why (never a silent fallback to the demo's)."""
     from tasks.engine.config import resolve_config
 
-    how = "given" if state.config_path else "default: the demo config; production runs pass -c production"
-    console.print(f"config: {resolve_config(state.config_path)} ({how})"
+    path, how = config_choice()
+    console.print(f"config: {resolve_config(path)} ({how})"
                   + (f", overrides: {' '.join(state.overrides)}" if state.overrides else ""))
+
+
+# Options of the whole program that may also come after the command (`ram-engine check -c production`).
+GLOBAL_VALUE_OPTIONS = ("--config", "-c", "--set", "-s", "--store", "--engine")
+GLOBAL_FLAGS = ("--debug", "--verbose", "-v")
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """`args` with the global options found after the command moved before it, where click reads them; the
+    command's own options and arguments keep their order, and nothing after `--` moves."""
+    i = 0
+    while i < len(args):  # find the command: the first word that is neither a global option nor its value
+        a = args[i]
+        if a in GLOBAL_VALUE_OPTIONS:
+            i += 2
+        elif a.startswith("-"):
+            i += 1
+        else:
+            break
+    if i >= len(args):
+        return list(args)
+    head, rest, moved = list(args[:i + 1]), [], []
+    j = i + 1
+    while j < len(args):
+        a = args[j]
+        if a == "--":
+            rest += args[j:]
+            break
+        if a in GLOBAL_VALUE_OPTIONS and j + 1 < len(args):
+            moved += args[j:j + 2]
+            j += 2
+            continue
+        if a in GLOBAL_FLAGS or any(a.startswith(o + "=") for o in GLOBAL_VALUE_OPTIONS if o.startswith("--")):
+            moved.append(a)
+        else:
+            rest.append(a)
+        j += 1
+    return head[:-1] + moved + head[-1:] + rest
 
 
 def get_store(cfg: EngineConfig | None = None, *, must_exist: bool = False) -> Store:
@@ -74,7 +171,8 @@ def get_store(cfg: EngineConfig | None = None, *, must_exist: bool = False) -> S
     cfg = cfg or get_config()
     store = Store(cfg.store.url, **cfg.store.storage_options)
     if must_exist and not store.exists():
-        where = f" (config {state.config_path})" if state.config_path else ""
+        path, how = config_choice()
+        where = f" (config {path}: {how})" if path else f" ({how})"
         raise StoreError(f"no store at {store.full_url('').rstrip('/')}{where}: check store.url or --store, "
                          f"or run `ram-engine run` / `ram-engine demo` to create one")
     return store
@@ -167,13 +265,35 @@ def print_results(results: dict) -> None:
 @app.command()
 def run(from_stage: Optional[str] = typer.Option(None, "--from", help="First stage (earlier ones: latest versions)."),
         until_stage: Optional[str] = typer.Option(None, "--until", help="Last stage."),
-        source: Optional[str] = typer.Option(None, help="Ingest source (default: ingest.source).")) -> None:
+        source: Optional[str] = typer.Option(None, help="Ingest source (default: ingest.source)."),
+        skip_check: bool = typer.Option(False, "--skip-check", help="Start without `check` (it opens every "
+                                        "component the stages to run need, in seconds).")) -> None:
     """Run the data-engine loop (or part of it): ingest, parse, baseline, generate, ground, embed, clean,
-    train, evaluate."""
-    from flows.data_engine import data_engine_flow
+    train, evaluate. `check` runs first, for the stages that will run: a problem stops it in seconds."""
+    from flows.data_engine import STAGES, data_engine_flow
 
     announce_config()
     cfg = get_config()
+    until_stage = until_stage or cfg.orchestration.until
+    if until_stage and not from_stage and cfg.orchestration.until == until_stage:
+        console.print(f"until: {until_stage} (orchestration.until; --until STAGE for another, the models the "
+                      f"later stages need: ram-engine check)")
+    if not skip_check:
+        from tasks.inspection.check import check_config
+
+        for name in (from_stage, until_stage):
+            if name is not None and name not in STAGES:
+                raise ValueError(f"{name!r} is not a stage; stages: {', '.join(STAGES)}")
+        first = STAGES.index(from_stage) if from_stage else 0
+        last = STAGES.index(until_stage) if until_stage else len(STAGES) - 1
+        report = check_config(cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"source": source})})
+                              if source else cfg, stages=STAGES[first:last + 1])
+        if report.problems:
+            for problem in report.problems:
+                console.print(f"[red]PROBLEM[/] {problem.line()}", soft_wrap=True)
+            console.print(f"{len(report.problems)} problem(s) found before any work (`ram-engine check` lists "
+                          f"them again): fix them, or run the stages that need nothing missing with --until STAGE")
+            raise typer.Exit(1)
     kwargs = dict(from_stage=from_stage, until_stage=until_stage, source=source)
     with progress_bar() as update:
         if state.engine == "prefect":
@@ -200,21 +320,66 @@ def demo(out_dir: str = typer.Option("ram-demo", "--out", help="Folder for the w
         summary = run_demo(out_dir, n_images=images, seed=seed, engine=state.engine, config_path=state.config_path,
                            overrides=state.overrides, say=out.print, world_only=world_only, progress=update)
     if world_only:
+        record_last_demo(summary["config"])
         out.print(f"world of {images} images: {summary['world'].source}\nconfig: {summary['config']}\n"
-                  f"next: ram-engine -c {summary['config']} ingest")
+                  f"next: ram-engine ingest (later commands use this config; recorded in {last_demo_file()})")
         return
     print_results(summary["results"])
     ev = summary["results"].get("evaluate")
     if ev is not None:
-        out.print("[bold]Data-engine ablation against the planted truth[/]")
+        out.print("[bold]Labels against the planted truth: each stage's label quality, and the models' mAP on "
+                  "held-out keys[/]")
         out.print(ev.version.manifest["metrics"]["markdown"])
         out.print("[bold]Cleaning: removed tags against the truth, per reason[/]")
         out.print(ev.version.manifest["metrics"].get("cleaning_removal_markdown", ""))
+    if not world_only and summary.get("config"):
+        record_last_demo(summary["config"])
     if summary.get("ablation") is not None:
-        out.print("[bold]Ablation: held-out mAP / P / R / F1 of a model per label version, mean ± std over seeds[/]")
+        out.print("[bold]Ablation: held-out mAP / P / R / F1 against the truth of a model per label version, "
+                  "mean ± std over seeds[/]")
         out.print(summary["ablation"].manifest["metrics"]["markdown"])
-    out.print(f"store: {summary['store']}\nconfig: {summary['config']}\nreport: {summary['report']}\n"
+    out.print(f"store: {summary['store']}\nconfig: {summary['config']} (later commands use it: ram-engine ls, show, "
+              f"report, run, serve; recorded in {last_demo_file()})\nreport: {summary['report']}\n"
               f"total {summary['seconds'] / 60:.1f} min")
+
+
+@app.command()
+def init(source: str = typer.Option(..., "--source", metavar="PATH", help="Your data: a folder of images with "
+                                    "captions.jsonl / captions.csv, an img2dataset output folder, or WebDataset "
+                                    "tars (a glob or brace pattern too)."),
+         out_file: str = typer.Option(LOCAL_CONFIG, "--out", metavar="FILE", help="The config to write."),
+         stand_ins: bool = typer.Option(False, "--stand-ins", help="Name the demo's tiny models for RAM, Grounding "
+                                        "DINO and CLIP, so the whole loop runs on a CPU (its labels mean little)."),
+         samples: int = typer.Option(8, help="Samples to time ingest and parse on."),
+         force: bool = typer.Option(False, "--force", help="Replace an existing config file.")) -> None:
+    """Start a project on your own data: look at the source (format, samples, captions), time ingest and parse
+    on a few samples here, and write ./ram-engine.yaml naming each model the loop needs (later commands find
+    it). Without models `ram-engine run` then stops after parse; --stand-ins runs the whole loop."""
+    from tasks.inspection.survey import init_config_text, survey_source, write_init_config
+
+    path = Path(out_file)
+    if path.exists() and not force:
+        raise ConfigError(f"{path} exists: rerun with --force to replace it, or edit it")
+    from tasks.engine.config import _set_dotted, parse_override
+
+    data: dict = {"ingest": {"source": source}}   # the defaults, not the demo's: init is for real data
+    for text in state.overrides:
+        _set_dotted(data, *parse_override(text))
+    cfg = EngineConfig.model_validate(data)
+    console.print(f"looking at {source} (ingest and parse on {samples} samples, in a temporary store)")
+    survey = survey_source(cfg, trial_samples=samples)
+    for line in survey.lines():
+        out.print(line, markup=False, highlight=False)
+    if not survey.with_captions:
+        console.print("warning: none of the samples looked at has a caption; parse makes tags from captions, so "
+                      "every sample would be rejected (captions.jsonl: {\"file\": ..., \"caption\": ...})")
+    written = write_init_config(path, init_config_text(source, path.resolve().parent, survey, stand_ins), force)
+    out.print(f"config: {written}")
+    here = path.resolve().parent == Path.cwd().resolve() and path.name == LOCAL_CONFIG
+    prefix = "ram-engine" if here else f"ram-engine -c {written}"
+    out.print("next: " + (f"{prefix} run  (the whole loop with the stand-ins), then {prefix} report" if stand_ins else
+                          f"{prefix} run  (ingest and parse), then {prefix} show parsed; {prefix} check says "
+                          f"what the later stages need"))
 
 
 @app.command()
@@ -306,13 +471,26 @@ def report(target: Optional[str] = typer.Argument(None, help="STAGE[@VERSION] (d
         version = next((store.open(s) for s in ("evaluate", "clean") if store.versions(s)), None)
         if version is None:
             raise StoreError(f"no evaluate or clean version in {store.url}; name a version: ram-engine report STAGE@V")
-    path = build_report(store, version, out_dir, truth_path=truth or cfg.evaluate.ground_truth)
+    path = build_report(store, version, out_dir, truth_path=truth or cfg.evaluate.ground_truth,
+                        ablation=ablation_of(store, version))
     if state.engine == "prefect":
         from flows.runtime import publish_report
 
         if key := publish_report(path, version):
             out.print(f"linked from the Prefect artifact {key}")
     out.print(f"report: {path}")
+
+
+def ablation_of(store: Store, version):
+    """The latest `ablation` version made from labels in `version`'s lineage (its verdict leads the report), or
+    None."""
+    from tasks.shared.lineage import lineage
+
+    if not store.versions("ablation"):
+        return None
+    latest = store.open("ablation")
+    made_from = {v.ref for _, v, _ in lineage(store, version) if v is not None}
+    return latest if set(latest.parents) & made_from else None
 
 
 @app.command()
@@ -340,6 +518,13 @@ def check(serve_: bool = typer.Option(False, "--serve", help="Also check the Pre
         console.print(f"[red]PROBLEM[/] {problem.line()}", soft_wrap=True)
     if report.problems:
         console.print(f"{len(report.problems)} problem(s): fix them before a run")
+        until = get_config().orchestration.until
+        if until:  # a project `init` started: say whether the part of the loop `run` runs is ready already
+            from flows.data_engine import STAGES
+
+            if until in STAGES and not check_config(get_config(), stages=STAGES[:STAGES.index(until) + 1]).problems:
+                console.print(f"`ram-engine run` stops after {until} (orchestration.until) and needs none of these: "
+                              f"it can run now")
         raise typer.Exit(1)
     out.print("the configuration is ready")
 
@@ -408,10 +593,19 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
         return
     out.print(f"[bold]{stage}@{v.id}[/]  created {m['created']}  code {m['code_version']}")
     out.print(f"parents: {', '.join(m['parents']) or '(none)'}")
-    out.print(f"rows in {m['rows_in']} = out {m['rows_out']} + rejected {m['rows_rejected']}; "
-              f"{counted(len(m['parts']), 'part')} ({m['parts_written']} written, {m['parts_reused']} shared with "
-              f"earlier versions), {counted(len(m['files']), 'file')}, {sum(f['bytes'] for f in m['files'])} bytes")
-    out.print("[bold]schema[/]\n" + m["schema"])
+    tabular = has_table(m)
+    if tabular:
+        out.print(f"rows in {m['rows_in']} = out {m['rows_out']} + rejected {m['rows_rejected']}; "
+                  f"{counted(len(m['parts']), 'part')} ({m['parts_written']} written, {m['parts_reused']} shared "
+                  f"with earlier versions), {counted(len(m['files']), 'file')}, "
+                  f"{sum(f['bytes'] for f in m['files'])} bytes")
+        out.print("[bold]schema[/]\n" + m["schema"])
+    else:  # a model or a label system: files, no rows (its "rows 0 -> 0" and empty schema said nothing)
+        out.print(f"{counted(len(m['parts']), 'part')} ({m['parts_written']} written, {m['parts_reused']} shared "
+                  f"with earlier versions), {counted(len(m['files']), 'file')}, "
+                  f"{sum(f['bytes'] for f in m['files'])} bytes, no table: "
+                  + ", ".join(f["path"].rsplit("/", 1)[-1] for f in m["files"][:12])
+                  + (" …" if len(m["files"]) > 12 else ""), markup=False, highlight=False)
     out.print(f"path: {store.full_url(f'{v.stage}/{v.id}')}")
     if m.get("metrics"):
         out.print("[bold]metrics[/] (counters: most frequent first)")
@@ -427,7 +621,7 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
                 out.print(t)
                 continue
             out.print(f"  {key}: {value}", markup=False, highlight=False)
-    if rows:
+    if rows and tabular:
         table = v.read_table().slice(0, rows)
         names = tag_names_for(store, v) if any(c in table.column_names for c in ("tag_ids", "tag_id")) else None
         out.print("[bold]sample rows[/]" + (" (tag ids with their names)" if names else ""))
@@ -439,6 +633,11 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
             out.print("[bold]sample rejects[/]")
             for row in rejects.to_pylist():
                 out.print(f"  {row['key']}: {row['reason']} ({row['field']}) {row['detail'] or ''}"[:300])
+
+
+def has_table(manifest: dict) -> bool:
+    """Whether a version holds rows (Parquet parts or rejects); models and label systems hold files only."""
+    return bool(manifest["rows_in"] or any(f.get("kind") in ("table", "rejects") for f in manifest["files"]))
 
 
 def _shortened(value, max_items: int = 20, max_chars: int = 160):
@@ -513,7 +712,9 @@ def lineage_command(target: str = typer.Argument(..., help="STAGE@VERSION")) -> 
         detail = ""
         if v is not None:
             m = v.manifest
-            detail = f"  rows {m['rows_in']} -> {m['rows_out']} (+{m['rows_rejected']} rejected)  {m['created'][:19]}"
+            size = (f"rows {m['rows_in']} -> {m['rows_out']} (+{m['rows_rejected']} rejected)" if has_table(m)
+                    else f"{counted(len(m['files']), 'file')}, no table")
+            detail = f"  {size}  {m['created'][:19]}"
         out.print("  " * depth + ("└─ " if depth else "") + ref_text + detail)
 
 
@@ -540,11 +741,34 @@ def diff_command(a: str = typer.Argument(..., help="STAGE@A"), b: str = typer.Ar
     out.print(table)
 
 
+def _plain_flags_in_help() -> None:
+    """typer's help prints a flag's type (`--debug <bool>`) as if it took a value: a flag shows no type."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_flags_plain", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._flags_plain = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_plain_flags_in_help()
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     # Progress of long work (stages, training steps) at INFO; RAM_ENGINE_LOG=WARNING quiets it.
     for name in ("ram_engine", "ram_model"):
         logging.getLogger(name).setLevel(os.environ.get("RAM_ENGINE_LOG", "INFO"))
+    from tasks.engine.progress import quiet_by_default
+
+    quiet_by_default()
+    # Global options may follow the command too: `ram-engine check -c production`.
+    sys.argv[1:] = hoist_global_options(sys.argv[1:])
     # Prefect's temporary local server can take a while to start on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.temp_server import quiet_prefect

@@ -46,6 +46,9 @@ def route_logs_to_prefect() -> None:
             if in_prefect_run():
                 super().emit(record)
 
+    from tasks.engine.progress import quiet_by_default
+
+    quiet_by_default()   # a served or worker run's process too: no per-step trainer lines, no third-party bars
     level = os.environ.get("RAM_ENGINE_LOG", "INFO")
     for name in OUR_LOGGERS:
         logger = logging.getLogger(name)

@@ -169,3 +169,14 @@ def demo_loop_copy(demo_loop_session, tmp_path, request):
     results = {k: replace(r, version=store.open_ref(r.version.ref)) for k, r in shared.results.items()}
     yield CompletedLoop(cfg, results, shared.demo)
     _unchanged(shared, before, request.node.nodeid)
+
+
+@pytest.fixture(autouse=True)
+def _no_discovered_config(monkeypatch, tmp_path_factory):
+    """A developer's own last demo (recorded under ~/.cache/ram-engine) or $RAM_ENGINE_CONFIG must not change
+    which config a test's command uses; tests of that discovery point it at their own files."""
+    import flows.cli
+
+    monkeypatch.delenv("RAM_ENGINE_CONFIG", raising=False)
+    empty = tmp_path_factory.getbasetemp() / "no-recorded-demo" / "last-demo.json"
+    monkeypatch.setattr(flows.cli, "last_demo_file", lambda: empty)

@@ -1,4 +1,4 @@
-"""What a command writes outside its output folder: only the places the README names (training work
+"""What a command writes outside its output folder: only the places docs/demo.md names (training work
 and model copies under ~/.cache/ram-engine, Prefect's home under ~/.prefect), and both move with
 their environment variables. Run as a user would, with HOME pointed at an empty folder."""
 from __future__ import annotations

@@ -91,9 +91,12 @@ def test_torch_threads_is_a_validated_setting():
         load_config(None, ["orchestration.torch_threads=0"])
 
 
-def test_trainer_step_lines_carry_rate_and_eta(tmp_path, caplog):
-    """The trainer logs steps with steps/s and an ETA (what the Prefect UI and the console show)."""
+def test_trainer_step_lines_carry_rate_and_eta(tmp_path, caplog, monkeypatch):
+    """The trainer logs steps with steps/s and an ETA (what --verbose shows beside the stage's progress line)."""
     from ram_model.trainer import LoopConfig, train
+    from tasks.engine import progress
+
+    monkeypatch.setattr(progress, "_verbose", [True])
     from tests.test_train_helpers import make_model, stream_factory, write_shards
 
     shards = write_shards(tmp_path / "shards", n_shards=1, per_shard=8)[0]

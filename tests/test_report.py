@@ -18,6 +18,7 @@ from tasks.shared.truth import load_ground_truth
 from tasks.inspection.report import BoxView, CropView, ReportData, SampleView, StageSummary, bar_chart, render_report
 
 EVIL = '<script>alert("x")</script>&"'
+WINDOW_PX = 1400   # the width the report must fit (a laptop screen)
 
 # Written into the page only for the test: it records, after every image has loaded or failed,
 # what the browser made of the page.
@@ -38,6 +39,10 @@ window.addEventListener('load', () => {
     changes: [...document.querySelectorAll('table.changes tbody tr')].map(r => [...r.cells].map(c => c.textContent)),
     change_head: [...document.querySelectorAll('table.changes thead th')].map(c => c.textContent),
     eval_head: [...document.querySelectorAll('table.evaluation thead th')].map(c => c.textContent),
+    width: document.documentElement.scrollWidth, window_width: window.innerWidth,
+    verdicts: q('.verdict'),
+    crop_labels: [...document.querySelectorAll('.crop span:first-of-type')].map(e => {
+      const b = e.getBoundingClientRect(); return [b.left, b.top, b.right, b.bottom]; }),
   };
   const pre = document.createElement('pre');
   pre.id = 'probe';
@@ -62,7 +67,8 @@ def chromium(tmp_path_factory):
         profile = tmp_path_factory.mktemp("chromium-profile")
         cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-               f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
+               f"--user-data-dir={profile}", "--virtual-time-budget=10000", f"--window-size={WINDOW_PX},1000",
+               "--dump-dom", probe.as_uri()]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         m = re.search(r'<pre id="probe">(.*?)</pre>', res.stdout, re.S)
         assert m, f"chromium printed no probe (rc {res.returncode}): {res.stderr[-2000:]}"
@@ -166,7 +172,8 @@ def test_report_renders_in_chromium(report_data, tmp_path, chromium):
     assert "the detector is a tiny random one" in status["notes"]
     # The page leads with the evaluation (stage first, then the quality figures) and what changed per tag.
     assert status["sections"][:2] == ["evaluation", "changes"]
-    assert status["eval_head"][:7] == ["stage", "n_keys", "labels_per_key", "precision", "recall", "f1", "tp"]
+    assert status["eval_head"][:7] == ["stage", "n_keys", "labels_per_key", "precision vs truth", "recall vs truth",
+                                       "F1 vs truth", "tp"]
     assert status["change_head"] == ["tag", "added", "removed: no-box", "removed: outlier", "net"]
     assert status["changes"][0] == ["red", "1", "9", "0", "-8"] and status["changes"][1] == ["circle", "5", "0", "2", "3"]
     # Each removed tag says why cleaning removed it.
@@ -223,3 +230,51 @@ def test_removal_and_ablation_tables_lead_with_their_figures(tmp_path):
     assert head("cleaning-removal") == ["reason", "removal_precision", "removal_recall", "removed", "removed_wrong",
                                         "wrong_localisable_in", "base_rate"]
     assert head("ablation") == ["labels", "version", "seeds", "precision", "recall", "f1", "mAP", "attribute_f1"]
+
+
+def _ablation_rows(groups=("attribute", "object", "scene", "action", "colour", "shape")) -> list[dict]:
+    """Summary rows as tasks.stages.ablation.summarise writes them: ~20 figures per label version."""
+    rows = []
+    for i, labels in enumerate(("parsed", "parsed+generated", "cleaned")):
+        r = {"labels": labels, "labels_ref": f"{labels.split('+')[0]}/{'0123456789abcdef' * 2}", "seeds": 3}
+        for m in ("mAP", "precision", "recall", "f1", *(f"{g}_f1" for g in groups), *(f"{g}_mAP" for g in groups)):
+            r[f"{m}_mean"], r[f"{m}_std"] = 0.70 + 0.02 * i, 0.004
+        if i:
+            r |= {"mAP_gain": 0.02 * i, "mAP_gain_std": 0.006 * i, "gain_over_2std": i == 2}
+        rows.append(r)
+    return rows
+
+
+def test_wide_report_fits_1400_px_and_leads_with_the_verdict(tmp_path, chromium):
+    """The ablation (20 figures per label version) ran to ~2,530 px, the column that answers "did cleaning
+    help?" off-screen; now the page fits the window, opens with the verdict the CLI prints, and crop captions
+    (long keys) do not run into each other."""
+    crops = {"circle": [CropView(key=f"part-{'a' * 30}-{i:04d}", image=_png(Image.new("RGB", (20, 12), (9, 9, 9))),
+                                 cluster=0, distance=0.1 * i) for i in range(12)]}
+    data = ReportData(title="wide", ablation=_ablation_rows(), crops_by_tag=crops,
+                      ablation_note="Scored on 180 held-out keys with ground truth.")
+    status = chromium(render_report(data, tmp_path / "r"))
+    assert status["window_width"] == WINDOW_PX
+    assert status["width"] <= WINDOW_PX, f"the page is {status['width']} px wide"
+    assert status["sections"][0] == "verdict"
+    assert len(status["verdicts"]) == 2
+    assert status["verdicts"][0].startswith("parsed+generated: no") and "+0.020 ± 0.006" in status["verdicts"][0]
+    assert status["verdicts"][1].startswith("cleaned: yes") and "+0.040 ± 0.012" in status["verdicts"][1]
+    boxes = status["crop_labels"]
+    assert len(boxes) == 12
+    for i, a in enumerate(boxes):
+        assert a[2] - a[0] <= 100, a                 # a caption wraps under its crop, not beside the next one
+        for b in boxes[i + 1:]:
+            overlap = a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+            assert not overlap, (a, b)
+            if a[1] < b[3] and b[1] < a[3]:          # side by side: a visible gap between the two captions
+                assert b[0] - a[2] >= 8 or a[0] - b[2] >= 8, (a, b)
+
+
+def test_a_table_wider_than_the_page_is_transposed_with_the_gain_beside_the_labels(tmp_path):
+    page = render_report(ReportData(title="t", ablation=_ablation_rows()), tmp_path / "r").read_text()
+    table = page.split('<table class="ablation transposed">', 1)[1].split("</table>", 1)[0]
+    assert re.findall(r"<th>([^<]*)</th>", table)[:5] == ["labels", "parsed", "parsed+generated", "cleaned", "version"]
+    heads = re.findall(r"<tr><th>([^<]*)</th>", table)
+    assert heads[:4] == ["labels", "version", "seeds", "mAP gain ± paired std (&gt; 2 std)"]   # labels: the head row
+    assert "+0.040 ± 0.012 (yes)" in table and "+0.020 ± 0.006 (no)" in table

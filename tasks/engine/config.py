@@ -29,12 +29,16 @@ def resolve_config(name_or_path: str | Path | None) -> Path:
     if name_or_path is None:
         name_or_path = DEFAULT_CONFIG_NAME
     path = Path(name_or_path)
-    if path.exists():  # a file, or a directory that _read_yaml reports as such
+    if path.is_file():
         return path
     shipped = packaged_configs()
     name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    # A name is a shipped config only where no file of that name exists; a folder never shadows it
+    # (`ram-engine demo --out demo` makes ./demo, and `-c demo` must still mean the shipped config).
     if str(path.parent) == "." and name in shipped:
         return shipped[name]
+    if path.exists():  # a directory (or a special file): _read_yaml says what it is
+        return path
     raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a shipped config; shipped: "
                       f"{', '.join(sorted(shipped))} (ram-engine -c NAME), or give the path of a YAML file")
 
@@ -257,6 +261,9 @@ class OrchestrationConfig(Section):
                                                       # since the images its latest model was trained on
     gpu_concurrency_limit: int = Field(1, ge=1)       # GPU stage slots at once (one per device)
     gpu_limit_name: str = Field("ram-gpu", min_length=1)
+    # The last stage `ram-engine run` runs when --until is not given (None: the whole loop). `ram-engine init`
+    # sets `parse` where the models the later stages need are not there yet: ingest and parse work anywhere.
+    until: str | None = None
 
 
 class EngineConfig(Section):

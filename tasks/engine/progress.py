@@ -16,6 +16,45 @@ from ram_model.trainer import format_duration
 log = logging.getLogger("ram_engine")
 
 
+# --------------------------------------------------------------------------- quiet by default
+_verbose = [False]
+
+
+class TrainerStepLines(logging.Filter):
+    """The trainer logs a line every 1 % of its steps; a stage's training progress line (StageProgress, every
+    ~10 s with rate and ETA) already says the same, so the trainer's own lines show at --verbose only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _verbose[0] or not (record.levelno == logging.INFO and str(record.msg).startswith("step "))
+
+
+def quiet_by_default() -> None:
+    """Progress lines, warnings and errors only: no per-step trainer lines, no third-party progress bars
+    (transformers / huggingface_hub read the variable when they are imported; a loaded transformers is told
+    too). Idempotent; `set_verbose(True)` undoes it."""
+    trainer = logging.getLogger("ram_model.trainer")
+    if not any(isinstance(f, TrainerStepLines) for f in trainer.filters):
+        trainer.addFilter(TrainerStepLines())
+    if _verbose[0]:
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import sys
+
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def set_verbose(on: bool) -> None:
+    """--verbose: every log line of ours at DEBUG and up, the trainer's per-step lines, third-party bars."""
+    _verbose[0] = on
+    for name in ("ram_engine", "ram_model"):
+        logging.getLogger(name).setLevel(logging.DEBUG if on else os.environ.get("RAM_ENGINE_LOG", "INFO"))
+    if on and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":
+        os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS")
+
+
 class ProgressLog:
     """`update(what, done, total)` logs "what: done/total unit (pct), rate unit/s, ETA h:mm:ss" at most
     every `every_s` seconds per `what` (and always for the first and the last unit)."""
@@ -92,6 +131,13 @@ def apply_torch_threads(requested: int | None, workers: int = 1) -> int:
         return n
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
-    log.info("torch uses %d thread(s) (%d core(s) available, %d worker(s)%s)", n, available_cores(), workers,
-             "" if not requested else ", set by orchestration.torch_threads")
+    # Said once per process and choice (every stage sets it again; a line before each stage was noise).
+    choice = (n, workers, bool(requested))
+    (log.info if choice not in _threads_said else log.debug)(
+        "torch uses %d thread(s) (%d core(s) available, %d worker(s)%s)", n, available_cores(), workers,
+        "" if not requested else ", set by orchestration.torch_threads")
+    _threads_said.add(choice)
     return n
+
+
+_threads_said: set[tuple[int, int, bool]] = set()

@@ -379,13 +379,25 @@ def check_training_space(cfg: EngineConfig, report: CheckReport, store_ok: bool)
                          f"checkpoints of {ref}")
 
 
-def check_config(cfg: EngineConfig, serve: bool = False) -> CheckReport:
-    """Open every component `cfg` names; the report lists what opened and each problem."""
+ALL_STAGES = ("ingest", "parse", "baseline", "generate", "ground", "embed", "clean", "train", "evaluate")
+
+
+def check_config(cfg: EngineConfig, serve: bool = False, stages: tuple[str, ...] | None = None) -> CheckReport:
+    """Open every component `cfg` names; the report lists what opened and each problem. `stages`: only what
+    those stages need (`ram-engine run --until parse` needs no detector); None: every stage."""
+    need = set(stages if stages is not None else ALL_STAGES)
     report = CheckReport()
     check_store(cfg, report)
     store_ok = not report.problems
-    check_source(cfg, report)
+    if "ingest" in need:
+        check_source(cfg, report)
+    if not need & {"parse", "baseline", "generate", "train"}:
+        check_orchestration(cfg, report, serve)
+        return report
     labels = check_labels(cfg, report)
+    if not need & {"baseline", "generate", "ground", "embed", "clean", "train", "evaluate"}:
+        check_orchestration(cfg, report, serve)
+        return report
     baseline_stage = f"models/{cfg.generate.baseline_name}"
     made_here = {f"models/{cfg.train.name}"}
     if cfg.generate.baseline is None:
@@ -404,11 +416,13 @@ def check_config(cfg: EngineConfig, serve: bool = False) -> CheckReport:
                        "baseline's tag list as the label system")
         else:
             report.ok.append(f"baseline tags vs parse.labels: all {len(tags)} in the label system")
-    if cfg.train.init:
+    if cfg.train.init and "train" in need:
         check_model_ref(cfg.train.init, cfg, report, "train.init", store_ok, made_here)
-    check_training_space(cfg, report, store_ok)
-    check_detector(cfg, report)
-    if cfg.clean.embedder.kind == "clip":
+    if "train" in need:
+        check_training_space(cfg, report, store_ok)
+    if "ground" in need:
+        check_detector(cfg, report)
+    if cfg.clean.embedder.kind == "clip" and need & {"embed", "clean"}:
         if not cfg.clean.embedder.model:
             report.bad("clean.embedder.model", "(not set)", "embedder.kind is clip: name a CLIP folder or hub id")
         else:
@@ -416,7 +430,7 @@ def check_config(cfg: EngineConfig, serve: bool = False) -> CheckReport:
                        "vision")
     if cfg.model.clip:
         check_clip(cfg.model.clip, False, report, "model.clip", "text")
-    if cfg.evaluate.ground_truth and not Path(cfg.evaluate.ground_truth).exists():
+    if cfg.evaluate.ground_truth and "evaluate" in need and not Path(cfg.evaluate.ground_truth).exists():
         report.bad("evaluate.ground_truth", cfg.evaluate.ground_truth, "no such file")
     check_orchestration(cfg, report, serve)
     return report

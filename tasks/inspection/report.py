@@ -255,16 +255,41 @@ del.removed{background:#fbdede;color:#a00000}.wrong{box-shadow:inset 0 -2px 0 #e
 padding:4px;margin:4px}.crop{display:inline-block;text-align:center;font-size:.75em;margin:2px}
 .crop img{border:3px solid #9c9}.crop.outlier img{border-color:#d22}.crop.wrong-label span.badge{color:#d22}
 .legend{font-size:.9em;color:#555}.reason{font-size:.8em;color:#a00000}.figures{display:flex;flex-wrap:wrap;gap:12px}ul.notes li{margin:4px 0}
+table{max-width:100%}td,th{overflow-wrap:anywhere}
+.crop{vertical-align:top;width:100px;margin:2px 6px}.crop span{display:block;overflow-wrap:anywhere;line-height:1.2}
+.verdict{font-size:1.1em;padding:8px 12px;margin:6px 0;border-left:6px solid #999;background:#f7f7f7}
+.verdict.yes{border-color:#2a8a2a}.verdict.no{border-color:#c07000}.verdict b{font-size:1.1em}
 """
 
+# A table with more columns than this is turned a quarter (one column per row): wide tables (the ablation has
+# ~20 figures per label version) ran to ~2,500 px, their deciding column off-screen at 1,400 px.
+MAX_COLUMNS = 10
+GAIN = "mAP gain ± paired std (> 2 std)"   # the CLI's column (tasks.stages.ablation.summary_markdown)
 
-def _table(rows: Sequence[Mapping[str, Any]], css_class: str = "", columns: Sequence[str] | None = None) -> str:
+
+def _cell(v: Any) -> str:
+    num = isinstance(v, (int, float)) and not isinstance(v, bool)
+    return f'<td class="num">{_e(_fmt(v))}</td>' if num else f"<td>{_e(_fmt(v))}</td>"
+
+
+def _table(rows: Sequence[Mapping[str, Any]], css_class: str = "", columns: Sequence[str] | None = None,
+           headers: Mapping[str, str] | None = None) -> str:
+    """An HTML table of `rows`; `headers` renames columns on screen. Over MAX_COLUMNS columns (and fewer rows
+    than columns) it is transposed: its first column's values head the columns, one figure per row."""
     if not rows:
         return "<p>(none)</p>"
     cols: list[str] = list(columns or [])
     for r in rows:
         cols += [c for c in r if c not in cols]
-    out = [f'<table class="{_e(css_class)}"><thead><tr>' + "".join(f"<th>{_e(c)}</th>" for c in cols)
+    head = {c: (headers or {}).get(c, c) for c in cols}
+    if len(cols) > MAX_COLUMNS and len(rows) < len(cols):
+        out = [f'<table class="{_e(css_class)} transposed"><thead><tr><th>{_e(head[cols[0]])}</th>'
+               + "".join(f"<th>{_e(_fmt(r.get(cols[0], '')))}</th>" for r in rows) + "</tr></thead><tbody>"]
+        for c in cols[1:]:
+            out.append(f"<tr><th>{_e(head[c])}</th>" + "".join(_cell(r.get(c, "")) for r in rows) + "</tr>")
+        out.append("</tbody></table>")
+        return "".join(out)
+    out = [f'<table class="{_e(css_class)}"><thead><tr>' + "".join(f"<th>{_e(head[c])}</th>" for c in cols)
            + "</tr></thead><tbody>"]
     for r in rows:
         cells = []
@@ -309,13 +334,18 @@ def render_report(report_data: ReportData, out_dir: str | Path, *, max_hist_tags
         (out / sub).mkdir(parents=True, exist_ok=True)
     body: list[str] = [f"<h1>{_e(data.title)}</h1>", f"<p class=\"legend\">Created {_e(data.created)}</p>"]
 
-    # What matters most first: how good the labels and models are, then what each stage changed.
+    # What matters most first: the answer (did the engine's labels train a better model), then how good the
+    # labels and models are, then what each stage changed.
+    body += verdict_section(data.ablation)
 
     body.append("<h2 id=\"evaluation\">Evaluation</h2>")
     if data.evaluation:
         body.append("<p class=\"legend\">Label quality of each stage's labels, and each model's on held-out "
-                    "keys, against the ground truth.</p>")
-    body.append(_table(data.evaluation, "evaluation", columns=ablation_columns(data.evaluation))
+                    "keys, against the ground truth. (A model's own manifest also has a held-out mAP: that one is "
+                    "scored against the noisy labels it trained on.)</p>")
+    body.append(_table(data.evaluation, "evaluation", columns=ablation_columns(data.evaluation),
+                       headers={"mAP": "mAP vs truth", "precision": "precision vs truth", "recall": "recall vs truth",
+                                "f1": "F1 vs truth"})
                 if data.evaluation else "<p>(no evaluate version in this lineage: set evaluate.ground_truth)</p>")
     body += data_engine_sections(data, out)   # cleaning's removals against the truth, the ablation
 
@@ -461,6 +491,29 @@ def ablation_chart(rows: Sequence[Mapping[str, Any]], width: int = 640, row: int
     return img
 
 
+def verdict_section(ablation: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The ablation's answer, first on the page: per label version against the first (the caption labels),
+    the held-out mAP gain ± the paired std over seeds and the verdict the CLI prints (yes: over two standard
+    deviations both of either arm's seeds and of the paired differences; tasks.stages.ablation.summarise)."""
+    rows = [r for r in ablation if "mAP_gain" in r]
+    if not rows:
+        return []
+    base = ablation[0]
+    out = ['<h2 id="verdict">Did the data engine help?</h2>',
+           f'<p class="legend">A model per label version, the same budget and seeds, scored on held-out keys '
+           f'against the ground truth; each against the models trained on the {_e(base["labels"])} labels '
+           f'(mAP {base.get("mAP_mean", 0):.3f} ± {base.get("mAP_std", 0):.3f}).</p>']
+    for r in rows:
+        yes = bool(r.get("gain_over_2std"))
+        paired = f" ± {r['mAP_gain_std']:.3f} (paired std over {r.get('seeds', '?')} seeds)" if "mAP_gain_std" in r else ""
+        out.append(f'<p class="verdict {"yes" if yes else "no"}"><b>{_e(r["labels"])}: {"yes" if yes else "no"}</b>'
+                   f' — held-out mAP {r.get("mAP_mean", 0):.3f} ± {r.get("mAP_std", 0):.3f}, gain '
+                   f'{r["mAP_gain"]:+.3f}{_e(paired)}; '
+                   + ("over two standard deviations." if yes else "not over two standard deviations: not shown "
+                      "to help on this data.") + "</p>")
+    return out
+
+
 def data_engine_sections(data: ReportData, out: Path) -> list[str]:
     """Does the engine earn its keep: cleaning's removal precision / recall per reason, and the
     ablation (models trained per label version) as a table and a plot."""
@@ -477,13 +530,15 @@ def data_engine_sections(data: ReportData, out: Path) -> list[str]:
         rows = []
         for r in data.ablation:
             row = {"labels": r["labels"], "version": r.get("labels_ref", ""), "seeds": r.get("seeds", "")}
+            if any("mAP_gain" in x for x in data.ablation):  # the answer next to what a row is, as the CLI says it
+                row[GAIN] = "" if "mAP_gain" not in r else (
+                    f"{r['mAP_gain']:+.3f}" + (f" ± {r['mAP_gain_std']:.3f}" if "mAP_gain_std" in r else "")
+                    + f" ({'yes' if r.get('gain_over_2std') else 'no'})")
             figures = dict.fromkeys(k[: -len("_mean")] for k in r if k.endswith("_mean"))
             for m in ablation_columns([figures]):  # the overall figures first, not alphabetical
                 row[m] = f"{r[m + '_mean']:.3f} ± {r.get(m + '_std', 0.0):.3f}"
-            if "mAP_gain" in r:
-                row["mAP gain"] = (f"{r['mAP_gain']:+.3f}" + (f" ± {r['mAP_gain_std']:.3f}" if "mAP_gain_std" in r else "")
-                                   + (" (> 2 std)" if r.get("gain_over_2std") else ""))
             rows.append(row)
+        body.append('<p class="legend">Held-out keys, against the ground truth; mean ± std over seeds.</p>')
         body.append(_table(rows, "ablation"))
         if data.ablation_note:
             body.append(f'<p class="legend">{html.escape(data.ablation_note)}</p>')

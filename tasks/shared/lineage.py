@@ -16,12 +16,13 @@ def lineage(store: Store, version: Version) -> Iterator[tuple[int, Version | Non
 
     def walk(v: Version, depth: int):
         yield depth, v, v.ref
-        repeated = [p for p in v.parents if p in seen]
-        if repeated:
-            yield depth + 1, None, ", ".join(repeated) + " (shown above)"
+        # A parent counts as shown above when it was walked before it is reached here, also while walking an
+        # earlier parent of this version (a model's parents: clean, and images that clean also reaches).
+        repeated = []
         for parent in v.parents:
             stage, _, vid = parent.rpartition("/")
             if parent in seen:
+                repeated.append(parent)
                 continue
             seen.add(parent)
             found = store.find(stage, vid)
@@ -29,6 +30,8 @@ def lineage(store: Store, version: Version) -> Iterator[tuple[int, Version | Non
                 yield depth + 1, None, parent + " (missing: deleted or in another store)"
             else:
                 yield from walk(found, depth + 1)
+        if repeated:
+            yield depth + 1, None, ", ".join(repeated) + " (shown above)"
 
     yield from walk(version, 0)
 
@@ -134,6 +137,7 @@ def display_metrics(store: Store, version: Version, top: int = 15) -> list[tuple
     for name, value in metrics.items():
         if name == "markdown" or name.endswith("_markdown"):  # tables pre-rendered for the CLI: shown from their rows
             continue
+        name = metric_label(version.manifest.get("stage", ""), name)
         if isinstance(value, (dict, list)) and not value:
             out.append((name, "value", "(none)"))
             continue
@@ -152,6 +156,25 @@ def display_metrics(store: Store, version: Version, top: int = 15) -> list[tuple
         else:
             out.append((name, "value", format_value(value)))
     return out
+
+
+# What a figure is measured against, where its name alone would not say: a model's own mAP is scored on its
+# held-out keys against the labels it trained on (noisy), the evaluate version's against the ground truth; the
+# same model shows both.
+METRIC_LABELS = {
+    ("models/", "mAP"): "mAP (held-out keys, against the noisy labels it trained on; evaluate: against the truth)",
+    ("evaluate", "ablation"): "against the ground truth (label quality per stage, models' mAP on held-out keys)",
+    ("evaluate", "cleaning_removal"): "cleaning's removals against the ground truth",
+    ("ablation", "summary"): "ablation: held-out mAP / P / R / F1 against the ground truth, mean ± std over seeds",
+}
+
+
+def metric_label(stage: str, name: str) -> str:
+    """The name a metric is shown under (show, Prefect artifacts): what it is scored against, where it matters."""
+    for (prefix, metric), label in METRIC_LABELS.items():
+        if name == metric and (stage == prefix or (prefix.endswith("/") and stage.startswith(prefix))):
+            return label
+    return name
 
 
 def format_value(value: Any) -> str:

@@ -1587,22 +1587,31 @@ def claim_keys(store: Store, tasks: list[PartTask], reusable: dict[str, PartReco
 
 
 # --------------------------------------------------------------------------- the part worker
+def iter_part_samples(task: PartTask, cfg: IngestConfig, counters: Counter) -> Iterator[RawSample] | None:
+    """The raw samples of one planned part, as its source format reads them (None: a part of captions-file
+    rows or refused entries that name no readable sample). Also how `ram-engine init` looks at a few samples."""
+    payload = task.payload
+    kind = payload["kind"]
+    if kind == "webdataset":
+        return iter_tar_samples(payload, cfg, counters)
+    if kind == "parquet":
+        return iter_i2d_parquet_samples(payload, cfg)
+    if kind == "files":
+        return iter_i2d_files_samples(payload, cfg)
+    if kind == "folder":
+        return iter_folder_samples(payload, cfg)
+    return None
+
+
 def ingest_part(writer: VersionWriter, task: PartTask, cfg: IngestConfig) -> PartRecord:
     payload = task.payload
-    kind, taken = payload["kind"], payload["taken"]   # taken: keys earlier parts hold -> their source
+    taken = payload["taken"]   # keys earlier parts hold -> their source
     counters: Counter = Counter()
     # img2dataset numbers keys per run (0000000, 0000001, ...): prefixed with its run's content tag, keys of two
     # runs never collide, and a key changes neither when other sources join the ingest nor when the run moves.
     namespace = payload.get("namespace")
-    if kind == "webdataset":
-        samples = iter_tar_samples(payload, cfg, counters)
-    elif kind == "parquet":
-        samples = iter_i2d_parquet_samples(payload, cfg)
-    elif kind == "files":
-        samples = iter_i2d_files_samples(payload, cfg)
-    elif kind == "folder":
-        samples = iter_folder_samples(payload, cfg)
-    else:  # rows of the captions file that could not be read at all, entries of the source never opened
+    samples = iter_part_samples(task, cfg, counters)
+    if samples is None:  # rows of the captions file that could not be read at all, entries of the source never opened
         rejects = [{"key": make_key(where), "reason": reason, "detail": detail, "source": where,
                     "field": payload.get("field", "file")} for where, reason, detail in payload["rows"]]
         return writer.write_part(task.name, table=schemas.IMAGES.empty_table(), rejects=rejects,
