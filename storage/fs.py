@@ -241,14 +241,15 @@ class Placement:
         else:
             self.fs.mv(tmp, final)
 
-    def link_into_place(self, src_rel: str, rel: str, size: int, sha: str) -> None:
+    def link_into_place(self, src_rel: str, rel: str, size: int, sha: str, parent_made: bool = False) -> None:
         """Make `rel` hold the bytes of the committed file `src_rel` (size and sha256 known): a hard link
         straight to the final name on a local store, a copy where links are refused (another device, a
         filesystem without them), a server-side copy on object stores. Like every placement it appears whole
         or nowhere and never changes a file in place: the same bytes already at `rel` are left alone, other
         bytes raise CommittedFileConflict. A missing `src_rel` raises FileNotFoundError."""
         final, src = self.abs(rel), self.abs(src_rel)
-        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        if not parent_made and not _is_object_store(self.fs):   # object stores have no folders to make
+            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         tmp = None
         if isinstance(self.fs, LocalFileSystem):
             try:
@@ -276,6 +277,56 @@ class Placement:
             raise CommittedFileConflict(
                 f"{rel} is already in place with other bytes than {src_rel} ({size} bytes, sha256 {sha[:12]}…); "
                 f"it is left unchanged. Another run wrote it: use its result.")
+
+    def link_many(self, links: list[tuple[str, str, int, str]]) -> dict[str, Exception]:
+        """`link_into_place` for many (src_rel, rel, size, sha256) at once; returns {rel: error} for those
+        that could not be placed (FileNotFoundError: the source is gone; CommittedFileConflict: other bytes
+        at `rel`). Other errors raise. On object stores: one listing per target folder says which names are
+        taken, then the server-side copies of the rest go out concurrently and one more listing per folder
+        says which landed; elsewhere one link (or copy) per file, each folder made once."""
+        failed: dict[str, Exception] = {}
+        if not links:
+            return failed
+        if not _is_object_store(self.fs):
+            made: set[str] = set()
+            for src_rel, rel, size, sha in links:
+                parent = self.abs(rel).rsplit("/", 1)[0]
+                if parent not in made:
+                    self.fs.makedirs(parent, exist_ok=True)
+                    made.add(parent)
+                try:
+                    self.link_into_place(src_rel, rel, size, sha, parent_made=True)
+                except (FileNotFoundError, CommittedFileConflict) as exc:
+                    failed[rel] = exc
+            return failed
+
+        def listed() -> dict[str, int | None]:
+            found: dict[str, int | None] = {}
+            for parent in {self.abs(rel).rsplit("/", 1)[0] for _, rel, _, _ in links}:
+                try:
+                    found.update({e["name"].rstrip("/"): e.get("size") for e in self.fs.ls(parent, detail=True)})
+                except FileNotFoundError:
+                    pass
+            return found
+
+        present = listed()
+        todo = []
+        for src_rel, rel, size, sha in links:
+            final = self.abs(rel)
+            if final not in present:
+                todo.append((src_rel, rel))
+            elif not (present[final] == size and self._holds(final, size, sha)):
+                failed[rel] = CommittedFileConflict(
+                    f"{rel} is already in place with other bytes than {src_rel} ({size} bytes, sha256 {sha[:12]}…); "
+                    f"it is left unchanged. Another run wrote it: use its result.")
+        if todo:
+            # server-side, concurrent; a missing source is told by the listing below, not by an exception
+            self.fs.copy([self.abs(s) for s, _ in todo], [self.abs(r) for _, r in todo], on_error="ignore")
+            present = listed()
+            for src_rel, rel in todo:
+                if self.abs(rel) not in present:
+                    failed[rel] = FileNotFoundError(f"{src_rel}: no such file to link into {rel}")
+        return failed
 
     def _copy_to_tmp(self, src: str) -> str:
         self.lease.start()  # before the temporary folder exists: others judge the folder by the lease

@@ -49,7 +49,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .fs import TMP_DIR, CommittedFileConflict, FileInfo, Placement, open_fs, retry_io, sha256_of
 from .leases import owner_alive, put_whole
-from .parquet import iter_parquet_batches, read_parquet
+from .parquet import Owned, iter_parquet_batches, read_owned, read_parquet
 from .shards import LabelledShard, iter_tar, read_member, webdataset_pipeline, write_tar
 
 log = logging.getLogger("ram_engine")
@@ -59,6 +59,7 @@ CHECKPOINTS = "_progress"
 _CHECKPOINT_RECORD = ".checkpoint.json"
 FORMAT_VERSION = 1
 ID_LEN = 16
+_INFO_PER_FILE = 4   # check_files: up to this many files of one folder are checked one `info` each, more by a listing
 
 
 class StoreError(RuntimeError):
@@ -171,21 +172,24 @@ class Store:
 
     def read_parquet(self, rel: str, entry: dict | None, columns: list[str] | None = None, *, where: str = "",
                      fix: str = "") -> pa.Table:
-        """A Parquet file of the store, checked against its manifest or part-record `entry` (bytes, sha256)."""
-        def read():
+        """A Parquet file of the store, checked against its manifest or part-record `entry` (bytes, sha256).
+        Its bytes are read once, into memory pyarrow owns, hashed there and decoded with pyarrow's threads."""
+        def read() -> Owned:
             with self.fs.open(self.abs(rel), "rb") as fh:
-                return fh.read()
+                return read_owned(fh, entry["bytes"] if entry is not None else None)
 
         where = where or self.url
         try:
             data = retry_io(read, f"reading {rel}")
         except FileNotFoundError:
             raise CorruptFile(f"{where}: {rel} is missing. {fix}; recreate the version or restore the file.") from None
-        if entry is not None and (len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]):
-            raise CorruptFile(f"{where}: {rel} is {len(data)} bytes (sha256 {hashlib.sha256(data).hexdigest()[:12]}…) "
-                              f"but its manifest says {entry['bytes']} bytes (sha256 {entry['sha256'][:12]}…): it "
-                              f"changed after commit, and nothing was built on it. {fix}.")
-        return read_parquet(pa.BufferReader(data), columns=columns)
+        if entry is not None:
+            sha = hashlib.sha256(memoryview(data.buffer)).hexdigest()
+            if data.size != entry["bytes"] or sha != entry["sha256"]:
+                raise CorruptFile(f"{where}: {rel} is {data.size} bytes (sha256 {sha[:12]}…) but its manifest says "
+                                  f"{entry['bytes']} bytes (sha256 {entry['sha256'][:12]}…): it changed after commit, "
+                                  f"and nothing was built on it. {fix}.")
+        return read_parquet(data, columns=columns)
 
     def _read_json(self, rel: str) -> dict | None:
         def read():
@@ -245,26 +249,62 @@ class Store:
                     problems.append(str(exc))
         return problems
 
-    def check_files(self, files: list[dict], checksum: bool = False) -> list[str]:
+    def check_files(self, files: list[dict], checksum: bool = False,
+                    listings: dict[str, dict[str, int | None]] | None = None) -> list[str]:
         """What is wrong with these manifest entries: a file missing or of another size (or, with
-        `checksum`, another sha256). One listing per folder, so cheap on object stores too."""
-        problems, sizes = [], {}
+        `checksum`, another sha256).
+
+        What it costs is what it checks: with `checksum` each file is read once (its size comes with its
+        hash; no listing); otherwise a folder that holds a few of these files costs one `info` per file,
+        and one with more costs one listing. `listings` (folder -> {name: size}, filled as folders are
+        listed) lets many calls share their listings: `reusable_parts` checks every part of a version
+        with one listing per folder, not one per part."""
+        problems = []
+        by_folder: dict[str, list[dict]] = {}
         for f in files:
-            folder = f["path"].rsplit("/", 1)[0]
-            if folder not in sizes:
-                try:
-                    sizes[folder] = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size")
-                                     for e in self.fs.ls(self.abs(folder), detail=True)}
-                except FileNotFoundError:
-                    sizes[folder] = {}
-            size = sizes[folder].get(f["path"].rsplit("/", 1)[-1])
+            by_folder.setdefault(f["path"].rsplit("/", 1)[0], []).append(f)
+        listed: dict[str, dict[str, int | None] | None] = {}
+        for folder, entries in by_folder.items():
+            listed[folder] = listings.get(folder) if listings is not None else None
+            if listed[folder] is None and not checksum and (listings is not None or len(entries) > _INFO_PER_FILE):
+                listed[folder] = self.list_sizes(folder)
+                if listings is not None:
+                    listings[folder] = listed[folder]
+        for f in files:
+            folder, name = f["path"].rsplit("/", 1)
+            if checksum:
+                size, sha = self._checksum(f["path"])
+            elif listed[folder] is not None:
+                size, sha = listed[folder].get(name), None
+            else:
+                size, sha = self._size(f["path"]), None
             if size is None:
                 problems.append(f"{f['path']}: missing")
             elif size != f["bytes"]:
                 problems.append(f"{f['path']}: {size} bytes, manifest says {f['bytes']}")
-            elif checksum and sha256_of(self.fs, self.abs(f["path"]))[1] != f["sha256"]:
+            elif checksum and sha != f["sha256"]:
                 problems.append(f"{f['path']}: sha256 does not match the manifest's {f['sha256'][:12]}…")
         return problems
+
+    def list_sizes(self, folder: str) -> dict[str, int | None]:
+        """{file name: size} of a store folder, in one listing ({} when there is no such folder)."""
+        try:
+            entries = self.fs.ls(self.abs(folder), detail=True)
+        except FileNotFoundError:
+            return {}
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in entries}
+
+    def _size(self, rel: str) -> int | None:
+        try:
+            return self.fs.info(self.abs(rel)).get("size")
+        except FileNotFoundError:
+            return None
+
+    def _checksum(self, rel: str) -> tuple[int | None, str | None]:
+        try:
+            return sha256_of(self.fs, self.abs(rel))
+        except (FileNotFoundError, IsADirectoryError):
+            return None, None
 
     def _stage_folders(self) -> list[str]:
         try:
@@ -390,7 +430,13 @@ class Store:
             raise StoreError(f"ref name {name!r} is invalid: use letters, digits, '-', '_'")
         if self.find(stage, vid) is None:
             raise VersionNotFound(f"cannot set ref '{name}': {stage}@{vid} is not committed")
+        self._put_ref(stage, name, vid)
+
+    def _put_ref(self, stage: str, name: str, vid: str, placement: Placement | None = None) -> None:
         body = canonical_json({"stage": stage, "version": vid, "updated": _now()}).encode()
+        if placement is not None:   # a writer's, already started
+            placement.put_bytes(f"_refs/{stage}/{name}.json", body, replace=True)
+            return
         placement = Placement(self.fs, self.root)
         try:
             placement.put_bytes(f"_refs/{stage}/{name}.json", body, replace=True)
@@ -496,7 +542,11 @@ class Version:
                      batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
         """Stream record batches part by part; memory stays bounded by one batch."""
         self.check_inputs(self.files(kind))
+        local = isinstance(self.store.fs, LocalFileSystem)
         for f in self.files(kind):
+            if local:   # pyarrow opens the file itself and decodes with its threads (storage/parquet.py)
+                yield from iter_parquet_batches(self.store.abs(f["path"]), columns=columns, batch_size=batch_size)
+                continue
             fh = retry_io(lambda: self.store.fs.open(self.store.abs(f["path"]), "rb"), f"opening {f['path']}")
             with fh:
                 yield from iter_parquet_batches(fh, columns=columns, batch_size=batch_size)
@@ -745,19 +795,30 @@ class VersionWriter:
     def reusable_parts(self) -> dict[str, PartRecord]:
         """Parts that committed versions of this stage made with the same code and config,
         by source digest: incremental runs reference them instead of recomputing. A part whose files
-        are missing or changed (an older version was deleted) is not reusable: it is made again."""
+        are missing or changed (an older version was deleted) is not reusable: it is made again.
+
+        Its cost does not grow with parts times parts: each folder of each version is listed once, and
+        every part's files are checked against those listings (sizes; the sha256 is checked when a file
+        is read)."""
         found: dict[str, PartRecord] = {}
+        listings: dict[str, dict[str, int | None]] = {}
         for version in self.store.versions(self.stage):
             for part in version.parts:
                 if part.config_digest != self.config_digest or not part.source_digest or part.source_digest in found:
                     continue
-                problems = self.store.check_files(part.files)
+                problems = self.store.check_files(part.files, listings=listings)
                 if problems:
                     log.warning("%s part %s of %s cannot be reused (%s); it will be made again", self.stage,
                                 part.name, version.ref, "; ".join(problems[:3]))
                     continue
                 found[part.source_digest] = part
         return found
+
+    def stored_parts(self) -> set[str]:
+        """The names of the parts that have a record in this version's folder (one listing), or that this
+        writer holds: a run checks only these with `part_done`, instead of asking for every part's record."""
+        return {name[: -len(".json")] for name in self.store.list_sizes(f"{self.prefix}/_parts")
+                if name.endswith(".json") and not name.startswith(".")} | set(self._records)
 
     # ----- writing parts
     def write_part(self, name: str, *, table: pa.Table | Iterable[pa.RecordBatch] | None = None,
@@ -926,20 +987,44 @@ class VersionWriter:
     def reuse_part(self, record: PartRecord) -> PartRecord:
         """Take in a part that an earlier version wrote (incremental runs): its files are linked into this
         version's folder (no bytes copied on a local store; a server-side copy on object stores), so the
-        folder alone holds the whole version for outside readers."""
-        files = []
-        origin = record.shared_from
-        for f in record.files:
-            origin = origin or f["path"][: len(f["path"]) - len(_version_relative(f["path"], self.stage)) - 1]
-            rel = f"{self.prefix}/{_version_relative(f['path'], self.stage)}"
-            if rel != f["path"]:
-                retry_io(lambda: self.placement.link_into_place(f["path"], rel, f["bytes"], f["sha256"]),
-                         f"linking {f['path']} into {self.prefix}")
-            files.append(dict(f, path=rel))
-        record = PartRecord.from_json(dict(record.to_json(), files=files, shared_from=origin))
-        self._records[record.name] = record
-        self.reused_parts += 1
-        return record
+        folder alone holds the whole version for outside readers. Raises FileNotFoundError when the
+        earlier version lost a file, CommittedFileConflict when this folder holds other bytes under its name."""
+        outcome = self.reuse_parts([record])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def reuse_parts(self, records: list[PartRecord]) -> list[PartRecord | Exception]:
+        """`reuse_part` for many parts at once, in the order given: each part's record, or the error that
+        kept it from being shared (FileNotFoundError, CommittedFileConflict); the part is then to be made.
+
+        What it costs does not depend on the parts this version already holds beyond the links it makes:
+        on a local store one hard link per file; on object stores one listing per target folder and the
+        server-side copies, sent concurrently."""
+        planned = []
+        for record in records:
+            files, links = [], []
+            origin = record.shared_from
+            for f in record.files:
+                origin = origin or f["path"][: len(f["path"]) - len(_version_relative(f["path"], self.stage)) - 1]
+                rel = f"{self.prefix}/{_version_relative(f['path'], self.stage)}"
+                if rel != f["path"]:
+                    links.append((f["path"], rel, f["bytes"], f["sha256"]))
+                files.append(dict(f, path=rel))
+            planned.append((record, files, origin, links))
+        failed = retry_io(lambda: self.placement.link_many([link for *_, links in planned for link in links]),
+                          f"linking {sum(len(p[3]) for p in planned)} files into {self.prefix}")
+        out: list[PartRecord | Exception] = []
+        for record, files, origin, links in planned:
+            error = next((failed[rel] for _, rel, _, _ in links if rel in failed), None)
+            if error is not None:
+                out.append(error)
+                continue
+            record = PartRecord.from_json(dict(record.to_json(), files=files, shared_from=origin))
+            self._records[record.name] = record
+            self.reused_parts += 1
+            out.append(record)
+        return out
 
     def _unclaimed_leftover(self, name: str) -> Callable[[], bool]:
         """For a part file found in place with other bytes: whether it may be replaced. Only when neither
@@ -1013,20 +1098,19 @@ class VersionWriter:
         }
         if extra:
             manifest.update(extra)
+        body = json.dumps(manifest, indent=1, sort_keys=True, default=str)
         try:
-            self.placement.put_bytes(f"{self.prefix}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True,
-                                                                             default=str).encode())
+            self.placement.put_bytes(f"{self.prefix}/{MANIFEST}", body.encode())
         except CommittedFileConflict:  # another run committed this version first: its manifest stands
             self.close()
             return self.store.find(self.stage, self.id)
-        version = self.store.find(self.stage, self.id)
-        assert version is not None
+        version = Version(self.store, json.loads(body))   # what a reader reads back, without reading it back
         for folder in ("_claims", CHECKPOINTS):  # claims and checkpoints only matter until the commit
             try:
                 self.store.fs.rm(self.store.abs(f"{self.prefix}/{folder}"), recursive=True)
             except (FileNotFoundError, OSError):
                 pass
-        self.store.set_ref(self.stage, "latest", self.id)
+        self.store._put_ref(self.stage, "latest", self.id, self.placement)   # committed just now: no need to read it back
         self.close()
         return version
 
