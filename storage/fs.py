@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -76,25 +77,64 @@ def open_fs(url: str, **storage_options) -> tuple[fsspec.AbstractFileSystem, str
 
 
 class HashingWriter:
-    """A write-only file wrapper that counts bytes and computes sha256 as data streams through."""
+    """A write-only file wrapper that counts bytes and computes sha256 as data streams through.
+
+    Small writes (a tar header, a Parquet page) are gathered into blocks of `BLOCK` bytes: one hash update
+    and one write per block instead of one per call. `finish()` (the placement calls it) writes the rest."""
+
+    BLOCK = 1 << 20
 
     def __init__(self, raw):
         self._raw = raw
         self._hash = hashlib.sha256()
+        self._pending = bytearray()
+        self._hashing: ThreadPoolExecutor | None = None   # started by the first whole block
+        self._in_flight = None
         self.size = 0
         self.closed = False
 
     def write(self, data) -> int:
-        data = bytes(data) if not isinstance(data, bytes) else data
-        self._raw.write(data)
-        self._hash.update(data)
-        self.size += len(data)
-        return len(data)
+        n = len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
+        if self._pending or n < self.BLOCK:
+            self._pending += data
+            if len(self._pending) >= self.BLOCK:
+                self._push()
+        else:   # a large block: as it is, no copy
+            self._hashed()
+            self._hash.update(data)
+            self._raw.write(data)
+        self.size += n
+        return n
+
+    def _push(self) -> None:
+        if not self._pending:
+            return
+        block, self._pending = self._pending, bytearray()
+        # A whole block is hashed on a thread of its own while it is written and the next one is made (hashlib
+        # lets go of the GIL): the hash costs no time on a second core. One block in flight at a time, in order.
+        if self._hashing is None:
+            self._hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        else:
+            self._in_flight.result()
+        self._in_flight = self._hashing.submit(self._hash.update, block)
+        self._raw.write(block)
+
+    def _hashed(self) -> None:
+        if self._hashing is not None:
+            self._in_flight.result()
+            self._hashing.shutdown()
+            self._hashing = None
+
+    def finish(self) -> None:
+        """Write out what is gathered (before the underlying file is closed)."""
+        self._push()
+        self._hashed()
 
     def tell(self) -> int:
         return self.size
 
     def flush(self) -> None:
+        self._push()
         self._raw.flush()
 
     def writable(self) -> bool:
@@ -112,6 +152,8 @@ class HashingWriter:
 
     @property
     def sha256(self) -> str:
+        self._push()
+        self._hashed()
         return self._hash.hexdigest()
 
 
@@ -152,6 +194,7 @@ class Placement:
             with self.fs.open(tmp, "wb") as raw:
                 writer = HashingWriter(raw)
                 yield writer
+                writer.finish()
         except BaseException:
             self._remove_quietly(tmp)
             raise
@@ -181,6 +224,7 @@ class Placement:
         writer = HashingWriter(raw)
         try:
             yield writer
+            writer.finish()
         except BaseException:
             raw.discard()   # never close(): closing completes the upload and would publish half a file
             raw.closed = True   # nor may the garbage collector close it

@@ -46,22 +46,19 @@ def read_owned(fh, size_hint: int | None = None) -> Owned:
     object holds them, so a threaded decode may release them on any thread. `size_hint`: the expected size
     (a manifest's); more or fewer bytes are read as they come (the caller compares sizes)."""
     capacity = max(int(size_hint or 0), 0) + 1   # one byte more: a longer file is seen, not cut
-    buf = pa.allocate_buffer(capacity, resizable=True)
-    n = 0
+    buf, n = pa.allocate_buffer(capacity), 0
     while True:
-        if n == capacity:
+        if n == capacity:   # longer than expected: a bigger buffer, the bytes so far copied over
             capacity = max(capacity * 2, n + _CHUNK)
-            buf.resize(capacity)
-        view = memoryview(buf)[n:]
-        try:
+            bigger = pa.allocate_buffer(capacity)
+            memoryview(bigger)[:n] = memoryview(buf)[:n]
+            buf = bigger
+        with memoryview(buf) as whole, whole[n:] as view:
             got = _readinto(fh, view)
-        finally:
-            view.release()
         if not got:
             break
         n += got
-    buf.resize(n)
-    return Owned(buf)
+    return Owned(buf.slice(0, n))
 
 
 def _readinto(fh, view: memoryview) -> int:

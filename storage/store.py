@@ -28,6 +28,7 @@ and a crashed run finds its finished parts and skips them.
 """
 from __future__ import annotations
 
+import bisect
 import datetime as _dt
 import hashlib
 import json
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import schemas
@@ -120,9 +122,15 @@ class PartRecord:
     config_digest: str | None = None   # identity of the code + config that made it
     metrics: dict = field(default_factory=dict)
     shared_from: str | None = None     # `stage/version` that first wrote this part, when this version links it
+    # [smallest, largest] `key` of every row of its tables (rows and rejects); None when it has no keyed rows, or
+    # for records written before it was kept. A key outside it is in no file of the part (Store.rows_with_keys).
+    key_range: list[str] | None = None
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        if out["key_range"] is None:   # records without one read and hash as they always did
+            del out["key_range"]
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> "PartRecord":
@@ -190,6 +198,67 @@ class Store:
                                   f"{entry['bytes']} bytes (sha256 {entry['sha256'][:12]}…): it changed after commit, "
                                   f"and nothing was built on it. {fix}.")
         return read_parquet(data, columns=columns)
+
+    def rows_with_keys(self, records: Iterable[PartRecord], keys: Iterable[str],
+                       columns: dict[str, list[str]] | None = None) -> dict[str, pa.Table]:
+        """The rows of these parts whose `key` is one of `keys`, by file kind (default: `{"table": ["key"],
+        "rejects": ["key"]}`; `columns` names the kinds and the columns to return, `key` always among them),
+        each table with a `part` column (the part's name), in the order of `records`.
+
+        Only the parts whose recorded key range (`PartRecord.key_range`) holds one of the keys are read (a
+        record without one is read), and of those only the named columns: asking which of a new part's keys
+        earlier parts hold costs the parts that may hold them, not every key of the store. Files are checked
+        against their records (size and sha256) as every read is."""
+        columns = columns or {"table": ["key"], "rejects": ["key"]}
+        wanted = sorted(set(keys))
+        found: dict[str, list[pa.Table]] = {kind: [] for kind in columns}
+        if not wanted:
+            return {kind: _with_part(pa.table({c: pa.array([], pa.string()) for c in cols}), [])
+                    for kind, cols in columns.items()}
+        value_set = pa.array(wanted, pa.string())
+        for record in records:
+            if record.key_range is not None:
+                lo, hi = record.key_range
+                i = bisect.bisect_left(wanted, lo)
+                if i == len(wanted) or wanted[i] > hi:
+                    continue   # no wanted key falls in this part's range: nothing to read
+            for f in record.files:
+                if f["kind"] not in columns:
+                    continue
+                cols = list(dict.fromkeys(["key", *columns[f["kind"]]]))
+                table = self.read_parquet(f["path"], f, cols, where=f"part {record.name}")
+                table = table.filter(pc.is_in(table.column("key"), value_set=value_set))
+                if table.num_rows:
+                    found[f["kind"]].append(_with_part(table, [record.name] * table.num_rows))
+        out = {}
+        for kind, tables in found.items():
+            if tables:
+                out[kind] = pa.concat_tables(tables, promote_options="permissive")
+            else:
+                out[kind] = _with_part(pa.table({c: pa.array([], pa.string())
+                                                 for c in dict.fromkeys(["key", *columns[kind]])}), [])
+        return out
+
+    @staticmethod
+    def overlapping_key_ranges(records: Iterable[PartRecord]) -> set[str]:
+        """The names of the parts whose key range meets another's, through a chain of ranges that meet (or that
+        have none recorded): the only parts that can share a key with another. Every other part's keys are its
+        own, and need not be read to know it."""
+        records = list(records)
+        out = {r.name for r in records if r.key_range is None}
+        group: list[str] = []
+        reach = None
+        for lo, hi, name in sorted((r.key_range[0], r.key_range[1], r.name) for r in records if r.key_range is not None):
+            if reach is not None and lo <= reach:
+                group.append(name)
+                reach = max(reach, hi)
+                continue
+            if len(group) > 1:
+                out.update(group)
+            group, reach = [name], hi
+        if len(group) > 1:
+            out.update(group)
+        return out
 
     def _read_json(self, rel: str) -> dict | None:
         def read():
@@ -847,16 +916,18 @@ class VersionWriter:
             table = table()
         if callable(rejects):
             rejects = rejects()
+        keys: list[str] = []   # the bounds of every keyed table written: the part's key range
         if table is not None:
-            info, rows_out = self._write_parquet(f"{self.prefix}/parts/{name}.parquet", table, self.schema, name)
+            info, rows_out = self._write_parquet(f"{self.prefix}/parts/{name}.parquet", table, self.schema, name, keys)
             files.append({"path": info.path, "kind": "table", "rows": rows_out, "bytes": info.bytes,
                           "sha256": info.sha256})
         for kind, (schema, extra) in sorted((extra_tables or {}).items()):
-            info, n = self._write_parquet(f"{self.prefix}/{kind}/{name}.parquet", extra, schema, name)
+            info, n = self._write_parquet(f"{self.prefix}/{kind}/{name}.parquet", extra, schema, name, keys)
             files.append({"path": info.path, "kind": kind, "rows": n, "bytes": info.bytes, "sha256": info.sha256})
         reject_table = _rejects_table(rejects)
         if reject_table.num_rows:
-            info, _ = self._write_parquet(f"{self.prefix}/_rejects/{name}.parquet", reject_table, schemas.REJECTS, name)
+            info, _ = self._write_parquet(f"{self.prefix}/_rejects/{name}.parquet", reject_table, schemas.REJECTS, name,
+                                          keys)
             files.append({"path": info.path, "kind": "rejects", "rows": reject_table.num_rows, "bytes": info.bytes,
                           "sha256": info.sha256})
         if callable(rows_in):
@@ -871,7 +942,8 @@ class VersionWriter:
                 f"written or rejected.")
         record = PartRecord(name=name, files=files, rows_in=rows_in, rows_out=rows_out,
                             rows_rejected=reject_table.num_rows, source_digest=source_digest,
-                            config_digest=self.config_digest, metrics=metrics)
+                            config_digest=self.config_digest, metrics=metrics,
+                            key_range=[min(keys), max(keys)] if keys else None)
         placed = self._place_record(record)
         self.drop_checkpoints(name)  # the part is whole: its checkpoints are spent
         return placed
@@ -1034,7 +1106,9 @@ class VersionWriter:
         return lambda: (self._stored_record(name) is None and self.committed is None
                         and self._claim_holder(f"{self.prefix}/_claims/{name}", others_only=True) is None)
 
-    def _write_parquet(self, rel: str, table, schema: pa.Schema, part: str) -> tuple[FileInfo, int]:
+    def _write_parquet(self, rel: str, table, schema: pa.Schema, part: str, keys: list | None = None
+                       ) -> tuple[FileInfo, int]:
+        """Write one Parquet file of a part; `keys` (a list) gets the [min, max] of its `key` column added."""
         rows = 0
         with self.placement.atomic_open(rel, replace_if=self._unclaimed_leftover(part)) as sink:
             writer = pq.ParquetWriter(sink, schema, compression="zstd", write_statistics=True)
@@ -1049,6 +1123,9 @@ class VersionWriter:
                             batch = pa.Table.from_batches([batch]).cast(schema).combine_chunks().to_batches()[0]
                         writer.write_batch(batch)
                     rows += batch.num_rows
+                    if keys is not None and batch.num_rows and "key" in schema.names:
+                        bounds = pc.min_max(batch.column("key"))
+                        keys += [v for v in (bounds["min"].as_py(), bounds["max"].as_py()) if v is not None]
             finally:
                 writer.close()
         return sink.info, rows
@@ -1117,6 +1194,10 @@ class VersionWriter:
     def close(self) -> None:
         if self._placement is not None:
             self._placement.cleanup()
+
+
+def _with_part(table: pa.Table, names: list[str]) -> pa.Table:
+    return table.append_column("part", pa.array(names, pa.string()))
 
 
 def _rejects_table(rejects) -> pa.Table:

@@ -6,6 +6,7 @@ and compare an increment over N parts with one over 2N parts. `benchmarks/scale.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 
 import pyarrow as pa
@@ -132,3 +133,23 @@ def test_check_files_reads_what_it_checks(tmp_path, counted):
     calls.clear()
     assert version.verify() == []
     assert calls["ls"] == 0 and calls["open"] == len(version.files())   # each file read once, no listing
+
+
+def test_which_parts_hold_keys_reads_only_the_parts_whose_key_range_holds_them(tmp_path, counted):
+    # What ingest needs to keep keys unique without holding every key of the store in memory (docs/scale.md).
+    store = Store(str(tmp_path / "store"))
+    version = _version(store, 10, "x").version
+    assert [p.key_range for p in version.parts[:2]] == [["k00000-0", "k00000-2"], ["k00001-0", "k00001-2"]]
+    assert Store.overlapping_key_ranges(version.parts) == set()
+    calls = counted(store)
+    found = store.rows_with_keys(version.parts, ["k00003-1", "k00007-2", "k00007-9", "zzz"],
+                                 {"table": ["n"], "rejects": ["reason"]})
+    assert found["table"].to_pylist() == [{"key": "k00003-1", "n": 3, "part": "part-00003"},
+                                          {"key": "k00007-2", "n": 7, "part": "part-00007"}]
+    assert found["rejects"].num_rows == 0
+    assert calls["open"] == 2   # the two parts whose range holds a wanted key; not the other eight
+
+    stray = _process(store.begin("count", code_version="t", config={"stray": 1}, schema=SCHEMA),
+                     PartTask("stray", "s", 5))   # keys k00005-0..2: inside part 5's range
+    old = dataclasses.replace(version.parts[0], key_range=None)   # written before key ranges were kept
+    assert Store.overlapping_key_ranges([*version.parts[1:], stray, old]) == {"part-00005", "stray", "part-00000"}
