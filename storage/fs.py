@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -76,25 +77,64 @@ def open_fs(url: str, **storage_options) -> tuple[fsspec.AbstractFileSystem, str
 
 
 class HashingWriter:
-    """A write-only file wrapper that counts bytes and computes sha256 as data streams through."""
+    """A write-only file wrapper that counts bytes and computes sha256 as data streams through.
+
+    Small writes (a tar header, a Parquet page) are gathered into blocks of `BLOCK` bytes: one hash update
+    and one write per block instead of one per call. `finish()` (the placement calls it) writes the rest."""
+
+    BLOCK = 1 << 20
 
     def __init__(self, raw):
         self._raw = raw
         self._hash = hashlib.sha256()
+        self._pending = bytearray()
+        self._hashing: ThreadPoolExecutor | None = None   # started by the first whole block
+        self._in_flight = None
         self.size = 0
         self.closed = False
 
     def write(self, data) -> int:
-        data = bytes(data) if not isinstance(data, bytes) else data
-        self._raw.write(data)
-        self._hash.update(data)
-        self.size += len(data)
-        return len(data)
+        n = len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
+        if self._pending or n < self.BLOCK:
+            self._pending += data
+            if len(self._pending) >= self.BLOCK:
+                self._push()
+        else:   # a large block: as it is, no copy
+            self._hashed()
+            self._hash.update(data)
+            self._raw.write(data)
+        self.size += n
+        return n
+
+    def _push(self) -> None:
+        if not self._pending:
+            return
+        block, self._pending = self._pending, bytearray()
+        # A whole block is hashed on a thread of its own while it is written and the next one is made (hashlib
+        # lets go of the GIL): the hash costs no time on a second core. One block in flight at a time, in order.
+        if self._hashing is None:
+            self._hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        else:
+            self._in_flight.result()
+        self._in_flight = self._hashing.submit(self._hash.update, block)
+        self._raw.write(block)
+
+    def _hashed(self) -> None:
+        if self._hashing is not None:
+            self._in_flight.result()
+            self._hashing.shutdown()
+            self._hashing = None
+
+    def finish(self) -> None:
+        """Write out what is gathered (before the underlying file is closed)."""
+        self._push()
+        self._hashed()
 
     def tell(self) -> int:
         return self.size
 
     def flush(self) -> None:
+        self._push()
         self._raw.flush()
 
     def writable(self) -> bool:
@@ -112,6 +152,8 @@ class HashingWriter:
 
     @property
     def sha256(self) -> str:
+        self._push()
+        self._hashed()
         return self._hash.hexdigest()
 
 
@@ -152,6 +194,7 @@ class Placement:
             with self.fs.open(tmp, "wb") as raw:
                 writer = HashingWriter(raw)
                 yield writer
+                writer.finish()
         except BaseException:
             self._remove_quietly(tmp)
             raise
@@ -181,6 +224,7 @@ class Placement:
         writer = HashingWriter(raw)
         try:
             yield writer
+            writer.finish()
         except BaseException:
             raw.discard()   # never close(): closing completes the upload and would publish half a file
             raw.closed = True   # nor may the garbage collector close it
@@ -241,14 +285,15 @@ class Placement:
         else:
             self.fs.mv(tmp, final)
 
-    def link_into_place(self, src_rel: str, rel: str, size: int, sha: str) -> None:
+    def link_into_place(self, src_rel: str, rel: str, size: int, sha: str, parent_made: bool = False) -> None:
         """Make `rel` hold the bytes of the committed file `src_rel` (size and sha256 known): a hard link
         straight to the final name on a local store, a copy where links are refused (another device, a
         filesystem without them), a server-side copy on object stores. Like every placement it appears whole
         or nowhere and never changes a file in place: the same bytes already at `rel` are left alone, other
         bytes raise CommittedFileConflict. A missing `src_rel` raises FileNotFoundError."""
         final, src = self.abs(rel), self.abs(src_rel)
-        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        if not parent_made and not _is_object_store(self.fs):   # object stores have no folders to make
+            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         tmp = None
         if isinstance(self.fs, LocalFileSystem):
             try:
@@ -276,6 +321,56 @@ class Placement:
             raise CommittedFileConflict(
                 f"{rel} is already in place with other bytes than {src_rel} ({size} bytes, sha256 {sha[:12]}…); "
                 f"it is left unchanged. Another run wrote it: use its result.")
+
+    def link_many(self, links: list[tuple[str, str, int, str]]) -> dict[str, Exception]:
+        """`link_into_place` for many (src_rel, rel, size, sha256) at once; returns {rel: error} for those
+        that could not be placed (FileNotFoundError: the source is gone; CommittedFileConflict: other bytes
+        at `rel`). Other errors raise. On object stores: one listing per target folder says which names are
+        taken, then the server-side copies of the rest go out concurrently and one more listing per folder
+        says which landed; elsewhere one link (or copy) per file, each folder made once."""
+        failed: dict[str, Exception] = {}
+        if not links:
+            return failed
+        if not _is_object_store(self.fs):
+            made: set[str] = set()
+            for src_rel, rel, size, sha in links:
+                parent = self.abs(rel).rsplit("/", 1)[0]
+                if parent not in made:
+                    self.fs.makedirs(parent, exist_ok=True)
+                    made.add(parent)
+                try:
+                    self.link_into_place(src_rel, rel, size, sha, parent_made=True)
+                except (FileNotFoundError, CommittedFileConflict) as exc:
+                    failed[rel] = exc
+            return failed
+
+        def listed() -> dict[str, int | None]:
+            found: dict[str, int | None] = {}
+            for parent in {self.abs(rel).rsplit("/", 1)[0] for _, rel, _, _ in links}:
+                try:
+                    found.update({e["name"].rstrip("/"): e.get("size") for e in self.fs.ls(parent, detail=True)})
+                except FileNotFoundError:
+                    pass
+            return found
+
+        present = listed()
+        todo = []
+        for src_rel, rel, size, sha in links:
+            final = self.abs(rel)
+            if final not in present:
+                todo.append((src_rel, rel))
+            elif not (present[final] == size and self._holds(final, size, sha)):
+                failed[rel] = CommittedFileConflict(
+                    f"{rel} is already in place with other bytes than {src_rel} ({size} bytes, sha256 {sha[:12]}…); "
+                    f"it is left unchanged. Another run wrote it: use its result.")
+        if todo:
+            # server-side, concurrent; a missing source is told by the listing below, not by an exception
+            self.fs.copy([self.abs(s) for s, _ in todo], [self.abs(r) for _, r in todo], on_error="ignore")
+            present = listed()
+            for src_rel, rel in todo:
+                if self.abs(rel) not in present:
+                    failed[rel] = FileNotFoundError(f"{src_rel}: no such file to link into {rel}")
+        return failed
 
     def _copy_to_tmp(self, src: str) -> str:
         self.lease.start()  # before the temporary folder exists: others judge the folder by the lease

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from .parquet import read_parquet
 
@@ -81,8 +82,10 @@ def iter_tar(fs, paths: list[str], urls: list[str] | None = None) -> Iterator[di
     faster than a pipe-style stream here; `webdataset_pipeline` gives webdataset itself.)
     """
     urls = urls or paths
+    local = isinstance(fs, LocalFileSystem)
     for path, url in zip(paths, urls):
-        with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
+        # a local file is read as Python opens it (no fsspec layer between tarfile and the bytes)
+        with (open(path, "rb") if local else fs.open(path, "rb")) as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
             sample: dict = {}
             for info in tar:
                 if not info.isfile():

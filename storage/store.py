@@ -28,6 +28,7 @@ and a crashed run finds its finished parts and skips them.
 """
 from __future__ import annotations
 
+import bisect
 import datetime as _dt
 import hashlib
 import json
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import schemas
@@ -49,7 +51,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .fs import TMP_DIR, CommittedFileConflict, FileInfo, Placement, open_fs, retry_io, sha256_of
 from .leases import owner_alive, put_whole
-from .parquet import iter_parquet_batches, read_parquet
+from .parquet import Owned, iter_parquet_batches, read_owned, read_parquet
 from .shards import LabelledShard, iter_tar, read_member, webdataset_pipeline, write_tar
 
 log = logging.getLogger("ram_engine")
@@ -61,6 +63,7 @@ _CHECKPOINT_RECORD = ".checkpoint.json"
 # version id. Move it with any change to written bytes; tests/test_format.py's golden digests fail until then.
 FORMAT_VERSION = 1
 ID_LEN = 16
+_INFO_PER_FILE = 4   # check_files: up to this many files of one folder are checked one `info` each, more by a listing
 
 
 class StoreError(RuntimeError):
@@ -123,9 +126,15 @@ class PartRecord:
     config_digest: str | None = None   # identity of the code + config that made it
     metrics: dict = field(default_factory=dict)
     shared_from: str | None = None     # `stage/version` that first wrote this part, when this version links it
+    # [smallest, largest] `key` of every row of its tables (rows and rejects); None when it has no keyed rows, or
+    # for records written before it was kept. A key outside it is in no file of the part (Store.rows_with_keys).
+    key_range: list[str] | None = None
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        if out["key_range"] is None:   # records without one read and hash as they always did
+            del out["key_range"]
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> "PartRecord":
@@ -175,21 +184,85 @@ class Store:
 
     def read_parquet(self, rel: str, entry: dict | None, columns: list[str] | None = None, *, where: str = "",
                      fix: str = "") -> pa.Table:
-        """A Parquet file of the store, checked against its manifest or part-record `entry` (bytes, sha256)."""
-        def read():
+        """A Parquet file of the store, checked against its manifest or part-record `entry` (bytes, sha256).
+        Its bytes are read once, into memory pyarrow owns, hashed there and decoded with pyarrow's threads."""
+        def read() -> Owned:
             with self.fs.open(self.abs(rel), "rb") as fh:
-                return fh.read()
+                return read_owned(fh, entry["bytes"] if entry is not None else None)
 
         where = where or self.url
         try:
             data = retry_io(read, f"reading {rel}")
         except FileNotFoundError:
             raise CorruptFile(f"{where}: {rel} is missing. {fix}; recreate the version or restore the file.") from None
-        if entry is not None and (len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]):
-            raise CorruptFile(f"{where}: {rel} is {len(data)} bytes (sha256 {hashlib.sha256(data).hexdigest()[:12]}…) "
-                              f"but its manifest says {entry['bytes']} bytes (sha256 {entry['sha256'][:12]}…): it "
-                              f"changed after commit, and nothing was built on it. {fix}.")
-        return read_parquet(pa.BufferReader(data), columns=columns)
+        if entry is not None:
+            sha = hashlib.sha256(memoryview(data.buffer)).hexdigest()
+            if data.size != entry["bytes"] or sha != entry["sha256"]:
+                raise CorruptFile(f"{where}: {rel} is {data.size} bytes (sha256 {sha[:12]}…) but its manifest says "
+                                  f"{entry['bytes']} bytes (sha256 {entry['sha256'][:12]}…): it changed after commit, "
+                                  f"and nothing was built on it. {fix}.")
+        return read_parquet(data, columns=columns)
+
+    def rows_with_keys(self, records: Iterable[PartRecord], keys: Iterable[str],
+                       columns: dict[str, list[str]] | None = None) -> dict[str, pa.Table]:
+        """The rows of these parts whose `key` is one of `keys`, by file kind (default: `{"table": ["key"],
+        "rejects": ["key"]}`; `columns` names the kinds and the columns to return, `key` always among them),
+        each table with a `part` column (the part's name), in the order of `records`.
+
+        Only the parts whose recorded key range (`PartRecord.key_range`) holds one of the keys are read (a
+        record without one is read), and of those only the named columns: asking which of a new part's keys
+        earlier parts hold costs the parts that may hold them, not every key of the store. Files are checked
+        against their records (size and sha256) as every read is."""
+        columns = columns or {"table": ["key"], "rejects": ["key"]}
+        wanted = sorted(set(keys))
+        found: dict[str, list[pa.Table]] = {kind: [] for kind in columns}
+        if not wanted:
+            return {kind: _with_part(pa.table({c: pa.array([], pa.string()) for c in cols}), [])
+                    for kind, cols in columns.items()}
+        value_set = pa.array(wanted, pa.string())
+        for record in records:
+            if record.key_range is not None:
+                lo, hi = record.key_range
+                i = bisect.bisect_left(wanted, lo)
+                if i == len(wanted) or wanted[i] > hi:
+                    continue   # no wanted key falls in this part's range: nothing to read
+            for f in record.files:
+                if f["kind"] not in columns:
+                    continue
+                cols = list(dict.fromkeys(["key", *columns[f["kind"]]]))
+                table = self.read_parquet(f["path"], f, cols, where=f"part {record.name}")
+                table = table.filter(pc.is_in(table.column("key"), value_set=value_set))
+                if table.num_rows:
+                    found[f["kind"]].append(_with_part(table, [record.name] * table.num_rows))
+        out = {}
+        for kind, tables in found.items():
+            if tables:
+                out[kind] = pa.concat_tables(tables, promote_options="permissive")
+            else:
+                out[kind] = _with_part(pa.table({c: pa.array([], pa.string())
+                                                 for c in dict.fromkeys(["key", *columns[kind]])}), [])
+        return out
+
+    @staticmethod
+    def overlapping_key_ranges(records: Iterable[PartRecord]) -> set[str]:
+        """The names of the parts whose key range meets another's, through a chain of ranges that meet (or that
+        have none recorded): the only parts that can share a key with another. Every other part's keys are its
+        own, and need not be read to know it."""
+        records = list(records)
+        out = {r.name for r in records if r.key_range is None}
+        group: list[str] = []
+        reach = None
+        for lo, hi, name in sorted((r.key_range[0], r.key_range[1], r.name) for r in records if r.key_range is not None):
+            if reach is not None and lo <= reach:
+                group.append(name)
+                reach = max(reach, hi)
+                continue
+            if len(group) > 1:
+                out.update(group)
+            group, reach = [name], hi
+        if len(group) > 1:
+            out.update(group)
+        return out
 
     def _read_json(self, rel: str) -> dict | None:
         def read():
@@ -249,26 +322,62 @@ class Store:
                     problems.append(str(exc))
         return problems
 
-    def check_files(self, files: list[dict], checksum: bool = False) -> list[str]:
+    def check_files(self, files: list[dict], checksum: bool = False,
+                    listings: dict[str, dict[str, int | None]] | None = None) -> list[str]:
         """What is wrong with these manifest entries: a file missing or of another size (or, with
-        `checksum`, another sha256). One listing per folder, so cheap on object stores too."""
-        problems, sizes = [], {}
+        `checksum`, another sha256).
+
+        What it costs is what it checks: with `checksum` each file is read once (its size comes with its
+        hash; no listing); otherwise a folder that holds a few of these files costs one `info` per file,
+        and one with more costs one listing. `listings` (folder -> {name: size}, filled as folders are
+        listed) lets many calls share their listings: `reusable_parts` checks every part of a version
+        with one listing per folder, not one per part."""
+        problems = []
+        by_folder: dict[str, list[dict]] = {}
         for f in files:
-            folder = f["path"].rsplit("/", 1)[0]
-            if folder not in sizes:
-                try:
-                    sizes[folder] = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size")
-                                     for e in self.fs.ls(self.abs(folder), detail=True)}
-                except FileNotFoundError:
-                    sizes[folder] = {}
-            size = sizes[folder].get(f["path"].rsplit("/", 1)[-1])
+            by_folder.setdefault(f["path"].rsplit("/", 1)[0], []).append(f)
+        listed: dict[str, dict[str, int | None] | None] = {}
+        for folder, entries in by_folder.items():
+            listed[folder] = listings.get(folder) if listings is not None else None
+            if listed[folder] is None and not checksum and (listings is not None or len(entries) > _INFO_PER_FILE):
+                listed[folder] = self.list_sizes(folder)
+                if listings is not None:
+                    listings[folder] = listed[folder]
+        for f in files:
+            folder, name = f["path"].rsplit("/", 1)
+            if checksum:
+                size, sha = self._checksum(f["path"])
+            elif listed[folder] is not None:
+                size, sha = listed[folder].get(name), None
+            else:
+                size, sha = self._size(f["path"]), None
             if size is None:
                 problems.append(f"{f['path']}: missing")
             elif size != f["bytes"]:
                 problems.append(f"{f['path']}: {size} bytes, manifest says {f['bytes']}")
-            elif checksum and sha256_of(self.fs, self.abs(f["path"]))[1] != f["sha256"]:
+            elif checksum and sha != f["sha256"]:
                 problems.append(f"{f['path']}: sha256 does not match the manifest's {f['sha256'][:12]}…")
         return problems
+
+    def list_sizes(self, folder: str) -> dict[str, int | None]:
+        """{file name: size} of a store folder, in one listing ({} when there is no such folder)."""
+        try:
+            entries = self.fs.ls(self.abs(folder), detail=True)
+        except FileNotFoundError:
+            return {}
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in entries}
+
+    def _size(self, rel: str) -> int | None:
+        try:
+            return self.fs.info(self.abs(rel)).get("size")
+        except FileNotFoundError:
+            return None
+
+    def _checksum(self, rel: str) -> tuple[int | None, str | None]:
+        try:
+            return sha256_of(self.fs, self.abs(rel))
+        except (FileNotFoundError, IsADirectoryError):
+            return None, None
 
     def _stage_folders(self) -> list[str]:
         try:
@@ -394,7 +503,13 @@ class Store:
             raise StoreError(f"ref name {name!r} is invalid: use letters, digits, '-', '_'")
         if self.find(stage, vid) is None:
             raise VersionNotFound(f"cannot set ref '{name}': {stage}@{vid} is not committed")
+        self._put_ref(stage, name, vid)
+
+    def _put_ref(self, stage: str, name: str, vid: str, placement: Placement | None = None) -> None:
         body = canonical_json({"stage": stage, "version": vid, "updated": _now()}).encode()
+        if placement is not None:   # a writer's, already started
+            placement.put_bytes(f"_refs/{stage}/{name}.json", body, replace=True)
+            return
         placement = Placement(self.fs, self.root)
         try:
             placement.put_bytes(f"_refs/{stage}/{name}.json", body, replace=True)
@@ -500,7 +615,11 @@ class Version:
                      batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
         """Stream record batches part by part; memory stays bounded by one batch."""
         self.check_inputs(self.files(kind))
+        local = isinstance(self.store.fs, LocalFileSystem)
         for f in self.files(kind):
+            if local:   # pyarrow opens the file itself and decodes with its threads (storage/parquet.py)
+                yield from iter_parquet_batches(self.store.abs(f["path"]), columns=columns, batch_size=batch_size)
+                continue
             fh = retry_io(lambda: self.store.fs.open(self.store.abs(f["path"]), "rb"), f"opening {f['path']}")
             with fh:
                 yield from iter_parquet_batches(fh, columns=columns, batch_size=batch_size)
@@ -750,19 +869,30 @@ class VersionWriter:
     def reusable_parts(self) -> dict[str, PartRecord]:
         """Parts that committed versions of this stage made with the same code and config,
         by source digest: incremental runs reference them instead of recomputing. A part whose files
-        are missing or changed (an older version was deleted) is not reusable: it is made again."""
+        are missing or changed (an older version was deleted) is not reusable: it is made again.
+
+        Its cost does not grow with parts times parts: each folder of each version is listed once, and
+        every part's files are checked against those listings (sizes; the sha256 is checked when a file
+        is read)."""
         found: dict[str, PartRecord] = {}
+        listings: dict[str, dict[str, int | None]] = {}
         for version in self.store.versions(self.stage):
             for part in version.parts:
                 if part.config_digest != self.config_digest or not part.source_digest or part.source_digest in found:
                     continue
-                problems = self.store.check_files(part.files)
+                problems = self.store.check_files(part.files, listings=listings)
                 if problems:
                     log.warning("%s part %s of %s cannot be reused (%s); it will be made again", self.stage,
                                 part.name, version.ref, "; ".join(problems[:3]))
                     continue
                 found[part.source_digest] = part
         return found
+
+    def stored_parts(self) -> set[str]:
+        """The names of the parts that have a record in this version's folder (one listing), or that this
+        writer holds: a run checks only these with `part_done`, instead of asking for every part's record."""
+        return {name[: -len(".json")] for name in self.store.list_sizes(f"{self.prefix}/_parts")
+                if name.endswith(".json") and not name.startswith(".")} | set(self._records)
 
     # ----- writing parts
     def write_part(self, name: str, *, table: pa.Table | Iterable[pa.RecordBatch] | None = None,
@@ -791,16 +921,18 @@ class VersionWriter:
             table = table()
         if callable(rejects):
             rejects = rejects()
+        keys: list[str] = []   # the bounds of every keyed table written: the part's key range
         if table is not None:
-            info, rows_out = self._write_parquet(f"{self.prefix}/parts/{name}.parquet", table, self.schema, name)
+            info, rows_out = self._write_parquet(f"{self.prefix}/parts/{name}.parquet", table, self.schema, name, keys)
             files.append({"path": info.path, "kind": "table", "rows": rows_out, "bytes": info.bytes,
                           "sha256": info.sha256})
         for kind, (schema, extra) in sorted((extra_tables or {}).items()):
-            info, n = self._write_parquet(f"{self.prefix}/{kind}/{name}.parquet", extra, schema, name)
+            info, n = self._write_parquet(f"{self.prefix}/{kind}/{name}.parquet", extra, schema, name, keys)
             files.append({"path": info.path, "kind": kind, "rows": n, "bytes": info.bytes, "sha256": info.sha256})
         reject_table = _rejects_table(rejects)
         if reject_table.num_rows:
-            info, _ = self._write_parquet(f"{self.prefix}/_rejects/{name}.parquet", reject_table, schemas.REJECTS, name)
+            info, _ = self._write_parquet(f"{self.prefix}/_rejects/{name}.parquet", reject_table, schemas.REJECTS, name,
+                                          keys)
             files.append({"path": info.path, "kind": "rejects", "rows": reject_table.num_rows, "bytes": info.bytes,
                           "sha256": info.sha256})
         if callable(rows_in):
@@ -815,7 +947,8 @@ class VersionWriter:
                 f"written or rejected.")
         record = PartRecord(name=name, files=files, rows_in=rows_in, rows_out=rows_out,
                             rows_rejected=reject_table.num_rows, source_digest=source_digest,
-                            config_digest=self.config_digest, metrics=metrics)
+                            config_digest=self.config_digest, metrics=metrics,
+                            key_range=[min(keys), max(keys)] if keys else None)
         placed = self._place_record(record)
         self.drop_checkpoints(name)  # the part is whole: its checkpoints are spent
         return placed
@@ -931,20 +1064,44 @@ class VersionWriter:
     def reuse_part(self, record: PartRecord) -> PartRecord:
         """Take in a part that an earlier version wrote (incremental runs): its files are linked into this
         version's folder (no bytes copied on a local store; a server-side copy on object stores), so the
-        folder alone holds the whole version for outside readers."""
-        files = []
-        origin = record.shared_from
-        for f in record.files:
-            origin = origin or f["path"][: len(f["path"]) - len(_version_relative(f["path"], self.stage)) - 1]
-            rel = f"{self.prefix}/{_version_relative(f['path'], self.stage)}"
-            if rel != f["path"]:
-                retry_io(lambda: self.placement.link_into_place(f["path"], rel, f["bytes"], f["sha256"]),
-                         f"linking {f['path']} into {self.prefix}")
-            files.append(dict(f, path=rel))
-        record = PartRecord.from_json(dict(record.to_json(), files=files, shared_from=origin))
-        self._records[record.name] = record
-        self.reused_parts += 1
-        return record
+        folder alone holds the whole version for outside readers. Raises FileNotFoundError when the
+        earlier version lost a file, CommittedFileConflict when this folder holds other bytes under its name."""
+        outcome = self.reuse_parts([record])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def reuse_parts(self, records: list[PartRecord]) -> list[PartRecord | Exception]:
+        """`reuse_part` for many parts at once, in the order given: each part's record, or the error that
+        kept it from being shared (FileNotFoundError, CommittedFileConflict); the part is then to be made.
+
+        What it costs does not depend on the parts this version already holds beyond the links it makes:
+        on a local store one hard link per file; on object stores one listing per target folder and the
+        server-side copies, sent concurrently."""
+        planned = []
+        for record in records:
+            files, links = [], []
+            origin = record.shared_from
+            for f in record.files:
+                origin = origin or f["path"][: len(f["path"]) - len(_version_relative(f["path"], self.stage)) - 1]
+                rel = f"{self.prefix}/{_version_relative(f['path'], self.stage)}"
+                if rel != f["path"]:
+                    links.append((f["path"], rel, f["bytes"], f["sha256"]))
+                files.append(dict(f, path=rel))
+            planned.append((record, files, origin, links))
+        failed = retry_io(lambda: self.placement.link_many([link for *_, links in planned for link in links]),
+                          f"linking {sum(len(p[3]) for p in planned)} files into {self.prefix}")
+        out: list[PartRecord | Exception] = []
+        for record, files, origin, links in planned:
+            error = next((failed[rel] for _, rel, _, _ in links if rel in failed), None)
+            if error is not None:
+                out.append(error)
+                continue
+            record = PartRecord.from_json(dict(record.to_json(), files=files, shared_from=origin))
+            self._records[record.name] = record
+            self.reused_parts += 1
+            out.append(record)
+        return out
 
     def _unclaimed_leftover(self, name: str) -> Callable[[], bool]:
         """For a part file found in place with other bytes: whether it may be replaced. Only when neither
@@ -954,7 +1111,9 @@ class VersionWriter:
         return lambda: (self._stored_record(name) is None and self.committed is None
                         and self._claim_holder(f"{self.prefix}/_claims/{name}", others_only=True) is None)
 
-    def _write_parquet(self, rel: str, table, schema: pa.Schema, part: str) -> tuple[FileInfo, int]:
+    def _write_parquet(self, rel: str, table, schema: pa.Schema, part: str, keys: list | None = None
+                       ) -> tuple[FileInfo, int]:
+        """Write one Parquet file of a part; `keys` (a list) gets the [min, max] of its `key` column added."""
         rows = 0
         with self.placement.atomic_open(rel, replace_if=self._unclaimed_leftover(part)) as sink:
             writer = pq.ParquetWriter(sink, schema, compression="zstd", write_statistics=True)
@@ -969,6 +1128,9 @@ class VersionWriter:
                             batch = pa.Table.from_batches([batch]).cast(schema).combine_chunks().to_batches()[0]
                         writer.write_batch(batch)
                     rows += batch.num_rows
+                    if keys is not None and batch.num_rows and "key" in schema.names:
+                        bounds = pc.min_max(batch.column("key"))
+                        keys += [v for v in (bounds["min"].as_py(), bounds["max"].as_py()) if v is not None]
             finally:
                 writer.close()
         return sink.info, rows
@@ -1018,26 +1180,29 @@ class VersionWriter:
         }
         if extra:
             manifest.update(extra)
+        body = json.dumps(manifest, indent=1, sort_keys=True, default=str)
         try:
-            self.placement.put_bytes(f"{self.prefix}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True,
-                                                                             default=str).encode())
+            self.placement.put_bytes(f"{self.prefix}/{MANIFEST}", body.encode())
         except CommittedFileConflict:  # another run committed this version first: its manifest stands
             self.close()
             return self.store.find(self.stage, self.id)
-        version = self.store.find(self.stage, self.id)
-        assert version is not None
+        version = Version(self.store, json.loads(body))   # what a reader reads back, without reading it back
         for folder in ("_claims", CHECKPOINTS):  # claims and checkpoints only matter until the commit
             try:
                 self.store.fs.rm(self.store.abs(f"{self.prefix}/{folder}"), recursive=True)
             except (FileNotFoundError, OSError):
                 pass
-        self.store.set_ref(self.stage, "latest", self.id)
+        self.store._put_ref(self.stage, "latest", self.id, self.placement)   # committed just now: no need to read it back
         self.close()
         return version
 
     def close(self) -> None:
         if self._placement is not None:
             self._placement.cleanup()
+
+
+def _with_part(table: pa.Table, names: list[str]) -> pa.Table:
+    return table.append_column("part", pa.array(names, pa.string()))
 
 
 def _rejects_table(rejects) -> pa.Table:

@@ -401,22 +401,27 @@ def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callabl
         dupes = [n for n, c in Counter(names).items() if c > 1]
         raise ValueError(f"{writer.stage}: duplicate part names {dupes[:5]}: part inputs must be distinct")
     reusable = writer.reusable_parts()
-    todo, resumed, reused = [], 0, 0
+    stored = writer.stored_parts()   # one listing: only these can be finished already
+    todo, resumed, shared = [], 0, []
     for task in tasks:
-        if writer.part_done(task.name):
+        if task.name in stored and writer.part_done(task.name):
             resumed += 1
         elif task.source_digest in reusable and reusable[task.source_digest].name == task.name:
-            try:
-                writer.reuse_part(reusable[task.source_digest])
-                reused += 1
-            except (FileNotFoundError, CommittedFileConflict) as exc:
-                # The earlier version lost the file (removed by hand, collected), or this version's folder
-                # holds other bytes under the part's name (an interrupted run's unrecorded leftover): the part
-                # is made under its claim, where a leftover is replaced and a recorded file never is.
-                log.warning("%s: part %s cannot be shared (%s); making it again", writer.stage, task.name, exc)
-                todo.append(task)
+            shared.append(task)
         else:
             todo.append(task)
+    again = set()
+    for task, outcome in zip(shared, writer.reuse_parts([reusable[t.source_digest] for t in shared])):
+        if isinstance(outcome, (FileNotFoundError, CommittedFileConflict)):
+            # The earlier version lost the file (removed by hand, collected), or this version's folder
+            # holds other bytes under the part's name (an interrupted run's unrecorded leftover): the part
+            # is made under its claim, where a leftover is replaced and a recorded file never is.
+            log.warning("%s: part %s cannot be shared (%s); making it again", writer.stage, task.name, outcome)
+            again.add(task.name)
+    reused = len(shared) - len(again)
+    if again:
+        again |= {t.name for t in todo}
+        todo = [t for t in tasks if t.name in again]
     total = len(todo)
 
     def work(task: PartTask) -> PartRecord:
