@@ -3,8 +3,9 @@
 `make_task_runner(cfg)` turns `orchestration.task_runner` into a Prefect task runner:
 
 * `threads` (default): `ThreadPoolTaskRunner(max_workers)` in the flow's process.
-* `dask`: `DaskTaskRunner` (prefect-dask) on the cluster at `dask_address`, or on a `LocalCluster` of
-  `max_workers` single-threaded worker processes when no address is given.
+* `dask`: `flows.cluster.ClusterTaskRunner` (prefect-dask's `DaskTaskRunner`, plus a checked start and a watch
+  over the parts: a run never hangs on a dead worker or scheduler) on the cluster at `dask_address`, or on a
+  `LocalCluster` of `max_workers` single-threaded worker processes when no address is given.
 * `ray`: `RayTaskRunner` (prefect-ray, the optional `ray` extra) on `ray_address` or a local Ray.
 
 Stage functions do not change: `flows/runtime.prefect_executor` submits one Prefect task per part to
@@ -24,8 +25,6 @@ from prefect import Flow
 from tasks.config import EngineConfig, OrchestrationConfig
 
 log = logging.getLogger("ram_engine")
-
-
 
 EXIT_GRACE_S = 20.0   # after SIGTERM, Prefect's own shutdown (reporting the crash) gets this long, then we exit
 
@@ -126,7 +125,6 @@ def arm_prompt_exit(grace_s: float = EXIT_GRACE_S) -> None:
 
     on_sigterm._ram_prompt_exit = True
     signal.signal(signal.SIGTERM, on_sigterm)
-
 
 
 def release_cached_models(cfg: EngineConfig | OrchestrationConfig) -> None:

@@ -326,35 +326,40 @@ def test_a_worker_that_cannot_import_the_engine_stops_the_run_at_start(prefect_a
 
 
 @pytest.mark.slow
-def test_a_cluster_left_without_workers_stops_the_run_and_sigterm_is_prompt(prefect_api, tmp_path):
+def test_a_run_stops_when_its_cluster_is_gone_and_sigterm_is_prompt(prefect_api, tmp_path):
     """One worker without a nanny (nothing restarts it), killed while it runs a part: the run stops after
-    `cluster_timeout_s` naming the part and the worker. The same with a long timeout, ended by SIGTERM."""
+    `cluster_timeout_s` naming the part and the worker. The scheduler killed instead: the same, naming the
+    scheduler. The worker killed with a long timeout, and the run ended by SIGTERM: promptly."""
     env = quiet_env(PREFECT_API_URL=prefect_api[0])
-    for case, timeout_s in (("no worker", 8), ("sigterm", 600)):
+    for case, timeout_s in (("no worker", 8), ("scheduler gone", 8), ("sigterm", 600)):
         cluster = start_cluster(tmp_path / case / "cluster", workers=1, worker_args=("--no-nanny",))
+        run = subprocess.Popen(console_script("ram-engine") + _ingest_args(tmp_path / case, cluster,
+                                                                           cluster_timeout_s=timeout_s),
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            run = subprocess.Popen(console_script("ram-engine") + _ingest_args(tmp_path / case, cluster,
-                                                                               cluster_timeout_s=timeout_s),
-                                   cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             with cluster.client() as client:
                 worker = wait_until(lambda: next((w for w, keys in client.processing().items() if keys), None), 240,
                                     "a part running on the worker", poll=0.05)
-                os.killpg(cluster.procs[-1].pid, signal.SIGKILL)
+            os.killpg(cluster.procs[0 if case == "scheduler gone" else -1].pid, signal.SIGKILL)
             t0 = time.monotonic()
             if case == "sigterm":
                 time.sleep(3)
                 t0 = time.monotonic()
                 run.send_signal(signal.SIGTERM)
-            out, err = run.communicate(timeout=120)
+            out, err = run.communicate(timeout=180)
             took = time.monotonic() - t0
             assert run.returncode != 0, out
-            if case == "no worker":
-                line = next(l for l in err.splitlines() if l.startswith("error:"))
-                assert re.search(rf"part part-\S+ \(last on worker {re.escape(worker)}\): no Dask worker", line), err
-                assert took < timeout_s + 30, took
-            else:
+            if case == "sigterm":
                 assert took < 30, f"SIGTERM took {took:.1f} s to end the run"
-            print(f"{case}: ended {took:.1f} s after {'SIGTERM' if case == 'sigterm' else 'the worker died'}")
+            else:
+                line = next((l for l in err.splitlines() if l.startswith("error:")), None)
+                assert line and re.search(r"images: part part-\S+", line), err[-5000:]
+                if case == "no worker":
+                    assert f"(last on worker {worker}): no Dask worker at {cluster.address}" in line, line
+                else:
+                    assert f"scheduler at {cluster.address}" in line, line
+                assert took < timeout_s + 60, took
+            print(f"{case}: ended {took:.1f} s after {'SIGTERM' if case == 'sigterm' else 'the kill'}")
         finally:
             if run.poll() is None:
                 run.kill()
