@@ -240,10 +240,11 @@ def ingest(src: Optional[List[str]] = typer.Argument(
     with progress_bar() as update:
         if state.engine == "prefect":
             from flows.ingest import ingest_flow
+            from flows.runners import with_task_runner
             from flows.runtime import console_progress
             prefect_engine()
-            with console_progress(update):
-                result = ingest_flow(cfg, source=src)
+            with console_progress(update):  # its parts on the configured runner (threads, Dask, Ray)
+                result = with_task_runner(ingest_flow, cfg)(cfg, source=src)
         else:
             from tasks.engine.runner import run
             from tasks.stages.ingest import STAGE

@@ -3,8 +3,9 @@
 `make_task_runner(cfg)` turns `orchestration.task_runner` into a Prefect task runner:
 
 * `threads` (default): `ThreadPoolTaskRunner(max_workers)` in the flow's process.
-* `dask`: `DaskTaskRunner` (prefect-dask) on the cluster at `dask_address`, or on a `LocalCluster` of
-  `max_workers` single-threaded worker processes when no address is given.
+* `dask`: `flows.cluster.ClusterTaskRunner` (prefect-dask's `DaskTaskRunner`, plus a checked start and a watch
+  over the parts: a run never hangs on a dead worker or scheduler) on the cluster at `dask_address`, or on a
+  `LocalCluster` of `max_workers` single-threaded worker processes when no address is given.
 * `ray`: `RayTaskRunner` (prefect-ray, the optional `ray` extra) on `ray_address` or a local Ray.
 
 Stage functions do not change: `flows/runtime.prefect_executor` submits one Prefect task per part to
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from contextlib import ExitStack, contextmanager
 from typing import Iterator
@@ -24,6 +26,7 @@ from tasks.engine.config import EngineConfig, OrchestrationConfig
 
 log = logging.getLogger("ram_engine")
 
+EXIT_GRACE_S = 20.0   # after SIGTERM, Prefect's own shutdown (reporting the crash) gets this long, then we exit
 
 
 class RunnerConfigError(ValueError):
@@ -47,18 +50,21 @@ def make_task_runner(cfg: EngineConfig | OrchestrationConfig):
         return ThreadPoolTaskRunner(max_workers=default_workers(oc))
     if oc.task_runner == "dask":
         try:
-            from prefect_dask import DaskTaskRunner
+            import prefect_dask  # noqa: F401
         except ImportError as exc:
             raise RunnerConfigError(
                 "orchestration.task_runner=dask needs prefect-dask: pip install 'ram-data-engine[dask]' "
                 f"({exc})") from None
+        from .cluster import ClusterTaskRunner  # DaskTaskRunner with a checked start and watched parts
+
+        limits = {"part_timeout_s": oc.part_timeout_s, "cluster_timeout_s": oc.cluster_timeout_s}
         if oc.dask_address:
-            return DaskTaskRunner(address=oc.dask_address)
+            return ClusterTaskRunner(address=oc.dask_address, **limits)
         # Processes, one thread each: stage code holds the GIL (PIL decode, tokenisers) and torch
         # sets its own threads per process.
-        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                              cluster_kwargs={"n_workers": default_workers(oc), "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
+        return ClusterTaskRunner(cluster_class="distributed.LocalCluster",
+                                 cluster_kwargs={"n_workers": default_workers(oc), "threads_per_worker": 1,
+                                                 "processes": True, "dashboard_address": None}, **limits)
     if oc.task_runner == "ray":
         try:
             from prefect_ray import RayTaskRunner
@@ -92,6 +98,33 @@ def shared_cluster(cfg: EngineConfig) -> Iterator[EngineConfig]:
         log.info("Dask: %d worker processes at %s", default_workers(oc), cluster.scheduler_address)
         yield cfg.model_copy(update={"orchestration": oc.model_copy(update={"dask_address":
                                                                             cluster.scheduler_address})})
+
+
+def arm_prompt_exit(grace_s: float = EXIT_GRACE_S) -> None:
+    """Make SIGTERM end this process within `grace_s`: Prefect turns SIGTERM into a crash of the flow run and
+    reports it to its API, which can take minutes when the API or the cluster is gone (its retries). Chains the
+    handler in place (Prefect's, inside a flow run) and starts a timer that exits the process when the grace runs
+    out. Only the main thread can set handlers; elsewhere, and when armed already, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGTERM)
+    if getattr(current, "_ram_prompt_exit", False):
+        return
+
+    def on_sigterm(signum, frame):
+        log.error("SIGTERM: the run stops (within %.0f s); parts already written are kept, and the next run "
+                  "resumes from them", grace_s)
+        timer = threading.Timer(grace_s, os._exit, args=(128 + signum,))
+        timer.daemon = True
+        timer.start()
+        if callable(current):
+            current(signum, frame)
+        else:  # the default action (or ignored): as it would have been
+            signal.signal(signum, current if current is not None else signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    on_sigterm._ram_prompt_exit = True
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def release_cached_models(cfg: EngineConfig | OrchestrationConfig) -> None:

@@ -26,7 +26,7 @@ from tasks.engine.progress import ProgressLog
 from tasks.engine.runner import Executor, PartTask, StageResult
 
 # prefect_api_available is looked up here at call time (deployments, publish_report): tests replace it on this module
-from .runners import gpu_slot, in_prefect_run, prefect_api_available
+from .runners import arm_prompt_exit, gpu_slot, in_prefect_run, prefect_api_available
 
 log = logging.getLogger("ram_engine")
 
@@ -166,7 +166,13 @@ def prefect_executor(stage: str) -> Executor:
     def execute(fn, parts):
         if FlowRunContext.get() is None:  # called outside a flow: run inline
             return (fn(p) for p in parts)
+        arm_prompt_exit()  # SIGTERM ends the run within seconds, wherever its parts are
         futures = [run_part.with_options(task_run_name=f"{stage}:{p.name}").submit(fn, p) for p in parts]
+        runner = FlowRunContext.get().task_runner
+        if type(runner).__name__ == "ClusterTaskRunner":  # Dask: watch the cluster while waiting (flows/cluster.py)
+            from .cluster import watch_parts
+
+            return watch_parts(runner, stage, futures, [p.name for p in parts])
         return (f.result() for f in futures)
 
     return execute

@@ -98,7 +98,7 @@ def test_compose_services_call_existing_cli_commands_and_configs():
     from tasks.engine.config import load_config
 
     services = compose()["services"]
-    ours = {name: s for name, s in services.items() if "build" in s}
+    ours = {name: s for name, s in services.items() if "build" in s and s.get("entrypoint") != ["dask"]}
     assert ours, "no service runs the engine image"
     for name, service in ours.items():
         assert (ROOT / "docker" / service["build"]["context"] / service["build"]["dockerfile"]).resolve().exists()
@@ -136,3 +136,20 @@ def test_compose_wires_server_store_and_bucket():
     bucket = load_config(ROOT / "configs" / "production.yaml").store.url.split("/")[2]
     assert f"local/{bucket}" in " ".join(services["minio-init"]["entrypoint"])
     assert services["worker"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+
+
+def test_compose_runs_the_parts_on_scalable_dask_workers_from_the_engine_image():
+    """The served runs send parts to the compose file's Dask scheduler; its workers run the engine's image, and
+    `--scale dask-worker=N` can add workers (no fixed name or host port)."""
+    services = compose()["services"]
+    scheduler, workers, engine = services["dask-scheduler"], services["dask-worker"], services["worker"]
+    for dask in (scheduler, workers):
+        assert dask["image"] == engine["image"] and dask["build"] == engine["build"] and dask["entrypoint"] == ["dask"]
+    port = scheduler["command"][scheduler["command"].index("--port") + 1]
+    address = f"tcp://dask-scheduler:{port}"
+    assert workers["command"][:2] == ["worker", address] and "--nthreads" in workers["command"]
+    assert "container_name" not in workers and "ports" not in workers
+    for run in engine_invocations(engine):
+        assert f"orchestration.dask_address={address}" in run and "orchestration.task_runner=dask" in run, run
+    assert engine["depends_on"]["dask-scheduler"]["condition"] == "service_healthy"
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "PREFECT_API_URL"} <= set(workers["environment"])

@@ -255,6 +255,8 @@ class OrchestrationConfig(Section):
     torch_threads: int | None = Field(None, ge=1)     # torch threads per process; None: idle cores / workers
     dask_address: str | None = None                   # tcp://scheduler:8786; None: a LocalCluster of processes
     ray_address: str | None = None                    # ray://head:10001; None: a local Ray instance
+    part_timeout_s: float = Field(3600, gt=0)         # a part running longer on a cluster stops the run
+    cluster_timeout_s: float = Field(120, gt=0)       # no scheduler / no worker for this long stops the run
     schedule_cron: str = "0 3 * * *"                  # the scheduled data-engine loop
     timezone: str = "UTC"
     retrain_min_new_samples: int = Field(1000, ge=0)  # the served retrain runs once this many samples are new
