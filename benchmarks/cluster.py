@@ -106,8 +106,8 @@ def prepare(work: Path, images: int, per_part: int) -> tuple[Path, Path]:
     """The world (`per_part` samples per tar: one part each), the demo config, and the store after generate."""
     from flows.data_engine import data_engine_flow
     from flows.demo import run_demo
-    from tasks.config import load_config
-    from tasks.demo_world import generate_world
+    from tasks.engine.config import load_config
+    from tasks.demo.world import generate_world
 
     out = work / "demo"
     generate_world(out / "world", images, seed=0, fmt="webdataset", samples_per_shard=per_part, overwrite=True)

@@ -63,11 +63,11 @@ def build(cache: Path, parts: int, keys: int) -> dict:
     import pyarrow as pa
 
     from storage import Store, digest, schemas
-    from tasks.config import IngestConfig
-    from tasks.stage import begin_run
-    from tasks.ingest import STAGE as INGEST
+    from tasks.engine.config import IngestConfig
+    from tasks.engine.runner import begin_run
+    from tasks.stages.ingest import STAGE as INGEST
     from tests.test_stage_contract import COUNT, CountSection
-    from tasks.stage import run
+    from tasks.engine.runner import run
 
     base = cache / f"{digest([INGEST.code_version(), COUNT.code_version()], 8)}-n{parts}-k{keys}"
     done = base / "built.json"
@@ -125,16 +125,14 @@ def _reset_peak() -> None:
 def measure(url: str, options: dict, source: str, new_tar: str, ingest_keys: str = "as-is") -> dict:
     """Run in a fresh process: ingest one more tar, then `count` over the new images version."""
     if ingest_keys == "ranged":
-        import tasks.ingest
+        import tasks.stages.ingest
 
-        tasks.ingest.claim_keys = ranged_claim_keys
+        tasks.stages.ingest.claim_keys = ranged_claim_keys
     from storage import Store
-    from tasks.config import IngestConfig
-    from tasks.ingest import ingest
+    from tasks.engine.config import IngestConfig
+    from tasks.engine.runner import run
+    from tasks.stages.ingest import STAGE as INGEST
     from tests.test_stage_contract import COUNT, CountSection
-    from tasks.stage import run
-
-    from tasks.ingest import STAGE as INGEST
 
     store = Store(url, **options)
     store.open("images")   # imports and first connection outside the measurement
@@ -145,7 +143,7 @@ def measure(url: str, options: dict, source: str, new_tar: str, ingest_keys: str
     out = {}
     _reset_peak()
     before, t0 = _rss_mb("VmRSS"), time.perf_counter()
-    result = ingest(store, IngestConfig(), source=[source, new_tar])
+    result = run(INGEST, store, {"ingest": IngestConfig()}, {"source": [source, new_tar]})
     out["ingest"] = {"s": time.perf_counter() - t0, "peak_mb": _rss_mb("VmHWM") - before,
                      "reused": result.parts_reused, "written": result.parts_written, "version": result.version.id}
     _reset_peak()
@@ -158,7 +156,7 @@ def measure(url: str, options: dict, source: str, new_tar: str, ingest_keys: str
 
 # --------------------------------------------------------------------------- ingest's key check, as proposed
 def ranged_claim_keys(store, tasks, reusable, source_options=None):
-    """tasks.ingest.claim_keys as docs/scale.md proposes it (`--ingest-keys ranged` measures it; tasks/ is not
+    """tasks.stages.ingest.claim_keys as docs/scale.md proposes it (`--ingest-keys ranged` measures it; tasks/ is not
     this benchmark's to change): the same claims, without reading every key of every reused part. Reused parts
     can only clash where their key ranges meet (`Store.overlapping_key_ranges`): only those parts' keys are read.
     A new part asks which of its keys the reused parts hold (`Store.rows_with_keys`, which reads only the parts
@@ -166,7 +164,7 @@ def ranged_claim_keys(store, tasks, reusable, source_options=None):
     from dataclasses import replace
 
     from storage import digest
-    from tasks.ingest import UNCLAIMED_FIELDS, _part_keys, _task_keys
+    from tasks.stages.ingest import UNCLAIMED_FIELDS, _part_keys, _task_keys
 
     samples = [t for t in tasks if t.payload[0] != "problems"]
     reused = [(t, reusable[t.source_digest]) for t in samples

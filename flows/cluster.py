@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 
 from prefect_dask import DaskTaskRunner
 
-from tasks.stage import StageError
+from tasks.engine.runner import StageError
 
 from . import engine_imports
 

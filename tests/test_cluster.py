@@ -209,7 +209,7 @@ def test_engine_packages_win_over_folders_and_real_shadows_are_named(tmp_path):
 
 def test_cluster_limits_are_config_fields():
     from flows.runners import make_task_runner
-    from tasks.config import ConfigError, load_config
+    from tasks.engine.config import ConfigError, load_config
 
     runner = make_task_runner(load_config(None, ["orchestration.task_runner=dask", "orchestration.dask_address=tcp://x:1",
                                                  "orchestration.part_timeout_s=90",
@@ -227,7 +227,7 @@ def world(tmp_path_factory):
     """A smaller demo-like world than the session's (12 images in 3 tars: 3 parts per stage), its detector."""
     from tests.fixtures import DEMO_WORLD, DemoWorld
     from ram_model.detector import build_tiny_detector
-    from tasks.demo_world import generate_world
+    from tasks.demo.world import generate_world
 
     root = tmp_path_factory.mktemp("cluster-world")
     info = generate_world(root / "world", 12, seed=5, fmt="webdataset", samples_per_shard=4,
@@ -373,8 +373,8 @@ def test_a_part_over_its_time_limit_stops_the_run(prefect_api, tmp_path):
     from flows.cluster import ClusterError
     from flows.runners import with_task_runner
     from flows.runtime import prefect_executor
-    from tasks.config import load_config
-    from tasks.stage import PartTask
+    from tasks.engine.config import load_config
+    from tasks.engine.runner import PartTask
 
     cluster = start_cluster(tmp_path / "cluster", workers=1)
     release = tmp_path / "release"

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from storage import Store
-from tasks.stage import PartTask, run_stage
+from tasks.engine.runner import PartTask, run_stage
 
 SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("n", pa.int32())])
 FS_CALLS = ("ls", "info", "exists", "isdir", "isfile", "size", "open", "cat_file", "find", "glob", "copy", "makedirs")
