@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from storage import Store, StoreError
 from tasks.engine.config import ConfigError, EngineConfig, load_config
@@ -23,8 +24,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 # and version ids stay whole on one line (tables size their columns to the content). A terminal keeps its
 # own width.
 UNWRAPPED = 10_000
-console = Console(stderr=True, width=None if sys.stderr.isatty() else UNWRAPPED)
-out = Console(width=None if sys.stdout.isatty() else UNWRAPPED)
+# No console markup: what is printed holds user text (keys, reject details, paths, refs, tag names), and rich
+# would read `[/x]` in it as a closing tag and crash. Styles are given as such (`styled`).
+console = Console(stderr=True, width=None if sys.stderr.isatty() else UNWRAPPED, markup=False)
+out = Console(width=None if sys.stdout.isatty() else UNWRAPPED, markup=False)
+
+
+def styled(label: str, style: str, rest: str = "") -> Text:
+    """A styled label, then plain text."""
+    return Text.assemble((label, style), rest)
 
 
 class State:
@@ -33,6 +41,7 @@ class State:
     store_url: Optional[str] = None
     engine: str = "prefect"
     debug: bool = False
+    used_store_url: Optional[str] = None   # the store URL the command resolved (named by access errors)
 
 
 state = State()
@@ -56,7 +65,9 @@ def get_config() -> EngineConfig:
     overrides = list(state.overrides)
     if state.store_url:
         overrides.append(f"store.url={state.store_url}")
-    return load_config(state.config_path, overrides)
+    cfg = load_config(state.config_path, overrides)
+    state.used_store_url = cfg.store.url
+    return cfg
 
 
 def announce_config() -> None:
@@ -83,7 +94,7 @@ def get_store(cfg: EngineConfig | None = None, *, must_exist: bool = False) -> S
 @contextmanager
 def progress_bar():
     """A rich progress bar fed by stage progress callbacks (stage, done, total)."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as bar:
         ids: dict[str, int] = {}
 
@@ -102,9 +113,9 @@ def counted(n: int, noun: str) -> str:
 
 def print_result(result) -> None:
     s = result.summary()
-    out.print(f"[bold]{s['stage']}[/] @ {s['version']}  ({s['status']}: {counted(s['parts_written'], 'part')} written, "
+    out.print(styled(s["stage"], "bold", f" @ {s['version']}  ({s['status']}: {counted(s['parts_written'], 'part')} written, "
               f"{s['parts_resumed']} resumed, {s['parts_reused']} reused)  rows in {s['rows_in']} = "
-              f"out {s['rows_out']} + rejected {s['rows_rejected']}")
+              f"out {s['rows_out']} + rejected {s['rows_rejected']}"))
 
 
 class ShortErrors(logging.Filter):
@@ -205,12 +216,13 @@ def demo(out_dir: str = typer.Option("ram-demo", "--out", help="Folder for the w
     print_results(summary["results"])
     ev = summary["results"].get("evaluate")
     if ev is not None:
-        out.print("[bold]Data-engine ablation against the planted truth[/]")
+        out.print("Data-engine ablation against the planted truth", style="bold")
         out.print(ev.version.manifest["metrics"]["markdown"])
-        out.print("[bold]Cleaning: removed tags against the truth, per reason[/]")
+        out.print("Cleaning: removed tags against the truth, per reason", style="bold")
         out.print(ev.version.manifest["metrics"].get("cleaning_removal_markdown", ""))
     if summary.get("ablation") is not None:
-        out.print("[bold]Ablation: held-out mAP / P / R / F1 of a model per label version, mean ± std over seeds[/]")
+        out.print("Ablation: held-out mAP / P / R / F1 of a model per label version, mean ± std over seeds",
+                  style="bold")
         out.print(summary["ablation"].manifest["metrics"]["markdown"])
     out.print(f"store: {summary['store']}\nconfig: {summary['config']}\nreport: {summary['report']}\n"
               f"total {summary['seconds'] / 60:.1f} min")
@@ -334,9 +346,9 @@ def check(serve_: bool = typer.Option(False, "--serve", help="Also check the Pre
     announce_config()
     report = check_config(get_config(), serve=serve_)
     for line in report.ok:
-        out.print(f"[green]ok[/]      {line}", soft_wrap=True)
+        out.print(styled("ok", "green", f"      {line}"), soft_wrap=True)
     for problem in report.problems:
-        console.print(f"[red]PROBLEM[/] {problem.line()}", soft_wrap=True)
+        console.print(styled("PROBLEM", "red", f" {problem.line()}"), soft_wrap=True)
     if report.problems:
         console.print(f"{len(report.problems)} problem(s): fix them before a run")
         raise typer.Exit(1)
@@ -405,15 +417,15 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
     if as_json:
         out.print_json(json.dumps({k: val for k, val in m.items() if k != "schema_ipc"}))
         return
-    out.print(f"[bold]{stage}@{v.id}[/]  created {m['created']}  code {m['code_version']}")
+    out.print(styled(f"{stage}@{v.id}", "bold", f"  created {m['created']}  code {m['code_version']}"))
     out.print(f"parents: {', '.join(m['parents']) or '(none)'}")
     out.print(f"rows in {m['rows_in']} = out {m['rows_out']} + rejected {m['rows_rejected']}; "
               f"{counted(len(m['parts']), 'part')} ({m['parts_written']} written, {m['parts_reused']} shared with "
               f"earlier versions), {counted(len(m['files']), 'file')}, {sum(f['bytes'] for f in m['files'])} bytes")
-    out.print("[bold]schema[/]\n" + m["schema"])
+    out.print(styled("schema", "bold", "\n" + m["schema"]))
     out.print(f"path: {store.full_url(f'{v.stage}/{v.id}')}")
     if m.get("metrics"):
-        out.print("[bold]metrics[/] (counters: most frequent first)")
+        out.print(styled("metrics", "bold", " (counters: most frequent first)"))
         for key, kind, value in display_metrics(store, v, top=10):
             if kind == "counter":
                 value = ", ".join(f"{k}: {format_value(n)}" for k, n in value)
@@ -429,13 +441,13 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
     if rows:
         table = v.read_table().slice(0, rows)
         names = tag_names_for(store, v) if any(c in table.column_names for c in ("tag_ids", "tag_id")) else None
-        out.print("[bold]sample rows[/]" + (" (tag ids with their names)" if names else ""))
+        out.print(styled("sample rows", "bold", " (tag ids with their names)" if names else ""))
         for row in table.to_pylist():
             out.print("  " + json.dumps(_shortened(with_tag_names(row, names)), ensure_ascii=False, default=str),
                       markup=False, highlight=False, soft_wrap=True)  # one row, one line
         rejects = v.rejects().slice(0, rows)
         if rejects.num_rows:
-            out.print("[bold]sample rejects[/]")
+            out.print("sample rejects", style="bold")
             for row in rejects.to_pylist():
                 out.print(f"  {row['key']}: {row['reason']} ({row['field']}) {row['detail'] or ''}"[:300])
 
@@ -466,12 +478,12 @@ def verify(target: Optional[str] = typer.Argument(None, help="STAGE@VERSION; eve
     versions = [store.open(*parse_ref(target))] if target else [v for s in store.stages() for v in store.versions(s)]
     failed = len(damaged)
     for problem in damaged:
-        console.print(f"[red]DAMAGED[/] {problem}")
+        console.print(styled("DAMAGED", "red", f" {problem}"))
     for v in versions:
         problems = v.verify()
         failed += bool(problems)
         for p in problems:
-            console.print(f"[red]CORRUPT[/] {p}")
+            console.print(styled("CORRUPT", "red", f" {p}"))
         if problems:
             console.print(f"{v.stage}@{v.id}: {len(problems)} of {len(v.files())} files fail verification")
         else:
@@ -552,12 +564,31 @@ def main() -> None:
     quiet_prefect()
     try:
         app()
-    except (ConfigError, StoreError, StageError, ValueError, FileNotFoundError) as exc:
+    except Exception as exc:  # noqa: BLE001 - every error is one line here; --debug shows the traceback
         if state.debug:
             raise
-        console.print(f"[red]error:[/] {exc}")
-        console.print("(the full traceback: rerun with --debug)")
+        console.print(styled("error:", "red", f" {error_line(exc)} (the full traceback: rerun with --debug)"),
+                      soft_wrap=True)
         sys.exit(2)
+
+
+def error_line(exc: BaseException) -> str:
+    """What the user is told about an error: a store that cannot be reached as configured (credentials,
+    access, bucket) named as such, our own errors as they say it, anything else as what it is, on one line
+    (a configuration error keeps one line per field)."""
+    from storage.fs import StoreIOError, access_problem
+    from tasks.engine.runner import StageError
+
+    url = state.used_store_url or state.store_url or ""
+    problem = access_problem(exc, url) if url else None
+    if problem is not None:
+        return str(problem)
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (StoreError, StageError, StoreIOError, ValueError, OSError)):
+        return text
+    return f"unexpected {type(exc).__name__}: {text}. This is a bug in ram-engine: please report it with the traceback"
 
 
 if __name__ == "__main__":

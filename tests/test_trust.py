@@ -309,13 +309,19 @@ def test_a_live_writer_on_a_host_named_with_dashes_keeps_its_files(tmp_path, mon
     assert _tmp_owners(store) == set() and not store.fs.exists(lease_path(store.root, live.owner))
 
 
-def test_liveness_across_hosts_and_pid_namespaces(any_store):
+def test_liveness_across_hosts_and_pid_namespaces(any_store, monkeypatch):
+    import storage.leases as leases
+
     me = machine_identity()
     far = time.time() + 3600
     _foreign_writer(any_store, "other-host-live", host="ram-worker-2", boot="b", pidns="pid:[1]", pid=7,
                     expires=far)
+    # renewed longer ago than its TTL by the store's clock (the store's clock is moved on below: S3 times
+    # have one-second steps)
     _foreign_writer(any_store, "other-host-gone", host="ram-worker-2", boot="b", pidns="pid:[1]", pid=7,
-                    expires=time.time() - 1)
+                    expires=far, ttl=1)
+    real_now = leases.store_now
+    monkeypatch.setattr(leases, "store_now", lambda fs, root: real_now(fs, root) + 5)
     # a container with the same host name (another PID namespace): its pid means nothing here
     _foreign_writer(any_store, "same-name-container", host=me["host"], boot=me["boot"], pidns="pid:[4026531836x]",
                     pid=_dead_pid(), expires=far)
