@@ -24,10 +24,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 # and version ids stay whole on one line (tables size their columns to the content). A terminal keeps its
 # own width.
 UNWRAPPED = 10_000
-# No console markup: what is printed holds user text (keys, reject details, paths, refs, tag names), and rich
-# would read `[/x]` in it as a closing tag and crash. Styles are given as such (`styled`).
-console = Console(stderr=True, width=None if sys.stderr.isatty() else UNWRAPPED, markup=False)
-out = Console(width=None if sys.stdout.isatty() else UNWRAPPED, markup=False)
+# No console markup nor emoji codes: what is printed holds user text (keys, reject details, paths, refs, tag
+# names), and rich would read `[/x]` in it as a closing tag and crash, `:smile:` as an emoji. Styles are given
+# as such (`styled`).
+console = Console(stderr=True, width=None if sys.stderr.isatty() else UNWRAPPED, markup=False, emoji=False)
+out = Console(width=None if sys.stdout.isatty() else UNWRAPPED, markup=False, emoji=False)
 
 
 def styled(label: str, style: str, rest: str = "") -> Text:
@@ -63,7 +64,7 @@ def main_options(
 
 def get_config() -> EngineConfig:
     overrides = list(state.overrides)
-    if state.store_url:
+    if state.store_url is not None:  # `--store ''` is refused by the config, never taken as "no --store"
         overrides.append(f"store.url={state.store_url}")
     cfg = load_config(state.config_path, overrides)
     state.used_store_url = cfg.store.url

@@ -80,12 +80,14 @@ def check_url(url: str) -> str:
     if not isinstance(url, str) or not url.strip():
         raise StoreAccessError(f"the store URL is empty ({url!r}): give a folder (./ram-data) or an object store "
                                f"URL (s3://bucket/prefix) in store.url or --store")
-    scheme = url.split("://", 1)[0] if "://" in url else "file"
+    *chained, last = url.split("::")   # fsspec chains: simplecache::s3://bucket/x
+    scheme = last.split("://", 1)[0] if "://" in last else "file"
     known = set(fsspec.available_protocols())
-    if scheme not in known:
-        raise StoreAccessError(f"the store URL {url!r} has an unknown scheme {scheme!r}: use a folder path or one of "
-                               f"s3://, gs://, az://, memory://, file:// (fsspec knows {len(known)} schemes)")
-    if scheme in ("s3", "s3a", "gs", "gcs", "az", "abfs") and not url.split("://", 1)[1].strip("/"):
+    for name in [*chained, scheme]:
+        if name not in known:
+            raise StoreAccessError(f"the store URL {url!r} has an unknown scheme {name!r}: use a folder path or one "
+                                   f"of s3://, gs://, az://, memory://, file:// (fsspec knows {len(known)} schemes)")
+    if scheme in ("s3", "s3a", "gs", "gcs", "az", "abfs") and not last.split("://", 1)[1].strip("/"):
         raise StoreAccessError(f"the store URL {url!r} names no bucket: give {scheme}://BUCKET/PREFIX")
     return url
 

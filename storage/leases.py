@@ -89,14 +89,21 @@ def put_whole(fs, path: str, data: bytes) -> None:
     from .fs import ensure_folder  # (fs.py imports this module)
 
     parent = path.rsplit("/", 1)[0]
-    ensure_folder(fs, parent)
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{parent}/.{uuid.uuid4().hex}.partial"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    else:
+    if not isinstance(fs, LocalFileSystem):
+        ensure_folder(fs, parent)
         fs.pipe_file(path, data)  # an object store PUT is atomic for readers
+        return
+    for attempt in range(10):  # the folder may be removed under us (a committed version's claims go)
+        tmp = f"{parent}/.{uuid.uuid4().hex}.partial"
+        try:
+            fs.makedirs(parent, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            return
+        except FileNotFoundError:
+            if attempt == 9:
+                raise
 
 
 def lease_path(root: str, owner: str) -> str:

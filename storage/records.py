@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 # Stage names (`images`, `models/ram`), version ids, ref and part names: letters, digits, '_', '-', '.'.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_HEX = re.compile(r"^(?:[0-9a-f]{2})*$")
+_HEX = re.compile(r"^(?:[0-9a-f]{2})+$")
 
 Count = Annotated[StrictInt, Field(ge=0, lt=2**63)]
 
@@ -144,12 +144,14 @@ class Manifest(Record):
     schema_ipc: StrictStr = Field(pattern=_HEX.pattern)
     code_version: StrictStr
     config_digest: StrictStr
-    config: dict[str, Any] = Field(default_factory=dict)
-    input_digest: StrictStr | None = None
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    schema_: StrictStr = Field("", alias="schema")
-    parts_written: Count = 0
-    parts_reused: Count = 0
+    # Required too, though readers could do without: every manifest `commit` wrote has them, and `show`,
+    # reports and the runner read them.
+    config: dict[str, Any]
+    input_digest: StrictStr | None
+    metrics: dict[str, Any]
+    schema_: StrictStr = Field(alias="schema")
+    parts_written: Count
+    parts_reused: Count
     duration_s: StrictFloat | StrictInt | None = None
 
     @field_validator("format")

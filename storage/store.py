@@ -720,6 +720,8 @@ class VersionWriter:
                 self.store.fs.rm(mine)
             except (FileNotFoundError, OSError):
                 pass
+            if self.committed is not None:  # a straggler of a committed version: no claim of it matters now
+                self._remove_quietly(f"{self.prefix}/_claims")
 
     def _claim_holder(self, folder: str, others_only: bool = False) -> str | None:
         """The live writer that holds the claims in `folder` (with `others_only`: the oldest live claimant
@@ -743,6 +745,12 @@ class VersionWriter:
             if not (others_only and owner == self.placement.owner):
                 live.append((_store_time(entry), owner))
         return min(live)[1] if live else None
+
+    def _remove_quietly(self, rel: str) -> None:
+        try:
+            self.store.fs.rm(self.store.abs(rel), recursive=True)
+        except (FileNotFoundError, OSError):
+            pass
 
     def has_record(self, name: str) -> bool:
         return name in self._records
@@ -990,6 +998,8 @@ class VersionWriter:
         """Write the manifest (the commit point) and move the `latest` ref. Idempotent."""
         existing = self.committed
         if existing is not None:
+            for folder in ("_claims", CHECKPOINTS):  # what a writer killed after that commit left
+                self._remove_quietly(f"{self.prefix}/{folder}")
             self.close()
             return existing
         names = part_order if part_order is not None else sorted(self._records)
@@ -1033,10 +1043,7 @@ class VersionWriter:
         version = self.store.find(self.stage, self.id)
         assert version is not None
         for folder in ("_claims", CHECKPOINTS):  # claims and checkpoints only matter until the commit
-            try:
-                self.store.fs.rm(self.store.abs(f"{self.prefix}/{folder}"), recursive=True)
-            except (FileNotFoundError, OSError):
-                pass
+            self._remove_quietly(f"{self.prefix}/{folder}")
         self.store.set_ref(self.stage, "latest", self.id)
         self.close()
         return version

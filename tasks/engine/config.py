@@ -68,7 +68,7 @@ class Section(BaseModel):
             for key, item in value.items():  # a model of ram_model/ (detector, embedder): its fields too
                 if key in nested.model_fields and (problem := scalar_problem(nested.model_fields[key].annotation,
                                                                              item)):
-                    raise ValueError(f"{key}: {problem}")
+                    raise ValueError(f"{key} ({problem})")   # load_config names it as section.model.key
         return value
 
 

@@ -14,28 +14,41 @@ STAGE_OUTPUTS = ("images", "labels", "parsed", "models/baseline", "generated", "
                  "models/ram", "evaluate")
 
 
+MAX_LINEAGE_DEPTH = 100   # a real lineage is a few levels; a manifest edited into a long chain stops here
+
+
 def lineage(store: Store, version: Version) -> Iterator[tuple[int, Version | None, str]]:
     """Depth-first walk of a version's parents: (depth, version or None if missing, ref). Each version
-    appears once; a version's parents already walked are named together on one line (version None)."""
-    seen: set[str] = set()
-
-    def walk(v: Version, depth: int):
-        yield depth, v, v.ref
+    appears once (a parent cycle ends where it closes); a version's parents already walked are named
+    together on one line (version None); the walk stops MAX_LINEAGE_DEPTH levels down, saying so."""
+    seen: set[str] = {version.ref}
+    stack: list[tuple[int, Version | None, str]] = [(0, version, version.ref)]   # iterative: no recursion limit
+    while stack:
+        depth, v, ref = stack.pop()
+        if v is None:  # `ref` says why
+            yield depth, None, ref
+            continue
+        yield depth, v, ref
+        if depth >= MAX_LINEAGE_DEPTH:
+            if v.parents:
+                yield depth + 1, None, f"… deeper lineage not shown (over {MAX_LINEAGE_DEPTH} levels)"
+            continue
         repeated = [p for p in v.parents if p in seen]
         if repeated:
             yield depth + 1, None, ", ".join(repeated) + " (shown above)"
+        children = []
         for parent in v.parents:
-            stage, _, vid = parent.rpartition("/")
-            if parent in seen:
-                continue
-            seen.add(parent)
-            found = store.find(stage, vid)
-            if found is None:
-                yield depth + 1, None, parent + " (missing: deleted or in another store)"
-            else:
-                yield from walk(found, depth + 1)
-
-    yield from walk(version, 0)
+            if parent not in seen:
+                seen.add(parent)
+                stage, _, vid = parent.rpartition("/")
+                try:
+                    found = store.find(stage, vid)
+                except StoreError as exc:  # a damaged parent manifest: named, and the walk goes on
+                    children.append((depth + 1, None, f"{parent} (unreadable: {exc})"))
+                    continue
+                children.append((depth + 1, found, parent if found else
+                                 f"{parent} (missing: deleted or in another store)"))
+        stack.extend(reversed(children))  # popped in the manifest's order, each walked to the bottom first
 
 
 def nearest_versions(store: Store, version: Version) -> dict[str, Version]:
