@@ -559,12 +559,13 @@ def test_a_fifo_config_is_refused_without_blocking(tmp_path):
 
 @pytest.mark.parametrize("levels, fan", [(6, 9), (3, 120)])
 def test_yaml_alias_bombs_are_refused(tmp_path, levels, fan):
+    """A billion-laughs mapping where any mapping is valid (ingest.source_options): the loader shares the
+    aliased objects, so the bomb goes off later, when the config is dumped (a version id, a worker's job)."""
     from tasks.engine.config import ConfigError, load_config
 
-    lines = ["a0: &a0 [lol, lol]"]
+    lines = ["ingest:", "  source_options:", "    a0: &a0 {x: lol}"]
     for i in range(1, levels + 1):
-        lines.append(f"a{i}: &a{i} [{', '.join(f'*a{i - 1}' for _ in range(fan))}]")
-    lines.append(f"ingest:\n  source: *a{levels}")
+        lines.append(f"    a{i}: &a{i} {{{', '.join(f'k{j}: *a{i - 1}' for j in range(fan))}}}")
     path = tmp_path / "bomb.yaml"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ConfigError, match="alias"):
