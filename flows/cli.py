@@ -577,6 +577,7 @@ def error_line(exc: BaseException) -> str:
     """What the user is told about an error: a store that cannot be reached as configured (credentials,
     access, bucket) named as such, our own errors as they say it, anything else as what it is, on one line
     (a configuration error keeps one line per field)."""
+    from flows.temp_server import ServerStartError
     from storage.fs import StoreIOError, access_problem
     from tasks.engine.runner import StageError
 
@@ -587,7 +588,7 @@ def error_line(exc: BaseException) -> str:
     if isinstance(exc, ConfigError):
         return str(exc)
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, (StoreError, StageError, StoreIOError, ValueError, OSError)):
+    if isinstance(exc, (StoreError, StageError, StoreIOError, ServerStartError, ValueError, OSError)):
         return text
     return f"unexpected {type(exc).__name__}: {text}. This is a bug in ram-engine: please report it with the traceback"
 

@@ -513,6 +513,26 @@ def test_a_killed_run_leaves_no_prefect_server(tmp_path):
     assert "telemetry" not in parent.stderr.read().lower()
 
 
+@pytest.mark.slow
+def test_two_runs_sharing_a_prefect_home_without_a_server_both_run(tmp_path):
+    """Two `--engine prefect` runs at once on one PREFECT_HOME and no server: each starts a temporary server
+    on the same SQLite database. Before, both migrated the new database at once and the second server died
+    ("table artifact has no column named ..."); servers now start one at a time."""
+    import subprocess
+    import sys
+
+    script = ("from flows.temp_server import ensure_server\nprint('server', ensure_server(timeout_s=300), flush=True)\n"
+              "from prefect import flow\n@flow\ndef add_one(x):\n    return x + 1\nprint('flow', add_one(1), flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL",)}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PYTHONPATH=str(os.path.dirname(os.path.dirname(__file__))))
+    runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=env) for _ in range(2)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    for run, output in zip(runs, outputs):
+        assert run.returncode == 0 and "flow 2" in output, output[-2000:]
+
+
 def _ppid(pid: int) -> int | None:
     try:
         return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
