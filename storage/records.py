@@ -1,5 +1,5 @@
-"""Schemas of every piece of store metadata: manifests, part records and their file entries, refs, claims,
-leases and in-part checkpoint records.
+"""Schemas of every piece of store metadata: manifests, part records and their file entries, refs, leases
+and in-part checkpoint records (a claim is read by its file name alone: `is_name` checks its owner).
 
 Metadata is read from a store that other hosts, older or newer versions of this code, and people with a
 text editor write to, so nothing in it is used before it is validated here: types are strict (a bool is
@@ -192,11 +192,6 @@ class Ref(Record):
         if not is_name(vid):
             raise ValueError(f"{vid!r} is not a version id")
         return vid
-
-
-class Claim(Record):
-    owner: StrictStr
-    at: StrictStr | None = None
 
 
 class Lease(Record):

@@ -80,6 +80,7 @@ class CorruptFile(StoreError):
 
 # Stage names (`images`, `models/ram`) and version ids / ref names: no way out of the store.
 _NAME = records.NAME
+_WARNED: set[str] = set()   # stray files already named in this process
 
 
 def canonical_json(value: Any) -> str:
@@ -275,8 +276,10 @@ class Store:
             if e.get("type") == "directory":
                 names.append(name)
             elif not name.startswith((".", "_")) and e["name"].rstrip("/") != self.abs(rel).rstrip("/"):
-                log.warning("ignoring %s: a file where the store keeps only folders", self.full_url(
-                    f"{rel}/{name}" if rel else name))
+                url = self.full_url(f"{rel}/{name}" if rel else name)
+                if url not in _WARNED:  # once per process: listings run often
+                    _WARNED.add(url)
+                    log.warning("ignoring %s: a file where the store keeps only folders", url)
         return sorted(names)
 
     def _stage_folders(self) -> list[str]:
@@ -736,6 +739,8 @@ class VersionWriter:
             if not fname.endswith(".json") or fname.startswith("."):
                 continue
             owner = fname[:-5]
+            if not records.is_name(owner):  # not a claim this code writes: never a path to follow
+                continue
             if owner != self.placement.owner and not owner_alive(self.store.fs, self.store.root, owner):
                 try:
                     self.store.fs.rm(entry["name"])  # a claim file belongs to one owner: no live claim is hit

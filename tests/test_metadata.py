@@ -308,8 +308,12 @@ STRAY = ["README.md", "clean/NOTES.txt", "models", "_refs/clean/notes.txt", "cle
 
 @pytest.mark.parametrize("seed", range(min(CASES, 6)))
 def test_stray_files_in_the_store_are_ignored_with_a_warning(store_copy, cli, seed, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="ram_engine")
     rng = random.Random(4000 + seed)
-    for rel in rng.sample(STRAY, 3):
+    stray = rng.sample(STRAY, 3)
+    for rel in stray:
         target = Path(store_copy.root, rel)
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
@@ -318,6 +322,8 @@ def test_stray_files_in_the_store_are_ignored_with_a_warning(store_copy, cli, se
         result = cli("--store", store_copy.url, *command)
         assert_no_traceback(result)
         assert result.code == 0, (command, result.text)
+    for rel in set(stray) & {"README.md", "clean/NOTES.txt", "models", "notes"}:   # where folders belong
+        assert any("ignoring" in r.getMessage() and rel in r.getMessage() for r in caplog.records), rel
     assert sorted(v.id for v in store_copy.versions("clean")) == versions_on_disk(store_copy)
 
 
