@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from storage import Store, StoreError
 from tasks.engine.config import ConfigError, EngineConfig, load_config
@@ -23,8 +24,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 # and version ids stay whole on one line (tables size their columns to the content). A terminal keeps its
 # own width.
 UNWRAPPED = 10_000
-console = Console(stderr=True, width=None if sys.stderr.isatty() else UNWRAPPED)
-out = Console(width=None if sys.stdout.isatty() else UNWRAPPED)
+# No console markup nor emoji codes: what is printed holds user text (keys, reject details, paths, refs, tag
+# names), and rich would read `[/x]` in it as a closing tag and crash, `:smile:` as an emoji. Styles are given
+# as such (`styled`).
+console = Console(stderr=True, width=None if sys.stderr.isatty() else UNWRAPPED, markup=False, emoji=False)
+out = Console(width=None if sys.stdout.isatty() else UNWRAPPED, markup=False, emoji=False)
+
+
+def styled(label: str, style: str, rest: str = "") -> Text:
+    """A styled label, then plain text."""
+    return Text.assemble((label, style), rest)
 
 
 class State:
@@ -34,6 +43,7 @@ class State:
     engine: str = "prefect"
     debug: bool = False
     verbose: bool = False
+    used_store_url: Optional[str] = None   # the store URL the command resolved (named by access errors)
 
 
 state = State()
@@ -113,9 +123,11 @@ def config_choice() -> tuple[Optional[str], str]:
 
 def get_config() -> EngineConfig:
     overrides = list(state.overrides)
-    if state.store_url:
+    if state.store_url is not None:  # `--store ''` is refused by the config, never taken as "no --store"
         overrides.append(f"store.url={state.store_url}")
-    return load_config(config_choice()[0], overrides)
+    cfg = load_config(config_choice()[0], overrides)
+    state.used_store_url = cfg.store.url
+    return cfg
 
 
 def announce_config() -> None:
@@ -181,7 +193,7 @@ def get_store(cfg: EngineConfig | None = None, *, must_exist: bool = False) -> S
 @contextmanager
 def progress_bar():
     """A rich progress bar fed by stage progress callbacks (stage, done, total)."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as bar:
         ids: dict[str, int] = {}
 
@@ -200,9 +212,9 @@ def counted(n: int, noun: str) -> str:
 
 def print_result(result) -> None:
     s = result.summary()
-    out.print(f"[bold]{s['stage']}[/] @ {s['version']}  ({s['status']}: {counted(s['parts_written'], 'part')} written, "
+    out.print(styled(s["stage"], "bold", f" @ {s['version']}  ({s['status']}: {counted(s['parts_written'], 'part')} written, "
               f"{s['parts_resumed']} resumed, {s['parts_reused']} reused)  rows in {s['rows_in']} = "
-              f"out {s['rows_out']} + rejected {s['rows_rejected']}")
+              f"out {s['rows_out']} + rejected {s['rows_rejected']}"))
 
 
 class ShortErrors(logging.Filter):
@@ -291,7 +303,7 @@ def run(from_stage: Optional[str] = typer.Option(None, "--from", help="First sta
                               if source else cfg, stages=STAGES[first:last + 1])
         if report.problems:
             for problem in report.problems:
-                console.print(f"[red]PROBLEM[/] {problem.line()}", soft_wrap=True)
+                console.print(styled("PROBLEM", "red", " " + problem.line()), soft_wrap=True)
             console.print(f"{len(report.problems)} problem(s) found before any work (`ram-engine check` lists "
                           f"them again): fix them, or run the stages that need nothing missing with --until STAGE")
             raise typer.Exit(1)
@@ -328,16 +340,16 @@ def demo(out_dir: str = typer.Option("ram-demo", "--out", help="Folder for the w
     print_results(summary["results"])
     ev = summary["results"].get("evaluate")
     if ev is not None:
-        out.print("[bold]Labels against the planted truth: each stage's label quality, and the models' mAP on "
-                  "held-out keys[/]")
+        out.print("Labels against the planted truth: each stage's label quality, and the models' mAP on held-out "
+                  "keys", style="bold")
         out.print(ev.version.manifest["metrics"]["markdown"])
-        out.print("[bold]Cleaning: removed tags against the truth, per reason[/]")
+        out.print("Cleaning: removed tags against the truth, per reason", style="bold")
         out.print(ev.version.manifest["metrics"].get("cleaning_removal_markdown", ""))
     if not world_only and summary.get("config"):
         record_last_demo(summary["config"])
     if summary.get("ablation") is not None:
-        out.print("[bold]Ablation: held-out mAP / P / R / F1 against the truth of a model per label version, "
-                  "mean ± std over seeds[/]")
+        out.print("Ablation: held-out mAP / P / R / F1 against the truth of a model per label version, mean ± std "
+                  "over seeds", style="bold")
         out.print(summary["ablation"].manifest["metrics"]["markdown"])
     out.print(f"store: {summary['store']}\nconfig: {summary['config']} (later commands use it: ram-engine ls, show, "
               f"report, run, serve; recorded in {last_demo_file()})\nreport: {summary['report']}\n"
@@ -514,9 +526,9 @@ def check(serve_: bool = typer.Option(False, "--serve", help="Also check the Pre
     announce_config()
     report = check_config(get_config(), serve=serve_)
     for line in report.ok:
-        out.print(f"[green]ok[/]      {line}", soft_wrap=True)
+        out.print(styled("ok", "green", f"      {line}"), soft_wrap=True)
     for problem in report.problems:
-        console.print(f"[red]PROBLEM[/] {problem.line()}", soft_wrap=True)
+        console.print(styled("PROBLEM", "red", f" {problem.line()}"), soft_wrap=True)
     if report.problems:
         console.print(f"{len(report.problems)} problem(s): fix them before a run")
         until = get_config().orchestration.until
@@ -592,7 +604,7 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
     if as_json:
         out.print_json(json.dumps({k: val for k, val in m.items() if k != "schema_ipc"}))
         return
-    out.print(f"[bold]{stage}@{v.id}[/]  created {m['created']}  code {m['code_version']}")
+    out.print(styled(f"{stage}@{v.id}", "bold", f"  created {m['created']}  code {m['code_version']}"))
     out.print(f"parents: {', '.join(m['parents']) or '(none)'}")
     tabular = has_table(m)
     if tabular:
@@ -600,16 +612,16 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
                   f"{counted(len(m['parts']), 'part')} ({m['parts_written']} written, {m['parts_reused']} shared "
                   f"with earlier versions), {counted(len(m['files']), 'file')}, "
                   f"{sum(f['bytes'] for f in m['files'])} bytes")
-        out.print("[bold]schema[/]\n" + m["schema"])
+        out.print(styled("schema", "bold", "\n" + m["schema"]))
     else:  # a model or a label system: files, no rows (its "rows 0 -> 0" and empty schema said nothing)
         out.print(f"{counted(len(m['parts']), 'part')} ({m['parts_written']} written, {m['parts_reused']} shared "
                   f"with earlier versions), {counted(len(m['files']), 'file')}, "
                   f"{sum(f['bytes'] for f in m['files'])} bytes, no table: "
                   + ", ".join(f["path"].rsplit("/", 1)[-1] for f in m["files"][:12])
-                  + (" …" if len(m["files"]) > 12 else ""), markup=False, highlight=False)
+                  + (" …" if len(m["files"]) > 12 else ""), highlight=False)
     out.print(f"path: {store.full_url(f'{v.stage}/{v.id}')}")
     if m.get("metrics"):
-        out.print("[bold]metrics[/] (counters: most frequent first)")
+        out.print(styled("metrics", "bold", " (counters: most frequent first)"))
         for key, kind, value in display_metrics(store, v, top=10):
             if kind == "counter":
                 value = ", ".join(f"{k}: {format_value(n)}" for k, n in value)
@@ -625,13 +637,13 @@ def show(target: str = typer.Argument(..., help="STAGE[@VERSION|PREFIX|REF]"),
     if rows and tabular:
         table = v.read_table().slice(0, rows)
         names = tag_names_for(store, v) if any(c in table.column_names for c in ("tag_ids", "tag_id")) else None
-        out.print("[bold]sample rows[/]" + (" (tag ids with their names)" if names else ""))
+        out.print(styled("sample rows", "bold", " (tag ids with their names)" if names else ""))
         for row in table.to_pylist():
             out.print("  " + json.dumps(_shortened(with_tag_names(row, names)), ensure_ascii=False, default=str),
                       markup=False, highlight=False, soft_wrap=True)  # one row, one line
         rejects = v.rejects().slice(0, rows)
         if rejects.num_rows:
-            out.print("[bold]sample rejects[/]")
+            out.print("sample rejects", style="bold")
             for row in rejects.to_pylist():
                 out.print(f"  {row['key']}: {row['reason']} ({row['field']}) {row['detail'] or ''}"[:300])
 
@@ -667,12 +679,12 @@ def verify(target: Optional[str] = typer.Argument(None, help="STAGE@VERSION; eve
     versions = [store.open(*parse_ref(target))] if target else [v for s in store.stages() for v in store.versions(s)]
     failed = len(damaged)
     for problem in damaged:
-        console.print(f"[red]DAMAGED[/] {problem}")
+        console.print(styled("DAMAGED", "red", f" {problem}"))
     for v in versions:
         problems = v.verify()
         failed += bool(problems)
         for p in problems:
-            console.print(f"[red]CORRUPT[/] {p}")
+            console.print(styled("CORRUPT", "red", f" {p}"))
         if problems:
             console.print(f"{v.stage}@{v.id}: {len(problems)} of {len(v.files())} files fail verification")
         else:
@@ -773,17 +785,36 @@ def main() -> None:
     # Prefect's temporary local server can take a while to start on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.temp_server import quiet_prefect
-    from tasks.engine.runner import StageError
 
     quiet_prefect()
     try:
         app()
-    except (ConfigError, StoreError, StageError, ValueError, FileNotFoundError) as exc:
+    except Exception as exc:  # noqa: BLE001 - every error is one line here; --debug shows the traceback
         if state.debug:
             raise
-        console.print(f"[red]error:[/] {exc}")
-        console.print("(the full traceback: rerun with --debug)")
+        console.print(styled("error:", "red", f" {error_line(exc)} (the full traceback: rerun with --debug)"),
+                      soft_wrap=True)
         sys.exit(2)
+
+
+def error_line(exc: BaseException) -> str:
+    """What the user is told about an error: a store that cannot be reached as configured (credentials,
+    access, bucket) named as such, our own errors as they say it, anything else as what it is, on one line
+    (a configuration error keeps one line per field)."""
+    from flows.temp_server import ServerStartError
+    from storage.fs import StoreIOError, access_problem
+    from tasks.engine.runner import StageError
+
+    url = state.used_store_url or state.store_url or ""
+    problem = access_problem(exc, url) if url else None
+    if problem is not None:
+        return str(problem)
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (StoreError, StageError, StoreIOError, ServerStartError, ValueError, OSError)):
+        return text
+    return f"unexpected {type(exc).__name__}: {text}. This is a bug in ram-engine: please report it with the traceback"
 
 
 if __name__ == "__main__":

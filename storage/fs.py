@@ -36,6 +36,11 @@ class StoreIOError(RuntimeError):
     """A store operation failed after its retries; the message names the path."""
 
 
+class StoreAccessError(StoreIOError):
+    """The store cannot be used as configured (no credentials, access denied, no such bucket, a URL that names
+    no filesystem); one line naming the URL and what to do."""
+
+
 class CommittedFileConflict(RuntimeError):
     """A write would change a file that is already in place with other bytes: committed files never change."""
 
@@ -70,10 +75,86 @@ class FileInfo:
     sha256: str
 
 
+def check_url(url: str) -> str:
+    """`url` when it names a store fsspec can open, else StoreAccessError saying what to give instead: an
+    empty URL would make the store the current folder's root, an unknown scheme fails deep inside a run."""
+    if not isinstance(url, str) or not url.strip():
+        raise StoreAccessError(f"the store URL is empty ({url!r}): give a folder (./ram-data) or an object store "
+                               f"URL (s3://bucket/prefix) in store.url or --store")
+    *chained, last = url.split("::")   # fsspec chains: simplecache::s3://bucket/x
+    scheme = last.split("://", 1)[0] if "://" in last else "file"
+    known = set(fsspec.available_protocols())
+    for name in [*chained, scheme]:
+        if name not in known:
+            raise StoreAccessError(f"the store URL {url!r} has an unknown scheme {name!r}: use a folder path or one "
+                                   f"of s3://, gs://, az://, memory://, file:// (fsspec knows {len(known)} schemes)")
+    if scheme in ("s3", "s3a", "gs", "gcs", "az", "abfs") and not last.split("://", 1)[1].strip("/"):
+        raise StoreAccessError(f"the store URL {url!r} names no bucket: give {scheme}://BUCKET/PREFIX")
+    return url
+
+
 def open_fs(url: str, **storage_options) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return the filesystem and the root path (without protocol) for a store URL."""
-    fs, root = url_to_fs(url, **storage_options)
+    check_url(url)
+    try:
+        fs, root = url_to_fs(url, **storage_options)
+    except ImportError as exc:
+        raise StoreAccessError(f"the store URL {url!r} needs a package that is not installed ({exc}); install it "
+                               f"(s3://: s3fs, gs://: gcsfs, az://: adlfs)") from None
     return fs, root.rstrip("/")
+
+
+def ensure_folder(fs, path: str) -> None:
+    """Make a folder where folders exist. Object stores have none (a key is a name), and asking s3fs for one
+    creates a missing bucket: a typo in a bucket name must stop the run, never create a bucket."""
+    if not _is_object_store(fs):
+        fs.makedirs(path, exist_ok=True)
+
+
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                   "NoAuthTokenError", "UnauthorizedSSOTokenError", "SSOTokenLoadError"}
+_DENIED_CODES = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                 "ExpiredToken", "InvalidToken", "AllAccessDisabled", "AccountProblem", "RequestTimeTooSkewed"}
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str((response.get("Error") or {}).get("Code") or "")
+    return ""
+
+
+def access_problem(exc: BaseException, url: str) -> StoreAccessError | None:
+    """The one-line error for an exception that says the store at `url` cannot be used as configured
+    (credentials, permission, bucket), or None when it is another kind of failure."""
+    if isinstance(exc, StoreAccessError):
+        return exc
+    bucket = url.split("://", 1)[1].split("/", 1)[0] if "://" in url else ""
+    for e in _chain(exc):
+        name, code = type(e).__name__, _error_code(e)
+        if name in _NO_CREDENTIALS:
+            return StoreAccessError(
+                f"no credentials for the store {url} ({e}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                f"AWS_PROFILE) in the environment, or key/secret in store.storage_options")
+        if code == "RequestTimeTooSkewed":
+            return StoreAccessError(f"the store {url} refused this host's clock ({e}): set the clock right (NTP)")
+        if code in _DENIED_CODES or (isinstance(e, PermissionError) and bucket):
+            return StoreAccessError(
+                f"access denied to the store {url} ({code or 403}: {e}): check the credentials and the bucket "
+                f"policy (this run needs to list, read and write under the prefix)")
+        if code == "NoSuchBucket" or (isinstance(e, FileNotFoundError) and "bucket does not exist" in str(e)):
+            return StoreAccessError(
+                f"the bucket {bucket or url!r} of the store {url} does not exist: create it (e.g. `aws s3 mb "
+                f"s3://{bucket}`) or fix store.url / --store; ram-engine never creates a bucket")
+    return None
 
 
 class HashingWriter:
@@ -189,7 +270,7 @@ class Placement:
             return
         tmp = f"{self.tmp_root}/{uuid.uuid4().hex}"
         self.lease.start()  # before the temporary folder exists: others judge the folder by the lease
-        self.fs.makedirs(self.tmp_root, exist_ok=True)
+        ensure_folder(self.fs, self.tmp_root)
         try:
             with self.fs.open(tmp, "wb") as raw:
                 writer = HashingWriter(raw)
@@ -219,7 +300,7 @@ class Placement:
         temporary object and no server-side copy, so a multi-GB file crosses the wire once and the server
         never holds a second copy. An abandoned upload stays invisible (a bucket lifecycle rule,
         AbortIncompleteMultipartUpload, removes its parts)."""
-        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        ensure_folder(self.fs, final.rsplit("/", 1)[0])
         raw = self.fs.open(final, "xb")
         writer = HashingWriter(raw)
         try:
@@ -243,7 +324,7 @@ class Placement:
         """Move tmp to final unless final exists; False when it did. Atomic on a local filesystem
         (a hard link fails on an existing name); check-then-move on object stores."""
         parent = final.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
+        ensure_folder(self.fs, parent)
         if isinstance(self.fs, LocalFileSystem):
             try:
                 os.link(tmp, final)
@@ -279,7 +360,7 @@ class Placement:
 
     def move_into_place(self, tmp: str, final: str) -> None:
         parent = final.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
+        ensure_folder(self.fs, parent)
         if isinstance(self.fs, LocalFileSystem):
             os.replace(tmp, final)  # atomic on one filesystem, replaces an identical racing copy
         else:
@@ -292,8 +373,8 @@ class Placement:
         or nowhere and never changes a file in place: the same bytes already at `rel` are left alone, other
         bytes raise CommittedFileConflict. A missing `src_rel` raises FileNotFoundError."""
         final, src = self.abs(rel), self.abs(src_rel)
-        if not parent_made and not _is_object_store(self.fs):   # object stores have no folders to make
-            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        if not parent_made:
+            ensure_folder(self.fs, final.rsplit("/", 1)[0])
         tmp = None
         if isinstance(self.fs, LocalFileSystem):
             try:
@@ -374,7 +455,7 @@ class Placement:
 
     def _copy_to_tmp(self, src: str) -> str:
         self.lease.start()  # before the temporary folder exists: others judge the folder by the lease
-        self.fs.makedirs(self.tmp_root, exist_ok=True)
+        ensure_folder(self.fs, self.tmp_root)
         tmp = f"{self.tmp_root}/{uuid.uuid4().hex}"
         try:
             self.fs.copy(src, tmp)

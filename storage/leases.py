@@ -6,8 +6,13 @@ runs and until when it is alive. Liveness never parses a host name:
 - on the same machine *and* the same PID namespace (host name, boot id and PID namespace all equal),
   the writer is alive exactly while its process (pid + start time) exists, so a crashed run's files
   are cleaned up at once;
-- anywhere else (another host, a container sharing the host name, S3 without modification times),
-  the writer is alive while its lease has not expired. A live writer renews it every TTL/3.
+- anywhere else (another host, a container sharing the host name), the writer is alive while its lease
+  was renewed less than its TTL ago. A live writer renews it every TTL/3.
+
+"Ago" is judged by the store's clock, never the writer's: the lease file's modification time as the store
+reports it, against the store's now (this host's clock plus an offset measured by touching a probe file in
+the store). A writer whose clock runs a day ahead (or behind) is judged like any other. Only a store that
+reports no modification times falls back to the `expires` the writer wrote.
 
 Leases are also what part claims point at: a claim names its owner, and a claim whose owner is dead
 may be taken over (tasks/engine/runner.py: the part's in-part checkpoints then belong to the new owner).
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -23,6 +29,9 @@ import time
 import uuid
 
 from fsspec.implementations.local import LocalFileSystem
+from pydantic import ValidationError
+
+from . import records
 
 LEASE_DIR = "_leases"
 log = logging.getLogger("ram_engine")
@@ -77,34 +86,103 @@ def _pid_alive(pid: int) -> bool:
 
 def put_whole(fs, path: str, data: bytes) -> None:
     """Write a small file that readers see whole: a sibling temporary + rename locally, one PUT elsewhere."""
+    from .fs import ensure_folder  # (fs.py imports this module)
+
     parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{parent}/.{uuid.uuid4().hex}.partial"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    else:
+    if not isinstance(fs, LocalFileSystem):
+        ensure_folder(fs, parent)
         fs.pipe_file(path, data)  # an object store PUT is atomic for readers
+        return
+    for attempt in range(10):  # the folder may be removed under us (a committed version's claims go)
+        tmp = f"{parent}/.{uuid.uuid4().hex}.partial"
+        try:
+            fs.makedirs(parent, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            return
+        except FileNotFoundError:
+            if attempt == 9:
+                raise
 
 
 def lease_path(root: str, owner: str) -> str:
     return f"{root}/{LEASE_DIR}/{owner}.json"
 
 
-def read_lease(fs, root: str, owner: str) -> dict | None:
+def store_time(entry: dict) -> float:
+    """A listing entry's modification time as the store's clock gives it (0 when it gives none)."""
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        value = entry.get(key)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return value.timestamp()
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value):
+            return value
+    return 0.0
+
+
+_CLOCK_OFFSETS: dict[tuple[int, str], tuple[float, float]] = {}   # (fs, root) -> (offset s, measured at)
+CLOCK_RECHECK_S = 60.0
+
+
+def store_now(fs, root: str) -> float:
+    """Now by the store's clock: this host's clock plus the store's offset from it, measured by writing a
+    probe file and reading the modification time the store gave it (cached a minute per store). A store
+    that cannot be written or gives no times: this host's clock."""
+    key = (id(fs), root)
+    cached = _CLOCK_OFFSETS.get(key)
+    if cached is not None and time.monotonic() - cached[1] < CLOCK_RECHECK_S:
+        return time.time() + cached[0]
+    probe = f"{root}/{LEASE_DIR}/.clock-{uuid.uuid4().hex}"
+    offset = 0.0
     try:
-        data = json.loads(fs.cat_file(lease_path(root, owner)))
+        before = time.time()
+        put_whole(fs, probe, b"")
+        after = time.time()
+        stamped = store_time(fs.info(probe))
+        if stamped:
+            offset = stamped - (before + after) / 2
+    except Exception as exc:  # noqa: BLE001 - a read-only store or one without times: judge by this host's clock
+        log.debug("cannot measure the clock of %s (%s); using this host's", root, exc)
+    finally:
+        try:
+            fs.rm(probe)
+        except Exception:  # noqa: BLE001 - never written, or already gone
+            pass
+    _CLOCK_OFFSETS[key] = (offset, time.monotonic())
+    return time.time() + offset
+
+
+def read_lease(fs, root: str, owner: str) -> dict | None:
+    """The lease of `owner`, validated (storage/records.py), with `_renewed`: its file's modification time
+    by the store's clock (0 when the store gives none). None when absent or damaged."""
+    path = lease_path(root, owner)
+    try:
+        data = json.loads(fs.cat_file(path))
+        renewed = store_time(fs.info(path))
     except FileNotFoundError:
         return None
-    except (ValueError, UnicodeDecodeError):  # a damaged lease proves nothing: treat it as absent
-        log.warning("lease %s is not valid JSON; treating its writer as gone", lease_path(root, owner))
+    except (ValueError, UnicodeDecodeError, IsADirectoryError):  # a damaged lease proves nothing: absent
+        log.warning("lease %s is not valid JSON; treating its writer as gone", path)
         return None
-    return data if isinstance(data, dict) else None
+    try:
+        records.parse(records.Lease, data)
+    except (records.RecordError, ValidationError) as exc:
+        log.warning("lease %s is not a valid lease (%s); treating its writer as gone", path, exc)
+        return None
+    return data | {"_renewed": renewed}
 
 
 def lease_alive(lease: dict | None, now: float | None = None) -> bool:
-    """Whether the writer holding `lease` may still be running (see the module doc)."""
+    """Whether the writer holding `lease` may still be running (see the module doc). `now` is the store's
+    clock (store_now), compared with the lease's `_renewed` (read_lease); without a renewal time, with the
+    writer's own `expires`."""
     if not lease:
         return False
     me = machine_identity()
@@ -114,14 +192,17 @@ def lease_alive(lease: dict | None, now: float | None = None) -> bool:
         if not isinstance(pid, int) or not _pid_alive(pid):
             return False
         return lease.get("start") is None or process_start(pid) == lease.get("start")
-    try:
-        return float(lease.get("expires", 0)) > (time.time() if now is None else now)
-    except (TypeError, ValueError):
-        return False
+    now = time.time() if now is None else now
+    renewed, ttl = lease.get("_renewed"), lease.get("ttl") or lease_ttl_s()
+    if renewed:  # the store's clock on both sides: the writer's clock plays no part
+        return now - renewed < ttl
+    expires = lease.get("expires")
+    return isinstance(expires, (int, float)) and expires > now
 
 
 def owner_alive(fs, root: str, owner: str) -> bool:
-    return lease_alive(read_lease(fs, root, owner))
+    lease = read_lease(fs, root, owner)
+    return lease is not None and lease_alive(lease, store_now(fs, root) if lease.get("_renewed") else None)
 
 
 class WriterLease:
@@ -136,7 +217,8 @@ class WriterLease:
     def body(self) -> bytes:
         pid = os.getpid()
         return json.dumps(machine_identity() | {"owner": self.owner, "pid": pid, "start": process_start(pid),
-                                                "expires": time.time() + lease_ttl_s()}).encode()
+                                                "expires": time.time() + lease_ttl_s(), "ttl": lease_ttl_s()}
+                          ).encode()
 
     def start(self) -> None:
         if self._thread is not None:

@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import socket
 import time
 import uuid
@@ -49,8 +48,9 @@ import pyarrow.parquet as pq
 from . import schemas
 from fsspec.implementations.local import LocalFileSystem
 
+from . import records
 from .fs import TMP_DIR, CommittedFileConflict, FileInfo, Placement, open_fs, retry_io, sha256_of
-from .leases import owner_alive, put_whole
+from .leases import owner_alive, put_whole, store_time as _store_time
 from .parquet import Owned, iter_parquet_batches, read_owned, read_parquet
 from .shards import LabelledShard, iter_tar, read_member, webdataset_pipeline, write_tar
 
@@ -59,9 +59,8 @@ log = logging.getLogger("ram_engine")
 MANIFEST = "_manifest.json"
 CHECKPOINTS = "_progress"
 _CHECKPOINT_RECORD = ".checkpoint.json"
-# The version of the bytes the store writes (Parquet parts and their settings, tar shards, rejects): in every
-# version id. Move it with any change to written bytes; tests/test_format.py's golden digests fail until then.
-FORMAT_VERSION = 1
+# The version of the bytes the store writes (in every version id): records.FORMAT_VERSION, the one definition
+FORMAT_VERSION = records.FORMAT_VERSION
 ID_LEN = 16
 _INFO_PER_FILE = 4   # check_files: up to this many files of one folder are checked one `info` each, more by a listing
 
@@ -83,9 +82,8 @@ class CorruptFile(StoreError):
 
 
 # Stage names (`images`, `models/ram`) and version ids / ref names: no way out of the store.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-MANIFEST_KEYS = ("stage", "version", "parents", "parts", "files", "created", "rows_in", "rows_out",
-                 "rows_rejected", "schema_ipc", "code_version", "config_digest")
+_NAME = records.NAME
+_WARNED: set[str] = set()   # stray files already named in this process
 
 
 def canonical_json(value: Any) -> str:
@@ -273,6 +271,9 @@ class Store:
             data = retry_io(read, f"reading {rel}")
         except FileNotFoundError:
             return None
+        except (IsADirectoryError, NotADirectoryError):
+            raise CorruptMetadata(f"{self.full_url(rel)} is a directory, not a file; remove it (or restore the "
+                                  f"file it replaced)") from None
         try:
             value = json.loads(data.decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:
@@ -293,17 +294,11 @@ class Store:
         manifest = self._read_json(rel)
         if manifest is None:
             return None
-        missing = [k for k in MANIFEST_KEYS if k not in manifest]
-        if missing:
-            raise CorruptMetadata(f"{self.full_url(rel)} lacks {', '.join(missing)}: not a whole manifest; "
-                                  f"restore it, or remove the version folder {stage}/{vid}")
-        if manifest["stage"] != stage or manifest["version"] != vid:
-            raise CorruptMetadata(f"{self.full_url(rel)} says it is {manifest['stage']}@{manifest['version']}, "
-                                  f"but it lies in {stage}/{vid}")
-        for f in manifest["files"]:
-            path = f.get("path", "") if isinstance(f, dict) else ""
-            if not path.startswith(f"{stage}/") or any(seg in ("", ".", "..") for seg in path.split("/")):
-                raise CorruptMetadata(f"{self.full_url(rel)} lists file {path!r} outside {stage}/: refused")
+        try:  # types, counts, times, and every file inside this version's folder (storage/records.py)
+            records.parse_manifest(manifest, stage, vid)
+        except records.RecordError as exc:
+            raise CorruptMetadata(f"{self.full_url(rel)}: {exc}; not a valid manifest: restore it, or remove the "
+                                  f"version folder {stage}/{vid}") from None
         return manifest
 
     def damaged(self) -> list[str]:
@@ -379,24 +374,34 @@ class Store:
         except (FileNotFoundError, IsADirectoryError):
             return None, None
 
-    def _stage_folders(self) -> list[str]:
+    def _folders(self, rel: str) -> list[str]:
+        """The names of the folders in `rel`; a file where only folders belong (a README.md beside the
+        stages) is left out with a warning."""
         try:
-            entries = self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
+            entries = self.fs.ls(self.abs(rel) if rel else self.root, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        names = []
+        for e in entries:
+            name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+            if e.get("type") == "directory":
+                names.append(name)
+            elif not name.startswith((".", "_")) and e["name"].rstrip("/") != self.abs(rel).rstrip("/"):
+                url = self.full_url(f"{rel}/{name}" if rel else name)
+                if url not in _WARNED:  # once per process: listings run often
+                    _WARNED.add(url)
+                    log.warning("ignoring %s: a file where the store keeps only folders", url)
+        return sorted(names)
+
+    def _stage_folders(self) -> list[str]:
+        names = self._folders("")
         if "models" in names:  # models/<name> are stages of their own
             names.remove("models")
-            names += sorted(f"models/{e.rstrip('/').rsplit('/', 1)[-1]}"
-                            for e in self.fs.ls(self.abs("models"), detail=False))
+            names += [f"models/{n}" for n in self._folders("models")]
         return [n for n in names if not n.startswith(("_", ".")) and all(_NAME.match(s) for s in n.split("/"))]
 
     def _version_folders(self, stage: str) -> list[str]:
-        try:
-            entries = self.fs.ls(self.abs(stage), detail=False)
-        except FileNotFoundError:
-            return []
-        return [v for v in (e.rstrip("/").rsplit("/", 1)[-1] for e in entries) if _NAME.match(v)]
+        return [v for v in self._folders(stage) if _NAME.match(v)]
 
     def _ref_names(self, stage: str) -> list[str]:
         try:
@@ -523,11 +528,14 @@ class Store:
         data = self._read_json(rel)
         if data is None:
             return None
-        vid = data.get("version")
-        if not isinstance(vid, str) or not _NAME.match(vid):
-            raise CorruptMetadata(f"{self.full_url(rel)} names no valid version ({vid!r}); set the ref again "
-                                  f"with `ram-engine ref {stage}@VERSION {name}`")
-        return vid
+        try:
+            ref = records.parse(records.Ref, data)
+            if ref.stage is not None and ref.stage != stage:
+                raise records.RecordError("stage", f"is {ref.stage!r}, but the ref lies in _refs/{stage}/")
+        except records.RecordError as exc:
+            raise CorruptMetadata(f"{self.full_url(rel)}: {exc}; set the ref again with `ram-engine ref "
+                                  f"{stage}@VERSION {name}`") from None
+        return ref.version
 
     def refs(self, stage: str) -> dict[str, str]:
         out = {}
@@ -796,9 +804,10 @@ class VersionWriter:
         if data is None:
             return None
         try:
+            records.parse_part_record(data, self.prefix)
             return PartRecord.from_json(data)
-        except TypeError as exc:
-            log.warning("%s is not a part record (%s); the part will be made again", rel, exc)
+        except records.RecordError as exc:
+            log.warning("%s is not a valid part record (%s); the part will be made again", rel, exc)
             if self.committed is None:
                 self.store.fs.rm(self.store.abs(rel))
             return None
@@ -836,6 +845,8 @@ class VersionWriter:
                 self.store.fs.rm(mine)
             except (FileNotFoundError, OSError):
                 pass
+            if self.committed is not None:  # a straggler of a committed version: no claim of it matters now
+                self._remove_quietly(f"{self.prefix}/_claims")
 
     def _claim_holder(self, folder: str, others_only: bool = False) -> str | None:
         """The live writer that holds the claims in `folder` (with `others_only`: the oldest live claimant
@@ -850,6 +861,8 @@ class VersionWriter:
             if not fname.endswith(".json") or fname.startswith("."):
                 continue
             owner = fname[:-5]
+            if not records.is_name(owner):  # not a claim this code writes: never a path to follow
+                continue
             if owner != self.placement.owner and not owner_alive(self.store.fs, self.store.root, owner):
                 try:
                     self.store.fs.rm(entry["name"])  # a claim file belongs to one owner: no live claim is hit
@@ -859,6 +872,12 @@ class VersionWriter:
             if not (others_only and owner == self.placement.owner):
                 live.append((_store_time(entry), owner))
         return min(live)[1] if live else None
+
+    def _remove_quietly(self, rel: str) -> None:
+        try:
+            self.store.fs.rm(self.store.abs(rel), recursive=True)
+        except (FileNotFoundError, OSError):
+            pass
 
     def has_record(self, name: str) -> bool:
         return name in self._records
@@ -993,8 +1012,11 @@ class VersionWriter:
                 continue
             try:
                 record = json.loads(self.store.fs.cat_file(f"{folder}/{entry}"))
+                checked = records.parse(records.CheckpointRecord, record)
+                for f in checked.files.values():  # a checkpoint reads only its own folder
+                    records.confined_path(f.path, f"{self.prefix}/{CHECKPOINTS}/{part}")
                 problems = self.store.check_files(list(record["files"].values()), checksum=True)
-            except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+            except (FileNotFoundError, IsADirectoryError, ValueError, UnicodeDecodeError) as exc:
                 problems = [f"unreadable record: {exc}"]
             if problems:
                 log.warning("%s part %s: checkpoint %s is not whole (%s); its work is redone", self.stage, part,
@@ -1146,6 +1168,8 @@ class VersionWriter:
         """Write the manifest (the commit point) and move the `latest` ref. Idempotent."""
         existing = self.committed
         if existing is not None:
+            for folder in ("_claims", CHECKPOINTS):  # what a writer killed after that commit left
+                self._remove_quietly(f"{self.prefix}/{folder}")
             self.close()
             return existing
         names = part_order if part_order is not None else sorted(self._records)
@@ -1188,10 +1212,7 @@ class VersionWriter:
             return self.store.find(self.stage, self.id)
         version = Version(self.store, json.loads(body))   # what a reader reads back, without reading it back
         for folder in ("_claims", CHECKPOINTS):  # claims and checkpoints only matter until the commit
-            try:
-                self.store.fs.rm(self.store.abs(f"{self.prefix}/{folder}"), recursive=True)
-            except (FileNotFoundError, OSError):
-                pass
+            self._remove_quietly(f"{self.prefix}/{folder}")
         self.store._put_ref(self.stage, "latest", self.id, self.placement)   # committed just now: no need to read it back
         self.close()
         return version
@@ -1244,17 +1265,3 @@ def check_version_name(name: str) -> None:
         raise StoreError(f"{name!r} is not a version id, prefix or ref name (letters, digits, '_', '-', '.'): "
                          f"references stay inside the store")
 
-
-def _store_time(entry: dict) -> float:
-    """A listing entry's modification time as the store's clock gives it (0 when it gives none)."""
-    for key in ("mtime", "LastModified", "last_modified", "created"):
-        value = entry.get(key)
-        if value is None:
-            continue
-        if hasattr(value, "timestamp"):
-            return value.timestamp()
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            continue
-    return 0.0

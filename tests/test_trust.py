@@ -234,13 +234,19 @@ def test_a_live_writer_on_a_host_named_with_dashes_keeps_its_files(tmp_path, mon
     assert _tmp_owners(store) == set() and not store.fs.exists(lease_path(store.root, live.owner))
 
 
-def test_liveness_across_hosts_and_pid_namespaces(any_store):
+def test_liveness_across_hosts_and_pid_namespaces(any_store, monkeypatch):
+    import storage.leases as leases
+
     me = machine_identity()
     far = time.time() + 3600
     _foreign_writer(any_store, "other-host-live", host="ram-worker-2", boot="b", pidns="pid:[1]", pid=7,
                     expires=far)
+    # renewed longer ago than its TTL by the store's clock (the store's clock is moved on below: S3 times
+    # have one-second steps)
     _foreign_writer(any_store, "other-host-gone", host="ram-worker-2", boot="b", pidns="pid:[1]", pid=7,
-                    expires=time.time() - 1)
+                    expires=far, ttl=1)
+    real_now = leases.store_now
+    monkeypatch.setattr(leases, "store_now", lambda fs, root: real_now(fs, root) + 5)
     # a container with the same host name (another PID namespace): its pid means nothing here
     _foreign_writer(any_store, "same-name-container", host=me["host"], boot=me["boot"], pidns="pid:[4026531836x]",
                     pid=_dead_pid(), expires=far)
@@ -430,6 +436,26 @@ def test_a_killed_run_leaves_no_prefect_server(tmp_path):
         time.sleep(0.2)
     assert not os.path.exists(f"/proc/{server}") or _state(server) == "Z", "the Prefect server outlived its run"
     assert "telemetry" not in parent.stderr.read().lower()
+
+
+@pytest.mark.slow
+def test_two_runs_sharing_a_prefect_home_without_a_server_both_run(tmp_path):
+    """Two `--engine prefect` runs at once on one PREFECT_HOME and no server: each starts a temporary server
+    on the same SQLite database. Before, both migrated the new database at once and the second server died
+    ("table artifact has no column named ..."); servers now start one at a time."""
+    import subprocess
+    import sys
+
+    script = ("from flows.temp_server import ensure_server\nprint('server', ensure_server(timeout_s=300), flush=True)\n"
+              "from prefect import flow\n@flow\ndef add_one(x):\n    return x + 1\nprint('flow', add_one(1), flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL",)}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PYTHONPATH=str(os.path.dirname(os.path.dirname(__file__))))
+    runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=env) for _ in range(2)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    for run, output in zip(runs, outputs):
+        assert run.returncode == 0 and "flow 2" in output, output[-2000:]
 
 
 def _ppid(pid: int) -> int | None:

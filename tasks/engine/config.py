@@ -4,11 +4,17 @@ A wrong field stops the run before any work, with a message naming the field and
 """
 from __future__ import annotations
 
+import math
+import os
+import re
+import stat
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ram_model.settings import DetectorConfig, EmbedderConfig
 
@@ -28,8 +34,8 @@ def resolve_config(name_or_path: str | Path | None) -> Path:
     without `.yaml`); None: the shipped demo config."""
     if name_or_path is None:
         name_or_path = DEFAULT_CONFIG_NAME
-    path = Path(name_or_path)
-    if path.is_file():
+    path = Path(expand_path(str(name_or_path), "--config"))
+    if path.is_file():   # a folder never shadows a shipped config of its name (below)
         return path
     shipped = packaged_configs()
     name = path.name[:-5] if path.name.endswith(".yaml") else path.name
@@ -49,12 +55,92 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN or infinity in any float; every scalar field checked strictly before pydantic's lax coercion
+    # (`_strict_scalar`): true is not 1, 1 is not true, "5" is not 5.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalar(cls, value: Any, info) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        problem = scalar_problem(annotation, value)
+        if problem:
+            raise ValueError(problem)
+        nested = _model_of(annotation)
+        if nested is not None and not issubclass(nested, Section) and isinstance(value, dict):
+            for key, item in value.items():  # a model of ram_model/ (detector, embedder): its fields too
+                if key in nested.model_fields and (problem := scalar_problem(nested.model_fields[key].annotation,
+                                                                             item)):
+                    raise ValueError(f"{key} ({problem})")   # load_config names it as section.model.key
+        return value
+
+
+INT64_MAX = 2**63 - 1
+
+
+def _kinds(annotation: Any) -> set:
+    """The scalar types a field annotation accepts (`object` for anything else: lists, dicts, models)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_kinds(a) for a in typing.get_args(annotation)))
+    if origin is Literal:
+        return {type(a) for a in typing.get_args(annotation)}
+    if origin is typing.Annotated:
+        return _kinds(typing.get_args(annotation)[0])
+    if annotation in (int, float, bool, str, type(None)):
+        return {annotation}
+    return {object}
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def scalar_problem(annotation: Any, value: Any) -> str | None:
+    """Why `value` does not fit a scalar field strictly (None when it does, or when the field is not scalar):
+    a bool is not a number, a number is not a bool, text is neither, a number is finite and fits 64 bits."""
+    kinds = _kinds(annotation)
+    if object in kinds or value is None:
+        return None
+    numeric = kinds & {int, float}
+    if isinstance(value, bool):
+        if bool not in kinds and numeric:
+            return f"got {str(value).lower()}, a boolean: give a number"
+        return None
+    if isinstance(value, (int, float)):
+        if numeric:
+            if isinstance(value, float) and not math.isfinite(value):
+                return f"got {value}: give a finite number"
+            if isinstance(value, float) and float not in kinds and not value.is_integer():
+                return f"got {value}, not a whole number: give an integer"
+            if abs(value) > INT64_MAX:
+                return f"got {value}: out of range (at most {INT64_MAX})"
+            return None
+        if bool in kinds:
+            return f"got {value}, a number: give true or false"
+        return None
+    if isinstance(value, str) and str not in kinds and (numeric or bool in kinds):
+        want = "true or false" if bool in kinds and not numeric else "a number"
+        return f"got the text {value[:40]!r}: give {want} (unquoted)"
+    return None
 
 
 class StoreConfig(Section):
     url: str = "./ram-data"
     storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _known_url(cls, url: str) -> str:
+        from storage.fs import StoreAccessError, check_url
+
+        try:
+            return check_url(url)   # empty, unknown scheme, no bucket: refused here, before any work
+        except StoreAccessError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class IngestConfig(Section):
@@ -66,21 +152,22 @@ class IngestConfig(Section):
     source_options: dict[str, Any] = Field(default_factory=dict)
     format: Literal["auto", "webdataset", "parquet", "files", "folder"] = "auto"
     captions_file: str | None = None      # for folders: JSONL or CSV; default: captions.jsonl / captions.csv inside
-    part_size: int = Field(1000, ge=1)    # expected samples per part (content-defined boundaries)
-    min_side: int = Field(16, ge=1)
-    max_side: int = Field(16384, ge=1)
+    part_size: int = Field(1000, ge=1, le=10_000_000)   # expected samples per part (content-defined boundaries)
+    min_side: int = Field(16, ge=1, le=2**20)
+    max_side: int = Field(16384, ge=1, le=2**20)
     max_aspect_ratio: float = Field(20.0, gt=1)
-    max_pixels: int = Field(89_478_485, ge=1)   # decompression-bomb limit (PIL's default)
-    max_caption_chars: int = Field(1000, ge=1)
-    max_captions: int = Field(16, ge=1)
+    max_pixels: int = Field(89_478_485, ge=1, le=2**36)   # decompression-bomb limit (PIL's default)
+    max_caption_chars: int = Field(1000, ge=1, le=2**24)
+    max_captions: int = Field(16, ge=1, le=2**16)
     jpeg_quality: int = Field(95, ge=50, le=100)     # also the WebP quality when image_format is webp
     # The one format images are stored in (other formats are re-encoded; jpeg as img2dataset does by default),
     # so every shard member has the same name for outside readers; "keep" stores jpeg/png/webp as they came.
     image_format: Literal["jpeg", "png", "webp", "keep"] = "jpeg"
     # Read limits: nothing a source holds is read past these, so one hostile member costs one sample.
-    max_image_bytes: int = Field(64 * 2**20, ge=1024)      # an image file or tar member
-    max_caption_bytes: int = Field(4 * 2**20, ge=1024)     # a .txt/.json member, a JSONL line, a CSV record
-    spool_bytes: int = Field(64 * 2**20, ge=0)             # members of out-of-order tars held in memory before
+    # (upper bounds: each is held in memory at once)
+    max_image_bytes: int = Field(64 * 2**20, ge=1024, le=2**32)   # an image file or tar member
+    max_caption_bytes: int = Field(4 * 2**20, ge=1024, le=2**30)  # a .txt/.json member, a JSONL line, a CSV record
+    spool_bytes: int = Field(64 * 2**20, ge=0, le=2**40)   # members of out-of-order tars held in memory before
                                                            # they spill to a local temporary file
     # A tar's PAX and GNU long-name headers (names, links, extended records) are read up to this; a larger one is
     # skipped and reported (source-header-too-large), never held in memory.
@@ -293,6 +380,47 @@ MAYBE_PATH_FIELDS = ("parse.labels", "ground.detector.model", "ground.detector.g
 # (generate.baseline and train.init usually name store refs such as models/baseline: never touched.)
 
 
+_ENV_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def expand_path(value: str, field: str) -> str:
+    """A path or URL as a shell would give it: `$VAR` / `${VAR}` from the environment, a leading `~` as the
+    home folder. An unset variable is refused (naming the field), never left in as a folder named `$VAR`."""
+    def var(match: re.Match) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in os.environ:
+            raise ConfigError(f"{field}: {value!r} names the environment variable ${name}, which is not set; set it "
+                              f"or write the path out")
+        return os.environ[name]
+
+    value = _ENV_VAR.sub(var, value)
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
+def _path_fields(data: dict):
+    """(section mapping, field name, dotted name, always a path) of every path field present in `data`."""
+    for dotted, always in [(f, True) for f in PATH_FIELDS] + [(f, False) for f in MAYBE_PATH_FIELDS]:
+        *sections, name = dotted.split(".")
+        node = data
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node:
+            yield node, name, dotted, always
+
+
+def expand_paths(data: dict, only: set[str] | None = None) -> dict:
+    """`data` with `~` and environment variables expanded in its path fields (`only`: just these)."""
+    def expand(value: Any, dotted: str) -> Any:
+        if isinstance(value, list):   # ingest.source may list several sources
+            return [expand(v, dotted) for v in value]
+        return expand_path(value, dotted) if isinstance(value, str) else value
+
+    for node, name, dotted, _ in list(_path_fields(data)):
+        if only is None or dotted in only:
+            node[name] = expand(node[name], dotted)
+    return data
+
+
 def resolve_paths(data: dict, base: Path) -> dict:
     """`data` (a config mapping) with relative file paths made absolute against `base`."""
     def resolve(value: Any, always: bool) -> Any:
@@ -305,13 +433,8 @@ def resolve_paths(data: dict, base: Path) -> dict:
             return str(candidate.resolve())
         return value
 
-    for dotted, always in [(f, True) for f in PATH_FIELDS] + [(f, False) for f in MAYBE_PATH_FIELDS]:
-        *sections, name = dotted.split(".")
-        node = data
-        for section in sections:
-            node = node.get(section) if isinstance(node, dict) else None
-        if isinstance(node, dict) and name in node:
-            node[name] = resolve(node[name], always)
+    for node, name, _, always in list(_path_fields(data)):
+        node[name] = resolve(node[name], always)
     return data
 
 
@@ -330,7 +453,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' must look like section.field=value")
     key, raw = text.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+        return key.strip(), yaml.load(raw, Loader=_ConfigLoader) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{text}': {key.strip()} is not a valid YAML value "
                           f"({getattr(exc, 'problem', None) or type(exc).__name__})") from None
@@ -339,13 +462,16 @@ def parse_override(text: str) -> tuple[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> EngineConfig:
     """Load and validate the config: a file, or a shipped config's name (the demo config when none is given)."""
     source = resolve_config(path)
-    data = _read_yaml(source)
+    data = expand_paths(_read_yaml(source))
     shipped = {p.resolve() for p in packaged_configs().values()}
     if source.resolve() not in shipped:  # shipped templates: their paths are the caller's working directory
         data = resolve_paths(data, source.resolve().parent)
+    overridden = set()
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
+        overridden.add(key)
+    data = expand_paths(data, only=overridden)  # the shell does not expand `--set store.url=~/x`
     try:
         return EngineConfig.model_validate(data)
     except ValidationError as exc:
@@ -355,20 +481,78 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loc = ".".join(str(p) for p in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
             field, sep, rest = msg.partition(" ")
-            if err["type"] == "value_error" and sep and field.isidentifier():  # a relation check names its field
-                problems.append(f"invalid config {source}: {loc}.{field} {rest}")
+            if err["type"] == "value_error" and field.isidentifier() and rest.startswith("("):
+                problems.append(f"invalid config {source}: {loc}.{field} {rest}")  # a relation check names its field
                 continue
-            got = "" if err["type"] == "value_error" else f" (got {err.get('input')!r})"
+            shown = repr(err.get("input"))
+            got = "" if err["type"] == "value_error" else \
+                f" (got {shown if len(shown) <= 80 else shown[:80] + '…'})"
             problems.append(f"invalid config {source}: {loc}: {msg}{got}")
         raise ConfigError("\n".join(problems)) from None
 
 
+MAX_CONFIG_BYTES = 1 << 20     # a config is a few KB; more is a mistake (a data file passed as -c)
+MAX_YAML_ALIASES = 100         # anchors/aliases are fine for sharing a few values ...
+MAX_YAML_NODES = 100_000       # ... but not for a billion-laughs file that expands past memory
+
+
+class _TooBig(yaml.YAMLError):
+    pass
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """The safe loader, counting aliases: a YAML alias bomb stops at parse time."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases = getattr(self, "_aliases", 0) + 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise _TooBig(f"more than {MAX_YAML_ALIASES} aliases (*name)")
+        return super().compose_node(parent, index)
+
+
+# YAML 1.2 reads `1e9` as a number; PyYAML (YAML 1.1) as the text "1e9", which a number field would refuse.
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
+
+
+def _expanded_size(value: Any, limit: int) -> int:
+    """Nodes of `value` with aliases expanded (shared objects counted each time), stopping past `limit`."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
 def _read_yaml(source: Path) -> dict:
-    """The config file as a mapping; every way it can be unreadable is one line naming the file."""
-    if source.is_dir():
-        raise ConfigError(f"config file {source} is a directory; pass the path of a YAML file")
+    """The config file as a mapping; every way it can be unreadable is one line naming the file. Only a
+    regular file of bounded size is read (a FIFO would block, a device never end)."""
     try:
-        data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+        info = source.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {source} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {source} cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"config file {source} is a directory; pass the path of a YAML file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"config file {source} is not a regular file (a FIFO, socket or device); pass the path "
+                          f"of a YAML file")
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {source} is {info.st_size} bytes, over the {MAX_CONFIG_BYTES} a config may "
+                          f"be; pass the path of a YAML config")
+    try:
+        with open(source, "rb") as fh:
+            text = fh.read(MAX_CONFIG_BYTES + 1).decode("utf-8")
+        data = yaml.load(text, Loader=_ConfigLoader) or {}
+    except _TooBig as exc:
+        raise ConfigError(f"config file {source} holds {exc}: refused (a YAML alias bomb?); write the values out") from None
     except FileNotFoundError:
         raise ConfigError(f"config file {source} does not exist") from None
     except UnicodeDecodeError as exc:
@@ -382,6 +566,9 @@ def _read_yaml(source: Path) -> dict:
         raise ConfigError(f"config file {source} is not valid YAML{where}: {what or type(exc).__name__}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {source} must hold a mapping of sections, not {type(data).__name__}")
+    if _expanded_size(data, MAX_YAML_NODES) > MAX_YAML_NODES:
+        raise ConfigError(f"config file {source} expands to more than {MAX_YAML_NODES} values through its aliases: "
+                          f"refused (a YAML alias bomb?); write the values out")
     return data
 
 

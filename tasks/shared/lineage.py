@@ -9,31 +9,50 @@ from storage import Store, StoreError, Version
 
 from tasks.shared.labels import load_labels
 
+MAX_LINEAGE_DEPTH = 100   # a real lineage is a few levels; a manifest edited into a long chain stops here
+
+
 def lineage(store: Store, version: Version) -> Iterator[tuple[int, Version | None, str]]:
     """Depth-first walk of a version's parents: (depth, version or None if missing, ref). Each version
-    appears once; a version's parents already walked are named together on one line (version None)."""
-    seen: set[str] = set()
-
-    def walk(v: Version, depth: int):
-        yield depth, v, v.ref
-        # A parent counts as shown above when it was walked before it is reached here, also while walking an
-        # earlier parent of this version (a model's parents: clean, and images that clean also reaches).
-        repeated = []
-        for parent in v.parents:
-            stage, _, vid = parent.rpartition("/")
+    appears once, where the walk first reaches it (a parent cycle ends where it closes); the parents of a
+    version already shown elsewhere are named together on one line after its other parents (version None),
+    also when they were reached while walking one of its earlier parents. The walk stops MAX_LINEAGE_DEPTH
+    levels down, saying so. Iterative: no recursion limit."""
+    seen: set[str] = {version.ref}
+    stack: list[tuple] = [("visit", 0, version, version.ref)]
+    while stack:
+        item = stack.pop()
+        if item[0] == "shown":   # after a version's parents were walked: those shown elsewhere, on one line
+            _, depth, repeated = item
+            if repeated:
+                yield depth, None, ", ".join(repeated) + " (shown above)"
+            continue
+        if item[0] == "parent":
+            _, depth, parent, repeated = item
             if parent in seen:
                 repeated.append(parent)
                 continue
             seen.add(parent)
-            found = store.find(stage, vid)
+            stage, _, vid = parent.rpartition("/")
+            try:
+                found = store.find(stage, vid)
+            except StoreError as exc:  # a damaged parent manifest: named, and the walk goes on
+                yield depth, None, f"{parent} (unreadable: {exc})"
+                continue
             if found is None:
-                yield depth + 1, None, parent + " (missing: deleted or in another store)"
+                yield depth, None, f"{parent} (missing: deleted or in another store)"
             else:
-                yield from walk(found, depth + 1)
-        if repeated:
-            yield depth + 1, None, ", ".join(repeated) + " (shown above)"
-
-    yield from walk(version, 0)
+                stack.append(("visit", depth, found, parent))
+            continue
+        _, depth, v, ref = item
+        yield depth, v, ref
+        if depth >= MAX_LINEAGE_DEPTH:
+            if v.parents:
+                yield depth + 1, None, f"… deeper lineage not shown (over {MAX_LINEAGE_DEPTH} levels)"
+            continue
+        repeated: list[str] = []
+        stack.append(("shown", depth + 1, repeated))
+        stack.extend(("parent", depth + 1, p, repeated) for p in reversed(v.parents))  # in the manifest's order
 
 
 def nearest_versions(store: Store, version: Version) -> dict[str, Version]:
