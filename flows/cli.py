@@ -190,14 +190,17 @@ def demo(out_dir: str = typer.Option("ram-demo", "--out", help="Folder for the w
          images: int = typer.Option(600, help="Images in the generated world."),
          seed: int = typer.Option(0, help="World seed."),
          world_only: bool = typer.Option(False, "--world-only", help="Only generate (or grow, with more --images) "
-                                         "the world and write the config beside the store; run nothing.")) -> None:
+                                         "the world and write the config beside the store; run nothing."),
+         noise: str = typer.Option("contextual", help="How the world's captions err: contextual (tied to the "
+                                   "image, as people's captions) or independent (at random: the control).")) -> None:
     """The offline demo: a generated world with known truth, the whole loop with tiny models on CPU,
     the evaluation against the truth, and an HTML report."""
     from flows.demo import run_demo
 
     with progress_bar() as update:
         summary = run_demo(out_dir, n_images=images, seed=seed, engine=state.engine, config_path=state.config_path,
-                           overrides=state.overrides, say=out.print, world_only=world_only, progress=update)
+                           overrides=state.overrides, say=out.print, world_only=world_only, progress=update,
+                           noise=noise)
     if world_only:
         out.print(f"world of {images} images: {summary['world'].source}\nconfig: {summary['config']}\n"
                   f"next: ram-engine -c {summary['config']} ingest")
@@ -210,7 +213,8 @@ def demo(out_dir: str = typer.Option("ram-demo", "--out", help="Folder for the w
         out.print("[bold]Cleaning: removed tags against the truth, per reason[/]")
         out.print(ev.version.manifest["metrics"].get("cleaning_removal_markdown", ""))
     if summary.get("ablation") is not None:
-        out.print("[bold]Ablation: held-out mAP / P / R / F1 of a model per label version, mean ± std over seeds[/]")
+        out.print(f"[bold]Ablation on the {noise} world: held-out mAP / P / R / F1 of a model per label version, "
+                  f"mean ± std over seeds[/]")
         out.print(summary["ablation"].manifest["metrics"]["markdown"])
     out.print(f"store: {summary['store']}\nconfig: {summary['config']}\nreport: {summary['report']}\n"
               f"total {summary['seconds'] / 60:.1f} min")
