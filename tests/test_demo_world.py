@@ -46,7 +46,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def contextual(tmp_path_factory):
-    return generate_world(tmp_path_factory.mktemp("contextual"), 400, seed=5, fmt="folder")
+    return generate_world(tmp_path_factory.mktemp("contextual"), 400, seed=5, fmt="folder", noise="contextual")
 
 
 def _truth_rows(info: WorldInfo) -> list[dict]:
@@ -313,7 +313,8 @@ def test_the_demo_world_names_its_noise_and_keeps_a_store_to_its_world(tmp_path)
     out = run_demo(str(tmp_path / "d"), n_images=6, noise="independent", world_only=True, say=said.append)
     assert out["world"].config["noise"] == "independent" and "independent noise: objects omitted" in said[1]
     out = run_demo(str(tmp_path / "d"), n_images=6, world_only=True, say=said.append)   # no store yet: regenerated
-    assert out["world"].config["noise"] == "contextual" and "contextual" in out["world"].noise
+    assert out["world"].config["noise"] == "contextual" and "contextual" in out["world"].noise   # the demo's default
+    assert generate_world(tmp_path / "g", 3).config["noise"] == "independent"   # the function's: callers keep theirs
     (tmp_path / "d" / "store").mkdir()
     with pytest.raises(ValueError, match=r"holds a store made from the contextual world; run the independent world "
                                          r"in another folder \(--out\)"):

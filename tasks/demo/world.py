@@ -5,10 +5,11 @@ sand, water, road) and 1–4 non-overlapping coloured objects (ball, box, star, 
 tag of RAM's tag list, so the demo's label system is a small subset of the real one.
 
 Captions are written like web captions are: they miss objects, drop colours, mention things that
-are not there and leave out the scene, with the probabilities given to `generate_world`. By default
-(noise="contextual") those errors depend on the image, as people's do: objects go with their scene,
-small and peripheral objects are left out more, look-alikes are named for one another and absent
-mentions are what the scene suggests; noise="independent" draws them at random (the control). The truth
+are not there and leave out the scene, with the probabilities given to `generate_world`. With
+noise="contextual" (the demo's world) those errors depend on the image, as people's do: objects go
+with their scene, small and peripheral objects are left out more, look-alikes are named for one
+another and absent mentions are what the scene suggests; noise="independent" (the function's default,
+the control) draws them at random. The truth
 (tags, boxes from the object masks, what each caption mentions) is written beside the source, in
 `truth/`, and is never part of what the pipeline reads.
 
@@ -682,7 +683,7 @@ def generate_world(out_dir: str | Path, n_images: int, seed: int = 0, fmt: str =
                    p_omit_colour: float = 0.15,
                    p_absent: float = 0.25,
                    p_omit_scene: float = 0.1,
-                   noise: str = "contextual",
+                   noise: str = "independent",
                    p_scene_object: float = 0.6,
                    p_lookalike: float = 0.3,
                    image_format: str = "jpg",
@@ -700,6 +701,8 @@ def generate_world(out_dir: str | Path, n_images: int, seed: int = 0, fmt: str =
       where one can be) or else a category the scene suggests that the image lacks; small and peripheral
       objects are omitted more often (OMIT_LOGIT_PER_*).
     - "independent": the control, each error drawn at random (the world as first written, byte for byte).
+      The default here, so that every existing caller (test fixtures, the stand-ins' training worlds) keeps its
+      world; the demo asks for "contextual" (flows/demo.py, and this module's command line).
     `captions_per_image` is a count or an inclusive (min, max) range.
     `n_corrupt` samples (spread over the world) get a planted defect for ingest to reject; they
     are listed in `WorldInfo.corrupt` and left out of the ground truth.
