@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tasks.demo.world import (COLOURS, DEFAULT_CATEGORIES, PLURALS, SCENE_CATEGORIES, SCENES, WorldInfo,
-                              demo_tag_list, generate_world, look_alikes, sample_key, silhouette_similarity)
+from tasks.demo.world import (COLOURS, DEFAULT_CATEGORIES, PLURALS, SCENES, WorldInfo, demo_tag_list,
+                              generate_world, sample_key)
 from tasks.stages.evaluate import label_quality
 from tasks.shared.truth import load_ground_truth
 
@@ -258,6 +258,8 @@ def test_contextual_omissions_fall_on_small_and_peripheral_objects(contextual):
 
 
 def test_contextual_absent_mentions_are_the_scene_s_or_a_look_alike(contextual):
+    from tasks.demo.world import SCENE_CATEGORIES, look_alikes
+
     rows = _truth_rows(contextual)
     pairs = look_alikes(tuple(DEFAULT_CATEGORIES))
     kinds = {"context": 0, "look-alike": 0, "other": 0}
@@ -291,6 +293,8 @@ def test_contextual_absent_mentions_are_the_scene_s_or_a_look_alike(contextual):
 
 
 def test_look_alikes_are_the_shapes_that_overlap_most():
+    from tasks.demo.world import look_alikes, silhouette_similarity
+
     cats = tuple(DEFAULT_CATEGORIES)
     pairs = look_alikes(cats)
     assert pairs == {"ball": "box", "box": "ball", "flag": "umbrella", "umbrella": "flag", "cross": "heart",
