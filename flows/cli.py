@@ -324,14 +324,17 @@ def demo(out_dir: str = typer.Option("ram-demo", "--out", help="Folder for the w
          images: int = typer.Option(600, help="Images in the generated world."),
          seed: int = typer.Option(0, help="World seed."),
          world_only: bool = typer.Option(False, "--world-only", help="Only generate (or grow, with more --images) "
-                                         "the world and write the config beside the store; run nothing.")) -> None:
+                                         "the world and write the config beside the store; run nothing."),
+         noise: str = typer.Option("contextual", help="How the world's captions err: contextual (tied to the "
+                                   "image, as people's captions) or independent (at random: the control).")) -> None:
     """The offline demo: a generated world with known truth, the whole loop with tiny models on CPU,
     the evaluation against the truth, and an HTML report."""
     from flows.demo import run_demo
 
     with progress_bar() as update:
         summary = run_demo(out_dir, n_images=images, seed=seed, engine=state.engine, config_path=state.config_path,
-                           overrides=state.overrides, say=out.print, world_only=world_only, progress=update)
+                           overrides=state.overrides, say=out.print, world_only=world_only, progress=update,
+                           noise=noise)
     if world_only:
         record_last_demo(summary["config"])
         out.print(f"world of {images} images: {summary['world'].source}\nconfig: {summary['config']}\n"
@@ -348,8 +351,8 @@ def demo(out_dir: str = typer.Option("ram-demo", "--out", help="Folder for the w
     if not world_only and summary.get("config"):
         record_last_demo(summary["config"])
     if summary.get("ablation") is not None:
-        out.print("Ablation: held-out mAP / P / R / F1 against the truth of a model per label version, mean ± std "
-                  "over seeds", style="bold")
+        out.print(f"Ablation on the {noise} world: held-out mAP / P / R / F1 against the truth of a model per label "
+                  f"version, mean ± std over seeds", style="bold")
         out.print(summary["ablation"].manifest["metrics"]["markdown"])
     out.print(f"store: {summary['store']}\nconfig: {summary['config']} (later commands use it: ram-engine ls, show, "
               f"report, run, serve; recorded in {last_demo_file()})\nreport: {summary['report']}\n"

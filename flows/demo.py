@@ -61,8 +61,9 @@ def train_demo_detector(folder: Path, *, world=None, n_images: int = 2000, seed:
 
     torch.set_num_threads(1)  # measured: one thread trains faster than two on a shared 2-core machine
     if world is None:
+        # the independent world: the one the shipped stand-in was trained on (its images have no scene-object bias)
         world = generate_world(Path(tempfile.mkdtemp(prefix="detector-world-")), n_images, seed=seed,
-                               fmt="webdataset")
+                               fmt="webdataset", noise="independent")
     categories = json.loads(Path(world.tag_groups).read_text())["category"]
     if init is not None:  # continue training a saved detector (same categories)
         from ram_model.detector import DetectorConfig, load_detector
@@ -141,8 +142,9 @@ def train_demo_embedder(folder: Path, *, world=None, n_images: int = 2000, seed:
 
     torch.set_num_threads(1)
     if world is None:
+        # the independent world: the one the shipped stand-in was trained on (its images have no scene-object bias)
         world = generate_world(Path(tempfile.mkdtemp(prefix="embedder-world-")), n_images, seed=seed,
-                               fmt="webdataset")
+                               fmt="webdataset", noise="independent")
     crops, labels, categories = world_crops(world, limit=100_000)
     n_held = max(1, len(crops) // 10)
     say(f"training the tiny crop embedder: {len(crops) - n_held} crops of {len(categories)} categories, "
@@ -238,8 +240,9 @@ def train_demo_encoder(folder: Path, *, world=None, n_images: int = 2000, seed: 
 
     torch.set_num_threads(1)
     if world is None:
+        # the independent world: the one the shipped stand-in was trained on (its images have no scene-object bias)
         world = generate_world(Path(tempfile.mkdtemp(prefix="encoder-world-")), n_images, seed=seed,
-                               fmt="webdataset")
+                               fmt="webdataset", noise="independent")
     images, targets, tags = world_tagging_samples(world, limit=100_000)
     n_held = max(1, len(images) // 10)
     say(f"pretraining the tiny tagger's encoder: {len(images) - n_held} images, {len(tags)} tags, up to {steps} steps")
@@ -312,23 +315,34 @@ def write_demo_config(out: Path, cfg: EngineConfig) -> Path:
 
 def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engine: str = "prefect",
              config_path: str | None = None, overrides: list[str] = (), detector_steps: int = 2000,
-             detector_minutes: float = 2.5, say=print, world_only: bool = False, progress=None) -> dict:
+             detector_minutes: float = 2.5, say=print, world_only: bool = False, progress=None,
+             noise: str = "contextual") -> dict:
     """Generate the world, train the detector, run the loop, evaluate and render the report.
     `world_only`: generate (or grow: the first images of a bigger world are the same) the world and
-    write the config beside the store, but run nothing; ingesting it is the next step."""
-    from tasks.demo.world import WorldInfo, generate_world
+    write the config beside the store, but run nothing; ingesting it is the next step.
+    `noise`: how the world's captions err, "contextual" (tied to the image) or "independent" (at random, the
+    control): tasks.demo.world.NOISE_MODELS, docs/demo.md."""
+    from tasks.demo.world import NOISE_MODELS, WorldInfo, generate_world
 
+    if noise not in NOISE_MODELS:
+        raise ValueError(f"demo: --noise must be one of {', '.join(NOISE_MODELS)}, got {noise!r}")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     world_dir = out / "world"
     try:
         world = WorldInfo.load(world_dir)
-        if world.config.get("n_images") != n_images or world.config.get("seed") != seed:
-            raise FileNotFoundError
     except (FileNotFoundError, ValueError):
-        say(f"[1/5] generating a world of {n_images} images with known truth in {world_dir}")
-        world = generate_world(world_dir, n_images, seed=seed, fmt="webdataset", overwrite=True)
+        world = None
+    # a world written before the noise models were is the independent one
+    had = world.config.get("noise", "independent") if world else noise
+    if had != noise and (out / "store").exists():
+        # the store's kept baseline (models/baseline) would be reused on the other world's data
+        raise ValueError(f"demo: {out} holds a store made from the {had} world; run the {noise} world in "
+                         f"another folder (--out) or delete {out / 'store'} first")
+    if world is None or (world.config.get("n_images"), world.config.get("seed"), had) != (n_images, seed, noise):
+        say(f"[1/5] generating a world of {n_images} images with known truth and {noise} caption noise in {world_dir}")
+        world = generate_world(world_dir, n_images, seed=seed, fmt="webdataset", noise=noise, overwrite=True)
     say(f"      caption labels vs truth (planted noise): {_noise_line(world)}")
     say("[2/5] the tiny Grounding DINO (the shipped checkpoint, or trained now on the world's boxes)")
     det_dir, det = prepare_detector(world, out, detector_steps, detector_minutes * 60, seed, say=say)
@@ -350,7 +364,7 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
     say(f"      config: {config_file} (ram-engine -c {config_file} run | ingest | serve)")
     if world_only:
         return {"results": {}, "report": None, "store": cfg.store.url, "seconds": time.perf_counter() - t0,
-                "detector": det, "world": world, "config": str(config_file)}
+                "detector": det, "world": world, "config": str(config_file), "noise": noise}
     say(f"[3/5] running the data-engine loop ({engine}); the store is {cfg.store.url}")
     from .data_engine import data_engine_flow
 
@@ -387,7 +401,13 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
              f"{enc.get('world_seed')}; held-out mAP {enc['heldout'].get('mAP', 0):.2f}: colours "
              f"{enc['heldout'].get('colour_mAP', 0):.2f}, scenes {enc['heldout'].get('scene_mAP', 0):.2f}, shapes "
              f"{enc['heldout'].get('category_mAP', 0):.2f}), as RAM starts from a pretrained Swin; their heads "
-             f"learn from the labels."]
+             f"learn from the labels.",
+             {"contextual": "The world's captions err as people's do (contextual noise): objects go with their "
+                            "scene, small and peripheral objects are left out more often, look-alike shapes are "
+                            "named for one another, and absent objects named are what the scene suggests "
+                            "(docs/demo.md). Its control: ram-engine demo --noise independent.",
+              "independent": "The world's captions err at random, whatever the image shows (independent noise, "
+                             "the control; the default world's errors depend on the image: docs/demo.md)."}[noise]]
     report = build_report(store, last.version, out / "report", truth_path=str(world.ground_truth), notes=notes,
                           ablation=ablation)
     if engine == "prefect":
@@ -395,11 +415,15 @@ def run_demo(out_dir: str = "ram-demo", n_images: int = 600, seed: int = 0, engi
 
         publish_report(report, last.version)
     return {"results": results, "report": str(report), "store": cfg.store.url, "seconds": time.perf_counter() - t0,
-            "detector": det, "world": world, "ablation": ablation, "config": str(config_file)}
+            "detector": det, "world": world, "ablation": ablation, "config": str(config_file), "noise": noise}
 
 
 def _noise_line(world) -> str:
     q = (world.noise or {}).get("caption_labels_union") or {}
     if not q:
         return "see world/truth/noise.json"
-    return f"precision {q.get('precision', 0):.3f}, recall {q.get('recall', 0):.3f}"
+    r = world.noise.get("rates", {})
+    return (f"precision {q.get('precision', 0):.3f}, recall {q.get('recall', 0):.3f} "
+            f"({world.config.get('noise', 'independent')} noise: objects omitted {r.get('object_omitted', 0):.3f}, "
+            f"captions with an absent object {r.get('captions_with_absent', 0):.3f}, colours omitted "
+            f"{r.get('colour_omitted', 0):.3f}, scene omitted {r.get('scene_omitted', 0):.3f})")

@@ -38,7 +38,14 @@ def test_the_table_says_how_many_held_out_keys_it_rests_on():
     assert few.startswith("Scored on 55 held-out keys with ground truth (train.holdout_fraction 0.1). Fewer than 100")
     assert "raise ablation.holdout_fraction" in few
     assert many == "Scored on 200 held-out keys with ground truth (ablation.holdout_fraction 0.33)."
-    assert summary_markdown(rows, few).endswith("\n" + few + "\n") and summary_markdown(rows).endswith("|\n")
+    assert summary_markdown(rows, few).endswith("\n" + few + "\n")
+    # which reading the ± is: over seeds for an arm, over the per-seed paired differences for the gain
+    table = summary_markdown(rows, many)
+    assert "| mAP gain over parsed ± paired std (> 2 std) |" in table and "| +0.095 ± 0.007 (yes) |" in table
+    assert ("± after a metric: sample std over the seeds. The gain: mean over seeds of the paired differences from "
+            "parsed (each seed trains every label version) ± their sample std") in table
+    assert table.index("paired differences") < table.index("Scored on 200 held-out keys")
+    assert summary_markdown(rows[:1]).endswith("±: sample std over the seeds.\n")
 
 
 def test_the_gain_must_pass_both_readings_of_two_std():

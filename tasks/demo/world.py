@@ -5,7 +5,11 @@ sand, water, road) and 1–4 non-overlapping coloured objects (ball, box, star, 
 tag of RAM's tag list, so the demo's label system is a small subset of the real one.
 
 Captions are written like web captions are: they miss objects, drop colours, mention things that
-are not there and leave out the scene, with the probabilities given to `generate_world`. The truth
+are not there and leave out the scene, with the probabilities given to `generate_world`. With
+noise="contextual" (the demo's world) those errors depend on the image, as people's do: objects go
+with their scene, small and peripheral objects are left out more, look-alikes are named for one
+another and absent mentions are what the scene suggests; noise="independent" (the function's default,
+the control) draws them at random. The truth
 (tags, boxes from the object masks, what each caption mentions) is written beside the source, in
 `truth/`, and is never part of what the pipeline reads.
 
@@ -26,6 +30,7 @@ function of its arguments and any image can be regenerated alone.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import math
@@ -73,6 +78,26 @@ _SCENE_PHRASES: dict[str, tuple[str, ...]] = {
 }
 _SCENE_NOUNS: dict[str, tuple[str, ...]] = {s: (f"the {s}",) for s in SCENES}
 _COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
+
+# The caption noise models (generate_world's `noise`): "contextual" ties errors to what the image shows (docs/demo.md);
+# "independent" is the world as it was first written, each error drawn at random: the control.
+NOISE_MODELS: tuple[str, ...] = ("contextual", "independent")
+
+# The contextual world's scenes and what each suggests: objects there are mostly of these categories, and a caption
+# that names something absent names one of these (a kite over every sky). Each category belongs to one scene.
+SCENE_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "sky": ("kite", "moon", "star"),
+    "road": ("arrow", "cross", "triangle"),
+    "sand": ("umbrella", "box", "cup"),
+    "water": ("ring", "ball", "leaf"),
+    "grass": ("flag", "heart", "house", "mushroom"),
+}
+# Omission odds in the contextual world: log-odds per standard deviation of an object's side (smaller: more often
+# left out) and of its centre's distance from the image centre (farther: more often left out); the intercept is
+# fitted so that the mean rate is p_omit_object. Chosen, not fitted to a study: the smallest objects at the edge are
+# left out about ten times as often as the largest central ones (docs/demo.md).
+OMIT_LOGIT_PER_SIZE_STD = -0.8
+OMIT_LOGIT_PER_EDGE_STD = 0.6
 
 
 def demo_tag_list(categories: Sequence[str] | None = None, colours: Sequence[str] | None = None,
@@ -209,6 +234,41 @@ def _render_shape(name: str, size: int, angle: float) -> tuple[np.ndarray, np.nd
     return out[0], out[1], out[2]
 
 
+def silhouette_similarity(categories: Sequence[str], size: int = 40, angles: int = 13) -> np.ndarray:
+    """How alike two categories look, from the shapes themselves: the IoU of their silhouettes, for each of a
+    category's drawn tilts the best over the other's tilts, averaged and made symmetric. [n, n], diagonal 1."""
+    tilts = {}
+    for c in categories:
+        spread = 0.35 if c in _UPRIGHT else math.pi
+        masks = [np.maximum.reduce(_render_shape(c, size, float(a))) for a in np.linspace(-spread, spread, angles)]
+        tilts[c] = np.stack([m.reshape(-1) > 0.5 for m in masks]).astype(np.float32)
+    n = len(categories)
+    sim = np.eye(n)
+    for i, a in enumerate(categories):
+        for j, b in enumerate(categories):
+            if i != j:
+                inter = tilts[a] @ tilts[b].T
+                union = tilts[a].sum(1)[:, None] + tilts[b].sum(1)[None, :] - inter
+                sim[i, j] = float((inter / union).max(1).mean())
+    return (sim + sim.T) / 2
+
+
+@functools.lru_cache(maxsize=16)
+def look_alikes(categories: tuple[str, ...]) -> dict[str, str]:
+    """Pairs of categories a caption names for one another: the most alike silhouettes first, each category in
+    at most one pair (a greedy matching on silhouette_similarity). With the 12 default categories: ball-box,
+    flag-umbrella, cross-heart, star-triangle, arrow-kite, moon-ring."""
+    sim = silhouette_similarity(categories)
+    order = sorted(((sim[i, j], i, j) for i in range(len(categories)) for j in range(i + 1, len(categories))),
+                   key=lambda t: (-round(t[0], 6), t[1], t[2]))
+    pairs: dict[str, str] = {}
+    for _, i, j in order:
+        a, b = categories[i], categories[j]
+        if a not in pairs and b not in pairs:
+            pairs[a], pairs[b] = b, a
+    return pairs
+
+
 # ---------------------------------------------------------------------------------------------
 # Backgrounds: each scene is a texture, different in colour statistics and structure.
 
@@ -270,10 +330,27 @@ class _Object:
     colour: str
     box: tuple[int, int, int, int]   # x0, y0, x1, y1 in pixels, x1/y1 exclusive, from the mask
     area: int                        # mask pixels
+    side: int = 0                    # the side of the square it was drawn in (what omission depends on)
+    centre: tuple[float, float] = (0.0, 0.0)   # that square's centre, pixels
+
+
+def _free_square(rng: np.random.Generator, size: int, lo: int, hi: int,
+                 placed: list[tuple[int, int, int]]) -> tuple[int, int, int] | None:
+    """x, y, side of a square of side lo..hi clear of the placed ones, by rejection sampling; None after 30 tries."""
+    for _attempt in range(30):
+        side = int(rng.integers(lo, hi + 1))
+        x = int(rng.integers(0, size - side + 1))
+        y = int(rng.integers(0, size - side + 1))
+        if all(x + side + 2 <= px or px + ps + 2 <= x or y + side + 2 <= py or py + ps + 2 <= y
+               for px, py, ps in placed):
+            return x, y, side
+    return None
 
 
 def _draw_image(rng: np.random.Generator, size: int, cats: list[str], cols: list[str], scns: list[str],
-                n_objects: tuple[int, int], object_size: tuple[float, float]):
+                n_objects: tuple[int, int], object_size: tuple[float, float],
+                likely: dict[str, list[str]] | None = None, p_scene_object: float = 0.0):
+    """`likely` (contextual world): each scene's likely categories; an object is one of them with p_scene_object."""
     scene = scns[int(rng.integers(len(scns)))]
     img = _background(scene, size, size, rng)
     want = int(rng.integers(n_objects[0], n_objects[1] + 1))
@@ -281,17 +358,17 @@ def _draw_image(rng: np.random.Generator, size: int, cats: list[str], cols: list
     objects: list[_Object] = []
     lo, hi = max(6, int(object_size[0] * size)), max(7, int(object_size[1] * size))
     for _ in range(want):
-        for _attempt in range(30):  # rejection sampling of a free square; give up on a crowded image
-            side = int(rng.integers(lo, hi + 1))
-            x = int(rng.integers(0, size - side + 1))
-            y = int(rng.integers(0, size - side + 1))
-            if all(x + side + 2 <= px or px + ps + 2 <= x or y + side + 2 <= py or py + ps + 2 <= y
-                   for px, py, ps in placed):
-                break
-        else:
+        square = _free_square(rng, size, lo, hi, placed)
+        if square is None:   # a crowded image: fewer objects
             break
-        placed.append((x, y, side))
-        cat = cats[int(rng.integers(len(cats)))]
+        x, y, side = square
+        placed.append(square)
+        if likely is None:
+            cat = cats[int(rng.integers(len(cats)))]
+        else:
+            here = likely[scene]
+            pool = here if here and rng.random() < p_scene_object else [c for c in cats if c not in here] or cats
+            cat = pool[int(rng.integers(len(pool)))]
         col = cols[int(rng.integers(len(cols)))]
         spread = 0.35 if cat in _UPRIGHT else math.pi
         main, dark, light = _render_shape(cat, side, float(rng.uniform(-spread, spread)))
@@ -313,7 +390,8 @@ def _draw_image(rng: np.random.Generator, size: int, cats: list[str], cols: list
         img[y:y + side, x:x + side] = patch
         ys, xs = np.nonzero(outline > 0.25)
         objects.append(_Object(cat, col, (x + int(xs.min()), y + int(ys.min()), x + int(xs.max()) + 1,
-                                          y + int(ys.max()) + 1), int((outline > 0.25).sum())))
+                                          y + int(ys.max()) + 1), int((outline > 0.25).sum()), side,
+                               (x + side / 2, y + side / 2)))
     pixels = np.clip(img, 0, 255).astype(np.uint8)
     return pixels, scene, objects
 
@@ -351,9 +429,66 @@ def _join(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+@dataclass(frozen=True)
+class _Context:
+    """What the contextual world's captions depend on, fixed for a whole world."""
+    likely: dict[str, list[str]]      # scene -> the chosen categories it suggests (SCENE_CATEGORIES)
+    look_alike: dict[str, str]        # category -> the one a caption names it as (look_alikes)
+    size_mean: float                  # relative side of a drawn object: mean and std over the world's geometry
+    size_std: float
+    edge_mean: float                  # its centre's distance from the image centre / half the side: mean and std
+    edge_std: float
+    intercept: float                  # omission log-odds of an average object: the mean rate is p_omit_object
+    p_omit: float
+
+    def omission(self, objects: list[_Object], size: int) -> list[float]:
+        """Each object's probability of being left out of a caption, from its size and position."""
+        if self.p_omit <= 0.0 or self.p_omit >= 1.0:
+            return [self.p_omit] * len(objects)
+        rel = np.array([o.side / size for o in objects])
+        edge = np.array([math.hypot(o.centre[0] - size / 2, o.centre[1] - size / 2) / (size / 2) for o in objects])
+        return [float(v) for v in self._rate(rel, edge, self.intercept)]
+
+    def _rate(self, rel: np.ndarray, edge: np.ndarray, intercept: float) -> np.ndarray:
+        logit = (intercept + OMIT_LOGIT_PER_SIZE_STD * (rel - self.size_mean) / self.size_std
+                 + OMIT_LOGIT_PER_EDGE_STD * (edge - self.edge_mean) / self.edge_std)
+        return 1.0 / (1.0 + np.exp(-logit))
+
+
+def _context(cats: list[str], scns: list[str], size: int, n_objects: tuple[int, int],
+             object_size: tuple[float, float], p_omit: float) -> _Context:
+    """The contextual world's fixed parts. The omission intercept is fitted on the generator's own geometry
+    (2,000 images' objects placed as _draw_image places them, crowding included), sampled with a fixed seed: every
+    world of one image size, object count and size has the same omission model."""
+    likely = {s: [c for c in SCENE_CATEGORIES.get(s, ()) if c in cats] for s in scns}
+    lo, hi = max(6, int(object_size[0] * size)), max(7, int(object_size[1] * size))
+    rng = np.random.default_rng(0)
+    squares = []
+    for _ in range(2000):
+        placed: list[tuple[int, int, int]] = []
+        for _ in range(int(rng.integers(n_objects[0], n_objects[1] + 1))):
+            square = _free_square(rng, size, lo, hi, placed)
+            if square is None:
+                break
+            placed.append(square)
+        squares += placed
+    x, y, side = np.array(squares, dtype=np.float64).T
+    rel, edge = side / size, np.hypot(x + side / 2 - size / 2, y + side / 2 - size / 2) / (size / 2)
+    ctx = _Context(likely, look_alikes(tuple(cats)), float(rel.mean()), float(rel.std()) or 1.0,
+                   float(edge.mean()), float(edge.std()) or 1.0, 0.0, p_omit)
+    if not 0.0 < p_omit < 1.0:
+        return ctx
+    low, high = -30.0, 30.0
+    for _ in range(60):   # bisection: the mean omission rate rises with the intercept
+        mid = (low + high) / 2
+        low, high = (mid, high) if ctx._rate(rel, edge, mid).mean() < p_omit else (low, mid)
+    return _Context(**{**ctx.__dict__, "intercept": (low + high) / 2})
+
+
 def _caption(rng: np.random.Generator, scene: str, objects: list[_Object], cats: list[str], cols: list[str],
              p: dict[str, float], counts: _NoiseCounts) -> tuple[str, list[str], bool]:
-    """One caption, the tags it mentions, and whether it mentions an absent object."""
+    """One caption of the independent world, the tags it mentions, and whether it mentions an absent object:
+    every error is drawn at random, whatever the image shows."""
     counts.captions += 1
     kept = []
     for obj in objects:
@@ -361,11 +496,76 @@ def _caption(rng: np.random.Generator, scene: str, objects: list[_Object], cats:
         if rng.random() < p["omit_object"]:
             counts.objects_omitted += 1
         else:
-            kept.append(obj)
-    # Group what is kept by (category, colour); an omitted colour merges groups ("two balls").
-    groups: dict[tuple[str, str | None], int] = {}
-    for obj in kept:
-        groups[(obj.category, obj.colour)] = groups.get((obj.category, obj.colour), 0) + 1
+            kept.append((obj.category, obj.colour))
+    items = _mentions(rng, kept, p, counts)
+    present = {o.category for o in objects}
+    choices = [c for c in cats if c not in present]
+    # An image that shows every category has nothing absent to mention.
+    absent = rng.random() < p["absent"] and bool(choices)
+    if absent:
+        counts.absent_mentions += 1
+        _mention_absent(rng, items, choices, cols, p)
+    return (*_caption_text(rng, scene, items, p, counts), absent)
+
+
+def _caption_contextual(rng: np.random.Generator, scene: str, objects: list[_Object], cats: list[str],
+                        cols: list[str], p: dict[str, float], counts: _NoiseCounts, ctx: "_Context",
+                        omit_p: list[float]) -> tuple[str, list[str], bool, dict]:
+    """One caption of the contextual world: the tags it mentions, whether it mentions an absent object, and what
+    went wrong in it. At most one absent mention (p["absent"]), either a present object named as its absent
+    look-alike (p["lookalike"] of them, where the image has such an object) or, otherwise, a category the scene
+    suggests that the image lacks; each object is left out with its own probability `omit_p` (small and
+    peripheral ones more), counting a renamed object as left out, so the mean rates are the independent world's."""
+    counts.captions += 1
+    present = {o.category for o in objects}
+    wants_absent = rng.random() < p["absent"]
+    renamable = [i for i, o in enumerate(objects) if ctx.look_alike.get(o.category) not in (None, *present)]
+    renamed = None
+    if wants_absent and renamable and rng.random() < p["lookalike"]:
+        renamed = renamable[int(rng.integers(len(renamable)))]
+    # Each renamable object is renamed with probability q; it is otherwise left out with (t - q) / (1 - q), so that
+    # it goes unnamed with its own rate t = omit_p[i] in all (or q, where q is larger).
+    q = p["absent"] * p["lookalike"] / len(renamable) if renamable else 0.0
+    kept, omitted = [], []
+    for i, obj in enumerate(objects):
+        counts.object_instances += 1
+        if i == renamed:
+            counts.objects_omitted += 1
+            kept.append((ctx.look_alike[obj.category], obj.colour))
+            continue
+        qi = q if i in renamable else 0.0
+        if rng.random() < max(0.0, (omit_p[i] - qi) / (1.0 - qi)):
+            counts.objects_omitted += 1
+            omitted.append(i)
+        else:
+            kept.append((obj.category, obj.colour))
+    items = _mentions(rng, kept, p, counts)
+    absent, kind = None, None
+    if renamed is not None:
+        absent, kind = ctx.look_alike[objects[renamed].category], "look-alike"
+    elif wants_absent:
+        choices = [c for c in ctx.likely[scene] if c not in present]
+        kind = "context"
+        if not choices:   # the scene's likely categories are all in the image: any absent one, as the control does
+            choices, kind = [c for c in cats if c not in present], "other"
+        if choices:
+            absent = _mention_absent(rng, items, choices, cols, p)
+        else:
+            kind = None
+    if absent is not None:
+        counts.absent_mentions += 1
+    text, tags = _caption_text(rng, scene, items, p, counts)
+    return text, tags, absent is not None, {"omitted": omitted, "renamed": renamed, "absent": absent,
+                                            "absent_kind": kind}
+
+
+def _mentions(rng: np.random.Generator, kept: list[tuple[str, str]], p: dict[str, float],
+              counts: _NoiseCounts) -> list[tuple[str, str | None, int]]:
+    """The (category, colour or None, count) a caption names, in a random order: the kept (name, colour) pairs
+    grouped, each group losing its colour with p["omit_colour"] (an omitted colour merges groups: "two balls")."""
+    groups: dict[tuple[str, str], int] = {}
+    for cat, col in kept:
+        groups[(cat, col)] = groups.get((cat, col), 0) + 1
     mentions: dict[tuple[str, str | None], int] = {}
     for (cat, col), n in groups.items():
         counts.colour_mentions += 1
@@ -375,21 +575,25 @@ def _caption(rng: np.random.Generator, scene: str, objects: list[_Object], cats:
         mentions[(cat, col)] = mentions.get((cat, col), 0) + n
     items = [(cat, col, n) for (cat, col), n in mentions.items()]
     order = rng.permutation(len(items))
-    items = [items[i] for i in order]
-    present = {o.category for o in objects}
-    choices = [c for c in cats if c not in present]
-    # An image that shows every category has nothing absent to mention.
-    absent = rng.random() < p["absent"] and bool(choices)
-    if absent:
-        counts.absent_mentions += 1
-        cat = choices[int(rng.integers(len(choices)))]
-        col = None if rng.random() < p["omit_colour"] else cols[int(rng.integers(len(cols)))]
-        items.insert(int(rng.integers(len(items) + 1)), (cat, col, 1))
+    return [items[i] for i in order]
+
+
+def _mention_absent(rng: np.random.Generator, items: list, choices: list[str], cols: list[str],
+                    p: dict[str, float]) -> str:
+    """Insert one absent category from `choices` (a random colour, or none) at a random place; return it."""
+    cat = choices[int(rng.integers(len(choices)))]
+    col = None if rng.random() < p["omit_colour"] else cols[int(rng.integers(len(cols)))]
+    items.insert(int(rng.integers(len(items) + 1)), (cat, col, 1))
+    return cat
+
+
+def _caption_text(rng: np.random.Generator, scene: str, items: list, p: dict[str, float],
+                  counts: _NoiseCounts) -> tuple[str, list[str]]:
+    """The caption's words for what it names (the scene left out with p["omit_scene"]) and the tags it mentions."""
     with_scene = True
     if rng.random() < p["omit_scene"]:
         counts.scene_omitted += 1
         with_scene = False
-
     tags = sorted({t for cat, col, _ in items for t in (cat, col) if t} | ({scene} if with_scene else set()))
     phrase = _join([_noun_phrase(n, col, cat) for cat, col, n in items]) if items else ""
     be = "is" if items and items[0][2] == 1 else "are"
@@ -410,7 +614,7 @@ def _caption(rng: np.random.Generator, scene: str, objects: list[_Object], cats:
         text = text[0].upper() + text[1:]
     if rng.random() < 0.5:
         text += "."
-    return text, tags, absent
+    return text, tags
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,6 +683,9 @@ def generate_world(out_dir: str | Path, n_images: int, seed: int = 0, fmt: str =
                    p_omit_colour: float = 0.15,
                    p_absent: float = 0.25,
                    p_omit_scene: float = 0.1,
+                   noise: str = "independent",
+                   p_scene_object: float = 0.6,
+                   p_lookalike: float = 0.3,
                    image_format: str = "jpg",
                    jpeg_quality: int = 92,
                    samples_per_shard: int = 1000,
@@ -486,9 +693,17 @@ def generate_world(out_dir: str | Path, n_images: int, seed: int = 0, fmt: str =
                    overwrite: bool = False) -> WorldInfo:
     """Write a demo world of `n_images` image–caption samples under `out_dir` (layout: module doc).
 
-    Caption noise is drawn independently per caption: each object omitted with `p_omit_object`,
-    each colour with `p_omit_colour`, one absent object mentioned with `p_absent`, the scene left
-    out with `p_omit_scene`. `captions_per_image` is a count or an inclusive (min, max) range.
+    Per caption: objects are omitted at the mean rate `p_omit_object`, each colour with `p_omit_colour`,
+    one absent object is mentioned with `p_absent`, the scene is left out with `p_omit_scene`. How the
+    errors fall is `noise` (docs/demo.md):
+    - "contextual": tied to the image. Objects are of their scene's likely categories (SCENE_CATEGORIES) with
+      `p_scene_object`; an absent mention is a present object named as its look-alike (`p_lookalike` of them,
+      where one can be) or else a category the scene suggests that the image lacks; small and peripheral
+      objects are omitted more often (OMIT_LOGIT_PER_*).
+    - "independent": the control, each error drawn at random (the world as first written, byte for byte).
+      The default here, so that every existing caller (test fixtures, the stand-ins' training worlds) keeps its
+      world; the demo asks for "contextual" (flows/demo.py, and this module's command line).
+    `captions_per_image` is a count or an inclusive (min, max) range.
     `n_corrupt` samples (spread over the world) get a planted defect for ingest to reject; they
     are listed in `WorldInfo.corrupt` and left out of the ground truth.
     """
@@ -514,8 +729,10 @@ def generate_world(out_dir: str | Path, n_images: int, seed: int = 0, fmt: str =
     if not 1 <= cap_range[0] <= cap_range[1]:
         raise ValueError(f"generate_world: captions_per_image must be >= 1 or a (min, max) range, "
                          f"got {captions_per_image}")
+    if noise not in NOISE_MODELS:
+        raise ValueError(f"generate_world: noise must be one of {list(NOISE_MODELS)}, got {noise!r}")
     probs = {"omit_object": p_omit_object, "omit_colour": p_omit_colour, "absent": p_absent,
-             "omit_scene": p_omit_scene}
+             "omit_scene": p_omit_scene, "scene_object": p_scene_object, "lookalike": p_lookalike}
     for name, value in probs.items():
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"generate_world: p_{name} must be a probability in [0, 1], got {value}")
@@ -542,7 +759,8 @@ def generate_world(out_dir: str | Path, n_images: int, seed: int = 0, fmt: str =
     config = dict(n_images=n_images, seed=seed, fmt=fmt, image_size=image_size, categories=cats, colours=cols,
                   scenes=scns, objects_per_image=list(objects_per_image), object_size=list(object_size),
                   captions_per_image=list(cap_range), p_omit_object=p_omit_object, p_omit_colour=p_omit_colour,
-                  p_absent=p_absent, p_omit_scene=p_omit_scene, image_format=image_format,
+                  p_absent=p_absent, p_omit_scene=p_omit_scene, noise=noise, p_scene_object=p_scene_object,
+                  p_lookalike=p_lookalike, image_format=image_format,
                   jpeg_quality=jpeg_quality, samples_per_shard=samples_per_shard, n_corrupt=n_corrupt)
 
     tag_list = tags_dir / "tag_list.txt"
@@ -559,6 +777,8 @@ def generate_world(out_dir: str | Path, n_images: int, seed: int = 0, fmt: str =
     corrupt: dict[str, str] = {}
 
     counts = _NoiseCounts()
+    ctx = _context(cats, scns, image_size, (lo_obj, hi_obj), object_size, p_omit_object) \
+        if noise == "contextual" else None
     truth_rows: list[dict] = []
     keys: list[str] = []
     writer = _FolderWriter(source) if fmt == "folder" else _ShardWriter(source, samples_per_shard, image_size)
@@ -568,7 +788,8 @@ def generate_world(out_dir: str | Path, n_images: int, seed: int = 0, fmt: str =
             rng = np.random.default_rng([seed, i])
             key = sample_key(i, samples_per_shard)
             keys.append(key)
-            pixels, scene, objects = _draw_image(rng, image_size, cats, cols, scns, (lo_obj, hi_obj), object_size)
+            pixels, scene, objects = _draw_image(rng, image_size, cats, cols, scns, (lo_obj, hi_obj), object_size,
+                                                 ctx.likely if ctx else None, p_scene_object)
             buf = io.BytesIO()
             if image_format == "jpg":
                 Image.fromarray(pixels).save(buf, format="JPEG", quality=jpeg_quality)
@@ -576,9 +797,15 @@ def generate_world(out_dir: str | Path, n_images: int, seed: int = 0, fmt: str =
                 Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
             data = buf.getvalue()
             n_caps = int(rng.integers(cap_range[0], cap_range[1] + 1))
-            caps, cap_tags, any_absent = [], [], False
+            caps, cap_tags, errors, any_absent = [], [], [], False
+            omit_p = ctx.omission(objects, image_size) if ctx else None
             for _ in range(n_caps):
-                text, tags, absent = _caption(rng, scene, objects, cats, cols, probs, counts)
+                if ctx is None:
+                    text, tags, absent = _caption(rng, scene, objects, cats, cols, probs, counts)
+                else:
+                    text, tags, absent, err = _caption_contextual(rng, scene, objects, cats, cols, probs, counts,
+                                                                  ctx, omit_p)
+                    errors.append(err)
                 caps.append(text)
                 cap_tags.append(tags)
                 any_absent |= absent
@@ -603,6 +830,8 @@ def generate_world(out_dir: str | Path, n_images: int, seed: int = 0, fmt: str =
                 "objects": [{"category": o.category, "colour": o.colour, "box": list(o.box), "area": o.area}
                             for o in objects],
                 "captions": caps, "caption_tags": cap_tags,
+                # contextual world: what went wrong in each caption (object indices, the absent tag and its kind)
+                **({"caption_errors": errors} if ctx else {}),
             })
     finally:
         writer.close()
@@ -612,6 +841,8 @@ def generate_world(out_dir: str | Path, n_images: int, seed: int = 0, fmt: str =
         for row in truth_rows:
             f.write(json.dumps(row) + "\n")
     noise = _noise_summary(counts, truth_rows, {"category": cats, "colour": cols, "scene": scns}, corrupt)
+    if ctx is not None:
+        noise["contextual"] = _context_summary(ctx, truth_rows, image_size)
     (truth_dir / "noise.json").write_text(json.dumps(noise, indent=1))
 
     info = WorldInfo(
@@ -657,6 +888,45 @@ def _noise_summary(c: _NoiseCounts, truth_rows: list[dict], groups: dict[str, li
         "caption_labels_union": brief(q_union),
         "caption_labels_first_caption": brief(q_first),
         "corrupt": dict(corrupt),
+    }
+
+
+def _context_summary(ctx: _Context, truth_rows: list[dict], size: int) -> dict:
+    """How the contextual world's errors fell, measured back from the truth: omission by size and position
+    (thirds of the object instances), absent mentions by kind, how often objects are of their scene's likely
+    categories, and the model itself (likely categories, look-alike pairs)."""
+    rel, edge, missed = [], [], []
+    kinds = {"context": 0, "look-alike": 0, "other": 0}
+    in_scene = n_obj = 0
+    for r in truth_rows:
+        n_obj += len(r["objects"])
+        in_scene += sum(o["category"] in ctx.likely[r["scene"]] for o in r["objects"])
+        for err in r["caption_errors"]:
+            if err["absent_kind"]:
+                kinds[err["absent_kind"]] += 1
+            unnamed = set(err["omitted"]) | ({err["renamed"]} if err["renamed"] is not None else set())
+            for i, o in enumerate(r["objects"]):
+                x0, y0, x1, y1 = o["box"]
+                rel.append(max(x1 - x0, y1 - y0) / size)
+                edge.append(math.hypot((x0 + x1) / 2 - size / 2, (y0 + y1) / 2 - size / 2) / (size / 2))
+                missed.append(i in unnamed)
+
+    def by_thirds(values: list[float]) -> list[dict]:
+        if not values:
+            return []
+        v, m = np.asarray(values), np.asarray(missed, dtype=float)
+        cuts = np.quantile(v, [1 / 3, 2 / 3])
+        bins = np.digitize(v, cuts)
+        return [{"from": round(float(v[bins == b].min()), 3), "to": round(float(v[bins == b].max()), 3),
+                 "instances": int((bins == b).sum()), "omitted": round(float(m[bins == b].mean()), 4)}
+                for b in range(3) if (bins == b).any()]
+
+    return {
+        "scene_categories": ctx.likely, "look_alikes": ctx.look_alike,
+        "objects_of_scene_categories": round(in_scene / n_obj, 4) if n_obj else 0.0,
+        "absent_by_kind": kinds,
+        # box side / image side, smallest third first; distance of the box centre from the image centre / half side
+        "omitted_by_size": by_thirds(rel), "omitted_by_distance_from_centre": by_thirds(edge),
     }
 
 
@@ -746,12 +1016,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help=f"use the first N of {len(CATEGORY_NAMES)} categories")
     ap.add_argument("--captions", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"))
     ap.add_argument("--corrupt", type=int, default=0, help="samples with a planted defect")
+    ap.add_argument("--noise", choices=NOISE_MODELS, default="contextual",
+                    help="caption errors tied to the image (contextual) or drawn at random (independent, the control)")
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
     if not 2 <= a.categories <= len(CATEGORY_NAMES):
         ap.error(f"--categories must be in [2, {len(CATEGORY_NAMES)}]")
     info = generate_world(a.out_dir, a.n, a.seed, a.fmt, image_size=a.size, categories=CATEGORY_NAMES[:a.categories],
-                          captions_per_image=tuple(a.captions), n_corrupt=a.corrupt, overwrite=a.overwrite)
+                          captions_per_image=tuple(a.captions), n_corrupt=a.corrupt, noise=a.noise,
+                          overwrite=a.overwrite)
     q = info.noise["caption_labels_union"]
     print(f"{a.n} images in {info.seconds:.2f} s -> {info.source}")
     print(f"caption labels vs truth: precision {q['precision']:.3f} recall {q['recall']:.3f} f1 {q['f1']:.3f}")

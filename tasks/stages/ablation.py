@@ -107,12 +107,14 @@ def heldout_note(n_keys: int, holdout_fraction: float, field: str = "train.holdo
 
 
 def summary_markdown(rows: list[dict], note: str = "") -> str:
-    """The ablation table: label version, then mean ± std over seeds of mAP, P, R, F1 and per-group F1; the
-    note (heldout_note) under it."""
+    """The ablation table: label version, then mean ± std over seeds of mAP, P, R, F1 and per-group F1, and the
+    mAP gain over the first version with its paired std; under it, which reading each ± is, then the note
+    (heldout_note: how many held-out keys)."""
     if not rows:
         return ""
     groups = [k[: -len("_f1_mean")] for k in rows[0] if k.endswith("_f1_mean") and k != "f1_mean"]
-    head = ["labels", "seeds", *METRICS, *(f"{g} F1" for g in groups), "mAP gain ± paired std (> 2 std)"]
+    base = rows[0]["labels"]
+    head = ["labels", "seeds", *METRICS, *(f"{g} F1" for g in groups), f"mAP gain over {base} ± paired std (> 2 std)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["labels"], str(r["seeds"])]
@@ -122,7 +124,10 @@ def summary_markdown(rows: list[dict], note: str = "") -> str:
                      + (f" ± {r['mAP_gain_std']:.3f}" if "mAP_gain_std" in r else "")
                      + f" ({'yes' if r['gain_over_2std'] else 'no'})")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
+    legend = ("± after a metric: sample std over the seeds. The gain: mean over seeds of the paired differences from "
+              f"{base} (each seed trains every label version) ± their sample std; yes when it exceeds two of that std "
+              "and two of either arm's std.") if len(rows) > 1 else "±: sample std over the seeds."
+    return "\n".join(lines) + "\n\n" + legend + "\n" + (f"\n{note}\n" if note else "")
 
 
 def common_label_system(store: Store, lvs: Mapping[str, Version]) -> Version:
