@@ -6,6 +6,8 @@ a docstring changes exactly the code versions of the stages that run that code, 
 `storage.FORMAT_VERSION` (tests/test_format.py guards them)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 
 from storage import Store
@@ -22,15 +24,23 @@ def code_versions() -> dict[str, str]:
     return {m: stage(m).code_version() for m in MODULES}
 
 
-def edited(monkeypatch, module: str, edit) -> dict[str, str]:
-    """Every stage's code version with `module`'s source edited by `edit(source)`."""
-    original, target = cv.read_source, cv.module_file(module)
-    monkeypatch.setattr(cv, "read_source", lambda p: edit(original(p)) if p == target else original(p))
+@contextmanager
+def source_edited(monkeypatch, modules: tuple[str, ...], edit):
+    """Within: the sources of `modules` read as `edit(source)` (what an upgrade of that code looks like)."""
+    original, targets = cv.read_source, {cv.module_file(m) for m in modules}
+    monkeypatch.setattr(cv, "read_source", lambda p: edit(original(p)) if p in targets else original(p))
+    cv.code_digest.cache_clear()
     try:
-        return code_versions()
+        yield
     finally:
         monkeypatch.undo()
         cv.code_digest.cache_clear()
+
+
+def edited(monkeypatch, module: str, edit) -> dict[str, str]:
+    """Every stage's code version with `module`'s source edited by `edit(source)`."""
+    with source_edited(monkeypatch, (module,), edit):
+        return code_versions()
 
 
 def add_code(source: str) -> str:
@@ -104,14 +114,8 @@ def test_an_upgrade_of_stage_code_never_hands_back_old_outputs(tmp_path, monkeyp
     """An edit to the code an ingest runs makes a new version with every part written again."""
     src, store = _source(tmp_path), Store(str(tmp_path / "store"))
     old = ingest(store, IngestConfig(part_size=3), source=str(src))
-    original, target = cv.read_source, cv.module_file("tasks.stages.ingest")
-    monkeypatch.setattr(cv, "read_source", lambda p: add_code(original(p)) if p == target else original(p))
-    cv.code_digest.cache_clear()
-    try:
+    with source_edited(monkeypatch, ("tasks.stages.ingest",), add_code):
         new = ingest(store, IngestConfig(part_size=3), source=str(src))
-    finally:
-        monkeypatch.undo()
-        cv.code_digest.cache_clear()
     assert new.version.id != old.version.id
     assert new.parts_written == len(old.version.parts) and new.parts_reused == 0
 
@@ -120,15 +124,8 @@ def test_an_edit_to_the_store_recomputes_nothing(tmp_path, monkeypatch):
     """The store's code (how bytes are placed, listed, checked) is not what a version is: the same version."""
     src, store = _source(tmp_path), Store(str(tmp_path / "store"))
     old = ingest(store, IngestConfig(part_size=3), source=str(src))
-    original = cv.read_source
-    targets = {cv.module_file("storage.store"), cv.module_file("storage.shards")}
-    monkeypatch.setattr(cv, "read_source", lambda p: add_code(original(p)) if p in targets else original(p))
-    cv.code_digest.cache_clear()
-    try:
+    with source_edited(monkeypatch, ("storage.store", "storage.shards"), add_code):
         again = ingest(store, IngestConfig(part_size=3), source=str(src))
-    finally:
-        monkeypatch.undo()
-        cv.code_digest.cache_clear()
     assert again.status == "reused" and again.version.id == old.version.id
 
 

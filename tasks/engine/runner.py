@@ -289,17 +289,12 @@ def _model_identity(store: Store, ref: str | None) -> tuple[Version | None, str 
     """A model input: (its store version, a parent; or None) and what identifies it: the version, or the
     content of a local folder or checkpoint file (a moved file is the same model)."""
     from tasks.engine.identity import content_digest
+    from tasks.shared.models import model_version
 
     if ref is None:
         return None, None
-    if ref.startswith("models/"):
-        if "@" in ref:
-            stage, _, version = ref.partition("@")
-        elif ref.count("/") == 2:  # a version ref as manifests write it: models/<name>/<version>
-            stage, _, version = ref.rpartition("/")
-        else:
-            stage, version = ref, "latest"
-        mv = store.open(stage, version)
+    mv = model_version(store, ref)
+    if mv is not None:
         return mv, mv.ref
     try:
         return None, content_digest(ref)

@@ -9,7 +9,6 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
@@ -22,7 +21,7 @@ from storage import Store, StoreError, Version
 from tasks.engine.cache import cache_dir, worker_cached
 
 log = logging.getLogger("ram_engine")
-T = TypeVar("T")
+
 
 def model_version(store: Store, ref: str) -> Version | None:
     """A store ref `models/<name>[@version|ref]`, or None when `ref` is not one."""
