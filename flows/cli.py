@@ -560,7 +560,6 @@ def main() -> None:
     # Prefect's temporary local server can take a while to start on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.temp_server import quiet_prefect
-    from tasks.engine.runner import StageError
 
     quiet_prefect()
     try:

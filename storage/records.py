@@ -17,7 +17,7 @@ import datetime as _dt
 import re
 from typing import Annotated, Any
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
+from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError,
                       field_validator, model_validator)
 
 FORMAT_VERSION = 1

@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import socket
 import time
 import uuid
