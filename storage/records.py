@@ -104,11 +104,10 @@ class PartRecordModel(Record):
         return ref if ref is None else version_ref(ref)
 
     def confine(self, folder: str) -> "PartRecordModel":
-        for i, f in enumerate(self.files):
-            try:
-                confined_path(f.path, folder)
-            except ValueError as exc:
-                raise _located(f"files.{i}.path", exc) from None
+        prefix = folder.rstrip("/") + "/"
+        for i, f in enumerate(self.files):   # (each path was checked as a relative path when parsed)
+            if not f.path.startswith(prefix):
+                raise RecordError(f"files.{i}.path", f"{f.path!r} lies outside {folder.rstrip('/')}/")
         return self
 
 
@@ -138,7 +137,7 @@ class Manifest(Record):
     version: StrictStr
     parents: list[StrictStr]
     parts: list[PartRecordModel]
-    files: list[FileEntry]
+    files: list[dict[str, Any]]   # the files of `parts`, in order (checked first: validated there, once)
     created: StrictStr
     rows_in: Count
     rows_out: Count
@@ -174,10 +173,24 @@ class Manifest(Record):
     def _time(cls, value: str) -> str:
         return _created(value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _files_are_the_parts_files(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("parts"), list) and "files" in data:
+            flat = [f for p in data["parts"] if isinstance(p, dict) and isinstance(p.get("files"), list)
+                    for f in p["files"]]
+            files = data["files"]
+            if files != flat:
+                i = next((i for i, (a, b) in enumerate(zip(files, flat)) if a != b), min(len(files), len(flat)))
+                entry = files[i] if isinstance(files, list) and i < len(files) else None
+                if isinstance(entry, dict):
+                    relative_path(entry.get("path"))   # a path out of the store is named as such
+                raise ValueError(f"files.{i}: files does not list the files of parts, in order (the manifest was "
+                                 f"edited)")
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
-        if sorted(f.path for p in self.parts for f in p.files) != sorted(f.path for f in self.files):
-            raise ValueError("files does not list the files of parts (the manifest was edited or mixed up)")
         if len({p.name for p in self.parts}) != len(self.parts):
             raise ValueError("parts names a part twice")
         return self
@@ -236,7 +249,7 @@ def problem(exc: ValidationError | RecordError) -> RecordError:
     if isinstance(exc, RecordError):
         return exc
     err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or "(the record)"
+    field = ".".join(str(p) for p in err["loc"])   # empty: a check of the whole record, which names its fields
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     shown = "" if err["type"] in ("value_error", "missing") or isinstance(got, (dict, list)) else \
@@ -271,11 +284,6 @@ def parse_manifest(data: Any, stage: str, vid: str) -> Manifest:
             part.confine(folder)
         except RecordError as exc:
             raise RecordError(f"parts.{i}.{exc.field}", str(exc).split(": ", 1)[1]) from None
-    for i, f in enumerate(manifest.files):
-        try:
-            confined_path(f.path, folder)
-        except ValueError as exc:
-            raise RecordError(f"files.{i}.path", str(exc)) from None
     return manifest
 
 

@@ -145,7 +145,7 @@ def type_swap(doc: dict, rng: random.Random) -> tuple[dict, str]:
 def escapes(stage: str, vid: str, other: str, outside: Path, name: str) -> list[str]:
     """Paths that leave a version folder, each a way people (or a bug) write them."""
     depth = len(Path(outside).parent.parts) + 4
-    return [str(outside), f"{'../' * depth}{str(outside).lstrip('/')}", f"../outside.parquet",
+    return [str(outside), f"{'../' * depth}{str(outside).lstrip('/')}", "../outside.parquet",
             f"{stage}/../../outside.parquet", f"{stage}/{vid}/../../../outside.parquet",
             f"file://{outside}", f"s3://another-bucket/{stage}/{vid}/parts/{name}", f"{stage}/{other}/parts/{name}",
             f"{stage}/{vid}//parts/{name}", f"{stage}/{vid}/./parts/{name}", f"{stage}\\{vid}\\..\\..\\outside.parquet",
