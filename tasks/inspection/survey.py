@@ -123,21 +123,21 @@ def time_first_stages(cfg: EngineConfig, samples) -> dict[str, Timing]:
     """Ingest and parse on two samples (start-up: spaCy and the label system load once per process), then on
     all of `samples` (the per-sample cost), each into a temporary store that is removed after."""
     from storage import Store
-    from tasks.stages.ingest import ingest
-    from tasks.stages.parse import parse_stage
+    from tasks.engine.runner import run as run_stage
+    from tasks.stages import stage as stage_of
 
     work = Path(tempfile.mkdtemp(prefix="ram-engine-init-"))
     try:
         seconds: dict[str, list[float]] = {s: [] for s in FIRST_STAGES}
-        for run, n in enumerate((2, len(samples))):
-            folder = work / f"source-{run}"
+        for trial, n in enumerate((2, len(samples))):
+            folder = work / f"source-{trial}"
             _write_trial_folder(folder, samples[:n])
-            store = Store(str(work / f"store-{run}"))
+            store = Store(str(work / f"store-{trial}"))
+            trial_ingest = cfg.ingest.model_copy(update={"source": str(folder), "captions_file": None, "format": "auto"})
             t0 = time.perf_counter()
-            images = ingest(store, cfg.ingest.model_copy(update={"source": str(folder), "captions_file": None,
-                                                                  "format": "auto"})).version
+            images = run_stage(stage_of("ingest"), store, {"ingest": trial_ingest}, {"source": None}).version
             t1 = time.perf_counter()
-            parse_stage(store, cfg.parse, images)
+            run_stage(stage_of("parse"), store, cfg, {"images": images})
             t2 = time.perf_counter()
             seconds["ingest"].append(t1 - t0)
             seconds["parse"].append(t2 - t1)
