@@ -357,6 +357,12 @@ class Store:
 
     def list_sizes(self, folder: str) -> dict[str, int | None]:
         """{file name: size} of a store folder, in one listing ({} when there is no such folder)."""
+        if isinstance(self.fs, LocalFileSystem):   # one scandir: fsspec's ls would stat every entry in Python
+            try:
+                with os.scandir(self.abs(folder)) as entries:
+                    return {e.name: e.stat().st_size if not e.is_dir() else None for e in entries}
+            except (FileNotFoundError, NotADirectoryError):
+                return {}
         try:
             entries = self.fs.ls(self.abs(folder), detail=True)
         except FileNotFoundError:
@@ -1175,7 +1181,7 @@ class VersionWriter:
         }
         if extra:
             manifest.update(extra)
-        body = json.dumps(manifest, indent=1, sort_keys=True, default=str)
+        body = _manifest_json(manifest)
         try:
             self.placement.put_bytes(f"{self.prefix}/{MANIFEST}", body.encode())
         except CommittedFileConflict:  # another run committed this version first: its manifest stands
@@ -1194,6 +1200,23 @@ class VersionWriter:
     def close(self) -> None:
         if self._placement is not None:
             self._placement.cleanup()
+
+
+def _manifest_json(manifest: dict) -> str:
+    """A manifest as JSON: a line per field, and a line per part and per file. Each line comes from json's C
+    encoder (`indent=` takes the pure-Python one: 3 s for a manifest of 10,000 parts on this machine)."""
+    def encode(value) -> str:
+        return json.dumps(value, sort_keys=True, default=str)
+
+    lines = []
+    for key in sorted(manifest):
+        value = manifest[key]
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            text = "[\n  " + ",\n  ".join(encode(v) for v in value) + "\n ]"
+        else:
+            text = encode(value)
+        lines.append(f" {encode(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}"
 
 
 def _with_part(table: pa.Table, names: list[str]) -> pa.Table:
