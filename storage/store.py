@@ -949,7 +949,7 @@ class VersionWriter:
         record = PartRecord(name=name, files=files, rows_in=rows_in, rows_out=rows_out,
                             rows_rejected=reject_table.num_rows, source_digest=source_digest,
                             config_digest=self.config_digest, metrics=metrics,
-                            key_range=[min(keys), max(keys)] if keys else None)
+                            key_range=[min(keys), max(keys)] if keys and None not in keys else None)
         placed = self._place_record(record)
         self.drop_checkpoints(name)  # the part is whole: its checkpoints are spent
         return placed
@@ -1129,11 +1129,10 @@ class VersionWriter:
                             batch = pa.Table.from_batches([batch]).cast(schema).combine_chunks().to_batches()[0]
                         writer.write_batch(batch)
                     rows += batch.num_rows
-                    if keys is not None and batch.num_rows and "key" in schema.names:
-                        bounds = pc.min_max(batch.column("key"))
-                        keys += [v for v in (bounds["min"].as_py(), bounds["max"].as_py()) if v is not None]
             finally:
                 writer.close()
+        if keys is not None and rows and "key" in schema.names:
+            keys += _key_bounds(writer)
         return sink.info, rows
 
     def _write_shard(self, rel: str, samples: Iterable[dict], part: str) -> tuple[FileInfo, int]:
@@ -1200,6 +1199,24 @@ class VersionWriter:
     def close(self) -> None:
         if self._placement is not None:
             self._placement.cleanup()
+
+
+def _key_bounds(writer: pq.ParquetWriter) -> list:
+    """The smallest and largest `key` of a Parquet file just written, from its row groups' statistics (no pass
+    over the keys); [None] when a row group has none (the part then records no key range)."""
+    metadata = writer.writer.metadata
+    bounds: list = []
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        if not group.num_rows:
+            continue
+        column = next((group.column(c) for c in range(group.num_columns) if group.column(c).path_in_schema == "key"),
+                      None)
+        stats = column.statistics if column is not None else None
+        if stats is None or not stats.has_min_max or not isinstance(stats.min, str):
+            return [None]
+        bounds += [stats.min, stats.max]
+    return bounds
 
 
 def _manifest_json(manifest: dict) -> str:
