@@ -78,18 +78,20 @@ def ingest_increments(root: Path, increments: int, rows: int, image_kb: int, reu
     for k in range(1, increments + 1):
         tasks = [PartTask(f"part-{i:04d}", f"d{i}", i) for i in range(k)]
         t0 = time.perf_counter()
-        with mock.patch.object(VersionWriter, "reuse_part", reuse) if reuse else contextlib.nullcontext():
+        # the runner shares reused parts through `reuse_parts` (one batch)
+        with mock.patch.object(VersionWriter, "reuse_parts", reuse) if reuse else contextlib.nullcontext():
             version = run_stage(store.begin("images", code_version="bench", config={}, input_digest=str(k)),
                                 tasks, process).version
         commit_s += time.perf_counter() - t0
     return commit_s, version
 
 
-def shared_reuse(self, record: PartRecord) -> PartRecord:
+def shared_reuse(self, records: list[PartRecord]) -> list[PartRecord]:
     """The baseline: reference the earlier version's files where they are."""
-    self._records[record.name] = record
-    self.reused_parts += 1
-    return record
+    for record in records:
+        self._records[record.name] = record
+        self.reused_parts += 1
+    return list(records)
 
 
 def duckdb_count(files) -> tuple[int, float]:

@@ -42,6 +42,12 @@ def counted(monkeypatch):
     def count(store: Store) -> collections.Counter:
         seen.clear()
         fs = store.fs
+        if "s3" not in fs.protocol:   # a local store lists a folder with os.scandir: counted as one `ls`
+            def list_sizes(folder, _fn=store.list_sizes):
+                seen["ls"] += 1
+                return _fn(folder)
+
+            monkeypatch.setattr(store, "list_sizes", list_sizes)
         if id(fs) in patched:
             return seen
         patched.add(id(fs))
@@ -114,7 +120,8 @@ def _resume_calls(store: Store, counted, finished: int) -> collections.Counter:
 
 
 def test_resuming_checks_each_finished_part_without_listing_its_folder(any_store, counted):
-    small, large = (_resume_calls(any_store, counted, n) for n in (4, 8))
+    small, large = (_resume_calls(Store(f"{any_store.url}/n{n}", **any_store.storage_options), counted, n)
+                    for n in (4, 8))
     # each finished part is read once to check its sha256 (open / get_object); the folders are listed as often
     listing = "list_objects_v2" if "s3" in any_store.fs.protocol else "ls"
     assert small[listing] == large[listing], (small, large)
