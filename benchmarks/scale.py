@@ -122,12 +122,8 @@ def _reset_peak() -> None:
         pass
 
 
-def measure(url: str, options: dict, source: str, new_tar: str, ingest_keys: str = "as-is") -> dict:
+def measure(url: str, options: dict, source: str, new_tar: str) -> dict:
     """Run in a fresh process: ingest one more tar, then `count` over the new images version."""
-    if ingest_keys == "ranged":
-        import tasks.stages.ingest
-
-        tasks.stages.ingest.claim_keys = ranged_claim_keys
     from storage import Store
     from tasks.engine.config import IngestConfig
     from tasks.engine.runner import run
@@ -152,54 +148,6 @@ def measure(url: str, options: dict, source: str, new_tar: str, ingest_keys: str
     out["count"] = {"s": time.perf_counter() - t0, "peak_mb": _rss_mb("VmHWM") - before,
                     "reused": result.parts_reused, "written": result.parts_written, "version": result.version.id}
     return out
-
-
-# --------------------------------------------------------------------------- ingest's key check, as proposed
-def ranged_claim_keys(store, tasks, reusable, source_options=None):
-    """tasks.stages.ingest.claim_keys as docs/scale.md proposes it (`--ingest-keys ranged` measures it; tasks/ is not
-    this benchmark's to change): the same claims, without reading every key of every reused part. Reused parts
-    can only clash where their key ranges meet (`Store.overlapping_key_ranges`): only those parts' keys are read.
-    A new part asks which of its keys the reused parts hold (`Store.rows_with_keys`, which reads only the parts
-    whose range holds one of them). Memory: the new parts' keys and the overlapping parts', not every key."""
-    from dataclasses import replace
-
-    from storage import digest
-    from tasks.stages.ingest import UNCLAIMED_FIELDS, _part_keys, _task_keys
-
-    samples = [t for t in tasks if t.payload[0] != "problems"]
-    reused = [(t, reusable[t.source_digest]) for t in samples
-              if t.source_digest in reusable and reusable[t.source_digest].name == t.name]
-    suspects = store.overlapping_key_ranges([r for _, r in reused])
-    claimed: dict[str, str] = {}   # keys of the reused parts whose ranges meet, then of the new parts
-    planned, kept = {}, []
-    for task, record in reused:
-        if record.name in suspects:
-            keys = _part_keys(store, record)
-            if keys.keys() & claimed.keys():
-                continue   # made again below, with its clashes rejected
-            claimed.update(keys)
-        else:
-            kept.append(record)   # its keys are its own: not read
-        planned[task.name] = task
-    new = [t for t in samples if t.name not in planned]
-    for i, task in enumerate(new):
-        if not claimed and not kept and i == len(new) - 1:
-            break   # nothing before it to clash with, nothing after it to claim for: no header scan
-        keys = _task_keys(task, source_options)
-        held = store.rows_with_keys(kept, keys, {"table": ["source"], "rejects": ["source", "field"]})
-        earlier: dict[str, str] = {}
-        for kind in ("table", "rejects"):
-            for row in held[kind].to_pylist():
-                if row.get("field") not in UNCLAIMED_FIELDS:
-                    earlier.setdefault(row["key"], row["source"])
-        taken = {k: earlier.get(k, claimed.get(k)) for k in sorted(keys) if k in earlier or k in claimed}
-        for key, source in keys.items():
-            claimed.setdefault(key, source)
-        if taken:
-            task = replace(task, source_digest=digest([task.source_digest, taken]),
-                           payload=task.payload[:-1] + (taken,))
-        planned[task.name] = task
-    return [planned.get(t.name, t) for t in tasks]
 
 
 # --------------------------------------------------------------------------- S3 on loopback
@@ -278,10 +226,10 @@ def run_build(code: Path, cache: Path, parts: int, keys: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_measurement(code: Path, url: str, options: dict, built: Path, ingest_keys: str, timeout: float | None) -> dict:
+def run_measurement(code: Path, url: str, options: dict, built: Path, timeout: float | None) -> dict:
     snap = _snapshot(url, options)
     env = _env(code)
-    args = json.dumps([url, options, str(built / "source"), str(built / "new" / "new.tar"), ingest_keys])
+    args = json.dumps([url, options, str(built / "source"), str(built / "new" / "new.tar")])
     profile = ["-m", "cProfile", "-o", os.environ["SCALE_PROFILE"]] if os.environ.get("SCALE_PROFILE") else []
     try:
         proc = subprocess.run([sys.executable, *profile, __file__, "--measure", args], env=env, capture_output=True,
@@ -302,8 +250,6 @@ def main() -> None:
     ap.add_argument("--stores", default="local,s3")
     ap.add_argument("--code", default=str(ROOT), help="the checkout whose storage/ and tasks/ are measured")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/ram-engine-scale"))
-    ap.add_argument("--ingest-keys", choices=["as-is", "ranged"], default="as-is",
-                    help="ranged: measure ingest with the key check docs/scale.md proposes (needs key ranges)")
     ap.add_argument("--timeout", type=float, help="stop a measurement (ingest + count) after this many seconds")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
@@ -328,12 +274,12 @@ def main() -> None:
             for where in args.stores.split(","):
                 if where == "local":
                     url, options = str(built / "store"), {}
-                    m = run_measurement(code, url, options, built, args.ingest_keys, args.timeout)
+                    m = run_measurement(code, url, options, built, args.timeout)
                 else:
                     t0 = time.perf_counter()
                     url, options = s3.upload(built / "store", f"scale-{n}"), s3.options
                     print(f"# uploaded to S3 in {time.perf_counter() - t0:.1f} s", flush=True)
-                    m = run_measurement(code, url, options, built, args.ingest_keys, args.timeout)
+                    m = run_measurement(code, url, options, built, args.timeout)
                 row = (n, info["keys"], where, info["count_first_s"] if where == "local" else None, m)
                 rows.append(row)
                 print(_row(*row), "" if "timeout" in m else
@@ -342,7 +288,7 @@ def main() -> None:
         if s3:
             s3.close()
     print()
-    print(f"code: {code}; ingest's key check: {args.ingest_keys}")
+    print(f"code: {code}")
     print(HEADER)
     for row in rows:
         print(_row(*row))
