@@ -362,7 +362,8 @@ def run(stage: Stage, store: Store, cfg: Any, inputs: Mapping[str, Any], *, exec
     return run_stage(writer, tasks, _PartFunction(stage.process, sr),
                      executor=None if stage.one_part else executor, summarize=summarize,
                      progress=None if stage.one_part else progress, extra=sr.extra,
-                     part_attempts=1 if stage.one_part else 4, part_errors=not stage.one_part)
+                     part_attempts=1 if stage.one_part else 4, part_errors=not stage.one_part,
+                     reusable=sr.reusable or None)   # a source stage listed them to plan its parts: once is enough
 
 
 @dataclass
@@ -379,11 +380,13 @@ class _PartFunction:
 def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callable[[VersionWriter, PartTask], PartRecord],
               *, executor: Executor | None = None, summarize: Callable[[list[PartRecord]], dict] | None = None,
               progress: Callable[[str, int, int], None] | None = None, part_attempts: int = 4,
-              extra: dict | None = None, part_errors: bool = True) -> StageResult:
+              extra: dict | None = None, part_errors: bool = True,
+              reusable: dict[str, PartRecord] | None = None) -> StageResult:
     """Run `process(writer, task)` for each part not already available, then commit.
 
     `process` must call `writer.write_part(task.name, ..., source_digest=task.source_digest)` and return
-    its record. `extra` goes into the manifest as it is (e.g. the sources an ingest read). A failing
+    its record. `extra` goes into the manifest as it is (e.g. the sources an ingest read). `reusable`: the
+    parts earlier versions hold, when the caller listed them already (default: listed here). A failing
     part raises `StageError` naming the part, or with `part_errors=False` (a one-part stage, whose own
     errors say it all) the stage's error as it is.
     """
@@ -395,7 +398,7 @@ def run_stage(writer: VersionWriter, tasks: Sequence[PartTask], process: Callabl
     if len(set(names)) != len(names):
         dupes = [n for n, c in Counter(names).items() if c > 1]
         raise ValueError(f"{writer.stage}: duplicate part names {dupes[:5]}: part inputs must be distinct")
-    reusable = writer.reusable_parts()
+    reusable = writer.reusable_parts() if reusable is None else reusable
     stored = writer.stored_parts()   # one listing: only these can be finished already
     todo, resumed, shared = [], 0, []
     for task in tasks:
