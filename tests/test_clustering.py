@@ -77,13 +77,15 @@ def test_growth_refits_only_tags_that_grew_and_reads_only_new_parts(tmp_path, mo
         return real_read(version, rel, columns)
 
     monkeypatch.setattr(type(first), "read_file", counting)
-    second = clusters(store, embeddings_version(store, {"a": a, "b": b, "c": small}), refit="growth",
-                      refit_growth=0.25)
+    grown = embeddings_version(store, {"a": a, "b": b, "c": small})
+    second = clusters(store, grown, refit="growth", refit_growth=0.25)
     monkeypatch.undo()
     m = second.version.manifest["metrics"]
     assert m["tags_fitted"] == 0 and m["tags_applied"] == 2 and m["crops_applied"] == 40 and m["crops_kept"] == 400
     assert {rel.split("/")[-1] for stage, rel in read if stage == "embeddings"} == {"c.parquet"}   # only the new part
     assert first.ref in second.version.parents                       # the history it grew from is declared
+    rerun = clusters(store, grown, refit="growth", refit_growth=0.25)
+    assert rerun.status == "reused" and rerun.version.id == second.version.id   # a rerun is the same version
     old, new = first.read_table(), second.version.read_table()
     kept = {k: o for k, o in zip(old["crop_key"].to_pylist(), old["outlier"].to_pylist())}
     assert all(kept[k] == o for k, o in zip(new["crop_key"].to_pylist(), new["outlier"].to_pylist()) if k in kept)

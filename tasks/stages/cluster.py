@@ -271,15 +271,20 @@ CLUSTER_FIELDS = ("outlier_fraction", "k", "k_max", "crops_per_cluster", "min_cr
 
 def resolve(run) -> dict:
     """With `refit: growth`, the clusters version to grow from: the latest one made under this same code and
-    config (None: the first, fitted whole)."""
+    config from other embeddings (None: the first, fitted whole). A rerun over the same embeddings finds the
+    version it made and grows from what that one grew from, so it is the same version, not a new one."""
     if run.cfg.refit == "always":
         return {"previous": None}
     code = run.stage.code_version()
     config = {n: getattr(run.cfg, n) for n in CLUSTER_FIELDS}
     for version in reversed(run.store.versions(run.output)):
         made = version.manifest
-        if made["code_version"] == code and made["config"].get("clean") == config:
+        if made["code_version"] != code or made["config"].get("clean") != config:
+            continue
+        if run.inputs["embeddings"].ref not in version.parents:
             return {"previous": version}
+        grew_from = next((p for p in version.parents if p.startswith(f"{run.output}/")), None)
+        return {"previous": run.store.open_ref(grew_from) if grew_from else None}
     return {"previous": None}
 
 
