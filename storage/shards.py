@@ -12,7 +12,7 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Generator, Iterable, Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -453,9 +453,9 @@ class TarWalker:
             pos += _SCAN_CHUNK
         return None
 
-    def _tail(self, end: int) -> Iterator[TarDamage | int]:
+    def _tail(self, end: int) -> Generator[TarDamage, None, int | None]:
         """After the end-of-archive marker at `end`: nothing but zeros (the record's padding), else a second
-        archive (yields its offset to go on from) or trailing bytes."""
+        archive (returns its offset to go on from) or trailing bytes (returns None)."""
         pos = end
         while True:
             chunk = self._read_at(pos, _SCAN_CHUNK)
@@ -471,8 +471,7 @@ class TarWalker:
                                     f"a second tar archive starts at byte {block_start}, after the first one's "
                                     f"end-of-archive marker at byte {end} (`cat a.tar b.tar`?); its members are "
                                     f"read too; rewrite the shard as one archive (`tar -A` or repack)")
-                    yield block_start
-                    return
+                    return block_start
                 rest = (self.size - first) if self.size is not None else None
                 yield TarDamage("source-trailing-data", first,
                                 f"non-zero bytes after the end-of-archive marker at byte {end}, from byte {first}"
@@ -489,7 +488,8 @@ class TarWalker:
         first_header = None     # offset of the first header of the member being assembled (PAX, long name)
         resyncs = 0
 
-        def resync(bad: int, why: str) -> Iterator[TarDamage | int]:
+        def resync(bad: int, why: str) -> Generator[TarDamage, None, int | None]:
+            """Damage at `bad`: its events, then the offset of the next valid header to go on from (None: none)."""
             nonlocal resyncs
             resyncs += 1
             if resyncs > _MAX_RESYNCS:
@@ -513,8 +513,7 @@ class TarWalker:
                 yield TarDamage("source-damaged-header", bad, f"{why} at byte {bad}; {tail}"
                                 + (f" (the member before it, '{suspect.name}', may be cut short)" if suspect else ""),
                                 suspect=suspect, fatal=found is None)
-            if found is not None:
-                yield found
+            return found
 
         while True:
             block = self._read_at(pos, _BLOCK)
@@ -533,22 +532,12 @@ class TarWalker:
             if block == _ZERO_BLOCK:
                 following = self._read_at(pos + _BLOCK, _BLOCK)
                 if not following.strip(b"\0"):   # two zero blocks (or one, then the end): the end of the archive
-                    again = None
-                    for event in self._tail(pos + _BLOCK + len(following)):
-                        if isinstance(event, int):
-                            again = event
-                        else:
-                            yield event
+                    again = yield from self._tail(pos + _BLOCK + len(following))
                     if again is None:
                         return
                     pos, prev = again, None
                     continue
-                moved = None
-                for event in resync(pos, "a zero block inside the archive (a header was zeroed)"):
-                    if isinstance(event, int):
-                        moved = event
-                    else:
-                        yield event
+                moved = yield from resync(pos, "a zero block inside the archive (a header was zeroed)")
                 if moved is None:
                     return
                 pos, prev, long_name, long_link, pax, first_header = moved, None, None, None, {}, None
@@ -568,12 +557,7 @@ class TarWalker:
                 except ValueError as exc:
                     why = f"a header with an unreadable size field ({exc})"
             if why:
-                moved = None
-                for event in resync(pos, why):
-                    if isinstance(event, int):
-                        moved = event
-                    else:
-                        yield event
+                moved = yield from resync(pos, why)
                 if moved is None:
                     return
                 pos, prev, long_name, long_link, pax, first_header = moved, None, None, None, {}, None
