@@ -283,7 +283,8 @@ def run(from_stage: Optional[str] = typer.Option(None, "--from", help="First sta
                                         "component the stages to run need, in seconds).")) -> None:
     """Run the data-engine loop (or part of it): ingest, parse, baseline, generate, ground, embed, clean,
     train, evaluate. `check` runs first, for the stages that will run: a problem stops it in seconds."""
-    from flows.data_engine import STAGES, data_engine_flow
+    from flows.data_engine import data_engine_flow, step_range
+    from tasks.stages import STEPS
 
     announce_config()
     cfg = get_config()
@@ -294,13 +295,9 @@ def run(from_stage: Optional[str] = typer.Option(None, "--from", help="First sta
     if not skip_check:
         from tasks.inspection.check import check_config
 
-        for name in (from_stage, until_stage):
-            if name is not None and name not in STAGES:
-                raise ValueError(f"{name!r} is not a stage; stages: {', '.join(STAGES)}")
-        first = STAGES.index(from_stage) if from_stage else 0
-        last = STAGES.index(until_stage) if until_stage else len(STAGES) - 1
+        first, last = step_range(from_stage, until_stage)
         report = check_config(cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"source": source})})
-                              if source else cfg, stages=STAGES[first:last + 1])
+                              if source else cfg, stages=STEPS[first:last + 1])
         if report.problems:
             for problem in report.problems:
                 console.print(styled("PROBLEM", "red", " " + problem.line()), soft_wrap=True)
@@ -536,9 +533,9 @@ def check(serve_: bool = typer.Option(False, "--serve", help="Also check the Pre
         console.print(f"{len(report.problems)} problem(s): fix them before a run")
         until = get_config().orchestration.until
         if until:  # a project `init` started: say whether the part of the loop `run` runs is ready already
-            from flows.data_engine import STAGES
+            from tasks.stages import STEPS
 
-            if until in STAGES and not check_config(get_config(), stages=STAGES[:STAGES.index(until) + 1]).problems:
+            if until in STEPS and not check_config(get_config(), stages=STEPS[:STEPS.index(until) + 1]).problems:
                 console.print(f"`ram-engine run` stops after {until} (orchestration.until) and needs none of these: "
                               f"it can run now")
         raise typer.Exit(1)

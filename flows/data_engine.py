@@ -31,16 +31,22 @@ from .runtime import as_config, gpu_stage, open_store, prefect_executor, publish
 
 log = logging.getLogger("ram_engine")
 
-STAGES = STEPS   # the names --from / --until take
 # the name later steps read a step's output under (the stages' input names), where it is not the dataset's
 PROVIDES = {"baseline": "baseline", "train": "model"}
 GPU_STEPS = {"baseline", "generate", "ground", "embed", "train"}
 TRAINING_STEPS = {"baseline", "train"}
 
 
-def _check(name: str | None, what: str) -> None:
-    if name is not None and name not in STEPS:
-        raise ValueError(f"{what} {name!r} is not a stage; stages: {', '.join(STEPS)}")
+def step_range(from_stage: str | None, until_stage: str | None) -> tuple[int, int]:
+    """The indices in `LOOP` of the first and last step to run (`--from`, `--until`), checked."""
+    for name, what in ((from_stage, "--from"), (until_stage, "--until")):
+        if name is not None and name not in STEPS:
+            raise ValueError(f"{what} {name!r} is not a stage; stages: {', '.join(STEPS)}")
+    start = STEPS.index(from_stage) if from_stage else 0
+    stop = STEPS.index(until_stage) if until_stage else len(STEPS) - 1
+    if start > stop:
+        raise ValueError(f"--from {from_stage} comes after --until {until_stage}")
+    return start, stop
 
 
 def _run(name: str, cfg: EngineConfig, fn, *args, **kwargs) -> StageResult:
@@ -134,12 +140,7 @@ def _loop(cfg: EngineConfig, from_stage, until_stage, source, images_version, pr
     from .ingest import announce
 
     cfg = as_config(cfg)  # a served run passes the config as JSON
-    _check(from_stage, "--from")
-    _check(until_stage, "--until")
-    start = STEPS.index(from_stage) if from_stage else 0
-    stop = STEPS.index(until_stage) if until_stage else len(STEPS) - 1
-    if start > stop:
-        raise ValueError(f"--from {from_stage} comes after --until {until_stage}")
+    start, stop = step_range(from_stage, until_stage)
     store = open_store(cfg)
     results: dict[str, StageResult] = {}
     progress = stage_progress(progress)  # log lines with rate and ETA, the UI's bar, and the caller's

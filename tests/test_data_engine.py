@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.data_engine import STAGES, data_engine_flow
+from flows.data_engine import data_engine_flow
 from flows.runtime import artifact_key
 from storage import Store
+from tasks.stages import STEPS
 
 from tests.fixtures import DEMO_WORLD, demo_config, demo_overrides, demo_world_of
 
@@ -41,7 +42,7 @@ def test_whole_loop_then_rerun_then_new_data(demo_loop_copy, monkeypatch, tmp_pa
     """The first run (the session's loop, copied here), a rerun of it and a run over a new shard."""
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     cfg, first = demo_loop_copy.cfg, demo_loop_copy.results
-    assert list(first) == list(STAGES)
+    assert list(first) == list(STEPS)
     assert all(r.status == "written" for r in first.values())
     store = Store(cfg.store.url)
     for step, result in first.items():
@@ -154,7 +155,7 @@ def test_loop_runs_as_prefect_flows_with_artifacts(demo_world, prefect_api, monk
     monkeypatch.setenv("RAM_ENGINE_CACHE", str(tmp_path / "cache"))
     cfg = demo_config(demo_world, tmp_path / "store")
     results = data_engine_flow(cfg)
-    assert list(results) == list(STAGES) and all(r.status == "written" for r in results.values())
+    assert list(results) == list(STEPS) and all(r.status == "written" for r in results.values())
 
     async def artifact_keys():
         async with get_client() as client:

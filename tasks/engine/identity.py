@@ -209,15 +209,14 @@ def _file_sha256(f: Path) -> str:
         return json.loads(record.read_text())["sha256"]
     except (OSError, ValueError, KeyError):
         pass
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    from storage.fs import open_fs, sha256_of
+
+    sha = sha256_of(*open_fs(str(f)))[1]
     try:   # a cache: failing to write it costs a re-read next time, nothing else
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"file": str(f.resolve()), "sha256": h.hexdigest()}))
+        tmp.write_text(json.dumps({"file": str(f.resolve()), "sha256": sha}))
         tmp.replace(record)
     except OSError:
         pass
-    return h.hexdigest()
+    return sha
